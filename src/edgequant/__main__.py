@@ -1,0 +1,3 @@
+from edgequant.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""Atomic folders: build in a temporary sibling, rename into place, never leave half a result."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from edgequant.errors import EdgequantError
+
+
+def ensure_writable_parent(target: Path) -> None:
+    """Fail early, with a fix, when `target` cannot be created."""
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgequantError(f"cannot create folder {parent} ({exc.strerror})", "choose an output path you can write to") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EdgequantError(f"cannot write to {parent}", "choose an output path you can write to (-o PATH)")
+    if target.exists() and not target.is_dir():
+        raise EdgequantError(f"{target} exists and is not a folder", "remove it or choose another output path")
+
+
+@contextmanager
+def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `target` only if the block finishes without error."""
+    ensure_writable_parent(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; results are meant to be shared
+    try:
+        yield tmp
+        _move_into_place(tmp, target, replace)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _move_into_place(tmp: Path, target: Path, replace: bool) -> None:
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    if not replace:
+        raise EdgequantError(f"{target} already exists", "pass --force to rebuild it, or choose another output path")
+    trash = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.rename(target, trash)
+    os.rename(tmp, target)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

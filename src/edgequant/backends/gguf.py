@@ -1,0 +1,153 @@
+"""GGUF backend: llama.cpp's converter to a float intermediate, then `llama_model_quantize`.
+
+The float GGUF is cached per source and reused by every quantization of that source, as
+llama.cpp users do by hand (convert once, quantize many times).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from edgequant.backends import Backend, register
+from edgequant.errors import EdgequantError
+from edgequant.paths import cache_dir
+from edgequant.spec import Option, Precision
+
+MODEL_FILE = "model.gguf"
+
+
+def _p(name: str, bits: int, bpw: float, description: str, ftype: int, fallback: str | None, imatrix: bool = False):
+    return name, (Precision(name, bits, bpw, description, needs_imatrix=imatrix), ftype, fallback)
+
+
+# name -> (precision, llama_ftype, fallback type for rows not divisible by 256).
+# bpw of the K-quant mixes is llama.cpp's published average for a 7B-class model.
+_TABLE = dict([
+    _p("f32", 32, 32.0, "float32, no quantization", 0, None),
+    _p("f16", 16, 16.0, "float16", 1, None),
+    _p("bf16", 16, 16.0, "bfloat16", 32, None),
+    _p("q8_0", 8, 8.5, "8-bit round-to-nearest, blocks of 32", 7, None),
+    _p("q6_k", 6, 6.5625, "6-bit K-quant", 18, "q8_0"),
+    _p("q5_k_m", 5, 5.69, "5-bit K-quant mix, attention/ffn_down at 6-bit", 17, "q5_1"),
+    _p("q5_k_s", 5, 5.54, "5-bit K-quant", 16, "q5_1"),
+    _p("q5_1", 5, 6.0, "5-bit with offset, blocks of 32", 9, None),
+    _p("q5_0", 5, 5.5, "5-bit, blocks of 32", 8, None),
+    _p("q4_k_m", 4, 4.85, "4-bit K-quant mix, sensitive tensors at 6-bit", 15, "q5_0"),
+    _p("q4_k_s", 4, 4.58, "4-bit K-quant", 14, "q5_0"),
+    _p("q4_1", 4, 5.0, "4-bit with offset, blocks of 32", 3, None),
+    _p("q4_0", 4, 4.5, "4-bit, blocks of 32", 2, None),
+    _p("iq4_nl", 4, 4.5, "4-bit non-linear, blocks of 32", 25, None),
+    _p("iq4_xs", 4, 4.25, "4-bit non-linear, super-blocks of 256", 30, "iq4_nl"),
+    _p("q3_k_l", 3, 4.27, "3-bit K-quant mix, large", 13, "iq4_nl"),
+    _p("q3_k_m", 3, 3.91, "3-bit K-quant mix, medium", 12, "iq4_nl"),
+    _p("q3_k_s", 3, 3.5, "3-bit K-quant", 11, "iq4_nl"),
+    _p("iq3_s", 3, 3.44, "3.4-bit lattice quant", 26, "iq4_nl"),
+    _p("iq3_xxs", 3, 3.06, "3-bit lattice quant", 23, "iq4_nl", imatrix=True),
+    _p("q2_k", 2, 3.0, "2-bit K-quant mix", 10, "iq4_nl"),
+    _p("iq2_s", 2, 2.5, "2.5-bit lattice quant", 28, "iq4_nl", imatrix=True),
+    _p("iq2_xs", 2, 2.31, "2.3-bit lattice quant", 20, "iq4_nl", imatrix=True),
+    _p("iq2_xxs", 2, 2.06, "2-bit lattice quant", 19, "iq4_nl", imatrix=True),
+    _p("tq2_0", 2, 2.06, "ternary, 2 bits per weight", 37, "q4_0"),
+    _p("tq1_0", 1, 1.69, "ternary, 1.69 bits per weight", 36, "q4_0"),
+    _p("iq1_m", 1, 1.75, "1.75-bit lattice quant", 31, "iq4_nl", imatrix=True),
+    _p("iq1_s", 1, 1.56, "1.56-bit lattice quant", 24, "iq4_nl", imatrix=True),
+])
+_K_BLOCK = 256  # row length K-quants, IQ and TQ types need; others fall back per tensor
+
+
+@register
+class GGUFBackend(Backend):
+    name = "gguf"
+    extra = "gguf"
+    precisions = {name: entry[0] for name, entry in _TABLE.items()}
+    options = {
+        "pure": Option("pure", bool, False, "quantize every tensor to the base type, no K-quant mix"),
+        "nthread": Option("nthread", int, 0, "quantization threads, 0 = all cores", minimum=0, maximum=256),
+    }
+
+    def tool_versions(self) -> dict[str, str]:
+        from edgequant.backends.gguf_tools import llama_cpp_version
+
+        return {"llama-cpp-python": llama_cpp_version()}
+
+    def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        from edgequant.backends import gguf_tools
+        from edgequant.runner import default_threads
+
+        precision, ftype, _ = _TABLE[spec.precision]
+        if precision.needs_imatrix:
+            raise EdgequantError(
+                f"gguf:{spec.precision} needs an importance matrix, which edgequant cannot compute yet",
+                "choose a type that works without one: " + ", ".join(n for n, e in _TABLE.items() if not e[0].needs_imatrix),
+            )
+        gguf_tools.llama_cpp_version()  # fail fast, before the long steps, if the engine is missing
+        started = time.perf_counter()
+        intermediate = float_intermediate(source)
+        converted = time.perf_counter()
+        target = out_dir / MODEL_FILE
+        if spec.precision == intermediate_type(source):
+            shutil.copyfile(intermediate, target)
+            log = "copied the float intermediate as is\n"
+        else:
+            threads = spec.options.get("nthread") or default_threads()
+            log = gguf_tools.quantize(intermediate, target, ftype, threads=threads, pure=spec.options.get("pure", False))
+        (out_dir / "quantize.log").write_text(log)
+        return {
+            "model_file": MODEL_FILE,
+            "intermediate": {"path": str(intermediate), "type": intermediate_type(source)},
+            "timings": {"intermediate_s": round(converted - started, 3), "quantize_s": round(time.perf_counter() - converted, 3)},
+        }
+
+    def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
+        from edgequant.backends.gguf_runner import LlamaRunner
+
+        return LlamaRunner(artifact.model_path, name=str(artifact.spec), n_ctx=n_ctx, logits_all=need_logits, threads=threads)
+
+    def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
+        return _estimated_bytes(precision, tensors, tied_embeddings)
+
+
+def intermediate_type(source) -> str:
+    """Convert without loss: float32 sources to F32, 16-bit ones to their own type."""
+    from edgequant.inspection import weight_dtype
+
+    return {"F32": "f32", "BF16": "bf16", "F16": "f16"}.get(weight_dtype(source.hf_dir), "f32")
+
+
+def float_intermediate(source) -> Path:
+    """The source as a float GGUF, converted once per source fingerprint and cached."""
+    from edgequant.atomic import atomic_dir
+    from edgequant.backends.gguf_tools import run_converter
+    from edgequant.progress import step
+
+    outtype = intermediate_type(source)
+    folder = cache_dir("intermediates") / f"{source.fingerprint[:16]}-{outtype}"
+    path = folder / f"model-{outtype}.gguf"
+    if path.is_file():
+        return path
+    with step(f"converting {source.name} to a {outtype.upper()} GGUF with llama.cpp's converter (cached)"):
+        with atomic_dir(folder, replace=True) as tmp:
+            run_converter(source.hf_dir, tmp / path.name, outtype, tmp / "convert.log")
+    return path
+
+
+def _estimated_bytes(precision_name: str, tensors, tied_embeddings: bool) -> int:
+    """Estimated GGUF size, following llama.cpp's per-tensor rules: 1-D tensors stay F32; the
+    output matrix (the embedding when tied) is kept at Q6_K, or Q8_0 when its rows are not a
+    multiple of 256; other rows K-quants cannot take use the fallback type."""
+    precision, _, fallback = _TABLE[precision_name]
+    total_bits = 0.0
+    for tensor in tensors:
+        bpw = precision.bpw
+        is_output = "lm_head" in tensor.name or (tied_embeddings and "embed_tokens" in tensor.name)
+        if len(tensor.shape) < 2:
+            bpw = 32.0
+        elif is_output and precision.bits < 8:
+            bpw = _TABLE["q8_0" if tensor.shape[-1] % _K_BLOCK else "q6_k"][0].bpw
+        elif fallback and tensor.shape[-1] % _K_BLOCK:
+            bpw = _TABLE[fallback][0].bpw
+        total_bits += tensor.numel * bpw
+    return int(total_bits / 8)

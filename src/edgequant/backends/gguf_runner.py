@@ -1,0 +1,67 @@
+"""llama.cpp runner (llama-cpp-python) for GGUF artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from edgequant.errors import EdgequantError
+from edgequant.runner import GenerateParams, Runner
+
+
+class LlamaRunner(Runner):
+    def __init__(self, model_path: Path, *, name: str, n_ctx: int, logits_all: bool, threads: int):
+        import llama_cpp
+
+        from edgequant.backends.gguf_tools import QuantizeLog, silence_llama_logs
+
+        self.name, self.n_ctx = name, n_ctx
+        self._llama_cpp = llama_cpp
+        with QuantizeLog() as log:
+            try:
+                # logits_all keeps a (n_ctx x vocab) float array: only the quality pass needs it.
+                self._llm = llama_cpp.Llama(
+                    model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
+                    n_threads=threads, n_threads_batch=threads, verbose=False,
+                )
+            except ValueError:
+                tail = "\n".join(log.text().strip().splitlines()[-3:])
+                raise EdgequantError(f"llama.cpp could not load {model_path}:\n{tail}", "re-create the artifact with --force") from None
+        silence_llama_logs()
+        self._vocab = self._llm._model.vocab
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        if len(ids) > self.n_ctx:
+            raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
+        self._llm.reset()
+        self._llm.eval(list(ids))
+        return np.array(self._llm.scores[: len(ids)], dtype=np.float32, copy=True)
+
+    def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
+        llm = self._llm
+        llm.reset()  # no prefix reuse between calls: every request pays its own prefill
+        llm.set_seed(params.seed)
+        budget = min(params.max_tokens, self.n_ctx - len(prompt_ids))
+        if budget <= 0:
+            return
+        tokens = llm.generate(
+            list(prompt_ids), temp=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            min_p=0.0, repeat_penalty=1.0, reset=True,
+        )
+        for count, token in enumerate(tokens, start=1):
+            yield token
+            if count >= budget or (params.stop_at_eos and self._llama_cpp.llama_vocab_is_eog(self._vocab, token)):
+                break
+
+    def close(self) -> None:
+        if getattr(self, "_llm", None) is not None:
+            self._llm.close()
+            self._llm = None

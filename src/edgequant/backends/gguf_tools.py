@@ -1,0 +1,175 @@
+"""llama.cpp's own tools, driven as they are: the reference converter and `llama_model_quantize`.
+
+The converter is not part of the installed llama-cpp-python package; it ships in that package's
+source distribution. We fetch the sdist of the installed version with pip once, unpack only the
+converter, its `conversion/` package and its own gguf-py, and run it as a subprocess.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections import deque
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from edgequant.atomic import atomic_dir
+from edgequant.errors import EdgequantError
+from edgequant.paths import cache_dir
+
+_CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+INSTALL_FIX = "install the gguf extra: `pip install 'edgequant[gguf]'` (or run `make setup`)"
+
+
+def llama_cpp_version() -> str:
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        raise EdgequantError("llama-cpp-python is not installed", INSTALL_FIX) from None
+
+
+def converter_dir() -> Path:
+    """The unpacked reference converter matching the installed llama-cpp-python, fetched once."""
+    ver = llama_cpp_version()
+    target = cache_dir("tools") / f"llama.cpp-converter-{ver}"
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    from edgequant.progress import step
+
+    with step(f"fetching llama.cpp's converter from the llama-cpp-python {ver} sdist (once)"):
+        with tempfile.TemporaryDirectory() as download, atomic_dir(target, replace=True) as tmp:
+            sdist = _download_sdist(ver, Path(download))
+            _unpack_converter(sdist, tmp)
+    return target
+
+
+def _download_sdist(ver: str, into: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+           "-d", str(into), f"llama-cpp-python=={ver}"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
+    if result.returncode != 0 or not found:
+        raise EdgequantError(
+            f"could not download the llama-cpp-python {ver} source distribution with pip "
+            f"(it holds llama.cpp's converter): {result.stderr.strip()[-300:]}",
+            "check that pip can reach PyPI, then retry",
+        )
+    return found[0]
+
+
+def _unpack_converter(sdist: Path, out: Path) -> None:
+    with tarfile.open(sdist) as tar:
+        prefix = None
+        for member in tar.getmembers():
+            marker = "/vendor/llama.cpp/"
+            if marker not in member.name:
+                continue
+            prefix = member.name.split(marker)[0] + marker
+            relative = member.name[len(prefix):]
+            if relative.startswith(_CONVERTER_MEMBERS) and (member.isfile() or member.isdir()):
+                member.name = relative
+                tar.extract(member, out, filter="data")
+    if not (out / "convert_hf_to_gguf.py").is_file():
+        raise EdgequantError(f"{sdist.name} holds no convert_hf_to_gguf.py", "report this llama-cpp-python version as unsupported")
+
+
+def run_converter(hf_dir: Path, outfile: Path, outtype: str, log_path: Path) -> None:
+    """Run convert_hf_to_gguf.py in a subprocess; turn its known failures into clear errors."""
+    tool = converter_dir()
+    cmd = [sys.executable, str(tool / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(outfile), "--outtype", outtype]
+    with log_path.open("w") as log:
+        result = subprocess.run(cmd, cwd=tool, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode == 0 and outfile.is_file():
+        return
+    text = log_path.read_text(errors="replace")
+    unsupported = re.search(r"Architecture '?([\w.]+)'? not supported|Model (\w+) is not supported", text)
+    if unsupported:
+        arch = unsupported.group(1) or unsupported.group(2)
+        raise EdgequantError(
+            f"llama.cpp's converter does not support architecture {arch!r}",
+            "convert a model of a supported architecture; the list: " + ", ".join(supported_architectures()),
+        )
+    if "BPE pre-tokenizer was not recognized" in text:
+        raise EdgequantError(
+            "llama.cpp's converter does not recognize this model's BPE pre-tokenizer",
+            "use a model whose tokenizer llama.cpp supports (see the converter's get_vocab_base_pre)",
+        )
+    tail = "\n".join(text.strip().splitlines()[-5:])
+    raise EdgequantError(f"llama.cpp's converter failed on {hf_dir}:\n{tail}", f"see the full log at {log_path}")
+
+
+def supported_architectures() -> list[str]:
+    """Hugging Face architecture names the bundled converter registers."""
+    tool = converter_dir()
+    memo = tool / "supported-architectures.txt"
+    if not memo.is_file():
+        result = subprocess.run([sys.executable, str(tool / "convert_hf_to_gguf.py"), "--print-supported-models"],
+                                cwd=tool, capture_output=True, text=True)
+        names = sorted(set(re.findall(r"^\s*-\s*(\w+)\s*$", result.stdout + result.stderr, re.M)))
+        memo.write_text("\n".join(names))
+    return memo.read_text().split()
+
+
+class QuantizeLog:
+    """Collects llama.cpp's log lines while installed, so failures can quote them."""
+
+    def __init__(self):
+        import llama_cpp
+
+        self.lines: deque[str] = deque(maxlen=400)
+        self._llama_cpp = llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def _collect(level, text, user_data):
+            self.lines.append(text.decode("utf-8", errors="replace"))
+
+        self._callback = _collect  # keep a reference: C holds only a raw pointer
+
+    def __enter__(self) -> "QuantizeLog":
+        self._llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._llama_cpp.llama_log_set(_quiet_callback(), ctypes.c_void_p(0))
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+_QUIET = None
+
+
+def _quiet_callback():
+    """A callback that drops every llama.cpp log line (kept alive for the process)."""
+    global _QUIET
+    if _QUIET is None:
+        import llama_cpp
+
+        _QUIET = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    return _QUIET
+
+
+def silence_llama_logs() -> None:
+    import llama_cpp
+
+    llama_cpp.llama_log_set(_quiet_callback(), ctypes.c_void_p(0))
+
+
+def quantize(src: Path, dst: Path, ftype: int, *, threads: int, pure: bool = False) -> str:
+    """Quantize with the C API; returns llama.cpp's log. Raises with that log on failure."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    params.pure = pure
+    with QuantizeLog() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0 or not dst.is_file():
+        tail = "\n".join(log.text().strip().splitlines()[-5:])
+        raise EdgequantError(f"llama.cpp failed to quantize (code {rc}):\n{tail}", "check the model and the spec")
+    return log.text()

@@ -1,0 +1,117 @@
+"""Command line: each subcommand turns argv into one call of the Python API.
+
+Only argparse is imported at start-up; a subcommand imports what it needs when it runs, so
+`edgequant --help` stays instant. `EdgequantError` becomes a two-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from edgequant.errors import EdgequantError
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="describe a model and estimate its size at every precision")
+    p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M)")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.set_defaults(run=_run_inspect)
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert and quantize a model to one or more specs")
+    p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf file (default: the embedded model)")
+    p.add_argument("--to", required=True, metavar="SPEC[,SPEC...]", help="e.g. gguf:q4_k_m or gguf:q8_0,gguf:q4_k_m")
+    p.add_argument("-o", "--output", type=Path, help="artifact folder (a parent folder when several specs are given)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the artifact already exists")
+    p.add_argument("--json", action="store_true", help="print the manifests as JSON")
+    p.set_defaults(run=_run_convert)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity, KLD, top-1 agreement, size, memory and speed of an artifact")
+    p.add_argument("target", nargs="?", help="artifact folder, or a model to evaluate with PyTorch (default: the embedded model)")
+    p.add_argument("--baseline", help="reference model (default: the artifact's source)")
+    p.add_argument("--data", type=Path, help="UTF-8 text to score (default: English Wikipedia prose from gensim)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--windows", type=int, default=8, help="windows scored (default 8)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for the speed test")
+    p.add_argument("--gen-tokens", type=int, default=64, help="tokens generated per speed run")
+    p.add_argument("--repeats", type=int, default=3, help="timed speed runs; the median is reported")
+    p.add_argument("--threads", type=int, default=0, help="inference threads (default: all cores)")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurement")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.set_defaults(run=_run_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgequant", description="Convert, quantize, evaluate and serve models for edge devices.")
+    parser.add_argument("--version", action="version", version=f"edgequant {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_inspect, _add_convert, _add_eval):
+        add(sub)
+    return parser
+
+
+def _version() -> str:
+    from edgequant import __version__
+
+    return __version__
+
+
+def _run_inspect(args) -> int:
+    from edgequant.inspection import inspect_model
+    from edgequant.report_text import format_inspect
+
+    info = inspect_model(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    return 0
+
+
+def _run_convert(args) -> int:
+    from edgequant.conversion import ConvertConfig, run_convert
+    from edgequant.spec import parse_specs
+
+    specs = parse_specs(args.to)  # every spec is checked before any work starts
+    model = Path(args.model) if args.model else None
+    artifacts = []
+    for spec in specs:
+        output = args.output / spec.slug if args.output and len(specs) > 1 else args.output
+        artifacts.append(run_convert(ConvertConfig(spec, model, output, args.force)))
+    if args.json:
+        print(json.dumps([a.manifest for a in artifacts], indent=2))
+    else:
+        for artifact in artifacts:
+            print(f"{artifact.spec}\t{artifact.size_bytes / 1e6:.1f} MB\t{artifact.path}")
+    return 0
+
+
+def _run_eval(args) -> int:
+    from edgequant.evaluation import EvalConfig, evaluate
+    from edgequant.report_text import format_metrics
+
+    config = EvalConfig(ctx=args.ctx, windows=args.windows, data=args.data, speed=not args.no_speed,
+                        prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, repeats=args.repeats,
+                        threads=args.threads)
+    metrics = evaluate(args.target, args.baseline, config)
+    print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return args.run(args)
+    except EdgequantError as exc:
+        print(f"edgequant: error: {exc.problem}", file=sys.stderr)
+        if exc.fix:
+            print(f"  fix: {exc.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgequant: interrupted", file=sys.stderr)
+        return 130

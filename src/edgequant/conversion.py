@@ -1,0 +1,90 @@
+"""`convert`: source + spec -> artifact, through the spec's backend, atomically and cached."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgequant import __version__
+from edgequant.artifact import MANIFEST, SCHEMA_VERSION, Artifact, folder_size, is_artifact, open_artifact
+from edgequant.atomic import atomic_dir, ensure_writable_parent
+from edgequant.errors import EdgequantError
+from edgequant.paths import cache_dir
+from edgequant.progress import note, step
+from edgequant.spec import Spec, parse_spec
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    spec: Spec
+    model: Path | None = None  # None: the embedded default model
+    output: Path | None = None  # None: a folder under the cache named after source and spec
+    force: bool = False
+
+
+def convert(model: str | Path | None = None, spec: str | Spec = "gguf:q4_k_m", output: str | Path | None = None,
+            force: bool = False) -> Artifact:
+    """Convert `model` to `spec`. Reuses an existing artifact of the same source and spec."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    config = ConvertConfig(spec, Path(model) if model else None, Path(output) if output else None, force)
+    return run_convert(config)
+
+
+def run_convert(config: ConvertConfig) -> Artifact:
+    from edgequant.backends import get_backend
+    from edgequant.source import load_source
+
+    source = load_source(config.model)
+    out = (config.output or default_artifact_dir(source.fingerprint, config.spec)).expanduser().resolve()
+    ensure_writable_parent(out)
+    cached = _cached(out, source.fingerprint, config.spec)
+    if cached and not config.force:
+        note(f"cache hit: {out} already holds {config.spec} of this source (--force rebuilds)")
+        return cached
+    if out.exists() and any(out.iterdir()) and not cached and not config.force:
+        raise EdgequantError(f"{out} exists and holds something else", "choose another -o folder, or pass --force to replace it")
+    backend = get_backend(config.spec.format)
+    started = time.perf_counter()
+    with step(f"converting {source.name} to {config.spec}"), atomic_dir(out, replace=True) as tmp:
+        info = backend.convert(source, config.spec, tmp)
+        manifest = _manifest(source, config.spec, backend, info, tmp, time.perf_counter() - started)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return open_artifact(out)
+
+
+def default_artifact_dir(fingerprint: str, spec: Spec) -> Path:
+    return cache_dir("artifacts", fingerprint[:16]) / spec.slug
+
+
+def _cached(out: Path, fingerprint: str, spec: Spec) -> Artifact | None:
+    if not is_artifact(out):
+        return None
+    try:
+        artifact = open_artifact(out)
+    except EdgequantError:
+        return None
+    return artifact if artifact.source_fingerprint == fingerprint and artifact.spec == spec else None
+
+
+def _manifest(source, spec: Spec, backend, info: dict, folder: Path, seconds: float) -> dict:
+    import numpy
+
+    return {
+        "schema": SCHEMA_VERSION,
+        "spec": spec.to_json(),
+        "spec_text": str(spec),
+        "source": source.to_json(),
+        "model_file": info["model_file"],
+        "size_bytes": folder_size(folder),
+        "model_bytes": (folder / info["model_file"]).stat().st_size,
+        "tools": {"edgequant": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
+                  **backend.tool_versions()},
+        "timings": {"total_s": round(seconds, 3), **info.get("timings", {})},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "details": {k: v for k, v in info.items() if k not in ("model_file", "timings")},
+        "metrics": None,
+    }

@@ -1,0 +1,223 @@
+"""One evaluation harness for every format: quality on identical token windows, then speed.
+
+Quality: the source model's tokenizer turns the evaluation text into ids once; every runner gets
+the same windows of ids. The PyTorch baseline's log-probabilities are computed once per
+(source, windows) and cached, so perplexity, KL divergence and top-1 agreement of any artifact are
+relative to the same reference. Speed and peak memory come from a child process (see
+`edgequant.speed_probe`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgequant.errors import EdgequantError
+from edgequant.paths import cache_dir
+from edgequant.progress import note, step, track
+
+_TOKENIZER_CHECK_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ctx: int = 512  # tokens per window
+    windows: int = 8  # number of windows scored
+    data: Path | None = None  # None: the default Wikipedia prose
+    speed: bool = True
+    prompt_tokens: int = 128
+    gen_tokens: int = 64
+    repeats: int = 3
+    threads: int = 0  # 0: all cores
+
+    def __post_init__(self):
+        for name in ("ctx", "windows", "prompt_tokens", "gen_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise EdgequantError(f"eval setting {name}={getattr(self, name)} must be at least 1", f"pass a positive --{name.replace('_', '-')}")
+        if self.ctx < 16:
+            raise EdgequantError(f"eval context {self.ctx} is too short to score", "use --ctx 16 or more (512 is the default)")
+
+
+@dataclass
+class Target:
+    """What is evaluated: an artifact, or a source model run by PyTorch (the baseline itself)."""
+
+    path: Path | None
+    artifact: object | None = None
+    size_bytes: int = 0
+    label: str = ""
+
+
+@dataclass
+class Windows:
+    ids: np.ndarray  # (windows, ctx) int64
+    text_sha256: str
+    data_name: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.ids.tobytes()).hexdigest()[:16]
+
+
+def evaluate(target: str | Path | None = None, baseline: str | Path | None = None, config: EvalConfig | None = None) -> dict:
+    """Evaluate an artifact (or a source model) against its baseline; returns the metrics."""
+    from edgequant.runner import default_threads
+    from edgequant.source import load_source
+
+    config = config or EvalConfig()
+    threads = config.threads or default_threads()
+    resolved = _resolve_target(target)
+    source = load_source(baseline if baseline is not None else _recorded_source(resolved))
+    windows = _make_windows(source, config)
+    reference = _reference_logprobs(source, windows, threads)
+    quality = _quality(resolved, source, windows, reference, threads)
+    metrics = {"target": resolved.label, "baseline": str(source.path), **quality, "size_bytes": resolved.size_bytes}
+    if config.speed:
+        prompt = windows.ids[0, : min(config.prompt_tokens, config.ctx)].tolist()
+        from edgequant.speed_probe import SpeedRequest, run_in_child
+
+        with step(f"measuring speed and peak memory of {resolved.label} in a child process"):
+            request = SpeedRequest(str(resolved.path) if resolved.path else None, prompt, config.gen_tokens,
+                                   config.repeats, threads, config.prompt_tokens + config.gen_tokens + 8)
+            metrics.update(run_in_child(request))
+    metrics["settings"] = {**asdict(config), "data": windows.data_name, "data_sha256": windows.text_sha256, "threads": threads}
+    metrics["machine"] = machine_info()
+    if resolved.artifact is not None:
+        resolved.artifact.save_metrics(metrics)
+    return metrics
+
+
+def _resolve_target(target) -> Target:
+    from edgequant.artifact import is_artifact, open_artifact
+    from edgequant.source import load_source
+
+    if target is not None and is_artifact(Path(target)):
+        artifact = open_artifact(target)
+        return Target(artifact.path, artifact, artifact.size_bytes, str(artifact.spec))
+    source = load_source(target)
+    size = sum(f.stat().st_size for f in source.hf_dir.glob("*.safetensors"))
+    return Target(source.path, None, size, f"pytorch:fp32 ({source.name})")
+
+
+def _recorded_source(target: Target):
+    if target.artifact is None:
+        return target.path
+    recorded = Path(target.artifact.manifest["source"]["path"])
+    if not recorded.exists():
+        raise EdgequantError(f"the artifact's source {recorded} no longer exists", "pass --baseline MODEL")
+    return recorded
+
+
+def _make_windows(source, config: EvalConfig) -> Windows:
+    from transformers import AutoTokenizer
+
+    from edgequant.evaldata import default_eval_text, read_text_file
+
+    text = read_text_file(config.data) if config.data else default_eval_text()
+    data_name = str(config.data) if config.data else "enwiki prose (gensim test data)"
+    tokenizer = AutoTokenizer.from_pretrained(source.hf_dir)
+    needed = config.ctx * config.windows
+    chars = needed * 6
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False, verbose=False).input_ids
+        if len(ids) >= needed or chars >= len(text):
+            break
+        chars *= 2
+    if len(ids) < needed:
+        raise EdgequantError(
+            f"the evaluation text has {len(ids)} tokens; {config.windows} windows of {config.ctx} need {needed}",
+            "pass a longer --data file, or fewer --windows / a smaller --ctx",
+        )
+    windows = np.asarray(ids[:needed], dtype=np.int64).reshape(config.windows, config.ctx)
+    sample = text[:_TOKENIZER_CHECK_CHARS]
+    return Windows(windows, hashlib.sha256(text.encode()).hexdigest(), data_name,
+                   {"check_text": sample, "check_ids": tokenizer(sample, add_special_tokens=False, verbose=False).input_ids})
+
+
+def _reference_logprobs(source, windows: Windows, threads: int) -> np.ndarray:
+    """The baseline's log-probabilities on every window, float16 on disk (memory-mapped)."""
+    path = cache_dir("reference") / f"{source.fingerprint[:16]}-{windows.key}.npy"
+    if path.is_file():
+        return np.load(path, mmap_mode="r")
+    from edgequant.runner import open_runner
+
+    n_windows, ctx = windows.ids.shape
+    with step(f"computing the PyTorch baseline on {n_windows} windows of {ctx} tokens (cached)"):
+        with open_runner(source.path, n_ctx=ctx, threads=threads) as runner:
+            rows = [_log_softmax(runner.logits(w.tolist())).astype(np.float16) for w in track(windows.ids, "baseline windows")]
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, np.stack(rows))
+    tmp.rename(path)
+    return np.load(path, mmap_mode="r")
+
+
+def _quality(target: Target, source, windows: Windows, reference: np.ndarray, threads: int) -> dict:
+    from edgequant.runner import open_runner
+
+    n_windows, ctx = windows.ids.shape
+    nll, kld, top1 = [], [], []
+    baseline_nll = []
+    with open_runner(target.path, n_ctx=ctx, need_logits=True, threads=threads) as runner:
+        _check_tokenizer(runner, windows)
+        for i in track(range(n_windows), f"scoring {target.label}", total=n_windows):
+            ids = windows.ids[i]
+            ref = reference[i, :-1].astype(np.float32)
+            logp = ref if target.artifact is None else _log_softmax(runner.logits(ids.tolist()))[:-1]
+            nll.append(-logp[np.arange(ctx - 1), ids[1:]])
+            baseline_nll.append(-ref[np.arange(ctx - 1), ids[1:]])
+            kld.append((np.exp(ref) * (ref - logp)).sum(axis=-1))
+            top1.append(ref.argmax(-1) == logp.argmax(-1))
+    nll, kld, top1, baseline_nll = (np.concatenate(x) for x in (nll, kld, top1, baseline_nll))
+    ppl, base_ppl = float(np.exp(nll.mean())), float(np.exp(baseline_nll.mean()))
+    return {
+        "perplexity": round(ppl, 4),
+        "baseline_perplexity": round(base_ppl, 4),
+        "ppl_increase_pct": round(100 * (ppl / base_ppl - 1), 3),
+        "kld_mean": round(float(np.maximum(kld, 0).mean()), 6),
+        "kld_p99": round(float(np.percentile(np.maximum(kld, 0), 99)), 6),
+        "top1_agreement": round(float(top1.mean()), 5),
+        "tokens_scored": int(nll.size),
+    }
+
+
+def _check_tokenizer(runner, windows: Windows) -> None:
+    """Fail loudly when the runner's tokenizer disagrees with the source's on the eval text."""
+    got = runner.tokenize(windows.extra["check_text"])
+    want = windows.extra["check_ids"]
+    if got != want:
+        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise EdgequantError(
+            f"{runner.name}'s tokenizer disagrees with the source tokenizer on the evaluation text "
+            f"(first difference at token {first}: {got[first:first + 5]} vs {want[first:first + 5]})",
+            "the artifact's vocabulary or pre-tokenizer was converted wrongly; re-create it or report the model",
+        )
+    note(f"tokenizer check passed: {runner.name} gives the source's {len(want)} ids on the eval text sample")
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float32, copy=False)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def machine_info() -> dict:
+    import os
+
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}

@@ -1,0 +1,160 @@
+"""Import a GGUF file as a Hugging Face folder (weights dequantized, tokenizer rebuilt).
+
+transformers dequantizes the weights and undoes llama.cpp's tensor layout for every architecture
+it knows. Its GGUF tokenizer import is not trusted: for BPE vocabularies it loses the
+pre-tokenizer, the BOS setting and the EOS token, which would silently change token ids. We build
+the tokenizer from the GGUF metadata ourselves for the BPE pre-tokenizers we know.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgequant.atomic import atomic_dir
+from edgequant.errors import EdgequantError
+from edgequant.paths import cache_dir
+
+# GGUF `tokenizer.ggml.pre` values whose Hugging Face pre-tokenizer we know how to rebuild.
+# smollm (and starcoder) split every digit on its own before the GPT-2 byte-level regex.
+_DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "codeshell"}
+_PLAIN_BYTELEVEL_PRE = {"gpt2", "default", "gpt-2"}
+_CONTROL_TOKEN = 3
+
+
+def check_gguf(path: Path):
+    """Open a GGUF file's metadata and make sure all tensor data is present."""
+    fix = f"re-create or re-download {path.name}; it is truncated or not a GGUF file"
+    with path.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise EdgequantError(f"{path} is not a GGUF file (bad magic)", fix)
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # the reader raises many types on corrupt input
+        raise EdgequantError(f"{path} is a corrupt GGUF file ({type(exc).__name__}: {exc})", fix) from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise EdgequantError(f"{path} is truncated: tensor {tensor.name} runs past the end", fix)
+    return reader
+
+
+def gguf_metadata(reader) -> dict:
+    """Scalar and string metadata of a GGUF file (the long token arrays are left out)."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith(("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")):
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # unusual field types are not needed for import
+            continue
+    return meta
+
+
+def import_gguf(path: Path, fingerprint: str) -> Path:
+    """Return the cached Hugging Face folder for a GGUF file, importing it on first use."""
+    target = cache_dir("sources") / fingerprint[:16]
+    if (target / "edgequant-import.json").is_file():
+        return target
+    from edgequant.progress import step
+
+    with step(f"importing {path.name} to a Hugging Face folder (once; cached by sha256)"):
+        with atomic_dir(target, replace=True) as tmp:
+            _import_into(path, tmp)
+    return target
+
+
+def _import_into(path: Path, out: Path) -> None:
+    reader = check_gguf(path)
+    meta = gguf_metadata(reader)
+    arch = meta.get("general.architecture", "?")
+    _import_weights(path, arch, out)
+    _import_tokenizer(path, reader, meta, out)
+    quant_types = sorted({t.tensor_type.name for t in reader.tensors})
+    provenance = {
+        "imported_from": str(path),
+        "architecture": arch,
+        "gguf_tensor_types": quant_types,
+        "note": f"weights dequantized from GGUF ({', '.join(quant_types)}) to float32",
+    }
+    (out / "edgequant-import.json").write_text(json.dumps(provenance, indent=2))
+
+
+def _import_weights(path: Path, arch: str, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    if arch not in GGUF_CONFIG_MAPPING:
+        raise EdgequantError(
+            f"cannot import GGUF architecture {arch!r}",
+            "supported GGUF architectures: " + ", ".join(sorted(GGUF_CONFIG_MAPPING))
+            + "; or pass the model as a Hugging Face folder",
+        )
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def _import_tokenizer(path: Path, reader, meta: dict, out: Path) -> None:
+    model_kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    if model_kind == "gpt2" and (pre in _DIGIT_SPLIT_PRE or pre in _PLAIN_BYTELEVEL_PRE):
+        tokenizer = _bpe_tokenizer(reader, meta, split_digits=pre in _DIGIT_SPLIT_PRE)
+    else:
+        tokenizer = _transformers_tokenizer(path, meta)
+    tokenizer.save_pretrained(out)
+    junk = out / "tokenizer.model"  # transformers writes the GGUF itself here for some vocabularies
+    if junk.is_file() and junk.read_bytes()[:4] == b"GGUF":
+        junk.unlink()
+
+
+def _array_field(reader, key: str) -> list:
+    field = reader.fields[key]
+    return [field.contents(i) for i in range(len(field.data))]
+
+
+def _special_tokens(meta: dict, tokens: list[str]) -> dict:
+    names = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
+    found = {}
+    for hf_name, gguf_name in names.items():
+        token_id = meta.get(f"tokenizer.ggml.{gguf_name}_token_id")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            found[hf_name] = tokens[token_id]
+    return found
+
+
+def _bpe_tokenizer(reader, meta: dict, split_digits: bool):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = _array_field(reader, "tokenizer.ggml.tokens")
+    types = _array_field(reader, "tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in _array_field(reader, "tokenizer.ggml.merges")]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    core = Tokenizer(bpe)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
+    )
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.ByteLevel(trim_offsets=False)
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL_TOKEN])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        chat_template=meta.get("tokenizer.chat_template"),
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        clean_up_tokenization_spaces=False,
+        **_special_tokens(meta, tokens),
+    )
+
+
+def _transformers_tokenizer(path: Path, meta: dict):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    for name, value in _special_tokens(meta, tokens).items():
+        setattr(tokenizer, name, value)
+    return tokenizer

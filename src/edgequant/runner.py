@@ -1,0 +1,77 @@
+"""The Runner contract: one way to score and run a model, whatever its format.
+
+The evaluation harness asks every runner for `logits` on the same token ids (quality) and drives
+`generate` with the same prompt ids (speed); the server uses the same `generate`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    seed: int = 0
+    stop_at_eos: bool = True  # speed benchmarks turn this off to decode a fixed number of tokens
+
+
+class Runner(ABC):
+    """A loaded model. Subclasses keep engine objects private; callers only see ids and arrays."""
+
+    name: str = ""
+    n_ctx: int = 0
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`, with no BOS/EOS or other special tokens added."""
+
+    @abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    @abstractmethod
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 logits of shape (len(ids), vocab): row i predicts token i + 1."""
+
+    @abstractmethod
+    def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
+        """Yield generated token ids one at a time, as soon as each is sampled."""
+
+    def close(self) -> None:
+        """Release engine memory; the runner is unusable afterwards."""
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_runner(path: str | Path | None, *, n_ctx: int = 2048, need_logits: bool = True, threads: int = 0) -> Runner:
+    """Open an artifact folder (through its backend) or a source model (the PyTorch baseline)."""
+    from edgequant.artifact import is_artifact, open_artifact
+
+    threads = threads or default_threads()
+    if path is not None and is_artifact(Path(path)):
+        artifact = open_artifact(path)
+        from edgequant.backends import get_backend
+
+        return get_backend(artifact.spec.format).open(artifact, n_ctx=n_ctx, need_logits=need_logits, threads=threads)
+    from edgequant.source import load_source
+    from edgequant.torch_runner import TorchRunner
+
+    return TorchRunner(load_source(path), n_ctx=n_ctx, threads=threads)
+
+
+def default_threads() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,63 @@
+"""Read safetensors headers without loading tensors: shapes, dtypes, and integrity checks."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgequant.errors import EdgequantError
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+
+def read_header(path: Path) -> list[TensorInfo]:
+    """Return the tensors a safetensors file declares, checking the file holds all their bytes."""
+    size = path.stat().st_size
+    fix = f"re-create or re-download {path.name}; the file is truncated or not a safetensors file"
+    with path.open("rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise EdgequantError(f"{path} is too short to be a safetensors file", fix)
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(size - 8, 100_000_000):
+            raise EdgequantError(f"{path} has a corrupt safetensors header", fix)
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise EdgequantError(f"{path} has a corrupt safetensors header", fix) from None
+    tensors, data_end = [], 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise EdgequantError(f"{path}: tensor {name!r} has a corrupt header entry", fix) from None
+        info = TensorInfo(name, dtype, shape)
+        if end - start != info.numel * _DTYPE_BYTES.get(dtype, 0) and dtype in _DTYPE_BYTES:
+            raise EdgequantError(f"{path}: tensor {name!r} has inconsistent offsets", fix)
+        data_end = max(data_end, end)
+        tensors.append(info)
+    if 8 + header_len + data_end > size:
+        raise EdgequantError(
+            f"{path} is truncated: its header needs {8 + header_len + data_end} bytes, the file has {size}",
+            fix,
+        )
+    return tensors

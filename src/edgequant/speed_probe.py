@@ -1,0 +1,104 @@
+"""Speed and memory of one runner, measured in a fresh child process.
+
+Peak RSS only means something for a process that loaded nothing else, so the evaluation harness
+runs this module as `python -m edgequant.speed_probe` with a JSON request on stdin and reads one
+JSON line back. The timed path is the runner's `generate`, the same one the server uses.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class SpeedRequest:
+    target: str | None  # artifact folder or source model (None: default model)
+    prompt_ids: list[int]
+    gen_tokens: int = 64
+    repeats: int = 3
+    threads: int = 0
+    n_ctx: int = 512
+
+
+def measure(request: SpeedRequest) -> dict:
+    from edgequant.runner import GenerateParams, open_runner
+
+    rss_before = _peak_rss_mb()
+    started = time.perf_counter()
+    runner = open_runner(request.target, n_ctx=request.n_ctx, need_logits=False, threads=request.threads)
+    load_s = time.perf_counter() - started
+    params = GenerateParams(max_tokens=request.gen_tokens, stop_at_eos=False)
+    _timed_generate(runner, request.prompt_ids, GenerateParams(max_tokens=4, stop_at_eos=False))  # warm-up
+    runs = [_timed_generate(runner, request.prompt_ids, params) for _ in range(request.repeats)]
+    runner.close()
+    return {
+        "load_s": round(load_s, 3),
+        "ttft_ms": round(statistics.median(r["ttft_s"] for r in runs) * 1000, 2),
+        "prefill_tps": round(statistics.median(r["prefill_tps"] for r in runs), 2),
+        "decode_tps": round(statistics.median(r["decode_tps"] for r in runs), 2),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "rss_before_load_mb": round(rss_before, 1),
+        "prompt_tokens": len(request.prompt_ids),
+        "generated_tokens": request.gen_tokens,
+        "repeats": request.repeats,
+    }
+
+
+def _timed_generate(runner, prompt_ids, params) -> dict:
+    start = time.perf_counter()
+    stamps = [time.perf_counter() for _ in runner.generate(prompt_ids, params)]
+    first = stamps[0] - start
+    decode_s = stamps[-1] - stamps[0]
+    return {
+        "ttft_s": first,
+        "prefill_tps": len(prompt_ids) / first,
+        "decode_tps": (len(stamps) - 1) / decode_s if decode_s > 0 else 0.0,
+    }
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process image. getrusage's ru_maxrss would be wrong here: Linux carries
+    the parent's peak across fork and exec, while /proc's VmHWM starts afresh at exec."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_in_child(request: SpeedRequest) -> dict:
+    import os
+    import subprocess
+
+    from edgequant.errors import EdgequantError
+
+    env = {**os.environ, "EDGEQUANT_QUIET": "1"}
+    result = subprocess.run([sys.executable, "-m", "edgequant.speed_probe"], input=json.dumps(asdict(request)),
+                            capture_output=True, text=True, env=env)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise EdgequantError(f"the speed probe failed:\n{result.stderr.strip()[-800:]}", "see the error above")
+    return json.loads(lines[-1])
+
+
+def main() -> int:
+    from edgequant.errors import EdgequantError
+
+    request = SpeedRequest(**json.loads(sys.stdin.read()))
+    try:
+        print(json.dumps(measure(request)), flush=True)
+    except EdgequantError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
