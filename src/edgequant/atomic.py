@@ -19,8 +19,10 @@ def ensure_writable_parent(target: Path) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EdgequantError(f"cannot create folder {parent} ({exc.strerror})", "choose an output path you can write to") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise EdgequantError(f"cannot write to {parent}", "choose an output path you can write to (-o PATH)")
+    try:  # a real probe: os.access says yes to root even where the file system says no
+        os.rmdir(tempfile.mkdtemp(prefix=".edgequant-probe-", dir=parent))
+    except OSError as exc:
+        raise EdgequantError(f"cannot write to {parent} ({exc.strerror})", "choose an output path you can write to (-o PATH)") from None
     if target.exists() and not target.is_dir():
         raise EdgequantError(f"{target} exists and is not a folder", "remove it or choose another output path")
 

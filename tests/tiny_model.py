@@ -1,0 +1,40 @@
+"""Build a tiny random Llama with a sentencepiece tokenizer, entirely offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+VOCAB = 512
+HIDDEN = 256  # a multiple of 256: K-quants apply to every matrix, no per-tensor fallback
+
+
+def build_tiny_llama(out: Path, seed: int = 0) -> Path:
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    from edgequant.evaldata import default_eval_text
+
+    corpus = out / "corpus.txt"
+    corpus.write_text(default_eval_text()[:300_000])
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out / "sp"), vocab_size=VOCAB, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, num_threads=2,
+    )
+    model_dir = out / "model"
+    tokenizer = LlamaTokenizer(vocab_file=str(out / "sp.model"), legacy=False, add_bos_token=False)
+    tokenizer.save_pretrained(model_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # larger weights than the default init, so the logits are not flat
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.08)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return model_dir
