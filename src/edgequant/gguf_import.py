@@ -54,10 +54,18 @@ def gguf_metadata(reader) -> dict:
     return meta
 
 
+def _import_dir(fingerprint: str) -> Path:
+    return cache_dir("sources") / fingerprint[:16]
+
+
+def is_imported(fingerprint: str) -> bool:
+    return (_import_dir(fingerprint) / "edgequant-import.json").is_file()
+
+
 def import_gguf(path: Path, fingerprint: str) -> Path:
     """Return the cached Hugging Face folder for a GGUF file, importing it on first use."""
-    target = cache_dir("sources") / fingerprint[:16]
-    if (target / "edgequant-import.json").is_file():
+    target = _import_dir(fingerprint)
+    if is_imported(fingerprint):
         return target
     from edgequant.progress import step
 
@@ -87,6 +95,9 @@ def _import_weights(path: Path, arch: str, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own step message already says what is happening
 
     if arch not in GGUF_CONFIG_MAPPING:
         raise EdgequantError(

@@ -76,10 +76,12 @@ def load_source(path: str | Path | None = None) -> Source:
     if path.is_dir():
         return Source(path, "hf", _check_hf_folder(path))
     if path.suffix.lower() == ".gguf":
-        from edgequant.gguf_import import check_gguf
+        from edgequant.gguf_import import check_gguf, is_imported
 
-        check_gguf(path)
-        return Source(path, "gguf", file_sha256(path))
+        fingerprint = file_sha256(path)
+        if not is_imported(fingerprint):  # an imported file was checked then; a changed file gets a new fingerprint
+            check_gguf(path)
+        return Source(path, "gguf", fingerprint)
     raise EdgequantError(
         f"{path} is neither a Hugging Face model folder nor a .gguf file",
         "pass a folder holding config.json and *.safetensors, or a .gguf file",
