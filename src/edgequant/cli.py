@@ -48,11 +48,26 @@ def _add_eval(sub) -> None:
     p.set_defaults(run=_run_eval)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve artifacts over an OpenAI-compatible REST API")
+    p.add_argument("models", nargs="*", help="artifact folders or models (default: the embedded model, run by PyTorch)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=os.environ.get("EDGEQUANT_API_KEY"), help="require 'Authorization: Bearer KEY' (or set EDGEQUANT_API_KEY)")
+    p.add_argument("--ctx", type=int, default=2048, help="context length per model")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests per model before answering 429")
+    p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is cancelled")
+    p.add_argument("--threads", type=int, default=0, help="inference threads (default: all cores)")
+    p.set_defaults(run=_run_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgequant", description="Convert, quantize, evaluate and serve models for edge devices.")
     parser.add_argument("--version", action="version", version=f"edgequant {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_inspect, _add_convert, _add_eval):
+    for add in (_add_inspect, _add_convert, _add_eval, _add_serve):
         add(sub)
     return parser
 
@@ -99,6 +114,21 @@ def _run_eval(args) -> int:
                         threads=args.threads)
     metrics = evaluate(args.target, args.baseline, config)
     print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
+    return 0
+
+
+def _run_serve(args) -> int:
+    from edgequant.serving.app import ServeConfig, serve
+
+    models = tuple(Path(m) for m in args.models) or (None,)
+    for model in models:
+        if model is not None and not model.exists():
+            raise EdgequantError(f"no such artifact or model: {model}", "pass folders written by `edgequant convert`")
+    config = ServeConfig(models, args.host, args.port, args.api_key, args.ctx, args.max_queue, args.max_tokens_cap,
+                         args.max_body_bytes, args.request_timeout, args.threads)
+    print(f"edgequant: serving {', '.join(m.name if m else 'default' for m in models)} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr, flush=True)
+    serve(config)
     return 0
 
 

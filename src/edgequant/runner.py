@@ -31,8 +31,9 @@ class Runner(ABC):
     n_ctx: int = 0
 
     @abstractmethod
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text`, with no BOS/EOS or other special tokens added."""
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of `text`, with no BOS/EOS added. `special=True` parses special-token text
+        such as `<|im_start|>` into its id (chat prompts need that; evaluation text must not)."""
 
     @abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str: ...
@@ -44,6 +45,14 @@ class Runner(ABC):
     @abstractmethod
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         """Yield generated token ids one at a time, as soon as each is sampled."""
+
+    def is_eos(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, end-of-turn)."""
+        return False
+
+    def chat_template(self) -> str | None:
+        """The model's own Jinja chat template, when it has one."""
+        return None
 
     def close(self) -> None:
         """Release engine memory; the runner is unusable afterwards."""

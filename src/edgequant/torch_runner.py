@@ -26,8 +26,8 @@ class TorchRunner(Runner):
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special).input_ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -53,6 +53,12 @@ class TorchRunner(Runner):
                 if params.stop_at_eos and token in self.eos_ids:
                     return
                 inputs = torch.tensor([[token]], dtype=torch.long)
+
+    def is_eos(self, token: int) -> bool:
+        return token in self.eos_ids
+
+    def chat_template(self) -> str | None:
+        return self.tokenizer.chat_template
 
     def close(self) -> None:
         self.model = None

@@ -32,8 +32,8 @@ class LlamaRunner(Runner):
         silence_llama_logs()
         self._vocab = self._llm._model.vocab
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
@@ -58,8 +58,14 @@ class LlamaRunner(Runner):
         )
         for count, token in enumerate(tokens, start=1):
             yield token
-            if count >= budget or (params.stop_at_eos and self._llama_cpp.llama_vocab_is_eog(self._vocab, token)):
+            if count >= budget or (params.stop_at_eos and self.is_eos(token)):
                 break
+
+    def is_eos(self, token: int) -> bool:
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def chat_template(self) -> str | None:
+        return self._llm.metadata.get("tokenizer.chat_template")
 
     def close(self) -> None:
         if getattr(self, "_llm", None) is not None:

@@ -1,0 +1,368 @@
+"""The FastAPI application: OpenAI-compatible completions and chat, health, metrics, auth.
+
+Every error answers in OpenAI's error shape; nothing leaks a traceback or a file path. Admission
+is decided before any work: a full queue is a 429 at once, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from edgequant.runner import GenerateParams
+from edgequant.serving.engine import Delta, Job, ModelWorker, QueueFull
+from edgequant.serving.metrics import LATENCY_BUCKETS, RATE_BUCKETS, TTFT_BUCKETS, Metrics
+from edgequant.serving.schemas import ChatRequest, CompletionRequest
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    models: tuple[Path | None, ...]  # artifact folders or source models; None is the default model
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    n_ctx: int = 2048
+    max_queue: int = 64  # waiting requests per model beyond the running one
+    max_tokens_cap: int = 1024
+    max_body_bytes: int = 1_000_000
+    request_timeout_s: float = 300.0
+    threads: int = 0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def model_name(path: Path | None) -> str:
+    return "default" if path is None else Path(path).resolve().name
+
+
+def create_app(config: ServeConfig, workers: dict[str, ModelWorker] | None = None):
+    """Build the app. Workers (loaded runners) are created at start-up unless given."""
+    metrics = _make_metrics()
+    state: dict[str, ModelWorker] = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state.update(workers or _load_workers(config, metrics))
+        yield
+        for worker in state.values():
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="edgequant", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible completions and chat over edgequant artifacts.")
+    app.state.metrics, app.state.workers = metrics, state
+    metrics.gauge("edgequant_in_flight_requests", "Requests running or queued, per model",
+                  lambda: {(("model", n),): w.in_flight for n, w in state.items()})
+    metrics.gauge("edgequant_queue_depth", "Requests waiting in the queue, per model",
+                  lambda: {(("model", n),): w.queue_depth for n, w in state.items()})
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):
+        return JSONResponse(ApiError(500, "internal server error", "server_error").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": sorted(state)}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "edgequant"} for n in sorted(state)]}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def completions(request: Request):
+        body = _validate(CompletionRequest, await _json(request, config))
+        worker = _worker(state, body.model)
+        prompt = body.prompt if isinstance(body.prompt, str) else _single(body.prompt)
+        ids = await asyncio.to_thread(worker.runner.tokenize, prompt, True)
+        return await _respond(worker, body, ids, config, metrics, chat=False)
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
+    async def chat(request: Request):
+        body = _validate(ChatRequest, await _json(request, config))
+        worker = _worker(state, body.model)
+        from edgequant.serving.chat import render_chat
+
+        prompt = render_chat(worker.runner, [m.model_dump() for m in body.messages])
+        ids = await asyncio.to_thread(worker.runner.tokenize, prompt, True)
+        if body.max_completion_tokens is not None and body.max_tokens is None:
+            body.max_tokens = body.max_completion_tokens
+        return await _respond(worker, body, ids, config, metrics, chat=True)
+
+    async def _respond(worker, body, ids, config, metrics, chat: bool):
+        job = _make_job(worker, body, ids, config)
+        try:
+            worker.submit(job)
+        except QueueFull:
+            raise ApiError(429, f"model {worker.name} is busy: its queue of {config.max_queue} is full; retry later",
+                           "rate_limit_error", code="queue_full") from None
+        maker = _ChunkMaker(worker.name, chat)
+        if body.stream:
+            return StreamingResponse(_stream(job, maker, config, metrics, worker.name), media_type="text/event-stream")
+        text, last = await _collect(job, config)
+        _record(metrics, worker.name, job, last)
+        return maker.full(text, last)
+
+    app.add_middleware(_Guard, config=config, metrics=metrics)
+    return app
+
+
+def _body_schema(model) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+async def _json(request, config: ServeConfig) -> dict:
+    raw = await request.body()
+    if len(raw) > config.max_body_bytes:
+        raise ApiError(413, f"request body is larger than {config.max_body_bytes} bytes")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return data
+
+
+def _validate(schema, data: dict):
+    from pydantic import ValidationError
+
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(400, f"{field}: {first['msg']}" if field else first["msg"], param=field) from None
+
+
+def _single(prompts: list[str]) -> str:
+    if len(prompts) != 1:
+        raise ApiError(400, "prompt must be a string or a list of exactly one string", param="prompt")
+    return prompts[0]
+
+
+def _worker(state: dict, name: str) -> ModelWorker:
+    worker = state.get(name)
+    if worker is None:
+        raise ApiError(404, f"model {name!r} is not served here; see GET /v1/models", param="model", code="model_not_found")
+    return worker
+
+
+def _make_job(worker: ModelWorker, body, ids: list[int], config: ServeConfig) -> Job:
+    if not ids:
+        raise ApiError(400, "the prompt is empty", param="prompt")
+    room = worker.runner.n_ctx - len(ids)
+    if room <= 0:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds {worker.runner.n_ctx}", param="prompt")
+    max_tokens = body.max_tokens if body.max_tokens is not None else min(config.max_tokens_cap, room)
+    if max_tokens < 1:
+        raise ApiError(400, "max_tokens must be at least 1", param="max_tokens")
+    if max_tokens > config.max_tokens_cap:
+        raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's cap of {config.max_tokens_cap}", param="max_tokens")
+    params = GenerateParams(max_tokens=min(max_tokens, room), temperature=body.temperature, top_p=body.top_p,
+                            seed=body.seed if body.seed is not None else 0)
+    loop = asyncio.get_running_loop()
+    return Job(ids, params, body.stop_list(), loop, asyncio.Queue())
+
+
+async def _next(job: Job, deadline: float) -> Delta:
+    remaining = deadline - time.monotonic()
+    try:
+        return await asyncio.wait_for(job.out.get(), timeout=max(remaining, 0.001))
+    except asyncio.TimeoutError:
+        job.cancelled.set()
+        raise ApiError(504, "the request timed out", "timeout_error", code="timeout") from None
+
+
+async def _collect(job: Job, config: ServeConfig) -> tuple[str, Delta]:
+    deadline, parts = time.monotonic() + config.request_timeout_s, []
+    while True:
+        delta = await _next(job, deadline)
+        if delta.error:
+            raise ApiError(503, delta.error, "server_error")
+        parts.append(delta.text)
+        if delta.finish_reason:
+            return "".join(parts), delta
+
+
+async def _stream(job: Job, maker: "_ChunkMaker", config: ServeConfig, metrics: Metrics, model: str) -> AsyncIterator[str]:
+    deadline = time.monotonic() + config.request_timeout_s
+    try:
+        yield _sse(maker.first())
+        while True:
+            try:
+                delta = await _next(job, deadline)
+            except ApiError as exc:
+                yield _sse(exc.body())
+                break
+            if delta.error:
+                yield _sse(ApiError(503, delta.error, "server_error").body())
+                break
+            if delta.text:
+                yield _sse(maker.chunk(delta.text))
+            if delta.finish_reason:
+                _record(metrics, model, job, delta)
+                yield _sse(maker.chunk("", delta.finish_reason, delta))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()  # a client gone mid-stream stops its generation at the next token
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _record(metrics: Metrics, model: str, job: Job, last: Delta) -> None:
+    metrics.inc("edgequant_generated_tokens_total", last.completion_tokens, model=model)
+    metrics.inc("edgequant_prompt_tokens_total", last.prompt_tokens, model=model)
+    if job.first_token_at is not None:
+        metrics.observe("edgequant_time_to_first_token_seconds", job.first_token_at - job.enqueued, model=model)
+        decode_s = time.perf_counter() - job.first_token_at
+        if last.completion_tokens > 1 and decode_s > 0:
+            metrics.observe("edgequant_tokens_per_second", (last.completion_tokens - 1) / decode_s, model=model)
+
+
+class _ChunkMaker:
+    """Builds OpenAI response objects for one request: full responses and stream chunks."""
+
+    def __init__(self, model: str, chat: bool):
+        self.model, self.chat = model, chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choice: dict, usage: dict | None = None) -> dict:
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    @staticmethod
+    def _usage(last: Delta) -> dict:
+        return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+                "total_tokens": last.prompt_tokens + last.completion_tokens}
+
+    def full(self, text: str, last: Delta) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason}
+            return self._envelope("chat.completion", choice, self._usage(last))
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
+        return self._envelope("text_completion", choice, self._usage(last))
+
+    def first(self) -> dict:
+        if self.chat:
+            return self._envelope("chat.completion.chunk", {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        return self.chunk("")
+
+    def chunk(self, text: str, finish: str | None = None, last: Delta | None = None) -> dict:
+        usage = self._usage(last) if last is not None else None
+        if self.chat:
+            delta = {"content": text} if text else {}
+            return self._envelope("chat.completion.chunk", {"index": 0, "delta": delta, "finish_reason": finish}, usage)
+        return self._envelope("text_completion", {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}, usage)
+
+
+def _make_metrics() -> Metrics:
+    m = Metrics()
+    m.counter("edgequant_requests_total", "HTTP requests by path and status code")
+    m.histogram("edgequant_request_latency_seconds", "Time from request to the last response byte", LATENCY_BUCKETS)
+    m.histogram("edgequant_time_to_first_token_seconds", "Time from admission to the first generated token", TTFT_BUCKETS)
+    m.counter("edgequant_generated_tokens_total", "Tokens generated")
+    m.counter("edgequant_prompt_tokens_total", "Prompt tokens processed")
+    m.histogram("edgequant_tokens_per_second", "Decode rate of each request", RATE_BUCKETS)
+    return m
+
+
+def _load_workers(config: ServeConfig, metrics: Metrics) -> dict[str, ModelWorker]:
+    from edgequant.runner import open_runner
+
+    workers = {}
+    for path in config.models:
+        runner = open_runner(path, n_ctx=config.n_ctx, need_logits=False, threads=config.threads)
+        name = model_name(path)
+        workers[name] = ModelWorker(name, runner, config.max_queue, metrics)
+    return workers
+
+
+class _Guard:
+    """ASGI middleware: API key check, body size cap, and per-request count and latency."""
+
+    OPEN_PATHS = ("/health",)
+
+    def __init__(self, app, config: ServeConfig, metrics: Metrics):
+        self.app, self.config, self.metrics = app, config, metrics
+        self._key = config.api_key.encode() if config.api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, path = time.perf_counter(), _metric_path(scope["path"])
+        status = {"code": 500}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.metrics.inc("edgequant_requests_total", path=path, status=str(status["code"]))
+                self.metrics.observe("edgequant_request_latency_seconds", time.perf_counter() - started, path=path)
+            await send(message)
+
+        refusal = self._refuse(scope)
+        if refusal is not None:
+            return await _send_error(counting_send, refusal)
+        await self.app(scope, receive, counting_send)
+
+    def _refuse(self, scope) -> ApiError | None:
+        headers = dict(scope.get("headers") or [])
+        if self._key is not None and scope["path"] not in self.OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            expected = b"Bearer " + self._key
+            if not hmac.compare_digest(given, expected):  # constant time, whatever was sent
+                return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error", code="invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.config.max_body_bytes):
+            return ApiError(413, f"request body is larger than {self.config.max_body_bytes} bytes")
+        return None
+
+
+def _metric_path(path: str) -> str:
+    known = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+    return path if path in known else "other"  # bounded label values, whatever clients request
+
+
+async def _send_error(send, error: ApiError) -> None:
+    body = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight requests get a grace period, then are cancelled."""
+    import uvicorn
+
+    app = create_app(config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=10)
