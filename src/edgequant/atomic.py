@@ -12,8 +12,8 @@ from typing import Iterator
 from edgequant.errors import EdgequantError
 
 
-def ensure_writable_parent(target: Path) -> None:
-    """Fail early, with a fix, when `target` cannot be created."""
+def ensure_writable_parent(target: Path, folder: bool = True) -> None:
+    """Fail early, with a fix, when `target` (a folder, or a file when `folder` is false) cannot be created."""
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -23,8 +23,10 @@ def ensure_writable_parent(target: Path) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".edgequant-probe-", dir=parent))
     except OSError as exc:
         raise EdgequantError(f"cannot write to {parent} ({exc.strerror})", "choose an output path you can write to (-o PATH)") from None
-    if target.exists() and not target.is_dir():
+    if folder and target.exists() and not target.is_dir():
         raise EdgequantError(f"{target} exists and is not a folder", "remove it or choose another output path")
+    if not folder and target.is_dir():
+        raise EdgequantError(f"{target} is a folder", "give a file name for the report")
 
 
 @contextmanager

@@ -36,16 +36,52 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, KLD, top-1 agreement, size, memory and speed of an artifact")
     p.add_argument("target", nargs="?", help="artifact folder, or a model to evaluate with PyTorch (default: the embedded model)")
     p.add_argument("--baseline", help="reference model (default: the artifact's source)")
+    p.add_argument("--windows", type=int, default=8, help="windows scored (default 8)")
+    _add_eval_options(p)
+    p.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurement")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.set_defaults(run=_run_eval)
+
+
+def _add_eval_options(p) -> None:
     p.add_argument("--data", type=Path, help="UTF-8 text to score (default: English Wikipedia prose from gensim)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--windows", type=int, default=8, help="windows scored (default 8)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for the speed test")
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens generated per speed run")
     p.add_argument("--repeats", type=int, default=3, help="timed speed runs; the median is reported")
     p.add_argument("--threads", type=int, default=0, help="inference threads (default: all cores)")
-    p.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurement")
-    p.add_argument("--json", action="store_true", help="print JSON for machines")
-    p.set_defaults(run=_run_eval)
+
+
+def _eval_config(args, windows: int, speed: bool = True):
+    from edgequant.evaluation import EvalConfig
+
+    return EvalConfig(ctx=args.ctx, windows=windows, data=args.data, speed=speed, prompt_tokens=args.prompt_tokens,
+                      gen_tokens=args.gen_tokens, repeats=args.repeats, threads=args.threads)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="convert and evaluate a model at many specs; store results; write a report")
+    p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf file (default: the embedded model)")
+    p.add_argument("--to", metavar="SPEC[,SPEC...]", help="specs to compare (default: a representative set over every installed backend)")
+    p.add_argument("--db", type=Path, help="results database (default: results.sqlite in the edgequant cache)")
+    p.add_argument("--report", type=Path, help="write a self-contained HTML report here")
+    p.add_argument("--markdown", type=Path, help="write a Markdown report here")
+    p.add_argument("--json", type=Path, help="write the report data as JSON here")
+    p.add_argument("--strict", action="store_true", help="stop at the first failing or unavailable spec")
+    p.add_argument("--force", action="store_true", help="rebuild artifacts even when cached")
+    p.add_argument("--windows", type=int, default=4, help="windows scored per candidate (default 4)")
+    _add_eval_options(p)
+    p.set_defaults(run=_run_bench)
+
+
+def _add_results(sub) -> None:
+    p = sub.add_parser("results", help="query the results database")
+    p.add_argument("--model", help="filter by model name or source fingerprint prefix")
+    p.add_argument("--db", type=Path, help="results database (default: results.sqlite in the edgequant cache)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON")
+    out.add_argument("--csv", action="store_true", help="print CSV")
+    p.set_defaults(run=_run_results)
 
 
 def _add_serve(sub) -> None:
@@ -67,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgequant", description="Convert, quantize, evaluate and serve models for edge devices.")
     parser.add_argument("--version", action="version", version=f"edgequant {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_inspect, _add_convert, _add_eval, _add_serve):
+    for add in (_add_inspect, _add_convert, _add_eval, _add_bench, _add_results, _add_serve):
         add(sub)
     return parser
 
@@ -106,14 +142,34 @@ def _run_convert(args) -> int:
 
 
 def _run_eval(args) -> int:
-    from edgequant.evaluation import EvalConfig, evaluate
+    from edgequant.evaluation import evaluate
     from edgequant.report_text import format_metrics
 
-    config = EvalConfig(ctx=args.ctx, windows=args.windows, data=args.data, speed=not args.no_speed,
-                        prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, repeats=args.repeats,
-                        threads=args.threads)
-    metrics = evaluate(args.target, args.baseline, config)
+    metrics = evaluate(args.target, args.baseline, _eval_config(args, args.windows, speed=not args.no_speed))
     print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
+    return 0
+
+
+def _run_bench(args) -> int:
+    from edgequant.benchmark import BenchConfig, run_bench
+    from edgequant.report import build_report, render_markdown
+
+    specs = tuple(t.strip() for t in args.to.split(",") if t.strip()) if args.to else None
+    config = BenchConfig(Path(args.model) if args.model else None, specs, args.db, args.report, args.markdown, args.json,
+                         args.strict, args.force, _eval_config(args, args.windows))
+    result = run_bench(config)
+    print(render_markdown(build_report(result)))
+    return 0
+
+
+def _run_results(args) -> int:
+    from edgequant.report_text import format_results
+    from edgequant.results import ResultsDB
+
+    db = ResultsDB.open(args.db, create=False)
+    rows = db.query(args.model)
+    db.close()
+    print(format_results(rows, "json" if args.json else "csv" if args.csv else "table"))
     return 0
 
 

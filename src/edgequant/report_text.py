@@ -67,3 +67,31 @@ def format_metrics(metrics: dict) -> str:
     lines.append(f"  windows: {s['windows']} x {s['ctx']} tokens of {s['data']}; {s['threads']} threads; "
                  f"speed: median of {s['repeats']} runs, {s['prompt_tokens']}-token prompt, {s['gen_tokens']} generated")
     return "\n".join(lines)
+
+
+_RESULT_FIELDS = ("id", "run_id", "created", "model", "spec", "status", "size_bytes", "perplexity", "ppl_increase_pct",
+                  "kld_mean", "top1_agreement", "decode_tps", "ttft_ms", "peak_rss_mb", "error")
+
+
+def format_results(rows: list[dict], style: str) -> str:
+    """Rows of the results database as a table, CSV or JSON."""
+    import csv
+    import io
+    import json
+
+    if style == "json":
+        return json.dumps(rows, indent=2)
+    if style == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=_RESULT_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue().rstrip("\n")
+    lines = [f"{'id':>4} {'run':>4} {'spec':<24} {'status':<8} {'size MB':>8} {'ppl':>9} {'ppl +%':>8} {'KLD':>8} {'tok/s':>7}"]
+    for r in rows:
+        def num(key, fmt):
+            return format(r[key], fmt) if r.get(key) is not None else ""
+        lines.append(f"{r['id']:>4} {r['run_id']:>4} {r['spec']:<24} {r['status']:<8} "
+                     f"{(format(r['size_bytes'] / 1e6, '.1f') if r.get('size_bytes') else ''):>8} {num('perplexity', '.3f'):>9} "
+                     f"{num('ppl_increase_pct', '+.2f'):>8} {num('kld_mean', '.4f'):>8} {num('decode_tps', '.1f'):>7}")
+    return "\n".join(lines)

@@ -39,6 +39,16 @@ class Backend:
     precisions: dict[str, Precision] = {}
     options: dict[str, Option] = {}
     extra: str = ""  # the pip extra that installs this backend's engine
+    requires: tuple[str, ...] = ()  # importable modules the engine needs
+
+    def missing_engine(self) -> str | None:
+        """Why this backend cannot run here (an engine module is not installed), or None."""
+        from importlib.util import find_spec
+
+        missing = [m for m in self.requires if find_spec(m) is None]
+        if not missing:
+            return None
+        return f"{', '.join(missing)} not installed: `pip install 'edgequant[{self.extra or self.name}]'`"
 
     def convert(self, source: "Source", spec: "Spec", out_dir: Path) -> dict[str, Any]:
         raise NotImplementedError

@@ -237,7 +237,6 @@ def _sse(payload: dict) -> str:
 
 
 def _record(metrics: Metrics, model: str, job: Job, last: Delta) -> None:
-    metrics.inc("edgequant_generated_tokens_total", last.completion_tokens, model=model)
     metrics.inc("edgequant_prompt_tokens_total", last.prompt_tokens, model=model)
     if job.first_token_at is not None:
         metrics.observe("edgequant_time_to_first_token_seconds", job.first_token_at - job.enqueued, model=model)
@@ -290,7 +289,8 @@ def _make_metrics() -> Metrics:
     m.counter("edgequant_requests_total", "HTTP requests by path and status code")
     m.histogram("edgequant_request_latency_seconds", "Time from request to the last response byte", LATENCY_BUCKETS)
     m.histogram("edgequant_time_to_first_token_seconds", "Time from admission to the first generated token", TTFT_BUCKETS)
-    m.counter("edgequant_generated_tokens_total", "Tokens generated")
+    m.counter("edgequant_generated_tokens_total", "Tokens generated, including those of cancelled requests")
+    m.counter("edgequant_cancelled_requests_total", "Generations stopped early: client gone, timeout or shutdown")
     m.counter("edgequant_prompt_tokens_total", "Prompt tokens processed")
     m.histogram("edgequant_tokens_per_second", "Decode rate of each request", RATE_BUCKETS)
     return m

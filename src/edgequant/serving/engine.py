@@ -92,19 +92,22 @@ class ModelWorker:
                 continue
             self._busy = True
             try:
-                self._run(job)
+                generated = self._run(job)
+                self.metrics.inc("edgequant_generated_tokens_total", generated, model=self.name)
             except Exception as exc:  # a failing request must never take the worker down
                 job.emit(Delta(finish_reason="stop", error=f"generation failed: {type(exc).__name__}"))
             finally:
                 self._busy = False
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> int:
+        """Generate for one job; returns the number of tokens generated, cancelled or not."""
         runner, ids, sent, generated = self.runner, [], "", 0
         holdback = max((len(s) for s in job.stop), default=1) - 1  # text that may start a stop string
         finish, final_text = "length", None
         for token in runner.generate(job.prompt_ids, job.params):
             if job.cancelled.is_set():
-                return
+                self.metrics.inc("edgequant_cancelled_requests_total", model=self.name)
+                return generated
             if job.first_token_at is None:
                 job.first_token_at = time.perf_counter()
             generated += 1
@@ -121,6 +124,7 @@ class ModelWorker:
                 sent = _flush(job, text[: len(text) - holdback], sent)
         _flush(job, final_text if final_text is not None else runner.detokenize(ids), sent)
         job.emit(Delta(finish_reason=finish, prompt_tokens=len(job.prompt_ids), completion_tokens=generated))
+        return generated
 
 
 def _flush(job: Job, text: str, sent: str) -> str:

@@ -1,0 +1,192 @@
+"""`bench`: convert and evaluate one model at many specs, store every result, report.
+
+One artifact at a time (so memory figures do not mix), through the same convert and evaluate
+calls users make. A spec that fails is recorded with its error and the run goes on; a spec whose
+engine is not installed is skipped with the reason (or stops the run with `strict`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgequant.errors import EdgequantError
+from edgequant.evaluation import EvalConfig
+from edgequant.progress import note
+from edgequant.spec import Spec, parse_spec
+
+# A representative set across formats and precision classes; formats not installed are skipped.
+DEFAULT_SPECS = ("gguf:f16", "gguf:q8_0", "gguf:q6_k", "gguf:q4_k_m", "gguf:q3_k_m", "gguf:q2_k", "gguf:tq1_0",
+                 "onnx:int8", "onnx:int4", "openvino:int8", "openvino:int4", "mlx:8bit", "mlx:4bit", "qnn:w8a16")
+BASELINE_SPEC = "pytorch:fp32"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: Path | None = None
+    specs: tuple[str, ...] | None = None  # None: DEFAULT_SPECS
+    db: Path | None = None
+    report_html: Path | None = None
+    report_markdown: Path | None = None
+    report_json: Path | None = None
+    strict: bool = False
+    force: bool = False
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(windows=4))
+
+
+@dataclass
+class BenchRow:
+    spec: str
+    status: str  # "ok", "failed" or "skipped"
+    metrics: dict | None = None
+    error: str | None = None
+    artifact: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class BenchResult:
+    run_id: int
+    db_path: Path
+    model: str
+    fingerprint: str
+    baseline: BenchRow
+    rows: list[BenchRow]
+    settings: dict
+    machine: dict
+    caveat: str | None = None
+
+
+def run_bench(config: BenchConfig) -> BenchResult:
+    from edgequant.evaluation import machine_info
+    from edgequant.results import ResultsDB
+    from edgequant.source import DEFAULT_MODEL_CAVEAT, load_source
+
+    specs = _plan(config)  # every spec is checked before any work starts
+    for path in (config.report_html, config.report_markdown, config.report_json):
+        if path is not None:
+            _check_writable(path)
+    db = ResultsDB.open(config.db)
+    source = load_source(config.model)
+    machine = machine_info()
+    settings = {"eval": _eval_settings(config.eval), "specs": [s if isinstance(s, str) else str(s) for s, _ in specs]}
+    run_id = db.start_run(source.name, source.fingerprint, machine, settings, _tool_versions())
+    started = time.perf_counter()
+    baseline = _evaluate_baseline(config, source)
+    _store(db, run_id, source, baseline)
+    rows = []
+    for index, (spec, skip_reason) in enumerate(specs):
+        _progress(index, len(specs), spec, started)
+        row = BenchRow(str(spec), "skipped", error=skip_reason) if skip_reason else _bench_one(config, source, spec)
+        rows.append(row)
+        _store(db, run_id, source, row)
+        note(f"{row.spec}: {row.status}" + (f" ({row.error})" if row.error else ""))
+    db.close()
+    result = BenchResult(run_id, db.path, source.name, source.fingerprint, baseline, rows, settings, machine,
+                         DEFAULT_MODEL_CAVEAT if source.is_default_model else None)
+    _write_reports(config, result)
+    return result
+
+
+def _plan(config: BenchConfig) -> list[tuple[Spec | str, str | None]]:
+    """(spec, reason to skip or None) for every spec, validated before any work."""
+    from edgequant.backends import get_format
+
+    explicit = config.specs is not None
+    plan = []
+    for text in config.specs if explicit else DEFAULT_SPECS:
+        fmt = text.split(":", 1)[0].strip().lower()
+        if not explicit and get_format(fmt) is None:
+            plan.append((text, f"format {fmt!r} is not available in this edgequant"))
+            continue
+        spec = parse_spec(text)
+        reason = get_format(spec.format).missing_engine()
+        if reason and config.strict:
+            raise EdgequantError(f"cannot run {spec}: {reason}", "install the engine, or drop --strict to skip it")
+        plan.append((spec, reason))
+    return plan
+
+
+def _check_writable(path: Path) -> None:
+    from edgequant.atomic import ensure_writable_parent
+
+    ensure_writable_parent(Path(path).expanduser().resolve(), folder=False)
+
+
+def _evaluate_baseline(config: BenchConfig, source) -> BenchRow:
+    from edgequant.evaluation import evaluate
+
+    started = time.perf_counter()
+    metrics = evaluate(source.path, config=config.eval)
+    return BenchRow(BASELINE_SPEC, "ok", metrics, artifact=str(source.path), seconds=time.perf_counter() - started)
+
+
+def _bench_one(config: BenchConfig, source, spec: Spec) -> BenchRow:
+    from edgequant.conversion import convert
+    from edgequant.evaluation import evaluate
+
+    started = time.perf_counter()
+    try:
+        artifact = convert(source.path, spec, force=config.force)
+        metrics = evaluate(artifact.path, config=config.eval)
+    except EdgequantError as exc:
+        if config.strict:
+            raise
+        return BenchRow(str(spec), "failed", error=exc.problem, seconds=time.perf_counter() - started)
+    except Exception as exc:  # an engine's own failure must not end the other specs' runs
+        if config.strict:
+            raise
+        return BenchRow(str(spec), "failed", error=f"{type(exc).__name__}: {exc}"[:500], seconds=time.perf_counter() - started)
+    return BenchRow(str(spec), "ok", metrics, artifact=str(artifact.path), seconds=time.perf_counter() - started)
+
+
+def _store(db, run_id: int, source, row: BenchRow) -> None:
+    from edgequant.fingerprint import file_sha256
+
+    fingerprint = None
+    if row.status == "ok" and row.spec != BASELINE_SPEC:
+        from edgequant.artifact import open_artifact
+
+        fingerprint = file_sha256(open_artifact(row.artifact).model_path)
+    db.add(run_id, source.name, source.fingerprint, row.spec, row.status, row.metrics, row.error, row.artifact, fingerprint)
+
+
+def _progress(index: int, total: int, spec, started: float) -> None:
+    elapsed = time.perf_counter() - started
+    eta = f", about {elapsed / index * (total - index) / 60:.1f} min left" if index else ""
+    note(f"[{index + 1}/{total}] {spec} (elapsed {elapsed / 60:.1f} min{eta})")
+
+
+def _eval_settings(config: EvalConfig) -> dict:
+    from dataclasses import asdict
+
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+
+
+def _tool_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("edgequant", "torch", "transformers", "llama-cpp-python", "onnxruntime", "onnxruntime-genai",
+                    "openvino", "nncf", "optimum-intel", "mlx", "mlx-lm"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _write_reports(config: BenchConfig, result: BenchResult) -> None:
+    from edgequant.atomic import write_text_atomic
+    from edgequant.report import build_report, render_html, render_markdown
+
+    data = build_report(result)
+    import json
+
+    outputs = ((config.report_html, render_html), (config.report_markdown, render_markdown),
+               (config.report_json, lambda d: json.dumps(d, indent=2)))
+    for path, render in outputs:
+        if path is not None:
+            write_text_atomic(Path(path).expanduser(), render(data))
+            note(f"wrote {path}")

@@ -1,0 +1,236 @@
+"""Reports of a benchmark run: one data dict, rendered as JSON, Markdown or a self-contained HTML page.
+
+The HTML page needs no network: styles, data and the small script that draws its SVG charts are
+all inline. The Pareto front is over (size, perplexity increase): the candidates no other
+candidate beats on both.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+
+FRAMEWORKS = {
+    "pytorch": ("PyTorch", "the reference: training, research, servers"),
+    "gguf": ("llama.cpp (GGUF)", "CPU and Apple/Android laptops and phones: llama.cpp, Ollama, LM Studio"),
+    "onnx": ("ONNX Runtime", "cross-platform apps, Windows (DirectML), ORT-GenAI"),
+    "openvino": ("OpenVINO", "Intel CPU, integrated GPU and NPU"),
+    "mlx": ("MLX", "Apple silicon Macs"),
+    "qnn": ("QNN (ONNX QDQ)", "Qualcomm Snapdragon NPU"),
+}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated on (x, y), both minimised; sorted by x."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((ox <= x and oy <= y) and (ox < x or oy < y) for j, (ox, oy) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
+
+
+def build_report(result) -> dict:
+    base = result.baseline.metrics
+    rows = [_row(result.baseline, base)] + [_row(r, base) for r in result.rows]
+    ok = [r for r in rows if r["status"] == "ok"]
+    front = pareto_front([(r["size_mb"], max(r["ppl_increase_pct"], 0.0)) for r in ok])
+    for rank, i in enumerate(front):
+        ok[i]["pareto"] = True
+    return {
+        "title": f"edgequant benchmark: {result.model}",
+        "model": result.model, "fingerprint": result.fingerprint, "run_id": result.run_id, "db": str(result.db_path),
+        "machine": result.machine, "settings": result.settings, "rows": rows,
+        "summary": [_summary(r) for r in ok],
+        "notes": _notes(result, rows),
+    }
+
+
+def _row(row, base: dict) -> dict:
+    m = row.metrics or {}
+    fmt = row.spec.split(":", 1)[0]
+    out = {"spec": row.spec, "format": fmt, "status": row.status, "error": row.error, "baseline": row.spec.startswith("pytorch:"),
+           "pareto": False, "seconds": round(row.seconds, 1)}
+    if row.status == "ok":
+        out.update({
+            "size_mb": round(m["size_bytes"] / 1e6, 2), "perplexity": m["perplexity"], "ppl_increase_pct": m["ppl_increase_pct"],
+            "kld_mean": m["kld_mean"], "kld_p99": m["kld_p99"], "top1_agreement": m["top1_agreement"],
+            "decode_tps": m.get("decode_tps"), "prefill_tps": m.get("prefill_tps"), "ttft_ms": m.get("ttft_ms"),
+            "peak_rss_mb": m.get("peak_rss_mb"),
+            "size_reduction_pct": round(100 * (1 - m["size_bytes"] / base["size_bytes"]), 1),
+            "speedup": round(m["decode_tps"] / base["decode_tps"], 2) if m.get("decode_tps") and base.get("decode_tps") else None,
+            "speed_representative": _speed_representative(fmt),
+        })
+    return out
+
+
+def _speed_representative(fmt: str) -> bool:
+    if fmt == "mlx":
+        return platform.system() == "Darwin" and platform.machine() == "arm64"
+    return fmt != "qnn"  # QNN artifacts run on the CPU execution provider here, not on an NPU
+
+
+def _summary(row: dict) -> dict:
+    framework, use_case = FRAMEWORKS.get(row["format"], (row["format"], ""))
+    return {"framework": framework, "quantization": row["spec"].split(":", 1)[1], "memory_mb": row["peak_rss_mb"],
+            "size_mb": row["size_mb"], "memory_reduction_vs_fp32_pct": row["size_reduction_pct"],
+            "speedup_vs_fp32": row["speedup"], "speed_representative": row["speed_representative"], "use_case": use_case}
+
+
+def _notes(result, rows: list[dict]) -> list[str]:
+    m, s = result.machine, result.settings["eval"]
+    notes = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, {m['os']}, Python {m['python']} "
+             f"(1-minute load average {m['load_avg_1m']} at the start).",
+             f"Quality: {s['windows']} windows of {s['ctx']} tokens of the evaluation text, identical for every candidate; "
+             f"perplexity increase and KL divergence are relative to the PyTorch fp32 baseline on the source.",
+             f"Speed: median of {s['repeats']} runs after a warm-up, {s['prompt_tokens']}-token prompt, {s['gen_tokens']} tokens "
+             f"generated, {s['threads'] or 'all'} threads; peak memory is the RSS of a fresh process that loaded the model.",
+             "Memory reduction is the file size against the fp32 source; memory use is measured peak RSS."]
+    formats = {r["format"] for r in rows if r["status"] == "ok"}
+    if "mlx" in formats and not _speed_representative("mlx"):
+        notes.append("MLX ran on the CPU of a non-Apple machine: its quality figures are real, its speed is not representative.")
+    if "qnn" in formats:
+        notes.append("QNN artifacts ran on ONNX Runtime's CPU execution provider: quality is real, speed is not an NPU's.")
+    if result.caveat:
+        notes.append(f"Model caveat: {result.caveat}.")
+    return notes
+
+
+# ----------------------------------------------------------------------------------------- text
+
+_COLUMNS = [("spec", "spec", "{}"), ("size_mb", "size MB", "{:.1f}"), ("perplexity", "ppl", "{:.3f}"),
+            ("ppl_increase_pct", "ppl +%", "{:+.2f}"), ("kld_mean", "KLD", "{:.4f}"), ("top1_agreement", "top-1", "{:.1%}"),
+            ("decode_tps", "decode tok/s", "{:.1f}"), ("ttft_ms", "TTFT ms", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}")]
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    if row["status"] != "ok" and key != "spec":
+        return row["status"] if key == "size_mb" else ""
+    value = row.get(key)
+    text = "" if value is None else fmt.format(value)
+    if key == "spec":
+        text += " (baseline)" if row["baseline"] else (" *" if row["pareto"] else "")
+    return text
+
+
+def render_markdown(data: dict) -> str:
+    lines = [f"# {data['title']}", "", "| " + " | ".join(h for _, h, _ in _COLUMNS) + " |",
+             "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in _COLUMNS) + " |" for r in data["rows"]]
+    lines += ["", "`*` on the size/quality Pareto front.", ""]
+    failed = [r for r in data["rows"] if r["status"] != "ok"]
+    lines += [f"- {r['spec']}: {r['status']}: {r['error']}" for r in failed]
+    lines += ["", "## Summary by framework", "", "| framework | quantization | memory use | memory reduction vs fp32 | speed-up vs fp32 | use case |",
+              "|---|---|---|---|---|---|"]
+    for s in data["summary"]:
+        speed = f"{s['speedup_vs_fp32']}x" + ("" if s["speed_representative"] else " (not representative)") if s["speedup_vs_fp32"] else ""
+        lines.append(f"| {s['framework']} | {s['quantization']} | {s['memory_mb']:.0f} MB RSS, {s['size_mb']:.0f} MB file | "
+                     f"{s['memory_reduction_vs_fp32_pct']:.0f}% | {speed} | {s['use_case']} |")
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- HTML
+
+_STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}
+table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:right}
+th:first-child,td:first-child{text-align:left}tr.baseline td{background:#eef4ff}tr.pareto td:first-child{font-weight:600}
+tr.failed td,tr.skipped td{color:#999}.charts{display:flex;flex-wrap:wrap;gap:20px}.chart{border:1px solid #eee;padding:8px}
+.point{fill:#3b6fd8}.point.baseline{fill:#d8543b}.point.pareto{fill:#1a9c4a}.pareto-front{fill:none;stroke:#1a9c4a;stroke-width:2}
+.bar{fill:#3b6fd8}.bar.baseline{fill:#d8543b}.bar.unrepresentative{fill:#bbb}text{font-size:11px;fill:#333}
+.notes li{margin:4px 0}
+"""
+
+_SCRIPT = r"""
+const data = JSON.parse(document.getElementById('report-data').textContent);
+const NS = 'http://www.w3.org/2000/svg';
+function el(tag, attrs, parent, text) {
+  const e = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  parent.appendChild(e); return e;
+}
+const ok = data.rows.filter(r => r.status === 'ok');
+function scatter(svg) {
+  const W = 520, H = 340, L = 60, B = 40, T = 16, R = 16;
+  const xs = ok.map(r => r.size_mb), ys = ok.map(r => Math.max(r.ppl_increase_pct, 0));
+  const xmax = Math.max(...xs) * 1.05, ymax = Math.max(...ys, 1) * 1.1;
+  const X = v => L + v / xmax * (W - L - R), Y = v => H - B - v / ymax * (H - B - T);
+  el('line', {x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: '#999'}, svg);
+  el('line', {x1: L, y1: T, x2: L, y2: H - B, stroke: '#999'}, svg);
+  el('text', {x: (W + L) / 2, y: H - 8, 'text-anchor': 'middle'}, svg, 'file size (MB)');
+  el('text', {x: 14, y: (H - B) / 2, transform: `rotate(-90 14 ${(H - B) / 2})`, 'text-anchor': 'middle'}, svg, 'perplexity increase (%)');
+  for (let i = 0; i <= 4; i++) {
+    el('text', {x: L - 6, y: Y(ymax * i / 4) + 4, 'text-anchor': 'end'}, svg, (ymax * i / 4).toFixed(1));
+    el('text', {x: X(xmax * i / 4), y: H - B + 14, 'text-anchor': 'middle'}, svg, (xmax * i / 4).toFixed(0));
+  }
+  const front = ok.filter(r => r.pareto).sort((a, b) => a.size_mb - b.size_mb);
+  el('path', {class: 'pareto-front', d: front.map((r, i) => `${i ? 'L' : 'M'}${X(r.size_mb)},${Y(Math.max(r.ppl_increase_pct, 0))}`).join(' ')}, svg);
+  for (const r of ok) {
+    const cls = 'point' + (r.baseline ? ' baseline' : '') + (r.pareto ? ' pareto' : '');
+    const c = el('circle', {class: cls, cx: X(r.size_mb), cy: Y(Math.max(r.ppl_increase_pct, 0)), r: 5}, svg);
+    el('title', {}, c, `${r.spec}: ${r.size_mb} MB, ${r.ppl_increase_pct}%`);
+    el('text', {x: X(r.size_mb) + 7, y: Y(Math.max(r.ppl_increase_pct, 0)) - 5}, svg, r.spec);
+  }
+}
+function bars(svg, key, label) {
+  const rows = ok.filter(r => r[key] != null), W = 520, rowH = 20, L = 130, R = 70;
+  svg.setAttribute('height', rows.length * rowH + 30);
+  const max = Math.max(...rows.map(r => r[key]));
+  el('text', {x: L, y: 12}, svg, label);
+  rows.forEach((r, i) => {
+    const y = 20 + i * rowH, w = (W - L - R) * r[key] / max;
+    el('text', {x: L - 6, y: y + 13, 'text-anchor': 'end'}, svg, r.spec);
+    const cls = 'bar' + (r.baseline ? ' baseline' : '') + (r.speed_representative === false ? ' unrepresentative' : '');
+    el('rect', {class: cls, x: L, y: y + 2, width: Math.max(w, 1), height: rowH - 6}, svg);
+    el('text', {x: L + w + 4, y: y + 13}, svg, r[key].toFixed(1));
+  });
+}
+scatter(document.getElementById('chart-pareto'));
+bars(document.getElementById('chart-speed'), 'decode_tps', 'decode tokens/s (grey: speed not representative here)');
+bars(document.getElementById('chart-memory'), 'peak_rss_mb', 'peak RSS (MB)');
+document.body.setAttribute('data-rendered', 'yes');
+"""
+
+
+def render_html(data: dict) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for _, h, _ in _COLUMNS)
+    body = "".join(
+        f"<tr class=\"{'baseline' if r['baseline'] else ''} {'pareto' if r['pareto'] else ''} {r['status']}\">"
+        + "".join(f"<td>{e(_cell(r, k, f))}</td>" for k, _, f in _COLUMNS) + "</tr>"
+        for r in data["rows"])
+    failures = "".join(f"<li>{e(r['spec'])}: {e(r['status'])}: {e(r['error'] or '')}</li>" for r in data["rows"] if r["status"] != "ok")
+    summary = "".join(
+        f"<tr><td>{e(s['framework'])}</td><td>{e(s['quantization'])}</td><td>{s['memory_mb'] or 0:.0f} MB RSS, {s['size_mb']:.0f} MB file</td>"
+        f"<td>{s['memory_reduction_vs_fp32_pct']:.0f}%</td><td>{'' if s['speedup_vs_fp32'] is None else s['speedup_vs_fp32']}x"
+        f"{'' if s['speed_representative'] else ' (not representative)'}</td><td>{e(s['use_case'])}</td></tr>"
+        for s in data["summary"])
+    notes = "".join(f"<li>{e(n)}</li>" for n in data["notes"])
+    payload = json.dumps(data).replace("</", "<\\/")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(data['title'])}</title><style>{_STYLE}</style></head>
+<body>
+<h1>{e(data['title'])}</h1>
+<p>Run {data['run_id']} in {e(data['db'])}; source fingerprint {e(data['fingerprint'][:16])}.
+Bold specs are on the size/quality Pareto front; the blue row is the PyTorch fp32 baseline.</p>
+<h2>Results</h2>
+<table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<ul class="failures">{failures}</ul>
+<h2>Charts</h2>
+<div class="charts">
+<div class="chart"><svg id="chart-pareto" width="520" height="340" role="img" aria-label="size versus perplexity increase"></svg></div>
+<div class="chart"><svg id="chart-speed" width="520" height="300" role="img" aria-label="decode tokens per second"></svg></div>
+<div class="chart"><svg id="chart-memory" width="520" height="300" role="img" aria-label="peak memory"></svg></div>
+</div>
+<h2>Summary by framework</h2>
+<table id="summary"><thead><tr><th>framework</th><th>quantization</th><th>memory use</th><th>memory reduction vs fp32</th>
+<th>speed-up vs fp32</th><th>use case</th></tr></thead><tbody>{summary}</tbody></table>
+<h2>Notes</h2><ul class="notes">{notes}</ul>
+<script id="report-data" type="application/json">{payload}</script>
+<script>{_SCRIPT}</script>
+</body></html>
+"""

@@ -1,0 +1,150 @@
+"""`bench`, the results database and the reports, on the tiny model with real engines."""
+
+import json
+import shutil
+import sqlite3
+import subprocess
+
+import pytest
+
+from edgequant.backends import Backend, register
+from edgequant.benchmark import BenchConfig, run_bench
+from edgequant.errors import EdgequantError
+from edgequant.evaluation import EvalConfig
+from edgequant.report import pareto_front
+from edgequant.results import ResultsDB
+from edgequant.spec import Precision
+
+QUICK = EvalConfig(ctx=64, windows=2, prompt_tokens=16, gen_tokens=8, repeats=1)
+SPECS = ("gguf:q8_0", "gguf:q4_0", "gguf:iq2_xxs")
+
+
+@register
+class _UninstalledBackend(Backend):
+    """A backend whose engine is missing, as a user without an extra would see one."""
+
+    name = "uninstalled"
+    extra = "uninstalled"
+    requires = ("edgequant_no_such_engine",)
+    precisions = {"int8": Precision("int8", 8, 8.0, "test only")}
+
+
+def test_pareto_front_on_hand_made_points():
+    points = [(10, 5.0), (20, 1.0), (15, 5.0), (30, 0.5), (25, 2.0), (40, 0.5), (5, 9.0)]
+    assert pareto_front(points) == [6, 0, 1, 3]  # (15,5) loses to (10,5); (25,2) to (20,1); (40,.5) to (30,.5)
+
+
+@pytest.fixture(scope="module")
+def bench_runs(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    config = BenchConfig(tiny_model, SPECS + ("uninstalled:int8",), folder / "results.sqlite", folder / "report.html",
+                         folder / "report.md", folder / "report.json", eval=QUICK)
+    first = run_bench(config)
+    second = run_bench(config)
+    return folder, config, first, second
+
+
+def test_bench_fills_the_database_and_keeps_going_past_failures(bench_runs):
+    folder, _, first, _ = bench_runs
+    statuses = {row.spec: row.status for row in first.rows}
+    assert statuses == {"gguf:q8_0": "ok", "gguf:q4_0": "ok", "gguf:iq2_xxs": "failed", "uninstalled:int8": "skipped"}
+    failed = next(r for r in first.rows if r.status == "failed")
+    assert "importance matrix" in failed.error
+    skipped = next(r for r in first.rows if r.status == "skipped")
+    assert "edgequant[uninstalled]" in skipped.error
+    db = ResultsDB.open(folder / "results.sqlite", create=False)
+    rows = db.query(run_id=first.run_id)
+    db.close()
+    assert [r["spec"] for r in rows] == ["pytorch:fp32", *SPECS, "uninstalled:int8"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["perplexity"] > 0 and r["decode_tps"] > 0 and r["size_bytes"] > 0 for r in ok)
+    assert all(r["artifact_fingerprint"] and len(r["artifact_fingerprint"]) == 64 for r in ok if r["spec"] != "pytorch:fp32")
+    assert ok[0]["machine"]["cores"] >= 1 and json.loads(json.dumps(ok[1]["metrics"]))["settings"]["ctx"] == 64
+
+
+def test_second_run_adds_rows_and_reuses_artifacts(bench_runs):
+    folder, _, first, second = bench_runs
+    db = ResultsDB.open(folder / "results.sqlite", create=False)
+    rows = db.query()
+    db.close()
+    assert len(rows) == 2 * (len(SPECS) + 2) and second.run_id == first.run_id + 1
+    artifact = {r.spec: r.artifact for r in first.rows if r.status == "ok"}
+    again = {r.spec: r.artifact for r in second.rows if r.status == "ok"}
+    assert artifact == again
+    fingerprints = {}
+    for r in rows:
+        if r["artifact_fingerprint"]:
+            fingerprints.setdefault(r["spec"], set()).add(r["artifact_fingerprint"])
+    assert all(len(v) == 1 for v in fingerprints.values())  # the same files, not rebuilt
+
+
+def test_reports_are_written(bench_runs):
+    folder = bench_runs[0]
+    data = json.loads((folder / "report.json").read_text())
+    assert [r["spec"] for r in data["rows"]][0] == "pytorch:fp32" and any(r["pareto"] for r in data["rows"])
+    assert {s["framework"] for s in data["summary"]} == {"PyTorch", "llama.cpp (GGUF)"}
+    markdown = (folder / "report.md").read_text()
+    assert "| gguf:q4_0" in markdown and "Summary by framework" in markdown and "importance matrix" in markdown
+
+
+def test_html_report_renders_in_headless_chromium(bench_runs, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian chromium is not installed (make setup installs it when run as root)")
+    page = (bench_runs[0] / "report.html").resolve()
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-rendered="yes"' in dom
+    assert dom.count('class="point') == 3  # baseline + two quantized candidates
+    assert 'class="pareto-front"' in dom and dom.count('class="bar') >= 6
+    assert dom.count("<tr") >= 1 + 5 + 1  # header, five rows, summary header
+    shot = tmp_path / "report.png"
+    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()], capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_unknown_spec_fails_before_any_work(tiny_model, tmp_path):
+    with pytest.raises(EdgequantError, match="unknown precision"):
+        run_bench(BenchConfig(tiny_model, ("gguf:q8_0", "gguf:bogus"), tmp_path / "db.sqlite", eval=QUICK))
+    assert not (tmp_path / "db.sqlite").exists()
+
+
+def test_strict_refuses_a_missing_engine(tiny_model, tmp_path):
+    with pytest.raises(EdgequantError, match="edgequant_no_such_engine"):
+        run_bench(BenchConfig(tiny_model, ("uninstalled:int8",), tmp_path / "db.sqlite", strict=True, eval=QUICK))
+
+
+def test_unwritable_report_path_fails_before_the_run(tiny_model, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(EdgequantError, match="cannot"):
+        run_bench(BenchConfig(tiny_model, ("gguf:q8_0",), tmp_path / "db.sqlite", report_html=blocker / "r.html", eval=QUICK))
+    assert not (tmp_path / "db.sqlite").exists()
+
+
+def test_a_file_that_is_not_our_database_is_refused_untouched(tiny_model, tmp_path):
+    text = tmp_path / "notes.sqlite"
+    text.write_text("not a database at all")
+    with pytest.raises(EdgequantError, match="not an edgequant results database"):
+        ResultsDB.open(text)
+    assert text.read_text() == "not a database at all"
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE people (name TEXT)")
+    before = other.read_bytes()
+    with pytest.raises(EdgequantError, match="not an edgequant results database"):
+        run_bench(BenchConfig(tiny_model, ("gguf:q8_0",), other, eval=QUICK))
+    assert other.read_bytes() == before
+
+
+def test_results_command_prints_json_and_csv(cli, bench_runs):
+    db = str(bench_runs[0] / "results.sqlite")
+    as_json = cli("results", "--db", db, "--json")
+    assert as_json.returncode == 0 and len(json.loads(as_json.stdout)) == 2 * (len(SPECS) + 2)
+    as_csv = cli("results", "--db", db, "--csv", "--model", "model")
+    assert as_csv.stdout.splitlines()[0].startswith("id,run_id") and len(as_csv.stdout.splitlines()) == 1 + 2 * (len(SPECS) + 2)
+    table = cli("results", "--db", db)
+    assert "gguf:q4_0" in table.stdout
+    missing = cli("results", "--db", str(bench_runs[0] / "none.sqlite"))
+    assert missing.returncode == 2 and "no results database" in missing.stderr
