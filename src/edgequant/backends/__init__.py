@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from edgequant.spec import Spec
 
 # Built-in backends, imported on first registry access. Third-party backends call `register`.
-_BUILTIN_MODULES = ("edgequant.backends.gguf",)
+_BUILTIN_MODULES = ("edgequant.backends.gguf", "edgequant.backends.openvino", "edgequant.backends.mlx",
+                    "edgequant.backends.onnx", "edgequant.backends.qnn")
 
 _REGISTRY: dict[str, "Backend"] = {}
 _loaded = False

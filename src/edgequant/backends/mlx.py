@@ -1,0 +1,172 @@
+"""MLX backend: mlx-lm's converter with affine group quantization, uniform or mixed per layer.
+
+mlx-lm writes the quantization it applied into the artifact's `config.json` (bits and group size,
+per layer where they differ), so the artifact describes itself. mlx runs on Linux through
+`mlx[cpu]`: quality figures are real there, speed is only representative on Apple silicon.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from edgequant.backends import Backend, register
+from edgequant.errors import EdgequantError
+from edgequant.spec import Option, Precision
+
+MODEL_FILE = "model.safetensors"
+# Recipes: (low bits, high bits). Sensitive layers (v_proj and down_proj of the first and last
+# eighth of the layers and every third in between, and the output layer) get the high bits,
+# as mlx-lm's own mixed recipes do, modelled on llama.cpp's Q4_K_M.
+_MIXED = {"mixed_3_6": (3, 6), "mixed_4_6": (4, 6), "mixed_2_6": (2, 6), "mixed_3_4": (3, 4)}
+_UNIFORM = {"2bit": 2, "3bit": 3, "4bit": 4, "6bit": 6, "8bit": 8}
+
+# Defaults chosen by measurement on the default model (bench/results/openvino_mlx.json).
+DEFAULT_GROUP = 64
+DEFAULT_EMBED_BITS = 8
+
+
+def _bpw(bits: int, group: int = DEFAULT_GROUP) -> float:
+    return bits + 32 / group  # a float16 scale and a float16 bias per group
+
+
+@register
+class MLXBackend(Backend):
+    name = "mlx"
+    extra = "mlx"
+    precisions = {
+        **{name: Precision(name, bits, _bpw(bits), f"{bits}-bit affine, groups of {DEFAULT_GROUP}") for name, bits in _UNIFORM.items()},
+        **{name: Precision(name, low, _bpw(low) + 0.5, f"{low}-bit affine, sensitive layers at {high}-bit")
+           for name, (low, high) in _MIXED.items()},
+        "fp16": Precision("fp16", 16, 16.0, "float16, no quantization"),
+    }
+    options = {
+        "group": Option("group", int, DEFAULT_GROUP, "quantization group size", choices=(32, 64, 128)),
+        "embed_bits": Option("embed_bits", int, DEFAULT_EMBED_BITS,
+                             "bits of the embedding and output layer (0 = same as the rest)", choices=(0, 4, 6, 8)),
+    }
+
+    def tool_versions(self) -> dict[str, str]:
+        mlx_core, mlx_lm = require_mlx()
+        from importlib.metadata import version
+
+        return {"mlx": version("mlx"), "mlx-lm": version("mlx-lm")}
+
+    def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        plan = quant_plan(spec)
+        require_mlx()
+        check_architecture(source)
+        started = time.perf_counter()
+        _run_converter(source.hf_dir, out_dir, plan)
+        return {
+            "model_file": MODEL_FILE,
+            "quantization": plan,
+            "speed_representative": is_apple_silicon(),
+            "timings": {"convert_s": round(time.perf_counter() - started, 3)},
+        }
+
+    def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
+        from edgequant.backends.mlx_runner import MLXRunner
+
+        require_mlx()
+        return MLXRunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx)
+
+    def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
+        """Default group size; embeddings and output layer at DEFAULT_EMBED_BITS; 1-D in float16."""
+        base = self.precisions[precision].bpw
+        edge = _bpw(DEFAULT_EMBED_BITS) if precision != "fp16" else 16.0
+        total = 0.0
+        for t in tensors:
+            is_edge = "embed_tokens" in t.name or "lm_head" in t.name
+            total += t.numel * (16.0 if len(t.shape) < 2 else max(edge, base) if is_edge else base)
+        return int(total / 8)
+
+
+def require_mlx():
+    """The mlx modules, or an error naming the extra that installs them."""
+    try:
+        import mlx.core as mx
+        import mlx_lm
+    except ImportError as exc:
+        raise EdgequantError(f"the MLX engine is not installed ({getattr(exc, 'name', None) or exc} is missing)",
+                             "pip install 'edgequant[mlx]' (on Linux it installs mlx[cpu] and mlx-lm 0.29.1)") from None
+    return mx, mlx_lm
+
+
+def is_apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def supported_model_types() -> list[str]:
+    import mlx_lm.models
+
+    folder = Path(next(iter(mlx_lm.models.__path__)))
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_") and p.stem not in ("base", "cache", "rope_utils", "switch_layers", "activations", "pipeline", "ssm", "bitlinear_layers"))
+
+
+def check_architecture(source) -> None:
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    model_type = source.config.get("model_type")
+    supported = supported_model_types()
+    if MODEL_REMAPPING.get(model_type, model_type) not in supported:
+        arch = (source.config.get("architectures") or [model_type])[0]
+        raise EdgequantError(f"mlx-lm has no implementation of architecture {arch!r} (model_type {model_type!r})",
+                             "convert a model of a supported model_type: " + ", ".join(supported))
+
+
+def quant_plan(spec) -> dict:
+    """Bits per layer class, validated before any work starts; recorded in the manifest."""
+    group = spec.options.get("group", DEFAULT_GROUP)
+    embed = spec.options.get("embed_bits", DEFAULT_EMBED_BITS)
+    if spec.precision == "fp16":
+        if spec.options:
+            raise EdgequantError("mlx:fp16 takes no options", "drop the options, or pick a quantized precision")
+        return {"bits": 16, "group_size": None, "recipe": None, "embed_bits": 16}
+    low, high = _MIXED.get(spec.precision, (_UNIFORM.get(spec.precision), None))
+    return {"bits": low, "high_bits": high, "group_size": group, "recipe": spec.precision if high else None,
+            "embed_bits": max(embed, low) if embed else low}
+
+
+def _predicate(plan: dict, num_layers: int):
+    """Which bits each module gets: mlx-lm's convert calls this per quantizable module."""
+    low, high, group, embed = plan["bits"], plan["high_bits"], plan["group_size"], plan["embed_bits"]
+
+    def sensitive(index: int) -> bool:  # the layer pattern of mlx-lm's mixed recipes
+        return index < num_layers // 8 or index >= 7 * num_layers // 8 or (index - num_layers // 8) % 3 == 2
+
+    def choose(path: str, module, config=None):
+        if "embed_tokens" in path or "lm_head" in path:
+            return {"group_size": group, "bits": max(embed, high or 0)}
+        parts = [p for p in path.split(".") if p.isdigit()]
+        if high and parts and ("v_proj" in path or "down_proj" in path) and sensitive(int(parts[0])):
+            return {"group_size": group, "bits": high}
+        return {"group_size": group, "bits": low}
+
+    return choose
+
+
+def _run_converter(hf_dir: Path, out_dir: Path, plan: dict) -> None:
+    """mlx-lm refuses an existing output folder, so it writes to a fresh subfolder we then empty."""
+    import contextlib
+    import io
+    import json
+
+    from mlx_lm import convert
+
+    staging = out_dir / "_mlx"
+    quantize = plan["bits"] < 16
+    num_layers = json.loads((hf_dir / "config.json").read_text()).get("num_hidden_layers", 0)
+    with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints progress we replace with our own
+        convert(str(hf_dir), str(staging), quantize=quantize, q_bits=plan["bits"] if quantize else 4,
+                q_group_size=plan["group_size"] or 64, dtype="float16",
+                quant_predicate=_predicate(plan, num_layers) if quantize else None)
+    for item in staging.iterdir():
+        shutil.move(str(item), out_dir / item.name)
+    staging.rmdir()
+    if not (out_dir / MODEL_FILE).is_file():
+        shards = sorted(out_dir.glob("model*.safetensors"))
+        raise EdgequantError(f"mlx-lm wrote {[s.name for s in shards]}, not one {MODEL_FILE}", "report this model")

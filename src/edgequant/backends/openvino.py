@@ -1,0 +1,152 @@
+"""OpenVINO backend: optimum-intel exports a float IR, NNCF compresses its weights.
+
+The artifact is a folder `openvino_genai.LLMPipeline` runs as is: the model IR, the tokenizer and
+detokenizer IRs (openvino-tokenizers) and the source's config and generation settings.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from edgequant.backends import Backend, register
+from edgequant.errors import EdgequantError
+from edgequant.spec import Option, Precision
+
+SENSITIVITY = ("auto", "weight_quantization_error", "hessian_input_activation", "mean_activation_variance",
+               "max_activation_variance", "mean_activation_magnitude")
+# Options that only mean something for one precision; giving them elsewhere is a mistake to report.
+_INT4_ONLY = ("group", "ratio", "awq", "scale_estimation", "gptq", "sensitivity", "all_layers", "samples", "calib")
+_DATA_AWARE = ("awq", "scale_estimation", "gptq")
+SEQ_LEN = 128  # tokens per calibration sequence
+
+# Defaults chosen by measurement on the default model (bench/results/openvino_mlx.json).
+DEFAULT_GROUP = 64
+DEFAULT_SYM = False
+
+
+@register
+class OpenVINOBackend(Backend):
+    name = "openvino"
+    extra = "openvino"
+    precisions = {
+        "fp16": Precision("fp16", 16, 16.0, "float16 weights, inference in the plugin's precision"),
+        "int8": Precision("int8", 8, 8.1, "8-bit weights per output channel (NNCF), activations float"),
+        "int4": Precision("int4", 4, 4.6, "4-bit weights in groups (NNCF); embeddings and output layer at 8-bit"),
+    }
+    options = {
+        "group": Option("group", int, DEFAULT_GROUP, "int4 group size", choices=(32, 64, 128)),
+        "ratio": Option("ratio", float, 1.0, "share of int4 layers, the rest at 8-bit", minimum=0.0, maximum=1.0),
+        "sym": Option("sym", bool, DEFAULT_SYM, "symmetric quantization (no zero point)"),
+        "awq": Option("awq", bool, False, "activation-aware weight scaling (data-aware)"),
+        "scale_estimation": Option("scale_estimation", bool, False, "fit int4 scales on calibration data"),
+        "gptq": Option("gptq", bool, False, "GPTQ error-compensating rounding (data-aware, slow)"),
+        "sensitivity": Option("sensitivity", str, "auto", "metric choosing which layers stay 8-bit when ratio<1",
+                              choices=SENSITIVITY),
+        "all_layers": Option("all_layers", bool, False, "put embeddings and the output layer at int4 too"),
+        "samples": Option("samples", int, 64, f"calibration sequences of {SEQ_LEN} tokens", minimum=1, maximum=1024),
+        "calib": Option("calib", str, "", "calibration text file (default: gensim's lee_background.cor)"),
+        "infer": Option("infer", str, "auto", "CPU inference precision hint", choices=("auto", "f32", "bf16")),
+    }
+
+    def tool_versions(self) -> dict[str, str]:
+        from edgequant.backends.openvino_tools import openvino_versions
+
+        return openvino_versions()
+
+    def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        from edgequant.backends import openvino_tools as tools
+
+        settings = compress_settings(spec)
+        tools.openvino_versions()  # fail fast, before the long steps, if the engine is missing
+        tools.check_architecture(source)
+        samples = _calibration(source, spec, settings)  # a short text fails here, before the export
+        started = time.perf_counter()
+        intermediate = tools.float_ir(source)
+        exported = time.perf_counter()
+        _write_model(intermediate, out_dir, settings, samples)
+        tools.copy_side_files(source.hf_dir, intermediate, out_dir)
+        return {
+            "model_file": tools.MODEL_XML,
+            "intermediate": {"path": str(intermediate), "type": "f32"},
+            "compression": settings.__dict__ if settings else {"mode": "fp16"},
+            "calibration": {"sequences": len(samples), "tokens_each": SEQ_LEN,
+                            "text": spec.options.get("calib") or "lee_background.cor (gensim)"} if samples else None,
+            "weight_constants": tools.weight_constant_types(out_dir / tools.MODEL_XML),
+            **tools.inference_precision(),
+            **({"inference_precision": spec.options["infer"]} if "infer" in spec.options else {}),
+            "timings": {"export_s": round(exported - started, 3), "compress_s": round(time.perf_counter() - exported, 3)},
+        }
+
+    def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
+        from edgequant.backends.openvino_runner import OpenVINORunner
+
+        return OpenVINORunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, threads=threads,
+                              infer=artifact.spec.options.get("infer", "auto"))
+
+    def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
+        """Default settings: int4 groups with an f16 scale (and a u4 zero point when asymmetric),
+        embeddings and output layer at int8 per channel; 1-D tensors in f16."""
+        if precision != "int4":
+            bpw = self.precisions[precision].bpw
+            return int(sum(t.numel * (bpw if len(t.shape) >= 2 else 16.0) for t in tensors) / 8)
+        int4_bpw = 4 + (16 + (0 if DEFAULT_SYM else 4)) / DEFAULT_GROUP
+        total = 0.0
+        for t in tensors:
+            edge = "embed_tokens" in t.name or "lm_head" in t.name or "wte" in t.name
+            total += t.numel * (16.0 if len(t.shape) < 2 else self.precisions["int8"].bpw if edge else int4_bpw)
+        return int(total / 8)
+
+
+def compress_settings(spec):
+    """The NNCF settings a spec asks for (None for fp16), validated before any work starts."""
+    from edgequant.backends.openvino_tools import CompressSettings
+
+    opts = {**{k: o.default for k, o in OpenVINOBackend.options.items()}, **spec.options}
+    misplaced = [k for k in spec.options if k in _INT4_ONLY and spec.precision != "int4"]
+    if spec.precision == "fp16" and "sym" in spec.options:
+        misplaced.append("sym")
+    if misplaced:
+        raise EdgequantError(f"option {', '.join(misplaced)} does not apply to openvino:{spec.precision}",
+                             f"drop it, or use openvino:int4?{misplaced[0]}=...")
+    if spec.precision == "fp16":
+        return None
+    mode = f"{spec.precision}_{'sym' if opts['sym'] else 'asym'}"
+    if spec.precision == "int8":
+        return CompressSettings(mode=mode)
+    data_aware = any(opts[k] for k in _DATA_AWARE) or (opts["sensitivity"] not in ("auto", "weight_quantization_error") and opts["ratio"] < 1)
+    return CompressSettings(
+        mode=mode, group_size=opts["group"], ratio=opts["ratio"], all_layers=opts["all_layers"], awq=opts["awq"],
+        scale_estimation=opts["scale_estimation"], gptq=opts["gptq"],
+        sensitivity="" if opts["sensitivity"] == "auto" else opts["sensitivity"],
+        samples=opts["samples"] if data_aware else 0,
+    )
+
+
+def _calibration(source, spec, settings) -> list[dict]:
+    from edgequant.backends.openvino_tools import calibration_samples
+    from edgequant.evaldata import read_text_file
+
+    if settings is None or settings.samples == 0:
+        if "calib" in spec.options or "samples" in spec.options:
+            raise EdgequantError("calib= and samples= only apply to data-aware compression",
+                                 "add awq=1, scale_estimation=1, gptq=1, or a data-aware sensitivity with ratio<1")
+        return []
+    text = read_text_file(spec.options["calib"]) if spec.options.get("calib") else None
+    return calibration_samples(source.hf_dir, settings.samples, SEQ_LEN, text)
+
+
+def _write_model(intermediate: Path, out_dir: Path, settings, samples: list[dict]) -> None:
+    import openvino as ov
+
+    from edgequant.backends.openvino_tools import MODEL_XML, compress
+    from edgequant.progress import step
+
+    model = ov.Core().read_model(str(intermediate / MODEL_XML))
+    if settings is None:
+        ov.save_model(model, str(out_dir / MODEL_XML), compress_to_fp16=True)
+        return
+    with step(f"compressing weights with NNCF ({settings.mode}{', data-aware' if samples else ''})"):
+        model = compress(model, settings, samples or None)
+    ov.save_model(model, str(out_dir / MODEL_XML), compress_to_fp16=True)

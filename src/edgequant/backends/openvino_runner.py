@@ -1,0 +1,129 @@
+"""OpenVINO runner: `generate` through `openvino_genai.LLMPipeline`, `logits` through the raw IR.
+
+Each engine object is built on first use, so the speed probe (generate only) loads one copy of the
+weights and the quality pass (logits only) another, never both.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from edgequant.runner import GenerateParams, Runner
+
+_DONE = object()
+
+
+class OpenVINORunner(Runner):
+    def __init__(self, folder: Path, *, name: str, n_ctx: int, threads: int, infer: str = "auto"):
+        import openvino as ov
+        import openvino_tokenizers  # noqa: F401  (registers the tokenizer IRs' custom operations)
+
+        self.name, self.n_ctx = name, n_ctx
+        self._folder, self._threads = folder, threads
+        self._properties = {"INFERENCE_NUM_THREADS": threads}
+        if infer != "auto":  # "auto" keeps the plugin's default for this CPU (bf16 where it has AMX/AVX512-BF16)
+            self._properties["INFERENCE_PRECISION_HINT"] = infer
+        self._core = ov.Core()
+        self._tokenizer = self._core.compile_model(str(folder / "openvino_tokenizer.xml"), "CPU")
+        self._detokenizer = self._core.compile_model(str(folder / "openvino_detokenizer.xml"), "CPU")
+        self._request = None
+        self._pipeline = None
+
+    def tokenize(self, text: str) -> list[int]:
+        out = self._tokenizer([text])
+        return [int(t) for t in out["input_ids"][0]]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        out = self._detokenizer(np.asarray([list(ids)], dtype=np.int64))
+        return str(out["string_output"][0])
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        if len(ids) > self.n_ctx:
+            raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
+        request = self._logits_request()
+        request.reset_state()  # the IR keeps its KV cache as state: start every window empty
+        n = len(ids)
+        request.infer({"input_ids": np.asarray([list(ids)], dtype=np.int64),
+                       "attention_mask": np.ones((1, n), dtype=np.int64),
+                       "position_ids": np.arange(n, dtype=np.int64)[None, :],
+                       "beam_idx": np.zeros(1, dtype=np.int32)})
+        return np.array(request.get_tensor("logits").data[0], dtype=np.float32, copy=True)
+
+    def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
+        budget = min(params.max_tokens, self.n_ctx - len(prompt_ids))
+        if budget <= 0:
+            return
+        tokens: queue.Queue = queue.Queue()
+        worker = threading.Thread(target=self._generate_into, args=(list(prompt_ids), params, budget, tokens), daemon=True)
+        worker.start()
+        while (item := tokens.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        worker.join()
+
+    def inference_precision(self) -> str:
+        request = self._logits_request()
+        from edgequant.backends.openvino_tools import short_type_name
+
+        return short_type_name(request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT"))
+
+    def close(self) -> None:
+        self._request = self._pipeline = self._tokenizer = self._detokenizer = None
+
+    def _logits_request(self):
+        if self._request is None:
+            compiled = self._core.compile_model(str(self._folder / "openvino_model.xml"), "CPU", self._properties)
+            self._request = compiled.create_infer_request()
+        return self._request
+
+    def _generate_into(self, prompt: list[int], params: GenerateParams, budget: int, out: queue.Queue) -> None:
+        """Runs in a worker thread: LLMPipeline's streamer pushes each token as it is sampled."""
+        import openvino as ov
+        import openvino_genai as genai
+
+        class Streamer(genai.StreamerBase):
+            def write(self, token):
+                for t in token if isinstance(token, (list, tuple)) else [token]:
+                    out.put(int(t))
+                return genai.StreamingStatus.RUNNING
+
+            def end(self):
+                pass
+
+        try:
+            ids = np.asarray([prompt], dtype=np.int64)
+            inputs = genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
+            self._llm_pipeline().generate(inputs, _generation_config(params, budget), Streamer())
+        except BaseException as exc:  # surfaced to the caller's thread by generate()
+            out.put(exc)
+        finally:
+            out.put(_DONE)
+
+    def _llm_pipeline(self):
+        if self._pipeline is None:
+            import openvino_genai as genai
+
+            self._pipeline = genai.LLMPipeline(str(self._folder), "CPU", **self._properties)
+        return self._pipeline
+
+
+def _generation_config(params: GenerateParams, budget: int):
+    import openvino_genai as genai
+
+    config = genai.GenerationConfig()
+    config.max_new_tokens = budget
+    config.ignore_eos = not params.stop_at_eos
+    config.do_sample = params.temperature > 0
+    if config.do_sample:
+        config.temperature = params.temperature
+        config.top_p = params.top_p
+        config.top_k = params.top_k if params.top_k > 0 else 0
+        config.rng_seed = params.seed
+    return config
+

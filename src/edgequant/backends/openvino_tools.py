@@ -1,0 +1,195 @@
+"""OpenVINO building blocks: float IR export (cached), tokenizer IRs, NNCF weight compression.
+
+The float IR is exported once per source through optimum-intel and cached, like the float GGUF:
+every precision then starts from `ov.Model` and NNCF's `compress_weights`, which exposes every
+knob (mode, group size, ratio, backup precision, AWQ, scale estimation, GPTQ, sensitivity).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgequant.errors import EdgequantError
+from edgequant.paths import cache_dir
+
+TASK = "text-generation-with-past"  # offline export cannot infer the task (ENGINES.md)
+MODEL_XML = "openvino_model.xml"
+# Files of the source folder copied next to the IR, so optimum-intel and LLMPipeline find the
+# generation settings, the chat template and the Hugging Face tokenizer.
+_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    """What NNCF is asked to do; written into the manifest as is."""
+
+    mode: str  # nncf CompressWeightsMode value, e.g. "int4_asym"
+    group_size: int = -1  # -1: per output channel
+    ratio: float = 1.0
+    backup_mode: str = "int8_asym"
+    all_layers: bool = False  # also put embeddings and the output layer at the primary precision
+    awq: bool = False
+    scale_estimation: bool = False
+    gptq: bool = False
+    sensitivity: str = ""  # "" lets NNCF choose
+    samples: int = 0  # calibration sequences, 0 = data-free
+
+    @property
+    def data_aware(self) -> bool:
+        return self.awq or self.scale_estimation or self.gptq or bool(self.sensitivity and self.ratio < 1)
+
+
+def openvino_versions() -> dict[str, str]:
+    try:
+        import nncf
+        import openvino
+        import openvino_genai
+        import openvino_tokenizers
+    except ImportError as exc:
+        raise EdgequantError(f"the OpenVINO engine is not installed ({exc.name} is missing)",
+                             "pip install 'edgequant[openvino]'") from None
+    return {"openvino": openvino.__version__.split("-")[0], "openvino-genai": openvino_genai.__version__.split("-")[0],
+            "openvino-tokenizers": openvino_tokenizers.__version__.split("-")[0], "nncf": nncf.__version__}
+
+
+def supported_model_types() -> list[str]:
+    from optimum.exporters.tasks import TasksManager
+
+    import optimum.exporters.openvino  # noqa: F401  (registers the openvino exporter's model types)
+
+    return sorted(TasksManager.get_supported_model_type_for_task(TASK, exporter="openvino"))
+
+
+def check_architecture(source) -> None:
+    model_type = source.config.get("model_type")
+    supported = supported_model_types()
+    if model_type not in supported:
+        arch = (source.config.get("architectures") or [model_type])[0]
+        raise EdgequantError(
+            f"optimum-intel cannot export architecture {arch!r} (model_type {model_type!r}) to OpenVINO",
+            "convert a model of a supported model_type: " + ", ".join(supported),
+        )
+
+
+def float_ir(source) -> Path:
+    """The source exported to a float32 IR with its tokenizer IRs, once per fingerprint (cached)."""
+    from edgequant.atomic import atomic_dir
+    from edgequant.progress import step
+
+    folder = cache_dir("intermediates") / f"{source.fingerprint[:16]}-openvino-f32"
+    if (folder / MODEL_XML).is_file():
+        return folder
+    with step(f"exporting {source.name} to an OpenVINO IR with optimum-intel (cached)"):
+        with atomic_dir(folder, replace=True) as tmp:
+            _export(source.hf_dir, tmp)
+            write_tokenizers(source.hf_dir, tmp)
+    return folder
+
+
+def _export(hf_dir: Path, out: Path) -> None:
+    from optimum.exporters.openvino import main_export
+
+    # fp32 weights; an explicit "no quantization" because optimum-intel would otherwise pick its own
+    # defaults for large models. ov_config with dtype fp32 keeps the weights as the source has them.
+    from optimum.intel import OVConfig
+
+    main_export(str(hf_dir), str(out), task=TASK, ov_config=OVConfig(dtype="fp32"), convert_tokenizer=False,
+                library_name="transformers")
+
+
+def write_tokenizers(hf_dir: Path, out: Path) -> None:
+    """Tokenizer and detokenizer IRs for LLMPipeline. Special tokens are not added at tokenization,
+    matching the Runner contract (the pipeline adds what the chat template asks for)."""
+    import openvino as ov
+    from openvino_tokenizers import convert_tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    ov_tokenizer, ov_detokenizer = convert_tokenizer(tokenizer, with_detokenizer=True, add_special_tokens=False,
+                                                     skip_special_tokens=True)
+    ov.save_model(ov_tokenizer, str(out / "openvino_tokenizer.xml"))
+    ov.save_model(ov_detokenizer, str(out / "openvino_detokenizer.xml"))
+
+
+def copy_side_files(hf_dir: Path, intermediate: Path, out: Path) -> None:
+    for name in ("openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_detokenizer.xml", "openvino_detokenizer.bin"):
+        if (intermediate / name).is_file():
+            shutil.copyfile(intermediate / name, out / name)
+    for name in _SIDE_FILES:
+        for base in (intermediate, hf_dir):  # the export's config.json first: it is what optimum-intel wrote
+            if (base / name).is_file():
+                shutil.copyfile(base / name, out / name)
+                break
+
+
+def calibration_samples(hf_dir: Path, count: int, seq_len: int, text: str | None = None) -> list[dict]:
+    """`count` windows of `seq_len` tokens of the calibration text, as the IR's input dicts."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from edgequant.evaldata import default_calibration_text
+
+    text = text if text is not None else default_calibration_text()
+    ids = AutoTokenizer.from_pretrained(hf_dir)(text, add_special_tokens=False, verbose=False).input_ids
+    if len(ids) < count * seq_len:
+        raise EdgequantError(
+            f"data-aware compression needs {count} x {seq_len} = {count * seq_len} calibration tokens, "
+            f"the calibration text has {len(ids)}",
+            f"lower samples= to at most {len(ids) // seq_len}, give a longer calib= file, or drop the data-aware options",
+        )
+    windows = np.asarray(ids[: count * seq_len], dtype=np.int64).reshape(count, seq_len)
+    return [{"input_ids": w[None, :], "attention_mask": np.ones((1, seq_len), dtype=np.int64),
+             "position_ids": np.arange(seq_len, dtype=np.int64)[None, :], "beam_idx": np.zeros(1, dtype=np.int32)}
+            for w in windows]
+
+
+def compress(model, settings: CompressSettings, samples: list[dict] | None):
+    """Apply NNCF weight compression to an `ov.Model` in place of its float weights."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+    kwargs = {"mode": nncf.CompressWeightsMode(settings.mode)}
+    if settings.mode.startswith("int4"):
+        kwargs.update(group_size=settings.group_size, ratio=settings.ratio, all_layers=settings.all_layers,
+                      backup_mode=nncf.BackupMode(settings.backup_mode), awq=settings.awq,
+                      scale_estimation=settings.scale_estimation, gptq=settings.gptq)
+        if settings.sensitivity:
+            kwargs["sensitivity_metric"] = nncf.SensitivityMetric(settings.sensitivity)
+        # Rows not divisible by the group (hidden 576 with group 128) get the largest power-of-two
+        # group that divides them, instead of an error.
+        kwargs["advanced_parameters"] = AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST)
+    if samples:
+        kwargs.update(dataset=nncf.Dataset(samples), subset_size=len(samples))
+    return nncf.compress_weights(model, **kwargs)
+
+
+def weight_constant_types(xml: Path) -> dict[str, int]:
+    """How many weight constants of each element type the IR holds (the proof of compression)."""
+    import openvino as ov
+
+    counts: dict[str, int] = {}
+    for op in ov.Core().read_model(str(xml)).get_ops():
+        if op.get_type_name() == "Constant" and len(op.get_output_partial_shape(0)) >= 2:
+            name = op.get_output_element_type(0).get_type_name()
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def inference_precision() -> dict[str, str]:
+    """What the CPU plugin infers in on this machine by default: f32, or bf16 where the CPU has
+    AVX512-BF16/AMX. Numbers move between machines with it, so the manifest records it."""
+    import openvino as ov
+
+    core = ov.Core()
+    caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return {"inference_precision": short_type_name(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
+            "cpu_capabilities": " ".join(str(c) for c in caps)}
+
+
+def short_type_name(element_type) -> str:
+    """`<Type: 'bfloat16'>` -> "bf16"."""
+    name = element_type.get_type_name() if hasattr(element_type, "get_type_name") else str(element_type)
+    return {"bf16": "bf16", "f32": "f32", "f16": "f16", "bfloat16": "bf16", "float32": "f32", "float16": "f16"}.get(name, name)

@@ -1,0 +1,111 @@
+"""The MLX backend: mlx-lm conversion with uniform and mixed bit widths, run through mlx-lm on CPU.
+
+Fast tests use the tiny random Llama; the tests marked slow use the real default model.
+"""
+
+import json
+import sys
+
+import pytest
+
+import edgequant
+from edgequant.errors import EdgequantError
+from edgequant.evaluation import EvalConfig
+
+QUALITY = EvalConfig(ctx=256, windows=2, speed=False)
+
+
+def quantization(artifact) -> dict:
+    return json.loads((artifact.path / "config.json").read_text())["quantization"]
+
+
+def test_config_records_bits_and_group_size_and_mlx_lm_loads_it(tiny_model):
+    from mlx_lm import load
+
+    artifact = edgequant.convert(tiny_model, "mlx:4bit?group=32")
+    recorded = quantization(artifact)
+    assert recorded["bits"] == 4 and recorded["group_size"] == 32
+    assert recorded["model.layers.0.mlp.up_proj"] == {"group_size": 32, "bits": 4}
+    assert recorded["lm_head"]["bits"] == 8  # the output layer stays at 8 bit by default
+    model, tokenizer = load(str(artifact.path))
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
+    details = artifact.manifest["details"]
+    assert details["speed_representative"] is False  # not Apple silicon
+    assert details["quantization"]["group_size"] == 32 and "mlx-lm" in artifact.manifest["tools"]
+
+
+def test_mixed_recipe_puts_sensitive_layers_at_more_bits(tiny_model):
+    recorded = quantization(edgequant.convert(tiny_model, "mlx:mixed_3_6"))
+    bits = {k: v["bits"] for k, v in recorded.items() if isinstance(v, dict)}
+    assert bits["model.layers.0.self_attn.q_proj"] == 3
+    assert 6 in bits.values() and 3 in bits.values()
+
+
+def test_eight_bit_within_one_percent_and_four_bit_worse(tiny_model):
+    eight = edgequant.evaluate(edgequant.convert(tiny_model, "mlx:8bit").path, config=QUALITY)
+    four = edgequant.evaluate(edgequant.convert(tiny_model, "mlx:4bit").path, config=QUALITY)
+    assert abs(eight["ppl_increase_pct"]) < 1.0, eight
+    assert four["kld_mean"] > eight["kld_mean"]
+
+
+def test_runner_generates_deterministically(tiny_model):
+    from edgequant.runner import GenerateParams, open_runner
+
+    artifact = edgequant.convert(tiny_model, "mlx:8bit")
+    with open_runner(artifact.path, n_ctx=128, need_logits=False) as runner:
+        prompt = runner.tokenize("The history of")
+        params = GenerateParams(max_tokens=6, stop_at_eos=False)
+        first = list(runner.generate(prompt, params))
+        assert len(first) == 6 and first == list(runner.generate(prompt, params))
+
+
+def test_missing_mlx_names_the_extra(tiny_model, tmp_path, monkeypatch):
+    for name in ("mlx", "mlx.core", "mlx_lm"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import mlx.core` raise ImportError
+    out = tmp_path / "out"
+    with pytest.raises(EdgequantError, match="MLX engine is not installed") as err:
+        edgequant.convert(tiny_model, "mlx:4bit", output=out)
+    assert "edgequant[mlx]" in err.value.fix
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("spec", ["mlx:4bit?group=48", "mlx:5bit", "mlx:4bit?embed_bits=5"])
+def test_bad_specs_are_refused(tiny_model, tmp_path, spec):
+    with pytest.raises(EdgequantError):
+        edgequant.convert(tiny_model, spec, output=tmp_path / "out")
+    assert not list(tmp_path.iterdir())
+
+
+def test_inspect_estimates_mlx_sizes(tiny_model):
+    estimates = edgequant.inspect_model(tiny_model)["estimated_bytes"]
+    assert estimates["mlx:8bit"] > estimates["mlx:6bit"] > estimates["mlx:4bit"] > estimates["mlx:2bit"] > 0
+
+
+# --- the real default model -------------------------------------------------------------------
+
+REAL = EvalConfig(ctx=512, windows=4, speed=False)
+
+
+@pytest.fixture(scope="module")
+def real_results():
+    results = {}
+    for spec in ("mlx:8bit", "mlx:4bit"):
+        artifact = edgequant.convert(None, spec)
+        results[spec] = (artifact, edgequant.evaluate(artifact.path, config=REAL))
+    return results
+
+
+@pytest.mark.slow
+def test_real_model_eight_bit_within_one_percent_four_bit_worse(real_results):
+    eight, four = real_results["mlx:8bit"][1], real_results["mlx:4bit"][1]
+    assert abs(eight["ppl_increase_pct"]) < 1.0, eight
+    assert four["kld_mean"] > eight["kld_mean"]
+
+
+@pytest.mark.slow
+def test_real_model_default_four_bit_meets_the_quality_target(real_results):
+    """At most 1.5x gguf:q4_k_m's perplexity increase (+6.11%) at most 1.2x its size (100.6 MiB)."""
+    artifact, metrics = real_results["mlx:4bit"]
+    assert quantization(artifact)["bits"] == 4
+    assert metrics["ppl_increase_pct"] <= 1.5 * 6.11, metrics
+    assert artifact.size_bytes <= 1.2 * 100.6 * 2**20
