@@ -1,0 +1,194 @@
+"""ONNX backend: the onnxruntime-genai model builder (what Olive uses for LLMs), then
+onnxruntime.quantization where the builder has no option (int8 dynamic, int8 static QDQ).
+
+The artifact folder is what onnxruntime-genai loads as is: model.onnx + model.onnx.data,
+genai_config.json and the tokenizer files.
+
+int4 defaults were chosen by measurement on the default model (ppl increase over PyTorch, 2
+windows of 512 tokens; gguf:q4_k_m is +6.1%): builder int4 as is (k_quant, sym) +468%; rtn sym with
+an 8-bit LM head +36%; rtn or k_quant asym with an 8-bit LM head +21%; HQQ (float zero points)
+block 32 with an 8-bit LM head shared with the tied embedding +0.13% at 109 MiB. Float zero points
+matter here because the default model's weights came from a Q4_1 (min + scale) GGUF.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from edgequant.backends import Backend, register
+from edgequant.errors import EdgequantError
+from edgequant.spec import Option, Precision
+
+# The builder's own -p for each precision; int8 variants start from its fp32 export.
+_BUILDER_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int4": "int4", "int8": "fp32", "int8-static": "fp32"}
+_INT4_ONLY = ("block", "sym", "accuracy_level", "algo", "head8", "mixed")
+_STATIC_ONLY = ("samples", "calib_tokens")
+
+
+@register
+class OnnxBackend(Backend):
+    name = "onnx"
+    extra = "onnx"
+    precisions = {
+        "fp32": Precision("fp32", 32, 32.0, "float32 export by the onnxruntime-genai builder"),
+        "fp16": Precision("fp16", 16, 16.0, "float16 export by the onnxruntime-genai builder"),
+        "int8": Precision("int8", 8, 8.0, "dynamic int8 MatMuls (weights per channel, activations at run time)"),
+        "int8-static": Precision("int8-static", 8, 8.0, "static int8 QDQ, calibrated on prefill and decode steps"),
+        "int4": Precision("int4", 4, 6.0, "weight-only int4 MatMulNBits (HQQ); tied embedding / LM head kept at 8 bit"),
+    }
+    options = {
+        "block": Option("block", int, 32, "int4 block size (weights sharing one scale)", choices=(16, 32, 64, 128)),
+        "sym": Option("sym", bool, False, "int4 symmetric (no zero point); rtn only"),
+        "accuracy_level": Option("accuracy_level", int, 4, "int4 MatMul compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8",
+                                 minimum=0, maximum=4),
+        "algo": Option("algo", str, "hqq", "int4 rounding: hqq (half-quadratic, float zero points), rtn, k_quant",
+                       choices=("hqq", "rtn", "k_quant")),
+        "head8": Option("head8", bool, True, "keep the LM head (and a tied embedding) at 8 bit"),
+        "mixed": Option("mixed", bool, False, "k_quant only: also keep qkv/v/down projections of sensitive layers at 8 bit"),
+        "samples": Option("samples", int, 8, "int8-static: calibration sequences", minimum=1, maximum=512),
+        "calib_tokens": Option("calib_tokens", int, 128, "int8-static: tokens per calibration sequence", minimum=8, maximum=4096),
+    }
+
+    def tool_versions(self) -> dict[str, str]:
+        from edgequant.backends.onnx_tools import genai_version, onnxruntime_version
+
+        return {"onnxruntime-genai": genai_version(), "onnxruntime": onnxruntime_version()}
+
+    def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        from edgequant.backends import onnx_tools
+
+        _check_options(spec)
+        onnx_tools.genai_version()  # fail fast when the engine is missing
+        onnx_tools.check_supported(source.config)
+        started = time.perf_counter()
+        if spec.precision in ("fp32", "fp16", "int4"):
+            request = onnx_tools.BuildRequest(source.hf_dir, out_dir, _BUILDER_PRECISION[spec.precision],
+                                              int4_extra(spec, source.config))
+            onnx_tools.run_builder(request, out_dir / "build.log")
+            info = {"model_file": onnx_tools.MODEL_FILE, "builder_options": _loggable(request.extra),
+                    "timings": {"build_s": round(time.perf_counter() - started, 3)}}
+            if spec.precision == "int4" and _option_values(spec)["algo"] == "hqq":
+                opt = _option_values(spec)
+                onnx_tools.quantize_hqq(out_dir / onnx_tools.MODEL_FILE, opt["block"], opt["accuracy_level"])
+                info["post_quantization"] = f"HQQ int4, block {opt['block']}, on every decoder-layer MatMul"
+                info["timings"]["total_quantize_s"] = round(time.perf_counter() - started, 3)
+            return info
+        return _convert_int8(source, spec, out_dir, started)
+
+    def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
+        from edgequant.backends.onnx_runner import OnnxRunner
+
+        return OnnxRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), n_ctx=n_ctx, threads=threads)
+
+    def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
+        return _estimated_bytes(precision, tensors, tied_embeddings)
+
+
+def int4_extra(spec, config: dict) -> tuple[tuple[str, str], ...]:
+    """The builder's --extra_options for an int4 spec (empty for the float precisions).
+
+    With algo=hqq the builder quantizes only the LM head (8 bit, shared with a tied embedding):
+    the decoder-layer MatMuls are excluded and left float for `quantize_hqq` afterwards, because
+    the builder has no HQQ option and HQQ's float zero points measured far better (see module doc).
+    """
+    if spec.precision != "int4":
+        return ()
+    opt = _check_int4(spec)
+    if opt["mixed"]:
+        algo = "k_quant_mixed"  # the builder's mix always keeps the LM head at 8 bit too
+    elif opt["algo"] == "hqq":
+        algo = "rtn_last" if opt["head8"] else "rtn"
+    elif opt["head8"]:
+        algo = opt["algo"] + "_last"
+    else:
+        algo = opt["algo"]
+    extra = [("int4_block_size", str(opt["block"])), ("int4_is_symmetric", "true" if opt["sym"] else "false"),
+             ("int4_accuracy_level", str(opt["accuracy_level"])), ("int4_algo_config", algo)]
+    if opt["algo"] == "hqq":
+        from edgequant.backends.onnx_tools import layer_matmul_names
+
+        extra.append(("int4_nodes_to_exclude", ",".join(layer_matmul_names(config))))
+    return tuple(extra)
+
+
+def _check_int4(spec) -> dict[str, Any]:
+    opt = _option_values(spec)
+    if opt["mixed"] and opt["algo"] != "k_quant":
+        raise EdgequantError(f"option mixed=1 in {spec} needs algo=k_quant", "add algo=k_quant or drop mixed=1")
+    if opt["sym"] and opt["algo"] != "rtn":
+        # hqq is asymmetric by construction; the builder's k_quant with sym=1 was measured to export
+        # wrong zero points (ppl x5 on the default model), so both are refused rather than run.
+        raise EdgequantError(f"sym=1 in {spec} is supported with algo=rtn only", "drop sym=1, or add algo=rtn")
+    return opt
+
+
+def _loggable(extra) -> dict[str, str]:
+    """Builder options for the manifest, with the long node-exclusion list summarised."""
+    out = dict(extra)
+    if "int4_nodes_to_exclude" in out:
+        out["int4_nodes_to_exclude"] = f"{out['int4_nodes_to_exclude'].count(',') + 1} decoder-layer MatMuls"
+    return out
+
+
+def _option_values(spec) -> dict[str, Any]:
+    return {name: spec.options.get(name, option.default) for name, option in OnnxBackend.options.items()}
+
+
+def _check_options(spec) -> None:
+    """Options that do not apply to the asked precision are an error, not silently ignored."""
+    allowed = _INT4_ONLY if spec.precision == "int4" else _STATIC_ONLY if spec.precision == "int8-static" else ()
+    for name in spec.options:
+        if name not in allowed:
+            raise EdgequantError(f"option {name!r} does not apply to onnx:{spec.precision}",
+                                 f"options of onnx:{spec.precision}: {', '.join(allowed) or 'none'}")
+
+
+def _convert_int8(source, spec, out_dir: Path, started: float) -> dict[str, Any]:
+    """Export fp32 with the builder into a scratch folder, quantize into the artifact, copy the
+    genai config and tokenizer next to it; the scratch fp32 model never reaches the artifact."""
+    from edgequant.backends import onnx_tools
+
+    scratch = out_dir / ".fp32"
+    onnx_tools.run_builder(onnx_tools.BuildRequest(source.hf_dir, scratch, "fp32"), out_dir / "build.log")
+    built = time.perf_counter()
+    info: dict[str, Any] = {"model_file": onnx_tools.MODEL_FILE}
+    fp32_model, target = scratch / onnx_tools.MODEL_FILE, out_dir / onnx_tools.MODEL_FILE
+    if spec.precision == "int8":
+        onnx_tools.quantize_dynamic_int8(fp32_model, target)
+    else:
+        opt = _option_values(spec)
+        calib = onnx_tools.Calibration(samples=opt["samples"], tokens=opt["calib_tokens"])
+        windows = onnx_tools.calibration_windows(scratch, calib)
+        feeds = list(onnx_tools.calibration_feeds(fp32_model, windows, calib.decode_steps))
+        onnx_tools.quantize_static_qdq(fp32_model, target, feeds)
+        info["calibration"] = {"text": "lee_background.cor (gensim)", "samples": calib.samples,
+                               "prefill_tokens": calib.tokens, "decode_steps": calib.decode_steps}
+    onnx_tools.copy_side_files(scratch, out_dir)
+    shutil.rmtree(scratch)
+    info["timings"] = {"build_s": round(built - started, 3), "quantize_s": round(time.perf_counter() - built, 3)}
+    return info
+
+
+def _estimated_bytes(precision: str, tensors, tied_embeddings: bool) -> int:
+    """Estimated size following what the builder does: 1-D tensors float32; for int4, MatMul
+    weights at 4 bit plus a float32 scale per block of 32 and the LM head at 8 bit (shared with
+    the embedding when tied), HQQ's float scale + zero point per block of 32; for int8, MatMuls at 8 bit and the embedding Gather left float32."""
+    bits = 0.0
+    for tensor in tensors:
+        is_embedding = "embed_tokens" in tensor.name
+        is_head = "lm_head" in tensor.name or (tied_embeddings and is_embedding)
+        if len(tensor.shape) < 2:
+            bpw = 32.0
+        elif precision in ("fp32", "fp16"):
+            bpw = float(OnnxBackend.precisions[precision].bits)
+        elif precision == "int4":
+            bpw = 9.0 if is_head else 32.0 if is_embedding else 6.0
+        else:
+            bpw = 32.0 if is_embedding else 8.0
+            if tied_embeddings and is_embedding:
+                bits += tensor.numel * 8.0  # the LM head's int8 copy beside the float embedding
+        bits += tensor.numel * bpw
+    return int(bits / 8)

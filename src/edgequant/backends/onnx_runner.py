@@ -1,0 +1,102 @@
+"""ONNX runner: onnxruntime-genai generates (streaming, KV cache), a raw onnxruntime session
+scores (one full-window forward with an empty past), and the artifact's Hugging Face tokenizer
+tokenizes, so ids match the source model's exactly.
+
+Both engines load lazily: the quality pass only needs the session, the speed probe and the
+server only the generator, and holding both would double the resident weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from edgequant.runner import GenerateParams, Runner
+
+
+class OnnxRunner(Runner):
+    def __init__(self, folder: Path, model_file: str, *, name: str, n_ctx: int, threads: int):
+        from transformers import AutoTokenizer
+
+        self.name, self.n_ctx = name, n_ctx
+        self._folder, self._model_path, self._threads = folder, folder / model_file, threads
+        self._tokenizer = AutoTokenizer.from_pretrained(folder)
+        self._session = None
+        self._genai = None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        from edgequant.backends.onnx_tools import kv_feeds
+
+        if len(ids) > self.n_ctx:
+            raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
+        session = self._ensure_session()
+        names = {i.name for i in session.get_inputs()}
+        feeds = {"input_ids": np.asarray([list(ids)], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
+                 **kv_feeds(session.get_inputs())}
+        if "position_ids" in names:
+            feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+        (logits,) = session.run(["logits"], {k: v for k, v in feeds.items() if k in names})
+        return np.asarray(logits[0], dtype=np.float32)
+
+    def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
+        import onnxruntime_genai as og
+
+        model = self._ensure_genai()
+        budget = min(params.max_tokens, self.n_ctx - len(prompt_ids))
+        if budget <= 0:
+            return
+        search = {"max_length": len(prompt_ids) + budget, "do_sample": params.temperature > 0}
+        if params.temperature > 0:
+            search.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0,
+                          random_seed=params.seed)
+        gen_params = og.GeneratorParams(model)
+        gen_params.set_search_options(**search)
+        generator = og.Generator(model, gen_params)
+        generator.append_tokens(list(prompt_ids))
+        eos = self._eos_ids()
+        for _ in range(budget):
+            if generator.is_done():
+                break
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            yield token
+            if params.stop_at_eos and token in eos:
+                break
+
+    def close(self) -> None:
+        self._session = None
+        self._genai = None
+
+    def _ensure_session(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self._threads
+            options.log_severity_level = 3
+            self._session = ort.InferenceSession(str(self._model_path), options, providers=["CPUExecutionProvider"])
+        return self._session
+
+    def _ensure_genai(self):
+        if self._genai is None:
+            import onnxruntime_genai as og
+
+            config = og.Config(str(self._folder))
+            config.clear_providers()  # CPU
+            threads = {"model": {"decoder": {"session_options": {"intra_op_num_threads": self._threads}}}}
+            config.overlay(json.dumps(threads))
+            self._genai = og.Model(config)
+        return self._genai
+
+    def _eos_ids(self) -> set[int]:
+        eos = self._tokenizer.eos_token_id
+        return {eos} if eos is not None else set()

@@ -1,0 +1,274 @@
+"""Engine calls for the ONNX backend: the onnxruntime-genai model builder and onnxruntime.quantization.
+
+Everything heavy is imported inside the functions; `edgequant.backends.onnx` imports this module
+only when it converts or opens an artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from edgequant.errors import EdgequantError
+
+MODEL_FILE = "model.onnx"
+DATA_SUFFIX = ".data"
+# Files the builder writes beside the model that onnxruntime-genai needs to run it as is.
+SIDE_FILES = ("genai_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """One run of the genai model builder: what precision, with which `--extra_options`."""
+
+    hf_dir: Path
+    out_dir: Path
+    precision: str  # the builder's -p: fp32, fp16, int4
+    extra: tuple[tuple[str, str], ...] = ()
+
+
+def genai_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("onnxruntime-genai")
+    except PackageNotFoundError:
+        raise EdgequantError("onnxruntime-genai is not installed; the ONNX backend needs it",
+                             "pip install 'edgequant[onnx]' (onnxruntime-genai==0.14.1, onnxruntime, onnx-ir)") from None
+
+
+def onnxruntime_version() -> str:
+    from importlib.metadata import version
+
+    return version("onnxruntime")
+
+
+def builder_architectures() -> list[str]:
+    """Architectures the installed builder maps to an ONNX graph, read from its own dispatch code,
+    so the list follows whatever builder version is installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime_genai")
+    if spec is None or not spec.submodule_search_locations:
+        genai_version()  # raises the install hint
+    text = (Path(next(iter(spec.submodule_search_locations))) / "models" / "builder.py").read_text()
+    names = re.findall(r'config\.architectures\[0\]\s*==\s*"(\w+)"', text)
+    return sorted(set(n for n in names if n.endswith("CausalLM")))
+
+
+def check_supported(config: dict) -> None:
+    """Refuse, before any work, a model the builder cannot export or would export wrongly."""
+    arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
+    supported = builder_architectures()
+    if arch not in supported:
+        raise EdgequantError(
+            f"the onnxruntime-genai model builder does not support architecture {arch!r}",
+            "ONNX export works for: " + ", ".join(supported),
+        )
+    # The builder finds the LM head as "a Linear with vocab_size outputs", so an MLP projection of
+    # that same width is taken for it and the graph silently computes the wrong logits.
+    if config.get("intermediate_size") == config.get("vocab_size"):
+        raise EdgequantError(
+            f"this model's intermediate_size equals its vocab_size ({config.get('vocab_size')}); the genai builder "
+            "would mistake an MLP projection for the LM head and export wrong logits",
+            "use a model whose MLP width differs from its vocabulary size, or another format (gguf)",
+        )
+
+
+def run_builder(request: BuildRequest, log_path: Path) -> None:
+    """The builder as a subprocess: it prints a lot and loads the full torch model, and a child
+    process gives that memory back when it ends. Offline: a local folder and no hub token."""
+    import os
+
+    cache = Path(tempfile.mkdtemp(prefix="eq-genai-cache-"))
+    extra = [("hf_token", "false"), ("hf_remote", "false"), *request.extra]
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(request.hf_dir),
+               "-o", str(request.out_dir), "-p", request.precision, "-e", "cpu", "-c", str(cache),
+               "--extra_options", *[f"{k}={v}" for k, v in extra]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    try:
+        with open(log_path, "w") as log:
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    if done.returncode != 0 or not (request.out_dir / MODEL_FILE).is_file():
+        tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-4:])
+        raise EdgequantError(f"the onnxruntime-genai builder failed (exit {done.returncode}):\n{tail}",
+                             f"see the full log in {log_path}; check the model loads with transformers")
+
+
+_LAYER_MATMULS = ("attn/qkv_proj", "attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj",
+                  "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
+
+
+def layer_matmul_names(config: dict) -> list[str]:
+    """The builder's node names of every decoder-layer MatMul (names it does not create are harmless)."""
+    layers = int(config.get("num_hidden_layers", 0))
+    return [f"/model/layers.{i}/{part}/MatMul" for i in range(layers) for part in _LAYER_MATMULS]
+
+
+def quantize_hqq(model_path: Path, block: int, accuracy_level: int) -> None:
+    """Rewrite every float MatMul left in the model (the LM head is already MatMulNBits) as int4
+    MatMulNBits with HQQ: scales and float zero points fitted per block by half-quadratic
+    optimisation, data-free. Rewrites model.onnx and its data file in place."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    model = onnx.load(str(model_path))
+    quantizer = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=block, bits=4),
+                                     accuracy_level=accuracy_level or None)
+    quantizer.process()
+    data = model_path.with_name(model_path.name + DATA_SUFFIX)
+    data.unlink(missing_ok=True)
+    save_model(quantizer.model.model, model_path)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def save_model(model, path: Path) -> None:
+    """Save with all weights in one external data file beside the graph (protobuf's 2 GB limit)."""
+    import onnx
+
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + DATA_SUFFIX, size_threshold=1024)
+
+
+def quantize_dynamic_int8(fp32_model: Path, out_model: Path) -> None:
+    """Dynamic int8: weights int8 per channel, activations quantized at run time per batch."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32_model), str(out_model), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     per_channel=True, use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+
+
+@dataclass(frozen=True)
+class Calibration:
+    samples: int = 8  # calibration sequences
+    tokens: int = 128  # tokens per sequence (prefill length)
+    decode_steps: int = 4  # single-token steps run after each prefill, with the KV cache
+
+
+def calibration_windows(tokenizer_dir: Path, calib: Calibration) -> list[list[int]]:
+    """Token windows of the calibration text (never the evaluation text); too little text is an error."""
+    from transformers import AutoTokenizer
+
+    from edgequant.evaldata import default_calibration_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tokenizer(default_calibration_text(), add_special_tokens=False, verbose=False).input_ids
+    per_sample = calib.tokens + calib.decode_steps
+    if len(ids) < calib.samples * per_sample:
+        raise EdgequantError(
+            f"the calibration text has {len(ids)} tokens; {calib.samples} samples of {per_sample} need {calib.samples * per_sample}",
+            f"ask for fewer samples (samples<={len(ids) // per_sample}) or shorter ones (calib_tokens)",
+        )
+    return [ids[i * per_sample:(i + 1) * per_sample] for i in range(calib.samples)]
+
+
+def kv_feeds(session_inputs, batch: int = 1) -> dict:
+    """Empty past key/values (past length 0) for every cache input the builder's graph declares."""
+    import numpy as np
+
+    feeds = {}
+    for item in session_inputs:
+        if item.name.startswith("past_key_values"):
+            dtype = np.float16 if "float16" in item.type else np.float32
+            heads, head_dim = item.shape[1], item.shape[3]
+            feeds[item.name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+    return feeds
+
+
+def calibration_feeds(fp32_model: Path, windows: list[list[int]], decode_steps: int) -> Iterator[dict]:
+    """Prefill feeds (a whole window, empty past) and the decode feeds that follow it (one token,
+    the real KV cache from the fp32 model), so the static ranges cover both regimes."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(fp32_model), providers=["CPUExecutionProvider"])
+    inputs = session.get_inputs()
+    out_names = [o.name for o in session.get_outputs()]
+    for window in windows:
+        prefill = window[: len(window) - decode_steps]
+        feeds = {"input_ids": np.asarray([prefill], np.int64), "attention_mask": np.ones((1, len(prefill)), np.int64),
+                 **kv_feeds(inputs)}
+        yield feeds
+        for step in range(decode_steps):
+            outputs = dict(zip(out_names, session.run(None, feeds)))
+            past = {name.replace("present", "past_key_values"): value for name, value in outputs.items() if name.startswith("present")}
+            total = len(prefill) + step + 1
+            feeds = {"input_ids": np.asarray([[window[len(prefill) + step]]], np.int64),
+                     "attention_mask": np.ones((1, total), np.int64), **past}
+            yield feeds
+
+
+class FeedReader:
+    """onnxruntime's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds: list[dict]):
+        self._feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+    def rewind(self):  # the calibrator reads once; nothing to rewind
+        pass
+
+
+def quantize_static_qdq(fp32_model: Path, out_model: Path, feeds: list[dict]) -> None:
+    """Static int8 in QDQ form: uint8 activations with calibrated (MinMax) ranges, int8 weights
+    per channel, only around MatMuls (the builder's fused attention and norms stay float)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(fp32_model), str(out_model), FeedReader(feeds), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul"], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=True, calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                    extra_options={"MatMulConstBOnly": True})
+
+
+# onnxruntime implements these in the default ONNX domain, but the ONNX standard has no such op,
+# so onnx.checker rejects them; they are checked as contrib ops instead.
+_ORT_DEFAULT_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
+
+
+def check_model(model_path: Path) -> None:
+    """Run onnx.checker on the graph (external weights are not loaded: the checker validates
+    structure, types and standard ops, not weight values)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    for node in model.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in _ORT_DEFAULT_DOMAIN_OPS:
+            node.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    # The in-memory checker resolves external data paths against the working directory.
+    with contextlib.chdir(model_path.parent):
+        onnx.checker.check_model(model)
+
+
+def qdq_counts(model_path: Path) -> dict[str, int]:
+    """QuantizeLinear / DequantizeLinear counts by integer type (a golden structure check)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    types = {}
+    for init in model.graph.initializer:
+        types[init.name] = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
+            key = f"{node.op_type}:{types.get(node.input[2], 'unknown')}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
