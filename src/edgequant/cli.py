@@ -96,6 +96,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is cancelled")
     p.add_argument("--threads", type=int, default=0, help="inference threads (default: all cores)")
+    p.add_argument("--batch", type=int, default=4, help="requests decoded together where the engine supports it (1: one at a time)")
     p.set_defaults(run=_run_serve)
 
 
@@ -177,11 +178,13 @@ def _run_serve(args) -> int:
     from edgequant.serving.app import ServeConfig, serve
 
     models = tuple(Path(m) for m in args.models) or (None,)
+    if args.batch < 1:
+        raise EdgequantError(f"--batch {args.batch} must be at least 1", "use --batch 1 to serve one request at a time")
     for model in models:
         if model is not None and not model.exists():
             raise EdgequantError(f"no such artifact or model: {model}", "pass folders written by `edgequant convert`")
     config = ServeConfig(models, args.host, args.port, args.api_key, args.ctx, args.max_queue, args.max_tokens_cap,
-                         args.max_body_bytes, args.request_timeout, args.threads)
+                         args.max_body_bytes, args.request_timeout, args.threads, args.batch)
     print(f"edgequant: serving {', '.join(m.name if m else 'default' for m in models)} on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
     serve(config)

@@ -54,6 +54,11 @@ class Runner(ABC):
         """The model's own Jinja chat template, when it has one."""
         return None
 
+    def batch_decoder(self, n_seq: int, n_ctx: int):
+        """A decoder that advances several sequences per step (see backends/gguf_batch.py), or
+        None when this engine has none; the server then runs one request at a time."""
+        return None
+
     def close(self) -> None:
         """Release engine memory; the runner is unusable afterwards."""
 

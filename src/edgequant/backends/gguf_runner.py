@@ -17,7 +17,7 @@ class LlamaRunner(Runner):
 
         from edgequant.backends.gguf_tools import QuantizeLog, silence_llama_logs
 
-        self.name, self.n_ctx = name, n_ctx
+        self.name, self.n_ctx, self._threads = name, n_ctx, threads
         self._llama_cpp = llama_cpp
         with QuantizeLog() as log:
             try:
@@ -66,6 +66,12 @@ class LlamaRunner(Runner):
 
     def chat_template(self) -> str | None:
         return self._llm.metadata.get("tokenizer.chat_template")
+
+    def batch_decoder(self, n_seq: int, n_ctx: int):
+        """A decoder that advances several sequences per llama.cpp call, sharing this model's weights."""
+        from edgequant.backends.gguf_batch import BatchDecoder
+
+        return BatchDecoder(self._llm._model.model, n_seq=n_seq, n_ctx=n_ctx, threads=self._threads)
 
     def close(self) -> None:
         if getattr(self, "_llm", None) is not None:

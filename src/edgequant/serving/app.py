@@ -37,6 +37,7 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     request_timeout_s: float = 300.0
     threads: int = 0
+    batch: int = 4  # requests decoded together where the engine can batch (llama.cpp); 1 = one at a time
 
 
 class ApiError(Exception):
@@ -303,7 +304,7 @@ def _load_workers(config: ServeConfig, metrics: Metrics) -> dict[str, ModelWorke
     for path in config.models:
         runner = open_runner(path, n_ctx=config.n_ctx, need_logits=False, threads=config.threads)
         name = model_name(path)
-        workers[name] = ModelWorker(name, runner, config.max_queue, metrics)
+        workers[name] = ModelWorker(name, runner, config.max_queue, metrics, batch=config.batch)
     return workers
 
 

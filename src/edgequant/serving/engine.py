@@ -1,10 +1,11 @@
-"""One worker thread per served model, fed by a bounded queue.
+"""Workers that run generation for the server, one per served model, fed by a bounded queue.
 
-A runner is not thread-safe and the CPU is the bottleneck, so each model runs one generation at a
-time on its own thread; requests wait in a bounded queue and are refused at once when it is full.
-The worker streams text deltas back to the asyncio side through `loop.call_soon_threadsafe` and
-checks a cancel flag between tokens, so a client that disconnects or times out stops its
-generation within one token.
+A runner is not thread-safe and the CPU is the bottleneck, so each model has one worker thread.
+Requests wait in a bounded queue and are refused at once when it is full. When the runner offers
+a batch decoder (llama.cpp), the worker advances up to `batch` requests together, one engine call
+per step for all of them; otherwise it runs one request at a time. Either way text deltas go back
+to the asyncio side through `loop.call_soon_threadsafe`, and a cancel flag is checked between
+tokens, so a client that disconnects or times out stops its generation within one step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -47,13 +49,58 @@ class Job:
         self.loop.call_soon_threadsafe(self.out.put_nowait, delta)
 
 
+class JobStream:
+    """Turns one job's sampled tokens into text deltas: stop strings, EOS, token budget, UTF-8."""
+
+    def __init__(self, job: Job, runner: Runner):
+        self.job, self.runner = job, runner
+        self.ids: list[int] = []
+        self.sent = ""  # text already emitted
+        self.generated = 0
+        self.holdback = max((len(s) for s in job.stop), default=1) - 1  # text that may start a stop string
+
+    def feed(self, token: int) -> bool:
+        """Take one sampled token; True once the job is finished (its last delta emitted)."""
+        if self.job.first_token_at is None:
+            self.job.first_token_at = time.perf_counter()
+        self.generated += 1
+        if self.runner.is_eos(token):
+            return self.finish("stop")
+        self.ids.append(token)
+        text = self.runner.detokenize(self.ids)
+        cut = _first_stop(text, self.job.stop)
+        if cut is not None:
+            return self.finish("stop", text[:cut])
+        if not text.endswith("\ufffd"):  # never split a UTF-8 character across deltas
+            self._flush(text[: len(text) - self.holdback])
+        if self.generated >= self.job.params.max_tokens:
+            return self.finish("length")
+        return False
+
+    def finish(self, reason: str, final_text: str | None = None) -> bool:
+        self._flush(final_text if final_text is not None else self.runner.detokenize(self.ids))
+        self.job.emit(Delta(finish_reason=reason, prompt_tokens=len(self.job.prompt_ids), completion_tokens=self.generated))
+        return True
+
+    def _flush(self, text: str) -> None:
+        if len(text) > len(self.sent):
+            self.job.emit(Delta(text=text[len(self.sent):]))
+            self.sent = text
+
+
 class ModelWorker:
-    def __init__(self, name: str, runner: Runner, max_queue: int, metrics):
+    def __init__(self, name: str, runner: Runner, max_queue: int, metrics, batch: int = 1, batch_ctx: int = 0):
         self.name, self.runner, self.metrics = name, runner, metrics
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self._busy = False
-        self._thread = threading.Thread(target=self._loop, name=f"edgequant-worker-{name}", daemon=True)
+        self._running = 0
+        self._decoder = runner.batch_decoder(batch, batch_ctx or batch * runner.n_ctx) if batch > 1 else None
+        loop = self._batched_loop if self._decoder is not None else self._serial_loop
+        self._thread = threading.Thread(target=loop, name=f"edgequant-worker-{name}", daemon=True)
         self._thread.start()
+
+    @property
+    def batched(self) -> bool:
+        return self._decoder is not None
 
     @property
     def queue_depth(self) -> int:
@@ -61,7 +108,7 @@ class ModelWorker:
 
     @property
     def in_flight(self) -> int:
-        return self._jobs.qsize() + int(self._busy)
+        return self._jobs.qsize() + self._running
 
     def submit(self, job: Job) -> None:
         try:
@@ -70,7 +117,7 @@ class ModelWorker:
             raise QueueFull from None
 
     def stop(self) -> None:
-        """Cancel queued jobs and end the thread after the running one notices its cancel flag."""
+        """Cancel queued jobs and end the thread after the running ones notice their cancel flag."""
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -81,58 +128,99 @@ class ModelWorker:
                 job.emit(Delta(finish_reason="stop", error="server shutting down"))
         self._jobs.put(None)
         self._thread.join(timeout=30)
+        if self._decoder is not None:
+            self._decoder.close()
         self.runner.close()
 
-    def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
+    # -- one request at a time -------------------------------------------------------------
+
+    def _serial_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
             if job.cancelled.is_set():
                 continue
-            self._busy = True
+            self._running = 1
             try:
-                generated = self._run(job)
-                self.metrics.inc("edgequant_generated_tokens_total", generated, model=self.name)
+                self._run_one(job)
             except Exception as exc:  # a failing request must never take the worker down
                 job.emit(Delta(finish_reason="stop", error=f"generation failed: {type(exc).__name__}"))
             finally:
-                self._busy = False
+                self._running = 0
 
-    def _run(self, job: Job) -> int:
-        """Generate for one job; returns the number of tokens generated, cancelled or not."""
-        runner, ids, sent, generated = self.runner, [], "", 0
-        holdback = max((len(s) for s in job.stop), default=1) - 1  # text that may start a stop string
-        finish, final_text = "length", None
-        for token in runner.generate(job.prompt_ids, job.params):
+    def _run_one(self, job: Job) -> None:
+        stream = JobStream(job, self.runner)
+        done = False
+        for token in self.runner.generate(job.prompt_ids, job.params):
             if job.cancelled.is_set():
-                self.metrics.inc("edgequant_cancelled_requests_total", model=self.name)
-                return generated
-            if job.first_token_at is None:
-                job.first_token_at = time.perf_counter()
-            generated += 1
-            if runner.is_eos(token):
-                finish = "stop"
                 break
-            ids.append(token)
-            text = runner.detokenize(ids)
-            cut = _first_stop(text, job.stop)
-            if cut is not None:
-                finish, final_text = "stop", text[:cut]
+            if done := stream.feed(token):
                 break
-            if not text.endswith("\ufffd"):  # never split a UTF-8 character across deltas
-                sent = _flush(job, text[: len(text) - holdback], sent)
-        _flush(job, final_text if final_text is not None else runner.detokenize(ids), sent)
-        job.emit(Delta(finish_reason=finish, prompt_tokens=len(job.prompt_ids), completion_tokens=generated))
-        return generated
+        if not done and not job.cancelled.is_set():
+            stream.finish("length")  # the context ran out before the token budget
+        self._retire(stream)
 
+    # -- several requests per step -----------------------------------------------------------
 
-def _flush(job: Job, text: str, sent: str) -> str:
-    """Emit what `text` adds to what was already sent; return the new sent text."""
-    if len(text) > len(sent):
-        job.emit(Delta(text=text[len(sent):]))
-        return text
-    return sent
+    def _batched_loop(self) -> None:
+        decoder, active, waiting = self._decoder, {}, deque()
+        free_slots = list(range(decoder.n_seq))
+        while True:
+            if not self._admit(active, waiting, free_slots):
+                for slot in list(active):  # shutting down: end what is still running
+                    active[slot].job.cancelled.set()
+                    active[slot].job.emit(Delta(finish_reason="stop", error="server shutting down"))
+                    self._release(active, free_slots, slot)
+                return
+            try:
+                sampled = decoder.step()
+            except Exception as exc:  # fail the requests in this step, keep serving
+                for slot in list(active):
+                    active[slot].job.emit(Delta(finish_reason="stop", error=f"generation failed: {type(exc).__name__}"))
+                    self._release(active, free_slots, slot)
+                continue
+            for slot, token in sampled.items():
+                stream = active[slot]
+                if stream.job.cancelled.is_set() or stream.feed(token):
+                    self._release(active, free_slots, slot)
+
+    def _admit(self, active: dict, waiting: deque, free_slots: list) -> bool:
+        """Move queued jobs into free sequence slots while the KV cache has room; False to exit."""
+        for slot in [s for s, stream in active.items() if stream.job.cancelled.is_set()]:
+            self._release(active, free_slots, slot)
+        while free_slots:
+            if not waiting:
+                try:  # block only when there is nothing to decode
+                    waiting.append(self._jobs.get() if not active else self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            job = waiting[0]
+            if job is None:
+                return False
+            if job.cancelled.is_set():
+                waiting.popleft()
+                continue
+            if active and self._reserved(active) + len(job.prompt_ids) + job.params.max_tokens > self._decoder.n_ctx:
+                break  # wait for a running request to finish and free cache
+            waiting.popleft()
+            slot = free_slots.pop()
+            self._decoder.start(slot, job.prompt_ids, job.params)
+            active[slot] = JobStream(job, self.runner)
+        self._running = len(active)
+        return True
+
+    @staticmethod
+    def _reserved(active: dict) -> int:
+        return sum(len(s.job.prompt_ids) + s.job.params.max_tokens for s in active.values())
+
+    def _release(self, active: dict, free_slots: list, slot: int) -> None:
+        self._decoder.finish(slot)
+        free_slots.append(slot)
+        self._retire(active.pop(slot))
+        self._running = len(active)
+
+    def _retire(self, stream: JobStream) -> None:
+        self.metrics.inc("edgequant_generated_tokens_total", stream.generated, model=self.name)
+        if stream.job.cancelled.is_set():
+            self.metrics.inc("edgequant_cancelled_requests_total", model=self.name)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

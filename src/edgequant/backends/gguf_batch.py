@@ -1,0 +1,93 @@
+"""Continuous batching on llama.cpp: several sequences advance together, one `llama_decode` per step.
+
+The server uses this for GGUF artifacts: each request owns a sequence id in a shared KV cache;
+every step puts the pending tokens of all active sequences (a whole prompt for a new one, the
+last sampled token for the others) into one batch, so the weights are read once per step for
+all of them instead of once per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from edgequant.runner import GenerateParams
+
+
+@dataclass
+class _Sequence:
+    sampler: object
+    pending: list[int]
+    pos: int = 0
+
+
+class BatchDecoder:
+    def __init__(self, model, *, n_seq: int, n_ctx: int, threads: int):
+        import llama_cpp
+
+        self._ll = llama_cpp
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_ctx, min(n_ctx, 512)
+        params.n_seq_max, params.kv_unified, params.no_perf = n_seq, True, True
+        params.n_threads = params.n_threads_batch = threads
+        self._ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self._ctx:
+            raise RuntimeError("llama.cpp could not create a batched context")
+        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._seqs: dict[int, _Sequence] = {}
+        self.n_seq, self.n_ctx = n_seq, n_ctx
+
+    def start(self, seq_id: int, prompt_ids: Sequence[int], params: GenerateParams) -> None:
+        self._seqs[seq_id] = _Sequence(self._sampler(params), list(prompt_ids))
+
+    def step(self) -> dict[int, int]:
+        """Decode every active sequence by one token; returns {sequence id: sampled token}."""
+        ll, batch, n, rows = self._ll, self._batch, 0, []
+        for seq_id, seq in self._seqs.items():
+            for j, token in enumerate(seq.pending):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, seq.pos + j, 1
+                batch.seq_id[n][0] = seq_id
+                batch.logits[n] = j == len(seq.pending) - 1  # logits only where we sample
+                n += 1
+            rows.append((seq_id, n - 1))
+            seq.pos += len(seq.pending)
+        batch.n_tokens = n
+        if n == 0:
+            return {}
+        rc = ll.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+        sampled = {}
+        for seq_id, row in rows:
+            token = ll.llama_sampler_sample(self._seqs[seq_id].sampler, self._ctx, row)
+            self._seqs[seq_id].pending = [token]
+            sampled[seq_id] = token
+        return sampled
+
+    def finish(self, seq_id: int) -> None:
+        seq = self._seqs.pop(seq_id, None)
+        if seq is not None:
+            self._ll.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            self._ll.llama_sampler_free(seq.sampler)
+
+    def close(self) -> None:
+        for seq_id in list(self._seqs):
+            self.finish(seq_id)
+        if self._ctx:
+            self._ll.llama_batch_free(self._batch)
+            self._ll.llama_free(self._ctx)
+            self._ctx = None
+
+    def _sampler(self, params: GenerateParams):
+        ll = self._ll
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if params.temperature <= 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+            return chain
+        if params.top_k > 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(params.top_k))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(params.temperature))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(params.seed))
+        return chain
