@@ -1,0 +1,85 @@
+"""QNN backend: a fixed-shape ONNX export quantized to QDQ with onnxruntime's QNN helpers, the form
+Qualcomm's HTP (Snapdragon NPU) executes. The artifact always runs on the CPU execution provider,
+so it is evaluated like every other artifact; with onnxruntime-qnn installed it can also be
+compiled for the simulated HTP (`?context=1` writes the QNN context model next to the ONNX file).
+
+Shapes are fixed (`?seq=N`): the HTP wants static shapes, so the graph takes exactly N tokens and
+has no KV cache; the runner pads to N and re-runs the window for every generated token.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from edgequant.backends import Backend, register
+from edgequant.spec import Option, Precision
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@register
+class QnnBackend(Backend):
+    name = "qnn"
+    extra = "qnn"
+    precisions = {
+        "w8a8": Precision("w8a8", 8, 8.0, "QDQ, uint8 weights and uint8 activations"),
+        "w8a16": Precision("w8a16", 8, 8.0, "QDQ, uint8 weights and uint16 activations"),
+        "w4a16": Precision("w4a16", 4, 4.0, "QDQ, int4 weights per channel and uint16 activations"),
+    }
+    options = {
+        "seq": Option("seq", int, 512, "fixed sequence length of the graph (tokens)", minimum=8, maximum=8192),
+        "samples": Option("samples", int, 4, "calibration sequences of seq tokens", minimum=1, maximum=256),
+        "override": Option("override", str, "", "per-weight types, NAME:TYPE,... with TYPE u8|i8|u16|i16|u4|i4"),
+        "context": Option("context", bool, False, "also write the compiled QNN context model (needs onnxruntime-qnn)"),
+    }
+
+    def tool_versions(self) -> dict[str, str]:
+        from edgequant.backends.onnx_tools import onnxruntime_version
+
+        return {"onnxruntime": onnxruntime_version()}
+
+    def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        from edgequant.backends import qnn_tools
+
+        opt = {name: spec.options.get(name, option.default) for name, option in self.options.items()}
+        request = qnn_tools.QnnRequest(spec.precision, opt["seq"], opt["samples"], qnn_tools.parse_overrides(opt["override"]))
+        if opt["context"]:
+            qnn_tools.require_htp()  # before any long step
+        feeds = qnn_tools.calibration_inputs(source.hf_dir, request.seq, request.samples)
+        started = time.perf_counter()
+        scratch = out_dir / ".fp32"
+        scratch.mkdir()
+        qnn_tools.export_fixed(source.hf_dir, request.seq, scratch / "model_fp32.onnx")
+        exported = time.perf_counter()
+        qnn_tools.quantize_qdq(scratch / "model_fp32.onnx", out_dir / qnn_tools.MODEL_FILE, request, feeds)
+        shutil.rmtree(scratch)
+        for name in _TOKENIZER_FILES:
+            if (source.hf_dir / name).is_file():
+                shutil.copyfile(source.hf_dir / name, out_dir / name)
+        info: dict[str, Any] = {"model_file": qnn_tools.MODEL_FILE, "seq": request.seq, "scheme": qnn_tools.SCHEMES[spec.precision],
+                                "overrides": request.overrides, "calibration_samples": request.samples}
+        if opt["context"]:
+            qnn_tools.compile_context(out_dir / qnn_tools.MODEL_FILE, out_dir / "model_ctx.onnx")
+            info["context_model"] = "model_ctx.onnx"
+        info["timings"] = {"export_s": round(exported - started, 3), "quantize_s": round(time.perf_counter() - exported, 3)}
+        return info
+
+    def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
+        from edgequant.backends.qnn_runner import FixedShapeRunner
+
+        seq = int(artifact.manifest["details"]["seq"])
+        return FixedShapeRunner(artifact.path, artifact.manifest["model_file"], seq=seq, name=str(artifact.spec),
+                                n_ctx=min(n_ctx, seq), threads=threads)
+
+    def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
+        # The exporter keeps one copy of a tied matrix; every 2-D weight is quantized (embedding too).
+        bpw = self.precisions[precision].bpw
+        bits = 0.0
+        for tensor in tensors:
+            if tied_embeddings and "lm_head" in tensor.name:
+                continue
+            bits += tensor.numel * (bpw if len(tensor.shape) >= 2 else 32.0)
+        return int(bits / 8)

@@ -1,0 +1,163 @@
+"""Engine calls for the QNN backend: a fixed-shape ONNX export of the PyTorch model, then
+onnxruntime's QNN helpers (`qnn_preprocess_model`, `get_qnn_qdq_config`) to write QDQ models the
+Qualcomm HTP can take. Heavy imports stay inside the functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgequant.errors import EdgequantError
+
+MODEL_FILE = "model.onnx"
+QNN_INSTALL_HINT = "pip install onnxruntime-qnn==2.7.0 (the `qnn` extra: pip install 'edgequant[qnn]'), in its own venv"
+
+# precision -> (activation type, weight type) names of onnxruntime.quantization.QuantType
+SCHEMES = {"w8a8": ("QUInt8", "QUInt8"), "w8a16": ("QUInt16", "QUInt8"), "w4a16": ("QUInt16", "QInt4")}
+_OVERRIDE_TYPES = {"u8": "QUInt8", "i8": "QInt8", "u16": "QUInt16", "i16": "QInt16", "i4": "QInt4", "u4": "QUInt4"}
+
+
+@dataclass(frozen=True)
+class QnnRequest:
+    precision: str
+    seq: int
+    samples: int
+    overrides: dict[str, str] = field(default_factory=dict)  # weight name substring -> override type key
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """`name:type,name:type` (e.g. `lm_head:u16,down_proj:i8`) -> {name: type}."""
+    result = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, kind = part.partition(":")
+        if not sep or not name or kind not in _OVERRIDE_TYPES:
+            raise EdgequantError(f"override {part!r} is not NAME:TYPE",
+                                 f"write e.g. override=lm_head:u16,down_proj:i8 with TYPE one of {', '.join(_OVERRIDE_TYPES)}")
+        result[name] = kind
+    return result
+
+
+def htp_available() -> bool:
+    import onnxruntime as ort
+
+    return "QNNExecutionProvider" in ort.get_available_providers()
+
+
+def require_htp() -> None:
+    if not htp_available():
+        raise EdgequantError("context=1 needs onnxruntime-qnn (the QNN execution provider), which is not installed",
+                             QNN_INSTALL_HINT)
+
+
+# Added to masked attention scores. The mask Add's output is a quantized activation, so float32's
+# minimum would stretch its range until every real score rounds to one step; -100 still makes
+# exp() of a masked score vanish next to any unmasked one.
+MASK_VALUE = -100.0
+
+
+class _FixedShapeLM:
+    """Wraps a causal LM so the graph takes only input_ids of a fixed length: the causal mask and
+    positions are built inside as constants, which keeps transformers' mask helpers (not
+    traceable by the TorchScript exporter) out of the graph and every shape static."""
+
+    def __new__(cls, model, seq: int):
+        import torch
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+                mask = torch.full((seq, seq), MASK_VALUE).triu(1)[None, None]
+                self.register_buffer("mask", mask, persistent=False)
+                self.register_buffer("positions", torch.arange(seq)[None], persistent=False)
+
+            def forward(self, input_ids):
+                out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=self.positions, use_cache=False)
+                return out.logits
+
+        return Wrapper()
+
+
+def export_fixed(hf_dir: Path, seq: int, out_path: Path) -> None:
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_FixedShapeLM(model, seq), (torch.zeros(1, seq, dtype=torch.long),), str(out_path),
+                          input_names=["input_ids"], output_names=["logits"], opset_version=17, dynamo=False)
+
+
+def calibration_inputs(hf_dir: Path, seq: int, samples: int) -> list[dict]:
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from edgequant.evaldata import default_calibration_text
+
+    ids = AutoTokenizer.from_pretrained(hf_dir)(default_calibration_text(), add_special_tokens=False, verbose=False).input_ids
+    if len(ids) < samples * seq:
+        raise EdgequantError(f"the calibration text has {len(ids)} tokens; {samples} samples of seq={seq} need {samples * seq}",
+                             f"ask for samples<={max(len(ids) // seq, 1)} or a smaller seq")
+    return [{"input_ids": np.asarray([ids[i * seq:(i + 1) * seq]], np.int64)} for i in range(samples)]
+
+
+def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: list[dict]) -> None:
+    """qnn_preprocess_model (fusions the HTP wants), then QDQ with the QNN config."""
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+
+    from edgequant.backends.onnx_tools import FeedReader
+
+    prepared = fp32_path.with_name("prepared.onnx")
+    if not qnn_preprocess_model(str(fp32_path), str(prepared), fuse_layernorm=True, save_as_external_data=True,
+                                all_tensors_to_one_file=True, external_data_location="prepared.onnx.data"):
+        prepared = fp32_path
+    activation, weight = (getattr(QuantType, name) for name in SCHEMES[request.precision])
+    config = get_qnn_qdq_config(str(prepared), FeedReader(feeds), activation_type=activation, weight_type=weight,
+                                per_channel=weight in (QuantType.QInt4,) or request.precision == "w4a16",
+                                init_overrides=_init_overrides(prepared, request.overrides))
+    config.use_external_data_format = True
+    quantize(str(prepared), str(out_path), config)
+
+
+def _init_overrides(model_path: Path, overrides: dict[str, str]) -> dict | None:
+    """Map NAME patterns to weight initializers: a pattern matches a weight's own name or the name
+    of the node using it (the TorchScript exporter names transposed MatMul weights `onnx::MatMul_N`,
+    while nodes keep module paths such as /model/layers.0/mlp/down_proj/MatMul)."""
+    if not overrides:
+        return None
+    import onnx
+    from onnxruntime.quantization import QuantType
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer if len(i.dims) >= 2}
+    result = {}
+    for pattern, kind in overrides.items():
+        matched = {w for w in weights if pattern in w}
+        matched |= {x for n in graph.node if pattern in n.name for x in n.input if x in weights}
+        if not matched:
+            raise EdgequantError(f"override {pattern!r} matches no weight of the exported model",
+                                 "use a substring of a weight or node name, e.g. lm_head or layers.0/mlp")
+        for name in matched:
+            result[name] = [{"quant_type": getattr(QuantType, _OVERRIDE_TYPES[kind])}]
+    return result
+
+
+def compile_context(model_path: Path, out_path: Path) -> None:
+    """Compile the QDQ model for the simulated HTP and write the QNN context model beside it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("ep.context_enable", "1")
+    options.add_session_config_entry("ep.context_file_path", str(out_path))
+    options.add_session_config_entry("ep.context_embed_mode", "1")
+    ort.InferenceSession(str(model_path), options, providers=[("QNNExecutionProvider", htp_options())])
+
+
+def htp_options() -> dict:
+    # The x86-64 simulator needs an explicit architecture and SoC (see shared/ENGINES.md).
+    return {"backend_type": "htp", "htp_arch": "75", "soc_model": "69"}

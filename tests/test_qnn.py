@@ -1,0 +1,95 @@
+"""The QNN backend: fixed-shape export, QDQ via onnxruntime's QNN helpers, CPU EP runs."""
+
+import pytest
+
+import edgequant
+from edgequant.backends.onnx_tools import check_model, qdq_counts
+from edgequant.errors import EdgequantError
+from edgequant.evaluation import EvalConfig
+
+SEQ = 64
+
+
+def _quality(artifact):
+    return edgequant.evaluate(artifact.path, config=EvalConfig(ctx=SEQ, windows=2, speed=False))
+
+
+@pytest.mark.parametrize("precision, activation, weight", [("w8a16", "uint16", "uint8"), ("w8a8", "uint8", "uint8")])
+def test_qdq_types_and_cpu_run(tiny_model, precision, activation, weight):
+    artifact = edgequant.convert(tiny_model, f"qnn:{precision}?seq={SEQ}&samples=2")
+    check_model(artifact.model_path)
+    counts = qdq_counts(artifact.model_path)
+    assert counts.get(f"QuantizeLinear:{activation}", 0) >= 20  # every activation of 2 layers is quantized
+    assert counts.get(f"DequantizeLinear:{weight}", 0) >= 2 * 7 + 1  # 7 matrices per layer + LM head
+    metrics = _quality(artifact)  # runs on the CPU execution provider
+    if precision == "w8a16":
+        assert abs(metrics["ppl_increase_pct"]) < 3 and metrics["top1_agreement"] > 0.8
+
+
+def test_w4a16_has_int4_weights(tiny_model):
+    artifact = edgequant.convert(tiny_model, f"qnn:w4a16?seq={SEQ}&samples=2")
+    counts = qdq_counts(artifact.model_path)
+    assert counts.get("DequantizeLinear:int4", 0) >= 2 * 7
+    assert counts.get("QuantizeLinear:uint16", 0) >= 20
+
+
+def test_override_gives_mixed_precision(tiny_model):
+    artifact = edgequant.convert(tiny_model, f"qnn:w8a16?seq={SEQ}&samples=2&override=lm_head:u16")
+    counts = qdq_counts(artifact.model_path)
+    plain = qdq_counts(edgequant.convert(tiny_model, f"qnn:w8a16?seq={SEQ}&samples=2").model_path)
+    assert counts["DequantizeLinear:uint8"] == plain["DequantizeLinear:uint8"] - 1  # the LM head moved to 16 bit
+
+
+def test_generation_is_bounded_by_the_fixed_shape(tiny_model):
+    from edgequant.runner import GenerateParams, open_runner
+
+    artifact = edgequant.convert(tiny_model, f"qnn:w8a16?seq={SEQ}&samples=2")
+    with open_runner(artifact.path, n_ctx=512, need_logits=False) as runner:
+        assert runner.n_ctx == SEQ
+        prompt = runner.tokenize("The history of")
+        tokens = list(runner.generate(prompt, GenerateParams(max_tokens=200, stop_at_eos=False)))
+    assert len(tokens) == SEQ - len(prompt)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("qnn:w8a16?context=1", "onnxruntime-qnn"),
+    ("qnn:w8a16?seq=4", "seq"),
+    ("qnn:w8a16?seq=4096&samples=200", "calibration text"),
+    ("qnn:w8a16?override=lm_head:u7", "NAME:TYPE"),
+])
+def test_bad_input_leaves_nothing_behind(tiny_model, tmp_path, spec, match):
+    from edgequant.backends.qnn_tools import htp_available
+
+    if "context" in spec and htp_available():
+        pytest.skip("onnxruntime-qnn is installed here")
+    out = tmp_path / "out"
+    with pytest.raises(EdgequantError, match=match) as err:
+        edgequant.convert(tiny_model, spec, output=out)
+    if "context" in spec:
+        assert "pip install onnxruntime-qnn" in err.value.fix
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_simulated_htp_agrees_with_cpu(tiny_model):
+    from edgequant.backends.qnn_tools import htp_available, htp_options
+
+    if not htp_available():
+        pytest.skip("onnxruntime-qnn (extra `qnn`) is not installed")
+    import numpy as np
+
+    from edgequant.backends.qnn_runner import FixedShapeRunner
+
+    artifact = edgequant.convert(tiny_model, f"qnn:w8a16?seq={SEQ}&samples=2")
+    ids = list(range(3, 3 + SEQ))
+    cpu = FixedShapeRunner(artifact.path, "model.onnx", seq=SEQ, name="cpu", n_ctx=SEQ, threads=2).logits(ids)
+    htp = FixedShapeRunner(artifact.path, "model.onnx", seq=SEQ, name="htp", n_ctx=SEQ, threads=2,
+                           providers=[("QNNExecutionProvider", htp_options())]).logits(ids)
+    assert (cpu.argmax(-1) == htp.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.slow
+def test_default_model_w8a16_on_cpu_ep():
+    artifact = edgequant.convert(None, "qnn:w8a16?seq=128&samples=4")
+    check_model(artifact.model_path)
+    metrics = edgequant.evaluate(artifact.path, config=EvalConfig(ctx=128, windows=2, speed=False))
+    assert metrics["ppl_increase_pct"] < 25 and metrics["top1_agreement"] > 0.7
