@@ -109,3 +109,18 @@ def test_real_model_default_four_bit_meets_the_quality_target(real_results):
     assert quantization(artifact)["bits"] == 4
     assert metrics["ppl_increase_pct"] <= 1.5 * 6.11, metrics
     assert artifact.size_bytes <= 1.2 * 100.6 * 2**20
+
+
+def test_scoring_path_matches_mlx_own_forward_pass(tiny_model):
+    """Off Apple silicon, logits run the dequantized MLX weights in PyTorch (mlx[cpu] has no fast
+    matmul); they must equal what mlx computes itself."""
+    import numpy as np
+
+    from edgequant.runner import open_runner
+
+    artifact = edgequant.convert(tiny_model, "mlx:4bit?group=32")
+    with open_runner(artifact.path, n_ctx=128) as runner:
+        ids = runner.tokenize("The history of the city of London is long")
+        ours = runner.logits(ids)
+        native = np.array(runner._model(runner._mx.array([ids]))[0])
+    assert np.abs(ours - native).max() < 1e-3 * np.abs(native).max()

@@ -94,7 +94,7 @@ def test_int8_perplexity_within_one_percent_on_the_tiny_model(tiny_model):
 @pytest.mark.parametrize("spec, message", [
     ("openvino:int4?ratio=1.5", "out of range"),
     ("openvino:int4?group=48", "out of range"),
-    ("openvino:int8?group=64", "does not apply"),
+    ("openvino:int8?group=32", "does not apply"),
     ("openvino:fp16?awq=1", "does not apply"),
     ("openvino:int4?samples=8", "only apply to data-aware"),
 ])
