@@ -61,3 +61,11 @@ def test_user_text_file_is_used(tiny_gguf_f32, tmp_path):
 def test_invalid_settings_are_rejected():
     with pytest.raises(EdgequantError, match="windows"):
         EvalConfig(windows=0)
+
+
+def test_same_tokens_in_other_window_shapes_get_their_own_reference(tiny_gguf_f32):
+    """4 x 64 and 2 x 128 windows hold the same token ids; each needs its own baseline."""
+    small = edgequant.evaluate(tiny_gguf_f32.path, config=EvalConfig(ctx=64, windows=4, speed=False))
+    large = edgequant.evaluate(tiny_gguf_f32.path, config=EvalConfig(ctx=128, windows=2, speed=False))
+    assert small["tokens_scored"] == 4 * 63 and large["tokens_scored"] == 2 * 127
+    assert abs(large["ppl_increase_pct"]) < 0.1

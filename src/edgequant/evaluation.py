@@ -61,7 +61,9 @@ class Windows:
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(self.ids.tobytes()).hexdigest()[:16]
+        """Names the reference cache: the same ids cut into other window shapes are other windows."""
+        shape = "x".join(str(n) for n in self.ids.shape).encode()
+        return hashlib.sha256(shape + b":" + self.ids.tobytes()).hexdigest()[:16]
 
 
 def evaluate(target: str | Path | None = None, baseline: str | Path | None = None, config: EvalConfig | None = None) -> dict:
