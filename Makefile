@@ -1,21 +1,17 @@
 # The two commands that matter: `make demo` (the main job on the embedded default model) and
 # `make test` (every test). Both bring the environment up first; that step is a no-op when current.
 VENV := .venv/bin
-DEMO_SPECS ?= gguf:q8_0,gguf:q4_k_m,gguf:q3_k_m,gguf:q2_k
-DEMO_OUT ?= out/demo
+REPORT_DIR ?= out
 
 .PHONY: setup demo test test-fast bench
 
 setup:
 	@bash scripts/bootstrap.sh
 
+# Every installed backend at a representative set of precisions, one report.
 demo: setup
-	$(VENV)/edgequant inspect
-	$(VENV)/edgequant convert --to $(DEMO_SPECS) -o $(DEMO_OUT)
-	@for spec in $$(echo $(DEMO_SPECS) | tr ',' ' '); do \
-		slug=$$(echo $$spec | tr ':' '-'); \
-		$(VENV)/edgequant eval $(DEMO_OUT)/$$slug || exit 1; \
-	done
+	@mkdir -p $(REPORT_DIR)
+	$(VENV)/edgequant bench --report $(REPORT_DIR)/report.html --markdown $(REPORT_DIR)/report.md --json $(REPORT_DIR)/report.json
 
 test: setup
 	$(VENV)/python -m pytest -q
@@ -25,3 +21,6 @@ test-fast: setup
 
 bench: setup
 	$(VENV)/python bench/gguf_pipeline.py
+	$(VENV)/python bench/serve.py
+	$(VENV)/python bench/onnx_qnn.py
+	$(VENV)/python bench/openvino_mlx.py
