@@ -99,3 +99,17 @@ def test_artifact_generates_in_llama_cpp(tiny_model):
         first = list(runner.generate(prompt, GenerateParams(max_tokens=8, stop_at_eos=False)))
         second = list(runner.generate(prompt, GenerateParams(max_tokens=8, stop_at_eos=False)))
     assert len(first) == 8 and first == second  # greedy decoding is deterministic
+
+
+def test_artifacts_of_an_older_recipe_are_rebuilt(tiny_model):
+    from edgequant.backends import get_backend
+
+    first = edgequant.convert(tiny_model, "gguf:q4_1")
+    backend = get_backend("gguf")
+    backend.recipe_version += 1
+    try:
+        rebuilt = edgequant.convert(tiny_model, "gguf:q4_1")
+    finally:
+        backend.recipe_version -= 1
+    assert rebuilt.manifest["recipe_version"] == first.manifest["recipe_version"] + 1
+    assert rebuilt.manifest["created"] >= first.manifest["created"]

@@ -41,13 +41,16 @@ def run_convert(config: ConvertConfig) -> Artifact:
     source = load_source(config.model)
     out = (config.output or default_artifact_dir(source.fingerprint, config.spec)).expanduser().resolve()
     ensure_writable_parent(out)
-    cached = _cached(out, source.fingerprint, config.spec)
-    if cached and not config.force:
-        note(f"cache hit: {out} already holds {config.spec} of this source (--force rebuilds)")
-        return cached
-    if out.exists() and any(out.iterdir()) and not cached and not config.force:
-        raise EdgequantError(f"{out} exists and holds something else", "choose another -o folder, or pass --force to replace it")
     backend = get_backend(config.spec.format)
+    existing = _existing(out)
+    same_target = existing is not None and existing.source_fingerprint == source.fingerprint and existing.spec == config.spec
+    if same_target and existing.manifest.get("recipe_version") == backend.recipe_version and not config.force:
+        note(f"cache hit: {out} already holds {config.spec} of this source (--force rebuilds)")
+        return existing
+    if same_target:
+        note(f"rebuilding {out}" + ("" if config.force else ": it was made by an older recipe of the backend"))
+    elif out.exists() and any(out.iterdir()) and not config.force:
+        raise EdgequantError(f"{out} exists and holds something else", "choose another -o folder, or pass --force to replace it")
     started = time.perf_counter()
     with step(f"converting {source.name} to {config.spec}"), atomic_dir(out, replace=True) as tmp:
         info = backend.convert(source, config.spec, tmp)
@@ -60,14 +63,14 @@ def default_artifact_dir(fingerprint: str, spec: Spec) -> Path:
     return cache_dir("artifacts", fingerprint[:16]) / spec.slug
 
 
-def _cached(out: Path, fingerprint: str, spec: Spec) -> Artifact | None:
+def _existing(out: Path) -> Artifact | None:
+    """The artifact already at `out`, if there is a readable one."""
     if not is_artifact(out):
         return None
     try:
-        artifact = open_artifact(out)
+        return open_artifact(out)
     except EdgequantError:
         return None
-    return artifact if artifact.source_fingerprint == fingerprint and artifact.spec == spec else None
 
 
 def _manifest(source, spec: Spec, backend, info: dict, folder: Path, seconds: float) -> dict:
@@ -77,6 +80,7 @@ def _manifest(source, spec: Spec, backend, info: dict, folder: Path, seconds: fl
         "schema": SCHEMA_VERSION,
         "spec": spec.to_json(),
         "spec_text": str(spec),
+        "recipe_version": backend.recipe_version,
         "source": source.to_json(),
         "model_file": info["model_file"],
         "size_bytes": folder_size(folder),

@@ -41,6 +41,9 @@ class Backend:
     options: dict[str, Option] = {}
     extra: str = ""  # the pip extra that installs this backend's engine
     requires: tuple[str, ...] = ()  # importable modules the engine needs
+    # Bump when a change of defaults or method makes old artifacts of the same spec stale: the
+    # artifact cache only reuses artifacts built with the current recipe.
+    recipe_version: int = 1
 
     def missing_engine(self) -> str | None:
         """Why this backend cannot run here (an engine module is not installed), or None."""
