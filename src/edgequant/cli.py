@@ -14,17 +14,19 @@ from pathlib import Path
 
 from edgequant.errors import EdgequantError
 
+MODEL_HELP = "Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
+
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="describe a model and estimate its size at every precision")
-    p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M)")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     p.set_defaults(run=_run_inspect)
 
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert and quantize a model to one or more specs")
-    p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf file (default: the embedded model)")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--to", required=True, metavar="SPEC[,SPEC...]", help="e.g. gguf:q4_k_m or gguf:q8_0,gguf:q4_k_m")
     p.add_argument("-o", "--output", type=Path, help="artifact folder (a parent folder when several specs are given)")
     p.add_argument("--force", action="store_true", help="rebuild even when the artifact already exists")
@@ -61,7 +63,7 @@ def _eval_config(args, windows: int, speed: bool = True):
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="convert and evaluate a model at many specs; store results; write a report")
-    p.add_argument("model", nargs="?", help="Hugging Face folder or .gguf file (default: the embedded model)")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--to", metavar="SPEC[,SPEC...]", help="specs to compare (default: a representative set over every installed backend)")
     p.add_argument("--db", type=Path, help="results database (default: results.sqlite in the edgequant cache)")
     p.add_argument("--report", type=Path, help="write a self-contained HTML report here")
