@@ -86,7 +86,7 @@ def test_int4_and_int8_quality_bands(onnx_tiny):
 def test_int8_static_is_qdq_with_int8_weights_and_uint8_activations(onnx_tiny):
     from edgequant.backends.onnx_tools import qdq_counts
 
-    artifact = edgequant.convert(onnx_tiny, "onnx:int8-static?samples=4")
+    artifact = edgequant.convert(onnx_tiny, "onnx:int8-static?samples=4&keep_float=none")
     check_model(artifact.model_path)
     counts = qdq_counts(artifact.model_path)
     matmuls = 2 * 5 + 1  # qkv, o, gate, up, down per layer + LM head
@@ -151,3 +151,39 @@ def test_default_model_int4_meets_the_quality_target():
     with open_runner(onnx_int4.path, n_ctx=256, need_logits=False) as runner:
         text = runner.detokenize(list(runner.generate(runner.tokenize("The capital of France is"), GenerateParams(max_tokens=8))))
     assert "Paris" in text
+
+
+@pytest.mark.slow
+def test_default_model_int8_is_within_3_percent():
+    """The issue's int8 band on the real model: 4 windows of 512 (the bench's windows). Per-tensor
+    dynamic int8 (onnxruntime's quantize_dynamic) measured +69% here; per-token scales fix it."""
+    artifact = edgequant.convert(None, "onnx:int8")
+    check_model(artifact.model_path)
+    assert "MatMulInteger" in _op_types(artifact)
+    metrics = edgequant.evaluate(artifact.path, config=EvalConfig(windows=4, speed=False))
+    assert abs(metrics["ppl_increase_pct"]) < 3
+    assert metrics["top1_agreement"] > 0.9
+
+
+@pytest.mark.slow
+def test_default_model_int8_static_is_sane():
+    """Static per-tensor activation ranges cannot follow the model's massive first-token
+    activations, so the sensitive MatMuls stay float; the rest must stay close to the baseline."""
+    from edgequant.backends.onnx_tools import qdq_counts
+
+    artifact = edgequant.convert(None, "onnx:int8-static")
+    check_model(artifact.model_path)
+    assert qdq_counts(artifact.model_path).get("DequantizeLinear:int8", 0) >= 30 * 4  # qkv, o, gate, up
+    metrics = edgequant.evaluate(artifact.path, config=EvalConfig(windows=2, speed=False))
+    assert abs(metrics["ppl_increase_pct"]) < 15
+
+
+@pytest.mark.slow
+def test_default_model_fp16_generates_on_cpu():
+    """The builder's fp16 CPU graph failed on the first decode step in onnxruntime-genai."""
+    artifact = edgequant.convert(None, "onnx:fp16")
+    check_model(artifact.model_path)
+    with open_runner(artifact.path, n_ctx=256, need_logits=False) as runner:
+        tokens = list(runner.generate(runner.tokenize("The capital of France is"), GenerateParams(max_tokens=8)))
+        text = runner.detokenize(tokens)
+    assert len(tokens) == 8 and "Paris" in text

@@ -25,17 +25,20 @@ from edgequant.spec import Option, Precision
 # The builder's own -p for each precision; int8 variants start from its fp32 export.
 _BUILDER_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int4": "int4", "int8": "fp32", "int8-static": "fp32"}
 _INT4_ONLY = ("block", "sym", "accuracy_level", "algo", "head8", "mixed")
-_STATIC_ONLY = ("samples", "calib_tokens")
+_STATIC_ONLY = ("samples", "calib_tokens", "keep_float")
 
 
 @register
 class OnnxBackend(Backend):
     name = "onnx"
     extra = "onnx"
+    # 2: int8 per-token activations (was quantize_dynamic), int8-static keeps down_proj/lm_head
+    # float, fp16 drops the builder's wrong shape annotations
+    recipe_version = 2
     precisions = {
         "fp32": Precision("fp32", 32, 32.0, "float32 export by the onnxruntime-genai builder"),
         "fp16": Precision("fp16", 16, 16.0, "float16 export by the onnxruntime-genai builder"),
-        "int8": Precision("int8", 8, 8.0, "dynamic int8 MatMuls (weights per channel, activations at run time)"),
+        "int8": Precision("int8", 8, 8.0, "dynamic int8 MatMuls: weights per channel, activations per token at run time"),
         "int8-static": Precision("int8-static", 8, 8.0, "static int8 QDQ, calibrated on prefill and decode steps"),
         "int4": Precision("int4", 4, 6.0, "weight-only int4 MatMulNBits (HQQ); tied embedding / LM head kept at 8 bit"),
     }
@@ -50,6 +53,8 @@ class OnnxBackend(Backend):
         "mixed": Option("mixed", bool, False, "k_quant only: also keep qkv/v/down projections of sensitive layers at 8 bit"),
         "samples": Option("samples", int, 8, "int8-static: calibration sequences", minimum=1, maximum=512),
         "calib_tokens": Option("calib_tokens", int, 128, "int8-static: tokens per calibration sequence", minimum=8, maximum=4096),
+        "keep_float": Option("keep_float", str, "down_proj,lm_head",
+                             "int8-static: MatMuls kept float, by node-name part, comma-separated (none: quantize all)"),
     }
 
     def tool_versions(self) -> dict[str, str]:
@@ -70,6 +75,9 @@ class OnnxBackend(Backend):
             onnx_tools.run_builder(request, out_dir / "build.log")
             info = {"model_file": onnx_tools.MODEL_FILE, "builder_options": _loggable(request.extra),
                     "timings": {"build_s": round(time.perf_counter() - started, 3)}}
+            if spec.precision == "fp16":
+                onnx_tools.drop_shape_annotations(out_dir / onnx_tools.MODEL_FILE)
+                info["post_processing"] = "shape annotations dropped (the builder mislabels repeat_kv for CPU fp16)"
             if spec.precision == "int4" and _option_values(spec)["algo"] == "hqq":
                 opt = _option_values(spec)
                 onnx_tools.quantize_hqq(out_dir / onnx_tools.MODEL_FILE, opt["block"], opt["accuracy_level"])
@@ -157,13 +165,16 @@ def _convert_int8(source, spec, out_dir: Path, started: float) -> dict[str, Any]
     info: dict[str, Any] = {"model_file": onnx_tools.MODEL_FILE}
     fp32_model, target = scratch / onnx_tools.MODEL_FILE, out_dir / onnx_tools.MODEL_FILE
     if spec.precision == "int8":
-        onnx_tools.quantize_dynamic_int8(fp32_model, target)
+        count = onnx_tools.quantize_dynamic_int8(fp32_model, target)
+        info["post_quantization"] = f"int8 weights per channel, int8 activations per token, {count} MatMuls"
     else:
         opt = _option_values(spec)
         calib = onnx_tools.Calibration(samples=opt["samples"], tokens=opt["calib_tokens"])
         windows = onnx_tools.calibration_windows(scratch, calib)
         feeds = list(onnx_tools.calibration_feeds(fp32_model, windows, calib.decode_steps))
-        onnx_tools.quantize_static_qdq(fp32_model, target, feeds)
+        keep = () if opt["keep_float"] == "none" else tuple(p for p in opt["keep_float"].split(",") if p)
+        floats = onnx_tools.quantize_static_qdq(fp32_model, target, feeds, keep)
+        info["post_quantization"] = f"QDQ int8, MinMax asymmetric uint8 activations; {floats} MatMuls kept float ({opt['keep_float']})"
         info["calibration"] = {"text": "lee_background.cor (gensim)", "samples": calib.samples,
                                "prefill_tokens": calib.tokens, "decode_steps": calib.decode_steps}
     onnx_tools.copy_side_files(scratch, out_dir)

@@ -131,6 +131,21 @@ def quantize_hqq(model_path: Path, block: int, accuracy_level: int) -> None:
     save_model(quantizer.model.model, model_path)
 
 
+def drop_shape_annotations(model_path: Path) -> int:
+    """Remove the builder's intermediate shape annotations (graph.value_info); onnxruntime infers
+    shapes itself. Needed for its fp16 CPU export: it labels the repeat_kv outputs (past + new
+    tokens long) with the new tokens' length only, and on the first decode step onnxruntime's
+    buffer planner trusts that label next to the fp32 Casts it inserts on CPU and fails ("Shape
+    mismatch attempting to re-use buffer {1,1,576} != {1,4,576}"). The weights file is untouched."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    count = len(model.graph.value_info)
+    del model.graph.value_info[:]
+    onnx.save_model(model, str(model_path))
+    return count
+
+
 def copy_side_files(src: Path, dst: Path) -> None:
     for name in SIDE_FILES:
         if (src / name).is_file():
@@ -145,12 +160,13 @@ def save_model(model, path: Path) -> None:
                     location=path.name + DATA_SUFFIX, size_threshold=1024)
 
 
-def quantize_dynamic_int8(fp32_model: Path, out_model: Path) -> None:
-    """Dynamic int8: weights int8 per channel, activations quantized at run time per batch."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_dynamic_int8(fp32_model: Path, out_model: Path) -> int:
+    """Dynamic int8: weights int8 per output channel, activations int8 per token at run time.
+    See `onnx_int8` for why onnxruntime's quantize_dynamic (one scale per activation tensor) is
+    not used. Returns how many MatMuls became integer."""
+    from edgequant.backends.onnx_int8 import quantize_per_token_int8
 
-    quantize_dynamic(str(fp32_model), str(out_model), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=True, use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    return quantize_per_token_int8(fp32_model, out_model)
 
 
 @dataclass(frozen=True)
@@ -226,15 +242,28 @@ class FeedReader:
         pass
 
 
-def quantize_static_qdq(fp32_model: Path, out_model: Path, feeds: list[dict]) -> None:
-    """Static int8 in QDQ form: uint8 activations with calibrated (MinMax) ranges, int8 weights
-    per channel, only around MatMuls (the builder's fused attention and norms stay float)."""
+def quantize_static_qdq(fp32_model: Path, out_model: Path, feeds: list[dict], keep_float: tuple[str, ...] = ()) -> int:
+    """Static int8 in QDQ form: uint8 activations with asymmetric MinMax ranges, int8 weights per
+    channel, only around MatMuls (the builder's fused attention and norms stay float); MatMuls
+    whose node name contains a `keep_float` part stay float. Returns how many stay float.
+
+    One fixed range per activation tensor has to cover every token of every prompt, and the
+    default model's down_proj inputs carry massive first-token activations (|x| up to 2900 where
+    other tokens stay under 2): with them quantized the model lost +283% perplexity, with the 30
+    down_proj and the LM head float +8.5% (2 windows of 512). Measured and rejected: symmetric
+    activations (+19%), MinMax moving average (+47%: decode steps shrink the prefill ranges);
+    Percentile/Entropy calibration fail in onnxruntime 1.32 on feeds of different lengths
+    (prefill and decode), which the calibration must mix."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    matmuls = [n.name for n in onnx.load(str(fp32_model), load_external_data=False).graph.node if n.op_type == "MatMul"]
+    excluded = [name for name in matmuls if any(part in name for part in keep_float)]
     quantize_static(str(fp32_model), str(out_model), FeedReader(feeds), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["MatMul"], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     per_channel=True, calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-                    extra_options={"MatMulConstBOnly": True})
+                    nodes_to_exclude=excluded, extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False})
+    return len(excluded)
 
 
 # onnxruntime implements these in the default ONNX domain, but the ONNX standard has no such op,
