@@ -46,3 +46,15 @@ def test_client_disconnect_stops_generation(server):
     httpx.post(f"{server}/v1/completions", json={"model": "gguf-q4_k_m", "prompt": "Hi", "max_tokens": 2}, timeout=30)
     spent = generated_tokens(server) - before
     assert spent < 500, spent
+
+
+def test_request_past_the_timeout_gets_504_and_is_cancelled():
+    artifact = edgequant.convert(None, "gguf:q4_k_m")
+    with running_server(str(artifact.path), "--request-timeout", "1", "--batch", "1") as (base, proc):
+        response = httpx.post(f"{base}/v1/completions", timeout=60,
+                              json={"model": "gguf-q4_k_m", "prompt": "Write a very long story:", "max_tokens": 1000, "temperature": 0})
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        time.sleep(1)
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'edgequant_cancelled_requests_total{model="gguf-q4_k_m"} 1' in metrics
+        assert httpx.get(f"{base}/health").status_code == 200
