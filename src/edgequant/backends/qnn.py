@@ -24,6 +24,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 class QnnBackend(Backend):
     name = "qnn"
     extra = "qnn"
+    recipe_version = 2  # 2: RMSNorm exported scale-free (see qnn_tools._scale_free_rms_norm)
     precisions = {
         "w8a8": Precision("w8a8", 8, 8.0, "QDQ, uint8 weights and uint8 activations"),
         "w8a16": Precision("w8a16", 8, 8.0, "QDQ, uint8 weights and uint16 activations"),
