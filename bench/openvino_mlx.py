@@ -22,10 +22,12 @@ REFERENCE = "gguf:q4_k_m"
 DEFAULTS = ("openvino:int4", "mlx:4bit")
 SPECS = [
     REFERENCE,
-    "openvino:fp16", "openvino:int8", "openvino:int4", "openvino:int4?awq=1&scale_estimation=1",
-    "openvino:int4?group=32", "openvino:int4?group=128", "openvino:int4?sym=1",
-    "mlx:8bit", "mlx:6bit", "mlx:4bit", "mlx:4bit?group=32", "mlx:4bit?embed_bits=0", "mlx:mixed_4_6",
-    "mlx:mixed_3_6", "mlx:3bit", "mlx:2bit",
+    "openvino:fp16", "openvino:int8", "openvino:int4",
+    # the default's settings without calibration data, and every layer at int4 (both data-free: fast)
+    "openvino:int4?awq=0&scale_estimation=0", "openvino:int4?ratio=1&awq=0&scale_estimation=0",
+    "mlx:8bit", "mlx:6bit", "mlx:4bit",
+    "mlx:4bit?grid=mlx",  # mx.quantize's own rounding, the grid the default replaced
+    "mlx:4bit?embed_bits=0", "mlx:mixed_3_6", "mlx:3bit", "mlx:2bit",
 ]
 _KEYS = ("perplexity", "ppl_increase_pct", "kld_mean", "kld_p99", "top1_agreement", "decode_tps", "prefill_tps",
          "ttft_ms", "peak_rss_mb")

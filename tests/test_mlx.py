@@ -83,13 +83,14 @@ def test_inspect_estimates_mlx_sizes(tiny_model):
 
 # --- the real default model -------------------------------------------------------------------
 
-REAL = EvalConfig(ctx=512, windows=4, speed=False)
+REAL = EvalConfig(ctx=512, windows=2, speed=False)  # 2 windows: the gaps asserted are many times the noise
+EVERYTHING_4BIT = "mlx:4bit?embed_bits=0"
 
 
 @pytest.fixture(scope="module")
 def real_results():
     results = {}
-    for spec in ("mlx:8bit", "mlx:4bit"):
+    for spec in ("mlx:8bit", "mlx:4bit", EVERYTHING_4BIT):
         artifact = edgequant.convert(None, spec)
         results[spec] = (artifact, edgequant.evaluate(artifact.path, config=REAL))
     return results
@@ -97,9 +98,13 @@ def real_results():
 
 @pytest.mark.slow
 def test_real_model_eight_bit_within_one_percent_four_bit_worse(real_results):
-    eight, four = real_results["mlx:8bit"][1], real_results["mlx:4bit"][1]
+    """The default model's linear layers come from Q4_1, so on min/max grids the default 4-bit
+    (embedding at 8 bit) and 8-bit both reproduce them and tie within noise. Only the Q8_0 embedding
+    holds more than 4 bits of information: with it at 4 bit too, 4-bit must lose more than 8-bit."""
+    eight, four = real_results["mlx:8bit"][1], real_results[EVERYTHING_4BIT][1]
     assert abs(eight["ppl_increase_pct"]) < 1.0, eight
-    assert four["kld_mean"] > eight["kld_mean"]
+    assert four["kld_mean"] > 2 * eight["kld_mean"], (four, eight)
+    assert four["ppl_increase_pct"] > eight["ppl_increase_pct"]
 
 
 @pytest.mark.slow

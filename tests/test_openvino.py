@@ -142,13 +142,19 @@ def test_inspect_estimates_openvino_sizes(tiny_model):
 
 # --- the real default model -------------------------------------------------------------------
 
-REAL = EvalConfig(ctx=512, windows=4, speed=False)
+REAL = EvalConfig(ctx=512, windows=2, speed=False)  # 2 windows: the gaps asserted are many times the noise
+
+
+# The default's settings (group 32, ratio 0.4) without data, and with both data-aware methods the
+# issue names (8 samples keep scale estimation, the slow one, to well under a minute).
+DATA_FREE = "openvino:int4?awq=0&scale_estimation=0"
+AWQ_AND_SCALE_ESTIMATION = "openvino:int4?awq=1&scale_estimation=1&samples=8"
 
 
 @pytest.fixture(scope="module")
 def real_results():
     results = {}
-    for spec in ("openvino:int8", "openvino:int4", "openvino:int4?awq=0&scale_estimation=0"):
+    for spec in ("openvino:int8", "openvino:int4", DATA_FREE, AWQ_AND_SCALE_ESTIMATION):
         artifact = edgequant.convert(None, spec)
         results[spec] = (artifact, edgequant.evaluate(artifact.path, config=REAL))
     return results
@@ -173,9 +179,14 @@ def test_real_model_default_int4_meets_the_quality_target(real_results):
 
 @pytest.mark.slow
 def test_real_model_awq_and_scale_estimation_no_worse_than_data_free(real_results):
-    data_aware = real_results["openvino:int4"][1]  # the default: AWQ + scale estimation
-    data_free = real_results["openvino:int4?awq=0&scale_estimation=0"][1]
-    assert data_aware["perplexity"] <= data_free["perplexity"] * 1.002, (data_aware, data_free)
+    """Compared by KLD to the baseline: perplexity over 2 windows is too noisy to rank these (AWQ +
+    scale estimation on 8 samples measured +5.54% vs data-free +4.99% on 2 windows, but KLD 0.059
+    vs 0.124; on 8 windows data-free is +9.46%)."""
+    data_free = real_results[DATA_FREE][1]
+    for spec in (AWQ_AND_SCALE_ESTIMATION, "openvino:int4"):  # the default: AWQ alone on 16 samples
+        data_aware = real_results[spec][1]
+        assert data_aware["kld_mean"] <= data_free["kld_mean"], (spec, data_aware, data_free)
+    assert real_results["openvino:int4"][1]["perplexity"] <= data_free["perplexity"], data_free
 
 
 @pytest.mark.slow
