@@ -19,27 +19,6 @@ from edgequant.evaluation import EvalConfig
 from edgequant.runner import GenerateParams, open_runner
 
 
-@pytest.fixture(scope="module")
-def onnx_tiny(tiny_model, tmp_path_factory):
-    """The shared tiny model's tokenizer with fresh random weights of a builder-friendly shape."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("onnx-tiny") / "model"
-    shutil.copytree(tiny_model, out, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.08)
-    model.save_pretrained(out, safe_serialization=True)
-    return out
-
-
 def _quality(artifact):
     return edgequant.evaluate(artifact.path, config=EvalConfig(ctx=128, windows=2, speed=False))
 

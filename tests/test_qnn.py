@@ -1,10 +1,12 @@
 """The QNN backend: fixed-shape export, QDQ via onnxruntime's QNN helpers, CPU EP runs."""
 
+import onnx
 import pytest
 
 import edgequant
 from edgequant.backends.onnx_tools import check_model, qdq_counts
 from edgequant.errors import EdgequantError
+from edgequant.evaldata import default_eval_text
 from edgequant.evaluation import EvalConfig
 
 SEQ = 64
@@ -70,21 +72,24 @@ def test_bad_input_leaves_nothing_behind(tiny_model, tmp_path, spec, match):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_simulated_htp_agrees_with_cpu(tiny_model):
-    from edgequant.backends.qnn_tools import htp_available, htp_options
+def test_simulated_htp_agrees_with_cpu_and_compiles_a_context(tiny_model):
+    from edgequant.backends.qnn_tools import htp_available
 
     if not htp_available():
         pytest.skip("onnxruntime-qnn (extra `qnn`) is not installed")
-    import numpy as np
-
     from edgequant.backends.qnn_runner import FixedShapeRunner
 
-    artifact = edgequant.convert(tiny_model, f"qnn:w8a16?seq={SEQ}&samples=2")
-    ids = list(range(3, 3 + SEQ))
-    cpu = FixedShapeRunner(artifact.path, "model.onnx", seq=SEQ, name="cpu", n_ctx=SEQ, threads=2).logits(ids)
-    htp = FixedShapeRunner(artifact.path, "model.onnx", seq=SEQ, name="htp", n_ctx=SEQ, threads=2,
-                           providers=[("QNNExecutionProvider", htp_options())]).logits(ids)
-    assert (cpu.argmax(-1) == htp.argmax(-1)).mean() > 0.9
+    artifact = edgequant.convert(tiny_model, f"qnn:w8a16?seq={SEQ}&samples=2&context=1")
+    report = artifact.manifest["details"]["htp"]
+    assert report["top1_agreement"] > 0.8 and report["tokens"] == SEQ
+    context = onnx.load(str(artifact.path / "model_ctx.onnx"))
+    assert [n.op_type for n in context.graph.node] == ["EPContext"]
+    with FixedShapeRunner(artifact.path, "model.onnx", seq=SEQ, name="htp", n_ctx=SEQ, threads=2, htp=True) as htp:
+        ids = htp.tokenize(default_eval_text()[:2000])[:SEQ]
+        on_htp = htp.logits(ids)
+    with FixedShapeRunner(artifact.path, "model.onnx", seq=SEQ, name="cpu", n_ctx=SEQ, threads=2) as cpu:
+        on_cpu = cpu.logits(ids)
+    assert (on_cpu.argmax(-1) == on_htp.argmax(-1)).mean() > 0.8
 
 
 @pytest.mark.slow

@@ -6,31 +6,21 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgequant.runner import GenerateParams, Runner
+from edgequant.runner import GenerateParams, HFTokenizerMixin, Runner
 from edgequant.source import Source
 
 
-class TorchRunner(Runner):
+class TorchRunner(HFTokenizerMixin, Runner):
     def __init__(self, source: Source, *, n_ctx: int, threads: int):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
         self._torch = torch
         self.name = f"pytorch:fp32 ({source.name})"
         self.n_ctx = n_ctx
-        self.tokenizer = AutoTokenizer.from_pretrained(source.hf_dir)
+        self._load_hf_tokenizer(source.hf_dir)
         self.model = AutoModelForCausalLM.from_pretrained(source.hf_dir, dtype=torch.float32).eval()
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
-
-    def tokenize(self, text: str, special: bool = False) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special).input_ids
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         torch = self._torch
@@ -50,15 +40,9 @@ class TorchRunner(Runner):
                 past = out.past_key_values
                 token = _sample(out.logits[0, -1], params, generator)
                 yield token
-                if params.stop_at_eos and token in self.eos_ids:
+                if params.stop_at_eos and token in self._eos_ids:
                     return
                 inputs = torch.tensor([[token]], dtype=torch.long)
-
-    def is_eos(self, token: int) -> bool:
-        return token in self.eos_ids
-
-    def chat_template(self) -> str | None:
-        return self.tokenizer.chat_template
 
     def close(self) -> None:
         self.model = None

@@ -7,10 +7,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgequant.runner import GenerateParams, Runner
+from edgequant.runner import GenerateParams, HFTokenizerMixin, Runner
 
 
-class MLXRunner(Runner):
+class MLXRunner(HFTokenizerMixin, Runner):
     """`generate` runs in mlx-lm. `logits` of long windows run the same (dequantized) MLX weights
     through PyTorch off Apple silicon: mlx[cpu] has no fast matrix multiply on x86 (one 512-token
     window of a 135M model takes minutes), and the quality lost lies in the weights, which are
@@ -24,16 +24,10 @@ class MLXRunner(Runner):
         self._mx = mx
         self._folder = folder
         self._torch_model = None
-        self._model, self._tokenizer = load(str(folder))
+        self._model, _ = load(str(folder))
+        self._load_hf_tokenizer(folder)
         if not _apple_silicon():
             _compute_in_float32(self._model)
-        self._eos = set(self._tokenizer.eos_token_ids or [])
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids))
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         if len(ids) > self.n_ctx:
@@ -54,23 +48,30 @@ class MLXRunner(Runner):
         return out.logits[0].float().numpy()
 
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
-        from mlx_lm.generate import generate_step
+        """A plain KV-cached decode loop on the calling thread's default stream. mlx-lm's own
+        `generate_step` pins a stream created when it was imported, and MLX streams belong to the
+        thread that made them, so it fails in the server's worker thread."""
+        from mlx_lm.models.cache import make_prompt_cache
         from mlx_lm.sample_utils import make_sampler
 
+        mx = self._mx
         budget = min(params.max_tokens, self.n_ctx - len(prompt_ids))
         if budget <= 0:
             return
-        self._mx.random.seed(params.seed)
+        mx.random.seed(params.seed)
         sampler = make_sampler(temp=params.temperature, top_p=params.top_p if params.top_p < 1.0 else 0.0, top_k=params.top_k)
-        steps = generate_step(self._mx.array(list(prompt_ids)), self._model, max_tokens=budget, sampler=sampler)
-        for token, _logprobs in steps:
-            token = int(token)
+        cache = make_prompt_cache(self._model)
+        inputs = mx.array([list(prompt_ids)])
+        for _ in range(budget):
+            logits = self._model(inputs, cache=cache)[:, -1, :]
+            token = int(sampler(logits - mx.logsumexp(logits, keepdims=True)).item())
             yield token
-            if params.stop_at_eos and token in self._eos:
+            if params.stop_at_eos and token in self._eos_ids:
                 return
+            inputs = mx.array([[token]])
 
     def close(self) -> None:
-        self._model = self._tokenizer = self._torch_model = None
+        self._model = self._torch_model = None
 
 
 def _apple_silicon() -> bool:

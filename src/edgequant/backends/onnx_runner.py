@@ -14,24 +14,16 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgequant.runner import GenerateParams, Runner
+from edgequant.runner import GenerateParams, HFTokenizerMixin, Runner
 
 
-class OnnxRunner(Runner):
+class OnnxRunner(HFTokenizerMixin, Runner):
     def __init__(self, folder: Path, model_file: str, *, name: str, n_ctx: int, threads: int):
-        from transformers import AutoTokenizer
-
         self.name, self.n_ctx = name, n_ctx
         self._folder, self._model_path, self._threads = folder, folder / model_file, threads
-        self._tokenizer = AutoTokenizer.from_pretrained(folder)
+        self._load_hf_tokenizer(folder)
         self._session = None
         self._genai = None
-
-    def tokenize(self, text: str) -> list[int]:
-        return self._tokenizer(text, add_special_tokens=False, verbose=False).input_ids
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         from edgequant.backends.onnx_tools import kv_feeds
@@ -62,14 +54,13 @@ class OnnxRunner(Runner):
         gen_params.set_search_options(**search)
         generator = og.Generator(model, gen_params)
         generator.append_tokens(list(prompt_ids))
-        eos = self._eos_ids()
         for _ in range(budget):
             if generator.is_done():
                 break
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
             yield token
-            if params.stop_at_eos and token in eos:
+            if params.stop_at_eos and token in self._eos_ids:
                 break
 
     def close(self) -> None:
@@ -97,6 +88,3 @@ class OnnxRunner(Runner):
             self._genai = og.Model(config)
         return self._genai
 
-    def _eos_ids(self) -> set[int]:
-        eos = self._tokenizer.eos_token_id
-        return {eos} if eos is not None else set()

@@ -13,15 +13,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgequant.runner import GenerateParams, Runner
+from edgequant.runner import GenerateParams, HFTokenizerMixin, Runner
 
 _DONE = object()
 
 
-class OpenVINORunner(Runner):
+class OpenVINORunner(HFTokenizerMixin, Runner):
     def __init__(self, folder: Path, *, name: str, n_ctx: int, threads: int, infer: str = "auto"):
         import openvino as ov
-        import openvino_tokenizers  # noqa: F401  (registers the tokenizer IRs' custom operations)
 
         self.name, self.n_ctx = name, n_ctx
         self._folder, self._threads = folder, threads
@@ -29,18 +28,9 @@ class OpenVINORunner(Runner):
         if infer != "auto":  # "auto" keeps the plugin's default for this CPU (bf16 where it has AMX/AVX512-BF16)
             self._properties["INFERENCE_PRECISION_HINT"] = infer
         self._core = ov.Core()
-        self._tokenizer = self._core.compile_model(str(folder / "openvino_tokenizer.xml"), "CPU")
-        self._detokenizer = self._core.compile_model(str(folder / "openvino_detokenizer.xml"), "CPU")
+        self._load_hf_tokenizer(folder)  # the tokenizer IRs are checked against it at conversion
         self._request = None
         self._pipeline = None
-
-    def tokenize(self, text: str) -> list[int]:
-        out = self._tokenizer([text])
-        return [int(t) for t in out["input_ids"][0]]
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        out = self._detokenizer(np.asarray([list(ids)], dtype=np.int64))
-        return str(out["string_output"][0])
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         if len(ids) > self.n_ctx:
@@ -74,7 +64,7 @@ class OpenVINORunner(Runner):
         return short_type_name(request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT"))
 
     def close(self) -> None:
-        self._request = self._pipeline = self._tokenizer = self._detokenizer = None
+        self._request = self._pipeline = None
 
     def _logits_request(self):
         if self._request is None:

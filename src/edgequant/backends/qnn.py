@@ -62,6 +62,8 @@ class QnnBackend(Backend):
                 shutil.copyfile(source.hf_dir / name, out_dir / name)
         info: dict[str, Any] = {"model_file": qnn_tools.MODEL_FILE, "seq": request.seq, "scheme": qnn_tools.SCHEMES[spec.precision],
                                 "overrides": request.overrides, "calibration_samples": request.samples}
+        if qnn_tools.htp_available():
+            info["htp"] = qnn_tools.htp_agreement(out_dir / qnn_tools.MODEL_FILE, feeds)
         if opt["context"]:
             qnn_tools.compile_context(out_dir / qnn_tools.MODEL_FILE, out_dir / "model_ctx.onnx")
             info["context_model"] = "model_ctx.onnx"

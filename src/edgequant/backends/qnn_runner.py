@@ -12,27 +12,25 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgequant.runner import GenerateParams, Runner
+from edgequant.runner import GenerateParams, HFTokenizerMixin, Runner
 
 
-class FixedShapeRunner(Runner):
+class FixedShapeRunner(HFTokenizerMixin, Runner):
     def __init__(self, folder: Path, model_file: str, *, seq: int, name: str, n_ctx: int, threads: int,
-                 providers: list | None = None):
+                 htp: bool = False):
         import onnxruntime as ort
-        from transformers import AutoTokenizer
 
         self.name, self.n_ctx, self.seq = name, n_ctx, seq
-        self._tokenizer = AutoTokenizer.from_pretrained(folder)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self._session = ort.InferenceSession(str(folder / model_file), options, providers=providers or ["CPUExecutionProvider"])
+        self._load_hf_tokenizer(folder)
+        if htp:  # the simulated Qualcomm HTP (needs onnxruntime-qnn); the options name the provider
+            from edgequant.backends.qnn_tools import htp_session_options
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._tokenizer(text, add_special_tokens=False, verbose=False).input_ids
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+            options, providers = htp_session_options(threads), None
+        else:
+            options, providers = ort.SessionOptions(), ["CPUExecutionProvider"]
+            options.intra_op_num_threads = threads
+            options.log_severity_level = 3
+        self._session = ort.InferenceSession(str(folder / model_file), options, providers=providers)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         if len(ids) > self.seq:
@@ -45,12 +43,11 @@ class FixedShapeRunner(Runner):
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         rng = np.random.default_rng(params.seed)
         ids = list(prompt_ids)
-        eos = self._tokenizer.eos_token_id
         for _ in range(max(0, min(params.max_tokens, self.n_ctx - len(ids)))):
             token = _sample(self.logits(ids)[-1], params, rng)
             ids.append(token)
             yield token
-            if params.stop_at_eos and token == eos:
+            if params.stop_at_eos and token in self._eos_ids:
                 break
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from edgequant.errors import EdgequantError
 
 MODEL_FILE = "model.onnx"
-QNN_INSTALL_HINT = "pip install onnxruntime-qnn==2.7.0 (the `qnn` extra: pip install 'edgequant[qnn]'), in its own venv"
+QNN_INSTALL_HINT = "pip install onnxruntime-qnn==2.7.0 (the `qnn` extra: pip install 'edgequant[qnn]')"
 
 # precision -> (activation type, weight type) names of onnxruntime.quantization.QuantType
 SCHEMES = {"w8a8": ("QUInt8", "QUInt8"), "w8a16": ("QUInt16", "QUInt8"), "w4a16": ("QUInt16", "QInt4")}
@@ -38,10 +38,38 @@ def parse_overrides(text: str) -> dict[str, str]:
     return result
 
 
-def htp_available() -> bool:
+QNN_EP = "QNNExecutionProvider"
+
+
+def _qnn_devices() -> list:
+    """The QNN execution provider's devices. onnxruntime-qnn 2.x is a plugin library: it must be
+    registered with onnxruntime once per process before sessions can use it."""
+    try:
+        import onnxruntime_qnn
+    except ImportError:
+        return []
     import onnxruntime as ort
 
-    return "QNNExecutionProvider" in ort.get_available_providers()
+    if not any(d.ep_name == QNN_EP for d in ort.get_ep_devices()):
+        ort.register_execution_provider_library(QNN_EP, onnxruntime_qnn.get_library_path())
+    return [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
+
+
+def htp_available() -> bool:
+    return bool(_qnn_devices())
+
+
+def htp_session_options(threads: int = 0):
+    """Session options that put the whole graph on the (simulated) HTP: CPU fallback is off, so a
+    node the HTP cannot take is an error instead of a silent CPU run."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    options.add_provider_for_devices(_qnn_devices(), htp_options())
+    return options
 
 
 def require_htp() -> None:
@@ -177,11 +205,35 @@ def compile_context(model_path: Path, out_path: Path) -> None:
     """Compile the QDQ model for the simulated HTP and write the QNN context model beside it."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    options = htp_session_options()
     options.add_session_config_entry("ep.context_enable", "1")
     options.add_session_config_entry("ep.context_file_path", str(out_path))
     options.add_session_config_entry("ep.context_embed_mode", "1")
-    ort.InferenceSession(str(model_path), options, providers=[("QNNExecutionProvider", htp_options())])
+    ort.InferenceSession(str(model_path), options)
+
+
+def htp_agreement(model_path: Path, feeds: list[dict]) -> dict:
+    """Run one calibration window on the CPU EP and on the simulated HTP; how far apart they land.
+    The HTP computes in fixed point where the CPU EP dequantizes to float, so they differ a little."""
+    import numpy as np
+    import onnxruntime as ort
+
+    cpu = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    htp = ort.InferenceSession(str(model_path), htp_session_options())
+    a = cpu.run(["logits"], feeds[0])[0][0].astype(np.float64)
+    b = htp.run(["logits"], feeds[0])[0][0].astype(np.float64)
+    log_p, log_q = _log_softmax(a), _log_softmax(b)
+    return {"backend": "QNN HTP simulator (x86-64)", **htp_options(), "tokens": int(a.shape[0]),
+            "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).mean()), 4),
+            "kld_mean": round(float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean()), 6),
+            "max_abs_logit_diff": round(float(np.abs(a - b).max()), 4)}
+
+
+def _log_softmax(x):
+    import numpy as np
+
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def htp_options() -> dict:

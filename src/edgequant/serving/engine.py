@@ -99,10 +99,6 @@ class ModelWorker:
         self._thread.start()
 
     @property
-    def batched(self) -> bool:
-        return self._decoder is not None
-
-    @property
     def queue_depth(self) -> int:
         return self._jobs.qsize()
 
