@@ -104,6 +104,19 @@ def test_html_report_renders_in_headless_chromium(bench_runs, tmp_path):
     assert shot.is_file() and shot.stat().st_size > 20_000
 
 
+def test_stand_in_formats_get_a_short_speed_probe_and_their_htp_check_is_reported(tiny_model, tmp_path):
+    from edgequant.backends.qnn_tools import htp_available
+
+    config = BenchConfig(tiny_model, ("qnn:w8a16?seq=64&samples=2",), tmp_path / "r.sqlite", report_json=tmp_path / "r.json",
+                         eval=EvalConfig(ctx=64, windows=2, prompt_tokens=16, gen_tokens=24, repeats=2))
+    result = run_bench(config)
+    assert result.baseline.metrics["generated_tokens"] == 24 and result.baseline.metrics["repeats"] == 2
+    assert result.rows[0].metrics["generated_tokens"] == 16 and result.rows[0].metrics["repeats"] == 1
+    notes = " ".join(json.loads((tmp_path / "r.json").read_text())["notes"])
+    assert "short speed probe" in notes
+    assert ("HTP simulator" in notes) == htp_available()
+
+
 def test_unknown_spec_fails_before_any_work(tiny_model, tmp_path):
     with pytest.raises(EdgequantError, match="unknown precision"):
         run_bench(BenchConfig(tiny_model, ("gguf:q8_0", "gguf:bogus"), tmp_path / "db.sqlite", eval=QUICK))

@@ -62,6 +62,50 @@ def test_int4_and_int8_quality_bands(onnx_tiny):
     assert int4.size_bytes < int8.size_bytes
 
 
+def _matmul_nbits_model(zero_points):
+    """One 4-bit MatMulNBits (K=64, N=8, blocks of 32) on a (1, 3, 64) input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.integers(0, 256, (8, 2, 16), dtype=np.uint8), "q"),
+             numpy_helper.from_array(rng.uniform(0.01, 0.1, 16).astype(np.float32), "s"),
+             numpy_helper.from_array(zero_points, "z")]
+    node = helper.make_node("MatMulNBits", ["x", "q", "s", "z"], ["y"], domain="com.microsoft", K=64, N=8, bits=4, block_size=32)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_hqq_float_zero_points_fold_into_an_exact_correction():
+    import onnxruntime as ort
+
+    from edgequant.backends.onnx_hqq import fold_float_zero_points
+
+    model = _matmul_nbits_model(np.random.default_rng(1).uniform(2.0, 13.0, 16).astype(np.float32))
+    x = {"x": np.random.default_rng(2).normal(size=(1, 3, 64)).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString()).run(None, x)[0]
+    assert fold_float_zero_points(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits", "Reshape", "ReduceSum", "MatMul", "Add"]
+    assert len(model.graph.node[0].input) == 3  # no zero points: the prepacked kernel applies
+    after = ort.InferenceSession(model.SerializeToString()).run(None, x)[0]
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_integer_zero_points_are_left_alone():
+    from edgequant.backends.onnx_hqq import fold_float_zero_points
+
+    model = _matmul_nbits_model(np.full(8, 0x88, np.uint8))
+    assert fold_float_zero_points(model) == 0 and len(model.graph.node) == 1
+
+
+def test_default_int4_has_no_float_zero_points(onnx_tiny):
+    artifact = edgequant.convert(onnx_tiny, "onnx:int4")
+    graph = onnx.load(str(artifact.model_path), load_external_data=False).graph
+    inits = {t.name: t.data_type for t in graph.initializer}
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) >= 10 and all(len(n.input) < 4 or inits[n.input[3]] == onnx.TensorProto.UINT8 for n in nbits)
+
+
 def test_int8_static_is_qdq_with_int8_weights_and_uint8_activations(onnx_tiny):
     from edgequant.backends.onnx_tools import qdq_counts
 

@@ -129,7 +129,7 @@ def _bench_one(config: BenchConfig, source, spec: Spec) -> BenchRow:
     started = time.perf_counter()
     try:
         artifact = convert(source.path, spec, force=config.force)
-        metrics = evaluate(artifact.path, config=config.eval)
+        metrics = evaluate(artifact.path, config=_eval_config_for(config.eval, spec))
     except EdgequantError as exc:
         if config.strict:
             raise
@@ -139,6 +139,22 @@ def _bench_one(config: BenchConfig, source, spec: Spec) -> BenchRow:
             raise
         return BenchRow(str(spec), "failed", error=f"{type(exc).__name__}: {exc}"[:500], seconds=time.perf_counter() - started)
     return BenchRow(str(spec), "ok", metrics, artifact=str(artifact.path), seconds=time.perf_counter() - started)
+
+
+# Formats whose speed here is only a stand-in's get a short speed probe: their figures are marked
+# "not representative" anyway, and the full probe of a fixed-shape QNN graph (which re-runs the
+# whole window per token) alone took 4.5 minutes of the main job.
+SHORT_PROBE = {"gen_tokens": 16, "repeats": 1}
+
+
+def _eval_config_for(config: EvalConfig, spec: Spec) -> EvalConfig:
+    from dataclasses import replace
+
+    from edgequant.backends import get_backend
+
+    if not config.speed or get_backend(spec.format).speed_is_representative():
+        return config
+    return replace(config, gen_tokens=min(config.gen_tokens, SHORT_PROBE["gen_tokens"]), repeats=SHORT_PROBE["repeats"])
 
 
 def _store(db, run_id: int, source, row: BenchRow) -> None:

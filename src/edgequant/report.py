@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import html
 import json
-import platform
+from pathlib import Path
+
+from edgequant.benchmark import SHORT_PROBE
 
 FRAMEWORKS = {
     "pytorch": ("PyTorch", "the reference: training, research, servers"),
@@ -61,14 +63,31 @@ def _row(row, base: dict) -> dict:
             "size_reduction_pct": round(100 * (1 - m["size_bytes"] / base["size_bytes"]), 1),
             "speedup": round(m["decode_tps"] / base["decode_tps"], 2) if m.get("decode_tps") and base.get("decode_tps") else None,
             "speed_representative": _speed_representative(fmt),
+            "htp": _htp_check(row),
         })
     return out
 
 
 def _speed_representative(fmt: str) -> bool:
-    if fmt == "mlx":
-        return platform.system() == "Darwin" and platform.machine() == "arm64"
-    return fmt != "qnn"  # QNN artifacts run on the CPU execution provider here, not on an NPU
+    from edgequant.backends import get_format
+
+    backend = get_format(fmt)  # None for the PyTorch baseline
+    return backend is None or backend.speed_is_representative()
+
+
+def _htp_check(row) -> dict | None:
+    """The simulated-HTP agreement a QNN conversion recorded in its manifest, if any."""
+    if row.status != "ok" or not row.artifact or not row.spec.startswith("qnn:"):
+        return None
+    from edgequant.artifact import is_artifact, open_artifact
+
+    return open_artifact(row.artifact).manifest.get("details", {}).get("htp") if is_artifact(Path(row.artifact)) else None
+
+
+def _htp_notes(rows: list[dict]) -> list[str]:
+    return [f"{r['spec']} on Qualcomm's HTP simulator (htp_arch {h['htp_arch']}, one {h['tokens']}-token calibration window, "
+            f"whole graph on the HTP) agrees with its CPU run on {100 * h['top1_agreement']:.1f}% of top-1 tokens "
+            f"(KLD {h['kld_mean']:.4f})." for r in rows if (h := r.get("htp"))]
 
 
 def _summary(row: dict) -> dict:
@@ -92,6 +111,10 @@ def _notes(result, rows: list[dict]) -> list[str]:
         notes.append("MLX ran on the CPU of a non-Apple machine: its quality figures are real, its speed is not representative.")
     if "qnn" in formats:
         notes.append("QNN artifacts ran on ONNX Runtime's CPU execution provider: quality is real, speed is not an NPU's.")
+    if any(not _speed_representative(f) for f in formats):
+        notes.append(f"Formats whose speed is not representative here got a short speed probe "
+                     f"({SHORT_PROBE['gen_tokens']} tokens, {SHORT_PROBE['repeats']} run).")
+    notes.extend(_htp_notes(rows))
     if result.caveat:
         notes.append(f"Model caveat: {result.caveat}.")
     return notes

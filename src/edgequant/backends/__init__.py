@@ -54,6 +54,11 @@ class Backend:
             return None
         return f"{', '.join(missing)} not installed: `pip install 'edgequant[{self.extra or self.name}]'`"
 
+    def speed_is_representative(self) -> bool:
+        """False where this machine runs the format through a stand-in (MLX off Apple silicon, QNN
+        on the CPU execution provider): its speed here says little about the target device."""
+        return True
+
     def convert(self, source: "Source", spec: "Spec", out_dir: Path) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -61,6 +61,9 @@ class MLXBackend(Backend):
 
         return {"mlx": version("mlx"), "mlx-lm": version("mlx-lm")}
 
+    def speed_is_representative(self) -> bool:
+        return is_apple_silicon()
+
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
         plan = quant_plan(spec)
         require_mlx()

@@ -40,7 +40,7 @@ class OnnxBackend(Backend):
     extra = "onnx"
     # 2: int8 per-token activations (was quantize_dynamic), int8-static keeps down_proj/lm_head
     # float, fp16 drops the builder's wrong shape annotations
-    recipe_version = 2
+    recipe_version = 3  # 3: HQQ zero points folded (fast kernels)
     precisions = {
         "fp32": Precision("fp32", 32, 32.0, "float32 export by the onnxruntime-genai builder"),
         "fp16": Precision("fp16", 16, 16.0, "float16 export by the onnxruntime-genai builder"),
@@ -70,6 +70,7 @@ class OnnxBackend(Backend):
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
         from edgequant.backends import onnx_tools
+        from edgequant.backends.onnx_hqq import quantize_hqq
 
         _check_options(spec)
         onnx_tools.genai_version()  # fail fast when the engine is missing
@@ -86,8 +87,9 @@ class OnnxBackend(Backend):
                 info["post_processing"] = "shape annotations dropped (the builder mislabels repeat_kv for CPU fp16)"
             if spec.precision == "int4" and _option_values(spec)["algo"] == "hqq":
                 opt = _option_values(spec)
-                onnx_tools.quantize_hqq(out_dir / onnx_tools.MODEL_FILE, opt["block"], opt["accuracy_level"])
-                info["post_quantization"] = f"HQQ int4, block {opt['block']}, on every decoder-layer MatMul"
+                folded = quantize_hqq(out_dir / onnx_tools.MODEL_FILE, opt["block"], opt["accuracy_level"])
+                info["post_quantization"] = (f"HQQ int4, block {opt['block']}, on every decoder-layer MatMul; "
+                                             f"float zero points folded into a block-sum correction on {folded}")
                 info["timings"]["total_quantize_s"] = round(time.perf_counter() - started, 3)
             return info
         return _convert_int8(source, spec, out_dir, started)

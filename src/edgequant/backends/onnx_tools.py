@@ -115,22 +115,6 @@ def layer_matmul_names(config: dict) -> list[str]:
     return [f"/model/layers.{i}/{part}/MatMul" for i in range(layers) for part in _LAYER_MATMULS]
 
 
-def quantize_hqq(model_path: Path, block: int, accuracy_level: int) -> None:
-    """Rewrite every float MatMul left in the model (the LM head is already MatMulNBits) as int4
-    MatMulNBits with HQQ: scales and float zero points fitted per block by half-quadratic
-    optimisation, data-free. Rewrites model.onnx and its data file in place."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    model = onnx.load(str(model_path))
-    quantizer = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=block, bits=4),
-                                     accuracy_level=accuracy_level or None)
-    quantizer.process()
-    data = model_path.with_name(model_path.name + DATA_SUFFIX)
-    data.unlink(missing_ok=True)
-    save_model(quantizer.model.model, model_path)
-
-
 def drop_shape_annotations(model_path: Path) -> int:
     """Remove the builder's intermediate shape annotations (graph.value_info); onnxruntime infers
     shapes itself. Needed for its fp16 CPU export: it labels the repeat_kv outputs (past + new

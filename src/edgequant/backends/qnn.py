@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgequant.backends import Backend, register
+from edgequant.errors import EdgequantError
 from edgequant.spec import Option, Precision
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -35,6 +36,8 @@ class QnnBackend(Backend):
         "samples": Option("samples", int, 4, "calibration sequences of seq tokens", minimum=1, maximum=256),
         "override": Option("override", str, "", "per-weight types, NAME:TYPE,... with TYPE u8|i8|u16|i16|u4|i4"),
         "context": Option("context", bool, False, "also write the compiled QNN context model (needs onnxruntime-qnn)"),
+        "act16": Option("act16", float, 0.0, "w8a8: activations whose median per-token 8-bit error exceeds this "
+                        "share go to uint16 (0: every activation 8-bit)", minimum=0.0, maximum=1.0),
     }
 
     def tool_versions(self) -> dict[str, str]:
@@ -42,11 +45,18 @@ class QnnBackend(Backend):
 
         return {"onnxruntime": onnxruntime_version()}
 
+    def speed_is_representative(self) -> bool:
+        return False  # the CPU execution provider stands in for the NPU
+
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
         from edgequant.backends import qnn_tools
 
         opt = {name: spec.options.get(name, option.default) for name, option in self.options.items()}
-        request = qnn_tools.QnnRequest(spec.precision, opt["seq"], opt["samples"], qnn_tools.parse_overrides(opt["override"]))
+        if "act16" in spec.options and spec.precision != "w8a8":
+            raise EdgequantError(f"act16 applies to qnn:w8a8 only, not {spec.precision}",
+                                 f"drop act16 from {spec}, or use qnn:w8a8?act16=...")
+        request = qnn_tools.QnnRequest(spec.precision, opt["seq"], opt["samples"], qnn_tools.parse_overrides(opt["override"]),
+                                       act16=opt["act16"] if spec.precision == "w8a8" else 0.0)
         if opt["context"]:
             qnn_tools.require_htp()  # before any long step
         feeds = qnn_tools.calibration_inputs(source.hf_dir, request.seq, request.samples)
@@ -55,13 +65,15 @@ class QnnBackend(Backend):
         scratch.mkdir()
         qnn_tools.export_fixed(source.hf_dir, request.seq, scratch / "model_fp32.onnx")
         exported = time.perf_counter()
-        qnn_tools.quantize_qdq(scratch / "model_fp32.onnx", out_dir / qnn_tools.MODEL_FILE, request, feeds)
+        widened = qnn_tools.quantize_qdq(scratch / "model_fp32.onnx", out_dir / qnn_tools.MODEL_FILE, request, feeds)
         shutil.rmtree(scratch)
         for name in _TOKENIZER_FILES:
             if (source.hf_dir / name).is_file():
                 shutil.copyfile(source.hf_dir / name, out_dir / name)
         info: dict[str, Any] = {"model_file": qnn_tools.MODEL_FILE, "seq": request.seq, "scheme": qnn_tools.SCHEMES[spec.precision],
                                 "overrides": request.overrides, "calibration_samples": request.samples}
+        if request.act16:
+            info["activations_16bit"] = {"threshold": request.act16, "count": len(widened), "tensors": widened}
         if qnn_tools.htp_available():
             info["htp"] = qnn_tools.htp_agreement(out_dir / qnn_tools.MODEL_FILE, feeds)
         if opt["context"]:

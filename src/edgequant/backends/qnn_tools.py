@@ -24,6 +24,7 @@ class QnnRequest:
     seq: int
     samples: int
     overrides: dict[str, str] = field(default_factory=dict)  # weight name substring -> override type key
+    act16: float = 0.0  # w8a8 only: activations whose 8-bit per-token error exceeds this go to 16 bit (0: none)
 
 
 def parse_overrides(text: str) -> dict[str, str]:
@@ -171,11 +172,53 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
                                 all_tensors_to_one_file=True, external_data_location="prepared.onnx.data"):
         prepared = fp32_path
     activation, weight = (getattr(QuantType, name) for name in SCHEMES[request.precision])
+    overrides = _init_overrides(prepared, request.overrides) or {}
+    widened = []
+    if request.act16 and activation == QuantType.QUInt8:
+        widened = [name for name, error in activation_errors(prepared, feeds[:2]).items() if error > request.act16]
+    overrides.update({name: [{"quant_type": QuantType.QUInt16}] for name in widened})
     config = get_qnn_qdq_config(str(prepared), FeedReader(feeds), activation_type=activation, weight_type=weight,
                                 per_channel=weight in (QuantType.QInt4,) or request.precision == "w4a16",
-                                init_overrides=_init_overrides(prepared, request.overrides))
+                                init_overrides=overrides or None)
     config.use_external_data_format = True
     quantize(str(prepared), str(out_path), config)
+    return widened
+
+
+def activation_errors(model_path: Path, feeds: list[dict]) -> dict[str, float]:
+    """How badly one uint8 range carries each activation tensor: run the float model on
+    calibration windows, quantize each activation per tensor to 8 bits as the QDQ model would
+    (asymmetric min/max over all windows) and take the median over tokens of each token's relative
+    error. On LLMs the bad ones are the tensors a few outlier tokens stretch (the residual
+    stream, MLP down-projection inputs), where every ordinary token rounds to a handful of levels."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    floats = {v.name for v in inferred.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    names = [o for n in model.graph.node for o in n.output if o in floats]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    worst = dict.fromkeys(names, 0.0)
+    lows, highs = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    outputs = [session.run(names, feed) for feed in feeds]
+    for values in outputs:  # one range over every window, as calibration will set it
+        for name, x in zip(names, values):
+            lows[name], highs[name] = min(lows[name], float(x.min())), max(highs[name], float(x.max()))
+    for values in outputs:
+        for name, x in zip(names, values):
+            step = (highs[name] - lows[name]) / 255
+            if step == 0 or x.ndim == 0:
+                continue
+            rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            error = np.linalg.norm(np.round((rows - lows[name]) / step) * step + lows[name] - rows, axis=1)
+            norm = np.linalg.norm(rows, axis=1)
+            worst[name] = max(worst[name], float(np.median(error[norm > 0] / norm[norm > 0])) if (norm > 0).any() else 0.0)
+    return worst
 
 
 def _init_overrides(model_path: Path, overrides: dict[str, str]) -> dict | None:
