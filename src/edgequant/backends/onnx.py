@@ -8,7 +8,8 @@ int4 defaults were chosen by measurement on the default model (ppl increase over
 windows of 512 tokens; gguf:q4_k_m is +6.1%): builder int4 as is (k_quant, sym) +468%; rtn sym with
 an 8-bit LM head +36%; rtn or k_quant asym with an 8-bit LM head +21%; HQQ (float zero points)
 block 32 with an 8-bit LM head shared with the tied embedding +0.13% at 109 MiB. Float zero points
-matter here because the default model's weights came from a Q4_1 (min + scale) GGUF.
+matter here because the default model's weights came from a Q4_1 (min + scale) GGUF; they are
+folded out afterwards so onnxruntime's packed kernels run them (see `onnx_hqq`).
 
 int8 and int8-static defaults, measured the same way (gguf:q8_0 is +0.26%): onnxruntime's
 quantize_dynamic (one activation scale per tensor) +70%, with all down_proj float +5.4%; int8

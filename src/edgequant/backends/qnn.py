@@ -25,9 +25,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 class QnnBackend(Backend):
     name = "qnn"
     extra = "qnn"
-    recipe_version = 2  # 2: RMSNorm exported scale-free (see qnn_tools._scale_free_rms_norm)
+    # 2: RMSNorm exported scale-free (see qnn_tools._scale_free_rms_norm); 3: w8a8 widens underflowing activations
+    recipe_version = 3
     precisions = {
-        "w8a8": Precision("w8a8", 8, 8.0, "QDQ, uint8 weights and uint8 activations"),
+        "w8a8": Precision("w8a8", 8, 8.0, "QDQ, uint8 weights and uint8 activations (uint16 where 8 bits underflow: act16)"),
         "w8a16": Precision("w8a16", 8, 8.0, "QDQ, uint8 weights and uint16 activations"),
         "w4a16": Precision("w4a16", 4, 4.0, "QDQ, int4 weights per channel and uint16 activations"),
     }
@@ -36,8 +37,8 @@ class QnnBackend(Backend):
         "samples": Option("samples", int, 4, "calibration sequences of seq tokens", minimum=1, maximum=256),
         "override": Option("override", str, "", "per-weight types, NAME:TYPE,... with TYPE u8|i8|u16|i16|u4|i4"),
         "context": Option("context", bool, False, "also write the compiled QNN context model (needs onnxruntime-qnn)"),
-        "act16": Option("act16", float, 0.0, "w8a8: activations whose median per-token 8-bit error exceeds this "
-                        "share go to uint16 (0: every activation 8-bit)", minimum=0.0, maximum=1.0),
+        "act16": Option("act16", float, 0.1, "w8a8: activations with more than this share of values rounding to 0 "
+                        "at 8 bits go to uint16 (0: every activation 8-bit)", minimum=0.0, maximum=1.0),
     }
 
     def tool_versions(self) -> dict[str, str]:
