@@ -34,6 +34,26 @@ def test_pareto_front_on_hand_made_points():
     assert pareto_front(points) == [6, 0, 1, 3]  # (15,5) loses to (10,5); (25,2) to (20,1); (40,.5) to (30,.5)
 
 
+def test_a_broken_candidate_is_left_off_the_front_and_the_chart(tmp_path):
+    from edgequant.benchmark import BenchResult, BenchRow
+    from edgequant.report import build_report
+
+    def row(spec, mb, increase):
+        metrics = {"size_bytes": mb * 1e6, "perplexity": 20 * (1 + increase / 100), "ppl_increase_pct": increase,
+                   "kld_mean": 0.1, "kld_p99": 0.2, "top1_agreement": 0.9, "decode_tps": 10.0}
+        return BenchRow(spec, "ok", metrics)
+
+    result = BenchResult(1, tmp_path / "db", "m", "f", row("pytorch:fp32", 500, 0.0),
+                         [row("gguf:q4_0", 100, 5.0), row("gguf:tq1_0", 80, 9e6), row("gguf:q8_0", 150, 0.5)],
+                         {"eval": {"windows": 1, "ctx": 8, "repeats": 1, "prompt_tokens": 4, "gen_tokens": 4, "threads": 0}},
+                         {"cpu": "c", "cores": 2, "ram_gb": 1, "os": "o", "python": "3", "load_avg_1m": 0})
+    report = build_report(result)
+    by_spec = {r["spec"]: r for r in report["rows"]}
+    assert not by_spec["gguf:tq1_0"]["usable"] and not by_spec["gguf:tq1_0"]["pareto"]
+    assert by_spec["gguf:q4_0"]["pareto"] and by_spec["gguf:q8_0"]["pareto"]  # without the rule tq1_0 would be on it too
+    assert any("gguf:tq1_0" in n and "left off" in n for n in report["notes"])
+
+
 @pytest.fixture(scope="module")
 def bench_runs(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")

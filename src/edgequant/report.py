@@ -11,7 +11,10 @@ import html
 import json
 from pathlib import Path
 
-from edgequant.benchmark import SHORT_PROBE
+from edgequant.benchmark import DEFAULT_EVAL, SHORT_PROBE
+
+# A candidate that more than doubles the baseline's perplexity is broken, not a trade-off.
+UNUSABLE_PPL_INCREASE_PCT = 100.0
 
 FRAMEWORKS = {
     "pytorch": ("PyTorch", "the reference: training, research, servers"),
@@ -36,10 +39,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def build_report(result) -> dict:
     base = result.baseline.metrics
     rows = [_row(result.baseline, base)] + [_row(r, base) for r in result.rows]
+    usable = [r for r in rows if r["status"] == "ok" and r["usable"]]
+    front = pareto_front([(r["size_mb"], max(r["ppl_increase_pct"], 0.0)) for r in usable])
+    for i in front:
+        usable[i]["pareto"] = True
     ok = [r for r in rows if r["status"] == "ok"]
-    front = pareto_front([(r["size_mb"], max(r["ppl_increase_pct"], 0.0)) for r in ok])
-    for rank, i in enumerate(front):
-        ok[i]["pareto"] = True
     return {
         "title": f"edgequant benchmark: {result.model}",
         "model": result.model, "fingerprint": result.fingerprint, "run_id": result.run_id, "db": str(result.db_path),
@@ -63,6 +67,7 @@ def _row(row, base: dict) -> dict:
             "size_reduction_pct": round(100 * (1 - m["size_bytes"] / base["size_bytes"]), 1),
             "speedup": round(m["decode_tps"] / base["decode_tps"], 2) if m.get("decode_tps") and base.get("decode_tps") else None,
             "speed_representative": _speed_representative(fmt),
+            "usable": m["ppl_increase_pct"] <= UNUSABLE_PPL_INCREASE_PCT,
             "htp": _htp_check(row),
         })
     return out
@@ -102,7 +107,9 @@ def _notes(result, rows: list[dict]) -> list[str]:
     notes = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, {m['os']}, Python {m['python']} "
              f"(1-minute load average {m['load_avg_1m']} at the start).",
              f"Quality: {s['windows']} windows of {s['ctx']} tokens of the evaluation text, identical for every candidate; "
-             f"perplexity increase and KL divergence are relative to the PyTorch fp32 baseline on the source.",
+             f"perplexity increase and KL divergence are relative to the PyTorch fp32 baseline on the source"
+             + (" (the bench default, sized so the default run finishes within 15 minutes on 2 cores)."
+                if (s["windows"], s["ctx"]) == (DEFAULT_EVAL.windows, DEFAULT_EVAL.ctx) else "."),
              f"Speed: median of {s['repeats']} runs after a warm-up, {s['prompt_tokens']}-token prompt, {s['gen_tokens']} tokens "
              f"generated, {s['threads'] or 'all'} threads; peak memory is the RSS of a fresh process that loaded the model.",
              "Memory reduction is the file size against the fp32 source; memory use is measured peak RSS."]
@@ -115,6 +122,10 @@ def _notes(result, rows: list[dict]) -> list[str]:
         notes.append(f"Formats whose speed is not representative here got a short speed probe "
                      f"({SHORT_PROBE['gen_tokens']} tokens, {SHORT_PROBE['repeats']} run).")
     notes.extend(_htp_notes(rows))
+    broken = [f"{r['spec']} ({r['ppl_increase_pct']:+.0f}%)" for r in rows if r["status"] == "ok" and not r["usable"]]
+    if broken:
+        notes.append(f"Unusable (perplexity more than {UNUSABLE_PPL_INCREASE_PCT / 100 + 1:.0f}x the baseline's), left off the "
+                     f"Pareto front and the size/quality chart: {', '.join(broken)}.")
     if result.caveat:
         notes.append(f"Model caveat: {result.caveat}.")
     return notes
@@ -179,7 +190,8 @@ function el(tag, attrs, parent, text) {
 const ok = data.rows.filter(r => r.status === 'ok');
 function scatter(svg) {
   const W = 520, H = 340, L = 60, B = 40, T = 16, R = 16;
-  const xs = ok.map(r => r.size_mb), ys = ok.map(r => Math.max(r.ppl_increase_pct, 0));
+  const pts = ok.filter(r => r.usable);  // one broken candidate would flatten every other point
+  const xs = pts.map(r => r.size_mb), ys = pts.map(r => Math.max(r.ppl_increase_pct, 0));
   const xmax = Math.max(...xs) * 1.05, ymax = Math.max(...ys, 1) * 1.1;
   const X = v => L + v / xmax * (W - L - R), Y = v => H - B - v / ymax * (H - B - T);
   el('line', {x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: '#999'}, svg);
@@ -190,9 +202,9 @@ function scatter(svg) {
     el('text', {x: L - 6, y: Y(ymax * i / 4) + 4, 'text-anchor': 'end'}, svg, (ymax * i / 4).toFixed(1));
     el('text', {x: X(xmax * i / 4), y: H - B + 14, 'text-anchor': 'middle'}, svg, (xmax * i / 4).toFixed(0));
   }
-  const front = ok.filter(r => r.pareto).sort((a, b) => a.size_mb - b.size_mb);
+  const front = pts.filter(r => r.pareto).sort((a, b) => a.size_mb - b.size_mb);
   el('path', {class: 'pareto-front', d: front.map((r, i) => `${i ? 'L' : 'M'}${X(r.size_mb)},${Y(Math.max(r.ppl_increase_pct, 0))}`).join(' ')}, svg);
-  for (const r of ok) {
+  for (const r of pts) {
     const cls = 'point' + (r.baseline ? ' baseline' : '') + (r.pareto ? ' pareto' : '');
     const c = el('circle', {class: cls, cx: X(r.size_mb), cy: Y(Math.max(r.ppl_increase_pct, 0)), r: 5}, svg);
     el('title', {}, c, `${r.spec}: ${r.size_mb} MB, ${r.ppl_increase_pct}%`);

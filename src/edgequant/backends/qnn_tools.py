@@ -175,7 +175,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
     overrides = _init_overrides(prepared, request.overrides) or {}
     widened = []
     if request.act16 and activation == QuantType.QUInt8:
-        widened = [name for name, error in activation_errors(prepared, feeds[:2]).items() if error > request.act16]
+        widened = [name for name, share in underflow_shares(prepared, feeds[:2]).items() if share > request.act16]
     overrides.update({name: [{"quant_type": QuantType.QUInt16}] for name in widened})
     config = get_qnn_qdq_config(str(prepared), FeedReader(feeds), activation_type=activation, weight_type=weight,
                                 per_channel=weight in (QuantType.QInt4,) or request.precision == "w4a16",
@@ -185,7 +185,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
     return widened
 
 
-def activation_errors(model_path: Path, feeds: list[dict]) -> dict[str, float]:
+def underflow_shares(model_path: Path, feeds: list[dict]) -> dict[str, float]:
     """How badly one uint8 range carries each activation tensor: run the float model on
     calibration windows and, with the asymmetric min/max range calibration will give it, count
     the share of its nonzero values that round to zero at 8 bits. Two LLM patterns make that
@@ -206,7 +206,7 @@ def activation_errors(model_path: Path, feeds: list[dict]) -> dict[str, float]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     outputs = [session.run(names, feed) for feed in feeds]
-    errors = {}
+    shares = {}
     for i, name in enumerate(names):
         values = [out[i] for out in outputs]
         low = min(0.0, *(float(x.min()) for x in values))  # one range over every window, as calibration sets it
@@ -215,8 +215,8 @@ def activation_errors(model_path: Path, feeds: list[dict]) -> dict[str, float]:
         nonzero = sum(int(np.count_nonzero(x)) for x in values)
         if half_step == 0 or nonzero == 0:
             continue
-        errors[name] = sum(int(np.count_nonzero((np.abs(x) < half_step) & (x != 0))) for x in values) / nonzero
-    return errors
+        shares[name] = sum(int(np.count_nonzero((np.abs(x) < half_step) & (x != 0))) for x in values) / nonzero
+    return shares
 
 
 def _init_overrides(model_path: Path, overrides: dict[str, str]) -> dict | None:
