@@ -34,6 +34,14 @@ def test_pareto_front_on_hand_made_points():
     assert pareto_front(points) == [6, 0, 1, 3]  # (15,5) loses to (10,5); (25,2) to (20,1); (40,.5) to (30,.5)
 
 
+def test_time_left_weighs_the_remaining_specs_by_backend():
+    from edgequant.benchmark import time_left
+
+    weights = [13, 13, 0, 350]  # two GGUF specs done, a skipped one, then QNN
+    assert time_left(30.0, 2, weights) == pytest.approx(30.0 * 350 / 26)
+    assert time_left(0.0, 0, weights) is None
+
+
 def test_a_broken_candidate_is_left_off_the_front_and_the_chart(tmp_path):
     from edgequant.benchmark import BenchResult, BenchRow
     from edgequant.report import build_report

@@ -8,7 +8,7 @@ engine is not installed is skipped with the reason (or stops the run with `stric
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgequant.errors import EdgequantError
@@ -35,7 +35,7 @@ class BenchConfig:
     report_json: Path | None = None
     strict: bool = False
     force: bool = False
-    eval: EvalConfig = field(default_factory=lambda: DEFAULT_EVAL)
+    eval: EvalConfig = DEFAULT_EVAL
 
 
 @dataclass
@@ -62,6 +62,7 @@ class BenchResult:
 
 
 def run_bench(config: BenchConfig) -> BenchResult:
+    from edgequant.backends import get_backend
     from edgequant.evaluation import machine_info
     from edgequant.results import ResultsDB
     from edgequant.source import DEFAULT_MODEL_CAVEAT, load_source
@@ -79,8 +80,10 @@ def run_bench(config: BenchConfig) -> BenchResult:
     baseline = _evaluate_baseline(config, source)
     _store(db, run_id, source, baseline)
     rows = []
+    specs_started = time.perf_counter()  # the time-left estimate leaves the baseline out
+    weights = [0.0 if skip else get_backend(spec.format).bench_seconds for spec, skip in specs]
     for index, (spec, skip_reason) in enumerate(specs):
-        _progress(index, len(specs), spec, started)
+        _progress(index, len(specs), spec, time.perf_counter() - started, time.perf_counter() - specs_started, weights)
         row = BenchRow(str(spec), "skipped", error=skip_reason) if skip_reason else _bench_one(config, source, spec)
         rows.append(row)
         _store(db, run_id, source, row)
@@ -171,10 +174,18 @@ def _store(db, run_id: int, source, row: BenchRow) -> None:
     db.add(run_id, source.name, source.fingerprint, row.spec, row.status, row.metrics, row.error, row.artifact, fingerprint)
 
 
-def _progress(index: int, total: int, spec, started: float) -> None:
-    elapsed = time.perf_counter() - started
-    eta = f", about {elapsed / index * (total - index) / 60:.1f} min left" if index else ""
+def _progress(index: int, total: int, spec, elapsed: float, specs_elapsed: float, weights: list[float]) -> None:
+    left = time_left(specs_elapsed, index, weights)
+    eta = f", about {left / 60:.1f} min left" if left is not None else ""
     note(f"[{index + 1}/{total}] {spec} (elapsed {elapsed / 60:.1f} min{eta})")
+
+
+def time_left(specs_elapsed: float, index: int, weights: list[float]) -> float | None:
+    """Seconds left once specs [0, index) took `specs_elapsed`: the pace so far applied to the
+    remaining work, each spec weighed by its backend's `bench_seconds` (a QNN spec costs ~25 GGUF
+    ones; counting specs said "0.5 min left" before a 6-minute one)."""
+    done = sum(weights[:index])
+    return specs_elapsed * sum(weights[index:]) / done if done else None
 
 
 def _eval_settings(config: EvalConfig) -> dict:

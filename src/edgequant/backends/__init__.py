@@ -44,6 +44,9 @@ class Backend:
     # Bump when a change of defaults or method makes old artifacts of the same spec stale: the
     # artifact cache only reuses artifacts built with the current recipe.
     recipe_version: int = 1
+    # Seconds one bench spec (convert + evaluate) took in the default main job, cold cache, 2
+    # cores: only the ratios between backends matter, to weigh the bench's time-left estimate.
+    bench_seconds: float = 30.0
 
     def missing_engine(self) -> str | None:
         """Why this backend cannot run here (an engine module is not installed), or None."""

@@ -62,6 +62,7 @@ _K_BLOCK = 256  # row length K-quants, IQ and TQ types need; others fall back pe
 class GGUFBackend(Backend):
     name = "gguf"
     extra = "gguf"
+    bench_seconds = 13
     requires = ("llama_cpp",)
     precisions = {name: entry[0] for name, entry in _TABLE.items()}
     options = {

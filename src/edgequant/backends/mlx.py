@@ -41,6 +41,7 @@ class MLXBackend(Backend):
     name = "mlx"
     extra = "mlx"
     recipe_version = 2  # 2: min/max grids by default (was mx.quantize's rounding)
+    bench_seconds = 60
     precisions = {
         **{name: Precision(name, bits, _bpw(bits), f"{bits}-bit affine, groups of {DEFAULT_GROUP}") for name, bits in _UNIFORM.items()},
         **{name: Precision(name, low, _bpw(low) + 0.5, f"{low}-bit affine, sensitive layers at {high}-bit")

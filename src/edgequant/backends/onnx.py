@@ -42,6 +42,7 @@ class OnnxBackend(Backend):
     # 2: int8 per-token activations (was quantize_dynamic), int8-static keeps down_proj/lm_head
     # float, fp16 drops the builder's wrong shape annotations
     recipe_version = 3  # 3: HQQ zero points folded (fast kernels)
+    bench_seconds = 28
     precisions = {
         "fp32": Precision("fp32", 32, 32.0, "float32 export by the onnxruntime-genai builder"),
         "fp16": Precision("fp16", 16, 16.0, "float16 export by the onnxruntime-genai builder"),

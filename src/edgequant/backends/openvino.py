@@ -39,6 +39,7 @@ class OpenVINOBackend(Backend):
     name = "openvino"
     extra = "openvino"
     recipe_version = 2  # 2: int4 default AWQ alone on 16 samples (was AWQ + scale estimation on 64)
+    bench_seconds = 45
     precisions = {
         "fp16": Precision("fp16", 16, 16.0, "float16 weights, inference in the plugin's precision"),
         "int8": Precision("int8", 8, 8.1, "8-bit weights per output channel (NNCF), activations float"),

@@ -27,6 +27,7 @@ class QnnBackend(Backend):
     extra = "qnn"
     # 2: RMSNorm exported scale-free (see qnn_tools._scale_free_rms_norm); 3: w8a8 widens underflowing activations
     recipe_version = 3
+    bench_seconds = 350
     precisions = {
         "w8a8": Precision("w8a8", 8, 8.0, "QDQ, uint8 weights and uint8 activations (uint16 where 8 bits underflow: act16)"),
         "w8a16": Precision("w8a16", 8, 8.0, "QDQ, uint8 weights and uint16 activations"),
