@@ -28,6 +28,24 @@ def step(message: str) -> Iterator[None]:
     note(f"{message}: done in {time.perf_counter() - start:.1f}s")
 
 
+@contextmanager
+def engine_warnings_hidden() -> Iterator[None]:
+    """Hide an engine's advice meant for its own users (onnxruntime.quantization logs "consider
+    pre-processing" and opset upgrades on the root logger); errors still show."""
+    import logging
+    import warnings
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """A progress bar for loops longer than a few seconds (silent when quiet or not a terminal)."""
     from tqdm import tqdm

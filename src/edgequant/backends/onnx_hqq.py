@@ -17,8 +17,9 @@ same count as the float zero points it replaces, so the file size does not chang
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
+
+from edgequant.progress import engine_warnings_hidden
 
 _DEFAULT_ZERO_POINT = 8.0  # MatMulNBits' implied zero point for 4-bit weights without a zero_points input
 
@@ -34,8 +35,7 @@ def quantize_hqq(model_path: Path, block: int, accuracy_level: int) -> int:
 
     model = onnx.load(str(model_path))
     quantizer = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=block, bits=4))
-    with warnings.catch_warnings():  # torch.from_numpy on read-only weights: harmless, HQQ copies them
-        warnings.simplefilter("ignore", UserWarning)
+    with engine_warnings_hidden():  # e.g. torch.from_numpy on read-only weights: harmless, HQQ copies them
         quantizer.process()
     model = quantizer.model.model
     folded = fold_float_zero_points(model)

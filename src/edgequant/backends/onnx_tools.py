@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from edgequant.errors import EdgequantError
+from edgequant.progress import engine_warnings_hidden
 
 MODEL_FILE = "model.onnx"
 DATA_SUFFIX = ".data"
@@ -243,10 +244,11 @@ def quantize_static_qdq(fp32_model: Path, out_model: Path, feeds: list[dict], ke
 
     matmuls = [n.name for n in onnx.load(str(fp32_model), load_external_data=False).graph.node if n.op_type == "MatMul"]
     excluded = [name for name in matmuls if any(part in name for part in keep_float)]
-    quantize_static(str(fp32_model), str(out_model), FeedReader(feeds), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul"], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-                    nodes_to_exclude=excluded, extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False})
+    with engine_warnings_hidden():
+        quantize_static(str(fp32_model), str(out_model), FeedReader(feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul"], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                        nodes_to_exclude=excluded, extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False})
     return len(excluded)
 
 

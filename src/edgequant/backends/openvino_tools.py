@@ -96,10 +96,9 @@ def _export(hf_dir: Path, out: Path) -> None:
     # defaults for large models. ov_config with dtype fp32 keeps the weights as the source has them.
     from optimum.intel import OVConfig
 
-    import warnings
+    from edgequant.progress import engine_warnings_hidden
 
-    with warnings.catch_warnings():  # the tracer's warnings about constant shapes are expected; not the user's concern
-        warnings.simplefilter("ignore")
+    with engine_warnings_hidden():  # the tracer's warnings about constant shapes are expected; not the user's concern
         main_export(str(hf_dir), str(out), task=TASK, ov_config=OVConfig(dtype="fp32"), convert_tokenizer=False,
                     library_name="transformers")
 

@@ -1,7 +1,8 @@
 """QNN backend: a fixed-shape ONNX export quantized to QDQ with onnxruntime's QNN helpers, the form
 Qualcomm's HTP (Snapdragon NPU) executes. The artifact always runs on the CPU execution provider,
-so it is evaluated like every other artifact; with onnxruntime-qnn installed it can also be
-compiled for the simulated HTP (`?context=1` writes the QNN context model next to the ONNX file).
+so it is evaluated like every other artifact; with onnxruntime-qnn installed, each conversion also
+runs one calibration window on the simulated HTP and records how well it agrees with the CPU run,
+and `?context=1` writes the compiled QNN context model next to the ONNX file.
 
 Shapes are fixed (`?seq=N`): the HTP wants static shapes, so the graph takes exactly N tokens and
 has no KV cache; the runner pads to N and re-runs the window for every generated token.

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgequant.errors import EdgequantError
+from edgequant.progress import engine_warnings_hidden
 
 MODEL_FILE = "model.onnx"
 QNN_INSTALL_HINT = "pip install onnxruntime-qnn==2.7.0 (the `qnn` extra: pip install 'edgequant[qnn]')"
@@ -181,7 +182,8 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
                                 per_channel=weight in (QuantType.QInt4,) or request.precision == "w4a16",
                                 init_overrides=overrides or None)
     config.use_external_data_format = True
-    quantize(str(prepared), str(out_path), config)
+    with engine_warnings_hidden():
+        quantize(str(prepared), str(out_path), config)
     return widened
 
 
