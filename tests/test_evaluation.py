@@ -69,3 +69,15 @@ def test_same_tokens_in_other_window_shapes_get_their_own_reference(tiny_gguf_f3
     large = edgequant.evaluate(tiny_gguf_f32.path, config=EvalConfig(ctx=128, windows=2, speed=False))
     assert small["tokens_scored"] == 4 * 63 and large["tokens_scored"] == 2 * 127
     assert abs(large["ppl_increase_pct"]) < 0.1
+
+
+def test_speed_prompts_differ_so_no_engine_reuses_a_cached_prefix():
+    import numpy as np
+
+    from edgequant.evaluation import Windows, _speed_prompts
+
+    windows = Windows(np.arange(2 * 64).reshape(2, 64), "sha", "data")
+    prompts = _speed_prompts(windows, 16, 4)
+    assert len(prompts) == 4 and all(len(p) == 16 for p in prompts)
+    assert len({p[0] for p in prompts}) == 4  # every prompt starts with a different token
+    assert len(_speed_prompts(windows, 100, 4)) == 2  # too short: one prompt, reused

@@ -80,11 +80,11 @@ def evaluate(target: str | Path | None = None, baseline: str | Path | None = Non
     quality = _quality(resolved, source, windows, reference, threads)
     metrics = {"target": resolved.label, "baseline": str(source.path), **quality, "size_bytes": resolved.size_bytes}
     if config.speed:
-        prompt = windows.ids[0, : min(config.prompt_tokens, config.ctx)].tolist()
+        prompts = _speed_prompts(windows, min(config.prompt_tokens, config.ctx), config.repeats + 1)
         from edgequant.speed_probe import SpeedRequest, run_in_child
 
         with step(f"measuring speed and peak memory of {resolved.label} in a child process"):
-            request = SpeedRequest(str(resolved.path) if resolved.path else None, prompt, config.gen_tokens,
+            request = SpeedRequest(str(resolved.path) if resolved.path else None, prompts, config.gen_tokens,
                                    config.repeats, threads, config.prompt_tokens + config.gen_tokens + 8)
             metrics.update(run_in_child(request))
     metrics["settings"] = {**asdict(config), "data": windows.data_name, "data_sha256": windows.text_sha256, "threads": threads}
@@ -92,6 +92,14 @@ def evaluate(target: str | Path | None = None, baseline: str | Path | None = Non
     if resolved.artifact is not None:
         resolved.artifact.save_metrics(metrics)
     return metrics
+
+
+def _speed_prompts(windows: Windows, length: int, count: int) -> list[list[int]]:
+    """`count` different prompts of `length` tokens cut one after another from the evaluation
+    windows (fewer, reused in turn by the probe, when the windows are too short for all)."""
+    flat = windows.ids.reshape(-1)
+    prompts = [flat[i * length:(i + 1) * length].tolist() for i in range(min(count, len(flat) // length))]
+    return prompts if len(prompts) >= 2 else [flat[:length].tolist()] * 2
 
 
 def _resolve_target(target) -> Target:

@@ -110,8 +110,9 @@ def _notes(result, rows: list[dict]) -> list[str]:
              f"perplexity increase and KL divergence are relative to the PyTorch fp32 baseline on the source"
              + (" (the bench default, sized so the default run finishes within 15 minutes on 2 cores)."
                 if (s["windows"], s["ctx"]) == (DEFAULT_EVAL.windows, DEFAULT_EVAL.ctx) else "."),
-             f"Speed: median of {s['repeats']} runs after a warm-up, {s['prompt_tokens']}-token prompt, {s['gen_tokens']} tokens "
-             f"generated, {s['threads'] or 'all'} threads; peak memory is the RSS of a fresh process that loaded the model.",
+             f"Speed: median of {s['repeats']} runs after a warm-up, a different {s['prompt_tokens']}-token prompt each "
+             f"(so no engine reuses a cached prefix), {s['gen_tokens']} tokens generated, {s['threads'] or 'all'} threads; "
+             "peak memory is the RSS of a fresh process that loaded the model.",
              "Memory reduction is the file size against the fp32 source; memory use is measured peak RSS."]
     formats = {r["format"] for r in rows if r["status"] == "ok"}
     if "mlx" in formats and not _speed_representative("mlx"):

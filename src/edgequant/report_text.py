@@ -64,7 +64,7 @@ def format_metrics(metrics: dict) -> str:
             lines.append(f"  {label:<22} {value}")
     s = metrics["settings"]
     lines.append(f"  windows: {s['windows']} x {s['ctx']} tokens of {s['data']}; {s['threads']} threads; "
-                 f"speed: median of {s['repeats']} runs, {s['prompt_tokens']}-token prompt, {s['gen_tokens']} generated")
+                 f"speed: median of {s['repeats']} runs, a different {s['prompt_tokens']}-token prompt each, {s['gen_tokens']} generated")
     return "\n".join(lines)
 
 

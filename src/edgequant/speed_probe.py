@@ -18,7 +18,10 @@ from dataclasses import asdict, dataclass
 @dataclass(frozen=True)
 class SpeedRequest:
     target: str | None  # artifact folder or source model (None: default model)
-    prompt_ids: list[int]
+    # One prompt for the warm-up, then one per timed run, all different: engines that keep the
+    # last prompt's KV cache and reuse a matching prefix (OpenVINO GenAI's prefix caching,
+    # llama-cpp-python) would otherwise skip the prefill and report a time to first token of ms.
+    prompts: list[list[int]]
     gen_tokens: int = 64
     repeats: int = 3
     threads: int = 0
@@ -33,8 +36,9 @@ def measure(request: SpeedRequest) -> dict:
     runner = open_runner(request.target, n_ctx=request.n_ctx, need_logits=False, threads=request.threads)
     load_s = time.perf_counter() - started
     params = GenerateParams(max_tokens=request.gen_tokens, stop_at_eos=False)
-    _timed_generate(runner, request.prompt_ids, GenerateParams(max_tokens=4, stop_at_eos=False))  # warm-up
-    runs = [_timed_generate(runner, request.prompt_ids, params) for _ in range(request.repeats)]
+    _timed_generate(runner, request.prompts[0], GenerateParams(max_tokens=4, stop_at_eos=False))  # warm-up
+    runs = [_timed_generate(runner, request.prompts[1 + i % (len(request.prompts) - 1)], params)
+            for i in range(request.repeats)]
     runner.close()
     return {
         "load_s": round(load_s, 3),
@@ -43,7 +47,7 @@ def measure(request: SpeedRequest) -> dict:
         "decode_tps": round(statistics.median(r["decode_tps"] for r in runs), 2),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "rss_before_load_mb": round(rss_before, 1),
-        "prompt_tokens": len(request.prompt_ids),
+        "prompt_tokens": len(request.prompts[-1]),
         "generated_tokens": request.gen_tokens,
         "repeats": request.repeats,
     }
