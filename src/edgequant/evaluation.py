@@ -13,6 +13,7 @@ import hashlib
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -159,7 +160,7 @@ def _reference_logprobs(source, windows: Windows, threads: int) -> np.ndarray:
     n_windows, ctx = windows.ids.shape
     with step(f"computing the PyTorch baseline on {n_windows} windows of {ctx} tokens (cached)"):
         with open_runner(source.path, n_ctx=ctx, threads=threads) as runner:
-            rows = [_log_softmax(runner.logits(w.tolist())).astype(np.float16) for w in track(windows.ids, "baseline windows")]
+            rows = [log_softmax(runner.logits(w.tolist())).astype(np.float16) for w in track(windows.ids, "baseline windows")]
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, np.stack(rows))
     tmp.rename(path)
@@ -177,10 +178,10 @@ def _quality(target: Target, source, windows: Windows, reference: np.ndarray, th
         for i in track(range(n_windows), f"scoring {target.label}", total=n_windows):
             ids = windows.ids[i]
             ref = reference[i, :-1].astype(np.float32)
-            logp = ref if target.artifact is None else _log_softmax(runner.logits(ids.tolist()))[:-1]
+            logp = ref if target.artifact is None else log_softmax(runner.logits(ids.tolist()))[:-1]
             nll.append(-logp[np.arange(ctx - 1), ids[1:]])
             baseline_nll.append(-ref[np.arange(ctx - 1), ids[1:]])
-            kld.append((np.exp(ref) * (ref - logp)).sum(axis=-1))
+            kld.append(kl_divergence(ref, logp))
             top1.append(ref.argmax(-1) == logp.argmax(-1))
     nll, kld, top1, baseline_nll = (np.concatenate(x) for x in (nll, kld, top1, baseline_nll))
     ppl, base_ppl = float(np.exp(nll.mean())), float(np.exp(baseline_nll.mean()))
@@ -200,7 +201,7 @@ def _check_tokenizer(runner, windows: Windows) -> None:
     got = runner.tokenize(windows.extra["check_text"])
     want = windows.extra["check_ids"]
     if got != want:
-        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        first = first_difference(got, want)
         raise EdgequantError(
             f"{runner.name}'s tokenizer disagrees with the source tokenizer on the evaluation text "
             f"(first difference at token {first}: {got[first:first + 5]} vs {want[first:first + 5]})",
@@ -209,7 +210,17 @@ def _check_tokenizer(runner, windows: Windows) -> None:
     note(f"tokenizer check passed: {runner.name} gives the source's {len(want)} ids on the eval text sample")
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def first_difference(got: Sequence[int], want: Sequence[int]) -> int:
+    """Index of the first token where two id lists differ (the shorter length if one is a prefix)."""
+    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+
+
+def kl_divergence(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
+    """KL(p || q) per row, from log-probabilities."""
+    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     logits = logits.astype(np.float32, copy=False)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

@@ -122,14 +122,14 @@ def _check_tokenizer_ir(compiled, tokenizer) -> None:
     """LLMPipeline tokenizes chat prompts with the IR while edgequant scores with the Hugging Face
     tokenizer: refuse an IR whose ids differ on real prose."""
     from edgequant.evaldata import default_calibration_text
+    from edgequant.evaluation import first_difference
 
     text = default_calibration_text()[:4000]
     expected = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
     got = [int(t) for t in compiled([text])["input_ids"][0]]
     if got != expected:
-        first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
         raise EdgequantError(
-            f"the OpenVINO tokenizer IR disagrees with the model's tokenizer at token {first}",
+            f"the OpenVINO tokenizer IR disagrees with the model's tokenizer at token {first_difference(got, expected)}",
             "upgrade openvino-tokenizers to the version in constraints.txt, or report this tokenizer",
         )
 

@@ -261,22 +261,17 @@ def htp_agreement(model_path: Path, feeds: list[dict]) -> dict:
     import numpy as np
     import onnxruntime as ort
 
+    from edgequant.evaluation import kl_divergence, log_softmax
+
     cpu = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     htp = ort.InferenceSession(str(model_path), htp_session_options())
-    a = cpu.run(["logits"], feeds[0])[0][0].astype(np.float64)
-    b = htp.run(["logits"], feeds[0])[0][0].astype(np.float64)
-    log_p, log_q = _log_softmax(a), _log_softmax(b)
+    a = cpu.run(["logits"], feeds[0])[0][0]
+    b = htp.run(["logits"], feeds[0])[0][0]
+    log_p, log_q = log_softmax(a), log_softmax(b)
     return {"backend": "QNN HTP simulator (x86-64)", **htp_options(), "tokens": int(a.shape[0]),
             "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).mean()), 4),
-            "kld_mean": round(float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean()), 6),
+            "kld_mean": round(float(kl_divergence(log_p, log_q).mean()), 6),
             "max_abs_logit_diff": round(float(np.abs(a - b).max()), 4)}
-
-
-def _log_softmax(x):
-    import numpy as np
-
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def htp_options() -> dict:
