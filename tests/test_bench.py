@@ -7,19 +7,21 @@ import subprocess
 
 import pytest
 
-from edgequant.backends import Backend, register
+from edgequant.backend import Backend
 from edgequant.benchmark import BenchConfig, run_bench
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import EvalConfig
 from edgequant.report import pareto_front
+from edgequant.registry import register, unregister
 from edgequant.results import ResultsDB
 from edgequant.spec import Precision
+
+pytest.importorskip("llama_cpp", reason="its extra is not installed")
 
 QUICK = EvalConfig(ctx=64, windows=2, prompt_tokens=16, gen_tokens=8, repeats=1)
 SPECS = ("gguf:q8_0", "gguf:q4_0", "gguf:iq2_xxs")
 
 
-@register
 class _UninstalledBackend(Backend):
     """A backend whose engine is missing, as a user without an extra would see one."""
 
@@ -29,11 +31,20 @@ class _UninstalledBackend(Backend):
     precisions = {"int8": Precision("int8", 8, 8.0, "test only")}
 
 
+@pytest.fixture(scope="module")
+def uninstalled_backend():
+    register(_UninstalledBackend)
+    yield _UninstalledBackend.name
+    unregister(_UninstalledBackend.name)
+
+
+@pytest.mark.unit
 def test_pareto_front_on_hand_made_points():
     points = [(10, 5.0), (20, 1.0), (15, 5.0), (30, 0.5), (25, 2.0), (40, 0.5), (5, 9.0)]
     assert pareto_front(points) == [6, 0, 1, 3]  # (15,5) loses to (10,5); (25,2) to (20,1); (40,.5) to (30,.5)
 
 
+@pytest.mark.unit
 def test_time_left_weighs_the_remaining_specs_by_backend():
     from edgequant.benchmark import time_left
 
@@ -51,7 +62,9 @@ def test_a_broken_candidate_is_left_off_the_front_and_the_chart(tmp_path):
                    "kld_mean": 0.1, "kld_p99": 0.2, "top1_agreement": 0.9, "decode_tps": 10.0}
         return BenchRow(spec, "ok", metrics)
 
-    result = BenchResult(1, tmp_path / "db", "m", "f", row("pytorch:fp32", 500, 0.0),
+    baseline = row("pytorch:fp32", 500, 0.0)
+    baseline.baseline = True
+    result = BenchResult(1, tmp_path / "db", "m", "f", baseline,
                          [row("gguf:q4_0", 100, 5.0), row("gguf:tq1_0", 80, 9e6), row("gguf:q8_0", 150, 0.5)],
                          {"eval": {"windows": 1, "ctx": 8, "repeats": 1, "prompt_tokens": 4, "gen_tokens": 4, "threads": 0}},
                          {"cpu": "c", "cores": 2, "ram_gb": 1, "os": "o", "python": "3", "load_avg_1m": 0})
@@ -63,7 +76,7 @@ def test_a_broken_candidate_is_left_off_the_front_and_the_chart(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bench_runs(tiny_model, tmp_path_factory):
+def bench_runs(tiny_model, tmp_path_factory, uninstalled_backend):
     folder = tmp_path_factory.mktemp("bench")
     config = BenchConfig(tiny_model, SPECS + ("uninstalled:int8",), folder / "results.sqlite", folder / "report.html",
                          folder / "report.md", folder / "report.json", eval=QUICK)
@@ -133,7 +146,7 @@ def test_html_report_renders_in_headless_chromium(bench_runs, tmp_path):
 
 
 def test_stand_in_formats_get_a_short_speed_probe_and_their_htp_check_is_reported(tiny_model, tmp_path):
-    from edgequant.backends.qnn_tools import htp_available
+    from edgequant.backends.qnn.tools import htp_available
 
     config = BenchConfig(tiny_model, ("qnn:w8a16?seq=64&samples=2",), tmp_path / "r.sqlite", report_json=tmp_path / "r.json",
                          eval=EvalConfig(ctx=64, windows=2, prompt_tokens=16, gen_tokens=24, repeats=2))
@@ -151,7 +164,7 @@ def test_unknown_spec_fails_before_any_work(tiny_model, tmp_path):
     assert not (tmp_path / "db.sqlite").exists()
 
 
-def test_strict_refuses_a_missing_engine(tiny_model, tmp_path):
+def test_strict_refuses_a_missing_engine(tiny_model, tmp_path, uninstalled_backend):
     with pytest.raises(EdgequantError, match="edgequant_no_such_engine"):
         run_bench(BenchConfig(tiny_model, ("uninstalled:int8",), tmp_path / "db.sqlite", strict=True, eval=QUICK))
 

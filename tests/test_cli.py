@@ -2,6 +2,11 @@
 
 import json
 
+import pytest
+
+pytest.importorskip("torch", reason="its extra is not installed")
+pytest.importorskip("llama_cpp", reason="its extra is not installed")
+
 
 def assert_clean_failure(result, *words):
     assert result.returncode == 2, result.stderr

@@ -3,10 +3,13 @@
 import json
 
 import pytest
-from gguf import GGUFReader
 
 import edgequant
 from edgequant.evaluation import EvalConfig
+
+pytest.importorskip("gguf", reason="its extra is not installed")
+pytest.importorskip("llama_cpp", reason="its extra is not installed")
+from gguf import GGUFReader  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +73,8 @@ def test_import_keeps_the_original_tokenizer(ladder):
 
 
 def test_imported_model_answers_sensibly():
-    from edgequant.runner import GenerateParams, open_runner
+    from edgequant.registry import open_runner
+    from edgequant.runner import GenerateParams
 
     with open_runner(None, n_ctx=64) as runner:
         ids = list(runner.generate(runner.tokenize("The capital of France is"), GenerateParams(max_tokens=4)))

@@ -8,6 +8,9 @@ import edgequant
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import EvalConfig
 
+pytest.importorskip("torch", reason="its extra is not installed")
+pytest.importorskip("llama_cpp", reason="its extra is not installed")
+
 QUICK = EvalConfig(ctx=128, windows=4, prompt_tokens=32, gen_tokens=16, repeats=2)
 
 

@@ -5,11 +5,14 @@ import shutil
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader
-from gguf.quants import quantize as reference_quantize
 
 import edgequant
 from edgequant.errors import EdgequantError
+
+pytest.importorskip("gguf", reason="its extra is not installed")
+pytest.importorskip("llama_cpp", reason="its extra is not installed")
+from gguf import GGMLQuantizationType, GGUFReader  # noqa: E402
+from gguf.quants import quantize as reference_quantize  # noqa: E402
 
 
 def tensor_types(path) -> dict[str, str]:
@@ -91,7 +94,8 @@ def test_output_that_is_another_folder_is_not_overwritten(tiny_model, tmp_path):
 
 
 def test_artifact_generates_in_llama_cpp(tiny_model):
-    from edgequant.runner import GenerateParams, open_runner
+    from edgequant.registry import open_runner
+    from edgequant.runner import GenerateParams
 
     artifact = edgequant.convert(tiny_model, "gguf:q8_0")
     with open_runner(artifact.path, n_ctx=128, need_logits=False) as runner:
@@ -102,7 +106,7 @@ def test_artifact_generates_in_llama_cpp(tiny_model):
 
 
 def test_artifacts_of_an_older_recipe_are_rebuilt(tiny_model):
-    from edgequant.backends import get_backend
+    from edgequant.registry import get_backend
 
     first = edgequant.convert(tiny_model, "gguf:q4_1")
     backend = get_backend("gguf")

@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 HEAVY = ("torch", "transformers", "llama_cpp", "onnxruntime", "openvino", "mlx", "gguf", "numpy")
 
 

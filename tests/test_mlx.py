@@ -12,6 +12,9 @@ import edgequant
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import EvalConfig
 
+pytest.importorskip("mlx.core", reason="its extra is not installed")
+pytest.importorskip("mlx_lm", reason="its extra is not installed")
+
 QUALITY = EvalConfig(ctx=256, windows=2, speed=False)
 
 
@@ -49,7 +52,8 @@ def test_eight_bit_within_one_percent_and_four_bit_worse(tiny_model):
 
 
 def test_runner_generates_deterministically(tiny_model):
-    from edgequant.runner import GenerateParams, open_runner
+    from edgequant.registry import open_runner
+    from edgequant.runner import GenerateParams
 
     artifact = edgequant.convert(tiny_model, "mlx:8bit")
     with open_runner(artifact.path, n_ctx=128, need_logits=False) as runner:
@@ -63,7 +67,7 @@ def test_missing_mlx_names_the_extra(tiny_model, tmp_path, monkeypatch):
     for name in ("mlx", "mlx.core", "mlx_lm"):
         monkeypatch.setitem(sys.modules, name, None)  # makes `import mlx.core` raise ImportError
     out = tmp_path / "out"
-    with pytest.raises(EdgequantError, match="MLX engine is not installed") as err:
+    with pytest.raises(EdgequantError, match="engine is not installed") as err:
         edgequant.convert(tiny_model, "mlx:4bit", output=out)
     assert "edgequant[mlx]" in err.value.fix
     assert not out.exists()
@@ -124,7 +128,7 @@ def test_minmax_grid_is_read_back_by_mlx_exactly(bits):
     import mlx.core as mx
     import numpy as np
 
-    from edgequant.backends.mlx_grid import minmax_quantize
+    from edgequant.backends.mlx.grid import minmax_quantize
 
     rng = np.random.default_rng(bits)
     q = rng.integers(0, 2**bits, (16, 4, 32))
@@ -152,7 +156,7 @@ def test_scoring_path_matches_mlx_own_forward_pass(tiny_model):
     matmul); they must equal what mlx computes itself."""
     import numpy as np
 
-    from edgequant.runner import open_runner
+    from edgequant.registry import open_runner
 
     artifact = edgequant.convert(tiny_model, "mlx:4bit?group=32")
     with open_runner(artifact.path, n_ctx=128) as runner:

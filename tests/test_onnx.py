@@ -9,14 +9,18 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 
 import edgequant
-from edgequant.backends.onnx_tools import check_model
+from edgequant.backends.onnx.tools import check_model
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import EvalConfig
-from edgequant.runner import GenerateParams, open_runner
+from edgequant.registry import open_runner
+from edgequant.runner import GenerateParams
+
+pytest.importorskip("onnx", reason="its extra is not installed")
+pytest.importorskip("onnxruntime_genai", reason="its extra is not installed")
+import onnx  # noqa: E402
 
 
 def _quality(artifact):
@@ -79,7 +83,7 @@ def _matmul_nbits_model(zero_points):
 def test_hqq_float_zero_points_fold_into_an_exact_correction():
     import onnxruntime as ort
 
-    from edgequant.backends.onnx_hqq import fold_float_zero_points
+    from edgequant.backends.onnx.hqq import fold_float_zero_points
 
     model = _matmul_nbits_model(np.random.default_rng(1).uniform(2.0, 13.0, 16).astype(np.float32))
     x = {"x": np.random.default_rng(2).normal(size=(1, 3, 64)).astype(np.float32)}
@@ -92,7 +96,7 @@ def test_hqq_float_zero_points_fold_into_an_exact_correction():
 
 
 def test_integer_zero_points_are_left_alone():
-    from edgequant.backends.onnx_hqq import fold_float_zero_points
+    from edgequant.backends.onnx.hqq import fold_float_zero_points
 
     model = _matmul_nbits_model(np.full(8, 0x88, np.uint8))
     assert fold_float_zero_points(model) == 0 and len(model.graph.node) == 1
@@ -107,7 +111,7 @@ def test_default_int4_has_no_float_zero_points(onnx_tiny):
 
 
 def test_int8_static_is_qdq_with_int8_weights_and_uint8_activations(onnx_tiny):
-    from edgequant.backends.onnx_tools import qdq_counts
+    from edgequant.backends.onnx.tools import qdq_counts
 
     artifact = edgequant.convert(onnx_tiny, "onnx:int8-static?samples=4&keep_float=none")
     check_model(artifact.model_path)
@@ -192,7 +196,7 @@ def test_default_model_int8_is_within_3_percent():
 def test_default_model_int8_static_is_sane():
     """Static per-tensor activation ranges cannot follow the model's massive first-token
     activations, so the sensitive MatMuls stay float; the rest must stay close to the baseline."""
-    from edgequant.backends.onnx_tools import qdq_counts
+    from edgequant.backends.onnx.tools import qdq_counts
 
     artifact = edgequant.convert(None, "onnx:int8-static")
     check_model(artifact.model_path)

@@ -1,5 +1,6 @@
 """The real server on 127.0.0.1, driven by the official openai client and raw HTTP."""
 
+import asyncio
 import json
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -7,9 +8,17 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from serve_helpers import running_server
+from serve_helpers import metric_value, running_server
 
 import edgequant
+from edgequant.registry import open_runner
+from edgequant.runner import GenerateParams
+from edgequant.serving.metrics import Metrics
+from edgequant.serving.scheduling import Job, ModelWorker
+
+pytest.importorskip("fastapi", reason="its extra is not installed")
+pytest.importorskip("uvicorn", reason="its extra is not installed")
+pytest.importorskip("llama_cpp", reason="its extra is not installed")
 
 KEY = "test-key-123"
 
@@ -135,3 +144,42 @@ def test_sigterm_shuts_down_cleanly(artifact):
         # uvicorn finishes the graceful shutdown, then re-raises the signal: killed by SIGTERM, not crashed
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
         assert "Traceback" not in proc.stdout.read()
+
+
+@pytest.mark.parametrize("batch", [1, 4], ids=["serial", "batched"])
+def test_a_request_cancelled_while_queued_is_counted_once(artifact, batch):
+    """The worker itself on the real runner, so no HTTP timing decides which stage a cancel hits:
+    the second job is cancelled before it is submitted, so the worker can only meet it in its queue."""
+    metrics = Metrics()
+    metrics.counter("edgequant_generated_tokens_total", "")
+    metrics.counter("edgequant_cancelled_requests_total", "")
+    runner = open_runner(artifact.path, n_ctx=512, need_logits=False)
+    asyncio.run(_cancel_one_queued_job(ModelWorker(MODEL, runner, 8, metrics, batch=batch)))
+    assert _cancelled(metrics) == 1  # the worker's thread has ended: every job is accounted for
+
+
+async def _cancel_one_queued_job(worker: ModelWorker) -> None:
+    loop = asyncio.get_running_loop()
+    ids = worker.runner.tokenize("The history of")
+    running, queued, finished = (Job(ids, GenerateParams(max_tokens=32), [], loop, asyncio.Queue()) for _ in range(3))
+    queued.cancelled.set()
+    try:
+        worker.submit(running)
+        worker.submit(queued)
+        await _final_delta(running)
+        worker.submit(finished)
+        await _final_delta(finished)  # the worker took it only after retiring the two queued before it
+        assert _cancelled(worker.metrics) == 1
+        finished.cancelled.set()  # as the app does once any streamed response ends: no cancellation of a finished job
+    finally:
+        await asyncio.to_thread(worker.stop)  # as the app's shutdown does, while the loop still takes deltas
+
+
+async def _final_delta(job: Job) -> None:
+    while not (delta := await asyncio.wait_for(job.out.get(), timeout=60)).finish_reason:
+        pass
+    assert delta.error is None, delta.error
+
+
+def _cancelled(metrics: Metrics) -> float:
+    return metric_value(metrics.render(), f'edgequant_cancelled_requests_total{{model="{MODEL}"}}')

@@ -10,7 +10,14 @@ import pytest
 from serve_helpers import running_server
 
 import edgequant
-from edgequant.runner import GenerateParams, open_runner
+from edgequant.registry import open_runner
+from edgequant.runner import GenerateParams
+
+pytest.importorskip("fastapi", reason="its extra is not installed")
+pytest.importorskip("uvicorn", reason="its extra is not installed")
+pytest.importorskip("onnxruntime_genai", reason="its extra is not installed")
+pytest.importorskip("openvino_genai", reason="its extra is not installed")
+pytest.importorskip("mlx_lm", reason="its extra is not installed")
 
 PROMPT = "The history of the river</s> begins"  # "</s>" must reach the model as the EOS id
 

@@ -6,6 +6,9 @@ import pytest
 import edgequant
 from edgequant.errors import EdgequantError
 
+pytest.importorskip("torch", reason="its extra is not installed")
+pytest.importorskip("gguf", reason="its extra is not installed")
+
 
 def test_hf_folder_is_fingerprinted_and_stable(tiny_model):
     first = edgequant.load_source(tiny_model)

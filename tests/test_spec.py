@@ -1,8 +1,10 @@
 import pytest
 
-from edgequant.backends import format_names, get_backend
 from edgequant.errors import EdgequantError
-from edgequant.spec import PrecisionClass, parse_spec, parse_specs
+from edgequant.registry import format_names, get_backend, parse_spec, parse_specs
+from edgequant.spec import PrecisionClass
+
+pytestmark = pytest.mark.unit
 
 
 def test_parses_format_precision_and_options():

@@ -23,7 +23,8 @@ _API = {
     "open_artifact": "edgequant.artifact",
     "evaluate": "edgequant.evaluation",
     "EvalConfig": "edgequant.evaluation",
-    "parse_spec": "edgequant.spec",
+    "parse_spec": "edgequant.registry",
+    "open_runner": "edgequant.registry",
     "EdgequantError": "edgequant.errors",
 }
 

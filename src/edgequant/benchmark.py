@@ -8,18 +8,15 @@ engine is not installed is skipped with the reason (or stops the run with `stric
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import EvalConfig
 from edgequant.progress import note
-from edgequant.spec import Spec, parse_spec
+from edgequant.registry import BASELINE_SPEC, backends, bench_specs, get_backend, parse_spec
+from edgequant.spec import Spec
 
-# A representative set across formats and precision classes; formats not installed are skipped.
-DEFAULT_SPECS = ("gguf:f16", "gguf:q8_0", "gguf:q6_k", "gguf:q4_k_m", "gguf:q3_k_m", "gguf:q2_k", "gguf:tq1_0",
-                 "onnx:int8", "onnx:int4", "openvino:int8", "openvino:int4", "mlx:8bit", "mlx:4bit", "qnn:w8a16")
-BASELINE_SPEC = "pytorch:fp32"
 # 4 windows of 512 tokens: the main job (every default spec, from a cold cache) then ran in 12.9
 # minutes on a 2-core machine, inside its 15-minute budget; 8 windows would not fit.
 DEFAULT_EVAL = EvalConfig(windows=4)
@@ -28,7 +25,7 @@ DEFAULT_EVAL = EvalConfig(windows=4)
 @dataclass(frozen=True)
 class BenchConfig:
     model: Path | None = None
-    specs: tuple[str, ...] | None = None  # None: DEFAULT_SPECS
+    specs: tuple[str, ...] | None = None  # None: every backend's representative specs (registry.bench_specs)
     db: Path | None = None
     report_html: Path | None = None
     report_markdown: Path | None = None
@@ -46,6 +43,8 @@ class BenchRow:
     error: str | None = None
     artifact: str | None = None
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # the backend's sentences about this artifact
+    baseline: bool = False
 
 
 @dataclass
@@ -62,7 +61,6 @@ class BenchResult:
 
 
 def run_bench(config: BenchConfig) -> BenchResult:
-    from edgequant.backends import get_backend
     from edgequant.evaluation import machine_info
     from edgequant.results import ResultsDB
     from edgequant.source import DEFAULT_MODEL_CAVEAT, load_source
@@ -74,7 +72,8 @@ def run_bench(config: BenchConfig) -> BenchResult:
     db = ResultsDB.open(config.db)
     source = load_source(config.model)
     machine = machine_info()
-    settings = {"eval": _eval_settings(config.eval), "specs": [s if isinstance(s, str) else str(s) for s, _ in specs]}
+    settings = {"eval": _eval_settings(config.eval), "specs": [str(s) for s, _ in specs],
+                "eval_is_bench_default": config.eval == DEFAULT_EVAL, "short_probe": SHORT_PROBE}
     run_id = db.start_run(source.name, source.fingerprint, machine, settings, _tool_versions())
     started = time.perf_counter()
     baseline = _evaluate_baseline(config, source)
@@ -95,19 +94,12 @@ def run_bench(config: BenchConfig) -> BenchResult:
     return result
 
 
-def _plan(config: BenchConfig) -> list[tuple[Spec | str, str | None]]:
+def _plan(config: BenchConfig) -> list[tuple[Spec, str | None]]:
     """(spec, reason to skip or None) for every spec, validated before any work."""
-    from edgequant.backends import get_format
-
-    explicit = config.specs is not None
     plan = []
-    for text in config.specs if explicit else DEFAULT_SPECS:
-        fmt = text.split(":", 1)[0].strip().lower()
-        if not explicit and get_format(fmt) is None:
-            plan.append((text, f"format {fmt!r} is not available in this edgequant"))
-            continue
+    for text in config.specs if config.specs is not None else bench_specs():
         spec = parse_spec(text)
-        reason = get_format(spec.format).missing_engine()
+        reason = get_backend(spec.format).missing_engine()
         if reason and config.strict:
             raise EdgequantError(f"cannot run {spec}: {reason}", "install the engine, or drop --strict to skip it")
         plan.append((spec, reason))
@@ -125,7 +117,8 @@ def _evaluate_baseline(config: BenchConfig, source) -> BenchRow:
 
     started = time.perf_counter()
     metrics = evaluate(source.path, config=config.eval)
-    return BenchRow(BASELINE_SPEC, "ok", metrics, artifact=str(source.path), seconds=time.perf_counter() - started)
+    return BenchRow(BASELINE_SPEC, "ok", metrics, artifact=str(source.path), seconds=time.perf_counter() - started,
+                    baseline=True)
 
 
 def _bench_one(config: BenchConfig, source, spec: Spec) -> BenchRow:
@@ -144,7 +137,8 @@ def _bench_one(config: BenchConfig, source, spec: Spec) -> BenchRow:
         if config.strict:
             raise
         return BenchRow(str(spec), "failed", error=f"{type(exc).__name__}: {exc}"[:500], seconds=time.perf_counter() - started)
-    return BenchRow(str(spec), "ok", metrics, artifact=str(artifact.path), seconds=time.perf_counter() - started)
+    notes = get_backend(spec.format).report_notes(str(spec), artifact.manifest)
+    return BenchRow(str(spec), "ok", metrics, artifact=str(artifact.path), seconds=time.perf_counter() - started, notes=notes)
 
 
 # Formats whose speed here is only a stand-in's get a short speed probe: their figures are marked
@@ -154,10 +148,6 @@ SHORT_PROBE = {"gen_tokens": 16, "repeats": 1}
 
 
 def _eval_config_for(config: EvalConfig, spec: Spec) -> EvalConfig:
-    from dataclasses import replace
-
-    from edgequant.backends import get_backend
-
     if not config.speed or get_backend(spec.format).speed_is_representative():
         return config
     return replace(config, gen_tokens=min(config.gen_tokens, SHORT_PROBE["gen_tokens"]), repeats=SHORT_PROBE["repeats"])
@@ -167,7 +157,7 @@ def _store(db, run_id: int, source, row: BenchRow) -> None:
     from edgequant.fingerprint import file_sha256
 
     fingerprint = None
-    if row.status == "ok" and row.spec != BASELINE_SPEC:
+    if row.status == "ok" and not row.baseline:
         from edgequant.artifact import open_artifact
 
         fingerprint = file_sha256(open_artifact(row.artifact).model_path)
@@ -195,15 +185,11 @@ def _eval_settings(config: EvalConfig) -> dict:
 
 
 def _tool_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+    from edgequant import __version__
 
-    found = {}
-    for package in ("edgequant", "torch", "transformers", "llama-cpp-python", "onnxruntime", "onnxruntime-genai",
-                    "openvino", "nncf", "optimum-intel", "mlx", "mlx-lm"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            continue
+    found = {"edgequant": __version__}
+    for backend in backends().values():
+        found.update(backend.tool_versions())
     return found
 
 
@@ -211,8 +197,9 @@ def _write_reports(config: BenchConfig, result: BenchResult) -> None:
     from edgequant.atomic import write_text_atomic
     from edgequant.report import build_report, render_html, render_markdown
 
-    data = build_report(result)
     import json
+
+    data = build_report(result)
 
     outputs = ((config.report_html, render_html), (config.report_markdown, render_markdown),
                (config.report_json, lambda d: json.dumps(d, indent=2)))

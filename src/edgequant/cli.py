@@ -128,7 +128,7 @@ def _run_inspect(args) -> int:
 
 def _run_convert(args) -> int:
     from edgequant.conversion import ConvertConfig, run_convert
-    from edgequant.spec import parse_specs
+    from edgequant.registry import parse_specs
 
     specs = parse_specs(args.to)  # every spec is checked before any work starts
     model = Path(args.model) if args.model else None

@@ -15,7 +15,8 @@ from edgequant.atomic import atomic_dir, ensure_writable_parent
 from edgequant.errors import EdgequantError
 from edgequant.paths import cache_dir
 from edgequant.progress import note, step
-from edgequant.spec import Spec, parse_spec
+from edgequant.registry import get_backend, parse_spec
+from edgequant.spec import Spec
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,16 @@ def convert(model: str | Path | None = None, spec: str | Spec = "gguf:q4_k_m", o
 
 
 def run_convert(config: ConvertConfig) -> Artifact:
-    from edgequant.backends import get_backend
     from edgequant.source import load_source
 
+    backend = get_backend(config.spec.format)
+    missing = backend.missing_modules()
+    if missing:
+        raise EdgequantError(f"cannot convert to {config.spec}: its engine is not installed ({', '.join(missing)} missing)",
+                             backend.install_hint())
     source = load_source(config.model)
     out = (config.output or default_artifact_dir(source.fingerprint, config.spec)).expanduser().resolve()
     ensure_writable_parent(out)
-    backend = get_backend(config.spec.format)
     existing = _existing(out)
     same_target = existing is not None and existing.source_fingerprint == source.fingerprint and existing.spec == config.spec
     if same_target and existing.manifest.get("recipe_version") == backend.recipe_version and not config.force:
@@ -51,6 +55,7 @@ def run_convert(config: ConvertConfig) -> Artifact:
         note(f"rebuilding {out}" + ("" if config.force else ": it was made by an older recipe of the backend"))
     elif out.exists() and any(out.iterdir()) and not config.force:
         raise EdgequantError(f"{out} exists and holds something else", "choose another -o folder, or pass --force to replace it")
+    backend.check_source(source)  # an unsupported architecture is refused before any long step
     started = time.perf_counter()
     with step(f"converting {source.name} to {config.spec}"), atomic_dir(out, replace=True) as tmp:
         info = backend.convert(source, config.spec, tmp)

@@ -13,13 +13,14 @@ import hashlib
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from edgequant.errors import EdgequantError
+from edgequant.logprobs import first_difference, kl_divergence, log_softmax
 from edgequant.paths import cache_dir
 from edgequant.progress import note, step, track
+from edgequant.registry import BASELINE_SPEC, open_runner
 
 _TOKENIZER_CHECK_CHARS = 4000
 
@@ -112,7 +113,7 @@ def _resolve_target(target) -> Target:
         return Target(artifact.path, artifact, artifact.size_bytes, str(artifact.spec))
     source = load_source(target)
     size = sum(f.stat().st_size for f in source.hf_dir.glob("*.safetensors"))
-    return Target(source.path, None, size, f"pytorch:fp32 ({source.name})")
+    return Target(source.path, None, size, f"{BASELINE_SPEC} ({source.name})")
 
 
 def _recorded_source(target: Target):
@@ -155,8 +156,6 @@ def _reference_logprobs(source, windows: Windows, threads: int) -> np.ndarray:
     path = cache_dir("reference") / f"{source.fingerprint[:16]}-{windows.key}.npy"
     if path.is_file():
         return np.load(path, mmap_mode="r")
-    from edgequant.runner import open_runner
-
     n_windows, ctx = windows.ids.shape
     with step(f"computing the PyTorch baseline on {n_windows} windows of {ctx} tokens (cached)"):
         with open_runner(source.path, n_ctx=ctx, threads=threads) as runner:
@@ -168,8 +167,6 @@ def _reference_logprobs(source, windows: Windows, threads: int) -> np.ndarray:
 
 
 def _quality(target: Target, source, windows: Windows, reference: np.ndarray, threads: int) -> dict:
-    from edgequant.runner import open_runner
-
     n_windows, ctx = windows.ids.shape
     nll, kld, top1 = [], [], []
     baseline_nll = []
@@ -208,22 +205,6 @@ def _check_tokenizer(runner, windows: Windows) -> None:
             "the artifact's vocabulary or pre-tokenizer was converted wrongly; re-create it or report the model",
         )
     note(f"tokenizer check passed: {runner.name} gives the source's {len(want)} ids on the eval text sample")
-
-
-def first_difference(got: Sequence[int], want: Sequence[int]) -> int:
-    """Index of the first token where two id lists differ (the shorter length if one is a prefix)."""
-    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-
-
-def kl_divergence(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
-    """KL(p || q) per row, from log-probabilities."""
-    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float32, copy=False)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def machine_info() -> dict:

@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
-from edgequant.safetensors_info import TensorInfo, read_header
-
 _EMBEDDING_MARKERS = ("embed_tokens", "wte", "word_embeddings", "lm_head", "embed_out")
-
-
-def weight_tensors(hf_dir: Path) -> list[TensorInfo]:
-    return [t for f in sorted(hf_dir.glob("*.safetensors")) for t in read_header(f)]
-
-
-def weight_dtype(hf_dir: Path) -> str:
-    """The dtype holding most parameters (safetensors names: F32, BF16, F16, ...)."""
-    counts = Counter()
-    for tensor in weight_tensors(hf_dir):
-        counts[tensor.dtype] += tensor.numel
-    return counts.most_common(1)[0][0]
 
 
 def tokenizer_kind(hf_dir: Path) -> str:
@@ -36,11 +21,11 @@ def tokenizer_kind(hf_dir: Path) -> str:
 
 def inspect_model(model: str | Path | None = None) -> dict:
     """Describe a source model; the estimated sizes cover every precision of every backend."""
-    from edgequant.backends import format_names, get_backend
+    from edgequant.registry import backends
     from edgequant.source import DEFAULT_MODEL_CAVEAT, load_source
 
     source = load_source(model)
-    config, tensors = source.config, weight_tensors(source.hf_dir)
+    config, tensors = source.config, source.tensors
     total = sum(t.numel for t in tensors)
     embedding = sum(t.numel for t in tensors if any(m in t.name for m in _EMBEDDING_MARKERS))
     size_on_disk = source.path.stat().st_size if source.kind == "gguf" else sum(f.stat().st_size for f in source.hf_dir.glob("*.safetensors"))
@@ -48,7 +33,7 @@ def inspect_model(model: str | Path | None = None) -> dict:
         "model": str(source.path),
         "kind": source.kind,
         "fingerprint": source.fingerprint,
-        "architecture": (config.get("architectures") or [config.get("model_type")])[0],
+        "architecture": source.architecture,
         "model_type": config.get("model_type"),
         "layers": config.get("num_hidden_layers"),
         "hidden_size": config.get("hidden_size"),
@@ -59,17 +44,19 @@ def inspect_model(model: str | Path | None = None) -> dict:
         "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
         "parameters": total,
         "embedding_parameters": embedding,
-        "dtype": weight_dtype(source.hf_dir),
+        "dtype": source.weight_dtype,
         "size_bytes": size_on_disk,
         "tokenizer": tokenizer_kind(source.hf_dir),
         "estimated_bytes": {},
+        "precisions": {},
     }
     if source.kind == "gguf":
         info["gguf_tensor_types"] = json.loads((source.hf_dir / "edgequant-import.json").read_text())["gguf_tensor_types"]
     if source.is_default_model:
         info["caveat"] = DEFAULT_MODEL_CAVEAT
-    for fmt in format_names():
-        backend = get_backend(fmt)
-        for name in backend.precisions:
+    for fmt, backend in backends().items():
+        for name, precision in backend.precisions.items():
             info["estimated_bytes"][f"{fmt}:{name}"] = backend.estimated_bytes(name, tensors, info["tied_embeddings"])
+            info["precisions"][f"{fmt}:{name}"] = {"class": precision.klass.value, "bpw": precision.bpw,
+                                                   "needs_imatrix": precision.needs_imatrix}
     return info

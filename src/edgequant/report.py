@@ -9,21 +9,11 @@ from __future__ import annotations
 
 import html
 import json
-from pathlib import Path
 
-from edgequant.benchmark import DEFAULT_EVAL, SHORT_PROBE
+from edgequant.registry import get_format
 
 # A candidate that more than doubles the baseline's perplexity is broken, not a trade-off.
 UNUSABLE_PPL_INCREASE_PCT = 100.0
-
-FRAMEWORKS = {
-    "pytorch": ("PyTorch", "the reference: training, research, servers"),
-    "gguf": ("llama.cpp (GGUF)", "CPU and Apple/Android laptops and phones: llama.cpp, Ollama, LM Studio"),
-    "onnx": ("ONNX Runtime", "cross-platform apps, Windows (DirectML), ORT-GenAI"),
-    "openvino": ("OpenVINO", "Intel CPU, integrated GPU and NPU"),
-    "mlx": ("MLX", "Apple silicon Macs"),
-    "qnn": ("QNN (ONNX QDQ)", "Qualcomm Snapdragon NPU"),
-}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -56,8 +46,8 @@ def build_report(result) -> dict:
 def _row(row, base: dict) -> dict:
     m = row.metrics or {}
     fmt = row.spec.split(":", 1)[0]
-    out = {"spec": row.spec, "format": fmt, "status": row.status, "error": row.error, "baseline": row.spec.startswith("pytorch:"),
-           "pareto": False, "seconds": round(row.seconds, 1)}
+    out = {"spec": row.spec, "format": fmt, "status": row.status, "error": row.error, "baseline": row.baseline,
+           "pareto": False, "seconds": round(row.seconds, 1), "notes": list(row.notes)}
     if row.status == "ok":
         out.update({
             "size_mb": round(m["size_bytes"] / 1e6, 2), "perplexity": m["perplexity"], "ppl_increase_pct": m["ppl_increase_pct"],
@@ -68,35 +58,18 @@ def _row(row, base: dict) -> dict:
             "speedup": round(m["decode_tps"] / base["decode_tps"], 2) if m.get("decode_tps") and base.get("decode_tps") else None,
             "speed_representative": _speed_representative(fmt),
             "usable": m["ppl_increase_pct"] <= UNUSABLE_PPL_INCREASE_PCT,
-            "htp": _htp_check(row),
         })
     return out
 
 
 def _speed_representative(fmt: str) -> bool:
-    from edgequant.backends import get_format
-
-    backend = get_format(fmt)  # None for the PyTorch baseline
+    backend = get_format(fmt)  # None for a format no longer registered
     return backend is None or backend.speed_is_representative()
 
 
-def _htp_check(row) -> dict | None:
-    """The simulated-HTP agreement a QNN conversion recorded in its manifest, if any."""
-    if row.status != "ok" or not row.artifact or not row.spec.startswith("qnn:"):
-        return None
-    from edgequant.artifact import is_artifact, open_artifact
-
-    return open_artifact(row.artifact).manifest.get("details", {}).get("htp") if is_artifact(Path(row.artifact)) else None
-
-
-def _htp_notes(rows: list[dict]) -> list[str]:
-    return [f"{r['spec']} on Qualcomm's HTP simulator (htp_arch {h['htp_arch']}, one {h['tokens']}-token calibration window, "
-            f"whole graph on the HTP) agrees with its CPU run on {100 * h['top1_agreement']:.1f}% of top-1 tokens "
-            f"(KLD {h['kld_mean']:.4f})." for r in rows if (h := r.get("htp"))]
-
-
 def _summary(row: dict) -> dict:
-    framework, use_case = FRAMEWORKS.get(row["format"], (row["format"], ""))
+    backend = get_format(row["format"])
+    framework, use_case = (backend.display_name or backend.name, backend.use_case) if backend else (row["format"], "")
     return {"framework": framework, "quantization": row["spec"].split(":", 1)[1], "memory_mb": row["peak_rss_mb"],
             "size_mb": row["size_mb"], "memory_reduction_vs_fp32_pct": row["size_reduction_pct"],
             "speedup_vs_fp32": row["speedup"], "speed_representative": row["speed_representative"], "use_case": use_case}
@@ -109,20 +82,19 @@ def _notes(result, rows: list[dict]) -> list[str]:
              f"Quality: {s['windows']} windows of {s['ctx']} tokens of the evaluation text, identical for every candidate; "
              f"perplexity increase and KL divergence are relative to the PyTorch fp32 baseline on the source"
              + (" (the bench default, sized so the default run finishes within 15 minutes on 2 cores)."
-                if (s["windows"], s["ctx"]) == (DEFAULT_EVAL.windows, DEFAULT_EVAL.ctx) else "."),
+                if result.settings.get("eval_is_bench_default") else "."),
              f"Speed: median of {s['repeats']} runs after a warm-up, a different {s['prompt_tokens']}-token prompt each "
              f"(so no engine reuses a cached prefix), {s['gen_tokens']} tokens generated, {s['threads'] or 'all'} threads; "
              "peak memory is the RSS of a fresh process that loaded the model.",
              "Memory reduction is the file size against the fp32 source; memory use is measured peak RSS."]
-    formats = {r["format"] for r in rows if r["status"] == "ok"}
-    if "mlx" in formats and not _speed_representative("mlx"):
-        notes.append("MLX ran on the CPU of a non-Apple machine: its quality figures are real, its speed is not representative.")
-    if "qnn" in formats:
-        notes.append("QNN artifacts ran on ONNX Runtime's CPU execution provider: quality is real, speed is not an NPU's.")
-    if any(not _speed_representative(f) for f in formats):
+    stand_ins = [get_format(f) for f in sorted({r["format"] for r in rows if r["status"] == "ok"})
+                 if not _speed_representative(f)]
+    notes.extend(b.speed_note for b in stand_ins if b.speed_note)
+    probe = result.settings.get("short_probe")
+    if stand_ins and probe:
         notes.append(f"Formats whose speed is not representative here got a short speed probe "
-                     f"({SHORT_PROBE['gen_tokens']} tokens, {SHORT_PROBE['repeats']} run).")
-    notes.extend(_htp_notes(rows))
+                     f"({probe['gen_tokens']} tokens, {probe['repeats']} run).")
+    notes.extend(n for r in rows for n in r["notes"])
     broken = [f"{r['spec']} ({r['ppl_increase_pct']:+.0f}%)" for r in rows if r["status"] == "ok" and not r["usable"]]
     if broken:
         notes.append(f"Unusable (perplexity more than {UNUSABLE_PPL_INCREASE_PCT / 100 + 1:.0f}x the baseline's), left off the "

@@ -28,14 +28,10 @@ def format_inspect(info: dict) -> str:
     if "caveat" in info:
         lines.append(f"note            {info['caveat']}")
     lines += ["", "estimated size per precision:"]
-    from edgequant.backends import get_backend
-    from edgequant.spec import parse_spec
-
     for spec_text, size in info["estimated_bytes"].items():
-        spec = parse_spec(spec_text)
-        precision = get_backend(spec.format).precisions[spec.precision]
-        flag = "  (needs an importance matrix)" if precision.needs_imatrix else ""
-        lines.append(f"  {spec_text:<16} {precision.klass.value:<10} {precision.bpw:>6.2f} bpw  {_mb(size):>12}{flag}")
+        precision = info["precisions"][spec_text]
+        flag = "  (needs an importance matrix)" if precision["needs_imatrix"] else ""
+        lines.append(f"  {spec_text:<16} {precision['class']:<10} {precision['bpw']:>6.2f} bpw  {_mb(size):>12}{flag}")
     return "\n".join(lines)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -55,7 +54,7 @@ class Runner(ABC):
         return None
 
     def batch_decoder(self, n_seq: int, n_ctx: int):
-        """A decoder that advances several sequences per step (see backends/gguf_batch.py), or
+        """A decoder that advances several sequences per step (see backends/gguf/batch.py), or
         None when this engine has none; the server then runs one request at a time."""
         return None
 
@@ -67,52 +66,6 @@ class Runner(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class HFTokenizerMixin:
-    """tokenize/detokenize/is_eos/chat_template from the Hugging Face tokenizer files every artifact
-    folder carries, so ids match the source model's exactly whatever engine runs the weights."""
-
-    def _load_hf_tokenizer(self, folder: Path) -> None:
-        from transformers import AutoTokenizer
-
-        self._hf_tokenizer = AutoTokenizer.from_pretrained(folder)
-        self._eos_ids = {self._hf_tokenizer.eos_token_id} - {None}
-        try:
-            from transformers import GenerationConfig
-
-            eos = GenerationConfig.from_pretrained(folder).eos_token_id
-            self._eos_ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
-        except OSError:  # no generation_config.json: the tokenizer's EOS is all there is
-            pass
-
-    def tokenize(self, text: str, special: bool = False) -> list[int]:
-        return self._hf_tokenizer(text, add_special_tokens=False, split_special_tokens=not special, verbose=False).input_ids
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._hf_tokenizer.decode(list(ids), skip_special_tokens=False)
-
-    def is_eos(self, token: int) -> bool:
-        return token in self._eos_ids
-
-    def chat_template(self) -> str | None:
-        return self._hf_tokenizer.chat_template
-
-
-def open_runner(path: str | Path | None, *, n_ctx: int = 2048, need_logits: bool = True, threads: int = 0) -> Runner:
-    """Open an artifact folder (through its backend) or a source model (the PyTorch baseline)."""
-    from edgequant.artifact import is_artifact, open_artifact
-
-    threads = threads or default_threads()
-    if path is not None and is_artifact(Path(path)):
-        artifact = open_artifact(path)
-        from edgequant.backends import get_backend
-
-        return get_backend(artifact.spec.format).open(artifact, n_ctx=n_ctx, need_logits=need_logits, threads=threads)
-    from edgequant.source import load_source
-    from edgequant.torch_runner import TorchRunner
-
-    return TorchRunner(load_source(path), n_ctx=n_ctx, threads=threads)
 
 
 def default_threads() -> int:

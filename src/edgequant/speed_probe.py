@@ -29,7 +29,8 @@ class SpeedRequest:
 
 
 def measure(request: SpeedRequest) -> dict:
-    from edgequant.runner import GenerateParams, open_runner
+    from edgequant.registry import open_runner
+    from edgequant.runner import GenerateParams
 
     rss_before = _peak_rss_mb()
     started = time.perf_counter()

@@ -20,8 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from edgequant.runner import GenerateParams
-from edgequant.serving.engine import Delta, Job, ModelWorker, QueueFull
+from edgequant.serving.chat import render_chat
+from edgequant.serving.errors import ApiError
 from edgequant.serving.metrics import LATENCY_BUCKETS, RATE_BUCKETS, TTFT_BUCKETS, Metrics
+from edgequant.serving.scheduling import Delta, Job, ModelWorker, QueueFull
 from edgequant.serving.schemas import ChatRequest, CompletionRequest
 
 
@@ -38,15 +40,6 @@ class ServeConfig:
     request_timeout_s: float = 300.0
     threads: int = 0
     batch: int = 4  # requests decoded together where the engine can batch (llama.cpp); 1 = one at a time
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 def model_name(path: Path | None) -> str:
@@ -105,8 +98,6 @@ def create_app(config: ServeConfig, workers: dict[str, ModelWorker] | None = Non
     async def chat(request: Request):
         body = _validate(ChatRequest, await _json(request, config))
         worker = _worker(state, body.model)
-        from edgequant.serving.chat import render_chat
-
         prompt = render_chat(worker.runner, [m.model_dump() for m in body.messages])
         ids = await asyncio.to_thread(worker.runner.tokenize, prompt, True)
         if body.max_completion_tokens is not None and body.max_tokens is None:
@@ -298,7 +289,7 @@ def _make_metrics() -> Metrics:
 
 
 def _load_workers(config: ServeConfig, metrics: Metrics) -> dict[str, ModelWorker]:
-    from edgequant.runner import open_runner
+    from edgequant.registry import open_runner
 
     workers = {}
     for path in config.models:

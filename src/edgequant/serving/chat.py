@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from edgequant.runner import Runner
+from edgequant.serving.errors import ApiError
 
 
 def render_chat(runner: Runner, messages: list[dict]) -> str:
@@ -11,8 +12,6 @@ def render_chat(runner: Runner, messages: list[dict]) -> str:
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    from edgequant.serving.app import ApiError
 
     def raise_exception(message):
         raise TemplateError(message)

@@ -15,7 +15,7 @@ class LlamaRunner(Runner):
     def __init__(self, model_path: Path, *, name: str, n_ctx: int, logits_all: bool, threads: int):
         import llama_cpp
 
-        from edgequant.backends.gguf_tools import QuantizeLog, silence_llama_logs
+        from edgequant.backends.gguf.tools import QuantizeLog, silence_llama_logs
 
         self.name, self.n_ctx, self._threads = name, n_ctx, threads
         self._llama_cpp = llama_cpp
@@ -69,7 +69,7 @@ class LlamaRunner(Runner):
 
     def batch_decoder(self, n_seq: int, n_ctx: int):
         """A decoder that advances several sequences per llama.cpp call, sharing this model's weights."""
-        from edgequant.backends.gguf_batch import BatchDecoder
+        from edgequant.backends.gguf.batch import BatchDecoder
 
         return BatchDecoder(self._llm._model.model, n_seq=n_seq, n_ctx=n_ctx, threads=self._threads)
 

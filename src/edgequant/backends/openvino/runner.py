@@ -13,7 +13,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgequant.runner import GenerateParams, HFTokenizerMixin, Runner
+from edgequant.backends._shared.hf_tokenizer import HFTokenizerMixin
+from edgequant.runner import GenerateParams, Runner
 
 _DONE = object()
 
@@ -59,7 +60,7 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
 
     def inference_precision(self) -> str:
         request = self._logits_request()
-        from edgequant.backends.openvino_tools import short_type_name
+        from edgequant.backends.openvino.tools import short_type_name
 
         return short_type_name(request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT"))
 

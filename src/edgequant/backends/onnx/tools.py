@@ -1,7 +1,7 @@
 """Engine calls for the ONNX backend: the onnxruntime-genai model builder and onnxruntime.quantization.
 
-Everything heavy is imported inside the functions; `edgequant.backends.onnx` imports this module
-only when it converts or opens an artifact.
+Everything heavy is imported inside the functions; the backend imports this module only when it
+converts or opens an artifact.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from edgequant.progress import engine_warnings_hidden
 
 MODEL_FILE = "model.onnx"
 DATA_SUFFIX = ".data"
-# Files the builder writes beside the model that onnxruntime-genai needs to run it as is.
-SIDE_FILES = ("genai_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
 
 
 @dataclass(frozen=True)
@@ -44,12 +41,6 @@ def genai_version() -> str:
     except PackageNotFoundError:
         raise EdgequantError("onnxruntime-genai is not installed; the ONNX backend needs it",
                              "pip install 'edgequant[onnx]' (onnxruntime-genai==0.14.1, onnxruntime, onnx-ir)") from None
-
-
-def onnxruntime_version() -> str:
-    from importlib.metadata import version
-
-    return version("onnxruntime")
 
 
 def builder_architectures() -> list[str]:
@@ -131,10 +122,11 @@ def drop_shape_annotations(model_path: Path) -> int:
     return count
 
 
-def copy_side_files(src: Path, dst: Path) -> None:
-    for name in SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+def copy_builder_side_files(src: Path, dst: Path) -> None:
+    """What onnxruntime-genai needs beside the model to run it as is: its config and the tokenizer."""
+    from edgequant.backends._shared.side_files import TOKENIZER_FILES, copy_side_files
+
+    copy_side_files(("genai_config.json", *TOKENIZER_FILES), dst, src)
 
 
 def save_model(model, path: Path) -> None:
@@ -145,37 +137,11 @@ def save_model(model, path: Path) -> None:
                     location=path.name + DATA_SUFFIX, size_threshold=1024)
 
 
-def quantize_dynamic_int8(fp32_model: Path, out_model: Path) -> int:
-    """Dynamic int8: weights int8 per output channel, activations int8 per token at run time.
-    See `onnx_int8` for why onnxruntime's quantize_dynamic (one scale per activation tensor) is
-    not used. Returns how many MatMuls became integer."""
-    from edgequant.backends.onnx_int8 import quantize_per_token_int8
-
-    return quantize_per_token_int8(fp32_model, out_model)
-
-
 @dataclass(frozen=True)
 class Calibration:
     samples: int = 8  # calibration sequences
     tokens: int = 128  # tokens per sequence (prefill length)
     decode_steps: int = 4  # single-token steps run after each prefill, with the KV cache
-
-
-def calibration_windows(tokenizer_dir: Path, calib: Calibration) -> list[list[int]]:
-    """Token windows of the calibration text (never the evaluation text); too little text is an error."""
-    from transformers import AutoTokenizer
-
-    from edgequant.evaldata import default_calibration_text
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = tokenizer(default_calibration_text(), add_special_tokens=False, verbose=False).input_ids
-    per_sample = calib.tokens + calib.decode_steps
-    if len(ids) < calib.samples * per_sample:
-        raise EdgequantError(
-            f"the calibration text has {len(ids)} tokens; {calib.samples} samples of {per_sample} need {calib.samples * per_sample}",
-            f"ask for fewer samples (samples<={len(ids) // per_sample}) or shorter ones (calib_tokens)",
-        )
-    return [ids[i * per_sample:(i + 1) * per_sample] for i in range(calib.samples)]
 
 
 def kv_feeds(session_inputs, batch: int = 1) -> dict:
@@ -195,9 +161,10 @@ def calibration_feeds(fp32_model: Path, windows: list[list[int]], decode_steps: 
     """Prefill feeds (a whole window, empty past) and the decode feeds that follow it (one token,
     the real KV cache from the fp32 model), so the static ranges cover both regimes."""
     import numpy as np
-    import onnxruntime as ort
 
-    session = ort.InferenceSession(str(fp32_model), providers=["CPUExecutionProvider"])
+    from edgequant.backends._shared.ort import cpu_session
+
+    session = cpu_session(fp32_model)
     inputs = session.get_inputs()
     out_names = [o.name for o in session.get_outputs()]
     for window in windows:
@@ -214,19 +181,6 @@ def calibration_feeds(fp32_model: Path, windows: list[list[int]], decode_steps: 
             yield feeds
 
 
-class FeedReader:
-    """onnxruntime's CalibrationDataReader protocol over a list of feeds."""
-
-    def __init__(self, feeds: list[dict]):
-        self._feeds = iter(feeds)
-
-    def get_next(self):
-        return next(self._feeds, None)
-
-    def rewind(self):  # the calibrator reads once; nothing to rewind
-        pass
-
-
 def quantize_static_qdq(fp32_model: Path, out_model: Path, feeds: list[dict], keep_float: tuple[str, ...] = ()) -> int:
     """Static int8 in QDQ form: uint8 activations with asymmetric MinMax ranges, int8 weights per
     channel, only around MatMuls (the builder's fused attention and norms stay float); MatMuls
@@ -241,6 +195,8 @@ def quantize_static_qdq(fp32_model: Path, out_model: Path, feeds: list[dict], ke
     (prefill and decode), which the calibration must mix."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from edgequant.backends._shared.ort import FeedReader
 
     matmuls = [n.name for n in onnx.load(str(fp32_model), load_external_data=False).graph.node if n.op_type == "MatMul"]
     excluded = [name for name in matmuls if any(part in name for part in keep_float)]

@@ -7,19 +7,14 @@ knob (mode, group size, ratio, backup precision, AWQ, scale estimation, GPTQ, se
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgequant.errors import EdgequantError
-from edgequant.paths import cache_dir
 
 TASK = "text-generation-with-past"  # offline export cannot infer the task (ENGINES.md)
 MODEL_XML = "openvino_model.xml"
-# Files of the source folder copied next to the IR, so optimum-intel and LLMPipeline find the
-# generation settings, the chat template and the Hugging Face tokenizer.
-_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
+_TOKENIZER_IRS = ("openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_detokenizer.xml", "openvino_detokenizer.bin")
 
 
 @dataclass(frozen=True)
@@ -39,20 +34,10 @@ class CompressSettings:
 
     @property
     def data_aware(self) -> bool:
-        return self.awq or self.scale_estimation or self.gptq or bool(self.sensitivity and self.ratio < 1)
-
-
-def openvino_versions() -> dict[str, str]:
-    try:
-        import nncf
-        import openvino
-        import openvino_genai
-        import openvino_tokenizers
-    except ImportError as exc:
-        raise EdgequantError(f"the OpenVINO engine is not installed ({exc.name} is missing)",
-                             "pip install 'edgequant[openvino]'") from None
-    return {"openvino": openvino.__version__.split("-")[0], "openvino-genai": openvino_genai.__version__.split("-")[0],
-            "openvino-tokenizers": openvino_tokenizers.__version__.split("-")[0], "nncf": nncf.__version__}
+        """Needs calibration data: AWQ, scale estimation, GPTQ, or an activation-based sensitivity
+        choosing which layers stay 8-bit (weight_quantization_error reads the weights only)."""
+        activation_sensitivity = self.sensitivity not in ("", "weight_quantization_error")
+        return self.awq or self.scale_estimation or self.gptq or (activation_sensitivity and self.ratio < 1)
 
 
 def supported_model_types() -> list[str]:
@@ -67,26 +52,22 @@ def check_architecture(source) -> None:
     model_type = source.config.get("model_type")
     supported = supported_model_types()
     if model_type not in supported:
-        arch = (source.config.get("architectures") or [model_type])[0]
         raise EdgequantError(
-            f"optimum-intel cannot export architecture {arch!r} (model_type {model_type!r}) to OpenVINO",
+            f"optimum-intel cannot export architecture {source.architecture!r} (model_type {model_type!r}) to OpenVINO",
             "convert a model of a supported model_type: " + ", ".join(supported),
         )
 
 
 def float_ir(source) -> Path:
     """The source exported to a float32 IR with its tokenizer IRs, once per fingerprint (cached)."""
-    from edgequant.atomic import atomic_dir
-    from edgequant.progress import step
+    from edgequant.backends._shared.intermediates import cached_intermediate
 
-    folder = cache_dir("intermediates") / f"{source.fingerprint[:16]}-openvino-f32"
-    if (folder / MODEL_XML).is_file():
-        return folder
-    with step(f"exporting {source.name} to an OpenVINO IR with optimum-intel (cached)"):
-        with atomic_dir(folder, replace=True) as tmp:
-            _export(source.hf_dir, tmp)
-            write_tokenizers(source.hf_dir, tmp)
-    return folder
+    def build(tmp: Path) -> None:
+        _export(source.hf_dir, tmp)
+        write_tokenizers(source.hf_dir, tmp)
+
+    return cached_intermediate(source, "openvino-f32", MODEL_XML, build,
+                               f"exporting {source.name} to an OpenVINO IR with optimum-intel")
 
 
 def _export(hf_dir: Path, out: Path) -> None:
@@ -122,7 +103,7 @@ def _check_tokenizer_ir(compiled, tokenizer) -> None:
     """LLMPipeline tokenizes chat prompts with the IR while edgequant scores with the Hugging Face
     tokenizer: refuse an IR whose ids differ on real prose."""
     from edgequant.evaldata import default_calibration_text
-    from edgequant.evaluation import first_difference
+    from edgequant.logprobs import first_difference
 
     text = default_calibration_text()[:4000]
     expected = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
@@ -135,32 +116,22 @@ def _check_tokenizer_ir(compiled, tokenizer) -> None:
 
 
 def copy_side_files(hf_dir: Path, intermediate: Path, out: Path) -> None:
-    for name in ("openvino_tokenizer.xml", "openvino_tokenizer.bin", "openvino_detokenizer.xml", "openvino_detokenizer.bin"):
-        if (intermediate / name).is_file():
-            shutil.copyfile(intermediate / name, out / name)
-    for name in _SIDE_FILES:
-        for base in (intermediate, hf_dir):  # the export's config.json first: it is what optimum-intel wrote
-            if (base / name).is_file():
-                shutil.copyfile(base / name, out / name)
-                break
+    """The tokenizer IRs, and the config, generation settings and Hugging Face tokenizer, so
+    optimum-intel and LLMPipeline find them; the export's config.json first (optimum-intel wrote it)."""
+    from edgequant.backends._shared.side_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_side_files as copy
+
+    copy(_TOKENIZER_IRS + MODEL_CONFIG_FILES + TOKENIZER_FILES, out, intermediate, hf_dir)
 
 
 def calibration_samples(hf_dir: Path, count: int, seq_len: int, text: str | None = None) -> list[dict]:
     """`count` windows of `seq_len` tokens of the calibration text, as the IR's input dicts."""
     import numpy as np
-    from transformers import AutoTokenizer
 
-    from edgequant.evaldata import default_calibration_text
+    from edgequant.backends._shared.calibration import calibration_windows
 
-    text = text if text is not None else default_calibration_text()
-    ids = AutoTokenizer.from_pretrained(hf_dir)(text, add_special_tokens=False, verbose=False).input_ids
-    if len(ids) < count * seq_len:
-        raise EdgequantError(
-            f"data-aware compression needs {count} x {seq_len} = {count * seq_len} calibration tokens, "
-            f"the calibration text has {len(ids)}",
-            f"lower samples= to at most {len(ids) // seq_len}, give a longer calib= file, or drop the data-aware options",
-        )
-    windows = np.asarray(ids[: count * seq_len], dtype=np.int64).reshape(count, seq_len)
+    windows = np.asarray(calibration_windows(
+        hf_dir, count, seq_len, text,
+        fix="lower samples= to at most {fit}, give a longer calib= file, or drop the data-aware options"), dtype=np.int64)
     return [{"input_ids": w[None, :], "attention_mask": np.ones((1, seq_len), dtype=np.int64),
              "position_ids": np.arange(seq_len, dtype=np.int64)[None, :], "beam_idx": np.zeros(1, dtype=np.int32)}
             for w in windows]

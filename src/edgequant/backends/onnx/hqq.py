@@ -31,7 +31,7 @@ def quantize_hqq(model_path: Path, block: int, accuracy_level: int) -> int:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    from edgequant.backends.onnx_tools import DATA_SUFFIX, save_model
+    from edgequant.backends.onnx.tools import DATA_SUFFIX, save_model
 
     model = onnx.load(str(model_path))
     quantizer = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=block, bits=4))

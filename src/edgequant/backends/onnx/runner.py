@@ -14,7 +14,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgequant.runner import GenerateParams, HFTokenizerMixin, Runner
+from edgequant.backends._shared.hf_tokenizer import HFTokenizerMixin
+from edgequant.runner import GenerateParams, Runner
 
 
 class OnnxRunner(HFTokenizerMixin, Runner):
@@ -26,7 +27,7 @@ class OnnxRunner(HFTokenizerMixin, Runner):
         self._genai = None
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        from edgequant.backends.onnx_tools import kv_feeds
+        from edgequant.backends.onnx.tools import kv_feeds
 
         if len(ids) > self.n_ctx:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
@@ -69,12 +70,9 @@ class OnnxRunner(HFTokenizerMixin, Runner):
 
     def _ensure_session(self):
         if self._session is None:
-            import onnxruntime as ort
+            from edgequant.backends._shared.ort import cpu_session
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self._threads
-            options.log_severity_level = 3
-            self._session = ort.InferenceSession(str(self._model_path), options, providers=["CPUExecutionProvider"])
+            self._session = cpu_session(self._model_path, self._threads)
         return self._session
 
     def _ensure_genai(self):

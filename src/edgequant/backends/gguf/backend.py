@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgequant.backends import Backend, register
+from edgequant.backend import Backend
 from edgequant.errors import EdgequantError
-from edgequant.paths import cache_dir
 from edgequant.spec import Option, Precision
 
 MODEL_FILE = "model.gguf"
@@ -58,25 +57,28 @@ _TABLE = dict([
 _K_BLOCK = 256  # row length K-quants, IQ and TQ types need; others fall back per tensor
 
 
-@register
 class GGUFBackend(Backend):
     name = "gguf"
+    display_name = "llama.cpp (GGUF)"
+    use_case = "CPU and Apple/Android laptops and phones: llama.cpp, Ollama, LM Studio"
     extra = "gguf"
     bench_seconds = 13
     requires = ("llama_cpp",)
+    packages = ("llama-cpp-python",)
+    bench_specs = ("gguf:f16", "gguf:q8_0", "gguf:q6_k", "gguf:q4_k_m", "gguf:q3_k_m", "gguf:q2_k", "gguf:tq1_0")
     precisions = {name: entry[0] for name, entry in _TABLE.items()}
     options = {
         "pure": Option("pure", bool, False, "quantize every tensor to the base type, no K-quant mix"),
         "nthread": Option("nthread", int, 0, "quantization threads, 0 = all cores", minimum=0, maximum=256),
     }
 
-    def tool_versions(self) -> dict[str, str]:
-        from edgequant.backends.gguf_tools import llama_cpp_version
+    def check_source(self, source) -> None:
+        from edgequant.backends.gguf.tools import check_architecture
 
-        return {"llama-cpp-python": llama_cpp_version()}
+        check_architecture(source.architecture)
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
-        from edgequant.backends import gguf_tools
+        from edgequant.backends.gguf import tools as gguf_tools
         from edgequant.runner import default_threads
 
         precision, ftype, _ = _TABLE[spec.precision]
@@ -104,7 +106,7 @@ class GGUFBackend(Backend):
         }
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
-        from edgequant.backends.gguf_runner import LlamaRunner
+        from edgequant.backends.gguf.runner import LlamaRunner
 
         return LlamaRunner(artifact.model_path, name=str(artifact.spec), n_ctx=n_ctx, logits_all=need_logits, threads=threads)
 
@@ -114,26 +116,20 @@ class GGUFBackend(Backend):
 
 def intermediate_type(source) -> str:
     """Convert without loss: float32 sources to F32, 16-bit ones to their own type."""
-    from edgequant.inspection import weight_dtype
-
-    return {"F32": "f32", "BF16": "bf16", "F16": "f16"}.get(weight_dtype(source.hf_dir), "f32")
+    return {"F32": "f32", "BF16": "bf16", "F16": "f16"}.get(source.weight_dtype, "f32")
 
 
 def float_intermediate(source) -> Path:
     """The source as a float GGUF, converted once per source fingerprint and cached."""
-    from edgequant.atomic import atomic_dir
-    from edgequant.backends.gguf_tools import run_converter
-    from edgequant.progress import step
+    from edgequant.backends._shared.intermediates import cached_intermediate
+    from edgequant.backends.gguf.tools import run_converter
 
     outtype = intermediate_type(source)
-    folder = cache_dir("intermediates") / f"{source.fingerprint[:16]}-{outtype}"
-    path = folder / f"model-{outtype}.gguf"
-    if path.is_file():
-        return path
-    with step(f"converting {source.name} to a {outtype.upper()} GGUF with llama.cpp's converter (cached)"):
-        with atomic_dir(folder, replace=True) as tmp:
-            run_converter(source.hf_dir, tmp / path.name, outtype, tmp / "convert.log")
-    return path
+    name = f"model-{outtype}.gguf"
+    folder = cached_intermediate(source, outtype, name,
+                                 lambda tmp: run_converter(source.hf_dir, tmp / name, outtype, tmp / "convert.log"),
+                                 f"converting {source.name} to a {outtype.upper()} GGUF with llama.cpp's converter")
+    return folder / name
 
 
 def _estimated_bytes(precision_name: str, tensors, tied_embeddings: bool) -> int:

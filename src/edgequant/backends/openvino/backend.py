@@ -7,18 +7,17 @@ detokenizer IRs (openvino-tokenizers) and the source's config and generation set
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edgequant.backends import Backend, register
+from edgequant.backend import Backend
 from edgequant.errors import EdgequantError
 from edgequant.spec import Option, Precision
 
 SENSITIVITY = ("auto", "weight_quantization_error", "hessian_input_activation", "mean_activation_variance",
                "max_activation_variance", "mean_activation_magnitude")
-# Options that only mean something for one precision; giving them elsewhere is a mistake to report.
-_INT4_ONLY = ("group", "ratio", "awq", "scale_estimation", "gptq", "sensitivity", "all_layers", "samples", "calib")
-_DATA_AWARE = ("awq", "scale_estimation", "gptq")
+_INT4 = ("int4",)
 SEQ_LEN = 128  # tokens per calibration sequence
 
 # Defaults chosen by measurement on the default model (bench/results/openvino_mlx.json).
@@ -34,10 +33,14 @@ DEFAULT_SCALE_ESTIMATION = False
 DEFAULT_SAMPLES = 16
 
 
-@register
 class OpenVINOBackend(Backend):
     name = "openvino"
+    display_name = "OpenVINO"
+    use_case = "Intel CPU, integrated GPU and NPU"
     extra = "openvino"
+    requires = ("openvino", "openvino_genai", "openvino_tokenizers", "nncf", "optimum.intel")
+    packages = ("openvino", "openvino-genai", "openvino-tokenizers", "nncf", "optimum-intel")
+    bench_specs = ("openvino:int8", "openvino:int4")
     recipe_version = 2  # 2: int4 default AWQ alone on 16 samples (was AWQ + scale estimation on 64)
     bench_seconds = 45
     precisions = {
@@ -46,32 +49,38 @@ class OpenVINOBackend(Backend):
         "int4": Precision("int4", 4, 6.5, "4-bit weights in groups (NNCF), sensitive layers and embeddings at 8-bit"),
     }
     options = {
-        "group": Option("group", int, DEFAULT_GROUP, "int4 group size", choices=(32, 64, 128)),
-        "ratio": Option("ratio", float, DEFAULT_RATIO, "share of int4 layers, the rest at 8-bit", minimum=0.0, maximum=1.0),
-        "sym": Option("sym", bool, DEFAULT_SYM, "symmetric quantization (no zero point)"),
-        "awq": Option("awq", bool, DEFAULT_AWQ, "activation-aware weight scaling (data-aware)"),
+        "group": Option("group", int, DEFAULT_GROUP, "int4 group size", choices=(32, 64, 128), applies_to=_INT4),
+        "ratio": Option("ratio", float, DEFAULT_RATIO, "share of int4 layers, the rest at 8-bit", minimum=0.0, maximum=1.0,
+                        applies_to=_INT4),
+        "sym": Option("sym", bool, DEFAULT_SYM, "symmetric quantization (no zero point)", applies_to=("int8", "int4")),
+        "awq": Option("awq", bool, DEFAULT_AWQ, "activation-aware weight scaling (data-aware)", applies_to=_INT4),
         "scale_estimation": Option("scale_estimation", bool, DEFAULT_SCALE_ESTIMATION,
-                                   "fit int4 scales on calibration data (slow)"),
-        "gptq": Option("gptq", bool, False, "GPTQ error-compensating rounding (data-aware, slow)"),
+                                   "fit int4 scales on calibration data (slow)", applies_to=_INT4),
+        "gptq": Option("gptq", bool, False, "GPTQ error-compensating rounding (data-aware, slow)", applies_to=_INT4),
         "sensitivity": Option("sensitivity", str, "auto", "metric choosing which layers stay 8-bit when ratio<1",
-                              choices=SENSITIVITY),
-        "all_layers": Option("all_layers", bool, False, "put embeddings and the output layer at int4 too"),
-        "samples": Option("samples", int, DEFAULT_SAMPLES, f"calibration sequences of {SEQ_LEN} tokens", minimum=1, maximum=1024),
-        "calib": Option("calib", str, "", "calibration text file (default: gensim's lee_background.cor)"),
+                              choices=SENSITIVITY, applies_to=_INT4),
+        "all_layers": Option("all_layers", bool, False, "put embeddings and the output layer at int4 too", applies_to=_INT4),
+        "samples": Option("samples", int, DEFAULT_SAMPLES, f"calibration sequences of {SEQ_LEN} tokens", minimum=1, maximum=1024,
+                          applies_to=_INT4),
+        "calib": Option("calib", str, "", "calibration text file (default: gensim's lee_background.cor)", applies_to=_INT4),
         "infer": Option("infer", str, "auto", "CPU inference precision hint", choices=("auto", "f32", "bf16")),
     }
 
-    def tool_versions(self) -> dict[str, str]:
-        from edgequant.backends.openvino_tools import openvino_versions
+    def validate(self, spec) -> None:
+        settings = self.compress_settings(spec)
+        if (settings is None or settings.samples == 0) and ("calib" in spec.options or "samples" in spec.options):
+            raise EdgequantError("calib= and samples= only apply to data-aware compression",
+                                 "add awq=1, scale_estimation=1, gptq=1, or a data-aware sensitivity with ratio<1")
 
-        return openvino_versions()
+    def check_source(self, source) -> None:
+        from edgequant.backends.openvino.tools import check_architecture
+
+        check_architecture(source)
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
-        from edgequant.backends import openvino_tools as tools
+        from edgequant.backends.openvino import tools
 
-        settings = compress_settings(spec)
-        tools.openvino_versions()  # fail fast, before the long steps, if the engine is missing
-        tools.check_architecture(source)
+        settings = self.compress_settings(spec)
         samples = _calibration(source, spec, settings)  # a short text fails here, before the export
         started = time.perf_counter()
         intermediate = tools.float_ir(source)
@@ -91,10 +100,27 @@ class OpenVINOBackend(Backend):
         }
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
-        from edgequant.backends.openvino_runner import OpenVINORunner
+        from edgequant.backends.openvino.runner import OpenVINORunner
 
         return OpenVINORunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, threads=threads,
                               infer=artifact.spec.options.get("infer", "auto"))
+
+    def compress_settings(self, spec):
+        """The NNCF settings a spec asks for (None for fp16)."""
+        from edgequant.backends.openvino.tools import CompressSettings
+
+        if spec.precision == "fp16":
+            return None
+        opts = self.option_values(spec)
+        mode = f"{spec.precision}_{'sym' if opts['sym'] else 'asym'}"
+        if spec.precision == "int8":
+            return CompressSettings(mode=mode)
+        settings = CompressSettings(
+            mode=mode, group_size=opts["group"], ratio=opts["ratio"], all_layers=opts["all_layers"], awq=opts["awq"],
+            scale_estimation=opts["scale_estimation"], gptq=opts["gptq"],
+            sensitivity="" if opts["sensitivity"] == "auto" else opts["sensitivity"],
+        )
+        return replace(settings, samples=opts["samples"] if settings.data_aware else 0)
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         """Default settings: int4 groups with an f16 scale (and a u4 zero point when asymmetric),
@@ -111,39 +137,11 @@ class OpenVINOBackend(Backend):
         return int(total / 8)
 
 
-def compress_settings(spec):
-    """The NNCF settings a spec asks for (None for fp16), validated before any work starts."""
-    from edgequant.backends.openvino_tools import CompressSettings
-
-    opts = {**{k: o.default for k, o in OpenVINOBackend.options.items()}, **spec.options}
-    misplaced = [k for k in spec.options if k in _INT4_ONLY and spec.precision != "int4"]
-    if spec.precision == "fp16" and "sym" in spec.options:
-        misplaced.append("sym")
-    if misplaced:
-        raise EdgequantError(f"option {', '.join(misplaced)} does not apply to openvino:{spec.precision}",
-                             f"drop it, or use openvino:int4?{misplaced[0]}=...")
-    if spec.precision == "fp16":
-        return None
-    mode = f"{spec.precision}_{'sym' if opts['sym'] else 'asym'}"
-    if spec.precision == "int8":
-        return CompressSettings(mode=mode)
-    data_aware = any(opts[k] for k in _DATA_AWARE) or (opts["sensitivity"] not in ("auto", "weight_quantization_error") and opts["ratio"] < 1)
-    return CompressSettings(
-        mode=mode, group_size=opts["group"], ratio=opts["ratio"], all_layers=opts["all_layers"], awq=opts["awq"],
-        scale_estimation=opts["scale_estimation"], gptq=opts["gptq"],
-        sensitivity="" if opts["sensitivity"] == "auto" else opts["sensitivity"],
-        samples=opts["samples"] if data_aware else 0,
-    )
-
-
 def _calibration(source, spec, settings) -> list[dict]:
-    from edgequant.backends.openvino_tools import calibration_samples
+    from edgequant.backends.openvino.tools import calibration_samples
     from edgequant.evaldata import read_text_file
 
     if settings is None or settings.samples == 0:
-        if "calib" in spec.options or "samples" in spec.options:
-            raise EdgequantError("calib= and samples= only apply to data-aware compression",
-                                 "add awq=1, scale_estimation=1, gptq=1, or a data-aware sensitivity with ratio<1")
         return []
     text = read_text_file(spec.options["calib"]) if spec.options.get("calib") else None
     return calibration_samples(source.hf_dir, settings.samples, SEQ_LEN, text)
@@ -152,7 +150,7 @@ def _calibration(source, spec, settings) -> list[dict]:
 def _write_model(intermediate: Path, out_dir: Path, settings, samples: list[dict]) -> None:
     import openvino as ov
 
-    from edgequant.backends.openvino_tools import MODEL_XML, compress
+    from edgequant.backends.openvino.tools import MODEL_XML, compress
     from edgequant.progress import step
 
     model = ov.Core().read_model(str(intermediate / MODEL_XML))

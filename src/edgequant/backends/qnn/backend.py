@@ -15,17 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgequant.backends import Backend, register
-from edgequant.errors import EdgequantError
+from edgequant.backend import Backend
 from edgequant.spec import Option, Precision
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
-
-@register
 class QnnBackend(Backend):
     name = "qnn"
+    display_name = "QNN (ONNX QDQ)"
+    use_case = "Qualcomm Snapdragon NPU"
     extra = "qnn"
+    requires = ("onnxruntime", "onnx", "torch")
+    packages = ("onnxruntime", "onnxruntime-qnn")
+    bench_specs = ("qnn:w8a16",)
+    speed_note = "QNN artifacts ran on ONNX Runtime's CPU execution provider: quality is real, speed is not an NPU's."
     # 2: RMSNorm exported scale-free (see qnn_tools._scale_free_rms_norm); 3: w8a8 widens underflowing activations
     recipe_version = 3
     bench_seconds = 350
@@ -40,24 +42,31 @@ class QnnBackend(Backend):
         "override": Option("override", str, "", "per-weight types, NAME:TYPE,... with TYPE u8|i8|u16|i16|u4|i4"),
         "context": Option("context", bool, False, "also write the compiled QNN context model (needs onnxruntime-qnn)"),
         "act16": Option("act16", float, 0.1, "w8a8: activations with more than this share of values rounding to 0 "
-                        "at 8 bits go to uint16 (0: every activation 8-bit)", minimum=0.0, maximum=1.0),
+                        "at 8 bits go to uint16 (0: every activation 8-bit)", minimum=0.0, maximum=1.0, applies_to=("w8a8",)),
     }
-
-    def tool_versions(self) -> dict[str, str]:
-        from edgequant.backends.onnx_tools import onnxruntime_version
-
-        return {"onnxruntime": onnxruntime_version()}
 
     def speed_is_representative(self) -> bool:
         return False  # the CPU execution provider stands in for the NPU
 
-    def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
-        from edgequant.backends import qnn_tools
+    def validate(self, spec) -> None:
+        from edgequant.backends.qnn.tools import parse_overrides
 
-        opt = {name: spec.options.get(name, option.default) for name, option in self.options.items()}
-        if "act16" in spec.options and spec.precision != "w8a8":
-            raise EdgequantError(f"act16 applies to qnn:w8a8 only, not {spec.precision}",
-                                 f"drop act16 from {spec}, or use qnn:w8a8?act16=...")
+        parse_overrides(self.option_values(spec)["override"])
+
+    def report_notes(self, spec_text: str, manifest: dict) -> list[str]:
+        """The simulated-HTP agreement recorded at conversion, when onnxruntime-qnn was installed."""
+        h = (manifest.get("details") or {}).get("htp")
+        if not h:
+            return []
+        return [f"{spec_text} on Qualcomm's HTP simulator (htp_arch {h['htp_arch']}, one {h['tokens']}-token calibration "
+                f"window, whole graph on the HTP) agrees with its CPU run on {100 * h['top1_agreement']:.1f}% of top-1 "
+                f"tokens (KLD {h['kld_mean']:.4f})."]
+
+    def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        from edgequant.backends._shared.side_files import TOKENIZER_FILES, copy_side_files
+        from edgequant.backends.qnn import tools as qnn_tools
+
+        opt = self.option_values(spec)
         request = qnn_tools.QnnRequest(spec.precision, opt["seq"], opt["samples"], qnn_tools.parse_overrides(opt["override"]),
                                        act16=opt["act16"] if spec.precision == "w8a8" else 0.0)
         if opt["context"]:
@@ -70,9 +79,7 @@ class QnnBackend(Backend):
         exported = time.perf_counter()
         widened = qnn_tools.quantize_qdq(scratch / "model_fp32.onnx", out_dir / qnn_tools.MODEL_FILE, request, feeds)
         shutil.rmtree(scratch)
-        for name in _TOKENIZER_FILES:
-            if (source.hf_dir / name).is_file():
-                shutil.copyfile(source.hf_dir / name, out_dir / name)
+        copy_side_files(TOKENIZER_FILES, out_dir, source.hf_dir)
         info: dict[str, Any] = {"model_file": qnn_tools.MODEL_FILE, "seq": request.seq, "scheme": qnn_tools.SCHEMES[spec.precision],
                                 "overrides": request.overrides, "calibration_samples": request.samples}
         if request.act16:
@@ -86,7 +93,7 @@ class QnnBackend(Backend):
         return info
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
-        from edgequant.backends.qnn_runner import FixedShapeRunner
+        from edgequant.backends.qnn.runner import FixedShapeRunner
 
         seq = int(artifact.manifest["details"]["seq"])
         return FixedShapeRunner(artifact.path, artifact.manifest["model_file"], seq=seq, name=str(artifact.spec),

@@ -102,6 +102,15 @@ def run_converter(hf_dir: Path, outfile: Path, outtype: str, log_path: Path) -> 
     raise EdgequantError(f"llama.cpp's converter failed on {hf_dir}:\n{tail}", f"see the full log at {log_path}")
 
 
+def check_architecture(architecture: str) -> None:
+    """Refuse before any work an architecture the bundled converter does not register (an empty
+    list means the converter could not be asked: it then decides itself)."""
+    supported = supported_architectures()
+    if supported and architecture not in supported:
+        raise EdgequantError(f"llama.cpp's converter does not support architecture {architecture!r}",
+                             "convert a model of a supported architecture; the list: " + ", ".join(supported))
+
+
 def supported_architectures() -> list[str]:
     """Hugging Face architecture names the bundled converter registers."""
     tool = converter_dir()

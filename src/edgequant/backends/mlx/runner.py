@@ -7,7 +7,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgequant.runner import GenerateParams, HFTokenizerMixin, Runner
+from edgequant.backends._shared.hf_tokenizer import HFTokenizerMixin
+from edgequant.backends.mlx.engine import is_apple_silicon
+from edgequant.runner import GenerateParams, Runner
 
 
 class MLXRunner(HFTokenizerMixin, Runner):
@@ -26,13 +28,13 @@ class MLXRunner(HFTokenizerMixin, Runner):
         self._torch_model = None
         self._model, _ = load(str(folder))
         self._load_hf_tokenizer(folder)
-        if not _apple_silicon():
+        if not is_apple_silicon():
             _compute_in_float32(self._model)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         if len(ids) > self.n_ctx:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
-        if not _apple_silicon():
+        if not is_apple_silicon():
             return self._torch_logits(ids)
         mx = self._mx
         out = self._model(mx.array([list(ids)]))  # no cache: a fresh causal pass per window
@@ -72,12 +74,6 @@ class MLXRunner(HFTokenizerMixin, Runner):
 
     def close(self) -> None:
         self._model = self._torch_model = None
-
-
-def _apple_silicon() -> bool:
-    from edgequant.backends.mlx import is_apple_silicon
-
-    return is_apple_silicon()
 
 
 def _compute_in_float32(model) -> None:

@@ -12,25 +12,26 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgequant.runner import GenerateParams, HFTokenizerMixin, Runner
+from edgequant.backends._shared.hf_tokenizer import HFTokenizerMixin
+from edgequant.backends._shared.sampling import sample_token
+from edgequant.runner import GenerateParams, Runner
 
 
 class FixedShapeRunner(HFTokenizerMixin, Runner):
     def __init__(self, folder: Path, model_file: str, *, seq: int, name: str, n_ctx: int, threads: int,
                  htp: bool = False):
-        import onnxruntime as ort
-
         self.name, self.n_ctx, self.seq = name, n_ctx, seq
         self._load_hf_tokenizer(folder)
         if htp:  # the simulated Qualcomm HTP (needs onnxruntime-qnn); the options name the provider
-            from edgequant.backends.qnn_tools import htp_session_options
+            import onnxruntime as ort
 
-            options, providers = htp_session_options(threads), None
+            from edgequant.backends.qnn.tools import htp_session_options
+
+            self._session = ort.InferenceSession(str(folder / model_file), htp_session_options(threads))
         else:
-            options, providers = ort.SessionOptions(), ["CPUExecutionProvider"]
-            options.intra_op_num_threads = threads
-            options.log_severity_level = 3
-        self._session = ort.InferenceSession(str(folder / model_file), options, providers=providers)
+            from edgequant.backends._shared.ort import cpu_session
+
+            self._session = cpu_session(folder / model_file, threads)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         if len(ids) > self.seq:
@@ -44,7 +45,7 @@ class FixedShapeRunner(HFTokenizerMixin, Runner):
         rng = np.random.default_rng(params.seed)
         ids = list(prompt_ids)
         for _ in range(max(0, min(params.max_tokens, self.n_ctx - len(ids)))):
-            token = _sample(self.logits(ids)[-1], params, rng)
+            token = sample_token(self.logits(ids)[-1], params, rng)
             ids.append(token)
             yield token
             if params.stop_at_eos and token in self._eos_ids:
@@ -52,17 +53,3 @@ class FixedShapeRunner(HFTokenizerMixin, Runner):
 
     def close(self) -> None:
         self._session = None
-
-
-def _sample(row: np.ndarray, params: GenerateParams, rng) -> int:
-    if params.temperature <= 0:
-        return int(row.argmax())
-    logits = row.astype(np.float64) / params.temperature
-    order = np.argsort(-logits)
-    if params.top_k:
-        order = order[: params.top_k]
-    probs = np.exp(logits[order] - logits[order].max())
-    probs /= probs.sum()
-    keep = np.searchsorted(np.cumsum(probs), params.top_p) + 1
-    order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-    return int(rng.choice(order, p=probs))

@@ -43,7 +43,7 @@ def quantize_per_token_int8(fp32_model: Path, out_model: Path, exclude: tuple[st
     The replacement nodes go where the MatMul was, so the graph stays in topological order."""
     import onnx
 
-    from edgequant.backends.onnx_tools import save_model
+    from edgequant.backends.onnx.tools import save_model
 
     model = onnx.load(str(fp32_model))
     weights = {init.name: init for init in model.graph.initializer}

@@ -9,13 +9,13 @@ windows of 512 tokens; gguf:q4_k_m is +6.1%): builder int4 as is (k_quant, sym) 
 an 8-bit LM head +36%; rtn or k_quant asym with an 8-bit LM head +21%; HQQ (float zero points)
 block 32 with an 8-bit LM head shared with the tied embedding +0.13% at 109 MiB. Float zero points
 matter here because the default model's weights came from a Q4_1 (min + scale) GGUF; they are
-folded out afterwards so onnxruntime's packed kernels run them (see `onnx_hqq`).
+folded out afterwards so onnxruntime's packed kernels run them (see `hqq.py`).
 
 int8 and int8-static defaults, measured the same way (gguf:q8_0 is +0.26%): onnxruntime's
 quantize_dynamic (one activation scale per tensor) +70%, with all down_proj float +5.4%; int8
 weights alone (activations float) KLD 0.005, so activations were the loss. Per-token activation
-scales (`onnx_int8`) +2.5% over 4 windows with every MatMul int8. Static QDQ cannot scale per
-token; see `onnx_tools.quantize_static_qdq` for the exclusions and calibration settings tried.
+scales (`int8.py`) +2.5% over 4 windows with every MatMul int8. Static QDQ cannot scale per
+token; see `tools.quantize_static_qdq` for the exclusions and calibration settings tried.
 """
 
 from __future__ import annotations
@@ -25,20 +25,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgequant.backends import Backend, register
+from edgequant.backend import Backend
 from edgequant.errors import EdgequantError
 from edgequant.spec import Option, Precision
 
 # The builder's own -p for each precision; int8 variants start from its fp32 export.
 _BUILDER_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int4": "int4", "int8": "fp32", "int8-static": "fp32"}
-_INT4_ONLY = ("block", "sym", "accuracy_level", "algo", "head8", "mixed")
-_STATIC_ONLY = ("samples", "calib_tokens", "keep_float")
+_INT4 = ("int4",)
+_STATIC = ("int8-static",)
 
 
-@register
 class OnnxBackend(Backend):
     name = "onnx"
+    display_name = "ONNX Runtime"
+    use_case = "cross-platform apps, Windows (DirectML), ORT-GenAI"
     extra = "onnx"
+    requires = ("onnxruntime", "onnxruntime_genai", "onnx")
+    packages = ("onnxruntime-genai", "onnxruntime", "onnx")
+    bench_specs = ("onnx:int8", "onnx:int4")
     # 2: int8 per-token activations (was quantize_dynamic), int8-static keeps down_proj/lm_head
     # float, fp16 drops the builder's wrong shape annotations
     recipe_version = 3  # 3: HQQ zero points folded (fast kernels)
@@ -51,53 +55,63 @@ class OnnxBackend(Backend):
         "int4": Precision("int4", 4, 6.0, "weight-only int4 MatMulNBits (HQQ); tied embedding / LM head kept at 8 bit"),
     }
     options = {
-        "block": Option("block", int, 32, "int4 block size (weights sharing one scale)", choices=(16, 32, 64, 128)),
-        "sym": Option("sym", bool, False, "int4 symmetric (no zero point); rtn only"),
+        "block": Option("block", int, 32, "int4 block size (weights sharing one scale)", choices=(16, 32, 64, 128),
+                        applies_to=_INT4),
+        "sym": Option("sym", bool, False, "int4 symmetric (no zero point); rtn only", applies_to=_INT4),
         "accuracy_level": Option("accuracy_level", int, 4, "int4 MatMul compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8",
-                                 minimum=0, maximum=4),
+                                 minimum=0, maximum=4, applies_to=_INT4),
         "algo": Option("algo", str, "hqq", "int4 rounding: hqq (half-quadratic, float zero points), rtn, k_quant",
-                       choices=("hqq", "rtn", "k_quant")),
-        "head8": Option("head8", bool, True, "keep the LM head (and a tied embedding) at 8 bit"),
-        "mixed": Option("mixed", bool, False, "k_quant only: also keep qkv/v/down projections of sensitive layers at 8 bit"),
-        "samples": Option("samples", int, 8, "int8-static: calibration sequences", minimum=1, maximum=512),
-        "calib_tokens": Option("calib_tokens", int, 128, "int8-static: tokens per calibration sequence", minimum=8, maximum=4096),
+                       choices=("hqq", "rtn", "k_quant"), applies_to=_INT4),
+        "head8": Option("head8", bool, True, "keep the LM head (and a tied embedding) at 8 bit", applies_to=_INT4),
+        "mixed": Option("mixed", bool, False, "k_quant only: also keep qkv/v/down projections of sensitive layers at 8 bit",
+                        applies_to=_INT4),
+        "samples": Option("samples", int, 8, "int8-static: calibration sequences", minimum=1, maximum=512, applies_to=_STATIC),
+        "calib_tokens": Option("calib_tokens", int, 128, "int8-static: tokens per calibration sequence", minimum=8, maximum=4096,
+                               applies_to=_STATIC),
         "keep_float": Option("keep_float", str, "down_proj,lm_head",
-                             "int8-static: MatMuls kept float, by node-name part, comma-separated (none: quantize all)"),
+                             "int8-static: MatMuls kept float, by node-name part, comma-separated (none: quantize all)",
+                             applies_to=_STATIC),
     }
 
-    def tool_versions(self) -> dict[str, str]:
-        from edgequant.backends.onnx_tools import genai_version, onnxruntime_version
+    def validate(self, spec) -> None:
+        opt = self.option_values(spec)
+        if opt["mixed"] and opt["algo"] != "k_quant":
+            raise EdgequantError(f"option mixed=1 in {spec} needs algo=k_quant", "add algo=k_quant or drop mixed=1")
+        if opt["sym"] and opt["algo"] != "rtn":
+            # hqq is asymmetric by construction; the builder's k_quant with sym=1 was measured to export
+            # wrong zero points (ppl x5 on the default model), so both are refused rather than run.
+            raise EdgequantError(f"sym=1 in {spec} is supported with algo=rtn only", "drop sym=1, or add algo=rtn")
 
-        return {"onnxruntime-genai": genai_version(), "onnxruntime": onnxruntime_version()}
+    def check_source(self, source) -> None:
+        from edgequant.backends.onnx.tools import check_supported
+
+        check_supported(source.config)
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
-        from edgequant.backends import onnx_tools
-        from edgequant.backends.onnx_hqq import quantize_hqq
+        from edgequant.backends.onnx import tools as onnx_tools
+        from edgequant.backends.onnx.hqq import quantize_hqq
 
-        _check_options(spec)
-        onnx_tools.genai_version()  # fail fast when the engine is missing
-        onnx_tools.check_supported(source.config)
         started = time.perf_counter()
+        opt = self.option_values(spec)
         if spec.precision in ("fp32", "fp16", "int4"):
             request = onnx_tools.BuildRequest(source.hf_dir, out_dir, _BUILDER_PRECISION[spec.precision],
-                                              int4_extra(spec, source.config))
+                                              int4_extra(spec.precision, opt, source.config))
             onnx_tools.run_builder(request, out_dir / "build.log")
             info = {"model_file": onnx_tools.MODEL_FILE, "builder_options": _loggable(request.extra),
                     "timings": {"build_s": round(time.perf_counter() - started, 3)}}
             if spec.precision == "fp16":
                 onnx_tools.drop_shape_annotations(out_dir / onnx_tools.MODEL_FILE)
                 info["post_processing"] = "shape annotations dropped (the builder mislabels repeat_kv for CPU fp16)"
-            if spec.precision == "int4" and _option_values(spec)["algo"] == "hqq":
-                opt = _option_values(spec)
+            if spec.precision == "int4" and opt["algo"] == "hqq":
                 folded = quantize_hqq(out_dir / onnx_tools.MODEL_FILE, opt["block"], opt["accuracy_level"])
                 info["post_quantization"] = (f"HQQ int4, block {opt['block']}, on every decoder-layer MatMul; "
                                              f"float zero points folded into a block-sum correction on {folded}")
                 info["timings"]["total_quantize_s"] = round(time.perf_counter() - started, 3)
             return info
-        return _convert_int8(source, spec, out_dir, started)
+        return _convert_int8(source, spec.precision, opt, out_dir, started)
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
-        from edgequant.backends.onnx_runner import OnnxRunner
+        from edgequant.backends.onnx.runner import OnnxRunner
 
         return OnnxRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), n_ctx=n_ctx, threads=threads)
 
@@ -105,16 +119,15 @@ class OnnxBackend(Backend):
         return _estimated_bytes(precision, tensors, tied_embeddings)
 
 
-def int4_extra(spec, config: dict) -> tuple[tuple[str, str], ...]:
+def int4_extra(precision: str, opt: dict[str, Any], config: dict) -> tuple[tuple[str, str], ...]:
     """The builder's --extra_options for an int4 spec (empty for the float precisions).
 
     With algo=hqq the builder quantizes only the LM head (8 bit, shared with a tied embedding):
     the decoder-layer MatMuls are excluded and left float for `quantize_hqq` afterwards, because
     the builder has no HQQ option and HQQ's float zero points measured far better (see module doc).
     """
-    if spec.precision != "int4":
+    if precision != "int4":
         return ()
-    opt = _check_int4(spec)
     if opt["mixed"]:
         algo = "k_quant_mixed"  # the builder's mix always keeps the LM head at 8 bit too
     elif opt["algo"] == "hqq":
@@ -126,21 +139,10 @@ def int4_extra(spec, config: dict) -> tuple[tuple[str, str], ...]:
     extra = [("int4_block_size", str(opt["block"])), ("int4_is_symmetric", "true" if opt["sym"] else "false"),
              ("int4_accuracy_level", str(opt["accuracy_level"])), ("int4_algo_config", algo)]
     if opt["algo"] == "hqq":
-        from edgequant.backends.onnx_tools import layer_matmul_names
+        from edgequant.backends.onnx.tools import layer_matmul_names
 
         extra.append(("int4_nodes_to_exclude", ",".join(layer_matmul_names(config))))
     return tuple(extra)
-
-
-def _check_int4(spec) -> dict[str, Any]:
-    opt = _option_values(spec)
-    if opt["mixed"] and opt["algo"] != "k_quant":
-        raise EdgequantError(f"option mixed=1 in {spec} needs algo=k_quant", "add algo=k_quant or drop mixed=1")
-    if opt["sym"] and opt["algo"] != "rtn":
-        # hqq is asymmetric by construction; the builder's k_quant with sym=1 was measured to export
-        # wrong zero points (ppl x5 on the default model), so both are refused rather than run.
-        raise EdgequantError(f"sym=1 in {spec} is supported with algo=rtn only", "drop sym=1, or add algo=rtn")
-    return opt
 
 
 def _loggable(extra) -> dict[str, str]:
@@ -151,43 +153,32 @@ def _loggable(extra) -> dict[str, str]:
     return out
 
 
-def _option_values(spec) -> dict[str, Any]:
-    return {name: spec.options.get(name, option.default) for name, option in OnnxBackend.options.items()}
-
-
-def _check_options(spec) -> None:
-    """Options that do not apply to the asked precision are an error, not silently ignored."""
-    allowed = _INT4_ONLY if spec.precision == "int4" else _STATIC_ONLY if spec.precision == "int8-static" else ()
-    for name in spec.options:
-        if name not in allowed:
-            raise EdgequantError(f"option {name!r} does not apply to onnx:{spec.precision}",
-                                 f"options of onnx:{spec.precision}: {', '.join(allowed) or 'none'}")
-
-
-def _convert_int8(source, spec, out_dir: Path, started: float) -> dict[str, Any]:
+def _convert_int8(source, precision: str, opt: dict[str, Any], out_dir: Path, started: float) -> dict[str, Any]:
     """Export fp32 with the builder into a scratch folder, quantize into the artifact, copy the
     genai config and tokenizer next to it; the scratch fp32 model never reaches the artifact."""
-    from edgequant.backends import onnx_tools
+    from edgequant.backends._shared.calibration import calibration_windows
+    from edgequant.backends.onnx import tools as onnx_tools
+    from edgequant.backends.onnx.int8 import quantize_per_token_int8
 
     scratch = out_dir / ".fp32"
     onnx_tools.run_builder(onnx_tools.BuildRequest(source.hf_dir, scratch, "fp32"), out_dir / "build.log")
     built = time.perf_counter()
     info: dict[str, Any] = {"model_file": onnx_tools.MODEL_FILE}
     fp32_model, target = scratch / onnx_tools.MODEL_FILE, out_dir / onnx_tools.MODEL_FILE
-    if spec.precision == "int8":
-        count = onnx_tools.quantize_dynamic_int8(fp32_model, target)
+    if precision == "int8":
+        count = quantize_per_token_int8(fp32_model, target)
         info["post_quantization"] = f"int8 weights per channel, int8 activations per token, {count} MatMuls"
     else:
-        opt = _option_values(spec)
         calib = onnx_tools.Calibration(samples=opt["samples"], tokens=opt["calib_tokens"])
-        windows = onnx_tools.calibration_windows(scratch, calib)
+        windows = calibration_windows(scratch, calib.samples, calib.tokens + calib.decode_steps,
+                                      fix="ask for fewer samples (samples<={fit}) or shorter ones (calib_tokens)")
         feeds = list(onnx_tools.calibration_feeds(fp32_model, windows, calib.decode_steps))
         keep = () if opt["keep_float"] == "none" else tuple(p for p in opt["keep_float"].split(",") if p)
         floats = onnx_tools.quantize_static_qdq(fp32_model, target, feeds, keep)
         info["post_quantization"] = f"QDQ int8, MinMax asymmetric uint8 activations; {floats} MatMuls kept float ({opt['keep_float']})"
         info["calibration"] = {"text": "lee_background.cor (gensim)", "samples": calib.samples,
                                "prefill_tokens": calib.tokens, "decode_steps": calib.decode_steps}
-    onnx_tools.copy_side_files(scratch, out_dir)
+    onnx_tools.copy_builder_side_files(scratch, out_dir)
     shutil.rmtree(scratch)
     info["timings"] = {"build_s": round(built - started, 3), "quantize_s": round(time.perf_counter() - built, 3)}
     return info

@@ -1,4 +1,4 @@
-"""Workers that run generation for the server, one per served model, fed by a bounded queue.
+"""Request scheduling for the server: a bounded queue and one worker thread per served model.
 
 A runner is not thread-safe and the CPU is the bottleneck, so each model has one worker thread.
 Requests wait in a bounded queue and are refused at once when it is full. When the runner offers
@@ -6,6 +6,10 @@ a batch decoder (llama.cpp), the worker advances up to `batch` requests together
 per step for all of them; otherwise it runs one request at a time. Either way text deltas go back
 to the asyncio side through `loop.call_soon_threadsafe`, and a cancel flag is checked between
 tokens, so a client that disconnects or times out stops its generation within one step.
+
+Every job a worker takes off its queue is retired exactly once, however it ends: skipped because it
+was cancelled while queued, run to its end, failed, stopped by its cancel flag, or dropped at
+shutdown. Retiring is the one place that counts tokens and cancellations.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    completed: bool = False  # its final delta went out: a cancel flag set afterwards stopped nothing
 
     def emit(self, delta: Delta) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, delta)
@@ -79,6 +84,7 @@ class JobStream:
 
     def finish(self, reason: str, final_text: str | None = None) -> bool:
         self._flush(final_text if final_text is not None else self.runner.detokenize(self.ids))
+        self.job.completed = True
         self.job.emit(Delta(finish_reason=reason, prompt_tokens=len(self.job.prompt_ids), completion_tokens=self.generated))
         return True
 
@@ -114,37 +120,48 @@ class ModelWorker:
 
     def stop(self) -> None:
         """Cancel queued jobs and end the thread after the running ones notice their cancel flag."""
+        self._cancel_queued()
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+        self._cancel_queued()  # submitted behind the end marker: no worker will ever take them
+        if self._decoder is not None:
+            self._decoder.close()
+        self.runner.close()
+
+    def _cancel_queued(self) -> None:
         while True:
             try:
                 job = self._jobs.get_nowait()
             except queue.Empty:
-                break
+                return
             if job is not None:
-                job.cancelled.set()
-                job.emit(Delta(finish_reason="stop", error="server shutting down"))
-        self._jobs.put(None)
-        self._thread.join(timeout=30)
-        if self._decoder is not None:
-            self._decoder.close()
-        self.runner.close()
+                self._shut_down(job)
+                self._retire(job)
+
+    @staticmethod
+    def _shut_down(job: Job) -> None:
+        job.cancelled.set()
+        job.emit(Delta(finish_reason="stop", error="server shutting down"))
 
     # -- one request at a time -------------------------------------------------------------
 
     def _serial_loop(self) -> None:
         while (job := self._jobs.get()) is not None:
-            if job.cancelled.is_set():
+            if job.cancelled.is_set():  # cancelled while queued: never started, but still a cancellation
+                self._retire(job)
                 continue
+            stream = JobStream(job, self.runner)
             self._running = 1
             try:
-                self._run_one(job)
+                self._run_one(stream)
             except Exception as exc:  # a failing request must never take the worker down
                 job.emit(Delta(finish_reason="stop", error=f"generation failed: {type(exc).__name__}"))
             finally:
+                self._retire(job, stream.generated)  # before the worker counts as idle, so idle means accounted for
                 self._running = 0
 
-    def _run_one(self, job: Job) -> None:
-        stream = JobStream(job, self.runner)
-        done = False
+    def _run_one(self, stream: JobStream) -> None:
+        job, done = stream.job, False
         for token in self.runner.generate(job.prompt_ids, job.params):
             if job.cancelled.is_set():
                 break
@@ -152,7 +169,6 @@ class ModelWorker:
                 break
         if not done and not job.cancelled.is_set():
             stream.finish("length")  # the context ran out before the token budget
-        self._retire(stream)
 
     # -- several requests per step -----------------------------------------------------------
 
@@ -162,8 +178,7 @@ class ModelWorker:
         while True:
             if not self._admit(active, waiting, free_slots):
                 for slot in list(active):  # shutting down: end what is still running
-                    active[slot].job.cancelled.set()
-                    active[slot].job.emit(Delta(finish_reason="stop", error="server shutting down"))
+                    self._shut_down(active[slot].job)
                     self._release(active, free_slots, slot)
                 return
             try:
@@ -191,8 +206,8 @@ class ModelWorker:
             job = waiting[0]
             if job is None:
                 return False
-            if job.cancelled.is_set():
-                waiting.popleft()
+            if job.cancelled.is_set():  # cancelled while queued: never started, but still a cancellation
+                self._retire(waiting.popleft())
                 continue
             if active and self._reserved(active) + len(job.prompt_ids) + job.params.max_tokens > self._decoder.n_ctx:
                 break  # wait for a running request to finish and free cache
@@ -210,12 +225,16 @@ class ModelWorker:
     def _release(self, active: dict, free_slots: list, slot: int) -> None:
         self._decoder.finish(slot)
         free_slots.append(slot)
-        self._retire(active.pop(slot))
+        stream = active.pop(slot)
+        self._retire(stream.job, stream.generated)
         self._running = len(active)
 
-    def _retire(self, stream: JobStream) -> None:
-        self.metrics.inc("edgequant_generated_tokens_total", stream.generated, model=self.name)
-        if stream.job.cancelled.is_set():
+    def _retire(self, job: Job, generated: int = 0) -> None:
+        """Account for a job the worker is done with; called exactly once per job taken off the queue."""
+        self.metrics.inc("edgequant_generated_tokens_total", generated, model=self.name)
+        # The app sets the flag on every streamed request once it ends, so a set flag alone is not
+        # a cancellation: only a job stopped before its final delta went out is one.
+        if job.cancelled.is_set() and not job.completed:
             self.metrics.inc("edgequant_cancelled_requests_total", model=self.name)
 
 

@@ -150,23 +150,20 @@ def export_fixed(hf_dir: Path, seq: int, out_path: Path) -> None:
 
 def calibration_inputs(hf_dir: Path, seq: int, samples: int) -> list[dict]:
     import numpy as np
-    from transformers import AutoTokenizer
 
-    from edgequant.evaldata import default_calibration_text
+    from edgequant.backends._shared.calibration import calibration_windows
 
-    ids = AutoTokenizer.from_pretrained(hf_dir)(default_calibration_text(), add_special_tokens=False, verbose=False).input_ids
-    if len(ids) < samples * seq:
-        raise EdgequantError(f"the calibration text has {len(ids)} tokens; {samples} samples of seq={seq} need {samples * seq}",
-                             f"ask for samples<={max(len(ids) // seq, 1)} or a smaller seq")
-    return [{"input_ids": np.asarray([ids[i * seq:(i + 1) * seq]], np.int64)} for i in range(samples)]
+    windows = calibration_windows(hf_dir, samples, seq, fix="ask for samples<={fit} or a smaller seq")
+    return [{"input_ids": np.asarray([w], np.int64)} for w in windows]
 
 
-def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: list[dict]) -> None:
-    """qnn_preprocess_model (fusions the HTP wants), then QDQ with the QNN config."""
+def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: list[dict]) -> list[str]:
+    """qnn_preprocess_model (fusions the HTP wants), then QDQ with the QNN config. Returns the
+    activations widened to uint16 (w8a8's act16)."""
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
-    from edgequant.backends.onnx_tools import FeedReader
+    from edgequant.backends._shared.ort import FeedReader
 
     prepared = fp32_path.with_name("prepared.onnx")
     if not qnn_preprocess_model(str(fp32_path), str(prepared), fuse_layernorm=True, save_as_external_data=True,
@@ -197,16 +194,15 @@ def underflow_shares(model_path: Path, feeds: list[dict]) -> dict[str, float]:
     A per-token relative error missed the second kind: the large entries dominate each row."""
     import numpy as np
     import onnx
-    import onnxruntime as ort
+
+    from edgequant.backends._shared.ort import cpu_session
 
     model = onnx.load(str(model_path))
     inferred = onnx.shape_inference.infer_shapes(model)
     floats = {v.name for v in inferred.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     names = [o for n in model.graph.node for o in n.output if o in floats]
     model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(model.SerializeToString(), optimize=False)  # keep every named tensor
     outputs = [session.run(names, feed) for feed in feeds]
     shares = {}
     for i, name in enumerate(names):
@@ -261,9 +257,10 @@ def htp_agreement(model_path: Path, feeds: list[dict]) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from edgequant.evaluation import kl_divergence, log_softmax
+    from edgequant.backends._shared.ort import cpu_session
+    from edgequant.logprobs import kl_divergence, log_softmax
 
-    cpu = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    cpu = cpu_session(model_path)
     htp = ort.InferenceSession(str(model_path), htp_session_options())
     a = cpu.run(["logits"], feeds[0])[0][0]
     b = htp.run(["logits"], feeds[0])[0][0]

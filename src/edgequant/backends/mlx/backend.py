@@ -7,13 +7,13 @@ per layer where they differ), so the artifact describes itself. mlx runs on Linu
 
 from __future__ import annotations
 
-import platform
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from edgequant.backends import Backend, register
+from edgequant.backend import Backend
+from edgequant.backends.mlx.engine import INSTALL_HINT, is_apple_silicon, require_mlx
 from edgequant.errors import EdgequantError
 from edgequant.spec import Option, Precision
 
@@ -27,7 +27,7 @@ _UNIFORM = {"2bit": 2, "3bit": 3, "4bit": 4, "6bit": 6, "8bit": 8}
 # Defaults chosen by measurement on the default model (bench/results/openvino_mlx.json).
 DEFAULT_GROUP = 32  # measured: 4bit +24.2% ppl at g32 vs +31.0% at g64 (default model)
 DEFAULT_EMBED_BITS = 8
-# Grid of each group: "minmax" = scale (max - min) / (2^bits - 1), bias min (mlx_grid.py); "mlx" =
+# Grid of each group: "minmax" = scale (max - min) / (2^bits - 1), bias min (grid.py); "mlx" =
 # mx.quantize's own rounding, which moves the grid off the weights' range (4-bit +24% ppl vs <1%).
 DEFAULT_GRID = "minmax"
 
@@ -36,10 +36,18 @@ def _bpw(bits: int, group: int = DEFAULT_GROUP) -> float:
     return bits + 32 / group  # a float16 scale and a float16 bias per group
 
 
-@register
+_QUANTIZED = tuple([*_UNIFORM, *_MIXED])
+
+
 class MLXBackend(Backend):
     name = "mlx"
+    display_name = "MLX"
+    use_case = "Apple silicon Macs"
     extra = "mlx"
+    requires = ("mlx", "mlx_lm")
+    packages = ("mlx", "mlx-lm")
+    bench_specs = ("mlx:8bit", "mlx:4bit")
+    speed_note = "MLX ran on the CPU of a non-Apple machine: its quality figures are real, its speed is not representative."
     recipe_version = 2  # 2: min/max grids by default (was mx.quantize's rounding)
     bench_seconds = 60
     precisions = {
@@ -49,26 +57,25 @@ class MLXBackend(Backend):
         "fp16": Precision("fp16", 16, 16.0, "float16, no quantization"),
     }
     options = {
-        "group": Option("group", int, DEFAULT_GROUP, "quantization group size", choices=(32, 64, 128)),
+        "group": Option("group", int, DEFAULT_GROUP, "quantization group size", choices=(32, 64, 128), applies_to=_QUANTIZED),
         "embed_bits": Option("embed_bits", int, DEFAULT_EMBED_BITS,
-                             "bits of the embedding and output layer (0 = same as the rest)", choices=(0, 4, 6, 8)),
+                             "bits of the embedding and output layer (0 = same as the rest)", choices=(0, 4, 6, 8),
+                             applies_to=_QUANTIZED),
         "grid": Option("grid", str, DEFAULT_GRID, "group grid: min/max of the weights, or mx.quantize's rounding",
-                       choices=("minmax", "mlx")),
+                       choices=("minmax", "mlx"), applies_to=_QUANTIZED),
     }
-
-    def tool_versions(self) -> dict[str, str]:
-        mlx_core, mlx_lm = require_mlx()
-        from importlib.metadata import version
-
-        return {"mlx": version("mlx"), "mlx-lm": version("mlx-lm")}
 
     def speed_is_representative(self) -> bool:
         return is_apple_silicon()
 
+    def install_hint(self) -> str:
+        return INSTALL_HINT
+
+    def check_source(self, source) -> None:
+        check_architecture(source)
+
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
         plan = quant_plan(spec)
-        require_mlx()
-        check_architecture(source)
         started = time.perf_counter()
         _run_converter(source.hf_dir, out_dir, plan)
         regridded = _regrid(source.hf_dir, out_dir, plan)
@@ -81,7 +88,7 @@ class MLXBackend(Backend):
         }
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
-        from edgequant.backends.mlx_runner import MLXRunner
+        from edgequant.backends.mlx.runner import MLXRunner
 
         require_mlx()
         return MLXRunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx)
@@ -97,21 +104,6 @@ class MLXBackend(Backend):
         return int(total / 8)
 
 
-def require_mlx():
-    """The mlx modules, or an error naming the extra that installs them."""
-    try:
-        import mlx.core as mx
-        import mlx_lm
-    except ImportError as exc:
-        raise EdgequantError(f"the MLX engine is not installed ({getattr(exc, 'name', None) or exc} is missing)",
-                             "pip install 'edgequant[mlx]' (on Linux it installs mlx[cpu] and mlx-lm 0.29.1)") from None
-    return mx, mlx_lm
-
-
-def is_apple_silicon() -> bool:
-    return platform.system() == "Darwin" and platform.machine() == "arm64"
-
-
 def supported_model_types() -> list[str]:
     import mlx_lm.models
 
@@ -120,13 +112,13 @@ def supported_model_types() -> list[str]:
 
 
 def check_architecture(source) -> None:
+    require_mlx()
     from mlx_lm.utils import MODEL_REMAPPING
 
     model_type = source.config.get("model_type")
     supported = supported_model_types()
     if MODEL_REMAPPING.get(model_type, model_type) not in supported:
-        arch = (source.config.get("architectures") or [model_type])[0]
-        raise EdgequantError(f"mlx-lm has no implementation of architecture {arch!r} (model_type {model_type!r})",
+        raise EdgequantError(f"mlx-lm has no implementation of architecture {source.architecture!r} (model_type {model_type!r})",
                              "convert a model of a supported model_type: " + ", ".join(supported))
 
 
@@ -136,8 +128,6 @@ def quant_plan(spec) -> dict:
     embed = spec.options.get("embed_bits", DEFAULT_EMBED_BITS)
     grid = spec.options.get("grid", DEFAULT_GRID)
     if spec.precision == "fp16":
-        if spec.options:
-            raise EdgequantError("mlx:fp16 takes no options", "drop the options, or pick a quantized precision")
         return {"bits": 16, "group_size": None, "recipe": None, "embed_bits": 16}
     low, high = _MIXED.get(spec.precision, (_UNIFORM.get(spec.precision), None))
     return {"bits": low, "high_bits": high, "group_size": group, "recipe": spec.precision if high else None,
@@ -163,10 +153,10 @@ def _predicate(plan: dict, num_layers: int):
 
 
 def _regrid(hf_dir: Path, out_dir: Path, plan: dict) -> dict | None:
-    """Replace mlx's rounding with min/max grids (mlx_grid.py) unless the spec asks for grid=mlx."""
+    """Replace mlx's rounding with min/max grids (grid.py) unless the spec asks for grid=mlx."""
     if plan["bits"] >= 16 or plan.get("grid") != "minmax":
         return None
-    from edgequant.backends.mlx_grid import regrid
+    from edgequant.backends.mlx.grid import regrid
     from edgequant.progress import step
 
     with step("re-quantizing onto min/max grids"):

@@ -1,0 +1,119 @@
+"""The Backend contract: everything format-specific that the verbs (convert, eval, bench, report,
+serve, inspect) need, behind one small class.
+
+A format is a package under `edgequant.backends` (or a third-party package) holding a `Backend`
+subclass that declares what it offers and implements two hooks:
+- `convert(source, spec, out_dir)` writes the model files into `out_dir` (a temporary folder the
+  caller renames into place) and returns the main model file's name plus facts for the manifest;
+- `open(artifact, ...)` returns a `Runner` (see `edgequant.runner`).
+
+Everything else has a default: display texts for reports, the specs `bench` runs, option checks,
+source checks, tool versions, size estimates. The module imports nothing heavy, and a backend's
+own module must stay light too: engines are imported inside its methods, so listing formats,
+parsing specs and `edgequant --help` never load torch or llama.cpp. Backends are registered through
+the `edgequant.backends` entry-point group (see `edgequant.registry`).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgequant.spec import Option, Precision
+
+if TYPE_CHECKING:
+    from edgequant.artifact import Artifact
+    from edgequant.runner import Runner
+    from edgequant.source import Source
+    from edgequant.spec import Spec
+
+
+class Backend:
+    """Base class: declare the class attributes, implement `convert` and `open`."""
+
+    name: str = ""  # the format name users type in a spec
+    display_name: str = ""  # how reports name the framework, e.g. "llama.cpp (GGUF)"
+    use_case: str = ""  # where this format is deployed, one line for the report's summary
+    precisions: dict[str, Precision] = {}
+    options: dict[str, Option] = {}
+    extra: str = ""  # the pip extra that installs this backend's engine
+    requires: tuple[str, ...] = ()  # importable modules the engine needs
+    packages: tuple[str, ...] = ()  # distributions whose versions go into manifests and results
+    # The representative specs `edgequant bench` runs when the user names none.
+    bench_specs: tuple[str, ...] = ()
+    # Bump when a change of defaults or method makes old artifacts of the same spec stale: the
+    # artifact cache only reuses artifacts built with the current recipe.
+    recipe_version: int = 1
+    # Seconds one bench spec (convert + evaluate) took in the default main job, cold cache, 2
+    # cores: only the ratios between backends matter, to weigh the bench's time-left estimate.
+    bench_seconds: float = 30.0
+    # What a report says when this machine runs the format through a stand-in.
+    speed_note: str = ""
+
+    # -- the two hooks ------------------------------------------------------------------------
+
+    def convert(self, source: "Source", spec: "Spec", out_dir: Path) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def open(self, artifact: "Artifact", *, n_ctx: int, need_logits: bool, threads: int) -> "Runner":
+        raise NotImplementedError
+
+    # -- defaults a backend may override --------------------------------------------------------
+
+    def validate(self, spec: "Spec") -> None:
+        """Rules between options (e.g. one option needs another's value), checked when the spec
+        is parsed, before any work. Which precisions an option applies to is declared on the
+        Option itself and checked by the spec parser."""
+
+    def check_source(self, source: "Source") -> None:
+        """Refuse, before any work, a source this format cannot convert (an unsupported
+        architecture), with an error naming the architecture and what is supported."""
+
+    def speed_is_representative(self) -> bool:
+        """False where this machine runs the format through a stand-in (MLX off Apple silicon, QNN
+        on the CPU execution provider): its speed here says little about the target device."""
+        return True
+
+    def report_notes(self, spec_text: str, manifest: dict) -> list[str]:
+        """Sentences a report adds about one artifact (e.g. a device check made at conversion)."""
+        return []
+
+    def missing_modules(self) -> list[str]:
+        """The engine modules this backend needs that are not installed here."""
+        return [m for m in self.requires if not _importable(m)]
+
+    def install_hint(self) -> str:
+        return f"pip install 'edgequant[{self.extra or self.name}]'"
+
+    def missing_engine(self) -> str | None:
+        """Why this backend cannot run here (an engine module is not installed), or None."""
+        missing = self.missing_modules()
+        return f"{', '.join(missing)} not installed: `{self.install_hint()}`" if missing else None
+
+    def tool_versions(self) -> dict[str, str]:
+        """Installed versions of this backend's packages, read from metadata (no engine import)."""
+        found = {}
+        for package in self.packages:
+            try:
+                found[package] = version(package)
+            except PackageNotFoundError:
+                continue
+        return found
+
+    def option_values(self, spec: "Spec") -> dict[str, Any]:
+        """Every option of this backend, as the spec gives it or at its default."""
+        return {name: spec.options.get(name, option.default) for name, option in self.options.items()}
+
+    def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
+        """Estimated artifact size: 2-D weights at the precision's bpw, the rest in float32."""
+        bpw = self.precisions[precision].bpw
+        return int(sum(t.numel * (bpw if len(t.shape) >= 2 else 32.0) for t in tensors) / 8)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that is missing, or blocked in sys.modules
+        return False

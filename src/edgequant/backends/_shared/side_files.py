@@ -1,0 +1,23 @@
+"""Files an artifact carries beside its weights so it runs and tokenizes on its own."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+# The Hugging Face tokenizer and chat template: every runner tokenizes with them (or checks its
+# engine's tokenizer against them), so a prompt means the same ids on every format.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja")
+MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+def copy_side_files(names: tuple[str, ...], dst: Path, *sources: Path) -> list[str]:
+    """Copy each named file from the first of `sources` that has it; returns the names copied."""
+    copied = []
+    for name in names:
+        found = next((base / name for base in sources if (base / name).is_file()), None)
+        if found is not None:
+            shutil.copyfile(found, dst / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,1 @@
+"""MLX through mlx-lm (mlx[cpu] off Apple silicon)."""

@@ -1,0 +1,1 @@
+"""ONNX through the onnxruntime-genai model builder, onnxruntime.quantization and onnxruntime-genai."""

@@ -1,0 +1,1 @@
+"""OpenVINO IR through optimum-intel, NNCF weight compression and openvino-genai."""

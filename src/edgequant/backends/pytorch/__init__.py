@@ -1,0 +1,1 @@
+"""The PyTorch baseline: the source model run by transformers in float32."""

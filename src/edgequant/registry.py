@@ -1,0 +1,120 @@
+"""The backend registry, keyed by the format name users type in a spec.
+
+Every backend, built-in or third-party, is found the same way: through the `edgequant.backends`
+entry-point group (the built-ins are declared in edgequant's own pyproject.toml). A package that
+declares
+
+    [project.entry-points."edgequant.backends"]
+    toy = "toy_backend:ToyBackend"
+
+appears in `inspect`, `convert`, `eval`, `bench`, the report and `serve` without any edit to
+edgequant. `register` adds a backend class at run time (for programs and tests).
+
+This module also holds what needs the whole catalog: spec parsing and opening a runner for a
+path (an artifact through its backend, a source model through the PyTorch baseline).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgequant.backend import Backend
+from edgequant.errors import EdgequantError
+from edgequant.spec import Spec, parse_spec as _parse_spec, parse_specs as _parse_specs
+
+if TYPE_CHECKING:
+    from edgequant.runner import Runner
+
+ENTRY_POINT_GROUP = "edgequant.backends"
+# The format every figure is relative to: the source model run by PyTorch in float32.
+BASELINE_FORMAT = "pytorch"
+BASELINE_SPEC = "pytorch:fp32"
+
+_REGISTRY: dict[str, Backend] = {}
+_loaded = False
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Add a backend class under its `name` (replacing one of the same name)."""
+    if not cls.name:
+        raise EdgequantError(f"backend class {cls.__qualname__} has no name", "set the class attribute `name`")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def reload() -> None:
+    """Forget every backend and find them again (after installing a plugin in this process)."""
+    global _loaded
+    _REGISTRY.clear()
+    _loaded = False
+
+
+def _load_entry_points() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = entry.load()
+        except Exception as exc:  # one broken plugin must not take every format down
+            from edgequant.progress import note
+
+            note(f"warning: backend {entry.name!r} ({entry.value}) failed to load: {type(exc).__name__}: {exc}")
+            continue
+        _REGISTRY.setdefault(cls.name, cls())
+
+
+def backends() -> dict[str, Backend]:
+    """Every registered backend by format name."""
+    _load_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def format_names() -> list[str]:
+    return list(backends())
+
+
+def get_format(name: str) -> Backend | None:
+    return backends().get(name)
+
+
+def get_backend(name: str) -> Backend:
+    backend = get_format(name)
+    if backend is None:
+        raise EdgequantError(f"no backend for format {name!r}", "use one of: " + ", ".join(format_names()))
+    return backend
+
+
+def parse_spec(text: str) -> Spec:
+    """Parse and validate `FORMAT:PRECISION[?key=value&...]` against the registered formats."""
+    return _parse_spec(text, backends())
+
+
+def parse_specs(text: str) -> list[Spec]:
+    return _parse_specs(text, backends())
+
+
+def bench_specs() -> list[str]:
+    """The representative specs of every registered format except the baseline, by format name."""
+    return [spec for name, backend in backends().items() if name != BASELINE_FORMAT for spec in backend.bench_specs]
+
+
+def open_runner(path: str | Path | None, *, n_ctx: int = 2048, need_logits: bool = True, threads: int = 0) -> "Runner":
+    """Open an artifact folder (through its backend) or a source model (the PyTorch baseline)."""
+    from edgequant.artifact import is_artifact, open_artifact
+    from edgequant.runner import default_threads
+
+    threads = threads or default_threads()
+    if path is not None and is_artifact(Path(path)):
+        artifact = open_artifact(path)
+        return get_backend(artifact.spec.format).open(artifact, n_ctx=n_ctx, need_logits=need_logits, threads=threads)
+    from edgequant.source import load_source
+
+    return get_backend(BASELINE_FORMAT).open_source(load_source(path), n_ctx=n_ctx, threads=threads)
