@@ -121,3 +121,17 @@ def test_runner_tokenizes_scores_and_generates(fmt, converted):
         first = list(runner.generate(ids[:8], params))
         assert len(first) == 4 and all(isinstance(t, int) for t in first)
         assert list(runner.generate(ids[:8], params)) == first  # greedy is deterministic
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != BASELINE_FORMAT])
+def test_speed_probe_loads_the_engine_and_nothing_of_ours(fmt, converted):
+    """The probe child measures what an app of that engine would hold: no torch, no transformers."""
+    from edgequant.speed_probe import SpeedRequest, run_in_child
+
+    artifact, _ = converted(fmt)
+    prompts = [list(range(10, 26)), list(range(30, 46))]
+    result = run_in_child(SpeedRequest(str(artifact.path), prompts, gen_tokens=4, repeats=1, threads=2, n_ctx=64))
+    assert result["probe_imported"] == []
+    assert 0 < result["interpreter_rss_mb"] < result["peak_rss_mb"]
+    assert result["model_rss_mb"] == pytest.approx(result["peak_rss_mb"] - result["interpreter_rss_mb"], abs=0.2)
+    assert result["decode_tps_range"][0] <= result["decode_tps"] <= result["decode_tps_range"][1]

@@ -29,7 +29,7 @@ def test_quantized_artifact_gets_every_metric_and_stores_them(tiny_model):
     for key in ("perplexity", "kld_p99", "size_bytes", "load_s", "peak_rss_mb", "ttft_ms", "prefill_tps", "decode_tps"):
         assert metrics[key] > 0, key
     assert metrics["peak_rss_mb"] < 1000  # measured in a fresh child process, not this test process
-    stored = json.loads((artifact.path / "edgequant.json").read_text())["metrics"]
+    stored = json.loads((artifact.path / "edgequant.json").read_text())["evaluations"][metrics["evaluation_key"]]
     assert stored["perplexity"] == metrics["perplexity"]
     assert stored["settings"]["ctx"] == 128 and stored["machine"]["cores"] >= 1
 

@@ -40,9 +40,23 @@ class Artifact:
     def size_bytes(self) -> int:
         return int(self.manifest["size_bytes"])
 
-    def save_metrics(self, metrics: dict) -> None:
-        self.manifest["metrics"] = metrics
+    def save_evaluation(self, metrics: dict) -> str:
+        """Store an evaluation's metrics under the key of its settings (text, windows, context,
+        speed settings, baseline): one made with other settings keeps its own entry. Returns the key."""
+        key = evaluation_key(metrics)
+        self.manifest.setdefault("evaluations", {})[key] = metrics
+        self.manifest.pop("metrics", None)  # the single slot of older manifests
         write_text_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=2))
+        return key
+
+
+def evaluation_key(metrics: dict) -> str:
+    """`<windows>x<ctx>-<hash of every setting and the baseline>`, readable and unique per setting."""
+    import hashlib
+
+    settings = metrics["settings"]
+    identity = json.dumps({**settings, "baseline": metrics["baseline"]}, sort_keys=True, default=str)
+    return f"{settings['windows']}x{settings['ctx']}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
 
 
 def is_artifact(path: Path) -> bool:

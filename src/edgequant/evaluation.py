@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from edgequant.errors import EdgequantError
+from edgequant.intervals import TokenScores, bootstrap
+from edgequant.intervals import method as interval_method
 from edgequant.logprobs import first_difference, kl_divergence, log_softmax
 from edgequant.paths import cache_dir
 from edgequant.progress import note, step, track
@@ -92,7 +94,7 @@ def evaluate(target: str | Path | None = None, baseline: str | Path | None = Non
     metrics["settings"] = {**asdict(config), "data": windows.data_name, "data_sha256": windows.text_sha256, "threads": threads}
     metrics["machine"] = machine_info()
     if resolved.artifact is not None:
-        resolved.artifact.save_metrics(metrics)
+        metrics["evaluation_key"] = resolved.artifact.save_evaluation(metrics)
     return metrics
 
 
@@ -152,14 +154,16 @@ def _make_windows(source, config: EvalConfig) -> Windows:
 
 
 def _reference_logprobs(source, windows: Windows, threads: int) -> np.ndarray:
-    """The baseline's log-probabilities on every window, float16 on disk (memory-mapped)."""
-    path = cache_dir("reference") / f"{source.fingerprint[:16]}-{windows.key}.npy"
+    """The baseline's log-probabilities on every window, float32 on disk (memory-mapped). float16
+    would put a floor of ~4e-5 under every KLD (its rounding alone): a float export's true ~5e-6
+    could not be told from it."""
+    path = cache_dir("reference") / f"{source.fingerprint[:16]}-{windows.key}-f32.npy"
     if path.is_file():
         return np.load(path, mmap_mode="r")
     n_windows, ctx = windows.ids.shape
     with step(f"computing the PyTorch baseline on {n_windows} windows of {ctx} tokens (cached)"):
         with open_runner(source.path, n_ctx=ctx, threads=threads) as runner:
-            rows = [log_softmax(runner.logits(w.tolist())).astype(np.float16) for w in track(windows.ids, "baseline windows")]
+            rows = [log_softmax(runner.logits(w.tolist())) for w in track(windows.ids, "baseline windows")]
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, np.stack(rows))
     tmp.rename(path)
@@ -174,22 +178,35 @@ def _quality(target: Target, source, windows: Windows, reference: np.ndarray, th
         _check_tokenizer(runner, windows)
         for i in track(range(n_windows), f"scoring {target.label}", total=n_windows):
             ids = windows.ids[i]
-            ref = reference[i, :-1].astype(np.float32)
+            ref = np.asarray(reference[i, :-1], dtype=np.float32)
             logp = ref if target.artifact is None else log_softmax(runner.logits(ids.tolist()))[:-1]
             nll.append(-logp[np.arange(ctx - 1), ids[1:]])
             baseline_nll.append(-ref[np.arange(ctx - 1), ids[1:]])
             kld.append(kl_divergence(ref, logp))
             top1.append(ref.argmax(-1) == logp.argmax(-1))
-    nll, kld, top1, baseline_nll = (np.concatenate(x) for x in (nll, kld, top1, baseline_nll))
-    ppl, base_ppl = float(np.exp(nll.mean())), float(np.exp(baseline_nll.mean()))
+        arithmetic = runner.arithmetic()
+    scores = TokenScores(*(np.concatenate(x) for x in (nll, baseline_nll, kld, top1)), window=ctx - 1)
+    return {**quality_figures(scores), **({"arithmetic": arithmetic} if arithmetic else {})}
+
+
+def quality_figures(scores: TokenScores) -> dict:
+    """Point figures over every scored token, with their 95% intervals (see `edgequant.intervals`).
+    A negative per-token KLD is float rounding of a zero one: clipped to 0."""
+    kld = np.maximum(scores.kld, 0)
+    ppl, base_ppl = float(np.exp(scores.nll.mean())), float(np.exp(scores.baseline_nll.mean()))
+    ci = bootstrap(TokenScores(scores.nll, scores.baseline_nll, kld, scores.top1, scores.window))
     return {
         "perplexity": round(ppl, 4),
         "baseline_perplexity": round(base_ppl, 4),
         "ppl_increase_pct": round(100 * (ppl / base_ppl - 1), 3),
-        "kld_mean": round(float(np.maximum(kld, 0).mean()), 6),
-        "kld_p99": round(float(np.percentile(np.maximum(kld, 0), 99)), 6),
-        "top1_agreement": round(float(top1.mean()), 5),
-        "tokens_scored": int(nll.size),
+        "kld_mean": round(float(kld.mean()), 7),
+        "kld_p99": round(float(np.percentile(kld, 99)), 7),
+        "top1_agreement": round(float(scores.top1.mean()), 5),
+        "tokens_scored": int(scores.nll.size),
+        "ci95": {"ppl_increase_pct": [round(v, 3) for v in ci["ppl_increase_pct"]],
+                 "kld_mean": [round(v, 7) for v in ci["kld_mean"]],
+                 "top1_agreement": [round(v, 5) for v in ci["top1_agreement"]]},
+        "ci_method": interval_method(),
     }
 
 

@@ -53,7 +53,9 @@ def _row(row, base: dict) -> dict:
             "size_mb": round(m["size_bytes"] / 1e6, 2), "perplexity": m["perplexity"], "ppl_increase_pct": m["ppl_increase_pct"],
             "kld_mean": m["kld_mean"], "kld_p99": m["kld_p99"], "top1_agreement": m["top1_agreement"],
             "decode_tps": m.get("decode_tps"), "prefill_tps": m.get("prefill_tps"), "ttft_ms": m.get("ttft_ms"),
-            "peak_rss_mb": m.get("peak_rss_mb"),
+            "peak_rss_mb": m.get("peak_rss_mb"), "model_rss_mb": m.get("model_rss_mb"),
+            "interpreter_rss_mb": m.get("interpreter_rss_mb"), "probe_imported": m.get("probe_imported", []),
+            "ci95": m.get("ci95", {}), "decode_tps_range": m.get("decode_tps_range"), "arithmetic": m.get("arithmetic"),
             "size_reduction_pct": round(100 * (1 - m["size_bytes"] / base["size_bytes"]), 1),
             "speedup": round(m["decode_tps"] / base["decode_tps"], 2) if m.get("decode_tps") and base.get("decode_tps") else None,
             "speed_representative": _speed_representative(fmt),
@@ -86,7 +88,11 @@ def _notes(result, rows: list[dict]) -> list[str]:
              f"Speed: median of {s['repeats']} runs after a warm-up, a different {s['prompt_tokens']}-token prompt each "
              f"(so no engine reuses a cached prefix), {s['gen_tokens']} tokens generated, {s['threads'] or 'all'} threads; "
              "peak memory is the RSS of a fresh process that loaded the model.",
-             "Memory reduction is the file size against the fp32 source; memory use is measured peak RSS."]
+             "Memory reduction is the file size against the fp32 source; memory use is measured peak RSS. "
+             "'model MB' is that peak less the RSS of the same process before the engine loaded "
+             f"({_interpreter_mb(rows)}): what the model and its engine cost.",
+             "Intervals are 95% block-bootstrap intervals over the scored tokens (blocks of 32 tokens, seeded); "
+             "where two candidates' intervals overlap, the data cannot tell them apart on that figure."]
     stand_ins = [get_format(f) for f in sorted({r["format"] for r in rows if r["status"] == "ok"})
                  if not _speed_representative(f)]
     notes.extend(b.speed_note for b in stand_ins if b.speed_note)
@@ -95,6 +101,12 @@ def _notes(result, rows: list[dict]) -> list[str]:
         notes.append(f"Formats whose speed is not representative here got a short speed probe "
                      f"({probe['gen_tokens']} tokens, {probe['repeats']} run).")
     notes.extend(n for r in rows for n in r["notes"])
+    notes.extend(_arithmetic_notes(rows))
+    notes.extend(_indistinguishable_notes(rows))
+    heavy = [f"{r['spec']} ({', '.join(r['probe_imported'])})" for r in rows
+             if r["status"] == "ok" and not r["baseline"] and r.get("probe_imported")]
+    if heavy:
+        notes.append(f"Warning: the speed probe of {', '.join(heavy)} loaded more than its engine; its memory is overstated.")
     broken = [f"{r['spec']} ({r['ppl_increase_pct']:+.0f}%)" for r in rows if r["status"] == "ok" and not r["usable"]]
     if broken:
         notes.append(f"Unusable (perplexity more than {UNUSABLE_PPL_INCREASE_PCT / 100 + 1:.0f}x the baseline's), left off the "
@@ -104,11 +116,37 @@ def _notes(result, rows: list[dict]) -> list[str]:
     return notes
 
 
+def _interpreter_mb(rows: list[dict]) -> str:
+    values = sorted(r["interpreter_rss_mb"] for r in rows if r["status"] == "ok" and r.get("interpreter_rss_mb"))
+    return f"{values[0]:.0f}-{values[-1]:.0f} MB here" if values else "not measured"
+
+
+def _arithmetic_notes(rows: list[dict]) -> list[str]:
+    """Which arithmetic a format's quality figures were computed in, where it is a stand-in's."""
+    seen = {}
+    for r in rows:
+        if r["status"] == "ok" and r.get("arithmetic"):
+            seen.setdefault(r["format"], (r["arithmetic"], []))[1].append(r["spec"])
+    return [f"Quality of {', '.join(specs)}: {text}." for text, specs in seen.values()]
+
+
+def _indistinguishable_notes(rows: list[dict]) -> list[str]:
+    """Candidates next to each other by KLD whose KLD intervals overlap."""
+    from edgequant.intervals import compare
+
+    ranked = sorted((r for r in rows if r["status"] == "ok" and not r["baseline"] and r["ci95"].get("kld_mean")),
+                    key=lambda r: r["kld_mean"])
+    ties = [f"{a['spec']} ~ {b['spec']}" for a, b in zip(ranked, ranked[1:])
+            if compare(a["ci95"]["kld_mean"], b["ci95"]["kld_mean"]) == "not distinguishable"]
+    return [f"Not distinguishable by KLD (95% intervals overlap): {', '.join(ties)}."] if ties else []
+
+
 # ----------------------------------------------------------------------------------------- text
 
 _COLUMNS = [("spec", "spec", "{}"), ("size_mb", "size MB", "{:.1f}"), ("perplexity", "ppl", "{:.3f}"),
-            ("ppl_increase_pct", "ppl +%", "{:+.2f}"), ("kld_mean", "KLD", "{:.4f}"), ("top1_agreement", "top-1", "{:.1%}"),
-            ("decode_tps", "decode tok/s", "{:.1f}"), ("ttft_ms", "TTFT ms", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}")]
+            ("ppl_increase_pct", "ppl +% [95%]", "{:+.2f}"), ("kld_mean", "KLD [95%]", "{:.4f}"),
+            ("top1_agreement", "top-1 [95%]", "{:.1%}"), ("decode_tps", "decode tok/s", "{:.1f}"),
+            ("ttft_ms", "TTFT ms", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("model_rss_mb", "model MB", "{:.0f}")]
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -116,6 +154,9 @@ def _cell(row: dict, key: str, fmt: str) -> str:
         return row["status"] if key == "size_mb" else ""
     value = row.get(key)
     text = "" if value is None else fmt.format(value)
+    interval = row.get("ci95", {}).get(key)
+    if interval and not row["baseline"]:
+        text += f" [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
     if key == "spec":
         text += " (baseline)" if row["baseline"] else (" *" if row["pareto"] else "")
     return text

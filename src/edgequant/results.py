@@ -15,11 +15,16 @@ from pathlib import Path
 from edgequant.errors import EdgequantError
 from edgequant.paths import cache_home
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the 95% intervals of the quality figures as columns
 APP_ID = "edgequant-results"
 # Metrics kept as columns so they can be queried and sorted without parsing JSON.
 METRIC_COLUMNS = ("perplexity", "ppl_increase_pct", "kld_mean", "kld_p99", "top1_agreement", "size_bytes",
                   "load_s", "peak_rss_mb", "ttft_ms", "prefill_tps", "decode_tps")
+# (column, figure in metrics["ci95"], 0 for the interval's low end or 1 for its high end)
+INTERVAL_COLUMNS = tuple((f"{short}_{end}", figure, i) for figure, short in
+                         (("ppl_increase_pct", "ppl_increase"), ("kld_mean", "kld_mean"), ("top1_agreement", "top1"))
+                         for i, end in enumerate(("lo", "hi")))
+_COLUMNS = METRIC_COLUMNS + tuple(c for c, _, _ in INTERVAL_COLUMNS)
 
 _SCHEMA = f"""
 CREATE TABLE edgequant_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -31,7 +36,7 @@ CREATE TABLE evaluations (
     id INTEGER PRIMARY KEY, run_id INTEGER REFERENCES runs(id), created TEXT NOT NULL,
     model TEXT NOT NULL, source_fingerprint TEXT NOT NULL, spec TEXT NOT NULL, format TEXT NOT NULL,
     precision TEXT NOT NULL, status TEXT NOT NULL, error TEXT, artifact_path TEXT, artifact_fingerprint TEXT,
-    {", ".join(f"{c} REAL" for c in METRIC_COLUMNS)}, metrics TEXT
+    {", ".join(f"{c} REAL" for c in _COLUMNS)}, metrics TEXT
 );
 CREATE INDEX evaluations_by_source ON evaluations (source_fingerprint, spec);
 """
@@ -73,12 +78,14 @@ class ResultsDB:
             error: str | None = None, artifact_path: str | None = None, artifact_fingerprint: str | None = None) -> None:
         fmt, _, precision = spec.partition(":")
         metrics = metrics or {}
+        ci = metrics.get("ci95") or {}
         values = [metrics.get(c) for c in METRIC_COLUMNS]
+        values += [ci[figure][end] if figure in ci else None for _, figure, end in INTERVAL_COLUMNS]
         with self.conn:
             self.conn.execute(
                 f"INSERT INTO evaluations (run_id, created, model, source_fingerprint, spec, format, precision, status, error,"
-                f" artifact_path, artifact_fingerprint, {', '.join(METRIC_COLUMNS)}, metrics)"
-                f" VALUES ({', '.join('?' * (12 + len(METRIC_COLUMNS)))})",
+                f" artifact_path, artifact_fingerprint, {', '.join(_COLUMNS)}, metrics)"
+                f" VALUES ({', '.join('?' * (12 + len(_COLUMNS)))})",
                 [run_id, _now(), model, fingerprint, spec, fmt, precision.split("?")[0], status, error, artifact_path,
                  artifact_fingerprint, *values, json.dumps(metrics) if metrics else None])
 
@@ -118,10 +125,20 @@ def _check_ours(conn: sqlite3.Connection, path: Path) -> None:
     if meta.get("app") != APP_ID:
         conn.close()
         raise EdgequantError(f"{path} is not an edgequant results database", fix)
-    if meta.get("schema") != str(SCHEMA_VERSION):
+    if meta.get("schema") == "1":
+        _migrate_from_1(conn)
+    elif meta.get("schema") != str(SCHEMA_VERSION):
         conn.close()
         raise EdgequantError(f"{path} uses results schema {meta.get('schema')}, this edgequant reads {SCHEMA_VERSION}",
                              "use a newer edgequant, or start a new database with --db")
+
+
+def _migrate_from_1(conn: sqlite3.Connection) -> None:
+    """Schema 1 had no interval columns: add them (empty for the rows already there)."""
+    with conn:
+        for column, _, _ in INTERVAL_COLUMNS:
+            conn.execute(f"ALTER TABLE evaluations ADD COLUMN {column} REAL")
+        conn.execute("UPDATE edgequant_meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
 
 
 def _now() -> str:

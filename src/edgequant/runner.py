@@ -53,6 +53,11 @@ class Runner(ABC):
         """The model's own Jinja chat template, when it has one."""
         return None
 
+    def arithmetic(self) -> str | None:
+        """What `logits` are computed in, where that is not simply the engine running the artifact
+        (a stand-in for the target device's arithmetic); evaluations record it."""
+        return None
+
     def batch_decoder(self, n_seq: int, n_ctx: int):
         """A decoder that advances several sequences per step (see backends/gguf/batch.py), or
         None when this engine has none; the server then runs one request at a time."""

@@ -41,17 +41,28 @@ def measure(request: SpeedRequest) -> dict:
     runs = [_timed_generate(runner, request.prompts[1 + i % (len(request.prompts) - 1)], params)
             for i in range(request.repeats)]
     runner.close()
+    peak = _peak_rss_mb()
     return {
         "load_s": round(load_s, 3),
-        "ttft_ms": round(statistics.median(r["ttft_s"] for r in runs) * 1000, 2),
-        "prefill_tps": round(statistics.median(r["prefill_tps"] for r in runs), 2),
-        "decode_tps": round(statistics.median(r["decode_tps"] for r in runs), 2),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "rss_before_load_mb": round(rss_before, 1),
+        **_spread("ttft_ms", [r["ttft_s"] * 1000 for r in runs]),
+        **_spread("prefill_tps", [r["prefill_tps"] for r in runs]),
+        **_spread("decode_tps", [r["decode_tps"] for r in runs]),
+        "peak_rss_mb": round(peak, 1),
+        # The interpreter with edgequant's light modules, before the engine loads: peak minus it is
+        # what the model and its engine cost.
+        "interpreter_rss_mb": round(rss_before, 1),
+        "model_rss_mb": round(peak - rss_before, 1),
         "prompt_tokens": len(request.prompts[-1]),
         "generated_tokens": request.gen_tokens,
         "repeats": request.repeats,
+        # Should stay empty for every format but the PyTorch baseline: their memory is not the model's.
+        "probe_imported": [m for m in ("torch", "transformers") if m in sys.modules],
     }
+
+
+def _spread(name: str, values: list[float]) -> dict:
+    """The median of the repeats, and their [min, max]."""
+    return {name: round(statistics.median(values), 2), f"{name}_range": [round(min(values), 2), round(max(values), 2)]}
 
 
 def _timed_generate(runner, prompt_ids, params) -> dict:

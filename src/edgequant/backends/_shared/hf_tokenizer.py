@@ -1,36 +1,101 @@
-"""Tokenization from the Hugging Face tokenizer files an artifact folder carries."""
+"""Tokenization from the Hugging Face tokenizer files an artifact folder carries, through the
+`tokenizers` library alone: a runner must not load transformers (and with it torch, ~400 MB of
+RSS) just to turn text into ids, or its peak memory would be ours, not the model's.
+
+Every artifact holds a `tokenizer.json` (`write_tokenizer_json` makes one at conversion when the
+source ships only a sentencepiece model), so ids match the source model's exactly whatever engine
+runs the weights; evaluation checks that on real text before scoring.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
+TOKENIZER_JSON = "tokenizer.json"
+
 
 class HFTokenizerMixin:
-    """tokenize/detokenize/is_eos/chat_template from the Hugging Face tokenizer files every artifact
-    folder carries, so ids match the source model's exactly whatever engine runs the weights."""
+    """tokenize/detokenize/is_eos/chat_template for a Runner, from the artifact's tokenizer files."""
 
     def _load_hf_tokenizer(self, folder: Path) -> None:
-        from transformers import AutoTokenizer
+        from tokenizers import Tokenizer
 
-        self._hf_tokenizer = AutoTokenizer.from_pretrained(folder)
-        self._eos_ids = {self._hf_tokenizer.eos_token_id} - {None}
-        try:
-            from transformers import GenerationConfig
+        path = folder / TOKENIZER_JSON
+        if not path.is_file():
+            from edgequant.errors import EdgequantError
 
-            eos = GenerationConfig.from_pretrained(folder).eos_token_id
-            self._eos_ids |= set(eos if isinstance(eos, list) else [eos]) - {None}
-        except OSError:  # no generation_config.json: the tokenizer's EOS is all there is
-            pass
+            raise EdgequantError(f"{folder} has no {TOKENIZER_JSON}", "re-create the artifact with `edgequant convert --force`")
+        self._special_tokenizer = Tokenizer.from_file(str(path))  # parses special-token text into ids
+        self._plain_tokenizer = Tokenizer.from_file(str(path))
+        self._plain_tokenizer.encode_special_tokens = True  # "<|im_start|>" in prose stays prose
+        config = _read_json(folder / "tokenizer_config.json")
+        self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        self._eos_ids = eos_ids(folder, config, self._special_tokenizer)
+        self._chat_template = chat_template(folder, config)
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
-        return self._hf_tokenizer(text, add_special_tokens=False, split_special_tokens=not special, verbose=False).input_ids
+        tokenizer = self._special_tokenizer if special else self._plain_tokenizer
+        return tokenizer.encode(text, add_special_tokens=False).ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self._hf_tokenizer.decode(list(ids), skip_special_tokens=False)
+        text = self._special_tokenizer.decode(list(ids), skip_special_tokens=False)
+        return _clean_up_spaces(text) if self._clean_up_spaces else text
 
     def is_eos(self, token: int) -> bool:
         return token in self._eos_ids
 
     def chat_template(self) -> str | None:
-        return self._hf_tokenizer.chat_template
+        return self._chat_template
+
+
+def eos_ids(folder: Path, config: dict, tokenizer) -> set[int]:
+    """End-of-generation ids: the tokenizer's EOS token and generation_config.json's eos_token_id."""
+    ids = set()
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if eos and tokenizer.token_to_id(eos) is not None:
+        ids.add(tokenizer.token_to_id(eos))
+    generation = _read_json(folder / "generation_config.json").get("eos_token_id")
+    ids.update(generation if isinstance(generation, list) else [generation] if generation is not None else [])
+    return ids
+
+
+def chat_template(folder: Path, config: dict) -> str | None:
+    """The Jinja chat template: chat_template.jinja, else tokenizer_config.json's (the default one
+    when it holds several named templates)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template}
+        return named.get("default") or next(iter(named.values()), None)
+    return template
+
+
+def write_tokenizer_json(source_dir: Path, out_dir: Path) -> None:
+    """Give `out_dir` a tokenizer.json: copied from the source, or converted from its sentencepiece
+    model by transformers (at conversion time, where transformers is loaded anyway)."""
+    import shutil
+
+    if (out_dir / TOKENIZER_JSON).is_file():
+        return
+    if (source_dir / TOKENIZER_JSON).is_file():
+        shutil.copyfile(source_dir / TOKENIZER_JSON, out_dir / TOKENIZER_JSON)
+        return
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(source_dir).backend_tokenizer.save(str(out_dir / TOKENIZER_JSON))
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _clean_up_spaces(text: str) -> str:
+    """transformers' clean_up_tokenization for tokenizers configured with it."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text

@@ -21,3 +21,12 @@ def copy_side_files(names: tuple[str, ...], dst: Path, *sources: Path) -> list[s
             shutil.copyfile(found, dst / name)
             copied.append(name)
     return copied
+
+
+def copy_tokenizer(dst: Path, *sources: Path) -> None:
+    """The Hugging Face tokenizer files (from the first source that has each), and a tokenizer.json
+    in any case: runners tokenize through it without transformers."""
+    from edgequant.backends._shared.hf_tokenizer import write_tokenizer_json
+
+    copy_side_files(TOKENIZER_FILES, dst, *sources)
+    write_tokenizer_json(sources[-1], dst)

@@ -7,6 +7,7 @@ per layer where they differ), so the artifact describes itself. mlx runs on Linu
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -75,12 +76,16 @@ class MLXBackend(Backend):
         check_architecture(source)
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        from edgequant.backends._shared.hf_tokenizer import write_tokenizer_json
+
         plan = quant_plan(spec)
         started = time.perf_counter()
         _run_converter(source.hf_dir, out_dir, plan)
+        write_tokenizer_json(source.hf_dir, out_dir)  # mlx-lm saves one for fast tokenizers only
         regridded = _regrid(source.hf_dir, out_dir, plan)
         return {
             "model_file": MODEL_FILE,
+            "mlx_model_type": mlx_model_type(source),  # the mlx-lm model definition the runner loads
             "quantization": plan,
             **({"grid_layers": regridded} if regridded else {}),
             "speed_representative": is_apple_silicon(),
@@ -90,8 +95,9 @@ class MLXBackend(Backend):
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.mlx.runner import MLXRunner
 
-        require_mlx()
-        return MLXRunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx)
+        details = artifact.manifest.get("details") or {}
+        model_type = details.get("mlx_model_type") or json.loads((artifact.path / "config.json").read_text())["model_type"]
+        return MLXRunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, model_type=model_type)
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         """Default group size; embeddings and output layer at DEFAULT_EMBED_BITS; 1-D in float16."""
@@ -111,13 +117,19 @@ def supported_model_types() -> list[str]:
     return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_") and p.stem not in ("base", "cache", "rope_utils", "switch_layers", "activations", "pipeline", "ssm", "bitlinear_layers"))
 
 
-def check_architecture(source) -> None:
+def mlx_model_type(source) -> str:
+    """The mlx-lm model definition that implements the source's model_type (mistral -> llama, ...)."""
     require_mlx()
     from mlx_lm.utils import MODEL_REMAPPING
 
     model_type = source.config.get("model_type")
+    return MODEL_REMAPPING.get(model_type, model_type)
+
+
+def check_architecture(source) -> None:
+    model_type = source.config.get("model_type")
     supported = supported_model_types()
-    if MODEL_REMAPPING.get(model_type, model_type) not in supported:
+    if mlx_model_type(source) not in supported:
         raise EdgequantError(f"mlx-lm has no implementation of architecture {source.architecture!r} (model_type {model_type!r})",
                              "convert a model of a supported model_type: " + ", ".join(supported))
 
@@ -167,7 +179,6 @@ def _run_converter(hf_dir: Path, out_dir: Path, plan: dict) -> None:
     """mlx-lm refuses an existing output folder, so it writes to a fresh subfolder we then empty."""
     import contextlib
     import io
-    import json
 
     from mlx_lm import convert
 

@@ -124,9 +124,10 @@ def drop_shape_annotations(model_path: Path) -> int:
 
 def copy_builder_side_files(src: Path, dst: Path) -> None:
     """What onnxruntime-genai needs beside the model to run it as is: its config and the tokenizer."""
-    from edgequant.backends._shared.side_files import TOKENIZER_FILES, copy_side_files
+    from edgequant.backends._shared.side_files import copy_side_files, copy_tokenizer
 
-    copy_side_files(("genai_config.json", *TOKENIZER_FILES), dst, src)
+    copy_side_files(("genai_config.json",), dst, src)
+    copy_tokenizer(dst, src)
 
 
 def save_model(model, path: Path) -> None:

@@ -118,9 +118,10 @@ def _check_tokenizer_ir(compiled, tokenizer) -> None:
 def copy_side_files(hf_dir: Path, intermediate: Path, out: Path) -> None:
     """The tokenizer IRs, and the config, generation settings and Hugging Face tokenizer, so
     optimum-intel and LLMPipeline find them; the export's config.json first (optimum-intel wrote it)."""
-    from edgequant.backends._shared.side_files import MODEL_CONFIG_FILES, TOKENIZER_FILES, copy_side_files as copy
+    from edgequant.backends._shared.side_files import MODEL_CONFIG_FILES, copy_side_files, copy_tokenizer
 
-    copy(_TOKENIZER_IRS + MODEL_CONFIG_FILES + TOKENIZER_FILES, out, intermediate, hf_dir)
+    copy_side_files(_TOKENIZER_IRS + MODEL_CONFIG_FILES, out, intermediate, hf_dir)
+    copy_tokenizer(out, intermediate, hf_dir)
 
 
 def calibration_samples(hf_dir: Path, count: int, seq_len: int, text: str | None = None) -> list[dict]:

@@ -29,11 +29,11 @@ class PyTorchBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from edgequant.backends._shared.side_files import TOKENIZER_FILES, copy_side_files
+        from edgequant.backends._shared.side_files import copy_tokenizer
 
         model = AutoModelForCausalLM.from_pretrained(source.hf_dir, dtype=getattr(torch, _DTYPES[spec.precision]))
         model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="100GB")
-        copy_side_files(TOKENIZER_FILES, out_dir, source.hf_dir)
+        copy_tokenizer(out_dir, source.hf_dir)
         return {"model_file": "model.safetensors", "dtype": _DTYPES[spec.precision]}
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):

@@ -63,7 +63,7 @@ class QnnBackend(Backend):
                 f"tokens (KLD {h['kld_mean']:.4f})."]
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
-        from edgequant.backends._shared.side_files import TOKENIZER_FILES, copy_side_files
+        from edgequant.backends._shared.side_files import copy_tokenizer
         from edgequant.backends.qnn import tools as qnn_tools
 
         opt = self.option_values(spec)
@@ -79,7 +79,7 @@ class QnnBackend(Backend):
         exported = time.perf_counter()
         widened = qnn_tools.quantize_qdq(scratch / "model_fp32.onnx", out_dir / qnn_tools.MODEL_FILE, request, feeds)
         shutil.rmtree(scratch)
-        copy_side_files(TOKENIZER_FILES, out_dir, source.hf_dir)
+        copy_tokenizer(out_dir, source.hf_dir)
         info: dict[str, Any] = {"model_file": qnn_tools.MODEL_FILE, "seq": request.seq, "scheme": qnn_tools.SCHEMES[spec.precision],
                                 "overrides": request.overrides, "calibration_samples": request.samples}
         if request.act16:
