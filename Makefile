@@ -28,3 +28,4 @@ bench: setup
 	$(VENV)/python bench/serve.py
 	$(VENV)/python bench/onnx_qnn.py
 	$(VENV)/python bench/openvino_mlx.py
+	$(VENV)/python bench/memory.py

@@ -22,13 +22,9 @@ class HFTokenizerMixin:
     def _load_hf_tokenizer(self, folder: Path) -> None:
         from tokenizers import Tokenizer
 
-        path = folder / TOKENIZER_JSON
-        if not path.is_file():
-            from edgequant.errors import EdgequantError
-
-            raise EdgequantError(f"{folder} has no {TOKENIZER_JSON}", "re-create the artifact with `edgequant convert --force`")
-        self._special_tokenizer = Tokenizer.from_file(str(path))  # parses special-token text into ids
-        self._plain_tokenizer = Tokenizer.from_file(str(path))
+        definition = _tokenizer_definition(folder)
+        self._special_tokenizer = Tokenizer.from_str(definition)  # parses special-token text into ids
+        self._plain_tokenizer = Tokenizer.from_str(definition)
         self._plain_tokenizer.encode_special_tokens = True  # "<|im_start|>" in prose stays prose
         config = _read_json(folder / "tokenizer_config.json")
         self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
@@ -72,6 +68,16 @@ def chat_template(folder: Path, config: dict) -> str | None:
         named = {t.get("name"): t.get("template") for t in template}
         return named.get("default") or next(iter(named.values()), None)
     return template
+
+
+def _tokenizer_definition(folder: Path) -> str:
+    """The folder's tokenizer.json; a source folder with only a sentencepiece model (run by the
+    PyTorch baseline, where transformers is loaded anyway) gets it converted in memory."""
+    if (folder / TOKENIZER_JSON).is_file():
+        return (folder / TOKENIZER_JSON).read_text()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder).backend_tokenizer.to_str()
 
 
 def write_tokenizer_json(source_dir: Path, out_dir: Path) -> None:

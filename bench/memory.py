@@ -1,0 +1,134 @@
+"""Peak memory of one artifact per format on the embedded default model: edgequant's speed probe
+against a minimal script that uses only the engine's own API on the same artifact, generating the
+same number of tokens from the same prompt ids, in the same run. Writes bench/results/memory.json.
+
+Each minimal script runs in a fresh interpreter and reports its own peak RSS (VmHWM), as the
+probe does; the ratio edgequant / engine is the overhead edgequant adds (target: at most 1.15x).
+The MLX reference is what an mlx-lm app runs (`mlx_lm.load`), which itself imports transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SPECS = ("gguf:q4_k_m", "onnx:int4", "openvino:int4", "mlx:4bit", "qnn:w8a16")
+TARGET_RATIO = 1.15
+
+_PEAK = textwrap.dedent("""
+    def peak_mb():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+""")
+
+# Per format: the engine's own way to load the artifact and generate GEN tokens greedily from PROMPT.
+ENGINE_SCRIPTS = {
+    "gguf": """
+        import llama_cpp
+        llm = llama_cpp.Llama(model_path=FOLDER + "/model.gguf", n_ctx=512, n_threads=THREADS, verbose=False)
+        for count, token in enumerate(llm.generate(PROMPT, temp=0.0), start=1):
+            if count >= GEN:
+                break
+    """,
+    "onnx": """
+        import onnxruntime_genai as og
+        model = og.Model(FOLDER)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(PROMPT) + GEN)
+        generator = og.Generator(model, params)
+        generator.append_tokens(PROMPT)
+        for _ in range(GEN):
+            generator.generate_next_token()
+    """,
+    "openvino": """
+        import numpy as np, openvino as ov, openvino_genai as genai
+        pipe = genai.LLMPipeline(FOLDER, "CPU", INFERENCE_NUM_THREADS=THREADS)
+        config = genai.GenerationConfig()
+        config.max_new_tokens, config.ignore_eos = GEN, True
+        ids = np.asarray([PROMPT], dtype=np.int64)
+        pipe.generate(genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids))), config)
+    """,
+    "mlx": """
+        import mlx.core as mx
+        from mlx_lm import load
+        from mlx_lm.generate import generate_step
+        model, _ = load(FOLDER)
+        for (token, _), _ in zip(generate_step(mx.array(PROMPT), model), range(GEN)):
+            pass
+    """,
+    "qnn": """
+        import numpy as np, onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = THREADS
+        session = ort.InferenceSession(FOLDER + "/model.onnx", options, providers=["CPUExecutionProvider"])
+        seq = session.get_inputs()[0].shape[1]
+        ids = list(PROMPT)
+        for _ in range(GEN):
+            window = np.zeros((1, seq), np.int64)
+            window[0, :len(ids)] = ids
+            ids.append(int(session.run(["logits"], {"input_ids": window})[0][0, len(ids) - 1].argmax()))
+    """,
+}
+
+
+def engine_peak(fmt: str, folder: Path, prompt: list[int], gen: int, threads: int) -> dict:
+    code = (f"FOLDER, PROMPT, GEN, THREADS = {str(folder)!r}, {prompt!r}, {gen}, {threads}\n" + _PEAK
+            + textwrap.dedent(ENGINE_SCRIPTS[fmt]) + "\nprint(peak_mb())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip()[-400:]}
+    return {"peak_rss_mb": round(float(done.stdout.strip().splitlines()[-1]), 1)}
+
+
+def measure(spec: str, prompt_text: str, gen: int, threads: int) -> dict:
+    import edgequant
+    from edgequant.registry import open_runner
+    from edgequant.speed_probe import SpeedRequest, run_in_child
+
+    artifact = edgequant.convert(None, spec)
+    with open_runner(artifact.path, n_ctx=512, need_logits=False, threads=threads) as runner:
+        prompt = runner.tokenize(prompt_text)[:64]
+    ours = run_in_child(SpeedRequest(str(artifact.path), [prompt, prompt], gen, 1, threads, 512))
+    engine = engine_peak(artifact.spec.format, artifact.path, prompt, gen, threads)
+    row = {"spec": spec, "edgequant_peak_rss_mb": ours["peak_rss_mb"], "edgequant_interpreter_rss_mb": ours["interpreter_rss_mb"],
+           "edgequant_model_rss_mb": ours["model_rss_mb"], "probe_imported": ours["probe_imported"],
+           "engine_only": engine}
+    if "peak_rss_mb" in engine:
+        row["ratio"] = round(ours["peak_rss_mb"] / engine["peak_rss_mb"], 3)
+        row["within_target"] = row["ratio"] <= TARGET_RATIO
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--specs", default=",".join(SPECS))
+    parser.add_argument("--gen", type=int, default=32, help="tokens generated by both sides")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "memory.json")
+    args = parser.parse_args()
+
+    from edgequant.evaldata import default_eval_text
+    from edgequant.evaluation import machine_info
+
+    prompt_text = default_eval_text()[:2000]
+    rows = []
+    for spec in args.specs.split(","):
+        print(f"measuring {spec}", file=sys.stderr, flush=True)
+        rows.append(measure(spec, prompt_text, args.gen, args.threads))
+    result = {"machine": machine_info(), "generated_tokens": args.gen, "target_ratio": TARGET_RATIO, "rows": rows}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.rename(args.output)
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
