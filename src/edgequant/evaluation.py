@@ -83,6 +83,10 @@ def evaluate(target: str | Path | None = None, baseline: str | Path | None = Non
     reference = _reference_logprobs(source, windows, threads)
     quality = _quality(resolved, source, windows, reference, threads)
     metrics = {"target": resolved.label, "baseline": str(source.path), **quality, "size_bytes": resolved.size_bytes}
+    if source.is_default_model:  # its quality figures always travel with why they flatter low bits
+        from edgequant.source import DEFAULT_MODEL_CAVEAT
+
+        metrics["caveat"] = DEFAULT_MODEL_CAVEAT
     if config.speed:
         prompts = _speed_prompts(windows, min(config.prompt_tokens, config.ctx), config.repeats + 1)
         from edgequant.speed_probe import SpeedRequest, run_in_child

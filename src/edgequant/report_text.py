@@ -39,7 +39,7 @@ _METRIC_ROWS = [
     ("perplexity", "perplexity", "{:.4f}"),
     ("baseline_perplexity", "baseline perplexity", "{:.4f}"),
     ("ppl_increase_pct", "perplexity increase", "{:+.2f} %"),
-    ("kld_mean", "KL divergence (mean)", "{:.5f}"),
+    ("kld_mean", "KL divergence (mean)", "{:.6f}"),
     ("kld_p99", "KL divergence (p99)", "{:.5f}"),
     ("top1_agreement", "top-1 agreement", "{:.2%}"),
     ("tokens_scored", "tokens scored", "{:,}"),
@@ -54,10 +54,19 @@ _METRIC_ROWS = [
 
 def format_metrics(metrics: dict) -> str:
     lines = [f"{metrics['target']}  vs  {metrics['baseline']}"]
+    intervals = metrics.get("ci95", {})
     for key, label, fmt in _METRIC_ROWS:
         if key in metrics:
             value = _mb(metrics[key]) if fmt is None else fmt.format(metrics[key])
+            if key in intervals:
+                value += f"   95% interval [{fmt.format(intervals[key][0])}, {fmt.format(intervals[key][1])}]"
             lines.append(f"  {label:<22} {value}")
+    if "model_rss_mb" in metrics:
+        lines.append(f"  {'model memory':<22} {metrics['model_rss_mb']:,.0f} MB (peak RSS less the "
+                     f"{metrics['interpreter_rss_mb']:,.0f} MB the process held before the engine loaded)")
+    for key in ("arithmetic", "caveat"):
+        if key in metrics:
+            lines.append(f"  {key}: {metrics[key]}")
     s = metrics["settings"]
     lines.append(f"  windows: {s['windows']} x {s['ctx']} tokens of {s['data']}; {s['threads']} threads; "
                  f"speed: median of {s['repeats']} runs, a different {s['prompt_tokens']}-token prompt each, {s['gen_tokens']} generated")

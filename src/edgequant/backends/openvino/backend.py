@@ -44,6 +44,7 @@ class OpenVINOBackend(Backend):
     recipe_version = 2  # 2: int4 default AWQ alone on 16 samples (was AWQ + scale estimation on 64)
     bench_seconds = 45
     precisions = {
+        "fp32": Precision("fp32", 32, 32.0, "float32 weights, inference in the plugin's precision"),
         "fp16": Precision("fp16", 16, 16.0, "float16 weights, inference in the plugin's precision"),
         "int8": Precision("int8", 8, 8.1, "8-bit weights per output channel (NNCF), activations float"),
         "int4": Precision("int4", 4, 6.5, "4-bit weights in groups (NNCF), sensitive layers and embeddings at 8-bit"),
@@ -85,12 +86,12 @@ class OpenVINOBackend(Backend):
         started = time.perf_counter()
         intermediate = tools.float_ir(source)
         exported = time.perf_counter()
-        _write_model(intermediate, out_dir, settings, samples)
+        _write_model(intermediate, out_dir, settings, samples, to_fp16=spec.precision != "fp32")
         tools.copy_side_files(source.hf_dir, intermediate, out_dir)
         return {
             "model_file": tools.MODEL_XML,
             "intermediate": {"path": str(intermediate), "type": "f32"},
-            "compression": settings.__dict__ if settings else {"mode": "fp16"},
+            "compression": settings.__dict__ if settings else {"mode": spec.precision},
             "calibration": {"sequences": len(samples), "tokens_each": SEQ_LEN,
                             "text": spec.options.get("calib") or "lee_background.cor (gensim)"} if samples else None,
             "weight_constants": tools.weight_constant_types(out_dir / tools.MODEL_XML),
@@ -106,10 +107,10 @@ class OpenVINOBackend(Backend):
                               infer=artifact.spec.options.get("infer", "auto"))
 
     def compress_settings(self, spec):
-        """The NNCF settings a spec asks for (None for fp16)."""
+        """The NNCF settings a spec asks for (None for the float precisions)."""
         from edgequant.backends.openvino.tools import CompressSettings
 
-        if spec.precision == "fp16":
+        if spec.precision in ("fp32", "fp16"):
             return None
         opts = self.option_values(spec)
         mode = f"{spec.precision}_{'sym' if opts['sym'] else 'asym'}"
@@ -147,7 +148,7 @@ def _calibration(source, spec, settings) -> list[dict]:
     return calibration_samples(source.hf_dir, settings.samples, SEQ_LEN, text)
 
 
-def _write_model(intermediate: Path, out_dir: Path, settings, samples: list[dict]) -> None:
+def _write_model(intermediate: Path, out_dir: Path, settings, samples: list[dict], to_fp16: bool) -> None:
     import openvino as ov
 
     from edgequant.backends.openvino.tools import MODEL_XML, compress
@@ -155,7 +156,7 @@ def _write_model(intermediate: Path, out_dir: Path, settings, samples: list[dict
 
     model = ov.Core().read_model(str(intermediate / MODEL_XML))
     if settings is None:
-        ov.save_model(model, str(out_dir / MODEL_XML), compress_to_fp16=True)
+        ov.save_model(model, str(out_dir / MODEL_XML), compress_to_fp16=to_fp16)
         return
     with step(f"compressing weights with NNCF ({settings.mode}{', data-aware' if samples else ''})"):
         model = compress(model, settings, samples or None)
