@@ -10,6 +10,7 @@ runs the weights; evaluation checks that on real text before scoring.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -22,21 +23,22 @@ class HFTokenizerMixin:
     def _load_hf_tokenizer(self, folder: Path) -> None:
         from tokenizers import Tokenizer
 
-        definition = _tokenizer_definition(folder)
-        self._special_tokenizer = Tokenizer.from_str(definition)  # parses special-token text into ids
-        self._plain_tokenizer = Tokenizer.from_str(definition)
-        self._plain_tokenizer.encode_special_tokens = True  # "<|im_start|>" in prose stays prose
+        # One instance (a 49k-token vocabulary holds ~25 MB): `encode_special_tokens` is switched per
+        # call under a lock, since the server tokenizes on one thread while a worker decodes on another.
+        self._tokenizer = Tokenizer.from_str(_tokenizer_definition(folder))
+        self._tokenizer_lock = threading.Lock()
         config = _read_json(folder / "tokenizer_config.json")
         self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
-        self._eos_ids = eos_ids(folder, config, self._special_tokenizer)
+        self._eos_ids = eos_ids(folder, config, self._tokenizer)
         self._chat_template = chat_template(folder, config)
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
-        tokenizer = self._special_tokenizer if special else self._plain_tokenizer
-        return tokenizer.encode(text, add_special_tokens=False).ids
+        with self._tokenizer_lock:
+            self._tokenizer.encode_special_tokens = not special  # False: "<|im_start|>" in text becomes its id
+            return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        text = self._special_tokenizer.decode(list(ids), skip_special_tokens=False)
+        text = self._tokenizer.decode(list(ids), skip_special_tokens=False)
         return _clean_up_spaces(text) if self._clean_up_spaces else text
 
     def is_eos(self, token: int) -> bool:

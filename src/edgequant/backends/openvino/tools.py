@@ -171,14 +171,27 @@ def weight_constant_types(xml: Path) -> dict[str, int]:
 
 
 def inference_precision() -> dict[str, str]:
-    """What the CPU plugin infers in on this machine by default: f32, or bf16 where the CPU has
-    AVX512-BF16/AMX. Numbers move between machines with it, so the manifest records it."""
+    """What the CPU plugin computes in on this machine by default: f32, or bf16 where the CPU has
+    AVX512-BF16/AMX; the KV cache's precision; the group size of its dynamic activation
+    quantization (0: off). Each moves quality figures between machines (on the default model they
+    account for about half of openvino:int8's KLD), so the manifest records them."""
     import openvino as ov
 
     core = ov.Core()
     caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    kv_cache, group = _cpu_property(core, "KV_CACHE_PRECISION"), _cpu_property(core, "DYNAMIC_QUANTIZATION_GROUP_SIZE")
     return {"inference_precision": short_type_name(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
+            "runtime": {"kv_cache_precision": short_type_name(kv_cache) if kv_cache is not None else None,
+                        "dynamic_quantization_group_size": int(group) if group is not None else None},
             "cpu_capabilities": " ".join(str(c) for c in caps)}
+
+
+def _cpu_property(core, name: str):
+    """A CPU plugin property, or None where this OpenVINO version does not have it."""
+    try:
+        return core.get_property("CPU", name)
+    except RuntimeError:
+        return None
 
 
 def short_type_name(element_type) -> str:
