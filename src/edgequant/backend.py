@@ -71,14 +71,21 @@ class Backend:
         """Refuse, before any work, a source this format cannot convert (an unsupported
         architecture), with an error naming the architecture and what is supported."""
 
+    def limitations(self, source: "Source") -> list[str]:
+        """What this format's artifact of `source` computes differently from the source, measured
+        and known (e.g. an engine that ignores a sliding window): recorded in the manifest and
+        repeated in reports, so a figure is never read without it."""
+        return []
+
     def speed_is_representative(self) -> bool:
         """False where this machine runs the format through a stand-in (MLX off Apple silicon, QNN
         on the CPU execution provider): its speed here says little about the target device."""
         return True
 
     def report_notes(self, spec_text: str, manifest: dict) -> list[str]:
-        """Sentences a report adds about one artifact (e.g. a device check made at conversion)."""
-        return []
+        """Sentences a report adds about one artifact: its limitations, and what a backend adds
+        (e.g. a device check made at conversion)."""
+        return [f"{spec_text}: {text}" for text in manifest.get("limitations", [])]
 
     def missing_modules(self) -> list[str]:
         """The engine modules this backend needs that are not installed here."""

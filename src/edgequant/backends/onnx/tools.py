@@ -65,6 +65,15 @@ def check_supported(config: dict) -> None:
             f"the onnxruntime-genai model builder does not support architecture {arch!r}",
             "ONNX export works for: " + ", ".join(supported),
         )
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads", config.get("num_attention_heads"))
+    if arch == "Phi3ForCausalLM" and kv_heads != heads:
+        # Measured on a tiny Phi-3: exact with num_key_value_heads == num_attention_heads, top-1
+        # agreement 0% with 2 of 4 (the fused qkv projection is split as if every head had its K/V).
+        raise EdgequantError(
+            f"the onnxruntime-genai builder exports Phi3ForCausalLM with grouped-query attention "
+            f"({kv_heads} key/value heads for {heads} query heads) wrongly: its logits do not match the model's",
+            "convert this model to gguf or openvino; Phi-3 models with as many key/value heads as query heads export correctly",
+        )
     # The builder finds the LM head as "a Linear with vocab_size outputs", so an MLP projection of
     # that same width is taken for it and the graph silently computes the wrong logits.
     if config.get("intermediate_size") == config.get("vocab_size"):

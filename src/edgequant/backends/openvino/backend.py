@@ -65,6 +65,10 @@ class OpenVINOBackend(Backend):
                           applies_to=_INT4),
         "calib": Option("calib", str, "", "calibration text file (default: gensim's lee_background.cor)", applies_to=_INT4),
         "infer": Option("infer", str, "auto", "CPU inference precision hint", choices=("auto", "f32", "bf16")),
+        "kv_cache": Option("kv_cache", str, "auto", "KV cache precision (auto: the plugin's, u8 on CPUs today)",
+                           choices=("auto", "f32", "f16", "u8")),
+        "dyn_quant": Option("dyn_quant", int, -1, "dynamic activation quantization group size (-1: the plugin's, 0: off)",
+                            minimum=-1, maximum=4096),
     }
 
     def validate(self, spec) -> None:
@@ -104,7 +108,7 @@ class OpenVINOBackend(Backend):
         from edgequant.backends.openvino.runner import OpenVINORunner
 
         return OpenVINORunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, threads=threads,
-                              infer=artifact.spec.options.get("infer", "auto"))
+                              runtime=runtime_properties(self.option_values(artifact.spec)))
 
     def compress_settings(self, spec):
         """The NNCF settings a spec asks for (None for the float precisions)."""
@@ -136,6 +140,14 @@ class OpenVINOBackend(Backend):
             edge = "embed_tokens" in t.name or "lm_head" in t.name or "wte" in t.name
             total += t.numel * (16.0 if len(t.shape) < 2 else self.precisions["int8"].bpw if edge else int4_bpw)
         return int(total / 8)
+
+
+def runtime_properties(opts: dict) -> dict:
+    """CPU plugin properties the spec sets; what it leaves at auto keeps the plugin's default for
+    this CPU (bf16 inference where it has AMX/AVX512-BF16, a u8 KV cache, dynamic quantization)."""
+    chosen = {"INFERENCE_PRECISION_HINT": opts["infer"], "KV_CACHE_PRECISION": opts["kv_cache"],
+              "DYNAMIC_QUANTIZATION_GROUP_SIZE": opts["dyn_quant"]}
+    return {k: v for k, v in chosen.items() if v not in ("auto", -1)}
 
 
 def _calibration(source, spec, settings) -> list[dict]:

@@ -20,14 +20,13 @@ _DONE = object()
 
 
 class OpenVINORunner(HFTokenizerMixin, Runner):
-    def __init__(self, folder: Path, *, name: str, n_ctx: int, threads: int, infer: str = "auto"):
+    def __init__(self, folder: Path, *, name: str, n_ctx: int, threads: int, runtime: dict | None = None):
         import openvino as ov
 
         self.name, self.n_ctx = name, n_ctx
         self._folder, self._threads = folder, threads
         self._properties = {"INFERENCE_NUM_THREADS": threads}
-        if infer != "auto":  # "auto" keeps the plugin's default for this CPU (bf16 where it has AMX/AVX512-BF16)
-            self._properties["INFERENCE_PRECISION_HINT"] = infer
+        self._properties.update(runtime or {})  # what the spec sets; the rest stays the plugin's default
         self._core = ov.Core()
         self._load_hf_tokenizer(folder)  # the tokenizer IRs are checked against it at conversion
         self._request = None

@@ -1,0 +1,57 @@
+"""Regenerate README's architecture x format table from the architecture tests' own results.
+
+Runs tests/test_architectures.py with EDGEQUANT_MATRIX_OUT set, keeps the JSON it writes in
+bench/results/architectures.json, and replaces the table between README's markers. Usage:
+    .venv/bin/python scripts/architecture_matrix.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "architectures.json"
+BEGIN, END = "<!-- architecture-matrix:begin -->", "<!-- architecture-matrix:end -->"
+FORMATS = ("gguf", "onnx", "openvino", "mlx", "qnn")
+
+
+def cell(facts: dict | None) -> str:
+    if not facts:
+        return "not run"
+    status = facts.get("status", "ok")
+    if status in ("refused", "fails"):
+        reason = re.sub(r"/\S+", "", facts["reason"].splitlines()[0])  # no temporary paths in the README
+        return f"{status}: {reason[:100]}"
+    parts = ["exact within its sliding window only"] if status == "limited" else []
+    if "float_kld" in facts:
+        parts.append(f"float KLD {facts['float_kld']:.1e}")
+    if "quant_kld" in facts:
+        parts.append(f"{facts['quant_spec'].split(':', 1)[1].split('?')[0]} KLD {facts['quant_kld']:.3f}")
+    return f"{status}: " + ", ".join(parts)
+
+
+def table(results: dict) -> str:
+    lines = ["| architecture | " + " | ".join(FORMATS) + " |", "|---|" + "---|" * len(FORMATS)]
+    for arch in sorted(results):
+        lines.append(f"| {arch} | " + " | ".join(cell(results[arch].get(f)) for f in FORMATS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    env = {**os.environ, "EDGEQUANT_MATRIX_OUT": str(RESULTS)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_architectures.py"], cwd=REPO, env=env)
+    results = json.loads(RESULTS.read_text())
+    readme = (REPO / "README.md").read_text()
+    head, _, rest = readme.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    (REPO / "README.md").write_text(f"{head}{BEGIN}\n{table(results)}\n{END}{tail}")
+    return done.returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
