@@ -128,6 +128,9 @@ def test_quantized_artifact_loads_scores_and_generates(models, arch, fmt):
     with open_runner(artifact.path, n_ctx=64, need_logits=False, threads=2) as runner:
         tokens = list(runner.generate(runner.tokenize("The history of the city"), GenerateParams(max_tokens=4, stop_at_eos=False)))
     _record(arch, fmt, quant_spec=spec, quant_kld=metrics["kld_mean"])
+    if artifact.manifest["limitations"]:
+        _record(arch, fmt, limitations=artifact.manifest["limitations"])
+        RESULTS[arch][fmt].setdefault("status", "limited")
     assert np.isfinite(metrics["perplexity"]) and len(tokens) == 4
     # 4-bit grids lose much on random weights, but a broken graph loses everything: top-1 stays far
     # above chance (1/512 here), the KLD far below that of a uniform guess (about 4 nats here).
