@@ -89,6 +89,7 @@ def main() -> int:
 
     config = EvalConfig(ctx=128, windows=8, speed=False)
     with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tok").mkdir()
         tokenizer_dir = build_tiny_llama(Path(tmp) / "tok")
         models = {name: build(name, tokenizer_dir, Path(tmp) / name) for name in ("llama", "qwen2")}
         result = {"machine": machine_info(), "eval": {"ctx": config.ctx, "windows": config.windows},

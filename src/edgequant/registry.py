@@ -48,13 +48,6 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def reload() -> None:
-    """Forget every backend and find them again (after installing a plugin in this process)."""
-    global _loaded
-    _REGISTRY.clear()
-    _loaded = False
-
-
 def _load_entry_points() -> None:
     global _loaded
     if _loaded:
