@@ -27,7 +27,9 @@ def cell(facts: dict | None) -> str:
     if status in ("refused", "fails"):
         reason = re.sub(r"\s/\S+", "", facts["reason"].splitlines()[0])  # no temporary paths in the README
         return f"{status}: {reason[:100]}"
-    parts = ["exact within its sliding window only"] if status == "limited" else []
+    parts = []
+    if status == "limited":  # a float spec checked within the window, or a quantized-only format's recorded limitation
+        parts.append("exact within its sliding window only" if "float_ctx" in facts else "sliding window not applied (recorded)")
     if "float_kld" in facts:
         parts.append(f"float KLD {facts['float_kld']:.1e}")
     if "quant_kld" in facts:
