@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +25,16 @@ def test_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "edgequant", "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("inspect", "convert", "eval"):
         assert command in out
+
+
+def test_without_its_entry_points_edgequant_says_how_to_install(tmp_path):
+    """The package copied alone (no installed metadata, no site-packages): a clear error, no traceback."""
+    import shutil
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "src" / "edgequant", tmp_path / "edgequant")
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+            "from edgequant.errors import EdgequantError\n"
+            "from edgequant.registry import parse_spec\n"
+            "try:\n    parse_spec('gguf:q8_0')\nexcept EdgequantError as exc:\n    print(exc.problem, '|', exc.fix)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "no backends are registered" in out and "make setup" in out

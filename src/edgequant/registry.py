@@ -67,6 +67,9 @@ def _load_entry_points() -> None:
 def backends() -> dict[str, Backend]:
     """Every registered backend by format name."""
     _load_entry_points()
+    if not _REGISTRY:  # even the built-ins come through entry points, which only an install declares
+        raise EdgequantError("no backends are registered: edgequant's entry points are missing",
+                             "install edgequant (`make setup` or `pip install -e .`) instead of running it from a source folder")
     return dict(sorted(_REGISTRY.items()))
 
 
