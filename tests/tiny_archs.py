@@ -28,9 +28,11 @@ ARCHITECTURES = {
                                                 "original_max_position_embeddings": 1024}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": SLIDING,
                                                       "layer_types": ["sliding_attention", "full_attention"]}),
+    # Gemma-3's real layer pattern (five sliding layers, then a global one): llama.cpp and the ORT
+    # builder take it as fixed, so a 2-layer pattern would be a model they cannot represent.
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 64, "query_pre_attn_scalar": 64,
-                                                          "sliding_window": SLIDING,
-                                                          "layer_types": ["sliding_attention", "full_attention"]}),
+                                                          "sliding_window": SLIDING, "num_hidden_layers": 6,
+                                                          "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"tie_word_embeddings": False, "sliding_window": SLIDING}),
 }
 
@@ -59,7 +61,7 @@ def build(name: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
                 shutil.copyfile(item, out / item.name)
     if name == "gemma3":  # mlx-lm reads the layer pattern from this key (real Gemma-3 configs carry it)
         config_path = out / "config.json"
-        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "sliding_window_pattern": 2}, indent=2))
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "sliding_window_pattern": 6}, indent=2))
     return out
 
 
