@@ -83,6 +83,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=HERE / "results" / "float_defaults.json")
     args = parser.parse_args()
 
+    from edgequant.atomic import write_text_atomic
     from edgequant.evaluation import EvalConfig, machine_info
     from tiny_archs import build
     from tiny_model import build_tiny_llama
@@ -95,9 +96,7 @@ def main() -> int:
         result = {"machine": machine_info(), "eval": {"ctx": config.ctx, "windows": config.windows},
                   "reconstruction_4bit_group32": reconstruction_errors(), "kld_on_tiny_float_models": kld_pairs(models, config)}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.output.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    tmp_out.rename(args.output)
+    write_text_atomic(args.output, json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0
 

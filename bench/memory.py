@@ -114,6 +114,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from edgequant.evaldata import default_eval_text
+    from edgequant.atomic import write_text_atomic
     from edgequant.evaluation import machine_info
 
     prompt_text = default_eval_text()[:2000]
@@ -123,9 +124,7 @@ def main() -> int:
         rows.append(measure(spec, prompt_text, args.gen, args.threads))
     result = {"machine": machine_info(), "generated_tokens": args.gen, "target_ratio": TARGET_RATIO, "rows": rows}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.rename(args.output)
+    write_text_atomic(args.output, json.dumps(result, indent=2))
     print(json.dumps(rows, indent=2))
     return 0
 

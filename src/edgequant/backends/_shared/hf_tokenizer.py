@@ -83,18 +83,10 @@ def _tokenizer_definition(folder: Path) -> str:
 
 
 def write_tokenizer_json(source_dir: Path, out_dir: Path) -> None:
-    """Give `out_dir` a tokenizer.json: copied from the source, or converted from its sentencepiece
-    model by transformers (at conversion time, where transformers is loaded anyway)."""
-    import shutil
-
-    if (out_dir / TOKENIZER_JSON).is_file():
-        return
-    if (source_dir / TOKENIZER_JSON).is_file():
-        shutil.copyfile(source_dir / TOKENIZER_JSON, out_dir / TOKENIZER_JSON)
-        return
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(source_dir).backend_tokenizer.save(str(out_dir / TOKENIZER_JSON))
+    """Give `out_dir` a tokenizer.json, the source's own or converted from its sentencepiece model
+    (at conversion time, where transformers is loaded anyway)."""
+    if not (out_dir / TOKENIZER_JSON).is_file():
+        (out_dir / TOKENIZER_JSON).write_text(_tokenizer_definition(source_dir))
 
 
 def _read_json(path: Path) -> dict:

@@ -12,15 +12,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
 
 
-def copy_side_files(names: tuple[str, ...], dst: Path, *sources: Path) -> list[str]:
-    """Copy each named file from the first of `sources` that has it; returns the names copied."""
-    copied = []
+def copy_side_files(names: tuple[str, ...], dst: Path, *sources: Path) -> None:
+    """Copy each named file from the first of `sources` that has it."""
     for name in names:
         found = next((base / name for base in sources if (base / name).is_file()), None)
         if found is not None:
             shutil.copyfile(found, dst / name)
-            copied.append(name)
-    return copied
 
 
 def copy_tokenizer(dst: Path, *sources: Path) -> None:
