@@ -1,12 +1,13 @@
 """MLX runner: mlx decodes (a KV-cached loop) with mlx-lm's model definitions, loaded without the
 rest of mlx-lm so neither transformers nor torch enters the process (see engine.py).
 
-Off Apple silicon, mlx[cpu] emulates float16 arithmetic and is many times slower in it (128 tokens
-took 466 s here), so the float16 parameters (scales, biases, norms) are held as float32 in memory
-and activations are computed in float32; the quantized weights are the artifact's, unchanged.
-Logits for quality come from MLX on Apple silicon and, elsewhere, from the same dequantized
-weights in PyTorch (torch_scoring.py: MLX itself takes 47 s per 512-token window here).
-`arithmetic()` names what the quality figures were computed in.
+Quality figures are scored by MLX itself: its quantized matmul kernels on the artifact's packed
+weights. Off Apple silicon, mlx[cpu] emulates float16 arithmetic and is many times slower in it
+(128 tokens took 466 s here), so the float16 parameters (scales, biases, norms) are held as float32
+in memory and activations are computed in float32; the quantized weights are unchanged.
+`arithmetic()` says so wherever a figure is shown. mlx[cpu] runs its matmuls on one thread without
+BLAS (a 512-token window of the default model takes ~48 s here, against under a second for the
+same weights in PyTorch): slow, but the figure is MLX's, not an emulation's.
 """
 
 from __future__ import annotations
@@ -29,42 +30,24 @@ class MLXRunner(HFTokenizerMixin, Runner):
         self.name, self.n_ctx = name, n_ctx
         self._mx = mx
         self._model_type = model_type
-        self._folder = folder
-        self._torch_model = None
         self._model = load_model(folder, model_type)
         self._load_hf_tokenizer(folder)
         if not is_apple_silicon():
             _compute_in_float32(self._model)
 
-    def arithmetic(self) -> str:
+    def arithmetic(self) -> str | None:
         if is_apple_silicon():
-            return "MLX on Apple silicon: its quantized kernels, float16 activations"
-        return ("PyTorch float32 on the MLX weights as mx.dequantize expands them (MLX's float32 pass gives the same "
-                "logits); the float16 activations MLX uses on Apple silicon are not included")
+            return None
+        return ("MLX on CPU with its quantized kernels, float32 activations and float parameters "
+                "(Apple silicon computes in float16, which this figure does not include)")
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """One causal pass of MLX over `ids` (no cache)."""
         if len(ids) > self.n_ctx:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
-        if not is_apple_silicon():
-            return self._torch_logits(ids)
-        return self.mlx_logits(ids)
-
-    def mlx_logits(self, ids: Sequence[int]) -> np.ndarray:
-        """One causal pass of MLX itself over `ids` (no cache)."""
         mx = self._mx
         out = self._model(mx.array([list(ids)]))
         return np.array(out[0].astype(mx.float32), dtype=np.float32, copy=True)
-
-    def _torch_logits(self, ids: Sequence[int]) -> np.ndarray:
-        import torch
-
-        from edgequant.backends.mlx.torch_scoring import dequantized_torch_model
-
-        if self._torch_model is None:
-            self._torch_model = dequantized_torch_model(self._model, self._folder)
-        with torch.inference_mode():
-            out = self._torch_model(torch.tensor([list(ids)], dtype=torch.long), use_cache=False)
-        return out.logits[0].float().numpy()
 
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         """A KV-cached decode loop on the calling thread's default stream (MLX streams belong to
@@ -85,7 +68,7 @@ class MLXRunner(HFTokenizerMixin, Runner):
             inputs = mx.array([[token]])
 
     def close(self) -> None:
-        self._model = self._torch_model = None
+        self._model = None
 
 
 def _compute_in_float32(model) -> None:
