@@ -43,8 +43,12 @@ def test_declares_what_the_verbs_need(fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_precision_parses_and_misapplied_options_are_refused(fmt):
     backend = get_backend(fmt)
-    for precision in backend.precisions:
-        assert parse_spec(f"{fmt}:{precision}") == Spec(fmt, precision, {})
+    for name, precision in backend.precisions.items():
+        if precision.needs_imatrix:  # refused without one, before any work
+            with pytest.raises(EdgequantError, match="needs an importance matrix"):
+                parse_spec(f"{fmt}:{name}")
+            continue
+        assert parse_spec(f"{fmt}:{name}") == Spec(fmt, name, {})
     with pytest.raises(EdgequantError, match="unknown option"):
         parse_spec(f"{fmt}:{next(iter(backend.precisions))}?no_such_option=1")
     for option in backend.options.values():

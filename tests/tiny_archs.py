@@ -1,11 +1,12 @@
 """Tiny random models of the common decoder architectures, built from a config in a second.
 
 Each keeps what makes its family convert differently: Qwen2's attention biases, Qwen3's q/k norms,
-Phi-3's fused qkv and gate_up projections, Gemma's scaled embeddings, norm weights stored as
-w - 1, tied output layer and soft-capping, Gemma-3's alternating sliding-window layers, Mistral's
-sliding window. Sliding windows are set shorter than the windows the matrix scores (64 tokens), so
-an engine that ignores them is caught. All share the tiny sentencepiece tokenizer and a width that
-keeps the MLP unlike the vocabulary (the ONNX builder mistakes such a projection for the LM head).
+Phi-3's fused qkv and gate_up projections and its special tokens after the sentencepiece pieces,
+Gemma's scaled embeddings, norm weights stored as w - 1, tied output layer and soft-capping,
+Gemma-3's alternating sliding-window layers, Mistral's sliding window. Sliding windows are set
+shorter than the windows the matrix scores (64 tokens), so an engine that ignores them is caught.
+All share the tiny sentencepiece tokenizer and a width that keeps the MLP unlike the vocabulary
+(the ONNX builder mistakes such a projection for the LM head).
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ from pathlib import Path
 COMMON = dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6)
 SLIDING = 32
+# Phi-3's own tokens, after the sentencepiece pieces as in microsoft/Phi-3-mini-4k-instruct (ids 32000-32010 of
+# an embedding padded to 32064). llama.cpp needs <|endoftext|>: it looks it up by name in every GGUF whose name
+# says Phi-3 (llama-vocab.cpp, "phi-3"/"phi3" token attributes) and fails to load one without it.
+PHI3_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+               "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
 
 # name -> (transformers config class, model class, settings over COMMON)
 ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False, "use_sliding_window": False}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"tie_word_embeddings": True, "head_dim": 64}),
-    # original_max_position_embeddings = max_position_embeddings: the short-context Phi-3 (no LongRoPE)
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"tie_word_embeddings": False, "pad_token_id": 0,
-                                                "original_max_position_embeddings": 1024}),
+    # original_max_position_embeddings = max_position_embeddings: the short-context Phi-3 (no LongRoPE);
+    # the vocabulary holds PHI3_TOKENS after the 512 pieces, padded to 576 (<|endoftext|> = 512 ends and pads)
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"tie_word_embeddings": False, "vocab_size": 576, "eos_token_id": 512,
+                                                "pad_token_id": 512, "original_max_position_embeddings": 1024}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": SLIDING,
                                                       "layer_types": ["sliding_attention", "full_attention"]}),
     # Gemma-3's real layer pattern (five sliding layers, then a global one): llama.cpp and the ORT
@@ -55,6 +62,8 @@ def build(name: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     if name.startswith("gemma"):
         _gemma_tokenizer(tokenizer_dir, out)
+    elif name == "phi3":
+        _phi3_tokenizer(tokenizer_dir, out)
     else:
         for item in tokenizer_dir.iterdir():
             if item.name.startswith(("tokenizer", "special_tokens")):
@@ -78,3 +87,16 @@ def _gemma_tokenizer(tokenizer_dir: Path, out: Path) -> None:
     vocab.write_bytes(proto.SerializeToString())
     GemmaTokenizer(vocab_file=str(vocab), bos_token="<s>", eos_token="</s>", pad_token="<unk>",
                    add_bos_token=False).save_pretrained(out)
+
+
+def _phi3_tokenizer(tokenizer_dir: Path, out: Path) -> None:
+    """The tiny sentencepiece model with Phi-3's special tokens added after its pieces, as Phi-3's
+    tokenizer is (<|endoftext|> is its end and padding token; the chat tokens strip the space after)."""
+    from transformers import AddedToken, LlamaTokenizer
+
+    tokenizer = LlamaTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_tokens([AddedToken(token, rstrip=token != "<|endoftext|>", lstrip=False, normalized=False, special=True)
+                          for token in PHI3_TOKENS], special_tokens=True)
+    tokenizer.eos_token = tokenizer.pad_token = "<|endoftext|>"
+    assert tokenizer.convert_tokens_to_ids(PHI3_TOKENS) == list(range(512, 512 + len(PHI3_TOKENS)))
+    tokenizer.save_pretrained(out)

@@ -51,6 +51,8 @@ class Backend:
     bench_seconds: float = 30.0
     # What a report says when this machine runs the format through a stand-in.
     speed_note: str = ""
+    # Whether `importance_matrix` is implemented (`edgequant imatrix` uses the backend that does).
+    writes_importance_matrix: bool = False
 
     # -- the two hooks ------------------------------------------------------------------------
 
@@ -76,6 +78,17 @@ class Backend:
         and known (e.g. an engine that ignores a sliding window): recorded in the manifest and
         repeated in reports, so a figure is never read without it."""
         return []
+
+    def input_files(self, spec: "Spec") -> list[Path]:
+        """Files a spec reads besides the source (e.g. an importance matrix given by path): their
+        hashes go into the manifest, and a cached artifact is reused only while they are unchanged."""
+        return []
+
+    def importance_matrix(self, source: "Source", out: Path, *, text: str | None, dataset: str, tokens: int) -> dict:
+        """Write this format's per-weight calibration statistics of `source` over `text` (None:
+        the calibration text) to `out`, and return facts about them. Formats that keep such a file
+        (llama.cpp's importance matrix) override this and set `writes_importance_matrix`."""
+        raise NotImplementedError
 
     def speed_is_representative(self) -> bool:
         """False where this machine runs the format through a stand-in (MLX off Apple silicon, QNN

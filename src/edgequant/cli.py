@@ -34,6 +34,17 @@ def _add_convert(sub) -> None:
     p.set_defaults(run=_run_convert)
 
 
+def _add_imatrix(sub) -> None:
+    p = sub.add_parser("imatrix", help="compute an importance matrix (llama.cpp's imatrix format) over calibration text")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    p.add_argument("--calib", type=Path, help="UTF-8 calibration text (default: the built-in calibration text, "
+                                              "disjoint from the evaluation text)")
+    p.add_argument("--tokens", type=int, default=32768, help="calibration tokens, in chunks of 512 (default 32768)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="file to write, e.g. imatrix.gguf")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.set_defaults(run=_run_imatrix)
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, KLD, top-1 agreement, size, memory and speed of an artifact")
     p.add_argument("target", nargs="?", help="artifact folder, or a model to evaluate with PyTorch (default: the embedded model)")
@@ -106,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgequant", description="Convert, quantize, evaluate and serve models for edge devices.")
     parser.add_argument("--version", action="version", version=f"edgequant {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_inspect, _add_convert, _add_eval, _add_bench, _add_results, _add_serve):
+    for add in (_add_inspect, _add_convert, _add_imatrix, _add_eval, _add_bench, _add_results, _add_serve):
         add(sub)
     return parser
 
@@ -141,6 +152,18 @@ def _run_convert(args) -> int:
     else:
         for artifact in artifacts:
             print(f"{artifact.spec}\t{artifact.size_bytes / 1e6:.1f} MB\t{artifact.path}")
+    return 0
+
+
+def _run_imatrix(args) -> int:
+    from edgequant.importance import ImatrixConfig, compute_imatrix
+
+    facts = compute_imatrix(ImatrixConfig(args.output, Path(args.model) if args.model else None, args.calib, args.tokens))
+    if args.json:
+        print(json.dumps(facts, indent=2))
+    else:
+        print(f"{facts['output']}\t{facts['tensors']} matrices\t{facts['chunks']} chunks of {facts['chunk_size']} tokens"
+              f"\t{facts['seconds']} s")
     return 0
 
 

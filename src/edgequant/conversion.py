@@ -13,6 +13,7 @@ from edgequant import __version__
 from edgequant.artifact import MANIFEST, SCHEMA_VERSION, Artifact, folder_size, is_artifact, open_artifact
 from edgequant.atomic import atomic_dir, ensure_writable_parent
 from edgequant.errors import EdgequantError
+from edgequant.fingerprint import file_sha256
 from edgequant.paths import cache_dir
 from edgequant.progress import note, step
 from edgequant.registry import get_backend, parse_spec
@@ -47,19 +48,23 @@ def run_convert(config: ConvertConfig) -> Artifact:
     out = (config.output or default_artifact_dir(source.fingerprint, config.spec)).expanduser().resolve()
     ensure_writable_parent(out)
     existing = _existing(out)
+    inputs = {str(path): file_sha256(path) for path in backend.input_files(config.spec)}
     same_target = existing is not None and existing.source_fingerprint == source.fingerprint and existing.spec == config.spec
-    if same_target and existing.manifest.get("recipe_version") == backend.recipe_version and not config.force:
+    stale = [] if not same_target else [why for why, changed in (
+        ("it was made by an older recipe of the backend", existing.manifest.get("recipe_version") != backend.recipe_version),
+        ("a file the spec names has changed", existing.manifest.get("inputs", {}) != inputs)) if changed]
+    if same_target and not stale and not config.force:
         note(f"cache hit: {out} already holds {config.spec} of this source (--force rebuilds)")
         return existing
     if same_target:
-        note(f"rebuilding {out}" + ("" if config.force else ": it was made by an older recipe of the backend"))
+        note(f"rebuilding {out}" + (f": {stale[0]}" if stale else ""))
     elif out.exists() and any(out.iterdir()) and not config.force:
         raise EdgequantError(f"{out} exists and holds something else", "choose another -o folder, or pass --force to replace it")
     backend.check_source(source)  # an unsupported architecture is refused before any long step
     started = time.perf_counter()
     with step(f"converting {source.name} to {config.spec}"), atomic_dir(out, replace=True) as tmp:
         info = backend.convert(source, config.spec, tmp)
-        manifest = _manifest(source, config.spec, backend, info, tmp, time.perf_counter() - started)
+        manifest = _manifest(source, config.spec, backend, info, tmp, time.perf_counter() - started, inputs)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return open_artifact(out)
 
@@ -78,7 +83,7 @@ def _existing(out: Path) -> Artifact | None:
         return None
 
 
-def _manifest(source, spec: Spec, backend, info: dict, folder: Path, seconds: float) -> dict:
+def _manifest(source, spec: Spec, backend, info: dict, folder: Path, seconds: float, inputs: dict[str, str]) -> dict:
     import numpy
 
     return {
@@ -87,6 +92,7 @@ def _manifest(source, spec: Spec, backend, info: dict, folder: Path, seconds: fl
         "spec_text": str(spec),
         "recipe_version": backend.recipe_version,
         "source": source.to_json(),
+        "inputs": inputs,  # files the spec names, by sha256: the cache reuses the artifact only while they match
         "model_file": info["model_file"],
         "size_bytes": folder_size(folder),
         "model_bytes": (folder / info["model_file"]).stat().st_size,

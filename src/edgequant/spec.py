@@ -8,10 +8,11 @@ the named format declared. It does not know which formats exist: the registry
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping, Protocol
-from urllib.parse import parse_qsl
 
 from edgequant.errors import EdgequantError
 
@@ -118,8 +119,13 @@ class Spec:
 
     @property
     def slug(self) -> str:
-        """A file-name-safe form, used for default artifact folder names."""
-        return str(self).replace(":", "-").replace("?", "-").replace("&", "-").replace("=", "")
+        """A file-name-safe form, used for default artifact folder names: characters a file name
+        should not hold become `_`, and a long one (a regex, a path) is cut and told apart by a hash."""
+        text = str(self)
+        slug = re.sub(r"[^A-Za-z0-9._-]", "_", text.replace(":", "-").replace("?", "-").replace("&", "-").replace("=", ""))
+        if len(slug) > 80:
+            slug = f"{slug[:64]}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        return slug
 
     def to_json(self) -> dict:
         return {"format": self.format, "precision": self.precision, "options": dict(self.options)}
@@ -157,7 +163,7 @@ def parse_spec(text: str, formats: Mapping[str, SpecTarget]) -> Spec:
     if precision not in target.precisions:
         raise EdgequantError(f"unknown precision {precision!r} for format {fmt!r}", f"use one of: {', '.join(target.precisions)}")
     options = {}
-    for key, raw in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+    for key, raw in _query_items(query):
         option = _applicable_option(target, fmt, precision, key, text)
         value = option.parse(raw, text)
         if value != option.default:  # defaults are dropped so equal specs print (and cache) alike
@@ -165,6 +171,12 @@ def parse_spec(text: str, formats: Mapping[str, SpecTarget]) -> Spec:
     spec = Spec(fmt, precision, options)
     target.validate(spec)
     return spec
+
+
+def _query_items(query: str) -> list[tuple[str, str]]:
+    """`a=1&b=2` as pairs, split at `&` and at each item's first `=`. Values are taken as typed,
+    not URL-decoded: a per-tensor regex keeps its `+` and its `\\`."""
+    return [(key.strip(), raw.strip()) for key, _, raw in (item.partition("=") for item in query.split("&")) if key.strip()]
 
 
 def _applicable_option(target: SpecTarget, fmt: str, precision: str, key: str, text: str) -> Option:
@@ -180,5 +192,9 @@ def _applicable_option(target: SpecTarget, fmt: str, precision: str, key: str, t
 
 
 def parse_specs(text: str, formats: Mapping[str, SpecTarget]) -> list[Spec]:
-    """Parse a comma-separated list, validating every entry before any work starts."""
-    return [parse_spec(part, formats) for part in text.split(",") if part.strip()]
+    """Parse a comma-separated list, validating every entry before any work starts. A comma
+    starts a new spec only where a format name and a colon follow it, so an option value may hold
+    commas of its own (`gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q6_k,onnx:int4` is two specs)."""
+    names = "|".join(re.escape(name) for name in sorted(formats, key=len, reverse=True))
+    parts = re.split(rf",(?=\s*(?:{names}):)", text, flags=re.IGNORECASE) if names else text.split(",")
+    return [parse_spec(part, formats) for part in parts if part.strip()]

@@ -6,6 +6,7 @@ llama.cpp users do by hand (convert once, quantize many times).
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -56,6 +57,13 @@ _TABLE = dict([
     _p("iq1_s", 1, 1.56, "1.56-bit lattice quant", 24, "iq4_nl", imatrix=True),
 ])
 _K_BLOCK = 256  # row length K-quants, IQ and TQ types need; others fall back per tensor
+_FLOAT = ("f32", "f16", "bf16")
+_QUANTIZED = tuple(name for name in _TABLE if name not in _FLOAT)
+# ggml's tensor type numbers (fixed by its file format), for the per-tensor options.
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_k": 10, "q3_k": 11,
+              "q4_k": 12, "q5_k": 13, "q6_k": 14, "iq2_xxs": 16, "iq2_xs": 17, "iq3_xxs": 18, "iq1_s": 19,
+              "iq4_nl": 20, "iq3_s": 21, "iq2_s": 22, "iq4_xs": 23, "iq1_m": 29, "bf16": 30, "tq1_0": 34, "tq2_0": 35}
+IMATRIX_TOKENS = 32768  # calibration tokens of imatrix=auto: 64 chunks of 512, llama-imatrix's context
 
 
 class GGUFBackend(Backend):
@@ -71,12 +79,40 @@ class GGUFBackend(Backend):
     options = {
         "pure": Option("pure", bool, False, "quantize every tensor to the base type, no K-quant mix"),
         "nthread": Option("nthread", int, 0, "quantization threads, 0 = all cores", minimum=0, maximum=256),
+        "imatrix": Option("imatrix", str, "", "importance matrix: auto (computed from the calibration text, cached) "
+                          "or a .gguf/.dat file", applies_to=_QUANTIZED),
+        "embd": Option("embd", str, "", "type of the token embedding", choices=tuple(GGML_TYPES), applies_to=_QUANTIZED),
+        "output": Option("output", str, "", "type of the output matrix", choices=tuple(GGML_TYPES), applies_to=_QUANTIZED),
+        "tensor": Option("tensor", str, "", "per-tensor types, REGEX:TYPE,... (first match wins), e.g. "
+                         "ffn_down:q6_k", applies_to=_QUANTIZED),
     }
+    writes_importance_matrix = True
 
     def check_source(self, source) -> None:
         from edgequant.backends.gguf.tools import check_architecture
 
         check_architecture(source.architecture)
+
+    def validate(self, spec) -> None:
+        opt = self.option_values(spec)
+        tensor_overrides(opt["tensor"])
+        if opt["imatrix"] not in ("", "auto") and not Path(opt["imatrix"]).expanduser().is_file():
+            raise EdgequantError(f"imatrix={opt['imatrix']}: no such file",
+                                 "give the path of a .gguf/.dat importance matrix, or imatrix=auto")
+        if self.precisions[spec.precision].needs_imatrix and not opt["imatrix"]:
+            raise EdgequantError(f"gguf:{spec.precision} needs an importance matrix",
+                                 f"add ?imatrix=auto (computed from the calibration text) or ?imatrix=FILE")
+
+    def input_files(self, spec) -> list[Path]:
+        value = spec.options.get("imatrix", "")
+        return [Path(value).expanduser().resolve()] if value not in ("", "auto") else []
+
+    def importance_matrix(self, source, out: Path, *, text: str | None, dataset: str, tokens: int) -> dict:
+        from edgequant.backends.gguf.imatrix import write_imatrix
+
+        matrix = compute_imatrix(source, text, dataset, tokens)
+        write_imatrix(matrix, out)
+        return {"tensors": len(matrix.sums), "chunks": matrix.chunk_count, "chunk_size": matrix.chunk_size}
 
     def limitations(self, source) -> list[str]:
         if source.config.get("model_type") != "mistral":
@@ -88,29 +124,29 @@ class GGUFBackend(Backend):
         from edgequant.backends.gguf import tools as gguf_tools
         from edgequant.runner import default_threads
 
-        precision, ftype, _ = _TABLE[spec.precision]
-        if precision.needs_imatrix:
-            raise EdgequantError(
-                f"gguf:{spec.precision} needs an importance matrix, which edgequant cannot compute yet",
-                "choose a type that works without one: " + ", ".join(n for n, e in _TABLE.items() if not e[0].needs_imatrix),
-            )
+        _, ftype, _ = _TABLE[spec.precision]
+        opt = self.option_values(spec)
         gguf_tools.llama_cpp_version()  # fail fast, before the long steps, if the engine is missing
         started = time.perf_counter()
         intermediate = float_intermediate(source)
         converted = time.perf_counter()
         target = out_dir / MODEL_FILE
+        info: dict[str, Any] = {"model_file": MODEL_FILE,
+                                "intermediate": {"path": str(intermediate), "type": intermediate_type(source)}}
         if spec.precision == intermediate_type(source):
             shutil.copyfile(intermediate, target)
             log = "copied the float intermediate as is\n"
         else:
-            threads = spec.options.get("nthread") or default_threads()
-            log = gguf_tools.quantize(intermediate, target, ftype, threads=threads, pure=spec.options.get("pure", False))
+            importance, info["imatrix"] = _importance(source, opt["imatrix"])
+            request = gguf_tools.QuantizeRequest(
+                ftype, threads=opt["nthread"] or default_threads(), pure=opt["pure"], importance=importance,
+                overrides=tuple((pattern, GGML_TYPES[name]) for pattern, name in tensor_overrides(opt["tensor"])),
+                embedding_type=GGML_TYPES.get(opt["embd"]), output_type=GGML_TYPES.get(opt["output"]))
+            log = gguf_tools.quantize(intermediate, target, request)
+            info["tensor_types"] = gguf_tools.tensor_types(target)
         (out_dir / "quantize.log").write_text(log)
-        return {
-            "model_file": MODEL_FILE,
-            "intermediate": {"path": str(intermediate), "type": intermediate_type(source)},
-            "timings": {"intermediate_s": round(converted - started, 3), "quantize_s": round(time.perf_counter() - converted, 3)},
-        }
+        info["timings"] = {"intermediate_s": round(converted - started, 3), "quantize_s": round(time.perf_counter() - converted, 3)}
+        return info
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.gguf.runner import LlamaRunner
@@ -119,6 +155,63 @@ class GGUFBackend(Backend):
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         return _estimated_bytes(precision, tensors, tied_embeddings)
+
+
+def tensor_overrides(text: str) -> list[tuple[str, str]]:
+    """`REGEX:TYPE,REGEX:TYPE` as (regex, type) pairs, each regex checked and each type known."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        pattern, sep, name = item.rpartition(":")
+        if not sep or not pattern or name.lower() not in GGML_TYPES:
+            raise EdgequantError(f"tensor override {item!r} is not REGEX:TYPE with a known type",
+                                 f"write e.g. tensor=ffn_down:q6_k; types: {', '.join(GGML_TYPES)}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise EdgequantError(f"tensor override {item!r}: {pattern!r} is not a valid regex ({exc})",
+                                 "fix the pattern (it is matched against GGUF names such as blk.0.ffn_down.weight)") from None
+        pairs.append((pattern, name.lower()))
+    return pairs
+
+
+def _importance(source, value: str) -> tuple[dict | None, dict | None]:
+    """The importance weights `imatrix=` names (none, auto, or a file) and what the manifest says of them."""
+    from edgequant.backends.gguf.imatrix import read_imatrix
+    from edgequant.fingerprint import file_sha256
+
+    if not value:
+        return None, None
+    path = auto_imatrix(source) if value == "auto" else Path(value).expanduser().resolve()
+    matrix = read_imatrix(path)
+    return matrix.importance(), {"requested": value, "file": str(path), "sha256": file_sha256(path),
+                                 "datasets": matrix.datasets, "chunks": matrix.chunk_count,
+                                 "chunk_size": matrix.chunk_size, "tensors": len(matrix.sums)}
+
+
+def auto_imatrix(source) -> Path:
+    """The importance matrix of `source` over the first IMATRIX_TOKENS tokens of the calibration
+    text, computed once and cached beside the float intermediates."""
+    from edgequant.backends._shared.intermediates import cached_intermediate
+    from edgequant.backends.gguf.imatrix import write_imatrix
+
+    name = "imatrix.gguf"
+    folder = cached_intermediate(
+        source, f"imatrix-calibration-{IMATRIX_TOKENS}", name,
+        lambda tmp: write_imatrix(compute_imatrix(source, None, "edgequant calibration text", IMATRIX_TOKENS), tmp / name),
+        f"computing the importance matrix of {source.name} over {IMATRIX_TOKENS} calibration tokens")
+    return folder / name
+
+
+def compute_imatrix(source, text: str | None, dataset: str, tokens: int):
+    """An importance matrix of `source` over the first `tokens` tokens of `text` (None: the
+    calibration text, never the evaluation text)."""
+    from edgequant.backends._shared.calibration import calibration_windows
+    from edgequant.backends.gguf.collect import CHUNK, collect_imatrix
+
+    chunks = max(tokens // CHUNK, 1)
+    windows = calibration_windows(source.hf_dir, chunks, CHUNK, text,
+                                  fix="give a longer calibration text or fewer tokens (at most {fit} chunks of 512 fit)")
+    return collect_imatrix(source, float_intermediate(source), [t for w in windows for t in w], dataset)
 
 
 def intermediate_type(source) -> str:

@@ -14,6 +14,7 @@ import sys
 import tarfile
 import tempfile
 from collections import deque
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -168,17 +169,67 @@ def silence_llama_logs() -> None:
     llama_cpp.llama_log_set(_quiet_callback(), ctypes.c_void_p(0))
 
 
-def quantize(src: Path, dst: Path, ftype: int, *, threads: int, pure: bool = False) -> str:
+@dataclass(frozen=True)
+class QuantizeRequest:
+    """What `llama_model_quantize` is asked for: the file type (llama.cpp's per-tensor mix for it),
+    and optionally an importance matrix (tensor name -> per-column weights), (regex, ggml type)
+    overrides tried in order, and fixed types for the token embedding and the output matrix."""
+
+    ftype: int
+    threads: int
+    pure: bool = False
+    importance: dict | None = None
+    overrides: tuple[tuple[str, int], ...] = ()
+    embedding_type: int | None = None
+    output_type: int | None = None
+
+
+def quantize(src: Path, dst: Path, request: QuantizeRequest) -> str:
     """Quantize with the C API; returns llama.cpp's log. Raises with that log on failure."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = threads
-    params.pure = pure
+    params.ftype = request.ftype
+    params.nthread = request.threads
+    params.pure = request.pure
+    if request.embedding_type is not None:
+        params.token_embedding_type = request.embedding_type
+    if request.output_type is not None:
+        params.output_tensor_type = request.output_type
+    keep = []  # the C arrays must outlive the call
+    if request.importance:
+        params.imatrix = keep_alive(keep, _imatrix_array(request.importance, keep))
+    if request.overrides:
+        entries = [llama_cpp.llama_model_tensor_override(p.encode(), t) for p, t in request.overrides]
+        params.tt_overrides = keep_alive(keep, (llama_cpp.llama_model_tensor_override * (len(entries) + 1))(*entries))
     with QuantizeLog() as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.is_file():
         tail = "\n".join(log.text().strip().splitlines()[-5:])
         raise EdgequantError(f"llama.cpp failed to quantize (code {rc}):\n{tail}", "check the model and the spec")
     return log.text()
+
+
+def keep_alive(keep: list, array):
+    keep.append(array)
+    return array
+
+
+def _imatrix_array(importance: dict, keep: list):
+    """A NULL-terminated C array of llama_model_imatrix_data over float32 buffers held in `keep`."""
+    import llama_cpp
+    import numpy as np
+
+    entries = []
+    for name, values in importance.items():
+        values = keep_alive(keep, np.ascontiguousarray(values, dtype=np.float32))
+        entries.append(llama_cpp.llama_model_imatrix_data(name.encode(), values.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                                          values.size))
+    return (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))(*entries)
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """Every tensor of a GGUF file and its type name, as stored."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name.lower() for t in GGUFReader(path).tensors}

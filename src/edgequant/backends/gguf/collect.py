@@ -1,0 +1,89 @@
+"""Computing an importance matrix: the source's float model run in PyTorch over calibration text,
+with a hook on every linear layer summing its squared inputs per column.
+
+Why PyTorch and not llama.cpp's evaluation callback: the float source is the model every artifact
+is compared with, its activations are float32 whatever the GGUF's type, and the hooks see the
+inputs of each matrix directly, for every architecture transformers runs. llama.cpp would need its
+internal tensor struct read through ctypes. The two agree: tests/test_gguf_imatrix.py computes the
+same statistics through llama.cpp's callback on the float GGUF and compares them.
+
+Names are mapped to the GGUF's own with gguf-py's tensor name table for the GGUF's architecture,
+and each mapped name must be a matrix of the float GGUF with the same input width.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgequant.backends.gguf.imatrix import ImportanceMatrix
+from edgequant.errors import EdgequantError
+from edgequant.progress import track
+
+CHUNK = 512  # tokens per evaluated chunk, llama-imatrix's default context
+
+
+def collect_imatrix(source, float_gguf: Path, token_ids: list[int], dataset: str, chunk: int = CHUNK) -> ImportanceMatrix:
+    """Sums of squared inputs of every weight matrix of `source` over `token_ids`, cut into
+    independent chunks of `chunk` tokens (a remainder shorter than a chunk is dropped)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    n_chunks = len(token_ids) // chunk
+    if n_chunks == 0:
+        raise EdgequantError(f"{len(token_ids)} calibration tokens are fewer than one chunk of {chunk}",
+                             f"give at least {chunk} tokens of calibration text")
+    model = AutoModelForCausalLM.from_pretrained(source.hf_dir, dtype=torch.float32).eval()
+    names = _gguf_names(model, float_gguf)
+    sums = {name: torch.zeros(module.in_features, dtype=torch.float64) for module, name in names.items()}
+    rows = dict.fromkeys(names.values(), 0)
+
+    def accumulate(module, inputs, _output):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+        name = names[module]
+        sums[name] += (x * x).sum(0)
+        rows[name] += x.shape[0]
+
+    hooks = [module.register_forward_hook(accumulate) for module in names]
+    try:
+        with torch.inference_mode():
+            for i in track(range(n_chunks), "collecting the importance matrix", total=n_chunks):
+                model(torch.tensor([token_ids[i * chunk:(i + 1) * chunk]]), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ImportanceMatrix({n: s.float().numpy().reshape(1, -1) for n, s in sums.items()},
+                            {n: np.array([r], dtype=np.float32) for n, r in rows.items()},
+                            [dataset], n_chunks, chunk)
+
+
+def _gguf_names(model, float_gguf: Path) -> dict:
+    """Each linear module of `model` -> the GGUF name of its weight, for the matrices the float
+    GGUF holds (a tied output layer has none of its own and is left out, as in llama.cpp)."""
+    import gguf
+    import torch
+
+    reader = gguf.GGUFReader(float_gguf)
+    arch_name = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch_name)
+    if arch is None:
+        raise EdgequantError(f"gguf-py has no tensor names for the {arch_name!r} architecture",
+                             "upgrade the gguf package, or quantize without an importance matrix")
+    widths = {t.name: int(t.shape[0]) for t in reader.tensors if len(t.shape) == 2}
+    table = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
+    found = {}
+    for hf_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        base = table.get_name(hf_name)
+        name = f"{base}.weight" if base else None
+        if name in widths:
+            if widths[name] != module.in_features:
+                raise EdgequantError(f"{hf_name} takes {module.in_features} inputs but the GGUF's {name} has {widths[name]}",
+                                     "report this architecture: its tensors are laid out differently in the GGUF")
+            found[module] = name
+    if not found:
+        raise EdgequantError(f"no weight matrix of the {arch_name} model could be matched to its GGUF tensors",
+                             "report this architecture, or quantize without an importance matrix")
+    return found
