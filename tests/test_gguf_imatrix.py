@@ -229,3 +229,60 @@ def test_real_model_iq2_xs_with_an_imatrix_loads_and_scores():
     artifact = edgequant.convert(None, "gguf:iq2_xs?imatrix=auto")
     metrics = edgequant.evaluate(artifact.path, config=EvalConfig(ctx=512, windows=1, speed=False))
     assert np.isfinite(metrics["perplexity"]) and metrics["top1_agreement"] > 0.3, metrics
+
+
+@pytest.mark.unit
+def test_type_numbers_are_ggml_s():
+    from gguf import GGMLQuantizationType
+
+    from edgequant.backends.gguf.backend import GGML_TYPES
+
+    assert all(GGMLQuantizationType[name.upper()] == number for name, number in GGML_TYPES.items())
+
+
+# --- gguf:auto ------------------------------------------------------------------------------
+
+@pytest.mark.unit
+def test_allocation_fits_the_budget_and_spends_it_where_it_buys_most():
+    from edgequant.backends.gguf.auto import Choice, Table, allocate
+
+    ladder = lambda scale: [Choice("q2_k", 100, 8.0 * scale), Choice("q4_k", 200, 2.0 * scale), Choice("q8_0", 400, 0.1 * scale)]
+    table = Table({"blk.0.attn_v.weight": ladder(10.0), "blk.0.ffn_up.weight": ladder(1.0)}, fixed_bytes=50)
+    weights = {"attn_v": 1.0, "ffn_up": 1.0}
+    assert allocate(table, weights, 50 + 300) == {"blk.0.attn_v.weight": "q4_k", "blk.0.ffn_up.weight": "q2_k"}
+    assert allocate(table, weights, 50 + 600) == {"blk.0.attn_v.weight": "q8_0", "blk.0.ffn_up.weight": "q4_k"}
+    assert set(allocate(table, weights, 50 + 800).values()) == {"q8_0"}
+    assert allocate(table, {"attn_v": 0.01, "ffn_up": 1.0}, 50 + 300)["blk.0.ffn_up.weight"] == "q4_k"  # measured weights decide
+
+
+@pytest.mark.unit
+def test_sizes_parse_in_decimal_and_binary_units():
+    from edgequant.backends.gguf.auto import parse_size
+
+    assert parse_size("120MB") == 120_000_000 and parse_size("0.5GiB") == 2**29 and parse_size("4096") == 4096
+    with pytest.raises(EdgequantError, match="not a size"):
+        parse_size("lots")
+
+
+def test_auto_meets_its_budget_and_beats_llama_cpp_recipe_at_that_size(tiny_model):
+    from edgequant.evaluation import EvalConfig
+
+    recipe = edgequant.convert(tiny_model, "gguf:q4_k_m?imatrix=auto")
+    budget = recipe.manifest["model_bytes"]
+    auto = edgequant.convert(tiny_model, f"gguf:auto?size={budget}")
+    assert 0.99 * budget <= auto.manifest["model_bytes"] <= budget
+    details = auto.manifest["details"]
+    matrices = [n for n, t in details["tensor_types"].items() if t != "f32"]  # 2 x 7, the output and the embedding
+    assert len(matrices) == 16 and details["auto"]["held_out_kld"] > 0 and len(details["auto"]["candidates"]) == 3
+    assert details["auto"]["held_out"]["first_token"] >= details["imatrix"]["chunks"] * details["imatrix"]["chunk_size"]
+    config = EvalConfig(ctx=512, windows=2, speed=False)
+    ours, theirs = (edgequant.evaluate(a.path, config=config) for a in (auto, recipe))
+    assert ours["ci95"]["kld_mean"][1] < theirs["ci95"]["kld_mean"][0], (ours, theirs)
+
+
+def test_auto_refuses_a_budget_it_cannot_meet_naming_the_smallest(tiny_model, tmp_path):
+    out = tmp_path / "auto"
+    with pytest.raises(EdgequantError, match="smallest reachable is [0-9,]+ bytes") as err:
+        edgequant.convert(tiny_model, "gguf:auto?size=100KB", output=out)
+    assert "size=" in err.value.fix
+    assert not out.exists() and not list(tmp_path.iterdir())

@@ -55,10 +55,13 @@ _TABLE = dict([
     _p("tq1_0", 1, 1.69, "ternary, 1.69 bits per weight", 36, "q4_0"),
     _p("iq1_m", 1, 1.75, "1.75-bit lattice quant", 31, "iq4_nl", imatrix=True),
     _p("iq1_s", 1, 1.56, "1.56-bit lattice quant", 24, "iq4_nl", imatrix=True),
+    # Every tensor's type is chosen per model (see auto.py); Q8_0 is only the file's nominal type.
+    _p("auto", 4, 4.5, "per-tensor types for a size budget (?bpw= or ?size=), chosen by measured KLD", 7, None),
 ])
 _K_BLOCK = 256  # row length K-quants, IQ and TQ types need; others fall back per tensor
 _FLOAT = ("f32", "f16", "bf16")
 _QUANTIZED = tuple(name for name in _TABLE if name not in _FLOAT)
+_FIXED = tuple(name for name in _QUANTIZED if name != "auto")  # types llama.cpp's own recipes choose
 # ggml's tensor type numbers (fixed by its file format), for the per-tensor options.
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_k": 10, "q3_k": 11,
               "q4_k": 12, "q5_k": 13, "q6_k": 14, "iq2_xxs": 16, "iq2_xs": 17, "iq3_xxs": 18, "iq1_s": 19,
@@ -81,10 +84,14 @@ class GGUFBackend(Backend):
         "nthread": Option("nthread", int, 0, "quantization threads, 0 = all cores", minimum=0, maximum=256),
         "imatrix": Option("imatrix", str, "", "importance matrix: auto (computed from the calibration text, cached) "
                           "or a .gguf/.dat file", applies_to=_QUANTIZED),
-        "embd": Option("embd", str, "", "type of the token embedding", choices=tuple(GGML_TYPES), applies_to=_QUANTIZED),
-        "output": Option("output", str, "", "type of the output matrix", choices=tuple(GGML_TYPES), applies_to=_QUANTIZED),
+        "embd": Option("embd", str, "", "type of the token embedding", choices=tuple(GGML_TYPES), applies_to=_FIXED),
+        "output": Option("output", str, "", "type of the output matrix", choices=tuple(GGML_TYPES), applies_to=_FIXED),
         "tensor": Option("tensor", str, "", "per-tensor types, REGEX:TYPE,... (first match wins), e.g. "
-                         "ffn_down:q6_k", applies_to=_QUANTIZED),
+                         "ffn_down:q6_k", applies_to=_FIXED),
+        "bpw": Option("bpw", float, 4.5, "size budget of gguf:auto in bits per weight, metadata included",
+                      minimum=1.0, maximum=16.0, applies_to=("auto",)),
+        "size": Option("size", str, "", "size budget of gguf:auto as a file size, e.g. 120MB or 0.1GiB (MB = 10^6 bytes)",
+                       applies_to=("auto",)),
     }
     writes_importance_matrix = True
 
@@ -96,12 +103,18 @@ class GGUFBackend(Backend):
     def validate(self, spec) -> None:
         opt = self.option_values(spec)
         tensor_overrides(opt["tensor"])
+        if opt["size"]:
+            from edgequant.backends.gguf.auto import parse_size
+
+            parse_size(opt["size"])
+            if "bpw" in spec.options:
+                raise EdgequantError("gguf:auto takes one budget, ?bpw= or ?size=, not both", "drop one of them")
         if opt["imatrix"] not in ("", "auto") and not Path(opt["imatrix"]).expanduser().is_file():
             raise EdgequantError(f"imatrix={opt['imatrix']}: no such file",
                                  "give the path of a .gguf/.dat importance matrix, or imatrix=auto")
         if self.precisions[spec.precision].needs_imatrix and not opt["imatrix"]:
             raise EdgequantError(f"gguf:{spec.precision} needs an importance matrix",
-                                 f"add ?imatrix=auto (computed from the calibration text) or ?imatrix=FILE")
+                                 "add ?imatrix=auto (computed from the calibration text) or ?imatrix=FILE")
 
     def input_files(self, spec) -> list[Path]:
         value = spec.options.get("imatrix", "")
@@ -122,7 +135,6 @@ class GGUFBackend(Backend):
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
         from edgequant.backends.gguf import tools as gguf_tools
-        from edgequant.runner import default_threads
 
         _, ftype, _ = _TABLE[spec.precision]
         opt = self.option_values(spec)
@@ -137,16 +149,17 @@ class GGUFBackend(Backend):
             shutil.copyfile(intermediate, target)
             log = "copied the float intermediate as is\n"
         else:
-            importance, info["imatrix"] = _importance(source, opt["imatrix"])
-            request = gguf_tools.QuantizeRequest(
-                ftype, threads=opt["nthread"] or default_threads(), pure=opt["pure"], importance=importance,
-                overrides=tuple((pattern, GGML_TYPES[name]) for pattern, name in tensor_overrides(opt["tensor"])),
-                embedding_type=GGML_TYPES.get(opt["embd"]), output_type=GGML_TYPES.get(opt["output"]))
-            log = gguf_tools.quantize(intermediate, target, request)
+            importance, info["imatrix"] = _importance(source, opt["imatrix"] or ("auto" if spec.precision == "auto" else ""))
+            if spec.precision == "auto":
+                info["auto"] = _auto_mix(source, intermediate, importance, opt, target)
+                log = "per-tensor types chosen by gguf:auto (see the manifest's details.auto)\n"
+            else:
+                log = _quantize_fixed(intermediate, target, ftype, opt, importance)
             info["tensor_types"] = gguf_tools.tensor_types(target)
         (out_dir / "quantize.log").write_text(log)
         info["timings"] = {"intermediate_s": round(converted - started, 3), "quantize_s": round(time.perf_counter() - converted, 3)}
         return info
+
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.gguf.runner import LlamaRunner
@@ -212,6 +225,48 @@ def compute_imatrix(source, text: str | None, dataset: str, tokens: int):
     windows = calibration_windows(source.hf_dir, chunks, CHUNK, text,
                                   fix="give a longer calibration text or fewer tokens (at most {fit} chunks of 512 fit)")
     return collect_imatrix(source, float_intermediate(source), [t for w in windows for t in w], dataset)
+
+
+def _quantize_fixed(intermediate: Path, target: Path, ftype: int, opt: dict, importance) -> str:
+    """llama.cpp's own recipe for `ftype`, with the spec's importance matrix and overrides."""
+    from edgequant.backends.gguf import tools as gguf_tools
+    from edgequant.runner import default_threads
+
+    request = gguf_tools.QuantizeRequest(
+        ftype, threads=opt["nthread"] or default_threads(), pure=opt["pure"], importance=importance,
+        overrides=tuple((pattern, GGML_TYPES[name]) for pattern, name in tensor_overrides(opt["tensor"])),
+        embedding_type=GGML_TYPES.get(opt["embd"]), output_type=GGML_TYPES.get(opt["output"]))
+    return gguf_tools.quantize(intermediate, target, request)
+
+
+def _auto_mix(source, intermediate: Path, importance: dict, opt: dict, target: Path) -> dict:
+    """Search the per-tensor mix for the budget (auto.py), write the winner to `target`, and
+    return what the manifest keeps of the search."""
+    from edgequant.backends._shared.calibration import calibration_windows
+    from edgequant.backends.gguf import auto
+    from edgequant.backends.gguf import tools as gguf_tools
+    from edgequant.runner import default_threads
+
+    threads = opt["nthread"] or default_threads()
+    n_elements = sum(t.numel for t in source.tensors)
+    budget = auto.parse_size(opt["size"]) if opt["size"] else int(opt["bpw"] * n_elements / 8)
+    first = IMATRIX_TOKENS // auto.WINDOW  # the imatrix's chunks come first; the held-out windows follow them
+    windows = calibration_windows(source.hf_dir, first + auto.HELD_OUT_WINDOWS, auto.WINDOW)[first:]
+
+    def quantize(path: Path, types: dict[str, str]) -> None:
+        overrides = tuple((f"^{re.escape(name)}$", GGML_TYPES[t]) for name, t in types.items())
+        gguf_tools.quantize(intermediate, path, gguf_tools.QuantizeRequest(
+            _TABLE["auto"][1], threads=threads, importance=importance, overrides=overrides))
+
+    started = time.perf_counter()
+    scorer = auto.HeldOutScorer(intermediate, windows, threads)
+    with auto.scratch_dir() as scratch:
+        outcome = auto.search(intermediate, importance, budget, scorer, quantize, Path(scratch))
+    quantize(target, outcome.types)
+    return {"budget_bytes": budget, "size_bytes": target.stat().st_size, "held_out_kld": round(outcome.kld, 6),
+            "held_out": {"text": "calibration text", "first_token": first * auto.WINDOW,
+                         "windows": auto.HELD_OUT_WINDOWS, "window": auto.WINDOW},
+            "candidates": outcome.tried, "measurements": scorer.calls, "search_s": round(time.perf_counter() - started, 1)}
 
 
 def intermediate_type(source) -> str:
