@@ -191,6 +191,28 @@ def scratch_artifact(template, model: Path, precision: str, into: Path):
     return open_artifact(folder)
 
 
+def data_notes(rows: dict) -> list[str]:
+    """What the measured rows themselves say that a reader of the ratios must know."""
+    notes = []
+    for precision, row in rows.items():
+        base = precision.split("_")[0] if precision.startswith("q") else precision
+        ours = row["with_imatrix"]["tensor_types"]
+        nominal = sum(n for t, n in ours.items() if t.startswith(base))
+        notes.append(f"{precision}: {nominal} of {sum(n for t, n in ours.items() if t != 'f32')} quantized tensors are of "
+                     f"the nominal {base} family, the rest llama.cpp's fallback/mix types ({ours}); the default model's "
+                     "576-wide rows are not a multiple of 256, so K-quant and IQ types fall back per tensor")
+        raw = row.get("without_imatrix_llama_cpp_direct")
+        if raw and raw["tensor_types"] != ours:
+            notes.append(f"{precision} without an imatrix is not the same mix: llama.cpp chose {raw['tensor_types']} "
+                         f"(vs {ours} with one), so its ratio measures the matrix and the type change together, not "
+                         f"the matrix alone on {precision}")
+    first = rows["q4_k_m"]["with_imatrix"]
+    notes.append(f"quantize_s of the first imatrix=auto artifact ({first['quantize_s']} s for q4_k_m, when its cache was "
+                 "empty) includes computing the cached matrix: a second computation beside the timed one, under "
+                 "whatever load the machine had then")
+    return notes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens")
@@ -278,6 +300,7 @@ def main() -> int:
         "ones use the cached imatrix=auto matrix (details.imatrix), a separate computation from the timed one.",
         "Per-token scores come from wrapping edgequant.evaluation.quality_figures during evaluate(); the point "
         "figures are evaluate()'s own.",
+        *data_notes(rows),
         "unpaired_kld_intervals_with_vs_without compares the two KLD intervals as independent; they are not (same "
         "tokens), so the paired ratio interval is the test that counts.",
     ]
