@@ -9,9 +9,12 @@
    cheapest type (everything else at 8 bit) is scored for KL divergence against the float model
    on held-out calibration windows (never the evaluation windows), which turns the proxy into an
    estimate of KLD per role.
+   Steps 1 and 2 do not depend on the budget; they are kept per source, importance matrix and
+   held-out text, so another budget costs only step 3.
 3. For a budget, a Lagrangian split picks each tensor's type (the best estimated KLD per byte),
-   then the remaining bytes are spent greedily. A few variants of the estimate (sharper and
-   flatter role weights) are built, quantized and measured for real; the best measured one wins.
+   then the remaining bytes are spent greedily. That mix is quantized and measured for real, and
+   so are its neighbours with flatter or sharper role weights (the weights raised to a power),
+   walking in the direction that measures better; the best measured mix wins.
 
 The budget counts the whole file. When even the cheapest type of every tensor does not fit, the
 error names the smallest size reachable.
@@ -19,6 +22,7 @@ error names the smallest size reachable.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import tempfile
@@ -28,15 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
+from edgequant.atomic import write_text_atomic
 from edgequant.errors import EdgequantError
 from edgequant.progress import step
 
 # The types tried for every tensor; duplicates after llama.cpp's fallbacks are dropped per tensor.
 LADDER = ("q2_k", "q3_k", "iq4_nl", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
 TOP = "q8_0"
-HELD_OUT_WINDOWS = 4  # 512-token windows from the end of the calibration text (the imatrix uses its start)
+HELD_OUT_WINDOWS = 4  # 512-token windows of the calibration text after those the imatrix used
+ROLE_WINDOWS = 2  # enough to rank roles, whose costs differ by orders of magnitude
 WINDOW = 512
-SHARPNESS = (1.0, 0.5, 2.0)  # exponents on the measured role weights: the candidates measured end to end
+MAX_CANDIDATES = 4  # mixes quantized and measured end to end per budget
 
 
 @dataclass(frozen=True)
@@ -83,32 +89,69 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def search(intermediate: Path, importance: dict, budget: int, scorer, quantize, workdir: Path) -> Outcome:
+def search(intermediate: Path, importance: dict, budget: int, scorer, quantize, workdir: Path,
+           memo: Path | None = None) -> Outcome:
     """The measured-best mix within `budget` bytes. `quantize(path, types)` writes a GGUF with
-    those per-tensor types; `scorer(path)` returns its KLD on the held-out windows."""
-    table = candidate_table(intermediate, importance, quantize, workdir)
+    those per-tensor types; `scorer(path)` returns its KLD on the held-out windows. The ladder
+    and the role weights do not depend on the budget: with `memo`, they are kept there and reused."""
+    table, weights = _load_memo(memo)
+    if table is None:
+        table = candidate_table(intermediate, importance, quantize, workdir)
     if table.smallest() > budget:
         smallest = table.smallest()
         raise EdgequantError(
             f"no mix fits {budget:,} bytes: the smallest reachable is {smallest:,} bytes ({smallest / 1e6:.2f} MB, "
             f"every tensor at its cheapest type among {', '.join(LADDER)})",
             f"ask for at least size={math.ceil(smallest / 1e4) / 100:.2f}MB")
-    weights = role_weights(table, scorer, quantize, workdir)
-    tried, best = [], None
-    for sharpness in SHARPNESS:
-        types = allocate(table, {r: w ** sharpness for r, w in weights.items()}, budget)
-        path = workdir / f"candidate-{sharpness}.gguf"
+    if weights is None:
+        weights = role_weights(table, scorer, quantize, workdir)
+        _save_memo(memo, table, weights)
+    tried: list[dict] = []
+
+    def measure(exponent: float) -> Outcome:
+        types = allocate(table, {r: w ** exponent for r, w in weights.items()}, budget)
+        path = workdir / f"candidate-{exponent}.gguf"
         quantize(path, types)
-        entry = {"role_weight_exponent": sharpness, "size_bytes": path.stat().st_size, "kld": scorer(path)}
-        tried.append(entry)
-        if entry["size_bytes"] <= budget and (best is None or entry["kld"] < best.kld):
-            best = Outcome(types, entry["size_bytes"], entry["kld"])
+        outcome = Outcome(types, path.stat().st_size, scorer(path) if path.stat().st_size <= budget else math.inf)
+        tried.append({"role_weight_exponent": exponent, "size_bytes": outcome.size_bytes, "kld": outcome.kld})
         path.unlink()
-    if best is None:
-        raise EdgequantError(f"no candidate stayed within {budget / 1e6:.1f} MB once written",
+        return outcome
+
+    # Start from the measured role weights (exponent 1), then walk towards flatter or sharper
+    # weights while the measured KLD improves: the proxy proposes, the measurement decides.
+    best = measure(1.0)
+    step = 0.5
+    candidate = measure(step)
+    if candidate.kld >= best.kld:
+        step = 2.0
+        candidate = measure(step)
+    exponent = step
+    while candidate.kld < best.kld and len(tried) < MAX_CANDIDATES:
+        best = candidate
+        exponent *= step
+        candidate = measure(exponent)
+    if candidate.kld < best.kld:
+        best = candidate
+    if math.isinf(best.kld):
+        raise EdgequantError(f"no candidate stayed within {budget:,} bytes once written",
                              "ask for a slightly larger size; the file's metadata did not fit the estimate")
     best.tried = tried
     return best
+
+
+def _load_memo(memo: Path | None) -> tuple[Table | None, dict | None]:
+    if memo is None or not memo.is_file():
+        return None, None
+    saved = json.loads(memo.read_text())
+    choices = {name: [Choice(*c) for c in found] for name, found in saved["choices"].items()}
+    return Table(choices, saved["fixed_bytes"]), saved["weights"]
+
+
+def _save_memo(memo: Path | None, table: Table, weights: dict) -> None:
+    if memo is not None:
+        choices = {name: [[c.type, c.nbytes, c.error] for c in found] for name, found in table.choices.items()}
+        write_text_atomic(memo, json.dumps({"ladder": LADDER, "choices": choices, "fixed_bytes": table.fixed_bytes,
+                                            "weights": weights}))
 
 
 def candidate_table(intermediate: Path, importance: dict, quantize, workdir: Path) -> Table:
@@ -150,14 +193,14 @@ def role_weights(table: Table, scorer, quantize, workdir: Path) -> dict[str, flo
     top = {name: c[-1].type for name, c in table.choices.items()}
     path = workdir / "roles-top.gguf"
     quantize(path, top)
-    base = scorer(path)
+    base = scorer(path, windows=ROLE_WINDOWS)
     weights = {}
     for r in sorted({role(n) for n in table.choices}):
         members = [n for n in table.choices if role(n) == r]
         types = {**top, **{n: table.choices[n][0].type for n in members}}
         with step(f"auto: sensitivity of {r}"):
             quantize(path, types)
-            added = max(scorer(path) - base, 1e-9)
+            added = max(scorer(path, windows=ROLE_WINDOWS) - base, 1e-9)
         proxy = sum(table.choices[n][0].error - table.choices[n][-1].error for n in members)
         weights[r] = added / proxy if proxy > 0 else 0.0
     path.unlink()
@@ -209,20 +252,21 @@ class HeldOutScorer:
         self.reference = [log_softmax(x) for x in self._logits(float_gguf)]
         self.calls, self.seconds = 0, 0.0
 
-    def _logits(self, path: Path) -> list[np.ndarray]:
+    def _logits(self, path: Path, windows: int | None = None) -> list[np.ndarray]:
         from edgequant.backends.gguf.runner import LlamaRunner
 
         runner = LlamaRunner(path, name=path.name, n_ctx=WINDOW, logits_all=True, threads=self.threads)
         try:
-            return [runner.logits(ids) for ids in self.windows]
+            return [runner.logits(ids) for ids in self.windows[:windows]]
         finally:
             runner.close()
 
-    def __call__(self, path: Path) -> float:
+    def __call__(self, path: Path, windows: int | None = None) -> float:
+        """Mean KLD over the first `windows` held-out windows (None: all)."""
         from edgequant.logprobs import kl_divergence, log_softmax
 
         started = time.perf_counter()
-        klds = [kl_divergence(ref, log_softmax(x)).mean() for ref, x in zip(self.reference, self._logits(path))]
+        klds = [kl_divergence(ref, log_softmax(x)).mean() for ref, x in zip(self.reference, self._logits(path, windows))]
         self.calls += 1
         self.seconds += time.perf_counter() - started
         return float(np.mean(klds))

@@ -15,6 +15,7 @@ from typing import Any
 from edgequant.backend import Backend
 from edgequant.backends._shared.sliding_window import window_ignored
 from edgequant.errors import EdgequantError
+from edgequant.paths import cache_dir
 from edgequant.spec import Option, Precision
 
 MODEL_FILE = "model.gguf"
@@ -260,13 +261,24 @@ def _auto_mix(source, intermediate: Path, importance: dict, opt: dict, target: P
 
     started = time.perf_counter()
     scorer = auto.HeldOutScorer(intermediate, windows, threads)
+    memo = cache_dir("intermediates") / f"{source.fingerprint[:16]}-auto-{_importance_key(importance)}.json"
     with auto.scratch_dir() as scratch:
-        outcome = auto.search(intermediate, importance, budget, scorer, quantize, Path(scratch))
+        outcome = auto.search(intermediate, importance, budget, scorer, quantize, Path(scratch), memo)
     quantize(target, outcome.types)
     return {"budget_bytes": budget, "size_bytes": target.stat().st_size, "held_out_kld": round(outcome.kld, 6),
             "held_out": {"text": "calibration text", "first_token": first * auto.WINDOW,
                          "windows": auto.HELD_OUT_WINDOWS, "window": auto.WINDOW},
             "candidates": outcome.tried, "measurements": scorer.calls, "search_s": round(time.perf_counter() - started, 1)}
+
+
+def _importance_key(importance: dict) -> str:
+    """A short fingerprint of importance weights (what the auto search's memo depends on)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(importance):
+        digest.update(name.encode() + importance[name].tobytes())
+    return digest.hexdigest()[:16]
 
 
 def intermediate_type(source) -> str:
