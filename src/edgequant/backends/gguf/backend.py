@@ -25,7 +25,8 @@ def _p(name: str, bits: int, bpw: float, description: str, ftype: int, fallback:
     return name, (Precision(name, bits, bpw, description, needs_imatrix=imatrix), ftype, fallback)
 
 
-# name -> (precision, llama_ftype, fallback type for rows not divisible by 256).
+# name -> (precision, llama_ftype, fallback type for rows not divisible by 256: llama.cpp's
+# tensor_type_fallback, Q2_K/Q3_K/TQ -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ -> IQ4_NL).
 # bpw of the K-quant mixes is llama.cpp's published average for a 7B-class model.
 _TABLE = dict([
     _p("f32", 32, 32.0, "float32, no quantization", 0, None),
@@ -43,12 +44,12 @@ _TABLE = dict([
     _p("q4_0", 4, 4.5, "4-bit, blocks of 32", 2, None),
     _p("iq4_nl", 4, 4.5, "4-bit non-linear, blocks of 32", 25, None),
     _p("iq4_xs", 4, 4.25, "4-bit non-linear, super-blocks of 256", 30, "iq4_nl"),
-    _p("q3_k_l", 3, 4.27, "3-bit K-quant mix, large", 13, "iq4_nl"),
-    _p("q3_k_m", 3, 3.91, "3-bit K-quant mix, medium", 12, "iq4_nl"),
-    _p("q3_k_s", 3, 3.5, "3-bit K-quant", 11, "iq4_nl"),
+    _p("q3_k_l", 3, 4.27, "3-bit K-quant mix, large", 13, "q4_0"),
+    _p("q3_k_m", 3, 3.91, "3-bit K-quant mix, medium", 12, "q4_0"),
+    _p("q3_k_s", 3, 3.5, "3-bit K-quant", 11, "q4_0"),
     _p("iq3_s", 3, 3.44, "3.4-bit lattice quant", 26, "iq4_nl"),
     _p("iq3_xxs", 3, 3.06, "3-bit lattice quant", 23, "iq4_nl", imatrix=True),
-    _p("q2_k", 2, 3.0, "2-bit K-quant mix", 10, "iq4_nl"),
+    _p("q2_k", 2, 3.0, "2-bit K-quant mix", 10, "q4_0"),
     _p("iq2_s", 2, 2.5, "2.5-bit lattice quant", 28, "iq4_nl", imatrix=True),
     _p("iq2_xs", 2, 2.31, "2.3-bit lattice quant", 20, "iq4_nl", imatrix=True),
     _p("iq2_xxs", 2, 2.06, "2-bit lattice quant", 19, "iq4_nl", imatrix=True),
