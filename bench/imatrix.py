@@ -138,7 +138,8 @@ def verdict(interval: list[float], target: float) -> str:
 
 
 def time_fresh_imatrix(source) -> dict:
-    from edgequant.backends.gguf.backend import IMATRIX_TOKENS, compute_imatrix, float_intermediate
+    from edgequant.backends.gguf.collect import IMATRIX_TOKENS, compute_imatrix
+    from edgequant.backends.gguf.tools import float_intermediate
 
     float_intermediate(source)  # cached: its conversion is not part of the matrix's time
     load = os.getloadavg()
@@ -155,7 +156,8 @@ def time_fresh_imatrix(source) -> dict:
 def llama_cpp_without_imatrix(precision: str, into: Path) -> tuple[Path | None, str]:
     """llama_model_quantize on the float intermediate with no importance matrix: the file, or why not."""
     from edgequant.backends.gguf import tools
-    from edgequant.backends.gguf.backend import _TABLE, float_intermediate
+    from edgequant.backends.gguf.backend import _TABLE
+    from edgequant.backends.gguf.tools import float_intermediate
     from edgequant.runner import default_threads
     from edgequant.source import load_source
 

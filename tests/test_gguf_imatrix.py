@@ -235,7 +235,7 @@ def test_real_model_iq2_xs_with_an_imatrix_loads_and_scores():
 def test_type_numbers_are_ggml_s():
     from gguf import GGMLQuantizationType
 
-    from edgequant.backends.gguf.backend import GGML_TYPES
+    from edgequant.backends.gguf.ggml import GGML_TYPES
 
     assert all(GGMLQuantizationType[name.upper()] == number for name, number in GGML_TYPES.items())
 

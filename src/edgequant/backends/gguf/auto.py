@@ -22,6 +22,7 @@ error names the smallest size reachable.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -33,8 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from edgequant.atomic import write_text_atomic
+from edgequant.backends._shared.calibration import calibration_windows
+from edgequant.backends.gguf import tools as gguf_tools
+from edgequant.backends.gguf.collect import IMATRIX_TOKENS
+from edgequant.backends.gguf.ggml import GGML_TYPES, LLAMA_FTYPE_MOSTLY_Q8_0
 from edgequant.errors import EdgequantError
+from edgequant.paths import cache_dir
 from edgequant.progress import step
+from edgequant.runner import default_threads
 
 # The types tried for every tensor; duplicates after llama.cpp's fallbacks are dropped per tensor.
 LADDER = ("q2_k", "q3_k", "iq4_nl", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
@@ -272,5 +279,35 @@ class HeldOutScorer:
         return float(np.mean(klds))
 
 
-def scratch_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="edgequant-auto-")
+def build_mix(source, intermediate: Path, importance: dict, opt: dict, target: Path) -> dict:
+    """`gguf:auto`: search the per-tensor mix for the spec's budget, write the winner to `target`,
+    and return what the manifest keeps of the search."""
+    threads = opt["nthread"] or default_threads()
+    n_elements = sum(t.numel for t in source.tensors)
+    budget = parse_size(opt["size"]) if opt["size"] else int(opt["bpw"] * n_elements / 8)
+    first = IMATRIX_TOKENS // WINDOW  # the imatrix's chunks come first; the held-out windows follow them
+    windows = calibration_windows(source.hf_dir, first + HELD_OUT_WINDOWS, WINDOW)[first:]
+
+    def quantize(path: Path, types: dict[str, str]) -> None:
+        overrides = tuple((f"^{re.escape(name)}$", GGML_TYPES[t]) for name, t in types.items())
+        gguf_tools.quantize(intermediate, path, gguf_tools.QuantizeRequest(
+            LLAMA_FTYPE_MOSTLY_Q8_0, threads=threads, importance=importance, overrides=overrides))
+
+    started = time.perf_counter()
+    scorer = HeldOutScorer(intermediate, windows, threads)
+    memo = cache_dir("intermediates") / f"{source.fingerprint[:16]}-auto-{_importance_key(importance)}.json"
+    with tempfile.TemporaryDirectory(prefix="edgequant-auto-") as scratch:
+        outcome = search(intermediate, importance, budget, scorer, quantize, Path(scratch), memo)
+    quantize(target, outcome.types)
+    return {"budget_bytes": budget, "size_bytes": target.stat().st_size, "held_out_kld": round(outcome.kld, 6),
+            "held_out": {"text": "calibration text", "first_token": first * WINDOW,
+                         "windows": HELD_OUT_WINDOWS, "window": WINDOW},
+            "candidates": outcome.tried, "measurements": scorer.calls, "search_s": round(time.perf_counter() - started, 1)}
+
+
+def _importance_key(importance: dict) -> str:
+    """A short fingerprint of importance weights (what the auto search's memo depends on)."""
+    digest = hashlib.sha256()
+    for name in sorted(importance):
+        digest.update(name.encode() + importance[name].tobytes())
+    return digest.hexdigest()[:16]

@@ -14,8 +14,8 @@ from typing import Any
 
 from edgequant.backend import Backend
 from edgequant.backends._shared.sliding_window import window_ignored
+from edgequant.backends.gguf.ggml import GGML_TYPES
 from edgequant.errors import EdgequantError
-from edgequant.paths import cache_dir
 from edgequant.spec import Option, Precision
 
 MODEL_FILE = "model.gguf"
@@ -64,11 +64,6 @@ _K_BLOCK = 256  # row length K-quants, IQ and TQ types need; others fall back pe
 _FLOAT = ("f32", "f16", "bf16")
 _QUANTIZED = tuple(name for name in _TABLE if name not in _FLOAT)
 _FIXED = tuple(name for name in _QUANTIZED if name != "auto")  # types llama.cpp's own recipes choose
-# ggml's tensor type numbers (fixed by its file format), for the per-tensor options.
-GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_k": 10, "q3_k": 11,
-              "q4_k": 12, "q5_k": 13, "q6_k": 14, "iq2_xxs": 16, "iq2_xs": 17, "iq3_xxs": 18, "iq1_s": 19,
-              "iq4_nl": 20, "iq3_s": 21, "iq2_s": 22, "iq4_xs": 23, "iq1_m": 29, "bf16": 30, "tq1_0": 34, "tq2_0": 35}
-IMATRIX_TOKENS = 32768  # calibration tokens of imatrix=auto: 64 chunks of 512, llama-imatrix's context
 
 
 class GGUFBackend(Backend):
@@ -123,6 +118,7 @@ class GGUFBackend(Backend):
         return [Path(value).expanduser().resolve()] if value not in ("", "auto") else []
 
     def importance_matrix(self, source, out: Path, *, text: str | None, dataset: str, tokens: int) -> dict:
+        from edgequant.backends.gguf.collect import compute_imatrix
         from edgequant.backends.gguf.imatrix import write_imatrix
 
         matrix = compute_imatrix(source, text, dataset, tokens)
@@ -137,6 +133,9 @@ class GGUFBackend(Backend):
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
         from edgequant.backends.gguf import tools as gguf_tools
+        from edgequant.backends.gguf.auto import build_mix
+        from edgequant.backends.gguf.collect import load_importance
+        from edgequant.backends.gguf.tools import float_intermediate, intermediate_type
 
         _, ftype, _ = _TABLE[spec.precision]
         opt = self.option_values(spec)
@@ -151,9 +150,9 @@ class GGUFBackend(Backend):
             shutil.copyfile(intermediate, target)
             log = "copied the float intermediate as is\n"
         else:
-            importance, info["imatrix"] = _importance(source, opt["imatrix"] or ("auto" if spec.precision == "auto" else ""))
+            importance, info["imatrix"] = load_importance(source, opt["imatrix"] or ("auto" if spec.precision == "auto" else ""))
             if spec.precision == "auto":
-                info["auto"] = _auto_mix(source, intermediate, importance, opt, target)
+                info["auto"] = build_mix(source, intermediate, importance, opt, target)
                 log = "per-tensor types chosen by gguf:auto (see the manifest's details.auto)\n"
             else:
                 log = _quantize_fixed(intermediate, target, ftype, opt, importance)
@@ -189,46 +188,6 @@ def tensor_overrides(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _importance(source, value: str) -> tuple[dict | None, dict | None]:
-    """The importance weights `imatrix=` names (none, auto, or a file) and what the manifest says of them."""
-    from edgequant.backends.gguf.imatrix import read_imatrix
-    from edgequant.fingerprint import file_sha256
-
-    if not value:
-        return None, None
-    path = auto_imatrix(source) if value == "auto" else Path(value).expanduser().resolve()
-    matrix = read_imatrix(path)
-    return matrix.importance(), {"requested": value, "file": str(path), "sha256": file_sha256(path),
-                                 "datasets": matrix.datasets, "chunks": matrix.chunk_count,
-                                 "chunk_size": matrix.chunk_size, "tensors": len(matrix.sums)}
-
-
-def auto_imatrix(source) -> Path:
-    """The importance matrix of `source` over the first IMATRIX_TOKENS tokens of the calibration
-    text, computed once and cached beside the float intermediates."""
-    from edgequant.backends._shared.intermediates import cached_intermediate
-    from edgequant.backends.gguf.imatrix import write_imatrix
-
-    name = "imatrix.gguf"
-    folder = cached_intermediate(
-        source, f"imatrix-calibration-{IMATRIX_TOKENS}", name,
-        lambda tmp: write_imatrix(compute_imatrix(source, None, "edgequant calibration text", IMATRIX_TOKENS), tmp / name),
-        f"computing the importance matrix of {source.name} over {IMATRIX_TOKENS} calibration tokens")
-    return folder / name
-
-
-def compute_imatrix(source, text: str | None, dataset: str, tokens: int):
-    """An importance matrix of `source` over the first `tokens` tokens of `text` (None: the
-    calibration text, never the evaluation text)."""
-    from edgequant.backends._shared.calibration import calibration_windows
-    from edgequant.backends.gguf.collect import CHUNK, collect_imatrix
-
-    chunks = max(tokens // CHUNK, 1)
-    windows = calibration_windows(source.hf_dir, chunks, CHUNK, text,
-                                  fix="give a longer calibration text or fewer tokens (at most {fit} chunks of 512 fit)")
-    return collect_imatrix(source, float_intermediate(source), [t for w in windows for t in w], dataset)
-
-
 def _quantize_fixed(intermediate: Path, target: Path, ftype: int, opt: dict, importance) -> str:
     """llama.cpp's own recipe for `ftype`, with the spec's importance matrix and overrides."""
     from edgequant.backends.gguf import tools as gguf_tools
@@ -241,63 +200,6 @@ def _quantize_fixed(intermediate: Path, target: Path, ftype: int, opt: dict, imp
     return gguf_tools.quantize(intermediate, target, request)
 
 
-def _auto_mix(source, intermediate: Path, importance: dict, opt: dict, target: Path) -> dict:
-    """Search the per-tensor mix for the budget (auto.py), write the winner to `target`, and
-    return what the manifest keeps of the search."""
-    from edgequant.backends._shared.calibration import calibration_windows
-    from edgequant.backends.gguf import auto
-    from edgequant.backends.gguf import tools as gguf_tools
-    from edgequant.runner import default_threads
-
-    threads = opt["nthread"] or default_threads()
-    n_elements = sum(t.numel for t in source.tensors)
-    budget = auto.parse_size(opt["size"]) if opt["size"] else int(opt["bpw"] * n_elements / 8)
-    first = IMATRIX_TOKENS // auto.WINDOW  # the imatrix's chunks come first; the held-out windows follow them
-    windows = calibration_windows(source.hf_dir, first + auto.HELD_OUT_WINDOWS, auto.WINDOW)[first:]
-
-    def quantize(path: Path, types: dict[str, str]) -> None:
-        overrides = tuple((f"^{re.escape(name)}$", GGML_TYPES[t]) for name, t in types.items())
-        gguf_tools.quantize(intermediate, path, gguf_tools.QuantizeRequest(
-            _TABLE["auto"][1], threads=threads, importance=importance, overrides=overrides))
-
-    started = time.perf_counter()
-    scorer = auto.HeldOutScorer(intermediate, windows, threads)
-    memo = cache_dir("intermediates") / f"{source.fingerprint[:16]}-auto-{_importance_key(importance)}.json"
-    with auto.scratch_dir() as scratch:
-        outcome = auto.search(intermediate, importance, budget, scorer, quantize, Path(scratch), memo)
-    quantize(target, outcome.types)
-    return {"budget_bytes": budget, "size_bytes": target.stat().st_size, "held_out_kld": round(outcome.kld, 6),
-            "held_out": {"text": "calibration text", "first_token": first * auto.WINDOW,
-                         "windows": auto.HELD_OUT_WINDOWS, "window": auto.WINDOW},
-            "candidates": outcome.tried, "measurements": scorer.calls, "search_s": round(time.perf_counter() - started, 1)}
-
-
-def _importance_key(importance: dict) -> str:
-    """A short fingerprint of importance weights (what the auto search's memo depends on)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(importance):
-        digest.update(name.encode() + importance[name].tobytes())
-    return digest.hexdigest()[:16]
-
-
-def intermediate_type(source) -> str:
-    """Convert without loss: float32 sources to F32, 16-bit ones to their own type."""
-    return {"F32": "f32", "BF16": "bf16", "F16": "f16"}.get(source.weight_dtype, "f32")
-
-
-def float_intermediate(source) -> Path:
-    """The source as a float GGUF, converted once per source fingerprint and cached."""
-    from edgequant.backends._shared.intermediates import cached_intermediate
-    from edgequant.backends.gguf.tools import run_converter
-
-    outtype = intermediate_type(source)
-    name = f"model-{outtype}.gguf"
-    folder = cached_intermediate(source, outtype, name,
-                                 lambda tmp: run_converter(source.hf_dir, tmp / name, outtype, tmp / "convert.log"),
-                                 f"converting {source.name} to a {outtype.upper()} GGUF with llama.cpp's converter")
-    return folder / name
 
 
 def _estimated_bytes(precision_name: str, tensors, tied_embeddings: bool) -> int:

@@ -1,5 +1,7 @@
-"""Computing an importance matrix: the source's float model run in PyTorch over calibration text,
-with a hook on every linear layer summing its squared inputs per column.
+"""Importance matrices of a source: computed, cached for `imatrix=auto`, and loaded for the quantizer.
+
+The computation runs the source's float model in PyTorch over calibration text, with a hook on
+every linear layer summing its squared inputs per column.
 
 Why PyTorch and not llama.cpp's evaluation callback: the float source is the model every artifact
 is compared with, its activations are float32 whatever the GGUF's type, and the hooks see the
@@ -17,11 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from edgequant.backends.gguf.imatrix import ImportanceMatrix
+from edgequant.backends._shared.calibration import calibration_windows
+from edgequant.backends._shared.intermediates import cached_intermediate
+from edgequant.backends.gguf.imatrix import ImportanceMatrix, read_imatrix, write_imatrix
+from edgequant.backends.gguf.tools import float_intermediate
 from edgequant.errors import EdgequantError
+from edgequant.fingerprint import file_sha256
 from edgequant.progress import track
 
 CHUNK = 512  # tokens per evaluated chunk, llama-imatrix's default context
+IMATRIX_TOKENS = 32768  # calibration tokens of imatrix=auto: 64 chunks of 512
 
 
 def collect_imatrix(source, float_gguf: Path, token_ids: list[int], dataset: str, chunk: int = CHUNK) -> ImportanceMatrix:
@@ -92,3 +99,34 @@ def _gguf_names(model, float_gguf: Path) -> dict:
         raise EdgequantError(f"no weight matrix of the {arch_name} model could be matched to its GGUF tensors",
                              "report this architecture, or quantize without an importance matrix")
     return found
+
+
+def load_importance(source, value: str) -> tuple[dict | None, dict | None]:
+    """The importance weights `imatrix=` names (none, auto, or a file) and what the manifest says of them."""
+    if not value:
+        return None, None
+    path = auto_imatrix(source) if value == "auto" else Path(value).expanduser().resolve()
+    matrix = read_imatrix(path)
+    return matrix.importance(), {"requested": value, "file": str(path), "sha256": file_sha256(path),
+                                 "datasets": matrix.datasets, "chunks": matrix.chunk_count,
+                                 "chunk_size": matrix.chunk_size, "tensors": len(matrix.sums)}
+
+
+def auto_imatrix(source) -> Path:
+    """The importance matrix of `source` over the first IMATRIX_TOKENS tokens of the calibration
+    text, computed once and cached beside the float intermediates."""
+    name = "imatrix.gguf"
+    folder = cached_intermediate(
+        source, f"imatrix-calibration-{IMATRIX_TOKENS}", name,
+        lambda tmp: write_imatrix(compute_imatrix(source, None, "edgequant calibration text", IMATRIX_TOKENS), tmp / name),
+        f"computing the importance matrix of {source.name} over {IMATRIX_TOKENS} calibration tokens")
+    return folder / name
+
+
+def compute_imatrix(source, text: str | None, dataset: str, tokens: int):
+    """An importance matrix of `source` over the first `tokens` tokens of `text` (None: the
+    calibration text, never the evaluation text)."""
+    chunks = max(tokens // CHUNK, 1)
+    windows = calibration_windows(source.hf_dir, chunks, CHUNK, text,
+                                  fix="give a longer calibration text or fewer tokens (at most {fit} chunks of 512 fit)")
+    return collect_imatrix(source, float_intermediate(source), [t for w in windows for t in w], dataset)

@@ -103,6 +103,23 @@ def run_converter(hf_dir: Path, outfile: Path, outtype: str, log_path: Path) -> 
     raise EdgequantError(f"llama.cpp's converter failed on {hf_dir}:\n{tail}", f"see the full log at {log_path}")
 
 
+def intermediate_type(source) -> str:
+    """Convert without loss: float32 sources to F32, 16-bit ones to their own type."""
+    return {"F32": "f32", "BF16": "bf16", "F16": "f16"}.get(source.weight_dtype, "f32")
+
+
+def float_intermediate(source) -> Path:
+    """The source as a float GGUF, converted once per source fingerprint and cached."""
+    from edgequant.backends._shared.intermediates import cached_intermediate
+
+    outtype = intermediate_type(source)
+    name = f"model-{outtype}.gguf"
+    folder = cached_intermediate(source, outtype, name,
+                                 lambda tmp: run_converter(source.hf_dir, tmp / name, outtype, tmp / "convert.log"),
+                                 f"converting {source.name} to a {outtype.upper()} GGUF with llama.cpp's converter")
+    return folder / name
+
+
 def check_architecture(architecture: str) -> None:
     """Refuse before any work an architecture the bundled converter does not register (an empty
     list means the converter could not be asked: it then decides itself)."""
