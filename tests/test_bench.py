@@ -19,7 +19,8 @@ from edgequant.spec import Precision
 pytest.importorskip("llama_cpp", reason="its extra is not installed")
 
 QUICK = EvalConfig(ctx=64, windows=2, prompt_tokens=16, gen_tokens=8, repeats=1)
-SPECS = ("gguf:q8_0", "gguf:q4_0", "gguf:iq2_xxs")
+# The third parses but fails in llama.cpp: an IQ2 tensor without an importance matrix.
+SPECS = ("gguf:q8_0", "gguf:q4_0", "gguf:q4_0?tensor=ffn_up:iq2_xxs")
 
 
 class _UninstalledBackend(Backend):
@@ -88,9 +89,9 @@ def bench_runs(tiny_model, tmp_path_factory, uninstalled_backend):
 def test_bench_fills_the_database_and_keeps_going_past_failures(bench_runs):
     folder, _, first, _ = bench_runs
     statuses = {row.spec: row.status for row in first.rows}
-    assert statuses == {"gguf:q8_0": "ok", "gguf:q4_0": "ok", "gguf:iq2_xxs": "failed", "uninstalled:int8": "skipped"}
+    assert statuses == {"gguf:q8_0": "ok", "gguf:q4_0": "ok", "gguf:q4_0?tensor=ffn_up:iq2_xxs": "failed", "uninstalled:int8": "skipped"}
     failed = next(r for r in first.rows if r.status == "failed")
-    assert "importance matrix" in failed.error
+    assert "requires an imatrix" in failed.error and "blk.0.ffn_up.weight" in failed.error
     skipped = next(r for r in first.rows if r.status == "skipped")
     assert "edgequant[uninstalled]" in skipped.error
     db = ResultsDB.open(folder / "results.sqlite", create=False)
@@ -125,7 +126,7 @@ def test_reports_are_written(bench_runs):
     assert [r["spec"] for r in data["rows"]][0] == "pytorch:fp32" and any(r["pareto"] for r in data["rows"])
     assert {s["framework"] for s in data["summary"]} == {"PyTorch", "llama.cpp (GGUF)"}
     markdown = (folder / "report.md").read_text()
-    assert "| gguf:q4_0" in markdown and "Summary by framework" in markdown and "importance matrix" in markdown
+    assert "| gguf:q4_0" in markdown and "Summary by framework" in markdown and "requires an imatrix" in markdown
 
 
 def test_html_report_renders_in_headless_chromium(bench_runs, tmp_path):

@@ -126,7 +126,9 @@ def auto_imatrix(source) -> Path:
 def compute_imatrix(source, text: str | None, dataset: str, tokens: int):
     """An importance matrix of `source` over the first `tokens` tokens of `text` (None: the
     calibration text, never the evaluation text)."""
-    chunks = max(tokens // CHUNK, 1)
+    if tokens < CHUNK:
+        raise EdgequantError(f"{tokens} calibration tokens are fewer than one chunk of {CHUNK}", f"ask for at least {CHUNK} tokens")
+    chunks = tokens // CHUNK
     windows = calibration_windows(source.hf_dir, chunks, CHUNK, text,
                                   fix="give a longer calibration text or fewer tokens (at most {fit} chunks of 512 fit)")
     return collect_imatrix(source, float_intermediate(source), [t for w in windows for t in w], dataset)

@@ -222,9 +222,18 @@ def quantize(src: Path, dst: Path, request: QuantizeRequest) -> str:
     with QuantizeLog() as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.is_file():
-        tail = "\n".join(log.text().strip().splitlines()[-5:])
-        raise EdgequantError(f"llama.cpp failed to quantize (code {rc}):\n{tail}", "check the model and the spec")
+        raise _quantize_error(rc, log.text())
     return log.text()
+
+
+def _quantize_error(rc: int, log: str) -> EdgequantError:
+    """llama.cpp's reason for a failed quantization, on one line, with the tensor it names."""
+    reason = re.findall(r"failed to quantize: (.+)", log)
+    tensor = re.findall(r"offending tensor: (\S+)", log)
+    text = reason[-1].strip() if reason else " ".join(log.strip().splitlines()[-2:]) or f"code {rc}"
+    where = f" (tensor {tensor[-1]})" if tensor else ""
+    fix = ("give it one: ?imatrix=auto or ?imatrix=FILE" if "imatrix" in text else "check the model and the spec")
+    return EdgequantError(f"llama.cpp failed to quantize: {text}{where}", fix)
 
 
 def keep_alive(keep: list, array):
