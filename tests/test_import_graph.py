@@ -21,7 +21,7 @@ LAYERS = {
     "base": ["edgequant", "edgequant.errors", "edgequant.atomic", "edgequant.paths", "edgequant.progress",
              "edgequant.fingerprint", "edgequant.safetensors_info", "edgequant.logprobs", "edgequant.intervals"],
     "model": ["edgequant.spec", "edgequant.artifact", "edgequant.runner", "edgequant.backend", "edgequant.source",
-              "edgequant.gguf_import", "edgequant.evaldata"],
+              "edgequant.gguf_import", "edgequant.evaldata", "edgequant.hardware", "edgequant.gates"],
     "formats": ["edgequant.backends"],
     "registry": ["edgequant.registry"],
     "verbs": ["edgequant.conversion", "edgequant.evaluation", "edgequant.speed_probe", "edgequant.benchmark",

@@ -24,6 +24,13 @@ def _add_inspect(sub) -> None:
     p.set_defaults(run=_run_inspect)
 
 
+def _add_hardware(sub) -> None:
+    p = sub.add_parser("hardware", help="describe this machine and name the closest hardware profile")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.add_argument("--profiles", action="store_true", help="list every profile instead")
+    p.set_defaults(run=_run_hardware)
+
+
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert and quantize a model to one or more specs")
     p.add_argument("model", nargs="?", help=MODEL_HELP)
@@ -117,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgequant", description="Convert, quantize, evaluate and serve models for edge devices.")
     parser.add_argument("--version", action="version", version=f"edgequant {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_inspect, _add_convert, _add_imatrix, _add_eval, _add_bench, _add_results, _add_serve):
+    for add in (_add_inspect, _add_hardware, _add_convert, _add_imatrix, _add_eval, _add_bench, _add_results, _add_serve):
         add(sub)
     return parser
 
@@ -134,6 +141,21 @@ def _run_inspect(args) -> int:
 
     info = inspect_model(args.model)
     print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    return 0
+
+
+def _run_hardware(args) -> int:
+    from edgequant.hardware import closest, detect, profiles
+    from edgequant.report_text import format_hardware, format_profiles
+
+    if args.profiles:
+        listed = {name: vars(p) for name, p in profiles().items()}
+        print(json.dumps(listed, indent=2) if args.json else format_profiles(listed))
+        return 0
+    machine = detect()
+    profile, verdicts = closest(machine)
+    found = {"machine": machine.to_json(), "profile": profile.name, "verdicts": verdicts}
+    print(json.dumps(found, indent=2) if args.json else format_hardware(found, vars(profile)))
     return 0
 
 
@@ -229,3 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgequant: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -35,6 +35,41 @@ def format_inspect(info: dict) -> str:
     return "\n".join(lines)
 
 
+def format_hardware(found: dict, profile: dict) -> str:
+    m = found["machine"]
+    devices = "; ".join(f"{kind}: {', '.join(seen)}" for kind, seen in m["devices"].items()) or "none visible"
+    chosen = next(v for v in found["verdicts"] if v["profile"] == found["profile"])
+    lines = [
+        f"os / machine    {m['os']} {m['machine']}",
+        f"cpu             {m['cpu_vendor']} {m['cpu_model']}, {m['cores']} cores",
+        f"memory          {m['ram_gb']} GB",
+        f"isa             {' '.join(m['isa']) or 'none of note'}",
+        f"accelerators    {devices}",
+        "",
+        f"closest profile {found['profile']}: {profile['title']}",
+        f"  because       {'; '.join(chosen['evidence']) or 'it has no requirements'}",
+        f"  formats       {', '.join(profile['formats'])} (best first)",
+        f"  accelerates   {', '.join(profile['accelerates'])}",
+        f"  speed here    {profile['speed']}",
+        f"  notes         {profile['notes']}",
+        "",
+        "other profiles:",
+    ]
+    for v in found["verdicts"]:
+        if v["profile"] != found["profile"]:
+            why = "matches, lower priority" if v["matches"] else "; ".join(v["missing"])
+            lines.append(f"  {v['profile']:<14} {why}")
+    return "\n".join(lines)
+
+
+def format_profiles(listed: dict) -> str:
+    lines = []
+    for name, p in listed.items():
+        lines += [f"{name}: {p['title']}", f"  formats {', '.join(p['formats'])}; accelerates {', '.join(p['accelerates'])}",
+                  f"  memory {p['memory']}; speed {p['speed']}", f"  {p['notes']}", ""]
+    return "\n".join(lines).rstrip()
+
+
 _METRIC_ROWS = [
     ("perplexity", "perplexity", "{:.4f}"),
     ("baseline_perplexity", "baseline perplexity", "{:.4f}"),

@@ -1,0 +1,128 @@
+"""Quality gates: `kld<=0.05`, `ppl_increase<=5%`, `top1>=0.9`, `size<=120MB`, `peak_rss<=400MB`,
+`speedup>=2`, `memory_reduction>=50%`, `ttft<=300ms`, checked against an evaluation's metrics.
+
+A gate on a quality figure passes only when its whole 95% interval passes: a point estimate
+inside the bound with an interval that crosses it is "uncertain", which does not pass. Speed
+figures use the median of the timed repeats, and `speedup` and `memory_reduction` compare with
+the fp32 baseline measured in the same run. Every verdict says by how much the figure missed.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+
+from edgequant.errors import EdgequantError
+
+# The production-readiness defaults: quality within 5% of the baseline, at least twice the
+# baseline's decode speed, at least half its memory.
+DEFAULT_GATES = ("ppl_increase<=5%", "speedup>=2", "memory_reduction>=50%")
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # the evaluation's metric (or a derived one)
+    unit: str  # the unit values are written in
+    interval: str | None = None  # the key of its 95% interval in metrics["ci95"], for quality figures
+    what: str = ""
+
+
+METRICS = {
+    "kld": Metric("kld_mean", "", "kld_mean", "mean KL divergence to the baseline"),
+    "ppl_increase": Metric("ppl_increase_pct", "%", "ppl_increase_pct", "perplexity increase over the baseline"),
+    "top1": Metric("top1_agreement", "", "top1_agreement", "top-1 agreement with the baseline"),
+    "size": Metric("size_bytes", "B", None, "artifact size on disk"),
+    "peak_rss": Metric("peak_rss_mb", "MB", None, "peak resident memory while generating"),
+    "speedup": Metric("speedup", "x", None, "decode tokens/s over the fp32 baseline's, same run"),
+    "memory_reduction": Metric("memory_reduction_pct", "%", None, "peak memory saved against the fp32 baseline"),
+    "ttft": Metric("ttft_ms", "ms", None, "time to first token (median)"),
+}
+_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+# Per metric, the units a gate may be written in and the factor to the metric's own unit.
+_UNITS = {"size": {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30},
+          "peak_rss": {"": 1, "mb": 1, "gb": 1000}, "ttft": {"": 1, "ms": 1, "s": 1000},
+          "ppl_increase": {"": 1, "%": 1}, "memory_reduction": {"": 1, "%": 1}, "speedup": {"": 1, "x": 1}}
+_PATTERN = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|<|>)\s*([0-9]*\.?[0-9]+)\s*([a-z%]*)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Gate:
+    name: str
+    op: str
+    value: float  # in the metric's own unit (bytes for size, MB for peak_rss, ms for ttft)
+    text: str
+
+    @property
+    def metric(self) -> Metric:
+        return METRICS[self.name]
+
+
+def parse_gate(text: str) -> Gate:
+    """One gate, e.g. `size<=120MB`; an error shows where the text went wrong."""
+    found = _PATTERN.match(text)
+    if not found:
+        raise EdgequantError(f"gate {text!r} does not parse: expected METRIC OP NUMBER[UNIT], e.g. kld<=0.05",
+                             f"metrics: {', '.join(METRICS)}; operators: <=, >=, <, >")
+    name, op, number, unit = found.group(1).lower(), found.group(2), float(found.group(3)), found.group(4).lower()
+    if name not in METRICS:
+        raise EdgequantError(f"gate {text!r}: unknown metric {name!r}", f"use one of: {', '.join(METRICS)}")
+    units = _UNITS.get(name, {"": 1})
+    if unit not in units:
+        raise EdgequantError(f"gate {text!r}: {unit!r} is not a unit of {name} ({METRICS[name].what})",
+                             f"write it in {' or '.join(u or 'no unit' for u in units)}")
+    return Gate(name, op, number * units[unit], text.strip())
+
+
+def parse_gates(texts: list[str] | tuple[str, ...]) -> list[Gate]:
+    gates = [parse_gate(t) for t in texts]
+    _check_consistent(gates)
+    return gates
+
+
+def _check_consistent(gates: list[Gate]) -> None:
+    """Refuse bounds on one metric that no value can meet together (e.g. kld<=0.01 and kld>=0.05)."""
+    for a in gates:
+        for b in gates:
+            if a.name == b.name and a.op in ("<=", "<") and b.op in (">=", ">") and (
+                    a.value < b.value or (a.value == b.value and (a.op == "<" or b.op == ">"))):
+                raise EdgequantError(f"gates {a.text!r} and {b.text!r} contradict each other: no {a.name} meets both",
+                                     "drop or loosen one of them")
+
+
+def derived_metrics(metrics: dict, baseline: dict | None) -> dict:
+    """`metrics` plus the figures gates compare with the fp32 baseline (speedup, memory reduction)."""
+    out = dict(metrics)
+    if baseline and metrics.get("decode_tps") and baseline.get("decode_tps"):
+        out["speedup"] = metrics["decode_tps"] / baseline["decode_tps"]
+    if baseline and metrics.get("peak_rss_mb") and baseline.get("peak_rss_mb"):
+        out["memory_reduction_pct"] = 100 * (1 - metrics["peak_rss_mb"] / baseline["peak_rss_mb"])
+    return out
+
+
+def check(gate: Gate, metrics: dict) -> dict:
+    """The gate's verdict on `metrics` (after derived_metrics): pass, fail, uncertain or not measured."""
+    metric = gate.metric
+    value = metrics.get(metric.key)
+    if value is None:
+        return {"gate": gate.text, "verdict": "not measured", "value": None}
+    compare = _OPS[gate.op]
+    interval = (metrics.get("ci95") or {}).get(metric.interval) if metric.interval else None
+    if interval:
+        low, high = interval
+        passes = [compare(low, gate.value), compare(high, gate.value)]
+        verdict = "pass" if all(passes) else "fail" if not any(passes) else "uncertain"
+    else:
+        verdict = "pass" if compare(value, gate.value) else "fail"
+    worst = (interval[1] if gate.op in ("<=", "<") else interval[0]) if interval else value
+    return {"gate": gate.text, "verdict": verdict, "value": value, "ci95": interval, "bound": gate.value,
+            "missed_by": None if verdict == "pass" else abs(worst - gate.value)}
+
+
+def check_all(gates: list[Gate], metrics: dict) -> list[dict]:
+    return [check(g, metrics) for g in gates]
+
+
+def passes(verdicts: list[dict]) -> bool:
+    """Only "pass" passes: an uncertain interval or a figure not measured does not."""
+    return all(v["verdict"] == "pass" for v in verdicts)

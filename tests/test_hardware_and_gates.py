@@ -1,0 +1,103 @@
+"""Hardware profiles (data), detection and the closest profile; quality gates on hand-made metrics."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgequant.errors import EdgequantError
+from edgequant.gates import DEFAULT_GATES, check, derived_metrics, parse_gate, parse_gates, passes
+from edgequant.hardware import Machine, closest, detect, get_profile, profiles
+from edgequant.registry import format_names, parse_spec
+
+pytestmark = pytest.mark.unit
+
+REQUIRED = {"intel-cpu", "intel-gpu", "intel-npu", "apple-silicon", "qualcomm-npu", "nvidia-gpu", "arm-cpu", "x86-cpu"}
+
+
+def machine(**facts) -> Machine:
+    base = dict(os="Linux", machine="x86_64", cpu_vendor="AuthenticAMD", cpu_model="test", cores=8, ram_gb=16.0)
+    return Machine(**{**base, **facts})
+
+
+def test_every_required_profile_exists_and_names_real_formats_and_specs():
+    assert REQUIRED <= set(profiles())
+    for profile in profiles().values():
+        assert set(profile.formats) <= set(format_names()), profile.name
+        for text in profile.precisions:
+            assert parse_spec(text).format in profile.formats, (profile.name, text)
+        assert profile.speed in ("measured", "stand-in")
+
+
+@pytest.mark.parametrize("facts, expected", [
+    (dict(), "x86-cpu"),
+    (dict(cpu_vendor="GenuineIntel"), "intel-cpu"),
+    (dict(cpu_vendor="GenuineIntel", devices={"intel-gpu": ["renderD128 (driver xe)"]}), "intel-gpu"),
+    (dict(cpu_vendor="GenuineIntel", devices={"intel-gpu": ["renderD128"], "intel-npu": ["accel0 (driver intel_vpu)"]}), "intel-npu"),
+    (dict(devices={"nvidia-gpu": ["NVIDIA H100"]}), "nvidia-gpu"),
+    (dict(os="Darwin", machine="arm64", cpu_vendor="Apple"), "apple-silicon"),
+    (dict(machine="aarch64", cpu_vendor="Qualcomm", devices={"qualcomm-npu": ["/dev/fastrpc-cdsp"]}), "qualcomm-npu"),
+    (dict(machine="aarch64", cpu_vendor="ARM"), "arm-cpu"),
+])
+def test_the_decision_path_for_every_profile(facts, expected):
+    profile, verdicts = closest(machine(**facts))
+    assert profile.name == expected
+    chosen = next(v for v in verdicts if v["profile"] == expected)
+    assert chosen["matches"] and chosen["evidence"] and not chosen["missing"]
+    for v in verdicts:  # every other profile says why it lost
+        assert v["profile"] == expected or v["missing"] or v["priority"] < chosen["priority"]
+
+
+def test_this_machine_is_detected_and_matched():
+    found = detect()
+    assert found.cores >= 1 and found.ram_gb > 0 and found.os
+    profile, _ = closest(found)
+    assert profile.name in profiles()
+    done = subprocess.run([sys.executable, "-m", "edgequant", "hardware", "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and json.loads(done.stdout)["profile"] == profile.name
+
+
+def test_an_unknown_profile_lists_the_known_ones():
+    with pytest.raises(EdgequantError, match="unknown hardware profile") as err:
+        get_profile("tpu")
+    assert "x86-cpu" in err.value.fix and "apple-silicon" in err.value.fix
+
+
+def test_gates_parse_with_units():
+    assert parse_gate("size<=120MB").value == 120e6 and parse_gate("size<=0.5GiB").value == 2**29
+    assert parse_gate("ttft<=0.3s").value == 300 and parse_gate("ttft<=300ms").value == 300
+    assert parse_gate(" ppl_increase <= 5% ").value == 5 and parse_gate("speedup>=2x").op == ">="
+    assert [g.name for g in parse_gates(DEFAULT_GATES)] == ["ppl_increase", "speedup", "memory_reduction"]
+
+
+@pytest.mark.parametrize("text, message", [("kld=<0.05", "does not parse"), ("latency<=3", "unknown metric"),
+                                           ("size<=12MW", "not a unit of size"), ("kld<=", "does not parse")])
+def test_bad_gates_say_what_is_wrong(text, message):
+    with pytest.raises(EdgequantError, match=message):
+        parse_gate(text)
+
+
+def test_contradictory_gates_are_refused():
+    with pytest.raises(EdgequantError, match="contradict"):
+        parse_gates(["kld<=0.01", "kld>=0.05"])
+    parse_gates(["kld<=0.05", "kld>=0.01"])  # a band is fine
+
+
+def test_a_quality_gate_passes_only_when_its_whole_interval_does():
+    gate = parse_gate("kld<=0.05")
+    inside = {"kld_mean": 0.04, "ci95": {"kld_mean": [0.03, 0.045]}}
+    straddles = {"kld_mean": 0.045, "ci95": {"kld_mean": [0.04, 0.06]}}
+    outside = {"kld_mean": 0.07, "ci95": {"kld_mean": [0.06, 0.08]}}
+    assert check(gate, inside)["verdict"] == "pass"
+    assert check(gate, straddles)["verdict"] == "uncertain" and not passes([check(gate, straddles)])
+    missed = check(gate, outside)
+    assert missed["verdict"] == "fail" and missed["missed_by"] == pytest.approx(0.03)
+    assert check(parse_gate("top1>=0.9"), {"top1_agreement": 0.95, "ci95": {"top1_agreement": [0.89, 0.97]}})["verdict"] == "uncertain"
+
+
+def test_speed_and_memory_gates_compare_with_the_baseline():
+    metrics = derived_metrics({"decode_tps": 30.0, "peak_rss_mb": 200.0}, {"decode_tps": 10.0, "peak_rss_mb": 500.0})
+    assert metrics["speedup"] == 3.0 and metrics["memory_reduction_pct"] == pytest.approx(60.0)
+    verdicts = [check(g, metrics) for g in parse_gates(["speedup>=2", "memory_reduction>=50%", "ttft<=300ms"])]
+    assert [v["verdict"] for v in verdicts] == ["pass", "pass", "not measured"] and not passes(verdicts)
