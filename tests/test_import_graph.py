@@ -25,7 +25,7 @@ LAYERS = {
     "formats": ["edgequant.backends"],
     "registry": ["edgequant.registry"],
     "verbs": ["edgequant.conversion", "edgequant.evaluation", "edgequant.speed_probe", "edgequant.benchmark",
-              "edgequant.report", "edgequant.report_text", "edgequant.results", "edgequant.inspection", "edgequant.importance",
+              "edgequant.report", "edgequant.report_text", "edgequant.results", "edgequant.inspection", "edgequant.importance", "edgequant.recommend",
               "edgequant.serving"],
     "cli": ["edgequant.cli", "edgequant.__main__"],
 }

@@ -31,6 +31,22 @@ def _add_hardware(sub) -> None:
     p.set_defaults(run=_run_hardware)
 
 
+def _add_recommend(sub) -> None:
+    p = sub.add_parser("recommend", help="a format and precision for a target device and constraints, and why")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    p.add_argument("--target", metavar="PROFILE", help="hardware profile (default: the one closest to this machine; "
+                                                       "`edgequant hardware --profiles` lists them)")
+    p.add_argument("--max-memory", metavar="SIZE", help="peak memory bound, e.g. 1GB or 400MB")
+    p.add_argument("--max-size", metavar="SIZE", help="artifact size bound, e.g. 150MB")
+    p.add_argument("--min-speedup", type=float, metavar="X", help="decode speed-up over the fp32 baseline (measured)")
+    p.add_argument("--max-kld", type=float, help="mean KLD bound (its whole 95%% interval must pass)")
+    p.add_argument("--max-ppl-increase", metavar="PCT", help="perplexity increase bound in percent, e.g. 5%%")
+    p.add_argument("--measured", action="store_true", help="measure the installed candidates the database lacks first")
+    p.add_argument("--db", type=Path, help="results database (default: the cache's)")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.set_defaults(run=_run_recommend)
+
+
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert and quantize a model to one or more specs")
     p.add_argument("model", nargs="?", help=MODEL_HELP)
@@ -124,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgequant", description="Convert, quantize, evaluate and serve models for edge devices.")
     parser.add_argument("--version", action="version", version=f"edgequant {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_inspect, _add_hardware, _add_convert, _add_imatrix, _add_eval, _add_bench, _add_results, _add_serve):
+    for add in (_add_inspect, _add_hardware, _add_recommend, _add_convert, _add_imatrix, _add_eval, _add_bench, _add_results, _add_serve):
         add(sub)
     return parser
 
@@ -157,6 +173,22 @@ def _run_hardware(args) -> int:
     found = {"machine": machine.to_json(), "profile": profile.name, "verdicts": verdicts}
     print(json.dumps(found, indent=2) if args.json else format_hardware(found, vars(profile)))
     return 0
+
+
+def _run_recommend(args) -> int:
+    from edgequant.recommend import RecommendConfig, recommend
+    from edgequant.report_text import format_recommendation
+
+    ppl = args.max_ppl_increase.rstrip("%") if args.max_ppl_increase else None
+    try:
+        ppl = float(ppl) if ppl is not None else None
+    except ValueError:
+        raise EdgequantError(f"--max-ppl-increase {args.max_ppl_increase!r} is not a percentage", "write e.g. 5%") from None
+    config = RecommendConfig(Path(args.model) if args.model else None, args.target, args.max_memory, args.max_size,
+                             args.min_speedup, args.max_kld, ppl, args.measured, args.db)
+    result = recommend(config)
+    print(json.dumps(result, indent=2) if args.json else format_recommendation(result))
+    return 0 if result["recommendation"] else 1
 
 
 def _run_convert(args) -> int:

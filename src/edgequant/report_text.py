@@ -62,6 +62,25 @@ def format_hardware(found: dict, profile: dict) -> str:
     return "\n".join(lines)
 
 
+def format_recommendation(r: dict) -> str:
+    lines = [f"recommendation for {r['model']} on {r['profile']} ({r['profile_title']}): {r['recommendation'] or 'none'}", "",
+             "decision path:"] + [f"  {i}. {step}" for i, step in enumerate(r["decision_path"], 1)] + ["", "candidates:"]
+    for c in r["candidates"]:
+        m = c["measured"]
+        figures = (f"KLD {m['kld_mean']:.4f} {m['ci95'].get('kld_mean')}, ppl +{m['ppl_increase_pct']:.2f}%"
+                   if m and m.get("kld_mean") is not None else "not measured here")
+        mark = "*" if c["spec"] == r["recommendation"] else " "
+        size = f"{c['size_mb']:>7.1f} MB" if c["size_measured"] else f"~{c['size_mb']:>6.1f} MB"
+        peak = f"peak {m['peak_rss_mb']:.0f} MB" if m and m.get("peak_rss_mb") else f"peak ~{c['expected_peak_mb']:.0f} MB"
+        lines.append(f" {mark} {c['spec']:<22} {size}, {peak}; {figures}"
+                     + ("" if c["installed_here"] else " (engine not installed here)"))
+        if c["lost_because"]:
+            lines.append(f"      lost: {c['lost_because']}")
+    if r["speed_here"] == "stand-in":
+        lines.append("\nspeed on this machine is a stand-in for the target's (see `edgequant hardware --profiles`)")
+    return "\n".join(lines)
+
+
 def format_profiles(listed: dict) -> str:
     lines = []
     for name, p in listed.items():
