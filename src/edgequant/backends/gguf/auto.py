@@ -45,7 +45,6 @@ from edgequant.runner import default_threads
 
 # The types tried for every tensor; duplicates after llama.cpp's fallbacks are dropped per tensor.
 LADDER = ("q2_k", "q3_k", "iq4_nl", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
-TOP = "q8_0"
 HELD_OUT_WINDOWS = 4  # 512-token windows of the calibration text after those the imatrix used
 ROLE_WINDOWS = 2  # enough to rank roles, whose costs differ by orders of magnitude
 WINDOW = 512
@@ -68,9 +67,6 @@ class Table:
 
     def smallest(self) -> int:
         return self.fixed_bytes + sum(c[0].nbytes for c in self.choices.values())
-
-    def largest(self) -> int:
-        return self.fixed_bytes + sum(c[-1].nbytes for c in self.choices.values())
 
 
 @dataclass
