@@ -257,7 +257,7 @@ def test_allocation_fits_the_budget_and_spends_it_where_it_buys_most():
 
 @pytest.mark.unit
 def test_sizes_parse_in_decimal_and_binary_units():
-    from edgequant.backends.gguf.auto import parse_size
+    from edgequant.gates import parse_size
 
     assert parse_size("120MB") == 120_000_000 and parse_size("0.5GiB") == 2**29 and parse_size("4096") == 4096
     with pytest.raises(EdgequantError, match="not a size"):

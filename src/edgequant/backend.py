@@ -51,8 +51,6 @@ class Backend:
     bench_seconds: float = 30.0
     # What a report says when this machine runs the format through a stand-in.
     speed_note: str = ""
-    # Whether `importance_matrix` is implemented (`edgequant imatrix` uses the backend that does).
-    writes_importance_matrix: bool = False
 
     # -- the two hooks ------------------------------------------------------------------------
 
@@ -87,8 +85,12 @@ class Backend:
     def importance_matrix(self, source: "Source", out: Path, *, text: str | None, dataset: str, tokens: int) -> dict:
         """Write this format's per-weight calibration statistics of `source` over `text` (None:
         the calibration text) to `out`, and return facts about them. Formats that keep such a file
-        (llama.cpp's importance matrix) override this and set `writes_importance_matrix`."""
+        (llama.cpp's importance matrix) override this; `edgequant imatrix` uses the backend that does."""
         raise NotImplementedError
+
+    @property
+    def writes_importance_matrix(self) -> bool:
+        return type(self).importance_matrix is not Backend.importance_matrix
 
     def speed_is_representative(self) -> bool:
         """False where this machine runs the format through a stand-in (MLX off Apple silicon, QNN

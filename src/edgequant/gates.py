@@ -39,8 +39,9 @@ METRICS = {
     "ttft": Metric("ttft_ms", "ms", None, "time to first token (median)"),
 }
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+BYTE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 # Per metric, the units a gate may be written in and the factor to the metric's own unit.
-_UNITS = {"size": {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30},
+_UNITS = {"size": BYTE_UNITS,
           "peak_rss": {"": 1, "mb": 1, "gb": 1000}, "ttft": {"": 1, "ms": 1, "s": 1000},
           "ppl_increase": {"": 1, "%": 1}, "memory_reduction": {"": 1, "%": 1}, "speedup": {"": 1, "x": 1}}
 _PATTERN = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|<|>)\s*([0-9]*\.?[0-9]+)\s*([a-z%]*)\s*$", re.IGNORECASE)
@@ -72,6 +73,15 @@ def parse_gate(text: str) -> Gate:
         raise EdgequantError(f"gate {text!r}: {unit!r} is not a unit of {name} ({METRICS[name].what})",
                              f"write it in {' or '.join(u or 'no unit' for u in units)}")
     return Gate(name, op, number * units[unit], text.strip())
+
+
+def parse_size(text: str, name: str = "size") -> int:
+    """`120MB`, `0.5GiB`, `900KB` or a byte count, in bytes (MB = 10^6, MiB = 2^20); `name` is
+    what the error calls the value (an option's name)."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", text, re.IGNORECASE)
+    if not found or found.group(2).lower() not in BYTE_UNITS:
+        raise EdgequantError(f"{name}={text!r} is not a size", f"write e.g. {name}=120MB, {name}=0.5GiB or a byte count")
+    return int(float(found.group(1)) * BYTE_UNITS[found.group(2).lower()])
 
 
 def parse_gates(texts: list[str] | tuple[str, ...]) -> list[Gate]:

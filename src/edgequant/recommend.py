@@ -82,9 +82,9 @@ def recommend(config: RecommendConfig) -> dict:
     if missing:
         hints = "; ".join(f"{f}: {get_backend(f).install_hint()}" for f in missing)
         path.append(f"not installed here, so not measurable here: {hints}")
-    if config.measured:
-        _measure_missing(config, candidates)
     measurements = _measurements(config.db, source.fingerprint)
+    if config.measured and _measure_missing(config, candidates, measurements):
+        measurements = _measurements(config.db, source.fingerprint)
     baseline = measurements.get(BASELINE_SPEC)
     for candidate in candidates:
         candidate.measured = measurements.get(candidate.spec)
@@ -147,15 +147,14 @@ def _measurements(db_path: Path | None, fingerprint: str) -> dict[str, dict]:
     return latest
 
 
-def _measure_missing(config: RecommendConfig, candidates: list[Candidate]) -> None:
-    """Bench the installed candidates (and the fp32 baseline) the database has no figures for."""
+def _measure_missing(config: RecommendConfig, candidates: list[Candidate], have: dict) -> bool:
+    """Bench the installed candidates (and the fp32 baseline) `have` has no figures for; whether it ran."""
     from edgequant.benchmark import BenchConfig, run_bench
-    from edgequant.source import load_source
 
-    have = _measurements(config.db, load_source(config.model).fingerprint)
     wanted = tuple(c.spec for c in candidates if c.installed and c.spec not in have)
     if wanted:
         run_bench(BenchConfig(config.model, wanted, config.db))
+    return bool(wanted)
 
 
 def _why_lost(candidate: Candidate, winner: Candidate | None, rank: int) -> str:

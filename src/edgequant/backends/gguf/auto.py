@@ -39,6 +39,7 @@ from edgequant.backends.gguf import tools as gguf_tools
 from edgequant.backends.gguf.collect import IMATRIX_TOKENS
 from edgequant.backends.gguf.ggml import GGML_TYPES, LLAMA_FTYPE_MOSTLY_Q8_0
 from edgequant.errors import EdgequantError
+from edgequant.gates import parse_size
 from edgequant.paths import cache_dir
 from edgequant.progress import step
 from edgequant.runner import default_threads
@@ -80,16 +81,6 @@ class Outcome:
 def role(name: str) -> str:
     """blk.12.ffn_down.weight -> ffn_down; token_embd.weight -> token_embd."""
     return re.sub(r"^blk\.\d+\.", "", name).removesuffix(".weight")
-
-
-def parse_size(text: str) -> int:
-    """`120MB`, `1.5GiB`, `900KB` or a byte count, in bytes (MB = 10^6, MiB = 2^20)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise EdgequantError(f"size={text!r} is not a size", "write e.g. size=120MB, size=0.5GiB or a byte count")
-    unit = (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(match.group(1)) * scale)
 
 
 def search(intermediate: Path, importance: dict, budget: int, scorer, quantize, workdir: Path,

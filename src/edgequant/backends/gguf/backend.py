@@ -90,7 +90,6 @@ class GGUFBackend(Backend):
         "size": Option("size", str, "", "size budget of gguf:auto as a file size, e.g. 120MB or 0.1GiB (MB = 10^6 bytes)",
                        applies_to=("auto",)),
     }
-    writes_importance_matrix = True
 
     def check_source(self, source) -> None:
         from edgequant.backends.gguf.tools import check_architecture
@@ -101,7 +100,7 @@ class GGUFBackend(Backend):
         opt = self.option_values(spec)
         tensor_overrides(opt["tensor"])
         if opt["size"]:
-            from edgequant.backends.gguf.auto import parse_size
+            from edgequant.gates import parse_size
 
             parse_size(opt["size"])
             if "bpw" in spec.options:
