@@ -26,6 +26,7 @@ LAYERS = {
     "registry": ["edgequant.registry"],
     "verbs": ["edgequant.conversion", "edgequant.evaluation", "edgequant.speed_probe", "edgequant.benchmark",
               "edgequant.report", "edgequant.report_text", "edgequant.results", "edgequant.inspection", "edgequant.importance", "edgequant.recommend",
+              "edgequant.optimize", "edgequant.certificate", "edgequant.recipe",
               "edgequant.serving"],
     "cli": ["edgequant.cli", "edgequant.__main__"],
 }

@@ -92,6 +92,16 @@ class Backend:
     def writes_importance_matrix(self) -> bool:
         return type(self).importance_matrix is not Backend.importance_matrix
 
+    def search_specs(self, max_bytes: int | None) -> list[str]:
+        """Specs that choose their own layout for a size budget (a per-tensor mix), which
+        `optimize` tries beside the profile's fixed specs; `max_bytes` is the size gate's bound."""
+        return []
+
+    def neighbours(self, spec: "Spec") -> list[str]:
+        """Specs one step away from `spec` (another group size, an importance matrix, sensitive
+        layers kept at 8 bit) that `optimize` measures when `spec` is among the best."""
+        return []
+
     def speed_is_representative(self) -> bool:
         """False where this machine runs the format through a stand-in (MLX off Apple silicon, QNN
         on the CPU execution provider): its speed here says little about the target device."""

@@ -74,7 +74,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
     machine = machine_info()
     settings = {"eval": _eval_settings(config.eval), "specs": [str(s) for s, _ in specs],
                 "eval_is_bench_default": config.eval == DEFAULT_EVAL, "short_probe": SHORT_PROBE}
-    run_id = db.start_run(source.name, source.fingerprint, machine, settings, _tool_versions())
+    run_id = db.start_run(source.name, source.fingerprint, machine, settings, tool_versions())
     started = time.perf_counter()
     baseline = _evaluate_baseline(config, source)
     _store(db, run_id, source, baseline)
@@ -128,7 +128,7 @@ def _bench_one(config: BenchConfig, source, spec: Spec) -> BenchRow:
     started = time.perf_counter()
     try:
         artifact = convert(source.path, spec, force=config.force)
-        metrics = evaluate(artifact.path, config=_eval_config_for(config.eval, spec))
+        metrics = evaluate(artifact.path, config=eval_config_for(config.eval, spec))
     except EdgequantError as exc:
         if config.strict:
             raise
@@ -147,7 +147,7 @@ def _bench_one(config: BenchConfig, source, spec: Spec) -> BenchRow:
 SHORT_PROBE = {"gen_tokens": 16, "repeats": 1}
 
 
-def _eval_config_for(config: EvalConfig, spec: Spec) -> EvalConfig:
+def eval_config_for(config: EvalConfig, spec: Spec) -> EvalConfig:
     if not config.speed or get_backend(spec.format).speed_is_representative():
         return config
     return replace(config, gen_tokens=min(config.gen_tokens, SHORT_PROBE["gen_tokens"]), repeats=SHORT_PROBE["repeats"])
@@ -184,7 +184,7 @@ def _eval_settings(config: EvalConfig) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
 
 
-def _tool_versions() -> dict:
+def tool_versions() -> dict:
     from edgequant import __version__
 
     found = {"edgequant": __version__}

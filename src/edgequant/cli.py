@@ -47,6 +47,43 @@ def _add_recommend(sub) -> None:
     p.set_defaults(run=_run_recommend)
 
 
+def _add_optimize(sub) -> None:
+    p = sub.add_parser("optimize", help="measure candidates for a target, pick the best passing every gate, certify it")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    p.add_argument("--target", metavar="PROFILE", help="hardware profile (default: the one closest to this machine)")
+    p.add_argument("--gate", action="append", default=[], metavar="EXPR",
+                   help="e.g. kld<=0.05, ppl_increase<=5%%, top1>=0.9, size<=120MB, peak_rss<=400MB, speedup>=2, "
+                        "ttft<=300ms; repeat it (default: ppl_increase<=5%% speedup>=2 memory_reduction>=50%%)")
+    p.add_argument("--objective", default="size", choices=("size", "speed", "quality"),
+                   help="what the winner is best at among those that pass (default: size)")
+    p.add_argument("--budget", type=int, default=20, help="evaluations at most, neighbours included (default 20)")
+    p.add_argument("--no-search", action="store_true", help="measure the candidates only, not their neighbours")
+    p.add_argument("-o", "--output", type=Path, default=Path("edgequant-optimized"),
+                   help="folder for the winner, certificate.json and certificate.html (default ./edgequant-optimized)")
+    p.add_argument("--save-recipe", type=Path, metavar="FILE", help="also write a recipe (YAML) that reproduces this run")
+    p.add_argument("--db", type=Path, help="results database (default: the cache's)")
+    p.add_argument("--windows", type=int, default=4, help="windows scored per candidate (default 4)")
+    _add_eval_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.set_defaults(run=_run_optimize)
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check an artifact folder against the certificate `optimize` wrote")
+    p.add_argument("certificate", type=Path, help="certificate.json")
+    p.add_argument("artifact", type=Path, help="the artifact folder (the certificate's model/ folder, or a copy)")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.set_defaults(run=_run_verify)
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run a recipe (YAML): source, target, specs or search, eval settings, gates, output")
+    p.add_argument("recipe", type=Path, help="recipe file; `edgequant optimize --save-recipe FILE` writes one")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan and its estimated time")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.set_defaults(run=_run_recipe)
+
+
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert and quantize a model to one or more specs")
     p.add_argument("model", nargs="?", help=MODEL_HELP)
@@ -140,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgequant", description="Convert, quantize, evaluate and serve models for edge devices.")
     parser.add_argument("--version", action="version", version=f"edgequant {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_inspect, _add_hardware, _add_recommend, _add_convert, _add_imatrix, _add_eval, _add_bench, _add_results, _add_serve):
+    for add in (_add_inspect, _add_hardware, _add_recommend, _add_optimize, _add_verify, _add_run, _add_convert, _add_imatrix, _add_eval, _add_bench, _add_results, _add_serve):
         add(sub)
     return parser
 
@@ -189,6 +226,50 @@ def _run_recommend(args) -> int:
     result = recommend(config)
     print(json.dumps(result, indent=2) if args.json else format_recommendation(result))
     return 0 if result["recommendation"] else 1
+
+
+def _run_optimize(args) -> int:
+    from edgequant.optimize import OptimizeConfig, optimize
+    from edgequant.report_text import format_optimize
+
+    config = OptimizeConfig(Path(args.model) if args.model else None, args.target, tuple(args.gate), args.objective,
+                            args.budget, search=not args.no_search, eval=_eval_config(args, args.windows),
+                            output=args.output, db=args.db)
+    if args.save_recipe:
+        from edgequant.recipe import check_recipe_path
+
+        check_recipe_path(args.save_recipe)
+    result = optimize(config)
+    if args.save_recipe:
+        from edgequant.recipe import save_recipe
+
+        save_recipe(config, args.save_recipe, result["profile"]["name"])
+    print(json.dumps(result, indent=2) if args.json else format_optimize(result))
+    return 0 if result["winner"] else 1
+
+
+def _run_recipe(args) -> int:
+    from edgequant.optimize import optimize, plan
+    from edgequant.recipe import load_recipe, optimize_config
+    from edgequant.report_text import format_optimize, format_plan
+
+    config = optimize_config(load_recipe(args.recipe))
+    if args.dry_run:
+        found = plan(config)
+        print(json.dumps(found, indent=2) if args.json else format_plan(found))
+        return 0
+    result = optimize(config)
+    print(json.dumps(result, indent=2) if args.json else format_optimize(result))
+    return 0 if result["winner"] else 1
+
+
+def _run_verify(args) -> int:
+    from edgequant.certificate import verify
+    from edgequant.report_text import format_verify
+
+    found = verify(args.certificate, args.artifact)
+    print(json.dumps(found, indent=2) if args.json else format_verify(found))
+    return 0 if found["ok"] else 1
 
 
 def _run_convert(args) -> int:

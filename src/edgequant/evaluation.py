@@ -70,8 +70,11 @@ class Windows:
         return hashlib.sha256(shape + b":" + self.ids.tobytes()).hexdigest()[:16]
 
 
-def evaluate(target: str | Path | None = None, baseline: str | Path | None = None, config: EvalConfig | None = None) -> dict:
-    """Evaluate an artifact (or a source model) against its baseline; returns the metrics."""
+def evaluate(target: str | Path | None = None, baseline: str | Path | None = None, config: EvalConfig | None = None,
+             reuse: bool = False) -> dict:
+    """Evaluate an artifact (or a source model) against its baseline; returns the metrics. With
+    `reuse`, an evaluation the artifact's manifest already holds for the same settings, text and
+    baseline is returned as it is (its "cached" key says so) instead of being measured again."""
     from edgequant.runner import default_threads
     from edgequant.source import load_source
 
@@ -79,7 +82,13 @@ def evaluate(target: str | Path | None = None, baseline: str | Path | None = Non
     threads = config.threads or default_threads()
     resolved = _resolve_target(target)
     source = load_source(baseline if baseline is not None else _recorded_source(resolved))
-    windows = _make_windows(source, config)
+    text, data_name = _eval_text(config)
+    settings = _settings(config, threads, text, data_name)
+    found = _stored(resolved, source, settings) if reuse else None
+    if found is not None:
+        note(f"cached evaluation: {resolved.label} was measured with these settings, text and baseline before")
+        return {**found, "cached": True}
+    windows = _make_windows(source, config, text, data_name)
     reference = _reference_logprobs(source, windows, threads)
     quality = _quality(resolved, source, windows, reference, threads)
     metrics = {"target": resolved.label, "baseline": str(source.path), **quality, "size_bytes": resolved.size_bytes}
@@ -95,11 +104,37 @@ def evaluate(target: str | Path | None = None, baseline: str | Path | None = Non
             request = SpeedRequest(str(resolved.path) if resolved.path else None, prompts, config.gen_tokens,
                                    config.repeats, threads, config.prompt_tokens + config.gen_tokens + 8)
             metrics.update(run_in_child(request))
-    metrics["settings"] = {**asdict(config), "data": windows.data_name, "data_sha256": windows.text_sha256, "threads": threads}
+    metrics["settings"] = settings
     metrics["machine"] = machine_info()
     if resolved.artifact is not None:
         metrics["evaluation_key"] = resolved.artifact.save_evaluation(metrics)
     return metrics
+
+
+def stored_evaluation(target: str | Path, config: EvalConfig) -> dict | None:
+    """The evaluation an artifact's manifest holds for these settings, text and baseline, if any."""
+    from edgequant.runner import default_threads
+    from edgequant.source import load_source
+
+    resolved = _resolve_target(target)
+    if resolved.artifact is None:
+        return None
+    text, data_name = _eval_text(config)
+    source = load_source(_recorded_source(resolved))
+    return _stored(resolved, source, _settings(config, config.threads or default_threads(), text, data_name))
+
+
+def _settings(config: EvalConfig, threads: int, text: str, data_name: str) -> dict:
+    return {**asdict(config), "data": data_name, "data_sha256": hashlib.sha256(text.encode()).hexdigest(), "threads": threads}
+
+
+def _stored(resolved: Target, source, settings: dict) -> dict | None:
+    from edgequant.artifact import evaluation_key
+
+    if resolved.artifact is None:
+        return None
+    key = evaluation_key({"settings": settings, "baseline": str(source.path)})
+    return resolved.artifact.manifest.get("evaluations", {}).get(key)
 
 
 def _speed_prompts(windows: Windows, length: int, count: int) -> list[list[int]]:
@@ -131,13 +166,18 @@ def _recorded_source(target: Target):
     return recorded
 
 
-def _make_windows(source, config: EvalConfig) -> Windows:
-    from transformers import AutoTokenizer
-
+def _eval_text(config: EvalConfig) -> tuple[str, str]:
+    """The evaluation text and the name results give it."""
     from edgequant.evaldata import default_eval_text, read_text_file
 
-    text = read_text_file(config.data) if config.data else default_eval_text()
-    data_name = str(config.data) if config.data else "enwiki prose (gensim test data)"
+    if config.data:
+        return read_text_file(config.data), str(config.data)
+    return default_eval_text(), "enwiki prose (gensim test data)"
+
+
+def _make_windows(source, config: EvalConfig, text: str, data_name: str) -> Windows:
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(source.hf_dir)
     needed = config.ctx * config.windows
     chars = needed * 6

@@ -17,15 +17,20 @@ def file_sha256(path: Path) -> str:
     memo = _read_memo(memo_path)
     if key in memo:
         return memo[key]
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    memo[key] = digest.hexdigest()
+    memo[key] = fresh_sha256(path)
     tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(memo))
     os.replace(tmp, memo_path)
     return memo[key]
+
+
+def fresh_sha256(path: Path) -> str:
+    """The hash of the bytes there now, without the memo (what a verification must read)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def files_sha256(paths: list[Path]) -> str:

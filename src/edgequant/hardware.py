@@ -97,6 +97,11 @@ def closest(machine: Machine) -> tuple[Profile, list[dict]]:
     return profiles()[verdicts[0]["profile"]], verdicts
 
 
+def runs_here(profile: Profile, machine: Machine) -> bool:
+    """Whether this machine is of the profile's kind, so its speed and memory figures are the target's."""
+    return not _match(profile.match, machine)[1]
+
+
 def _match(rules: dict, machine: Machine) -> tuple[list[str], list[str]]:
     """The facts a profile's rules matched, and the rules it missed."""
     matched, missed = [], []

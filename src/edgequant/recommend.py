@@ -74,7 +74,7 @@ def recommend(config: RecommendConfig) -> dict:
     from edgequant.source import load_source
 
     gates = constraints(config)
-    path, profile = _profile(config)
+    path, profile = target_profile(config.target)
     source = load_source(config.model)
     candidates = [_candidate(text, source) for text in profile.precisions]
     path.append(f"candidates: {', '.join(c.spec for c in candidates)} (the profile's specs, in its order)")
@@ -109,9 +109,10 @@ def recommend(config: RecommendConfig) -> dict:
             "candidates": [_as_json(c) for c in candidates], "speed_here": profile.speed}
 
 
-def _profile(config: RecommendConfig) -> tuple[list[str], Profile]:
-    if config.target:
-        profile = get_profile(config.target)
+def target_profile(target: str | None) -> tuple[list[str], Profile]:
+    """The profile asked for, or the one closest to this machine, and the decision step naming it."""
+    if target:
+        profile = get_profile(target)
         return [f"target: {profile.name} ({profile.title}), as asked"], profile
     profile, verdicts = closest(detect())
     evidence = "; ".join(next(v for v in verdicts if v["profile"] == profile.name)["evidence"])

@@ -16,13 +16,13 @@ from edgequant.registry import get_format
 UNUSABLE_PPL_INCREASE_PCT = 100.0
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points not dominated on (x, y), both minimised; sorted by x."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        dominated = any((ox <= x and oy <= y) and (ox < x or oy < y) for j, (ox, oy) in enumerate(points) if j != i)
-        if not dominated:
-            front.append(i)
+def pareto_front(points: list[tuple[float, ...]]) -> list[int]:
+    """Indices of the points no other point dominates (no worse in every coordinate, better in
+    one), every coordinate minimised; sorted by the points."""
+    def dominates(a: tuple, b: tuple) -> bool:
+        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+    front = [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
     return sorted(front, key=lambda i: points[i])
 
 

@@ -81,6 +81,58 @@ def format_recommendation(r: dict) -> str:
     return "\n".join(lines)
 
 
+def format_optimize(r: dict) -> str:
+    profile = r["profile"]
+    lines = [f"optimize {r['model']} for {profile['name']} ({profile['title']}): "
+             + (f"winner {r['winner']}" if r["winner"] else "no candidate passes every gate"),
+             f"{r['evaluations']} of {r['budget']} evaluations, {r['seconds'] / 60:.1f} min", "", "decision path:"]
+    lines += [f"  {i}. {step}" for i, step in enumerate(r["decision_path"], 1)]
+    lines += ["", "candidates (* winner, + Pareto front):"]
+    for c in r["candidates"]:
+        f = c.get("figures") or {}
+        mark = "*" if c["spec"] == r["winner"] else "+" if c["pareto"] else " "
+        if f.get("kld_mean") is not None:
+            speed = f", {f['decode_tps']:.0f} tok/s" if f.get("decode_tps") else ""
+            text = (f"{f['size_bytes'] / 1e6:7.1f} MB, KLD {f['kld_mean']:.4g} {f['ci95'].get('kld_mean')}, "
+                    f"ppl {f['ppl_increase_pct']:+.2f}%{speed}, peak {f.get('peak_rss_mb', 0):.0f} MB"
+                    + (" (cached)" if c["cached"] else ""))
+        else:
+            text = f"{c['status']}: {c['reason']}"
+        lines.append(f" {mark} {c['spec']:<34} {text}")
+        failed = [v for v in c["verdicts"] if v["verdict"] not in ("pass", "skipped")] if c["status"] == "measured" else []
+        if failed:
+            lines.append(f"      fails: {', '.join(v['gate'] + ' (' + v['verdict'] + ')' for v in failed)}")
+        if c["better_than_parent"] is not None:
+            lines.append(f"      {c['origin']}: {'better' if c['better_than_parent'] else 'not better'} than its parent")
+    if r["why"]:
+        lines += ["", "why:"] + [f"  - {w}" for w in r["why"]]
+    if r["closest"]:
+        lines += ["", f"closest: {r['closest']['spec']}: {r['closest']['missed']}"]
+    if r.get("certificate"):
+        lines += ["", f"certificate: {r['certificate']} (and certificate.html beside it)"]
+    return "\n".join(lines)
+
+
+def format_plan(p: dict) -> str:
+    lines = [f"plan: optimize {p['model']} for {p['profile']}, objective {p['objective']}, gates {', '.join(p['gates'])}",
+             f"estimated time: about {p['estimated_s'] / 60:.0f} min ({p['estimate_basis']})", "", "candidates:"]
+    for c in p["candidates"]:
+        state = (f"skipped: {c['skipped']}" if c["skipped"] else "evaluation cached" if c["evaluation_cached"]
+                 else "artifact cached, to evaluate" if c["artifact_cached"] else "to build and evaluate")
+        lines.append(f"  {c['spec']:<34} ~{c['expected_size_mb']:>7.1f} MB  {state}")
+    if p["neighbours_at_most"]:
+        lines.append(f"then up to {p['neighbours_at_most']} neighbours of the best, within the budget of {p['budget']}")
+    return "\n".join(lines)
+
+
+def format_verify(found: dict) -> str:
+    lines = [f"{found['artifact']}: {'matches' if found['ok'] else 'does NOT match'} the certificate of {found['spec']}"]
+    lines += [f"  {f['status']:<8} {f['path']}" for f in found["files"] if f["status"] != "same"]
+    if found["ok"]:
+        lines.append(f"  {len(found['files'])} files, every sha256 the same")
+    return "\n".join(lines)
+
+
 def format_profiles(listed: dict) -> str:
     lines = []
     for name, p in listed.items():

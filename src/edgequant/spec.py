@@ -130,6 +130,9 @@ class Spec:
     def to_json(self) -> dict:
         return {"format": self.format, "precision": self.precision, "options": dict(self.options)}
 
+    def with_options(self, **changes: Any) -> "Spec":
+        return Spec(self.format, self.precision, {**self.options, **changes})
+
 
 def _format_value(value: Any) -> str:
     if isinstance(value, bool):

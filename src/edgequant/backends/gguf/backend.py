@@ -112,6 +112,23 @@ class GGUFBackend(Backend):
             raise EdgequantError(f"gguf:{spec.precision} needs an importance matrix",
                                  "add ?imatrix=auto (computed from the calibration text) or ?imatrix=FILE")
 
+    def search_specs(self, max_bytes: int | None) -> list[str]:
+        return [f"gguf:auto?size={max_bytes / 1e6:.6g}MB"] if max_bytes else ["gguf:auto"]
+
+    def neighbours(self, spec) -> list[str]:
+        """A measured mix one budget step smaller and larger; a fixed type with the importance matrix."""
+        if spec.precision == "auto":
+            opt = self.option_values(spec)
+            if opt["size"]:
+                from edgequant.gates import parse_size
+
+                size = parse_size(opt["size"])
+                return [str(spec.with_options(size=f"{size * f / 1e6:.6g}MB")) for f in (0.9, 0.95)]
+            return [str(spec.with_options(bpw=b)) for b in (opt["bpw"] - 0.5, opt["bpw"] + 0.5) if 1.5 <= b <= 8.5]
+        if spec.precision in _FIXED and not spec.options.get("imatrix"):
+            return [str(spec.with_options(imatrix="auto"))]
+        return []
+
     def input_files(self, spec) -> list[Path]:
         value = spec.options.get("imatrix", "")
         return [Path(value).expanduser().resolve()] if value not in ("", "auto") else []

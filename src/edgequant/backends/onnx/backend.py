@@ -74,6 +74,19 @@ class OnnxBackend(Backend):
                              applies_to=_STATIC),
     }
 
+    def neighbours(self, spec) -> list[str]:
+        """int4: other block sizes, the LM head at 4 bit too, and k_quant with sensitive layers at 8 bit."""
+        if spec.precision != "int4":
+            return []
+        opt = self.option_values(spec)
+        blocks = (16, 32, 64, 128)
+        at = blocks.index(opt["block"])
+        found = [spec.with_options(block=b) for b in blocks[max(at - 1, 0):at + 2] if b != opt["block"]]
+        found.append(spec.with_options(head8=not opt["head8"]))
+        if opt["algo"] != "k_quant":
+            found.append(spec.with_options(algo="k_quant", mixed=True))
+        return [str(s) for s in found]
+
     def validate(self, spec) -> None:
         opt = self.option_values(spec)
         if opt["mixed"] and opt["algo"] != "k_quant":

@@ -71,6 +71,17 @@ class OpenVINOBackend(Backend):
                             minimum=-1, maximum=4096),
     }
 
+    def neighbours(self, spec) -> list[str]:
+        """int4: the next group sizes, and a fifth more or fewer layers kept at 8 bit."""
+        if spec.precision != "int4":
+            return []
+        opt = self.option_values(spec)
+        groups = (32, 64, 128)
+        at = groups.index(opt["group"])
+        found = [spec.with_options(group=g) for g in groups[max(at - 1, 0):at + 2] if g != opt["group"]]
+        found += [spec.with_options(ratio=round(r, 2)) for r in (opt["ratio"] - 0.2, opt["ratio"] + 0.2) if 0 <= r <= 1]
+        return [str(s) for s in found]
+
     def validate(self, spec) -> None:
         settings = self.compress_settings(spec)
         if (settings is None or settings.samples == 0) and ("calib" in spec.options or "samples" in spec.options):

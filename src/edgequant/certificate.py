@@ -1,0 +1,229 @@
+"""Certificates: what `optimize` chose, the evidence it chose from, and hashes to check it later.
+
+`write_certificate` copies the winning artifact to `<out>/model` and writes `certificate.json`
+and a self-contained `certificate.html` (no network, no script) beside it, all atomically.
+`verify` hashes an artifact folder again and compares every file with the certificate.
+
+The artifact's manifest (`edgequant.json`) is listed but not certified: every evaluation appends
+to it. The model files, tokenizer and configuration are what is certified, byte for byte.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgequant.errors import EdgequantError
+
+CERTIFICATE = "certificate.json"
+PAGE = "certificate.html"
+MODEL_FOLDER = "model"
+KIND = "edgequant-certificate"
+VERSION = 1
+UNCERTIFIED = ("edgequant.json",)  # rewritten by each evaluation
+
+
+def hash_folder(folder: Path) -> dict[str, dict]:
+    """Every certified file under `folder`, by relative path: its sha256 and size."""
+    from edgequant.fingerprint import fresh_sha256
+
+    return {str(p.relative_to(folder)): {"sha256": fresh_sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in UNCERTIFIED}
+
+
+def write_certificate(result: dict, artifact_path: str, source, out: Path) -> Path:
+    """Copy the winner to `out/model`, certify it there; returns the certificate's path."""
+    from edgequant.atomic import atomic_dir
+
+    out = Path(out).expanduser().resolve()
+    if out.exists() and any(out.iterdir()) and not (out / CERTIFICATE).is_file():
+        raise EdgequantError(f"{out} exists and holds something other than an edgequant certificate",
+                             "choose another --output folder, or empty it")
+    with atomic_dir(out, replace=True) as tmp:
+        shutil.copytree(artifact_path, tmp / MODEL_FOLDER)
+        certificate = build_certificate(result, tmp / MODEL_FOLDER, source)
+        (tmp / CERTIFICATE).write_text(json.dumps(certificate, indent=2))
+        (tmp / PAGE).write_text(render_html(certificate))
+    return out / CERTIFICATE
+
+
+def build_certificate(result: dict, model_dir: Path, source) -> dict:
+    from edgequant import __version__
+    from edgequant.artifact import open_artifact
+    from edgequant.benchmark import tool_versions
+    from edgequant.evaluation import machine_info
+    from edgequant.hardware import detect
+
+    artifact = open_artifact(model_dir)
+    winner = next(c for c in result["candidates"] if c["spec"] == result["winner"])
+    return {
+        "kind": KIND, "version": VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "verdict": "pass" if winner["passes"] else "fail",
+        "spec": result["winner"], "model": result["model"],
+        "artifact": {"folder": MODEL_FOLDER, "files": hash_folder(model_dir), "not_certified": list(UNCERTIFIED),
+                     "why_not_certified": "the manifest gains an entry with every evaluation; the model bytes are certified",
+                     "built": artifact.manifest.get("created"), "details": artifact.manifest.get("details", {}),
+                     "limitations": artifact.manifest.get("limitations", [])},
+        "source": {"path": result["source"], "fingerprint": result["source_fingerprint"], "files": _source_files(source)},
+        "tools": {"edgequant": __version__, **artifact.manifest.get("tools", {}), **tool_versions()},
+        "machine": {**machine_info(), "detected": detect().to_json()},
+        "profile": result["profile"],
+        "evaluation": result["eval_settings"],
+        "gates": winner["verdicts"], "default_gates": result["default_gates"], "objective": result["objective"],
+        "figures": winner["figures"], "derived": winner.get("derived", {}), "baseline": result["baseline"],
+        "stand_ins": [v for v in winner["verdicts"] if v.get("stand_in")],
+        "pareto_front": [_brief(c) for c in result["candidates"] if c["pareto"]],
+        "candidates": [_brief(c) for c in result["candidates"]],
+        "why": result["why"], "decision_path": result["decision_path"],
+    }
+
+
+def _source_files(source) -> dict[str, str]:
+    from edgequant.fingerprint import file_sha256
+
+    path = Path(source.path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {(p.name if path.is_file() else str(p.relative_to(path))): file_sha256(p) for p in files}
+
+
+def _brief(c: dict) -> dict:
+    f = c.get("figures") or {}
+    return {"spec": c["spec"], "status": c["status"], "passes": c["passes"], "pareto": c["pareto"], "origin": c["origin"],
+            "size_mb": round(f["size_bytes"] / 1e6, 2) if f.get("size_bytes") else None,
+            "kld_mean": f.get("kld_mean"), "ppl_increase_pct": f.get("ppl_increase_pct"),
+            "decode_tps": f.get("decode_tps"), "peak_rss_mb": f.get("peak_rss_mb"), "reason": c.get("reason")}
+
+
+def read_certificate(path: Path) -> dict:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise EdgequantError(f"no such certificate: {path}", "pass the certificate.json written by `edgequant optimize`")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise EdgequantError(f"{path} is not JSON", "pass the certificate.json written by `edgequant optimize`") from None
+    if not isinstance(data, dict) or data.get("kind") != KIND:
+        raise EdgequantError(f"{path} is not an edgequant certificate", "pass the certificate.json written by `edgequant optimize`")
+    if data.get("version") != VERSION:
+        raise EdgequantError(f"{path} is a version {data.get('version')} certificate; this edgequant reads version {VERSION}",
+                             "verify it with the edgequant that wrote it")
+    return data
+
+
+def verify(certificate_path: Path, artifact: Path) -> dict:
+    """Compare every file of `artifact` with the certificate: same, changed, missing or extra."""
+    certificate = read_certificate(certificate_path)
+    folder = Path(artifact).expanduser()
+    if not folder.is_dir():
+        raise EdgequantError(f"{folder} is not a folder", "pass the artifact folder the certificate names (its model/ folder)")
+    expected = certificate["artifact"]["files"]
+    found = hash_folder(folder)
+    files = []
+    for name in sorted(set(expected) | set(found)):
+        want, got = expected.get(name), found.get(name)
+        status = "missing" if got is None else "extra" if want is None else "same" if want["sha256"] == got["sha256"] else "changed"
+        files.append({"path": name, "status": status, "expected": want and want["sha256"], "actual": got and got["sha256"]})
+    return {"certificate": str(certificate_path), "artifact": str(folder), "spec": certificate["spec"],
+            "ok": all(f["status"] == "same" for f in files), "files": files}
+
+
+# -- the page ----------------------------------------------------------------------------------
+
+_STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.5em}table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f3f3f3}.pass{color:#176f2c;font-weight:600}.fail,.uncertain{color:#a31515;font-weight:600}
+.skipped,.not{color:#8a6d00}.banner{padding:.8em 1em;border-radius:6px;font-size:1.2em;margin:1em 0}
+.banner.pass{background:#e3f4e7}.banner.fail{background:#fbe4e4}code{font-size:.9em}
+.front{fill:#1f6fb2}.point{fill:#bbb}.winner{fill:#d9480f}svg text{font-size:11px}"""
+
+
+def render_html(c: dict) -> str:
+    e = html.escape
+    gates = "".join(
+        f"<tr class=\"gate\"><td><code>{e(v['gate'])}</code></td><td>{e(_value(v))}</td><td>{e(str(v.get('ci95') or ''))}</td>"
+        f"<td class=\"{e(v['verdict'].split()[0])}\">{e(v['verdict'])}</td><td>{e(v.get('stand_in', ''))}</td></tr>"
+        for v in c["gates"])
+    figures = "".join(f"<tr><td>{e(k)}</td><td>{e(json.dumps(v))}</td></tr>" for k, v in {**c["figures"], **c["derived"]}.items())
+    candidates = "".join(
+        f"<tr class=\"candidate\"><td><code>{e(x['spec'])}</code></td><td>{e(x['origin'])}</td><td>{e(x['status'])}</td>"
+        f"<td>{_num(x['size_mb'])}</td><td>{_num(x['kld_mean'])}</td><td>{_num(x['ppl_increase_pct'])}</td>"
+        f"<td>{_num(x['decode_tps'])}</td><td>{'yes' if x['passes'] else 'no'}</td><td>{'yes' if x['pareto'] else ''}</td>"
+        f"<td>{e(x['reason'] or '')}</td></tr>" for x in c["candidates"])
+    hashes = "".join(f"<tr class=\"hash\"><td><code>{e(name)}</code></td><td><code>{e(h['sha256'])}</code></td><td>{h['bytes']}</td></tr>"
+                     for name, h in c["artifact"]["files"].items())
+    sources = "".join(f"<tr><td><code>{e(name)}</code></td><td><code>{e(h)}</code></td></tr>" for name, h in c["source"]["files"].items())
+    tools = ", ".join(f"{e(k)} {e(str(v))}" for k, v in c["tools"].items())
+    why = "".join(f"<li>{e(w)}</li>" for w in c["why"])
+    path = "".join(f"<li>{e(s)}</li>" for s in c["decision_path"])
+    machine = c["machine"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>edgequant certificate: {e(c['spec'])}</title><style>{_STYLE}</style></head>
+<body>
+<h1>edgequant certificate: <code>{e(c['spec'])}</code> of {e(c['model'])}</h1>
+<div class="banner {e(c['verdict'])}" id="verdict">Verdict: {e(c['verdict'].upper())} for {e(c['profile']['name'])}
+({e(c['profile']['title'])}){'' if c['profile']['runs_here'] else ' - measured on a stand-in machine, see the gates'}</div>
+<h2>Why this one</h2><ul id="why">{why}</ul>
+<h2>Gates</h2>
+<table id="gates"><thead><tr><th>gate</th><th>measured</th><th>95% interval</th><th>verdict</th><th>stand-in</th></tr></thead>
+<tbody>{gates}</tbody></table>
+<h2>Pareto front</h2>
+{_chart(c['candidates'], c['spec'])}
+<table id="candidates"><thead><tr><th>spec</th><th>origin</th><th>status</th><th>MB</th><th>KLD</th><th>ppl +%</th>
+<th>decode tok/s</th><th>passes</th><th>front</th><th>note</th></tr></thead><tbody>{candidates}</tbody></table>
+<h2>Figures of the winner</h2><table id="figures"><tbody>{figures}</tbody></table>
+<h2>Artifact files (sha256)</h2>
+<table id="hashes"><thead><tr><th>file</th><th>sha256</th><th>bytes</th></tr></thead><tbody>{hashes}</tbody></table>
+<p>Not certified: {e(', '.join(c['artifact']['not_certified']))} ({e(c['artifact']['why_not_certified'])}).
+Check a copy with <code>edgequant verify certificate.json FOLDER</code>.</p>
+<h2>Source</h2><p>{e(c['source']['path'])}, fingerprint <code>{e(c['source']['fingerprint'])}</code></p>
+<table id="source"><tbody>{sources}</tbody></table>
+<h2>Evaluation</h2><p><code>{e(json.dumps(c['evaluation']))}</code></p>
+<h2>Machine and tools</h2><p>{e(str(machine.get('cpu')))}, {machine.get('cores')} cores, {machine.get('ram_gb')} GB,
+{e(str(machine.get('os')))}, load {machine.get('load_avg_1m')}. Tools: {tools}.</p>
+<h2>Decision path</h2><ol>{path}</ol>
+<p>Written {e(c['created'])}.</p>
+</body></html>
+"""
+
+
+def _value(v: dict) -> str:
+    value = v.get("value")
+    if value is None:
+        return "-"
+    return f"{value / 1e6:.2f} MB" if v["gate"].startswith("size") else f"{value:.4g}"
+
+
+def _num(x) -> str:
+    return "" if x is None else f"{x:.4g}"
+
+
+def _chart(candidates: list[dict], winner: str) -> str:
+    """Size against KLD (log scale), the front in blue, the winner in orange: static SVG."""
+    import math
+
+    points = [c for c in candidates if c["size_mb"] and c["kld_mean"] is not None]
+    if not points:
+        return "<p>No measured candidates.</p>"
+    width, height, pad = 640, 320, 50
+    xs = [c["size_mb"] for c in points]
+    ys = [math.log10(max(c["kld_mean"], 1e-7)) for c in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (pad + (x - x0) / (x1 - x0) * (width - 2 * pad), height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad))
+
+    dots = []
+    for c, x, y in zip(points, xs, ys):
+        cx, cy = at(x, y)
+        kind = "winner" if c["spec"] == winner else "front" if c["pareto"] else "point"
+        dots.append(f'<circle class="{kind}" cx="{cx:.1f}" cy="{cy:.1f}" r="5"><title>{html.escape(c["spec"])}: '
+                    f'{c["size_mb"]:.1f} MB, KLD {c["kld_mean"]:.3g}</title></circle>')
+    axes = (f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#444"/>'
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#444"/>'
+            f'<text x="{width / 2}" y="{height - 12}">size, MB ({x0:.0f} to {x1:.0f})</text>'
+            f'<text x="6" y="{pad - 12}">KLD, log scale (1e{y0:.1f} to 1e{y1:.1f})</text>')
+    return f'<svg id="front-chart" width="{width}" height="{height}" role="img" aria-label="size versus KLD">{axes}{"".join(dots)}</svg>'

@@ -1,0 +1,472 @@
+"""`optimize`: the best artifact for a target under gates, chosen from measurements.
+
+1. The target profile (`--target`, or the one closest to this machine) and the gates (the
+   production-readiness defaults when none are given).
+2. Candidates: the profile's specs, the built-in specs of its formats, and specs that build
+   themselves to the size gate's budget (a per-tensor GGUF mix). A candidate whose expected size is
+   far over a size gate is not built; one whose engine is missing here is listed with its extra.
+3. Each candidate is converted (cached) and evaluated (cached per settings in its manifest); the
+   fp32 baseline's speed and memory are measured in this run, for `speedup` and `memory_reduction`.
+4. Closed loop: the neighbours of the best two candidates (`Backend.neighbours`: another group
+   size, an importance matrix, sensitive layers at 8 bit) are measured while the budget of
+   evaluations lasts; each neighbour says whether it measured better than its parent.
+5. The Pareto front over KLD, size, peak memory and decode speed; the winner is the passing
+   candidate best by the objective. Figures that came from the cache are measured again in this
+   run before the winner is certified.
+
+When the target is not this kind of machine, speed gates are skipped and memory is estimated from
+the artifact size: the output says which figures are such stand-ins and why.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgequant.benchmark import DEFAULT_EVAL, eval_config_for
+from edgequant.errors import EdgequantError
+from edgequant.evaluation import EvalConfig
+from edgequant.gates import DEFAULT_GATES, Gate, check, derived_metrics, parse_gates
+from edgequant.progress import note
+from edgequant.recommend import RUNTIME_OVERHEAD_MB
+from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec
+
+OBJECTIVES = ("size", "speed", "quality")
+DEFAULT_BUDGET = 20  # evaluations, neighbours included
+EXPANDED_PER_ROUND = 2  # how many of the best candidates have their neighbours tried each round
+# A candidate is built only if its expected size is within this factor of a size gate: the
+# estimate is rough where a format keeps some tensors wider than its nominal precision.
+SIZE_ESTIMATE_SLACK = 1.25
+SPEED_GATES = ("speedup", "ttft")
+MEMORY_GATES = ("peak_rss", "memory_reduction")
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    model: Path | None = None
+    target: str | None = None  # a profile name; None: the one closest to this machine
+    gates: tuple[str, ...] = ()  # empty: DEFAULT_GATES
+    objective: str = "size"
+    budget: int = DEFAULT_BUDGET
+    specs: tuple[str, ...] | None = None  # exactly these candidates instead of the profile's (recipes)
+    search: bool = True  # try neighbours of the best candidates
+    eval: EvalConfig = DEFAULT_EVAL
+    output: Path | None = None  # where the winner, its certificate and report go
+    db: Path | None = None
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise EdgequantError(f"unknown objective {self.objective!r}", f"use one of: {', '.join(OBJECTIVES)}")
+        if self.budget < 1:
+            raise EdgequantError(f"--budget {self.budget} must be at least 1 evaluation", "pass e.g. --budget 20")
+
+
+@dataclass
+class Candidate:
+    spec: str
+    origin: str  # why it was tried
+    status: str = "planned"  # measured, failed, not built, not installed
+    reason: str = ""
+    metrics: dict | None = None
+    figures: dict = field(default_factory=dict)  # what gates read: measured, derived, estimated
+    verdicts: list[dict] = field(default_factory=list)
+    artifact: str | None = None
+    cached: bool = False
+    better_than_parent: bool | None = None
+
+    @property
+    def passes(self) -> bool:
+        return self.status == "measured" and all(v["verdict"] in ("pass", "skipped") for v in self.verdicts)
+
+
+@dataclass
+class Context:
+    """What every measurement of one run shares."""
+
+    config: OptimizeConfig
+    source: object
+    gates: list[Gate]
+    runs_here: bool
+    baseline: dict
+    db: object
+    run_id: int
+    evaluations: int = 0
+
+
+def optimize(config: OptimizeConfig) -> dict:
+    from edgequant.evaluation import evaluate, machine_info
+    from edgequant.hardware import detect, runs_here
+    from edgequant.recommend import target_profile
+    from edgequant.results import ResultsDB
+    from edgequant.source import load_source
+
+    started = time.perf_counter()
+    gates = parse_gates(config.gates or DEFAULT_GATES)
+    path, profile = target_profile(config.target)
+    here = runs_here(profile, detect())
+    source = load_source(config.model)
+    candidates = _initial_candidates(config, profile, source, gates)
+    _check_something_runs(candidates, profile)
+    path.append(f"gates: {', '.join(g.text for g in gates)}" + ("" if config.gates else " (the defaults: quality within 5% of "
+                "the baseline, at least 2x its decode speed, at least 50% less memory)"))
+    path.append(f"objective: {config.objective} ({_OBJECTIVE_WORDS[config.objective]})")
+    if not here:
+        path.append(f"{profile.name} is not this machine: quality is measured here for real; speed gates are skipped and "
+                    f"peak memory is estimated as artifact size + {RUNTIME_OVERHEAD_MB:.0f} MB (stand-ins)")
+    db = ResultsDB.open(config.db)
+    settings = {"verb": "optimize", "target": profile.name, "gates": [g.text for g in gates], "objective": config.objective}
+    run_id = db.start_run(source.name, source.fingerprint, machine_info(), settings, {})
+    note("measuring the fp32 baseline's speed and memory in this run")
+    baseline = evaluate(source.path, config=config.eval)
+    db.add(run_id, source.name, source.fingerprint, BASELINE_SPEC, "ok", baseline, artifact_path=str(source.path))
+    ctx = Context(config, source, gates, here, baseline, db, run_id)
+    try:
+        for candidate in candidates:
+            _measure(ctx, candidate)
+        if config.search:
+            _closed_loop(ctx, candidates)
+        winner = _certified_winner(ctx, candidates)
+    finally:
+        db.close()
+    result = _result(ctx, profile, candidates, winner, path, time.perf_counter() - started)
+    if winner is not None and config.output is not None:
+        from edgequant.certificate import write_certificate
+
+        result["certificate"] = str(write_certificate(result, winner.artifact, source, config.output))
+    return result
+
+
+def plan(config: OptimizeConfig) -> dict:
+    """What `optimize` would do, without doing it: the candidates, which are cached, and an
+    estimate of the time (each backend's `bench_seconds` for what is not cached)."""
+    from edgequant.conversion import default_artifact_dir
+    from edgequant.evaluation import stored_evaluation
+    from edgequant.recommend import target_profile
+    from edgequant.artifact import is_artifact
+    from edgequant.source import load_source
+
+    gates = parse_gates(config.gates or DEFAULT_GATES)
+    path, profile = target_profile(config.target)
+    source = load_source(config.model)
+    rows, seconds = [], BASELINE_SECONDS
+    for candidate in _initial_candidates(config, profile, source, gates):
+        spec = parse_spec(candidate.spec)
+        backend = get_backend(spec.format)
+        expected = backend.estimated_bytes(spec.precision, source.tensors, _tied(source))
+        folder = default_artifact_dir(source.fingerprint, spec)
+        built = is_artifact(folder)
+        evaluated = built and stored_evaluation(folder, eval_config_for(config.eval, spec)) is not None
+        skip = backend.missing_engine() or (f"expected size is over {_over_size_gate(gates, expected, SIZE_ESTIMATE_SLACK)}"
+                                            if _over_size_gate(gates, expected, SIZE_ESTIMATE_SLACK) else None)
+        cost = 0.0 if skip else CACHED_SECONDS if evaluated else backend.bench_seconds
+        seconds += cost
+        rows.append({"spec": candidate.spec, "origin": candidate.origin, "expected_size_mb": round(expected / 1e6, 1),
+                     "artifact_cached": built, "evaluation_cached": evaluated, "skipped": skip, "estimated_s": cost})
+    measured = [r for r in rows if not r["skipped"]]
+    extra = max(0, config.budget - len(measured)) if config.search else 0
+    average = sum(get_backend(parse_spec(r["spec"]).format).bench_seconds for r in measured) / max(len(measured), 1)
+    return {"model": source.name, "profile": profile.name, "decision_path": path, "gates": [g.text for g in gates],
+            "objective": config.objective, "budget": config.budget, "candidates": rows, "neighbours_at_most": extra,
+            "estimated_s": round(seconds + extra * average), "estimate_basis": "each backend's bench_seconds for what is not "
+            "cached, the neighbours at their average (a gguf:auto mix's first search takes ~3 minutes more)"}
+
+
+# Seconds the baseline's speed probe and a cached candidate's check take, for plan()'s estimate.
+BASELINE_SECONDS = 60.0
+CACHED_SECONDS = 3.0
+
+_OBJECTIVE_WORDS = {"size": "the smallest artifact that passes every gate",
+                    "speed": "the fastest decode among those that pass every gate",
+                    "quality": "the lowest KL divergence among those that pass every gate"}
+
+
+def _initial_candidates(config: OptimizeConfig, profile, source, gates: list[Gate]) -> list[Candidate]:
+    if config.specs is not None:
+        return [Candidate(str(parse_spec(t)), "listed") for t in config.specs]
+    size_bound = min((int(g.value) for g in gates if g.name == "size" and g.op in ("<=", "<")), default=None)
+    found: list[Candidate] = []
+    for text in profile.precisions:
+        found.append(Candidate(text, "the profile's"))
+    for fmt in profile.formats:
+        backend = get_backend(fmt)
+        found += [Candidate(t, "built-in") for t in backend.bench_specs]
+        found += [Candidate(t, "sized to the budget" if size_bound else "a measured mix") for t in backend.search_specs(size_bound)]
+    unique, seen = [], set()
+    for candidate in found:
+        key = spec_key(candidate.spec)
+        if key not in seen:
+            seen.add(key)
+            unique.append(candidate)
+    return unique
+
+
+def spec_key(text: str) -> tuple:
+    """Specs that build the same artifact (an option at its default written or not) share a key."""
+    spec = parse_spec(text)
+    values = get_backend(spec.format).option_values(spec)
+    return spec.format, spec.precision, tuple(sorted((k, str(v)) for k, v in values.items()))
+
+
+def _check_something_runs(candidates: list[Candidate], profile) -> None:
+    missing = {}
+    for candidate in candidates:
+        backend = get_backend(parse_spec(candidate.spec).format)
+        if backend.missing_engine():
+            missing[backend.name] = backend.install_hint()
+    if missing and len(missing) == len({parse_spec(c.spec).format for c in candidates}):
+        raise EdgequantError(f"none of {profile.name}'s formats can be measured here: {', '.join(missing)} not installed",
+                             "; ".join(f"{fmt}: {hint}" for fmt, hint in missing.items()))
+
+
+def _measure(ctx: Context, candidate: Candidate) -> None:
+    """Convert and evaluate one candidate (both cached), unless its engine is missing, it cannot
+    fit a size gate, or the budget of evaluations is spent."""
+    from edgequant.conversion import convert
+    from edgequant.evaluation import evaluate
+
+    spec = parse_spec(candidate.spec)
+    backend = get_backend(spec.format)
+    if backend.missing_engine():
+        candidate.status, candidate.reason = "not installed", f"{backend.missing_engine()} (deployable, not measurable here)"
+        return
+    too_big = _over_size_gate(ctx.gates, backend.estimated_bytes(spec.precision, ctx.source.tensors, _tied(ctx.source)),
+                              SIZE_ESTIMATE_SLACK)
+    if too_big:
+        candidate.status, candidate.reason = "not built", f"expected size is over {too_big}"
+        return
+    if ctx.evaluations >= ctx.config.budget:
+        candidate.status, candidate.reason = "not built", f"the budget of {ctx.config.budget} evaluations was spent"
+        return
+    note(f"[{ctx.evaluations + 1}/{ctx.config.budget}] {candidate.spec} ({candidate.origin})")
+    try:
+        artifact = convert(ctx.source.path, spec)
+        candidate.artifact = str(artifact.path)
+        too_big = _over_size_gate(ctx.gates, artifact.size_bytes, 1.0)
+        if too_big:
+            candidate.status, candidate.reason = "not built", f"its size {artifact.size_bytes / 1e6:.1f} MB is over {too_big}"
+            candidate.figures = {"size_bytes": artifact.size_bytes}
+            candidate.verdicts = [check(g, candidate.figures) for g in ctx.gates]
+            return
+        ctx.evaluations += 1
+        metrics = evaluate(artifact.path, config=eval_config_for(ctx.config.eval, spec), reuse=True)
+    except EdgequantError as exc:
+        candidate.status, candidate.reason = "failed", exc.problem
+        return
+    except Exception as exc:  # an engine's own failure must not end the other candidates' runs
+        candidate.status, candidate.reason = "failed", f"{type(exc).__name__}: {exc}"[:500]
+        return
+    _record(ctx, candidate, metrics)
+
+
+def _tied(source) -> bool:
+    return bool(source.config.get("tie_word_embeddings"))
+
+
+def _over_size_gate(gates: list[Gate], size: int, slack: float) -> str | None:
+    for gate in gates:
+        if gate.name == "size" and gate.op in ("<=", "<") and size > gate.value * slack:
+            return gate.text
+    return None
+
+
+def _record(ctx: Context, candidate: Candidate, metrics: dict) -> None:
+    candidate.status, candidate.metrics, candidate.cached = "measured", metrics, bool(metrics.get("cached"))
+    candidate.figures = _figures(ctx, candidate.spec, metrics)
+    candidate.verdicts = [_verdict(ctx, candidate.spec, g, candidate.figures) for g in ctx.gates]
+    if not candidate.cached:
+        from edgequant.artifact import open_artifact
+        from edgequant.fingerprint import file_sha256
+
+        fingerprint = file_sha256(open_artifact(candidate.artifact).model_path)
+        ctx.db.add(ctx.run_id, ctx.source.name, ctx.source.fingerprint, candidate.spec, "ok", metrics,
+                   artifact_path=candidate.artifact, artifact_fingerprint=fingerprint)
+
+
+def _speed_stands_in(ctx: Context, spec_text: str) -> bool:
+    return not ctx.runs_here or not get_backend(parse_spec(spec_text).format).speed_is_representative()
+
+
+def _figures(ctx: Context, spec_text: str, metrics: dict) -> dict:
+    """The figures gates read; off the target, peak memory is estimated from size for both sides."""
+    if ctx.runs_here:
+        return derived_metrics(metrics, ctx.baseline)
+    estimate = {k: metrics[k] for k in ("size_bytes", "ci95", "kld_mean", "ppl_increase_pct", "top1_agreement")}
+    estimate["peak_rss_mb"] = metrics["size_bytes"] / 1e6 + RUNTIME_OVERHEAD_MB
+    base = {"peak_rss_mb": ctx.baseline["size_bytes"] / 1e6 + RUNTIME_OVERHEAD_MB}
+    return derived_metrics(estimate, base)
+
+
+def _verdict(ctx: Context, spec_text: str, gate: Gate, figures: dict) -> dict:
+    if gate.name in SPEED_GATES and _speed_stands_in(ctx, spec_text):
+        return {"gate": gate.text, "verdict": "skipped", "value": None,
+                "stand_in": "speed measured here is not the target's (the engine runs through a stand-in)"}
+    verdict = check(gate, figures)
+    if gate.name in MEMORY_GATES and not ctx.runs_here:
+        verdict["stand_in"] = f"estimated: artifact size + {RUNTIME_OVERHEAD_MB:.0f} MB runtime, not measured on the target"
+    return verdict
+
+
+# -- ranking and the closed loop ---------------------------------------------------------------
+
+def _objective_key(objective: str, c: Candidate) -> tuple:
+    m = c.metrics
+    return {"size": (m["size_bytes"], m["kld_mean"]),
+            "speed": (-(m.get("decode_tps") or 0.0), m["kld_mean"]),
+            "quality": (m["kld_mean"], m["size_bytes"])}[objective]
+
+
+def _shortfall(c: Candidate) -> tuple[int, float]:
+    """How far a candidate is from passing: gates missed, then their misses relative to the bounds."""
+    misses = [v for v in c.verdicts if v["verdict"] not in ("pass", "skipped")]
+    relative = sum(1.0 if v.get("missed_by") is None else v["missed_by"] / max(abs(v["bound"]), 1e-12) for v in misses)
+    return len(misses), relative
+
+
+def ranked(objective: str, candidates: list[Candidate]) -> list[Candidate]:
+    """Measured candidates, best first: those that pass by the objective, then the rest by how
+    close they come to passing."""
+    measured = [c for c in candidates if c.status == "measured"]
+    passing = sorted((c for c in measured if c.passes), key=lambda c: _objective_key(objective, c))
+    failing = sorted((c for c in measured if not c.passes), key=lambda c: (_shortfall(c), _objective_key(objective, c)))
+    return passing + failing
+
+
+def _closed_loop(ctx: Context, candidates: list[Candidate]) -> None:
+    """Measure neighbours of the best two candidates while the budget lasts; when a neighbour
+    measures into the best two, its own neighbours are tried next. Stops when the best two have
+    no untried neighbours."""
+    expanded: set[tuple] = set()
+    known = {spec_key(c.spec) for c in candidates}
+    while ctx.evaluations < ctx.config.budget:
+        best = ranked(ctx.config.objective, candidates)[:EXPANDED_PER_ROUND]
+        parents = [c for c in best if spec_key(c.spec) not in expanded]
+        if not parents:
+            return
+        for parent in parents:
+            expanded.add(spec_key(parent.spec))
+            spec = parse_spec(parent.spec)
+            for text in get_backend(spec.format).neighbours(spec):
+                if spec_key(text) in known or ctx.evaluations >= ctx.config.budget:
+                    continue
+                known.add(spec_key(text))
+                neighbour = Candidate(text, f"neighbour of {parent.spec}")
+                candidates.append(neighbour)
+                _measure(ctx, neighbour)
+                if neighbour.status == "measured":
+                    order = ranked(ctx.config.objective, [parent, neighbour])
+                    neighbour.better_than_parent = order[0] is neighbour
+
+
+def _certified_winner(ctx: Context, candidates: list[Candidate]) -> Candidate | None:
+    """The best passing candidate, its figures measured in this run: a winner whose figures came
+    from the cache is measured again, and the ranking redone if it no longer passes."""
+    from edgequant.evaluation import evaluate
+
+    while True:
+        best = next(iter(ranked(ctx.config.objective, candidates)), None)
+        if best is None or not best.passes or not best.cached:
+            return best if best is not None and best.passes else None
+        note(f"measuring {best.spec} again in this run: its figures came from the cache")
+        spec = parse_spec(best.spec)
+        _record(ctx, best, evaluate(best.artifact, config=eval_config_for(ctx.config.eval, spec)))
+
+
+# -- the result --------------------------------------------------------------------------------
+
+def _front(ctx: Context, candidates: list[Candidate]) -> list[Candidate]:
+    """The Pareto front of the measured candidates: KLD, size, and (on the target itself) peak
+    memory and decode speed, each minimised (speed negated)."""
+    from edgequant.report import pareto_front
+
+    measured = [c for c in candidates if c.status == "measured"]
+
+    def point(c: Candidate) -> tuple:
+        m = c.metrics
+        if not ctx.runs_here:
+            return m["kld_mean"], m["size_bytes"]
+        return m["kld_mean"], m["size_bytes"], m.get("peak_rss_mb") or 0.0, -(m.get("decode_tps") or 0.0)
+
+    return [measured[i] for i in pareto_front([point(c) for c in measured])]
+
+
+def _why(ctx: Context, winner: Candidate, candidates: list[Candidate], front: list[Candidate]) -> list[str]:
+    passing = [c for c in ranked(ctx.config.objective, candidates) if c.passes]
+    words = [f"it passes every gate ({', '.join(v['gate'] for v in winner.verdicts if v['verdict'] == 'pass')})"
+             + (f"; skipped as stand-ins: {', '.join(v['gate'] for v in winner.verdicts if v['verdict'] == 'skipped')}"
+                if any(v["verdict"] == "skipped" for v in winner.verdicts) else "")]
+    words.append(f"of the {len(passing)} candidates that pass, it is {_BEST_WORDS[ctx.config.objective]} "
+                 f"({_objective_figure(ctx.config.objective, winner)})")
+    if len(passing) > 1:
+        runner_up = passing[1]
+        words.append(f"the runner-up {runner_up.spec} has {_objective_figure(ctx.config.objective, runner_up)}")
+    words.append("it is on the Pareto front" if winner in front else
+                 "it is not on the Pareto front: a candidate that fails a gate beats it on every figure")
+    return words
+
+
+_BEST_WORDS = {"size": "the smallest", "speed": "the fastest to decode", "quality": "the closest to the baseline (KLD)"}
+
+
+def _objective_figure(objective: str, c: Candidate) -> str:
+    m = c.metrics
+    return {"size": f"{m['size_bytes'] / 1e6:.1f} MB", "speed": f"{m.get('decode_tps') or 0:.1f} tokens/s decode",
+            "quality": f"KLD {m['kld_mean']:.4g}"}[objective]
+
+
+def _result(ctx: Context, profile, candidates: list[Candidate], winner: Candidate | None, path: list[str],
+            seconds: float) -> dict:
+    front = _front(ctx, candidates)
+    order = ranked(ctx.config.objective, candidates)
+    if winner is not None:
+        path.append(f"chosen: {winner.spec}, {_OBJECTIVE_WORDS[ctx.config.objective]}")
+    elif order:
+        closest = order[0]
+        path.append(f"no candidate passes every gate; the closest is {closest.spec}: {missed_words(closest.verdicts)}")
+    else:
+        path.append("no candidate could be measured")
+    return {
+        "model": ctx.source.name, "source": str(ctx.source.path), "source_fingerprint": ctx.source.fingerprint,
+        "profile": {"name": profile.name, "title": profile.title, "runs_here": ctx.runs_here},
+        "objective": ctx.config.objective, "gates": [g.text for g in ctx.gates], "default_gates": not ctx.config.gates,
+        "budget": ctx.config.budget, "evaluations": ctx.evaluations, "decision_path": path,
+        "baseline": _figures_json(ctx.baseline),
+        "winner": winner.spec if winner else None,
+        "closest": None if winner or not order else {"spec": order[0].spec, "missed": missed_words(order[0].verdicts)},
+        "why": _why(ctx, winner, candidates, front) if winner else [],
+        "pareto_front": [c.spec for c in front],
+        "candidates": [_candidate_json(c, c in front) for c in candidates],
+        "eval_settings": (winner.metrics if winner else ctx.baseline).get("settings"),
+        "seconds": round(seconds, 1), "run_id": ctx.run_id, "db": str(ctx.db.path),
+    }
+
+
+def missed_words(verdicts: list[dict]) -> str:
+    parts = []
+    for v in verdicts:
+        if v["verdict"] in ("pass", "skipped"):
+            continue
+        if v["verdict"] == "not measured":
+            parts.append(f"{v['gate']} not measured")
+        elif v["verdict"] == "uncertain":
+            parts.append(f"{v['gate']}: its 95% interval {v['ci95']} crosses the bound")
+        else:
+            by = f"{v['missed_by'] / 1e6:.1f} MB" if v["gate"].startswith("size") else f"{v['missed_by']:.4g}"
+            parts.append(f"{v['gate']} missed by {by}")
+    return "; ".join(parts)
+
+
+def _figures_json(m: dict) -> dict:
+    keys = ("size_bytes", "kld_mean", "kld_p99", "ppl_increase_pct", "top1_agreement", "perplexity", "decode_tps",
+            "decode_tps_range", "prefill_tps", "ttft_ms", "peak_rss_mb", "ci95", "arithmetic")
+    return {k: m.get(k) for k in keys if m.get(k) is not None}
+
+
+def _candidate_json(c: Candidate, on_front: bool) -> dict:
+    out = {"spec": c.spec, "origin": c.origin, "status": c.status, "reason": c.reason or None, "passes": c.passes,
+           "pareto": on_front, "cached": c.cached, "artifact": c.artifact, "verdicts": c.verdicts,
+           "better_than_parent": c.better_than_parent}
+    if c.metrics:
+        out["figures"] = _figures_json(c.metrics)
+        out["derived"] = {k: round(c.figures[k], 3) for k in ("speedup", "memory_reduction_pct") if k in c.figures}
+    return out
