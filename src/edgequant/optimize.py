@@ -66,7 +66,7 @@ class OptimizeConfig:
 class Candidate:
     spec: str
     origin: str  # why it was tried
-    status: str = "planned"  # measured, failed, not built, not installed
+    status: str = "planned"  # measured, too big (built, over a size gate), failed, not built, not installed
     reason: str = ""
     metrics: dict | None = None
     figures: dict = field(default_factory=dict)  # what gates read: measured, derived, estimated
@@ -244,7 +244,7 @@ def _measure(ctx: Context, candidate: Candidate) -> None:
         candidate.artifact = str(artifact.path)
         too_big = _over_size_gate(ctx.gates, artifact.size_bytes, 1.0)
         if too_big:
-            candidate.status, candidate.reason = "not built", f"its size {artifact.size_bytes / 1e6:.1f} MB is over {too_big}"
+            candidate.status, candidate.reason = "too big", f"its size {artifact.size_bytes / 1e6:.1f} MB is over {too_big}"
             candidate.figures = {"size_bytes": artifact.size_bytes}
             candidate.verdicts = [check(g, candidate.figures) for g in ctx.gates]
             return
@@ -310,10 +310,9 @@ def _verdict(ctx: Context, spec_text: str, gate: Gate, figures: dict) -> dict:
 # -- ranking and the closed loop ---------------------------------------------------------------
 
 def _objective_key(objective: str, c: Candidate) -> tuple:
-    m = c.metrics
-    return {"size": (m["size_bytes"], m["kld_mean"]),
-            "speed": (-(m.get("decode_tps") or 0.0), m["kld_mean"]),
-            "quality": (m["kld_mean"], m["size_bytes"])}[objective]
+    m = c.metrics or c.figures  # a candidate too big to evaluate has only its size
+    kld, size = m.get("kld_mean", float("inf")), m.get("size_bytes", float("inf"))
+    return {"size": (size, kld), "speed": (-(m.get("decode_tps") or 0.0), kld), "quality": (kld, size)}[objective]
 
 
 def _shortfall(c: Candidate) -> tuple[int, float]:
@@ -324,22 +323,27 @@ def _shortfall(c: Candidate) -> tuple[int, float]:
 
 
 def ranked(objective: str, candidates: list[Candidate]) -> list[Candidate]:
-    """Measured candidates, best first: those that pass by the objective, then the rest by how
-    close they come to passing."""
-    measured = [c for c in candidates if c.status == "measured"]
+    """Measured candidates, best first: those that pass by the objective, then the rest (those
+    too big to evaluate included) by how close they come to passing."""
+    measured = [c for c in candidates if c.status in ("measured", "too big")]
     passing = sorted((c for c in measured if c.passes), key=lambda c: _objective_key(objective, c))
     failing = sorted((c for c in measured if not c.passes), key=lambda c: (_shortfall(c), _objective_key(objective, c)))
     return passing + failing
 
 
 def _closed_loop(ctx: Context, candidates: list[Candidate]) -> None:
-    """Measure neighbours of the best two candidates while the budget lasts; when a neighbour
-    measures into the best two, its own neighbours are tried next. Stops when the best two have
-    no untried neighbours."""
+    """Measure neighbours of the best candidates while the budget lasts: the best two overall and
+    the best of each format (a format's neighbour, e.g. its LM head at 4 bit, may fit a budget its
+    own specs miss). A neighbour that measures into that set gets its own neighbours tried next;
+    the loop stops when the set has no untried neighbours."""
     expanded: set[tuple] = set()
     known = {spec_key(c.spec) for c in candidates}
     while ctx.evaluations < ctx.config.budget:
-        best = ranked(ctx.config.objective, candidates)[:EXPANDED_PER_ROUND]
+        order = ranked(ctx.config.objective, candidates)
+        best_of_format = {}
+        for c in order:
+            best_of_format.setdefault(parse_spec(c.spec).format, c)
+        best = order[:EXPANDED_PER_ROUND] + [c for c in best_of_format.values() if c not in order[:EXPANDED_PER_ROUND]]
         parents = [c for c in best if spec_key(c.spec) not in expanded]
         if not parents:
             return
@@ -353,9 +357,8 @@ def _closed_loop(ctx: Context, candidates: list[Candidate]) -> None:
                 neighbour = Candidate(text, f"neighbour of {parent.spec}")
                 candidates.append(neighbour)
                 _measure(ctx, neighbour)
-                if neighbour.status == "measured":
-                    order = ranked(ctx.config.objective, [parent, neighbour])
-                    neighbour.better_than_parent = order[0] is neighbour
+                if neighbour.status in ("measured", "too big"):
+                    neighbour.better_than_parent = ranked(ctx.config.objective, [parent, neighbour])[0] is neighbour
 
 
 def _certified_winner(ctx: Context, candidates: list[Candidate]) -> Candidate | None:
