@@ -101,3 +101,34 @@ def test_speed_and_memory_gates_compare_with_the_baseline():
     assert metrics["speedup"] == 3.0 and metrics["memory_reduction_pct"] == pytest.approx(60.0)
     verdicts = [check(g, metrics) for g in parse_gates(["speedup>=2", "memory_reduction>=50%", "ttft<=300ms"])]
     assert [v["verdict"] for v in verdicts] == ["pass", "pass", "not measured"] and not passes(verdicts)
+
+
+def test_the_pareto_front_keeps_what_nothing_beats_on_every_figure():
+    from edgequant.report import pareto_front
+
+    # (kld, size, peak, -speed): b is beaten by a everywhere; c and d trade off; e ties a exactly
+    points = [(0.01, 100, 200, -50), (0.02, 110, 210, -40), (0.005, 150, 250, -45), (0.05, 80, 190, -60),
+              (0.01, 100, 200, -50)]
+    assert pareto_front(points) == [2, 0, 4, 3]
+    assert pareto_front([(1.0, 2.0), (2.0, 1.0), (2.0, 2.0)]) == [0, 1]
+
+
+def test_optimize_ranks_passing_candidates_by_the_objective_then_the_closest_failures():
+    from edgequant.optimize import Candidate, ranked
+
+    def candidate(spec, size, kld, tps, verdicts):
+        return Candidate(spec, "test", "measured", metrics={"size_bytes": size, "kld_mean": kld, "decode_tps": tps},
+                         verdicts=[{"gate": "g", "verdict": v, "missed_by": 1.0, "bound": 2.0} for v in verdicts])
+
+    small = candidate("small", 80, 0.04, 100, ["pass", "skipped"])  # a stand-in's skipped speed gate does not block
+    good = candidate("good", 120, 0.01, 90, ["pass"])
+    fast = candidate("fast", 100, 0.03, 150, ["pass"])
+    unsure = candidate("unsure", 60, 0.045, 200, ["uncertain"])
+    worse = candidate("worse", 50, 0.2, 210, ["fail", "fail"])
+    too_big = Candidate("too big", "test", "too big", figures={"size_bytes": 500}, verdicts=[
+        {"gate": "size<=120MB", "verdict": "fail", "missed_by": 380.0, "bound": 120.0}])
+    pool = [worse, unsure, good, fast, small, too_big]
+    assert [c.spec for c in ranked("size", pool)][:3] == ["small", "fast", "good"]
+    assert [c.spec for c in ranked("quality", pool)][:3] == ["good", "fast", "small"]
+    assert [c.spec for c in ranked("speed", pool)][:3] == ["fast", "small", "good"]
+    assert [c.spec for c in ranked("size", pool)][3:] == ["unsure", "too big", "worse"]

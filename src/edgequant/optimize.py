@@ -334,8 +334,8 @@ def ranked(objective: str, candidates: list[Candidate]) -> list[Candidate]:
 def _closed_loop(ctx: Context, candidates: list[Candidate]) -> None:
     """Measure neighbours of the best candidates while the budget lasts: the best two overall and
     the best of each format (a format's neighbour, e.g. its LM head at 4 bit, may fit a budget its
-    own specs miss). A neighbour that measures into that set gets its own neighbours tried next;
-    the loop stops when the set has no untried neighbours."""
+    own specs miss). A neighbour that measured better than its parent and is in that set gets its
+    own neighbours tried next; the loop stops when the set has nothing left to expand."""
     expanded: set[tuple] = set()
     known = {spec_key(c.spec) for c in candidates}
     while ctx.evaluations < ctx.config.budget:
@@ -344,7 +344,8 @@ def _closed_loop(ctx: Context, candidates: list[Candidate]) -> None:
         for c in order:
             best_of_format.setdefault(parse_spec(c.spec).format, c)
         best = order[:EXPANDED_PER_ROUND] + [c for c in best_of_format.values() if c not in order[:EXPANDED_PER_ROUND]]
-        parents = [c for c in best if spec_key(c.spec) not in expanded]
+        # a neighbour that did not beat its parent is kept as a result but not explored further
+        parents = [c for c in best if spec_key(c.spec) not in expanded and c.better_than_parent is not False]
         if not parents:
             return
         for parent in parents:
