@@ -132,3 +132,15 @@ def test_optimize_ranks_passing_candidates_by_the_objective_then_the_closest_fai
     assert [c.spec for c in ranked("quality", pool)][:3] == ["good", "fast", "small"]
     assert [c.spec for c in ranked("speed", pool)][:3] == ["fast", "small", "good"]
     assert [c.spec for c in ranked("size", pool)][3:] == ["unsure", "too big", "worse"]
+
+
+def test_optimize_says_when_the_winner_cannot_be_told_from_the_runner_up():
+    from edgequant.optimize import Candidate, _distinguishable
+
+    def candidate(kld_ci, tps_range):
+        return Candidate("c", "test", "measured", metrics={"ci95": {"kld_mean": kld_ci}, "decode_tps_range": tps_range})
+
+    winner, close, far = candidate([0.03, 0.04], [90, 110]), candidate([0.035, 0.05], [120, 130]), candidate([0.06, 0.07], [100, 105])
+    assert "not distinguishable" in _distinguishable("quality", winner, close)
+    assert "do not overlap" in _distinguishable("quality", winner, far)
+    assert "not distinguishable" in _distinguishable("speed", winner, far) and _distinguishable("size", winner, far) == ""

@@ -155,3 +155,11 @@ def test_a_target_none_of_whose_engines_is_installed_is_refused_with_the_extras(
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgequant", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_an_output_folder_holding_something_else_is_refused_before_any_work(tiny_model, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    done = _cli("optimize", str(tiny_model), "--target", "arm-cpu", "-o", str(tmp_path / "mine"), "--db", str(tmp_path / "r.sqlite"))
+    assert done.returncode == 2 and "holds something other than an edgequant certificate" in done.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me" and not (tmp_path / "r.sqlite").exists()

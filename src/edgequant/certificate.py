@@ -34,14 +34,24 @@ def hash_folder(folder: Path) -> dict[str, dict]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in UNCERTIFIED}
 
 
-def write_certificate(result: dict, artifact_path: str, source, out: Path) -> Path:
-    """Copy the winner to `out/model`, certify it there; returns the certificate's path."""
-    from edgequant.atomic import atomic_dir
+def check_output(out: Path) -> None:
+    """Refuse, before any work, a folder that cannot be written or holds something else."""
+    from edgequant.atomic import ensure_writable_parent
 
     out = Path(out).expanduser().resolve()
+    ensure_writable_parent(out)
     if out.exists() and any(out.iterdir()) and not (out / CERTIFICATE).is_file():
         raise EdgequantError(f"{out} exists and holds something other than an edgequant certificate",
                              "choose another --output folder, or empty it")
+
+
+def write_certificate(result: dict, artifact_path: str, source, out: Path) -> Path:
+    """Copy the winner to `out/model`, certify it there (replacing an earlier certificate);
+    returns the certificate's path."""
+    from edgequant.atomic import atomic_dir
+
+    out = Path(out).expanduser().resolve()
+    check_output(out)
     with atomic_dir(out, replace=True) as tmp:
         shutil.copytree(artifact_path, tmp / MODEL_FOLDER)
         certificate = build_certificate(result, tmp / MODEL_FOLDER, source)

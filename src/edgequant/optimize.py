@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgequant.benchmark import DEFAULT_EVAL, eval_config_for
+from edgequant.benchmark import DEFAULT_EVAL, eval_config_for, tool_versions
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import EvalConfig
 from edgequant.gates import DEFAULT_GATES, Gate, check, derived_metrics, parse_gates
@@ -102,6 +102,10 @@ def optimize(config: OptimizeConfig) -> dict:
     from edgequant.source import load_source
 
     started = time.perf_counter()
+    if config.output is not None:
+        from edgequant.certificate import check_output
+
+        check_output(config.output)  # before any work, not after it
     gates = parse_gates(config.gates or DEFAULT_GATES)
     path, profile = target_profile(config.target)
     here = runs_here(profile, detect())
@@ -116,12 +120,12 @@ def optimize(config: OptimizeConfig) -> dict:
                     f"peak memory is estimated as artifact size + {RUNTIME_OVERHEAD_MB:.0f} MB (stand-ins)")
     db = ResultsDB.open(config.db)
     settings = {"verb": "optimize", "target": profile.name, "gates": [g.text for g in gates], "objective": config.objective}
-    run_id = db.start_run(source.name, source.fingerprint, machine_info(), settings, {})
-    note("measuring the fp32 baseline's speed and memory in this run")
-    baseline = evaluate(source.path, config=config.eval)
-    db.add(run_id, source.name, source.fingerprint, BASELINE_SPEC, "ok", baseline, artifact_path=str(source.path))
-    ctx = Context(config, source, gates, here, baseline, db, run_id)
+    run_id = db.start_run(source.name, source.fingerprint, machine_info(), settings, tool_versions())
     try:
+        note("measuring the fp32 baseline's speed and memory in this run")
+        baseline = evaluate(source.path, config=config.eval)
+        db.add(run_id, source.name, source.fingerprint, BASELINE_SPEC, "ok", baseline, artifact_path=str(source.path))
+        ctx = Context(config, source, gates, here, baseline, db, run_id)
         for candidate in candidates:
             _measure(ctx, candidate)
         if config.search:
@@ -403,13 +407,31 @@ def _why(ctx: Context, winner: Candidate, candidates: list[Candidate], front: li
                  f"({_objective_figure(ctx.config.objective, winner)})")
     if len(passing) > 1:
         runner_up = passing[1]
-        words.append(f"the runner-up {runner_up.spec} has {_objective_figure(ctx.config.objective, runner_up)}")
+        words.append(f"the runner-up {runner_up.spec} has {_objective_figure(ctx.config.objective, runner_up)}"
+                     + _distinguishable(ctx.config.objective, winner, runner_up))
     words.append("it is on the Pareto front" if winner in front else
                  "it is not on the Pareto front: a candidate that fails a gate beats it on every figure")
     return words
 
 
 _BEST_WORDS = {"size": "the smallest", "speed": "the fastest to decode", "quality": "the closest to the baseline (KLD)"}
+
+
+def _distinguishable(objective: str, winner: Candidate, runner_up: Candidate) -> str:
+    """Where the objective's figure has an interval (KLD; decode speed's range over repeats),
+    whether the winner's and the runner-up's overlap."""
+    from edgequant.intervals import compare
+
+    key = {"quality": ("ci95", "kld_mean"), "speed": (None, "decode_tps_range")}.get(objective)
+    if key is None:
+        return ""
+    pick = (lambda m: (m.get("ci95") or {}).get(key[1])) if key[0] else (lambda m: m.get(key[1]))
+    a, b = pick(winner.metrics), pick(runner_up.metrics)
+    if not a or not b:
+        return ""
+    what = "95% intervals" if objective == "quality" else "ranges over the timed repeats"
+    return (f"; not distinguishable from the winner's (their {what} overlap)" if compare(a, b) == "not distinguishable"
+            else f"; the {what} do not overlap")
 
 
 def _objective_figure(objective: str, c: Candidate) -> str:
