@@ -1,5 +1,7 @@
 """The QNN backend: fixed-shape export, QDQ via onnxruntime's QNN helpers, CPU EP runs."""
 
+import json
+
 import pytest
 
 import edgequant
@@ -105,6 +107,104 @@ def test_simulated_htp_agrees_with_cpu_and_compiles_a_context(tiny_model):
     with FixedShapeRunner(artifact.path, "model.onnx", seq=SEQ, name="cpu", n_ctx=SEQ, threads=2) as cpu:
         on_cpu = cpu.logits(ids)
     assert (on_cpu.argmax(-1) == on_htp.argmax(-1)).mean() > 0.8
+
+
+KV_SPEC = "qnn:w8a16?graphs=kv&ar=16&ctx=128&samples=2"
+
+
+@pytest.fixture(scope="module")
+def kv_artifact(tiny_model):
+    return edgequant.convert(tiny_model, KV_SPEC)
+
+
+def _io(path):
+    graph = onnx.load(str(path), load_external_data=False).graph
+    shape = lambda v: [d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    return {v.name: shape(v) for v in graph.input}, {v.name: shape(v) for v in graph.output}
+
+
+def test_kv_graphs_have_the_documented_io_layout(kv_artifact):
+    layout = json.loads((kv_artifact.path / "kv_layout.json").read_text())
+    heads, kv_heads, dim = layout["heads"], layout["kv_heads"], layout["head_dim"]
+    assert (layout["ctx"], layout["layers"], heads, kv_heads, dim) == (128, 2, 4, 2, 64)
+    for graph, n in (("prompt", 16), ("decode", 1)):
+        inputs, outputs = _io(kv_artifact.path / f"{graph}.onnx")
+        assert inputs["input_ids"] == [1, n] and inputs["cos"] == inputs["sin"] == [1, n, dim]
+        assert inputs["mask"] == [1, 1, n, 128] and outputs["logits"] == [1, n, 512]
+        for i in range(2):
+            assert inputs[f"past_key_{i}"] == inputs[f"past_value_{i}"] == [1, kv_heads, 128 - n, dim]
+            assert outputs[f"new_key_{i}"] == outputs[f"new_value_{i}"] == [1, kv_heads, n, dim]
+
+
+def test_the_decode_graph_is_quantized_with_the_prompt_graphs_encodings(kv_artifact):
+    from edgequant.backends.qnn.kv import activation_encodings
+
+    prompt = activation_encodings(kv_artifact.path / "prompt.onnx")
+    decode = activation_encodings(kv_artifact.path / "decode.onnx")
+    assert set(decode) == set(prompt) and len(prompt) > 100
+    assert all((prompt[n][0] == decode[n][0]).all() and (prompt[n][1] == decode[n][1]).all() for n in prompt)
+    recorded = kv_artifact.manifest["details"]["decode_encodings"]
+    assert recorded == {"activations": len(prompt), "same_as_prompt": len(prompt)}
+
+
+def test_float_kv_graphs_equal_full_window_pytorch_at_every_position(tiny_model, tmp_path):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgequant.backends._shared.ort import cpu_session
+    from edgequant.backends.qnn.kv import DECODE_FILE, PROMPT_FILE, KVCache, export_graphs
+
+    export_graphs(tiny_model, tmp_path, 16, 128)
+    prompt, decode = cpu_session(tmp_path / PROMPT_FILE), cpu_session(tmp_path / DECODE_FILE)
+    cache = KVCache(tmp_path, lambda f: prompt.run(None, f), lambda f: decode.run(None, f))
+    ids = np.random.default_rng(0).integers(0, 500, 100).tolist()
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(tiny_model).eval()(torch.tensor([ids])).logits[0].numpy()
+    scored = cache.prefill(ids)  # chunks of 16, the last one padded
+    # the graphs' RMSNorm is the scale-free form (tools.scale_free_rms_norm): equal up to its eps
+    assert np.abs(scored - reference).max() < 5e-3
+    cache.prefill(ids[:20])
+    stepped = np.concatenate([cache.step([t], "decode") for t in ids[20:]])
+    assert np.abs(stepped - scored[20:]).max() < 1e-4  # decoding with the cache = scoring the whole window
+
+
+def test_kv_decode_agrees_with_chunked_scoring_and_generation_uses_the_cache(kv_artifact):
+    import numpy as np
+
+    from edgequant.logprobs import kl_divergence, log_softmax
+    from edgequant.registry import open_runner
+    from edgequant.runner import GenerateParams
+
+    with open_runner(kv_artifact.path, n_ctx=128, need_logits=True) as runner:
+        ids = runner.tokenize(default_eval_text()[:3000])[:100]
+        scored = runner.logits(ids)
+        runner._cache.prefill(ids[:20])
+        stepped = np.concatenate([runner._cache.step([t], "decode") for t in ids[20:]])
+        kld = kl_divergence(log_softmax(scored[20:]), log_softmax(stepped))
+        assert kld.max() < 0.05 and (scored[20:].argmax(-1) == stepped.argmax(-1)).mean() > 0.9
+        tokens = list(runner.generate(ids[:100], GenerateParams(max_tokens=200, stop_at_eos=False)))
+    assert len(tokens) == 28 and runner.n_ctx == 128  # bounded by the fixed context
+    metrics = edgequant.evaluate(kv_artifact.path, config=EvalConfig(ctx=SEQ, windows=2, speed=False))
+    assert abs(metrics["ppl_increase_pct"]) < 5 and metrics["top1_agreement"] > 0.8
+
+
+def test_both_kv_graphs_run_on_the_simulated_htp_with_cpu_fallback_off(kv_artifact):
+    from edgequant.backends.qnn.tools import htp_available
+
+    if not htp_available():
+        pytest.skip("onnxruntime-qnn (extra `qnn`) is not installed")
+    graphs = kv_artifact.manifest["details"]["htp_graphs"]
+    assert "error" not in graphs["prompt"] and "error" not in graphs["decode"]
+    assert graphs["prompt"]["tokens"] == 16 and graphs["prompt"]["top1_agreement"] > 0.8
+    assert graphs["decode"]["tokens"] == 8 and graphs["decode"]["kld_mean"] < 0.05
+
+
+@pytest.mark.parametrize("spec, match", [("qnn:w8a16?ar=16", "graphs=kv only"), ("qnn:w8a16?graphs=kv&seq=64", "drop seq"),
+                                         ("qnn:w8a16?graphs=kv&ar=64&ctx=64", "below ctx")])
+def test_kv_options_are_checked_before_any_work(spec, match):
+    with pytest.raises(EdgequantError, match=match):
+        edgequant.convert(None, spec)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from typing import Any
 
 from edgequant.backend import Backend
 from edgequant.backends._shared.sliding_window import window_ignored
+from edgequant.errors import EdgequantError
 from edgequant.spec import Option, Precision
 
 
@@ -29,7 +30,7 @@ class QnnBackend(Backend):
     packages = ("onnxruntime", "onnxruntime-qnn")
     bench_specs = ("qnn:w8a16",)
     speed_note = "QNN artifacts ran on ONNX Runtime's CPU execution provider: quality is real, speed is not an NPU's."
-    # 2: RMSNorm exported scale-free (see qnn_tools._scale_free_rms_norm); 3: w8a8 widens underflowing activations
+    # 2: RMSNorm exported scale-free (see qnn_tools.scale_free_rms_norm); 3: w8a8 widens underflowing activations
     recipe_version = 3
     bench_seconds = 350
     precisions = {
@@ -42,6 +43,11 @@ class QnnBackend(Backend):
         "samples": Option("samples", int, 4, "calibration sequences of seq tokens", minimum=1, maximum=256),
         "override": Option("override", str, "", "per-weight types, NAME:TYPE,... with TYPE u8|i8|u16|i16|u4|i4"),
         "context": Option("context", bool, False, "also write the compiled QNN context model (needs onnxruntime-qnn)"),
+        "graphs": Option("graphs", str, "fixed", "fixed: one fixed-window graph, no KV cache; kv: a prompt graph "
+                         "(ar tokens) and a decode graph (1 token) with an explicit KV cache at context ctx",
+                         choices=("fixed", "kv")),
+        "ar": Option("ar", int, 64, "graphs=kv: tokens the prompt graph takes at a time", minimum=2, maximum=1024),
+        "ctx": Option("ctx", int, 1024, "graphs=kv: the fixed context (KV cache length)", minimum=16, maximum=16384),
         "act16": Option("act16", float, 0.1, "w8a8: activations with more than this share of values rounding to 0 "
                         "at 8 bits go to uint16 (0: every activation 8-bit)", minimum=0.0, maximum=1.0, applies_to=("w8a8",)),
     }
@@ -56,11 +62,28 @@ class QnnBackend(Backend):
     def validate(self, spec) -> None:
         from edgequant.backends.qnn.tools import parse_overrides
 
-        parse_overrides(self.option_values(spec)["override"])
+        opt = self.option_values(spec)
+        parse_overrides(opt["override"])
+        kv_only = [name for name in ("ar", "ctx") if name in spec.options]
+        if opt["graphs"] == "fixed" and kv_only:
+            raise EdgequantError(f"{', '.join(kv_only)} apply to graphs=kv only", "add graphs=kv, or drop them")
+        if opt["graphs"] == "kv":
+            if "seq" in spec.options:
+                raise EdgequantError("seq is the fixed graph's length; graphs=kv takes ar and ctx", "drop seq")
+            if opt["context"]:
+                raise EdgequantError("context=1 is not available with graphs=kv yet", "drop context=1, or use graphs=fixed")
+            if opt["ar"] >= opt["ctx"]:
+                raise EdgequantError(f"ar={opt['ar']} must be below ctx={opt['ctx']}", "use a larger ctx or a smaller ar")
 
     def report_notes(self, spec_text: str, manifest: dict) -> list[str]:
         """The simulated-HTP agreement recorded at conversion, when onnxruntime-qnn was installed."""
         notes = super().report_notes(spec_text, manifest)
+        graphs = (manifest.get("details") or {}).get("htp_graphs")
+        if graphs:
+            return notes + [f"{spec_text}: {name} graph on Qualcomm's HTP simulator (whole graph, CPU fallback off): "
+                            + (f"could not run ({h['error']})" if "error" in h else
+                               f"{100 * h['top1_agreement']:.1f}% top-1 agreement with its CPU run over {h['tokens']} "
+                               f"tokens, KLD {h['kld_mean']:.4f}") for name, h in graphs.items()]
         h = (manifest.get("details") or {}).get("htp")
         if not h:
             return notes
@@ -76,6 +99,8 @@ class QnnBackend(Backend):
         from edgequant.backends.qnn import tools as qnn_tools
 
         opt = self.option_values(spec)
+        if opt["graphs"] == "kv":
+            return self._convert_kv(source, spec, opt, out_dir)
         request = qnn_tools.QnnRequest(spec.precision, opt["seq"], opt["samples"], qnn_tools.parse_overrides(opt["override"]),
                                        act16=opt["act16"] if spec.precision == "w8a8" else 0.0)
         if opt["context"]:
@@ -101,8 +126,57 @@ class QnnBackend(Backend):
         info["timings"] = {"export_s": round(exported - started, 3), "quantize_s": round(time.perf_counter() - exported, 3)}
         return info
 
+    def _convert_kv(self, source, spec, opt: dict, out_dir: Path) -> dict[str, Any]:
+        """Prompt and decode graphs: calibrated on the prompt graph, whose activation encodings the
+        decode graph is then quantized with."""
+        from dataclasses import replace
+
+        from edgequant.backends._shared.calibration import calibration_windows
+        from edgequant.backends._shared.ort import cpu_session
+        from edgequant.backends._shared.side_files import copy_tokenizer
+        from edgequant.backends.qnn import kv
+        from edgequant.backends.qnn import tools as qnn_tools
+
+        kv.check_architecture(source.config)
+        request = qnn_tools.QnnRequest(spec.precision, opt["ar"], opt["samples"], qnn_tools.parse_overrides(opt["override"]),
+                                       act16=opt["act16"] if spec.precision == "w8a8" else 0.0)
+        windows = calibration_windows(source.hf_dir, opt["samples"], min(4 * opt["ar"], opt["ctx"]),
+                                      fix="ask for samples<={fit} or a smaller ar")
+        started = time.perf_counter()
+        scratch = out_dir / ".fp32"
+        scratch.mkdir()
+        layout = kv.export_graphs(source.hf_dir, scratch, opt["ar"], opt["ctx"])
+        exported = time.perf_counter()
+        prompt_feeds, decode_feeds = kv.calibration_feeds(scratch, windows, cpu_session)
+        widened = qnn_tools.quantize_qdq(scratch / kv.PROMPT_FILE, out_dir / kv.PROMPT_FILE, request, prompt_feeds)
+        encodings = kv.activation_encodings(out_dir / kv.PROMPT_FILE)
+        qnn_tools.quantize_qdq(scratch / kv.DECODE_FILE, out_dir / kv.DECODE_FILE, replace(request, act16=0.0), decode_feeds,
+                               encodings=kv.as_overrides(encodings))
+        decode_encodings = kv.activation_encodings(out_dir / kv.DECODE_FILE)
+        for name in (kv.LAYOUT_FILE, kv.INV_FREQ_FILE):
+            shutil.copy(scratch / name, out_dir / name)
+        shutil.rmtree(scratch)
+        copy_tokenizer(out_dir, source.hf_dir)
+        same = sum(name in encodings and all((a == b).all() for a, b in zip(encodings[name], pair))
+                   for name, pair in decode_encodings.items())
+        info: dict[str, Any] = {
+            "model_file": kv.PROMPT_FILE, "graphs": "kv", "layout": layout, "scheme": qnn_tools.SCHEMES[spec.precision],
+            "overrides": request.overrides, "calibration_samples": opt["samples"],
+            "calibration": {"graph": "prompt", "prompt_feeds": len(prompt_feeds), "decode_feeds": len(decode_feeds)},
+            "decode_encodings": {"activations": len(decode_encodings), "same_as_prompt": int(same)},
+            "timings": {"export_s": round(exported - started, 3), "quantize_s": round(time.perf_counter() - exported, 3)}}
+        if request.act16:
+            info["activations_16bit"] = {"threshold": request.act16, "count": len(widened), "tensors": widened}
+        if qnn_tools.htp_available():  # each graph on the simulated HTP, one calibration step each
+            info["htp_graphs"] = {"prompt": qnn_tools.htp_agreement(out_dir / kv.PROMPT_FILE, prompt_feeds),
+                                  "decode": qnn_tools.htp_agreement(out_dir / kv.DECODE_FILE, decode_feeds, steps=16)}
+        return info
+
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
-        from edgequant.backends.qnn.runner import FixedShapeRunner
+        from edgequant.backends.qnn.runner import FixedShapeRunner, KVRunner
+
+        if artifact.manifest["details"].get("graphs") == "kv":
+            return KVRunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, threads=threads)
 
         seq = int(artifact.manifest["details"]["seq"])
         return FixedShapeRunner(artifact.path, artifact.manifest["model_file"], seq=seq, name=str(artifact.spec),

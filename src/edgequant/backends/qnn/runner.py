@@ -1,6 +1,7 @@
-"""Runner for fixed-shape (QNN-style) ONNX models on the CPU execution provider.
+"""Runners for QNN-style ONNX models on the CPU execution provider: one fixed-window graph, or
+prompt and decode graphs with an explicit KV cache.
 
-The graph takes exactly `seq` tokens and has no KV cache. Causal attention means padding after
+The fixed graph takes exactly `seq` tokens and has no KV cache. Causal attention means padding after
 the real tokens cannot change their logits, so scoring pads to `seq` and keeps the first rows;
 generation re-runs the window for each new token (slow on CPU, faithful to what the NPU runs).
 """
@@ -53,3 +54,37 @@ class FixedShapeRunner(HFTokenizerMixin, Runner):
 
     def close(self) -> None:
         self._session = None
+
+
+class KVRunner(HFTokenizerMixin, Runner):
+    """Prompt and decode graphs with an explicit KV cache (see kv.py): scoring prefills in chunks
+    of the prompt graph's size; generation then runs the decode graph one token per step."""
+
+    def __init__(self, folder: Path, *, name: str, n_ctx: int, threads: int):
+        from edgequant.backends._shared.ort import cpu_session
+        from edgequant.backends.qnn.kv import DECODE_FILE, PROMPT_FILE, KVCache
+
+        self.name = name
+        self._load_hf_tokenizer(folder)
+        prompt, decode = cpu_session(folder / PROMPT_FILE, threads), cpu_session(folder / DECODE_FILE, threads)
+        self._cache = KVCache(folder, lambda feed: prompt.run(None, feed), lambda feed: decode.run(None, feed))
+        self.n_ctx = min(n_ctx, self._cache.layout["ctx"])
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        return self._cache.prefill(list(ids))
+
+    def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
+        rng = np.random.default_rng(params.seed)
+        budget = max(0, min(params.max_tokens, self.n_ctx - len(prompt_ids)))
+        if not budget:
+            return
+        logits = self._cache.prefill(list(prompt_ids))[-1]
+        for produced in range(1, budget + 1):
+            token = sample_token(logits, params, rng)
+            yield token
+            if produced == budget or (params.stop_at_eos and token in self._eos_ids):
+                break
+            logits = self._cache.step([token], "decode")[-1]
+
+    def close(self) -> None:
+        self._cache = None

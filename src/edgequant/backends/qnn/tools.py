@@ -109,7 +109,7 @@ class _FixedShapeLM:
         return Wrapper()
 
 
-def _scale_free_rms_norm(module) -> None:
+def scale_free_rms_norm(module) -> None:
     """Replace an RMSNorm's forward with an equal one whose intermediates stay in a fixed range.
 
     Exported as is, RMSNorm squares the residual stream, and every intermediate gets ONE
@@ -141,7 +141,7 @@ def export_fixed(hf_dir: Path, seq: int, out_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager", dtype=torch.float32).eval()
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            _scale_free_rms_norm(module)
+            scale_free_rms_norm(module)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(_FixedShapeLM(model, seq), (torch.zeros(1, seq, dtype=torch.long),), str(out_path),
@@ -157,9 +157,11 @@ def calibration_inputs(hf_dir: Path, seq: int, samples: int) -> list[dict]:
     return [{"input_ids": np.asarray([w], np.int64)} for w in windows]
 
 
-def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: list[dict]) -> list[str]:
-    """qnn_preprocess_model (fusions the HTP wants), then QDQ with the QNN config. Returns the
-    activations widened to uint16 (w8a8's act16)."""
+def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: list[dict],
+                 encodings: dict | None = None) -> list[str]:
+    """qnn_preprocess_model (fusions the HTP wants), then QDQ with the QNN config; `encodings`
+    (kv.as_overrides) pins activations to another graph's scales. Returns the activations
+    widened to uint16 (w8a8's act16)."""
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
@@ -175,6 +177,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
     if request.act16 and activation == QuantType.QUInt8:
         widened = [name for name, share in underflow_shares(prepared, feeds[:2]).items() if share > request.act16]
     overrides.update({name: [{"quant_type": QuantType.QUInt16}] for name in widened})
+    overrides.update(encodings or {})
     config = get_qnn_qdq_config(str(prepared), FeedReader(feeds), activation_type=activation, weight_type=weight,
                                 per_channel=weight in (QuantType.QInt4,) or request.precision == "w4a16",
                                 init_overrides=overrides or None)
@@ -251,9 +254,10 @@ def compile_context(model_path: Path, out_path: Path) -> None:
     ort.InferenceSession(str(model_path), options)
 
 
-def htp_agreement(model_path: Path, feeds: list[dict]) -> dict:
-    """Run one calibration window on the CPU EP and on the simulated HTP; how far apart they land.
-    The HTP computes in fixed point where the CPU EP dequantizes to float, so they differ a little."""
+def htp_agreement(model_path: Path, feeds: list[dict], steps: int = 1) -> dict:
+    """Run the first `steps` calibration feeds on the CPU EP and on the simulated HTP; how far
+    apart they land. The HTP computes in fixed point where the CPU EP dequantizes to float, so
+    they differ a little."""
     import numpy as np
     import onnxruntime as ort
 
@@ -266,8 +270,8 @@ def htp_agreement(model_path: Path, feeds: list[dict]) -> dict:
     except Exception as exc:  # the graph still runs on the CPU EP; the HTP's refusal is the finding
         reason = str(exc).split("] : ", 1)[-1].strip().splitlines()[0][:300]
         return {"backend": "QNN HTP simulator (x86-64)", **htp_options(), "error": reason}
-    a = cpu.run(["logits"], feeds[0])[0][0]
-    b = htp.run(["logits"], feeds[0])[0][0]
+    a = np.concatenate([cpu.run(["logits"], feed)[0][0] for feed in feeds[:steps]])
+    b = np.concatenate([htp.run(["logits"], feed)[0][0] for feed in feeds[:steps]])
     log_p, log_q = log_softmax(a), log_softmax(b)
     return {"backend": "QNN HTP simulator (x86-64)", **htp_options(), "tokens": int(a.shape[0]),
             "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).mean()), 4),

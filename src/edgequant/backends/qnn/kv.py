@@ -1,0 +1,224 @@
+"""Prompt and decode graphs with an explicit KV cache, as Snapdragon LLM apps run them.
+
+Two fixed-shape graphs share the same weights and the same code path, at a fixed context `ctx`:
+the prompt graph takes `ar` tokens at a time, the decode graph one. Layout (documented in the
+artifact's `kv_layout.json`; L layers, H query heads, K key/value heads, D head size, N = ar or 1):
+
+    inputs   input_ids int64 [1, N]; cos, sin float [1, N, D] (RoPE, computed outside the graph);
+             mask float [1, 1, N, ctx] (additive: 0 attends, MASK_VALUE does not); for each layer
+             i, past_key_i and past_value_i float [1, K, ctx - N, D] (the cache; slot j holds
+             position j, slots at and after the current position are masked)
+    outputs  logits float [1, N, vocab]; new_key_i, new_value_i float [1, K, N, D]: only the new
+             entries, which the caller writes into its cache at the current position
+
+The attention is written out here (Llama-style: q/k/v/o projections, rotate-half RoPE, grouped
+query heads, the layer's own MLP and norms) instead of traced through transformers' cache
+classes, so both graphs are static and their tensor names agree. Calibration runs on the prompt
+graph only; the decode graph is quantized with the prompt graph's activation encodings (scale
+and zero point per tensor), so the two compute on one grid.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgequant.backends.qnn.tools import MASK_VALUE  # see there why it is not float32's minimum
+from edgequant.errors import EdgequantError
+
+LAYOUT_FILE = "kv_layout.json"
+INV_FREQ_FILE = "rope_inv_freq.npy"
+PROMPT_FILE, DECODE_FILE = "prompt.onnx", "decode.onnx"
+# Llama-style decoders whose attention the graphs write out; others keep the fixed-window graph.
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+def check_architecture(config: dict) -> None:
+    if config.get("model_type") not in SUPPORTED:
+        raise EdgequantError(f"graphs=kv supports {', '.join(SUPPORTED)} decoders, not {config.get('model_type')!r}",
+                             "use graphs=fixed (one fixed-window graph) for this model")
+
+
+def export_graphs(hf_dir: Path, out: Path, ar: int, ctx: int) -> dict:
+    """Write the float prompt and decode graphs, the RoPE frequencies and the layout to `out`."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgequant.backends.qnn.tools import scale_free_rms_norm
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            scale_free_rms_norm(module)
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    layers = len(model.model.layers)
+    layout = {"ctx": ctx, "layers": layers, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+              "graphs": {}, "mask_value": MASK_VALUE,
+              "attention_scaling": float(getattr(model.model.rotary_emb, "attention_scaling", 1.0))}
+    for name, file, tokens in (("prompt", PROMPT_FILE, ar), ("decode", DECODE_FILE, 1)):
+        step = _kv_step(model, tokens, heads, kv_heads, head_dim)
+        past = [torch.zeros(1, kv_heads, ctx - tokens, head_dim) for _ in range(2 * layers)]
+        example = (torch.zeros(1, tokens, dtype=torch.long), torch.ones(1, tokens, head_dim), torch.zeros(1, tokens, head_dim),
+                   torch.zeros(1, 1, tokens, ctx), *past)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(step, example, str(out / file), input_names=["input_ids", "cos", "sin", "mask", *cache_names("past", layers)],
+                              output_names=["logits", *cache_names("new", layers)], opset_version=17, dynamo=False)
+        layout["graphs"][name] = {"file": file, "tokens": tokens, "past": ctx - tokens}
+    np.save(out / INV_FREQ_FILE, model.model.rotary_emb.inv_freq.numpy().astype(np.float32))
+    (out / LAYOUT_FILE).write_text(json.dumps(layout, indent=2))
+    return layout
+
+
+def cache_names(prefix: str, layers: int) -> list[str]:
+    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+
+
+def _kv_step(model, tokens: int, heads: int, kv_heads: int, head_dim: int):
+    """A module running `tokens` new tokens against the cache, returning logits and new K/V."""
+    import torch
+
+    group = heads // kv_heads
+
+    def rotate_half(x):
+        return torch.cat((-x[..., head_dim // 2:], x[..., : head_dim // 2]), dim=-1)
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, cos, sin, mask, *past):
+            x = self.model.model.embed_tokens(input_ids)
+            cos, sin = cos[:, None], sin[:, None]
+            new = []
+            for i, layer in enumerate(self.model.model.layers):
+                attn, h = layer.self_attn, layer.input_layernorm(x)
+                q = attn.q_proj(h).view(1, tokens, heads, head_dim).transpose(1, 2)
+                k = attn.k_proj(h).view(1, tokens, kv_heads, head_dim).transpose(1, 2)
+                v = attn.v_proj(h).view(1, tokens, kv_heads, head_dim).transpose(1, 2)
+                q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+                new += [k, v]
+                keys = torch.cat((past[2 * i], k), dim=2).repeat_interleave(group, dim=1)
+                values = torch.cat((past[2 * i + 1], v), dim=2).repeat_interleave(group, dim=1)
+                scores = q @ keys.transpose(2, 3) * head_dim ** -0.5 + mask
+                out = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2).reshape(1, tokens, heads * head_dim)
+                x = x + attn.o_proj(out)
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+            return (self.model.lm_head(self.model.model.norm(x)), *new)
+
+    return Step()
+
+
+class KVCache:
+    """The caller's side of the layout: the cache, positions, RoPE and masks, on numpy."""
+
+    def __init__(self, folder: Path, run_prompt, run_decode):
+        self.layout = json.loads((folder / LAYOUT_FILE).read_text())
+        self.inv_freq = np.load(folder / INV_FREQ_FILE)
+        self._run = {"prompt": run_prompt, "decode": run_decode}
+        lay = self.layout
+        self.cache = np.zeros((2 * lay["layers"], 1, lay["kv_heads"], lay["ctx"], lay["head_dim"]), np.float32)
+        self.position = 0
+
+    @property
+    def chunk(self) -> int:
+        return self.layout["graphs"]["prompt"]["tokens"]
+
+    def reset(self) -> None:
+        self.position = 0  # stale entries stay, masked out
+
+    def step(self, ids, graph: str | None = None) -> np.ndarray:
+        """Run `ids` (at most the graph's size) at the current position; returns their logits
+        and writes their K/V into the cache. One id goes to the decode graph unless told."""
+        graph = graph or ("decode" if len(ids) == 1 else "prompt")
+        size = self.layout["graphs"][graph]["tokens"]
+        past = self.layout["ctx"] - size
+        count = len(ids)
+        if count > size or self.position > past:  # the cached positions must fit the graph's past input
+            raise EdgequantError(f"{self.position + count} tokens do not fit the {graph} graph at context {self.layout['ctx']}",
+                                 "use a larger ?ctx= or a shorter input")
+        padded = np.zeros((1, size), np.int64)
+        padded[0, :count] = ids
+        cos, sin = self._rope(self.position + np.arange(size))
+        feed = {"input_ids": padded, "cos": cos, "sin": sin, "mask": self._mask(size, past)}
+        for j, name in enumerate(cache_names("past", self.layout["layers"])):
+            feed[name] = self.cache[j, :, :, :past]
+        outputs = self._run[graph](feed)
+        for j, new in enumerate(outputs[1:]):
+            self.cache[j, :, :, self.position:self.position + count] = new[:, :, :count]
+        self.position += count
+        return np.asarray(outputs[0][0, :count], dtype=np.float32)
+
+    def prefill(self, ids) -> np.ndarray:
+        """Logits of every id, through the prompt graph in chunks of its size, from position 0."""
+        self.reset()
+        return np.concatenate([self.step(ids[i:i + self.chunk], "prompt") for i in range(0, len(ids), self.chunk)])
+
+    def _rope(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        angles = positions[:, None].astype(np.float32) * self.inv_freq[None]
+        angles = np.concatenate([angles, angles], axis=-1)
+        scale = self.layout["attention_scaling"]
+        return (np.cos(angles) * scale)[None].astype(np.float32), (np.sin(angles) * scale)[None].astype(np.float32)
+
+    def _mask(self, size: int, past: int) -> np.ndarray:
+        mask = np.full((1, 1, size, self.layout["ctx"]), MASK_VALUE, np.float32)
+        mask[..., :self.position] = 0.0  # every cached position
+        mask[0, 0, :, past:] = np.triu(np.full((size, size), MASK_VALUE, np.float32), 1)  # causal among the new
+        return mask
+
+
+def calibration_feeds(folder: Path, windows: list[list[int]], session) -> tuple[list[dict], list[dict]]:
+    """Feeds for both float graphs, recorded while running calibration windows through them: each
+    window's first half by prompt chunks, then a few decode steps."""
+    prompt_feeds: list[dict] = []
+    decode_feeds: list[dict] = []
+
+    def recorder(graph_session, kept: list[dict]):
+        def run(feed):
+            kept.append({k: np.array(v) for k, v in feed.items()})
+            return graph_session.run(None, feed)
+        return run
+
+    cache = KVCache(folder, recorder(session(folder / PROMPT_FILE), prompt_feeds),
+                    recorder(session(folder / DECODE_FILE), decode_feeds))
+    for window in windows:
+        cache.reset()
+        half = max(len(window) // 2 // cache.chunk, 1) * cache.chunk
+        for i in range(0, half, cache.chunk):
+            cache.step(window[i:i + cache.chunk], "prompt")
+        for token in window[half:half + 4]:
+            cache.step([token], "decode")
+    return prompt_feeds, decode_feeds
+
+
+def activation_encodings(qdq_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Tensor name -> (scale, zero point) of every activation's QuantizeLinear in a QDQ model (a
+    graph output's tensor is renamed `<name>_QuantizeLinear_Input` by the quantizer)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(qdq_path), load_external_data=False).graph
+    constants = {i.name: i for i in graph.initializer}
+    found = {}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in constants:
+            name = node.input[0].removesuffix("_QuantizeLinear_Input")
+            found[name] = (numpy_helper.to_array(constants[node.input[1]]), numpy_helper.to_array(constants[node.input[2]]))
+    return found
+
+
+def as_overrides(encodings: dict) -> dict:
+    """onnxruntime's TensorQuantOverrides pinning each tensor to a given scale and zero point."""
+    from onnxruntime.quantization import QuantType
+
+    types = {np.dtype(np.uint8): QuantType.QUInt8, np.dtype(np.uint16): QuantType.QUInt16,
+             np.dtype(np.int8): QuantType.QInt8, np.dtype(np.int16): QuantType.QInt16}
+    return {name: [{"scale": np.asarray(scale, np.float32), "zero_point": np.asarray(zero), "quant_type": types[zero.dtype]}]
+            for name, (scale, zero) in encodings.items()}
