@@ -38,6 +38,9 @@ EXPANDED_PER_ROUND = 2  # how many of the best candidates have their neighbours 
 # A candidate is built only if its expected size is within this factor of a size gate: the
 # estimate is rough where a format keeps some tensors wider than its nominal precision.
 SIZE_ESTIMATE_SLACK = 1.25
+# Seconds the baseline's speed probe and a cached candidate's check take, for plan()'s estimate.
+BASELINE_SECONDS = 60.0
+CACHED_SECONDS = 3.0
 SPEED_GATES = ("speedup", "ttft")
 MEMORY_GATES = ("peak_rss", "memory_reduction")
 
@@ -144,10 +147,10 @@ def optimize(config: OptimizeConfig) -> dict:
 def plan(config: OptimizeConfig) -> dict:
     """What `optimize` would do, without doing it: the candidates, which are cached, and an
     estimate of the time (each backend's `bench_seconds` for what is not cached)."""
+    from edgequant.artifact import is_artifact
     from edgequant.conversion import default_artifact_dir
     from edgequant.evaluation import stored_evaluation
     from edgequant.recommend import target_profile
-    from edgequant.artifact import is_artifact
     from edgequant.source import load_source
 
     gates = parse_gates(config.gates or DEFAULT_GATES)
@@ -161,8 +164,8 @@ def plan(config: OptimizeConfig) -> dict:
         folder = default_artifact_dir(source.fingerprint, spec)
         built = is_artifact(folder)
         evaluated = built and stored_evaluation(folder, eval_config_for(config.eval, spec)) is not None
-        skip = backend.missing_engine() or (f"expected size is over {_over_size_gate(gates, expected, SIZE_ESTIMATE_SLACK)}"
-                                            if _over_size_gate(gates, expected, SIZE_ESTIMATE_SLACK) else None)
+        too_big = _over_size_gate(gates, expected, SIZE_ESTIMATE_SLACK)
+        skip = backend.missing_engine() or (f"expected size is over {too_big}" if too_big else None)
         cost = 0.0 if skip else CACHED_SECONDS if evaluated else backend.bench_seconds
         seconds += cost
         rows.append({"spec": candidate.spec, "origin": candidate.origin, "expected_size_mb": round(expected / 1e6, 1),
@@ -174,11 +177,6 @@ def plan(config: OptimizeConfig) -> dict:
             "objective": config.objective, "budget": config.budget, "candidates": rows, "neighbours_at_most": extra,
             "estimated_s": round(seconds + extra * average), "estimate_basis": "each backend's bench_seconds for what is not "
             "cached, the neighbours at their average (a gguf:auto mix's first search takes ~3 minutes more)"}
-
-
-# Seconds the baseline's speed probe and a cached candidate's check take, for plan()'s estimate.
-BASELINE_SECONDS = 60.0
-CACHED_SECONDS = 3.0
 
 _OBJECTIVE_WORDS = {"size": "the smallest artifact that passes every gate",
                     "speed": "the fastest decode among those that pass every gate",
@@ -255,12 +253,17 @@ def _measure(ctx: Context, candidate: Candidate) -> None:
         ctx.evaluations += 1
         metrics = evaluate(artifact.path, config=eval_config_for(ctx.config.eval, spec), reuse=True)
     except EdgequantError as exc:
-        candidate.status, candidate.reason = "failed", exc.problem
+        _failed(ctx, candidate, exc.problem)
         return
     except Exception as exc:  # an engine's own failure must not end the other candidates' runs
-        candidate.status, candidate.reason = "failed", f"{type(exc).__name__}: {exc}"[:500]
+        _failed(ctx, candidate, f"{type(exc).__name__}: {exc}"[:500])
         return
     _record(ctx, candidate, metrics)
+
+
+def _failed(ctx: Context, candidate: Candidate, reason: str) -> None:
+    candidate.status, candidate.reason = "failed", reason
+    ctx.db.add(ctx.run_id, ctx.source.name, ctx.source.fingerprint, candidate.spec, "failed", error=reason)
 
 
 def _tied(source) -> bool:
@@ -276,7 +279,7 @@ def _over_size_gate(gates: list[Gate], size: int, slack: float) -> str | None:
 
 def _record(ctx: Context, candidate: Candidate, metrics: dict) -> None:
     candidate.status, candidate.metrics, candidate.cached = "measured", metrics, bool(metrics.get("cached"))
-    candidate.figures = _figures(ctx, candidate.spec, metrics)
+    candidate.figures = _figures(ctx, metrics)
     candidate.verdicts = [_verdict(ctx, candidate.spec, g, candidate.figures) for g in ctx.gates]
     if not candidate.cached:
         from edgequant.artifact import open_artifact
@@ -291,7 +294,7 @@ def _speed_stands_in(ctx: Context, spec_text: str) -> bool:
     return not ctx.runs_here or not get_backend(parse_spec(spec_text).format).speed_is_representative()
 
 
-def _figures(ctx: Context, spec_text: str, metrics: dict) -> dict:
+def _figures(ctx: Context, metrics: dict) -> dict:
     """The figures gates read; off the target, peak memory is estimated from size for both sides."""
     if ctx.runs_here:
         return derived_metrics(metrics, ctx.baseline)
