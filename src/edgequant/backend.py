@@ -102,6 +102,13 @@ class Backend:
         layers kept at 8 bit) that `optimize` measures when `spec` is among the best."""
         return []
 
+    def adjacent_choices(self, spec: "Spec", name: str) -> list["Spec"]:
+        """`spec` with option `name` at each choice next to its current one (the option's
+        `choices` in their declared order): the usual neighbours of a group or block size."""
+        choices = self.options[name].choices
+        at = choices.index(self.option_values(spec)[name])
+        return [spec.with_options(**{name: c}) for c in choices[max(at - 1, 0):at + 2] if c != choices[at]]
+
     def speed_is_representative(self) -> bool:
         """False where this machine runs the format through a stand-in (MLX off Apple silicon, QNN
         on the CPU execution provider): its speed here says little about the target device."""

@@ -78,10 +78,7 @@ class MLXBackend(Backend):
         """Quantized specs: the next group sizes."""
         if spec.precision not in _QUANTIZED:
             return []
-        group = self.option_values(spec)["group"]
-        groups = (32, 64, 128)
-        at = groups.index(group)
-        return [str(spec.with_options(group=g)) for g in groups[max(at - 1, 0):at + 2] if g != group]
+        return [str(s) for s in self.adjacent_choices(spec, "group")]
 
     def install_hint(self) -> str:
         return INSTALL_HINT

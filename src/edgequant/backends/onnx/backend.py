@@ -79,9 +79,7 @@ class OnnxBackend(Backend):
         if spec.precision != "int4":
             return []
         opt = self.option_values(spec)
-        blocks = (16, 32, 64, 128)
-        at = blocks.index(opt["block"])
-        found = [spec.with_options(block=b) for b in blocks[max(at - 1, 0):at + 2] if b != opt["block"]]
+        found = self.adjacent_choices(spec, "block")
         found.append(spec.with_options(head8=not opt["head8"]))
         if opt["algo"] != "k_quant":
             found.append(spec.with_options(algo="k_quant", mixed=True))

@@ -76,9 +76,7 @@ class OpenVINOBackend(Backend):
         if spec.precision != "int4":
             return []
         opt = self.option_values(spec)
-        groups = (32, 64, 128)
-        at = groups.index(opt["group"])
-        found = [spec.with_options(group=g) for g in groups[max(at - 1, 0):at + 2] if g != opt["group"]]
+        found = self.adjacent_choices(spec, "group")
         found += [spec.with_options(ratio=round(r, 2)) for r in (opt["ratio"] - 0.2, opt["ratio"] + 0.2) if 0 <= r <= 1]
         return [str(s) for s in found]
 

@@ -46,14 +46,10 @@ def export_graphs(hf_dir: Path, out: Path, ar: int, ctx: int) -> dict:
     import warnings
 
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from edgequant.backends.qnn.tools import scale_free_rms_norm
+    from edgequant.backends.qnn.tools import model_for_export
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager", dtype=torch.float32).eval()
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            scale_free_rms_norm(module)
+    model = model_for_export(hf_dir)
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

@@ -132,9 +132,8 @@ def scale_free_rms_norm(module) -> None:
     module.forward = types.MethodType(forward, module)
 
 
-def export_fixed(hf_dir: Path, seq: int, out_path: Path) -> None:
-    import warnings
-
+def model_for_export(hf_dir: Path):
+    """The float32 model as every QNN graph exports it: eager attention, scale-free RMSNorm."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -142,6 +141,15 @@ def export_fixed(hf_dir: Path, seq: int, out_path: Path) -> None:
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
             scale_free_rms_norm(module)
+    return model
+
+
+def export_fixed(hf_dir: Path, seq: int, out_path: Path) -> None:
+    import warnings
+
+    import torch
+
+    model = model_for_export(hf_dir)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(_FixedShapeLM(model, seq), (torch.zeros(1, seq, dtype=torch.long),), str(out_path),
