@@ -39,7 +39,7 @@ FORMATS = {
     # the CPU plugin's defaults (bf16 inference on this CPU, u8 KV cache) are a runtime choice, not the conversion
     "openvino": ("openvino:fp32?infer=f32&kv_cache=f32&dyn_quant=0", 1e-4, "openvino:int8"),
     "mlx": ("mlx:fp16", 1e-3, "mlx:4bit"),
-    "qnn": (None, None, "qnn:w8a16?seq=64&samples=2"),
+    "qnn": (None, None, "qnn:w8a16?graphs=fixed&seq=64&samples=2"),  # fixed: every architecture (kv: Llama-style)
 }
 QUICK = EvalConfig(ctx=64, windows=2, speed=False)
 RESULTS: dict[str, dict[str, dict]] = {}

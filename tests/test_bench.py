@@ -149,7 +149,7 @@ def test_html_report_renders_in_headless_chromium(bench_runs, tmp_path):
 def test_stand_in_formats_get_a_short_speed_probe_and_their_htp_check_is_reported(tiny_model, tmp_path):
     from edgequant.backends.qnn.tools import htp_available
 
-    config = BenchConfig(tiny_model, ("qnn:w8a16?seq=64&samples=2",), tmp_path / "r.sqlite", report_json=tmp_path / "r.json",
+    config = BenchConfig(tiny_model, ("qnn:w8a16?graphs=fixed&seq=64&samples=2",), tmp_path / "r.sqlite", report_json=tmp_path / "r.json",
                          eval=EvalConfig(ctx=64, windows=2, prompt_tokens=16, gen_tokens=24, repeats=2))
     result = run_bench(config)
     assert result.baseline.metrics["generated_tokens"] == 24 and result.baseline.metrics["repeats"] == 2

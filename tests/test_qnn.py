@@ -21,9 +21,9 @@ def _quality(artifact):
     return edgequant.evaluate(artifact.path, config=EvalConfig(ctx=SEQ, windows=2, speed=False))
 
 
-@pytest.mark.parametrize("precision, activation, weight", [("w8a16", "uint16", "uint8"), ("w8a8", "uint8", "uint8")])
+@pytest.mark.parametrize("precision, activation, weight", [("w8a16", "uint16", "int8"), ("w8a8", "uint8", "uint8")])
 def test_qdq_types_and_cpu_run(tiny_model, precision, activation, weight):
-    artifact = edgequant.convert(tiny_model, f"qnn:{precision}?seq={SEQ}&samples=2")
+    artifact = edgequant.convert(tiny_model, f"qnn:{precision}?graphs=fixed&seq={SEQ}&samples=2")
     check_model(artifact.model_path)
     counts = qdq_counts(artifact.model_path)
     assert counts.get(f"QuantizeLinear:{activation}", 0) >= 20  # every activation of 2 layers is quantized
@@ -34,24 +34,24 @@ def test_qdq_types_and_cpu_run(tiny_model, precision, activation, weight):
 
 
 def test_w4a16_has_int4_weights(tiny_model):
-    artifact = edgequant.convert(tiny_model, f"qnn:w4a16?seq={SEQ}&samples=2")
+    artifact = edgequant.convert(tiny_model, f"qnn:w4a16?graphs=fixed&seq={SEQ}&samples=2")
     counts = qdq_counts(artifact.model_path)
     assert counts.get("DequantizeLinear:int4", 0) >= 2 * 7
     assert counts.get("QuantizeLinear:uint16", 0) >= 20
 
 
 def test_override_gives_mixed_precision(tiny_model):
-    artifact = edgequant.convert(tiny_model, f"qnn:w8a16?seq={SEQ}&samples=2&override=lm_head:u16")
+    artifact = edgequant.convert(tiny_model, f"qnn:w8a16?graphs=fixed&seq={SEQ}&samples=2&override=lm_head:u16")
     counts = qdq_counts(artifact.model_path)
-    plain = qdq_counts(edgequant.convert(tiny_model, f"qnn:w8a16?seq={SEQ}&samples=2").model_path)
-    assert counts["DequantizeLinear:uint8"] == plain["DequantizeLinear:uint8"] - 1  # the LM head moved to 16 bit
+    plain = qdq_counts(edgequant.convert(tiny_model, f"qnn:w8a16?graphs=fixed&seq={SEQ}&samples=2").model_path)
+    assert counts["DequantizeLinear:int8"] == plain["DequantizeLinear:int8"] - 1  # the LM head moved to 16 bit
 
 
 def test_act16_moves_the_worst_activations_of_w8a8_to_16_bit(tiny_model):
-    artifact = edgequant.convert(tiny_model, f"qnn:w8a8?seq={SEQ}&samples=2&act16=0.01")
+    artifact = edgequant.convert(tiny_model, f"qnn:w8a8?graphs=fixed&seq={SEQ}&samples=2&act16=0.01")
     widened = artifact.manifest["details"]["activations_16bit"]
     counts = qdq_counts(artifact.model_path)
-    plain = qdq_counts(edgequant.convert(tiny_model, f"qnn:w8a8?seq={SEQ}&samples=2&act16=0").model_path)
+    plain = qdq_counts(edgequant.convert(tiny_model, f"qnn:w8a8?graphs=fixed&seq={SEQ}&samples=2&act16=0").model_path)
     assert widened["count"] == len(widened["tensors"]) > 0
     assert counts.get("QuantizeLinear:uint16", 0) > 0 and "QuantizeLinear:uint16" not in plain
     assert counts["QuantizeLinear:uint8"] < plain["QuantizeLinear:uint8"]
@@ -61,7 +61,7 @@ def test_generation_is_bounded_by_the_fixed_shape(tiny_model):
     from edgequant.registry import open_runner
     from edgequant.runner import GenerateParams
 
-    artifact = edgequant.convert(tiny_model, f"qnn:w8a16?seq={SEQ}&samples=2")
+    artifact = edgequant.convert(tiny_model, f"qnn:w8a16?graphs=fixed&seq={SEQ}&samples=2")
     with open_runner(artifact.path, n_ctx=512, need_logits=False) as runner:
         assert runner.n_ctx == SEQ
         prompt = runner.tokenize("The history of")
@@ -71,8 +71,8 @@ def test_generation_is_bounded_by_the_fixed_shape(tiny_model):
 
 @pytest.mark.parametrize("spec, match", [
     ("qnn:w8a16?context=1", "onnxruntime-qnn"),
-    ("qnn:w8a16?seq=4", "seq"),
-    ("qnn:w8a16?seq=4096&samples=200", "calibration text"),
+    ("qnn:w8a16?graphs=fixed&seq=4", "seq"),
+    ("qnn:w8a16?graphs=fixed&seq=4096&samples=200", "calibration text"),
     ("qnn:w8a16?override=lm_head:u7", "NAME:TYPE"),
     ("qnn:w8a16?act16=0.3", "does not apply to qnn:w8a16 \\(only to w8a8\\)"),
 ])
@@ -96,7 +96,7 @@ def test_simulated_htp_agrees_with_cpu_and_compiles_a_context(tiny_model):
         pytest.skip("onnxruntime-qnn (extra `qnn`) is not installed")
     from edgequant.backends.qnn.runner import FixedShapeRunner
 
-    artifact = edgequant.convert(tiny_model, f"qnn:w8a16?seq={SEQ}&samples=2&context=1")
+    artifact = edgequant.convert(tiny_model, f"qnn:w8a16?graphs=fixed&seq={SEQ}&samples=2&context=1")
     report = artifact.manifest["details"]["htp"]
     assert report["top1_agreement"] > 0.8 and report["tokens"] == SEQ
     context = onnx.load(str(artifact.path / "model_ctx.onnx"))
@@ -109,7 +109,7 @@ def test_simulated_htp_agrees_with_cpu_and_compiles_a_context(tiny_model):
     assert (on_cpu.argmax(-1) == on_htp.argmax(-1)).mean() > 0.8
 
 
-KV_SPEC = "qnn:w8a16?graphs=kv&ar=16&ctx=128&samples=2"
+KV_SPEC = "qnn:w8a16?ar=16&ctx=128&samples=2"  # graphs=kv and an 8-bit KV cache are the defaults
 
 
 @pytest.fixture(scope="module")
@@ -189,27 +189,55 @@ def test_kv_decode_agrees_with_chunked_scoring_and_generation_uses_the_cache(kv_
     assert abs(metrics["ppl_increase_pct"]) < 5 and metrics["top1_agreement"] > 0.8
 
 
-def test_both_kv_graphs_run_on_the_simulated_htp_with_cpu_fallback_off(kv_artifact):
+def test_prefill_and_decode_on_the_simulated_htp_agree_with_the_cpu_and_the_float_model(kv_artifact):
     from edgequant.backends.qnn.tools import htp_available
 
     if not htp_available():
         pytest.skip("onnxruntime-qnn (extra `qnn`) is not installed")
-    graphs = kv_artifact.manifest["details"]["htp_graphs"]
-    assert "error" not in graphs["prompt"] and "error" not in graphs["decode"]
-    assert graphs["prompt"]["tokens"] == 16 and graphs["prompt"]["top1_agreement"] > 0.8
-    assert graphs["decode"]["tokens"] == 8 and graphs["decode"]["kld_mean"] < 0.05
+    check = kv_artifact.manifest["details"]["htp_pipeline"]
+    assert "error" not in check and check["within_tolerance"]
+    assert check["prompt_tokens"] == 32 and check["decode_steps"] == 16  # two prompt chunks, then 16 decode steps
+    assert check["greedy_tokens_same_as_cpu"] >= 8 and check["top1_agreement_with_cpu"] > 0.8
+    assert check["kld_vs_float"]["htp"]["decode"] < 0.05
 
 
-@pytest.mark.parametrize("spec, match", [("qnn:w8a16?ar=16", "graphs=kv only"), ("qnn:w8a16?graphs=kv&seq=64", "drop seq"),
-                                         ("qnn:w8a16?graphs=kv&ar=64&ctx=64", "below ctx")])
-def test_kv_options_are_checked_before_any_work(spec, match):
-    with pytest.raises(EdgequantError, match=match):
-        edgequant.convert(None, spec)
+def test_the_kv_cache_is_8_bit_in_both_graphs_on_one_grid(kv_artifact):
+    from onnx import numpy_helper
+
+    def cache_quantizers(file):
+        graph = onnx.load(str(kv_artifact.path / file), load_external_data=False).graph
+        constants = {i.name: i for i in graph.initializer}
+        return {n.input[0].removesuffix("_QuantizeLinear_Input"): (constants[n.input[2]].data_type,
+                float(numpy_helper.to_array(constants[n.input[1]])))
+                for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0].startswith(("past_", "new_"))}
+
+    prompt, decode = cache_quantizers("prompt.onnx"), cache_quantizers("decode.onnx")
+    assert len(prompt) == 8 and prompt == decode  # 2 layers x key/value x past/new, same scales
+    assert {kind for kind, _ in prompt.values()} == {onnx.TensorProto.UINT8}
+    assert kv_artifact.manifest["details"]["kv_cache_bits"] == 8
+
+
+def test_context_binaries_share_the_weights_of_both_graphs(tiny_model):
+    from edgequant.backends.qnn.tools import htp_available
+
+    if not htp_available():
+        pytest.skip("onnxruntime-qnn (extra `qnn`) is not installed")
+    artifact = edgequant.convert(tiny_model, "qnn:w4a16?ar=16&ctx=128&samples=2&context=1")
+    context = artifact.manifest["details"]["context"]
+    assert context["models"] == {"prompt.onnx": "prompt_ctx.onnx", "decode.onnx": "decode_ctx.onnx"}
+    assert context["binaries"] == ["prompt_ctx_qnn.bin"] and context["weights_shared"]
+    for name in context["models"].values():  # both EPContext models point at the one binary
+        (node,) = onnx.load(str(artifact.path / name)).graph.node
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert node.op_type == "EPContext" and attributes["ep_cache_context"] == b"prompt_ctx_qnn.bin"
+    # one copy of the weights: the binary is smaller than the two graphs' weight files together
+    data = sum((artifact.path / f"{g}.onnx.data").stat().st_size for g in ("prompt", "decode"))
+    assert context["bytes"] < 0.8 * data
 
 
 @pytest.mark.slow
 def test_default_model_w8a16_on_cpu_ep():
-    artifact = edgequant.convert(None, "qnn:w8a16?seq=128&samples=4")
+    artifact = edgequant.convert(None, "qnn:w8a16?graphs=fixed&seq=128&samples=4")
     check_model(artifact.model_path)
     metrics = edgequant.evaluate(artifact.path, config=EvalConfig(ctx=128, windows=2, speed=False))
     assert metrics["ppl_increase_pct"] < 25 and metrics["top1_agreement"] > 0.7

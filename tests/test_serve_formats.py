@@ -27,7 +27,7 @@ def _artifact(request, spec: str):
     return edgequant.convert(model, spec)
 
 
-@pytest.mark.parametrize("spec", ["onnx:int8", "qnn:w8a16?seq=64&samples=2", "openvino:int8", "mlx:8bit"])
+@pytest.mark.parametrize("spec", ["onnx:int8", "qnn:w8a16?ar=16&ctx=128&samples=2", "openvino:int8", "mlx:8bit"])
 def test_each_format_serves_what_its_runner_generates(request, spec):
     artifact = _artifact(request, spec)
     with open_runner(artifact.path, n_ctx=256) as runner:

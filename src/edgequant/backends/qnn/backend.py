@@ -1,11 +1,16 @@
-"""QNN backend: a fixed-shape ONNX export quantized to QDQ with onnxruntime's QNN helpers, the form
-Qualcomm's HTP (Snapdragon NPU) executes. The artifact always runs on the CPU execution provider,
-so it is evaluated like every other artifact; with onnxruntime-qnn installed, each conversion also
-runs one calibration window on the simulated HTP and records how well it agrees with the CPU run,
-and `?context=1` writes the compiled QNN context model next to the ONNX file.
+"""QNN backend: LLMs as Snapdragon apps run them on Qualcomm's HTP (NPU), as QDQ ONNX models.
 
-Shapes are fixed (`?seq=N`): the HTP wants static shapes, so the graph takes exactly N tokens and
-has no KV cache; the runner pads to N and re-runs the window for every generated token.
+By default (`graphs=kv`, kv.py) an artifact is two fixed-shape graphs at a fixed context: a prompt
+graph taking `ar` tokens at a time and a one-token decode graph, with the KV cache as explicit
+inputs and outputs. Both are calibrated once (on the prompt graph) and share one set of
+encodings; weights are symmetric and blocked, their scales searched (weights.py); the KV cache is
+8-bit. The folder also carries an onnxruntime-genai `genai_config.json` (genai.py), and
+`?context=1` compiles both graphs into one QNN context binary with shared weights.
+
+Artifacts run on ONNX Runtime's CPU execution provider, so they are evaluated like every other
+artifact; with onnxruntime-qnn installed each conversion also runs prefill and decode on the
+simulated HTP with CPU fallback off and records how it agrees with the CPU run and the float model.
+`graphs=fixed` keeps the older single fixed-window graph without a KV cache (every architecture).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+from dataclasses import replace
 
 from edgequant.backend import Backend
 from edgequant.backends._shared.sliding_window import window_ignored
@@ -30,24 +37,29 @@ class QnnBackend(Backend):
     packages = ("onnxruntime", "onnxruntime-qnn")
     bench_specs = ("qnn:w8a16",)
     speed_note = "QNN artifacts ran on ONNX Runtime's CPU execution provider: quality is real, speed is not an NPU's."
-    # 2: RMSNorm exported scale-free (see qnn_tools.scale_free_rms_norm); 3: w8a8 widens underflowing activations
-    recipe_version = 3
+    # 2: RMSNorm exported scale-free (see qnn_tools.scale_free_rms_norm); 3: w8a8 widens underflowing activations;
+    # 4: blocked symmetric weights with searched scales, 8-bit KV cache, graphs=kv by default
+    recipe_version = 4
     bench_seconds = 350
     precisions = {
         "w8a8": Precision("w8a8", 8, 8.0, "QDQ, uint8 weights and uint8 activations (uint16 where 8 bits underflow: act16)"),
-        "w8a16": Precision("w8a16", 8, 8.0, "QDQ, uint8 weights and uint16 activations"),
-        "w4a16": Precision("w4a16", 4, 4.0, "QDQ, int4 weights per channel and uint16 activations"),
+        "w8a16": Precision("w8a16", 8, 8.0, "QDQ, int8 weights per block of 64 and uint16 activations"),
+        "w4a16": Precision("w4a16", 4, 4.0, "QDQ, int4 weights per block of 64 (LM head int8) and uint16 activations"),
     }
     options = {
-        "seq": Option("seq", int, 512, "fixed sequence length of the graph (tokens)", minimum=8, maximum=8192),
-        "samples": Option("samples", int, 4, "calibration sequences of seq tokens", minimum=1, maximum=256),
-        "override": Option("override", str, "", "per-weight types, NAME:TYPE,... with TYPE u8|i8|u16|i16|u4|i4"),
-        "context": Option("context", bool, False, "also write the compiled QNN context model (needs onnxruntime-qnn)"),
-        "graphs": Option("graphs", str, "fixed", "fixed: one fixed-window graph, no KV cache; kv: a prompt graph "
-                         "(ar tokens) and a decode graph (1 token) with an explicit KV cache at context ctx",
-                         choices=("fixed", "kv")),
+        "graphs": Option("graphs", str, "kv", "kv: a prompt graph (ar tokens) and a decode graph (1 token) with an explicit "
+                         "KV cache at context ctx; fixed: one fixed-window graph, no KV cache", choices=("kv", "fixed")),
         "ar": Option("ar", int, 64, "graphs=kv: tokens the prompt graph takes at a time", minimum=2, maximum=1024),
         "ctx": Option("ctx", int, 1024, "graphs=kv: the fixed context (KV cache length)", minimum=16, maximum=16384),
+        "kv": Option("kv", int, 8, "graphs=kv: bits of the KV cache inputs and outputs", choices=(8, 16)),
+        "seq": Option("seq", int, 512, "graphs=fixed: sequence length of the graph (tokens)", minimum=8, maximum=8192),
+        "block": Option("block", int, 64, "weights quantized per block of this many input rows, scales searched "
+                        "(0: one scale per weight)", choices=(0, 16, 32, 64, 128), applies_to=("w4a16", "w8a16")),
+        "head": Option("head", int, 8, "w4a16: bits of the LM head", choices=(4, 8), applies_to=("w4a16",)),
+        "samples": Option("samples", int, 4, "calibration sequences", minimum=1, maximum=256),
+        "override": Option("override", str, "", "per-weight types, NAME:TYPE,... with TYPE u8|i8|u16|i16|u4|i4"),
+        "context": Option("context", bool, False, "also compile QNN context binaries (needs onnxruntime-qnn); "
+                          "graphs=kv: one binary, weights shared by both graphs"),
         "act16": Option("act16", float, 0.1, "w8a8: activations with more than this share of values rounding to 0 "
                         "at 8 bits go to uint16 (0: every activation 8-bit)", minimum=0.0, maximum=1.0, applies_to=("w8a8",)),
     }
@@ -64,26 +76,30 @@ class QnnBackend(Backend):
 
         opt = self.option_values(spec)
         parse_overrides(opt["override"])
-        kv_only = [name for name in ("ar", "ctx") if name in spec.options]
+        kv_only = [name for name in ("ar", "ctx", "kv") if name in spec.options]
         if opt["graphs"] == "fixed" and kv_only:
             raise EdgequantError(f"{', '.join(kv_only)} apply to graphs=kv only", "add graphs=kv, or drop them")
         if opt["graphs"] == "kv":
             if "seq" in spec.options:
-                raise EdgequantError("seq is the fixed graph's length; graphs=kv takes ar and ctx", "drop seq")
-            if opt["context"]:
-                raise EdgequantError("context=1 is not available with graphs=kv yet", "drop context=1, or use graphs=fixed")
+                raise EdgequantError("seq is the fixed graph's length; graphs=kv (the default) takes ar and ctx",
+                                     "drop seq, or add graphs=fixed")
             if opt["ar"] >= opt["ctx"]:
                 raise EdgequantError(f"ar={opt['ar']} must be below ctx={opt['ctx']}", "use a larger ctx or a smaller ar")
 
     def report_notes(self, spec_text: str, manifest: dict) -> list[str]:
         """The simulated-HTP agreement recorded at conversion, when onnxruntime-qnn was installed."""
         notes = super().report_notes(spec_text, manifest)
-        graphs = (manifest.get("details") or {}).get("htp_graphs")
-        if graphs:
-            return notes + [f"{spec_text}: {name} graph on Qualcomm's HTP simulator (whole graph, CPU fallback off): "
-                            + (f"could not run ({h['error']})" if "error" in h else
-                               f"{100 * h['top1_agreement']:.1f}% top-1 agreement with its CPU run over {h['tokens']} "
-                               f"tokens, KLD {h['kld_mean']:.4f}") for name, h in graphs.items()]
+        check = (manifest.get("details") or {}).get("htp_pipeline")
+        if check:
+            if "error" in check:
+                return notes + [f"{spec_text}: Qualcomm's HTP simulator could not run the graphs with CPU fallback off "
+                                f"({check['error']}); the figures are the CPU execution provider's."]
+            kld = check["kld_vs_float"]
+            return notes + [f"{spec_text} on Qualcomm's HTP simulator (prefill of {check['prompt_tokens']} tokens, then "
+                            f"{check['decode_steps']} decode steps, both graphs wholly on the HTP): the first "
+                            f"{check['greedy_tokens_same_as_cpu']} greedy tokens equal the CPU run's, KLD to the float model "
+                            f"{kld['htp']['decode']:.4f} in decode (CPU run {kld['cpu']['decode']:.4f})"
+                            + ("" if check["within_tolerance"] else "; further from the float model than the CPU run")]
         h = (manifest.get("details") or {}).get("htp")
         if not h:
             return notes
@@ -97,12 +113,12 @@ class QnnBackend(Backend):
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
         from edgequant.backends._shared.side_files import copy_tokenizer
         from edgequant.backends.qnn import tools as qnn_tools
+        from edgequant.backends.qnn import weights
 
         opt = self.option_values(spec)
         if opt["graphs"] == "kv":
             return self._convert_kv(source, spec, opt, out_dir)
-        request = qnn_tools.QnnRequest(spec.precision, opt["seq"], opt["samples"], qnn_tools.parse_overrides(opt["override"]),
-                                       act16=opt["act16"] if spec.precision == "w8a8" else 0.0)
+        request = self._request(spec, opt, opt["seq"])
         if opt["context"]:
             qnn_tools.require_htp()  # before any long step
         feeds = qnn_tools.calibration_inputs(source.hf_dir, request.seq, request.samples)
@@ -111,11 +127,14 @@ class QnnBackend(Backend):
         scratch.mkdir()
         qnn_tools.export_fixed(source.hf_dir, request.seq, scratch / "model_fp32.onnx")
         exported = time.perf_counter()
-        widened = qnn_tools.quantize_qdq(scratch / "model_fp32.onnx", out_dir / qnn_tools.MODEL_FILE, request, feeds)
+        importance = weights.input_importance(scratch / "model_fp32.onnx", feeds) if request.block else None
+        widened = qnn_tools.quantize_qdq(scratch / "model_fp32.onnx", out_dir / qnn_tools.MODEL_FILE, request, feeds,
+                                         importance=importance).widened
         shutil.rmtree(scratch)
         copy_tokenizer(out_dir, source.hf_dir)
         info: dict[str, Any] = {"model_file": qnn_tools.MODEL_FILE, "seq": request.seq, "scheme": qnn_tools.SCHEMES[spec.precision],
-                                "overrides": request.overrides, "calibration_samples": request.samples}
+                                "weights": {"block": request.block, "overrides": request.overrides},
+                                "calibration_samples": request.samples}
         if request.act16:
             info["activations_16bit"] = {"threshold": request.act16, "count": len(widened), "tensors": widened}
         if qnn_tools.htp_available():
@@ -127,19 +146,20 @@ class QnnBackend(Backend):
         return info
 
     def _convert_kv(self, source, spec, opt: dict, out_dir: Path) -> dict[str, Any]:
-        """Prompt and decode graphs: calibrated on the prompt graph, whose activation encodings the
-        decode graph is then quantized with."""
-        from dataclasses import replace
-
+        """Prompt and decode graphs: calibrated on the prompt graph, whose encodings (types, scales
+        and zero points of every activation) the decode graph is then quantized with."""
         from edgequant.backends._shared.calibration import calibration_windows
         from edgequant.backends._shared.ort import cpu_session
         from edgequant.backends._shared.side_files import copy_tokenizer
-        from edgequant.backends.qnn import kv
+        from edgequant.backends.qnn import genai, kv, weights
         from edgequant.backends.qnn import tools as qnn_tools
 
         kv.check_architecture(source.config)
-        request = qnn_tools.QnnRequest(spec.precision, opt["ar"], opt["samples"], qnn_tools.parse_overrides(opt["override"]),
-                                       act16=opt["act16"] if spec.precision == "w8a8" else 0.0)
+        request = self._request(spec, opt, opt["ar"])
+        if opt["kv"] == 8:
+            request = replace(request, activations=kv.cache_types(source.config, "u8"))
+        if opt["context"]:
+            qnn_tools.require_htp()  # before any long step
         windows = calibration_windows(source.hf_dir, opt["samples"], min(4 * opt["ar"], opt["ctx"]),
                                       fix="ask for samples<={fit} or a smaller ar")
         started = time.perf_counter()
@@ -148,29 +168,45 @@ class QnnBackend(Backend):
         layout = kv.export_graphs(source.hf_dir, scratch, opt["ar"], opt["ctx"])
         exported = time.perf_counter()
         prompt_feeds, decode_feeds = kv.calibration_feeds(scratch, windows, cpu_session)
-        widened = qnn_tools.quantize_qdq(scratch / kv.PROMPT_FILE, out_dir / kv.PROMPT_FILE, request, prompt_feeds)
-        encodings = kv.activation_encodings(out_dir / kv.PROMPT_FILE)
-        qnn_tools.quantize_qdq(scratch / kv.DECODE_FILE, out_dir / kv.DECODE_FILE, replace(request, act16=0.0), decode_feeds,
-                               encodings=kv.as_overrides(encodings))
-        decode_encodings = kv.activation_encodings(out_dir / kv.DECODE_FILE)
+        importance = weights.input_importance(scratch / kv.PROMPT_FILE, prompt_feeds) if request.block else None
+        prompt = qnn_tools.quantize_qdq(scratch / kv.PROMPT_FILE, out_dir / kv.PROMPT_FILE, request, prompt_feeds,
+                                        importance=importance)
+        qnn_tools.quantize_qdq(scratch / kv.DECODE_FILE, out_dir / kv.DECODE_FILE, request, decode_feeds,
+                               pinned=kv.pinned_overrides(out_dir / kv.PROMPT_FILE, prompt.overrides), importance=importance)
+        quantized = time.perf_counter()
+        encodings = {name: kv.activation_encodings(out_dir / file) for name, file in (("prompt", kv.PROMPT_FILE),
+                                                                                      ("decode", kv.DECODE_FILE))}
         for name in (kv.LAYOUT_FILE, kv.INV_FREQ_FILE):
             shutil.copy(scratch / name, out_dir / name)
-        shutil.rmtree(scratch)
         copy_tokenizer(out_dir, source.hf_dir)
-        same = sum(name in encodings and all((a == b).all() for a, b in zip(encodings[name], pair))
-                   for name, pair in decode_encodings.items())
         info: dict[str, Any] = {
             "model_file": kv.PROMPT_FILE, "graphs": "kv", "layout": layout, "scheme": qnn_tools.SCHEMES[spec.precision],
-            "overrides": request.overrides, "calibration_samples": opt["samples"],
+            "weights": {"block": request.block, "overrides": request.overrides}, "kv_cache_bits": opt["kv"],
+            "calibration_samples": opt["samples"],
             "calibration": {"graph": "prompt", "prompt_feeds": len(prompt_feeds), "decode_feeds": len(decode_feeds)},
-            "decode_encodings": {"activations": len(decode_encodings), "same_as_prompt": int(same)},
-            "timings": {"export_s": round(exported - started, 3), "quantize_s": round(time.perf_counter() - exported, 3)}}
-        if request.act16:
-            info["activations_16bit"] = {"threshold": request.act16, "count": len(widened), "tensors": widened}
-        if qnn_tools.htp_available():  # each graph on the simulated HTP, one calibration step each
-            info["htp_graphs"] = {"prompt": qnn_tools.htp_agreement(out_dir / kv.PROMPT_FILE, prompt_feeds),
-                                  "decode": qnn_tools.htp_agreement(out_dir / kv.DECODE_FILE, decode_feeds, steps=16)}
+            "decode_encodings": kv.compare_encodings(*encodings.values()),
+            "genai": {"config": genai.CONFIG_FILE, "files": genai.write_genai_config(out_dir, layout, source.config)}}
+        if prompt.widened:
+            info["activations_16bit"] = {"threshold": request.act16, "count": len(prompt.widened), "tensors": prompt.widened}
+        if qnn_tools.htp_available():
+            info["htp_pipeline"] = kv.htp_pipeline_check(out_dir, scratch, windows[0][: 2 * opt["ar"]], steps=16)
+        if opt["context"]:
+            info["context"] = qnn_tools.compile_shared_contexts(out_dir, [kv.PROMPT_FILE, kv.DECODE_FILE])
+        shutil.rmtree(scratch)
+        info["timings"] = {"export_s": round(exported - started, 3), "quantize_s": round(quantized - exported, 3),
+                           "checks_s": round(time.perf_counter() - quantized, 3)}
         return info
+
+    def _request(self, spec, opt: dict, tokens: int):
+        """The quantization request both graph layouts share."""
+        from edgequant.backends.qnn import tools as qnn_tools
+
+        overrides = qnn_tools.parse_overrides(opt["override"])
+        if spec.precision == "w4a16" and opt["head"] == 8:
+            overrides = {"lm_head": "i8" if opt["block"] else "u8", **overrides}
+        return qnn_tools.QnnRequest(spec.precision, tokens, opt["samples"], overrides,
+                                    act16=opt["act16"] if spec.precision == "w8a8" else 0.0,
+                                    block=opt["block"] if spec.precision in ("w4a16", "w8a16") else 0)
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.qnn.runner import FixedShapeRunner, KVRunner

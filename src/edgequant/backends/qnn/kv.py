@@ -170,6 +170,12 @@ class KVCache:
         return mask
 
 
+def cache_types(config: dict, kind: str) -> dict[str, str]:
+    """Every KV cache input and output -> `kind` (a tools override type key, e.g. u8)."""
+    layers = int(config["num_hidden_layers"])
+    return {name: kind for name in cache_names("past", layers) + cache_names("new", layers)}
+
+
 def calibration_feeds(folder: Path, windows: list[list[int]], session) -> tuple[list[dict], list[dict]]:
     """Feeds for both float graphs, recorded while running calibration windows through them: each
     window's first half by prompt chunks, then a few decode steps."""
@@ -210,11 +216,87 @@ def activation_encodings(qdq_path: Path) -> dict[str, tuple[np.ndarray, np.ndarr
     return found
 
 
-def as_overrides(encodings: dict) -> dict:
-    """onnxruntime's TensorQuantOverrides pinning each tensor to a given scale and zero point."""
+def compare_encodings(prompt: dict, decode: dict) -> dict:
+    """How many of the decode graph's activation encodings equal the prompt graph's."""
+    same = sum(name in prompt and all((a == b).all() for a, b in zip(prompt[name], pair)) for name, pair in decode.items())
+    return {"activations": len(decode), "same_as_prompt": int(same)}
+
+
+def pinned_overrides(qdq_path: Path, overrides: dict) -> dict:
+    """The tensor overrides that make onnxruntime quantize another graph with the same tensor
+    names exactly as `qdq_path` was: `overrides` (what that graph was quantized with, including
+    the type conversions mixed precision added, such as an 8-bit KV cache) with every activation's
+    scale and zero point read from the model, for its own type and for its converted one."""
+    import onnx
+    from onnx import numpy_helper
     from onnxruntime.quantization import QuantType
 
     types = {np.dtype(np.uint8): QuantType.QUInt8, np.dtype(np.uint16): QuantType.QUInt16,
              np.dtype(np.int8): QuantType.QInt8, np.dtype(np.int16): QuantType.QInt16}
-    return {name: [{"scale": np.asarray(scale, np.float32), "zero_point": np.asarray(zero), "quant_type": types[zero.dtype]}]
-            for name, (scale, zero) in encodings.items()}
+    graph = onnx.load(str(qdq_path), load_external_data=False).graph
+    constants = {i.name: i for i in graph.initializer}
+    weights = {name.removesuffix("_quantized") for name in constants if name.endswith("_quantized")}
+
+    def encoding(scale_name: str, zero_name: str) -> dict:
+        zero = numpy_helper.to_array(constants[zero_name])
+        return {"quant_type": types[zero.dtype], "scale": np.asarray(numpy_helper.to_array(constants[scale_name]), np.float32),
+                "zero_point": zero}
+
+    pinned = {name: value for name, value in overrides.items() if name in weights}
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in constants or node.input[1].endswith("_convert"):
+            continue  # weights, and the second Q of a type conversion (pinned with its tensor below)
+        tensor = node.input[0].removesuffix("_QuantizeLinear_Input")  # a graph output's tensor is renamed
+        entry = encoding(node.input[1], node.input[2])
+        convert = (overrides.get(tensor) or [{}])[0].get("convert")
+        if convert:
+            entry["convert"] = {**encoding(f"{tensor}_scale_convert", f"{tensor}_zero_point_convert"),
+                                **({"recv_nodes": convert["recv_nodes"]} if convert.get("recv_nodes") else {})}
+        pinned[tensor] = [entry]
+    return pinned
+
+
+def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], steps: int = 16) -> dict:
+    """The artifact as an app runs it, on Qualcomm's simulated HTP with CPU fallback off: prefill
+    `prompt_ids` in chunks, then `steps` greedy decode steps. Compared over the same tokens (those
+    the CPU execution provider's run generates) with that CPU run and with the float graphs in
+    `float_folder`. The tolerance: the HTP run may not be further from the float model than the CPU
+    run is, beyond 1.5x its KLD + 0.01 (the HTP computes in fixed point where the CPU dequantizes)."""
+    import onnxruntime as ort
+
+    from edgequant.backends._shared.ort import cpu_session
+    from edgequant.backends.qnn.tools import htp_options, htp_session_options
+    from edgequant.logprobs import first_difference, kl_divergence, log_softmax
+
+    def pipeline(graph_folder: Path, session) -> KVCache:
+        prompt, decode = session(graph_folder / PROMPT_FILE), session(graph_folder / DECODE_FILE)
+        return KVCache(graph_folder, lambda feed: prompt.run(None, feed), lambda feed: decode.run(None, feed))
+
+    def teacher_forced(cache: KVCache, tokens: list[int]) -> np.ndarray:
+        rows = [cache.prefill(prompt_ids)]
+        rows += [cache.step([token]) for token in tokens[:-1]]
+        return np.concatenate(rows)
+
+    report = {"backend": "QNN HTP simulator (x86-64)", **htp_options(), "prompt_tokens": len(prompt_ids), "decode_steps": steps}
+    try:
+        htp = pipeline(folder, lambda path: ort.InferenceSession(str(path), htp_session_options()))
+    except Exception as exc:  # the graphs still run on the CPU EP; the HTP's refusal is the finding
+        return {**report, "error": str(exc).split("] : ", 1)[-1].strip().splitlines()[0][:300]}
+    cpu = pipeline(folder, cpu_session)
+    tokens = [int(cpu.prefill(prompt_ids)[-1].argmax())]
+    for _ in range(steps):
+        tokens.append(int(cpu.step([tokens[-1]])[-1].argmax()))
+    runs = {name: teacher_forced(cache, tokens) for name, cache in
+            (("cpu", cpu), ("htp", htp), ("float", pipeline(float_folder, cpu_session)))}
+    reference = log_softmax(runs["float"])
+    kld = {name: kl_divergence(reference, log_softmax(runs[name])) for name in ("cpu", "htp")}
+    split = len(prompt_ids)
+    generated = runs["htp"][split - 1:].argmax(-1).tolist()
+    report.update({
+        "greedy_tokens_same_as_cpu": first_difference(generated, tokens),
+        "top1_agreement_with_cpu": round(float((runs["htp"].argmax(-1) == runs["cpu"].argmax(-1)).mean()), 4),
+        "kld_vs_float": {name: {"prefill": round(float(k[:split].mean()), 6), "decode": round(float(k[split:].mean()), 6)}
+                         for name, k in kld.items()},
+        "max_abs_logit_diff_vs_cpu": round(float(np.abs(runs["htp"] - runs["cpu"]).max()), 4)})
+    report["within_tolerance"] = bool(kld["htp"].mean() <= 1.5 * kld["cpu"].mean() + 0.01)
+    return report

@@ -26,6 +26,17 @@ class QnnRequest:
     samples: int
     overrides: dict[str, str] = field(default_factory=dict)  # weight name substring -> override type key
     act16: float = 0.0  # w8a8 only: activations with more than this share of values underflowing 8 bits go to 16 bit
+    block: int = 0  # weights quantized per block of this many input rows (0: per tensor)
+    activations: dict[str, str] = field(default_factory=dict)  # activation tensor name -> override type key
+
+
+@dataclass
+class Quantized:
+    """What quantize_qdq decided beyond the request: the activations w8a8 widened to 16 bit, and
+    the tensor overrides it quantized with (after onnxruntime added the type conversions that
+    mixed precision needs), which a second graph can be pinned to (kv.pinned_overrides)."""
+    widened: list[str]
+    overrides: dict
 
 
 def parse_overrides(text: str) -> dict[str, str]:
@@ -165,34 +176,50 @@ def calibration_inputs(hf_dir: Path, seq: int, samples: int) -> list[dict]:
     return [{"input_ids": np.asarray([w], np.int64)} for w in windows]
 
 
-def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: list[dict],
-                 encodings: dict | None = None) -> list[str]:
-    """qnn_preprocess_model (fusions the HTP wants), then QDQ with the QNN config; `encodings`
-    (kv.as_overrides) pins activations to another graph's scales. Returns the activations
-    widened to uint16 (w8a8's act16)."""
+def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: list[dict], *,
+                 pinned: dict | None = None, importance: dict | None = None) -> Quantized:
+    """qnn_preprocess_model (fusions the HTP wants), then QDQ with the QNN config. `pinned`
+    (kv.pinned_overrides) gives every activation another graph's type, scale and zero point, so
+    calibration only has to run the graph. Blocked weights are quantized by weights.py, with
+    `importance` (input-row mean squares) weighting the scale search."""
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
     from edgequant.backends._shared.ort import FeedReader
+    from edgequant.backends.qnn.weights import fold_weight_quantizers
 
     prepared = fp32_path.with_name("prepared.onnx")
     if not qnn_preprocess_model(str(fp32_path), str(prepared), fuse_layernorm=True, save_as_external_data=True,
                                 all_tensors_to_one_file=True, external_data_location="prepared.onnx.data"):
         prepared = fp32_path
     activation, weight = (getattr(QuantType, name) for name in SCHEMES[request.precision])
-    overrides = _init_overrides(prepared, request.overrides) or {}
+    if request.block and weight == QuantType.QUInt8:
+        weight = QuantType.QInt8  # blocked weights are symmetric (zero point 0), as the HTP takes them
     widened = []
-    if request.act16 and activation == QuantType.QUInt8:
-        widened = [name for name, share in underflow_shares(prepared, feeds[:2]).items() if share > request.act16]
-    overrides.update({name: [{"quant_type": QuantType.QUInt16}] for name in widened})
-    overrides.update(encodings or {})
+    if pinned is not None:
+        overrides = pinned
+    else:
+        overrides = _init_overrides(prepared, request.overrides) or {}
+        if request.act16 and activation == QuantType.QUInt8:
+            widened = [name for name, share in underflow_shares(prepared, feeds[:2]).items() if share > request.act16]
+        overrides.update({name: [{"quant_type": QuantType.QUInt16}] for name in widened})
+        overrides.update({name: [{"quant_type": getattr(QuantType, _OVERRIDE_TYPES[kind])}]
+                          for name, kind in request.activations.items()})
     config = get_qnn_qdq_config(str(prepared), FeedReader(feeds), activation_type=activation, weight_type=weight,
                                 per_channel=weight in (QuantType.QInt4,) or request.precision == "w4a16",
-                                init_overrides=overrides or None)
+                                init_overrides=overrides or None, add_qtype_converts=pinned is None,
+                                weight_symmetric=True if request.block else None)
     config.use_external_data_format = True
+    if request.block:
+        # onnxruntime's own blocked weights come out with scales that do not match their blocks
+        # (1.32), so it only marks the weights (float -> Q -> DQ) and weights.py quantizes them.
+        # Blocked Q/DQ needs opset 21's standard ops (the contrib ops have no block_size).
+        config.extra_options.update({"BlockSize": request.block, "AddQDQPairToWeight": True, "UseQDQContribOps": False})
     with engine_warnings_hidden():
         quantize(str(prepared), str(out_path), config)
-    return widened
+    if request.block:
+        fold_weight_quantizers(out_path, importance)
+    return Quantized(widened, config.extra_options["TensorQuantOverrides"])
 
 
 def underflow_shares(model_path: Path, feeds: list[dict]) -> dict[str, float]:
@@ -262,9 +289,32 @@ def compile_context(model_path: Path, out_path: Path) -> None:
     ort.InferenceSession(str(model_path), options)
 
 
-def htp_agreement(model_path: Path, feeds: list[dict], steps: int = 1) -> dict:
-    """Run the first `steps` calibration feeds on the CPU EP and on the simulated HTP; how far
-    apart they land. The HTP computes in fixed point where the CPU EP dequantizes to float, so
+def compile_shared_contexts(folder: Path, files: list[str]) -> dict:
+    """Compile QDQ models into QNN context models that share ONE context binary: onnxruntime-qnn
+    keeps one QNN backend across sessions marked ep.share_ep_contexts, weights with the same name
+    and data are stored once, and the last session (ep.stop_share_ep_contexts) writes the binary
+    every `<name>_ctx.onnx` points to. (The x86-64 simulator writes such binaries but cannot open
+    them, so the graphs are checked on it as QDQ models instead.)"""
+    import onnxruntime as ort
+
+    contexts = {}
+    for i, name in enumerate(files):
+        context = Path(name).stem + "_ctx.onnx"
+        options = htp_session_options()
+        for key, value in (("ep.context_enable", "1"), ("ep.context_file_path", str(folder / context)),
+                           ("ep.context_embed_mode", "0"), ("ep.share_ep_contexts", "1")):
+            options.add_session_config_entry(key, value)
+        if i == len(files) - 1:
+            options.add_session_config_entry("ep.stop_share_ep_contexts", "1")
+        ort.InferenceSession(str(folder / name), options)
+        contexts[name] = context
+    binaries = sorted(p.name for p in folder.glob("*.bin"))
+    return {"models": contexts, "binaries": binaries, "bytes": sum((folder / b).stat().st_size for b in binaries),
+            "weights_shared": len(binaries) == 1, **htp_options()}
+
+
+def htp_agreement(model_path: Path, feeds: list[dict]) -> dict:
+    """Run the first calibration feed on the CPU EP and on the simulated HTP; how far apart they land. The HTP computes in fixed point where the CPU EP dequantizes to float, so
     they differ a little."""
     import numpy as np
     import onnxruntime as ort
@@ -278,8 +328,8 @@ def htp_agreement(model_path: Path, feeds: list[dict], steps: int = 1) -> dict:
     except Exception as exc:  # the graph still runs on the CPU EP; the HTP's refusal is the finding
         reason = str(exc).split("] : ", 1)[-1].strip().splitlines()[0][:300]
         return {"backend": "QNN HTP simulator (x86-64)", **htp_options(), "error": reason}
-    a = np.concatenate([cpu.run(["logits"], feed)[0][0] for feed in feeds[:steps]])
-    b = np.concatenate([htp.run(["logits"], feed)[0][0] for feed in feeds[:steps]])
+    a = cpu.run(["logits"], feeds[0])[0][0]
+    b = htp.run(["logits"], feeds[0])[0][0]
     log_p, log_q = log_softmax(a), log_softmax(b)
     return {"backend": "QNN HTP simulator (x86-64)", **htp_options(), "tokens": int(a.shape[0]),
             "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).mean()), 4),

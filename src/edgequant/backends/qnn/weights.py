@@ -1,0 +1,141 @@
+"""Weights quantized here, not by onnxruntime's quantizer: int4 block scales chosen by search.
+
+onnxruntime's quantizer gives every block of a blocked int4 weight the scale that maps its
+largest |w| onto the grid's end. One outlier then stretches the step for the other 63 values,
+and on a model whose weights already sit on another 4-bit grid (the default model's Q4_1) that
+doubles the rounding error. llama.cpp's quantizers instead try a range of scales per block and
+keep the one with the least (importance-weighted) squared error; this does the same for the QDQ
+model's blocked int4 weights, in place, after quantization. Shapes, names and zero points (0,
+symmetric, as the HTP wants) are unchanged: only the int4 values and the scales move.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# Scales tried per block, as multiples of max|w| / top (the largest value landing on the grid's top).
+_FACTORS = np.linspace(0.80, 1.16, 19)
+_FOUR_BIT = {"int4": (-8, 7), "uint4": (0, 15)}  # ml_dtypes' 4-bit types have no np.iinfo
+_SIGNED = {"int4": 7, "int8": 127}  # the symmetric grids searched: -(top + 1) .. top
+
+
+def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | None = None) -> int:
+    """Replace every weight's float initializer -> QuantizeLinear -> DequantizeLinear (the
+    quantizer's AddQDQPairToWeight form) by an integer initializer -> DequantizeLinear, rewriting
+    `qdq_path` in place (external data beside it). Blocked int4 weights get scales searched per
+    block (`importance`: weight name -> mean square of the activation entering each input row);
+    every other weight is quantized with the scale and zero point the quantizer chose. Returns
+    how many blocked int4 weights were searched."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(qdq_path))
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    searched, folded = 0, []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in initializers:
+            continue
+        weight = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(initializers[node.input[1]])
+        zero = numpy_helper.to_array(initializers[node.input[2]])
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axis, block = attributes.get("axis", 1) % max(weight.ndim, 1), attributes.get("block_size", 0)
+        if block and zero.dtype.name in _SIGNED and not zero.astype(np.int8).any():  # symmetric, as the HTP wants
+            values, new_scale = _search(np.moveaxis(weight, axis, 0), block, (importance or {}).get(node.input[0]),
+                                        _SIGNED[zero.dtype.name])
+            values, scale = np.moveaxis(values, 0, axis), np.moveaxis(new_scale, 0, axis).astype(scale.dtype)
+            initializers[node.input[1]].CopyFrom(numpy_helper.from_array(scale, node.input[1]))
+            searched += 1
+        else:
+            values = _quantize(weight, scale, zero, axis, block)
+        quantized = numpy_helper.from_array(values.astype(zero.dtype), node.input[0] + "_quantized")
+        for dq in consumers[node.output[0]]:
+            dq.input[0] = quantized.name
+        graph.initializer.remove(initializers.pop(node.input[0]))
+        graph.initializer.append(quantized)
+        folded.append(node)
+    for node in folded:
+        graph.node.remove(node)
+    data_file = qdq_path.name + ".data"
+    (qdq_path.parent / data_file).unlink(missing_ok=True)
+    onnx.save(model, str(qdq_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file)
+    return searched
+
+
+def _quantize(weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """QuantizeLinear's arithmetic: per tensor, per axis, or per block along the axis."""
+    low, high = _FOUR_BIT.get(zero.dtype.name) or (np.iinfo(zero.dtype).min, np.iinfo(zero.dtype).max)
+    scale, zero = scale.astype(np.float32), zero.astype(np.float32)
+    if scale.ndim and block:
+        scale, zero = (np.repeat(x, block, axis=axis).take(range(weight.shape[axis]), axis=axis) for x in (scale, zero))
+    elif scale.ndim:
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return np.clip(np.rint(weight / scale) + zero, low, high)
+
+
+def _search(weight: np.ndarray, block: int, importance: np.ndarray | None, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """weight [K, ...] blocked along K: (int values in -(top + 1)..top [K, ...], scales [ceil(K/block), ...])."""
+    rows = weight.shape[0]
+    count = -(-rows // block)
+    flat = weight.reshape(rows, -1).astype(np.float32)
+    padded = np.zeros((count * block, flat.shape[1]), np.float32)
+    padded[:rows] = flat
+    blocks = padded.reshape(count, block, -1)
+    weights = np.ones((count * block, 1), np.float32)
+    if importance is not None:
+        weights[:rows, 0] = np.maximum(importance.astype(np.float32), 1e-12)
+    weights = weights.reshape(count, block, 1)
+    base = np.abs(blocks).max(axis=1) / top
+    base[base == 0] = 1.0
+    best_scale, best_error = base.copy(), np.full(base.shape, np.inf, np.float32)
+    for factor in _FACTORS:
+        scale = base * factor
+        q = np.clip(np.rint(blocks / scale[:, None]), -top - 1, top)
+        error = (weights * (blocks - q * scale[:, None]) ** 2).sum(axis=1)
+        better = error < best_error
+        best_error[better], best_scale[better] = error[better], scale[better]
+    for _ in range(2):  # then the least-squares scale for the values chosen, kept where it helps
+        q = np.clip(np.rint(blocks / best_scale[:, None]), -top - 1, top)
+        fitted = (weights * blocks * q).sum(axis=1) / np.maximum((weights * q * q).sum(axis=1), 1e-12)
+        fitted = np.where(fitted > 0, fitted, best_scale)
+        refit = np.clip(np.rint(blocks / fitted[:, None]), -top - 1, top)
+        error = (weights * (blocks - refit * fitted[:, None]) ** 2).sum(axis=1)
+        better = error < best_error
+        best_error[better], best_scale[better] = error[better], fitted[better]
+    values = np.clip(np.rint(blocks / best_scale[:, None]), -top - 1, top).reshape(count * block, -1)[:rows]
+    return values.reshape(weight.shape), best_scale.reshape((count,) + weight.shape[1:])
+
+
+def input_importance(model_path: Path, feeds: list[dict]) -> dict[str, np.ndarray]:
+    """Weight name -> mean square of each input feature entering its MatMul, over the feeds (the
+    float model): the weights of the scale search, as llama.cpp's importance matrix weights its."""
+    import onnx
+
+    from edgequant.backends._shared.ort import cpu_session
+
+    model = onnx.load(str(model_path))
+    matrices = {i.name for i in model.graph.initializer if len(i.dims) == 2}
+    users: dict[str, list[str]] = {}  # activation -> the weights it multiplies
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in matrices:
+            users.setdefault(node.input[0], []).append(node.input[1])
+    names = list(users)
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
+    session = cpu_session(model.SerializeToString(), optimize=False)
+    sums: dict[str, np.ndarray] = {}
+    rows = 0
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed)):
+            flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
+            sums[name] = sums.get(name, 0.0) + (flat ** 2).sum(axis=0)
+        rows += flat.shape[0]
+    return {weight: (sums[name] / rows).astype(np.float32) for name, weights in users.items() for weight in weights}
