@@ -120,6 +120,8 @@ def test_int8_static_is_qdq_with_int8_weights_and_uint8_activations(onnx_tiny):
     assert counts.get("DequantizeLinear:int8", 0) >= matmuls  # one per weight
     assert counts.get("QuantizeLinear:uint8", 0) >= matmuls  # at least one per activation input
     assert artifact.manifest["details"]["calibration"]["decode_steps"] > 0
+    # SmoothQuant (the default): per layer the attention norm, the MLP norm and up's columns, then the final norm
+    assert artifact.manifest["details"]["smoothquant"] == {"alpha": 0.5, "sites": 2 * 3 + 1}
     assert abs(_quality(artifact)["ppl_increase_pct"]) < 3
 
 

@@ -21,7 +21,7 @@ def _quality(artifact):
     return edgequant.evaluate(artifact.path, config=EvalConfig(ctx=SEQ, windows=2, speed=False))
 
 
-@pytest.mark.parametrize("precision, activation, weight", [("w8a16", "uint16", "int8"), ("w8a8", "uint8", "uint8")])
+@pytest.mark.parametrize("precision, activation, weight", [("w8a16", "uint16", "int8"), ("w8a8", "uint8", "int8")])
 def test_qdq_types_and_cpu_run(tiny_model, precision, activation, weight):
     artifact = edgequant.convert(tiny_model, f"qnn:{precision}?graphs=fixed&seq={SEQ}&samples=2")
     check_model(artifact.model_path)
