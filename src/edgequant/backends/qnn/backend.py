@@ -38,7 +38,7 @@ class QnnBackend(Backend):
     bench_specs = ("qnn:w8a16",)
     speed_note = "QNN artifacts ran on ONNX Runtime's CPU execution provider: quality is real, speed is not an NPU's."
     # 2: RMSNorm exported scale-free (see qnn_tools.scale_free_rms_norm); 3: w8a8 widens underflowing activations;
-    # 4: blocked symmetric weights with searched scales, 8-bit KV cache, graphs=kv by default
+    # 4: blocked symmetric weights with searched scales, 8-bit KV cache, graphs=kv by default, act16 0.02
     recipe_version = 4
     bench_seconds = 350
     precisions = {
@@ -62,9 +62,13 @@ class QnnBackend(Backend):
         "context": Option("context", bool, False, "also compile QNN context binaries (needs onnxruntime-qnn); "
                           "graphs=kv: one binary, weights shared by both graphs"),
         "smooth": Option("smooth", float, 0.0, "w8a8: SmoothQuant migration strength alpha, activation outliers moved "
-                         "into the (blocked) weights before calibration (0: off; 0.5 measured worse here, see bench/qnn_llm.py)",
+                         "into the (blocked) weights before calibration (0: off; 0.5 and 0.25 measured worse, see README)",
                          minimum=0.0, maximum=1.0, applies_to=("w8a8",)),
-        "act16": Option("act16", float, 0.1, "w8a8: activations with more than this share of values rounding to 0 "
+        "htp_arch": Option("htp_arch", int, 79, "Hexagon architecture the HTP checks and context binaries target "
+                           "(79: Snapdragon 8 Elite)", choices=(68, 69, 73, 75, 79, 81)),
+        "soc": Option("soc", int, 69, "QNN SoC model id the HTP checks and context binaries target (69: SM8750)",
+                      minimum=1, maximum=999),
+        "act16": Option("act16", float, 0.02, "w8a8: activations with more than this share of values rounding to 0 "
                         "at 8 bits go to uint16 (0: every activation 8-bit)", minimum=0.0, maximum=1.0, applies_to=("w8a8",)),
     }
 
@@ -145,9 +149,9 @@ class QnnBackend(Backend):
         if smoothing:
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
-            info["htp"] = qnn_tools.htp_agreement(out_dir / qnn_tools.MODEL_FILE, feeds)
+            info["htp"] = qnn_tools.htp_agreement(out_dir / qnn_tools.MODEL_FILE, feeds, _target(opt))
         if opt["context"]:
-            qnn_tools.compile_context(out_dir / qnn_tools.MODEL_FILE, out_dir / "model_ctx.onnx")
+            qnn_tools.compile_context(out_dir / qnn_tools.MODEL_FILE, out_dir / "model_ctx.onnx", _target(opt))
             info["context_model"] = "model_ctx.onnx"
         info["timings"] = {"export_s": round(exported - started, 3), "quantize_s": round(time.perf_counter() - exported, 3)}
         return info
@@ -181,6 +185,7 @@ class QnnBackend(Backend):
                                         importance=importance)
         qnn_tools.quantize_qdq(scratch / kv.DECODE_FILE, out_dir / kv.DECODE_FILE, request, decode_feeds,
                                pinned=kv.pinned_overrides(out_dir / kv.PROMPT_FILE, prompt.overrides), importance=importance)
+        shared = kv.share_weights(out_dir)  # the graphs hold the same weights: one data file for both
         quantized = time.perf_counter()
         encodings = {name: kv.activation_encodings(out_dir / file) for name, file in (("prompt", kv.PROMPT_FILE),
                                                                                       ("decode", kv.DECODE_FILE))}
@@ -189,7 +194,8 @@ class QnnBackend(Backend):
         copy_tokenizer(out_dir, source.hf_dir)
         info: dict[str, Any] = {
             "model_file": kv.PROMPT_FILE, "graphs": "kv", "layout": layout, "scheme": qnn_tools.SCHEMES[spec.precision],
-            "weights": {"block": request.block, "overrides": request.overrides}, "kv_cache_bits": opt["kv"],
+            "weights": {"block": request.block, "overrides": request.overrides, "stored_once": shared},
+            "kv_cache_bits": opt["kv"],
             "calibration_samples": opt["samples"],
             "calibration": {"graph": "prompt", "prompt_feeds": len(prompt_feeds), "decode_feeds": len(decode_feeds)},
             "decode_encodings": kv.compare_encodings(*encodings.values()),
@@ -199,9 +205,10 @@ class QnnBackend(Backend):
         if smoothing:
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
-            info["htp_pipeline"] = kv.htp_pipeline_check(out_dir, scratch, windows[0][: 2 * opt["ar"]], steps=16)
+            info["htp_pipeline"] = kv.htp_pipeline_check(out_dir, scratch, windows[0][: 2 * opt["ar"]], steps=16,
+                                                         target=_target(opt))
         if opt["context"]:
-            info["context"] = qnn_tools.compile_shared_contexts(out_dir, [kv.PROMPT_FILE, kv.DECODE_FILE])
+            info["context"] = qnn_tools.compile_shared_contexts(out_dir, [kv.PROMPT_FILE, kv.DECODE_FILE], _target(opt))
         shutil.rmtree(scratch)
         info["timings"] = {"export_s": round(exported - started, 3), "quantize_s": round(quantized - exported, 3),
                            "checks_s": round(time.perf_counter() - quantized, 3)}
@@ -249,3 +256,8 @@ def _smooth(folder: Path, files: list[str], feeds: list[dict], opt: dict) -> dic
     factors = smoothquant.smoothing_factors(folder / files[0], feeds, opt["smooth"])
     sites = [smoothquant.apply_smoothing(folder / name, folder / name, factors) for name in files]
     return {"alpha": opt["smooth"], "sites": sites[0]}
+
+
+def _target(opt: dict) -> dict:
+    """The HTP the simulator checks and context binaries are made for."""
+    return {"htp_arch": str(opt["htp_arch"]), "soc_model": str(opt["soc"])}

@@ -256,7 +256,8 @@ def pinned_overrides(qdq_path: Path, overrides: dict) -> dict:
     return pinned
 
 
-def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], steps: int = 16) -> dict:
+def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], steps: int = 16,
+                       target: dict | None = None) -> dict:
     """The artifact as an app runs it, on Qualcomm's simulated HTP with CPU fallback off: prefill
     `prompt_ids` in chunks, then `steps` greedy decode steps. Compared over the same tokens (those
     the CPU execution provider's run generates) with that CPU run and with the float graphs in
@@ -277,9 +278,10 @@ def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], 
         rows += [cache.step([token]) for token in tokens[:-1]]
         return np.concatenate(rows)
 
-    report = {"backend": "QNN HTP simulator (x86-64)", **htp_options(), "prompt_tokens": len(prompt_ids), "decode_steps": steps}
+    report = {"backend": "QNN HTP simulator (x86-64)", **htp_options(target), "prompt_tokens": len(prompt_ids),
+              "decode_steps": steps}
     try:
-        htp = pipeline(folder, lambda path: ort.InferenceSession(str(path), htp_session_options()))
+        htp = pipeline(folder, lambda path: ort.InferenceSession(str(path), htp_session_options(target=target)))
     except Exception as exc:  # the graphs still run on the CPU EP; the HTP's refusal is the finding
         return {**report, "error": str(exc).split("] : ", 1)[-1].strip().splitlines()[0][:300]}
     cpu = pipeline(folder, cpu_session)
@@ -300,3 +302,45 @@ def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], 
         "max_abs_logit_diff_vs_cpu": round(float(np.abs(runs["htp"] - runs["cpu"]).max()), 4)})
     report["within_tolerance"] = bool(kld["htp"].mean() <= 1.5 * kld["cpu"].mean() + 0.01)
     return report
+
+
+def share_weights(folder: Path, primary: str = PROMPT_FILE, secondary: str = DECODE_FILE) -> dict:
+    """Store once what both graphs hold: every external initializer of `secondary` whose bytes
+    equal the same-named one of `primary` is pointed at `primary`'s data file, and `secondary`'s own
+    data file is rewritten with only the rest. The graphs share their weights by construction
+    (same names, same values), so this halves the artifact; onnxruntime resolves each graph's
+    external data relative to the folder, so both still load on their own."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    def locations(model) -> dict[str, dict]:
+        return {i.name: {e.key: e.value for e in i.external_data} for i in model.graph.initializer if uses_external_data(i)}
+
+    def read(where: dict) -> bytes:
+        with open(folder / where["location"], "rb") as f:
+            f.seek(int(where.get("offset", 0)))
+            return f.read(int(where["length"]))
+
+    shared_from = locations(onnx.load(str(folder / primary), load_external_data=False))
+    model = onnx.load(str(folder / secondary), load_external_data=False)
+    own_file = secondary + ".data"
+    kept, shared_bytes = bytearray(), 0
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        where = {e.key: e.value for e in tensor.external_data}
+        data = read(where)
+        other = shared_from.get(tensor.name)
+        if other is not None and int(other["length"]) == len(data) and read(other) == data:
+            target, shared_bytes = other, shared_bytes + len(data)
+        else:
+            target = {"location": own_file, "offset": str(len(kept)), "length": str(len(data))}
+            kept += data
+        del tensor.external_data[:]
+        for key, value in target.items():
+            tensor.external_data.add(key=key, value=value)
+    (folder / own_file).unlink()
+    if kept:
+        (folder / own_file).write_bytes(bytes(kept))
+    onnx.save(model, str(folder / secondary))
+    return {"shared_bytes": shared_bytes, "own_bytes": len(kept), "data_file": primary + ".data"}

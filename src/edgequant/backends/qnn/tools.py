@@ -52,6 +52,8 @@ def parse_overrides(text: str) -> dict[str, str]:
 
 
 QNN_EP = "QNNExecutionProvider"
+# A current Snapdragon: the 8 Elite's Hexagon v79, SoC model 69 (QNN's id for SM8750).
+DEFAULT_TARGET = {"htp_arch": "79", "soc_model": "69"}
 
 
 def _qnn_devices() -> list:
@@ -72,7 +74,7 @@ def htp_available() -> bool:
     return bool(_qnn_devices())
 
 
-def htp_session_options(threads: int = 0):
+def htp_session_options(threads: int = 0, target: dict | None = None):
     """Session options that put the whole graph on the (simulated) HTP: CPU fallback is off, so a
     node the HTP cannot take is an error instead of a silent CPU run."""
     import onnxruntime as ort
@@ -81,7 +83,7 @@ def htp_session_options(threads: int = 0):
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    options.add_provider_for_devices(_qnn_devices(), htp_options())
+    options.add_provider_for_devices(_qnn_devices(), htp_options(target))
     return options
 
 
@@ -278,18 +280,18 @@ def _init_overrides(model_path: Path, overrides: dict[str, str]) -> dict | None:
     return result
 
 
-def compile_context(model_path: Path, out_path: Path) -> None:
+def compile_context(model_path: Path, out_path: Path, target: dict | None = None) -> None:
     """Compile the QDQ model for the simulated HTP and write the QNN context model beside it."""
     import onnxruntime as ort
 
-    options = htp_session_options()
+    options = htp_session_options(target=target)
     options.add_session_config_entry("ep.context_enable", "1")
     options.add_session_config_entry("ep.context_file_path", str(out_path))
     options.add_session_config_entry("ep.context_embed_mode", "1")
     ort.InferenceSession(str(model_path), options)
 
 
-def compile_shared_contexts(folder: Path, files: list[str]) -> dict:
+def compile_shared_contexts(folder: Path, files: list[str], target: dict | None = None) -> dict:
     """Compile QDQ models into QNN context models that share ONE context binary: onnxruntime-qnn
     keeps one QNN backend across sessions marked ep.share_ep_contexts, weights with the same name
     and data are stored once, and the last session (ep.stop_share_ep_contexts) writes the binary
@@ -300,7 +302,7 @@ def compile_shared_contexts(folder: Path, files: list[str]) -> dict:
     contexts = {}
     for i, name in enumerate(files):
         context = Path(name).stem + "_ctx.onnx"
-        options = htp_session_options()
+        options = htp_session_options(target=target)
         for key, value in (("ep.context_enable", "1"), ("ep.context_file_path", str(folder / context)),
                            ("ep.context_embed_mode", "0"), ("ep.share_ep_contexts", "1")):
             options.add_session_config_entry(key, value)
@@ -310,10 +312,10 @@ def compile_shared_contexts(folder: Path, files: list[str]) -> dict:
         contexts[name] = context
     binaries = sorted(p.name for p in folder.glob("*.bin"))
     return {"models": contexts, "binaries": binaries, "bytes": sum((folder / b).stat().st_size for b in binaries),
-            "weights_shared": len(binaries) == 1, **htp_options()}
+            "weights_shared": len(binaries) == 1, **htp_options(target)}
 
 
-def htp_agreement(model_path: Path, feeds: list[dict]) -> dict:
+def htp_agreement(model_path: Path, feeds: list[dict], target: dict | None = None) -> dict:
     """Run the first calibration feed on the CPU EP and on the simulated HTP; how far apart they land. The HTP computes in fixed point where the CPU EP dequantizes to float, so
     they differ a little."""
     import numpy as np
@@ -324,19 +326,19 @@ def htp_agreement(model_path: Path, feeds: list[dict]) -> dict:
 
     cpu = cpu_session(model_path)
     try:
-        htp = ort.InferenceSession(str(model_path), htp_session_options())
+        htp = ort.InferenceSession(str(model_path), htp_session_options(target=target))
     except Exception as exc:  # the graph still runs on the CPU EP; the HTP's refusal is the finding
         reason = str(exc).split("] : ", 1)[-1].strip().splitlines()[0][:300]
-        return {"backend": "QNN HTP simulator (x86-64)", **htp_options(), "error": reason}
+        return {"backend": "QNN HTP simulator (x86-64)", **htp_options(target), "error": reason}
     a = cpu.run(["logits"], feeds[0])[0][0]
     b = htp.run(["logits"], feeds[0])[0][0]
     log_p, log_q = log_softmax(a), log_softmax(b)
-    return {"backend": "QNN HTP simulator (x86-64)", **htp_options(), "tokens": int(a.shape[0]),
+    return {"backend": "QNN HTP simulator (x86-64)", **htp_options(target), "tokens": int(a.shape[0]),
             "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).mean()), 4),
             "kld_mean": round(float(kl_divergence(log_p, log_q).mean()), 6),
             "max_abs_logit_diff": round(float(np.abs(a - b).max()), 4)}
 
 
-def htp_options() -> dict:
+def htp_options(target: dict | None = None) -> dict:
     # The x86-64 simulator needs an explicit architecture and SoC (see shared/ENGINES.md).
-    return {"backend_type": "htp", "htp_arch": "75", "soc_model": "69"}
+    return {"backend_type": "htp", **(target or DEFAULT_TARGET)}
