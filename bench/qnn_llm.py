@@ -11,7 +11,7 @@ Engine reference: the w8a16 artifact also runs under onnxruntime-genai (its gena
 the engine's own pipeline API) with the same prompt and token count; our runner's decode speed is
 reported as a ratio to it.
 
-    .venv/bin/python bench/qnn_llm.py [--windows 4] [--extra-specs SPEC,...]
+    .venv/bin/python bench/qnn_llm.py [--windows 4] [--extra-specs "SPEC;SPEC"]
 
 Writes bench/results/qnn_llm.json (cold: ~6 minutes per qnn conversion on 2 cores).
 """
@@ -34,7 +34,7 @@ PROMPT_TOKENS, GEN_TOKENS, REPEATS = 128, 16, 3
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=4, help="evaluation windows of 512 tokens")
-    parser.add_argument("--extra-specs", default="", help="comma-separated specs measured too (e.g. a mixed-precision w4a16)")
+    parser.add_argument("--extra-specs", default="", help="semicolon-separated specs measured too (e.g. a mixed-precision w4a16)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "qnn_llm.json")
     args = parser.parse_args()
 
@@ -47,7 +47,7 @@ def main() -> int:
     result = {"machine": machine_info(), "caveat": DEFAULT_MODEL_CAVEAT,
               "eval": {"windows": args.windows, "gen_tokens": GEN_TOKENS, "repeats": REPEATS, "prompt_tokens": PROMPT_TOKENS},
               "load_avg_1_5_15m": {"start": [round(x, 2) for x in os.getloadavg()]}, "results": {}}
-    specs = [*QNN, *REFERENCES, *filter(None, args.extra_specs.split(","))]
+    specs = [*QNN, *REFERENCES, *filter(None, args.extra_specs.split(";"))]
     for spec in specs:
         started = time.perf_counter()
         artifact = edgequant.convert(None, spec)

@@ -38,8 +38,9 @@ class QnnBackend(Backend):
     bench_specs = ("qnn:w8a16",)
     speed_note = "QNN artifacts ran on ONNX Runtime's CPU execution provider: quality is real, speed is not an NPU's."
     # 2: RMSNorm exported scale-free (see qnn_tools.scale_free_rms_norm); 3: w8a8 widens underflowing activations;
-    # 4: blocked symmetric weights with searched scales, 8-bit KV cache, graphs=kv by default, act16 0.02
-    recipe_version = 4
+    # 4: blocked symmetric weights with searched scales, 8-bit KV cache, graphs=kv by default, act16 0.02;
+    # 5: kv weights stored once, HTP target v79/69
+    recipe_version = 5
     bench_seconds = 350
     precisions = {
         "w8a8": Precision("w8a8", 8, 8.0, "QDQ, int8 weights per block of 64 and uint8 activations (uint16 where 8 bits "
