@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SPECS = ["gguf:q8_0", "onnx:fp32", "onnx:fp16", "onnx:int8", "onnx:int8-static", "onnx:int4", "onnx:int4?algo=rtn",
-         "onnx:int4?algo=rtn&head8=0&sym=1", "onnx:int4?block=64", "qnn:w8a16?seq=256", "qnn:w8a8?seq=256"]
+         "onnx:int4?algo=rtn&head8=0&sym=1", "onnx:int4?block=64", "qnn:w8a16?graphs=fixed&seq=256", "qnn:w8a8?graphs=fixed&seq=256"]
 REFERENCE = "gguf:q4_k_m"
 _FIELDS = ("perplexity", "ppl_increase_pct", "kld_mean", "kld_p99", "top1_agreement", "decode_tps", "prefill_tps",
            "ttft_ms", "peak_rss_mb")

@@ -1,12 +1,15 @@
-"""Weights quantized here, not by onnxruntime's quantizer: int4 block scales chosen by search.
+"""Blocked weights quantized here, not by onnxruntime's quantizer: scales chosen by search.
 
-onnxruntime's quantizer gives every block of a blocked int4 weight the scale that maps its
-largest |w| onto the grid's end. One outlier then stretches the step for the other 63 values,
-and on a model whose weights already sit on another 4-bit grid (the default model's Q4_1) that
-doubles the rounding error. llama.cpp's quantizers instead try a range of scales per block and
-keep the one with the least (importance-weighted) squared error; this does the same for the QDQ
-model's blocked int4 weights, in place, after quantization. Shapes, names and zero points (0,
-symmetric, as the HTP wants) are unchanged: only the int4 values and the scales move.
+onnxruntime (1.32) only marks the weights (float -> QuantizeLinear -> DequantizeLinear); this
+module turns each pair into an integer initializer -> DequantizeLinear. For a blocked symmetric
+weight (int4, or int8; zero point 0, as the HTP wants: it ignores block zero points) it does not
+take each block's largest |w| as the grid's end, where one outlier stretches the step for the
+other 63 values and, on a model whose weights already sit on another 4-bit grid (the default
+model's Q4_1), doubles the rounding error. Like llama.cpp's quantizers it tries a range of scales
+per block and keeps the one with the least squared error, weighted by how large each input
+feature runs in calibration, then refits the scale by least squares. Measured on the default
+model's prompt graph (KLD): unweighted search 0.48, importance-weighted 0.40, with the refit 0.31;
+GPTQ's error feedback (H from 512 calibration tokens) was worse, 0.44.
 """
 
 from __future__ import annotations
