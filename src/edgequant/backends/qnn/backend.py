@@ -39,8 +39,8 @@ class QnnBackend(Backend):
     speed_note = "QNN artifacts ran on ONNX Runtime's CPU execution provider: quality is real, speed is not an NPU's."
     # 2: RMSNorm exported scale-free (see qnn_tools.scale_free_rms_norm); 3: w8a8 widens underflowing activations;
     # 4: blocked symmetric weights with searched scales, 8-bit KV cache, graphs=kv by default, act16 0.02;
-    # 5: kv weights stored once, HTP target v79/69
-    recipe_version = 5
+    # 5: kv weights stored once, HTP target v79/69; 6: w8a8 cache tensors act16 widens stay 16-bit
+    recipe_version = 6
     bench_seconds = 350
     precisions = {
         "w8a8": Precision("w8a8", 8, 8.0, "QDQ, int8 weights per block of 64 and uint8 activations (uint16 where 8 bits "

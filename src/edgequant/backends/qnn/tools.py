@@ -204,9 +204,10 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
         overrides = _init_overrides(prepared, request.overrides) or {}
         if request.act16 and activation == QuantType.QUInt8:
             widened = [name for name, share in underflow_shares(prepared, feeds[:2]).items() if share > request.act16]
-        overrides.update({name: [{"quant_type": QuantType.QUInt16}] for name in widened})
         overrides.update({name: [{"quant_type": getattr(QuantType, _OVERRIDE_TYPES[kind])}]
                           for name, kind in request.activations.items()})
+        # w8a8: a cache tensor that underflows 8 bits stays 16-bit, 8-bit KV cache or not
+        overrides.update({name: [{"quant_type": QuantType.QUInt16}] for name in widened})
     config = get_qnn_qdq_config(str(prepared), FeedReader(feeds), activation_type=activation, weight_type=weight,
                                 per_channel=weight in (QuantType.QInt4,) or request.precision == "w4a16",
                                 init_overrides=overrides or None, add_qtype_converts=pinned is None,
