@@ -11,7 +11,7 @@ Engine reference: the w8a16 artifact also runs under onnxruntime-genai (its gena
 the engine's own pipeline API) with the same prompt and token count; our runner's decode speed is
 reported as a ratio to it.
 
-    .venv/bin/python bench/qnn_llm.py [--windows 4] [--extra-specs "SPEC;SPEC"]
+    .venv/bin/python bench/qnn_llm.py [--windows 4] [--extra-specs "SPEC;SPEC"] [--only "SPEC;SPEC" --merge]
 
 Writes bench/results/qnn_llm.json (cold: ~6 minutes per qnn conversion on 2 cores).
 """
@@ -35,6 +35,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=4, help="evaluation windows of 512 tokens")
     parser.add_argument("--extra-specs", default="", help="semicolon-separated specs measured too (e.g. a mixed-precision w4a16)")
+    parser.add_argument("--only", default="", help="semicolon-separated specs to measure instead of the default list")
+    parser.add_argument("--merge", action="store_true", help="update those rows of an existing --output (marked remeasured)")
+    parser.add_argument("--reuse", action="store_true", help="take evaluations the artifacts' manifests already hold "
+                        "for these settings (marked cached) instead of measuring again")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "qnn_llm.json")
     args = parser.parse_args()
 
@@ -47,55 +51,76 @@ def main() -> int:
     result = {"machine": machine_info(), "caveat": DEFAULT_MODEL_CAVEAT,
               "eval": {"windows": args.windows, "gen_tokens": GEN_TOKENS, "repeats": REPEATS, "prompt_tokens": PROMPT_TOKENS},
               "load_avg_1_5_15m": {"start": [round(x, 2) for x in os.getloadavg()]}, "results": {}}
-    specs = [*QNN, *REFERENCES, *filter(None, args.extra_specs.split(";"))]
+    specs = list(filter(None, args.only.split(";"))) or [*QNN, *REFERENCES, *filter(None, args.extra_specs.split(";"))]
+    if args.merge:  # keep the earlier run and say which rows came later
+        earlier = json.loads(args.output.read_text())
+        earlier.setdefault("remeasured", []).append({"specs": specs, "machine": result["machine"],
+                                                     "load_avg_1_5_15m_start": result["load_avg_1_5_15m"]["start"]})
+        result = earlier
     for spec in specs:
         started = time.perf_counter()
         artifact = edgequant.convert(None, spec)
         converted = time.perf_counter() - started
-        m = edgequant.evaluate(artifact.path, config=config)
+        m = edgequant.evaluate(artifact.path, config=config, reuse=args.reuse)
         details = artifact.manifest["details"]
         row = {"size_mb": round(artifact.size_bytes / 1e6, 1), "ppl_increase_pct": m["ppl_increase_pct"],
                "kld_mean": m["kld_mean"], "top1_agreement": m["top1_agreement"], "ci95": m["ci95"],
                "decode_tps": m["decode_tps"], "decode_tps_range": m["decode_tps_range"], "ttft_ms": m["ttft_ms"],
                "peak_rss_mb": m["peak_rss_mb"], "convert_s": round(converted, 1),
-               "conversion_timings": details.get("timings")}
+               "conversion_timings": details.get("timings"), "cached_evaluation": bool(m.get("cached"))}
         for key in ("htp_pipeline", "htp", "decode_encodings", "weights", "kv_cache_bits", "smoothquant", "activations_16bit"):
             if details.get(key) is not None:
                 row[key] = details[key] if key != "activations_16bit" else details[key]["count"]
+        if args.merge and spec in result["results"]:  # what the earlier run measured, kept beside the new row
+            row["previous"] = {k: result["results"][spec][k] for k in ("ppl_increase_pct", "kld_mean", "ci95", "decode_tps")}
         result["results"][spec] = row
         print(spec, json.dumps({k: row[k] for k in ("size_mb", "ppl_increase_pct", "kld_mean", "decode_tps")}), flush=True)
         if spec == "qnn:w8a16":
-            result["engine_reference"] = genai_reference(artifact.path, row["decode_tps"])
+            result["engine_reference"] = genai_reference(artifact.path)
     result["targets"] = targets(result["results"])
-    result["load_avg_1_5_15m"]["end"] = [round(x, 2) for x in os.getloadavg()]
+    (result["remeasured"][-1] if args.merge else result["load_avg_1_5_15m"])["end"] = [round(x, 2) for x in os.getloadavg()]
     write_text_atomic(args.output, json.dumps(result, indent=2))
     return 0
 
 
-def genai_reference(folder: Path, ours_tps: float) -> dict:
-    """Decode tok/s of the same artifact under onnxruntime-genai, same prompt length and tokens."""
+def genai_reference(folder: Path) -> dict:
+    """Decode tok/s of the same artifact under onnxruntime-genai (the engine's own pipeline API)
+    and under edgequant's runner, back to back with the same loop: a prompt of PROMPT_TOKENS, one
+    token to close the prefill, then GEN_TOKENS timed, median of REPEATS."""
     import onnxruntime_genai as og
 
     from edgequant.evaldata import default_eval_text
+    from edgequant.registry import open_runner
+    from edgequant.runner import GenerateParams
 
     model = og.Model(str(folder))
-    tokenizer = og.Tokenizer(model)
-    prompt = list(tokenizer.encode(default_eval_text()[:4000]))[:PROMPT_TOKENS]
-    rates = []
-    for _ in range(REPEATS):
+    prompt = list(og.Tokenizer(model).encode(default_eval_text()[:4000]))[:PROMPT_TOKENS]
+
+    def genai_once() -> float:
         params = og.GeneratorParams(model)
         params.set_search_options(do_sample=False, max_length=PROMPT_TOKENS + 64 + GEN_TOKENS + 1)
         generator = og.Generator(model, params)
         generator.append_tokens(prompt)
-        generator.generate_next_token()  # the first token closes the prefill
+        generator.generate_next_token()
         started = time.perf_counter()
         for _ in range(GEN_TOKENS):
             generator.generate_next_token()
-        rates.append(GEN_TOKENS / (time.perf_counter() - started))
-    median = statistics.median(rates)
+        return GEN_TOKENS / (time.perf_counter() - started)
+
+    def ours_once(runner) -> float:
+        tokens = runner.generate(prompt, GenerateParams(max_tokens=GEN_TOKENS + 1, temperature=0.0, stop_at_eos=False))
+        next(tokens)
+        started = time.perf_counter()
+        count = sum(1 for _ in tokens)
+        return count / (time.perf_counter() - started)
+
+    with open_runner(folder, n_ctx=1024, need_logits=False) as runner:
+        ours = [ours_once(runner) for _ in range(REPEATS)]
+    engine = [genai_once() for _ in range(REPEATS)]
     return {"engine": f"onnxruntime-genai {og.__version__} (decoder-pipeline from genai_config.json)",
-            "decode_tps": round(median, 2), "decode_tps_range": [round(min(rates), 2), round(max(rates), 2)],
-            "ours_over_engine": round(ours_tps / median, 3)}
+            "engine_decode_tps": round(statistics.median(engine), 2), "engine_range": [round(min(engine), 2), round(max(engine), 2)],
+            "ours_decode_tps": round(statistics.median(ours), 2), "ours_range": [round(min(ours), 2), round(max(ours), 2)],
+            "ours_over_engine": round(statistics.median(ours) / statistics.median(engine), 3)}
 
 
 def targets(rows: dict) -> dict:
