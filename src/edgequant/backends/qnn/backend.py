@@ -237,13 +237,20 @@ class QnnBackend(Backend):
                                 n_ctx=min(n_ctx, seq), threads=threads)
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
-        # The exporter keeps one copy of a tied matrix; every 2-D weight is quantized (embedding too).
-        bpw = self.precisions[precision].bpw
+        """Weights once (the graphs share them): the embedding Gather at the activations' bits (it is
+        quantized as one), the LM head as its own MatMul copy (at 8 bits for w4a16's default head), every other
+        matrix at the precision's bits plus a float32 scale per block of 64 rows, vectors float32."""
+        bpw = self.precisions[precision].bpw + 32 / 64
+        head_bpw = 8 + 32 / 64 if precision == "w4a16" else bpw
+        embedding_bits = 8.0 if precision == "w8a8" else 16.0
         bits = 0.0
         for tensor in tensors:
-            if tied_embeddings and "lm_head" in tensor.name:
-                continue
-            bits += tensor.numel * (bpw if len(tensor.shape) >= 2 else 32.0)
+            if len(tensor.shape) < 2:
+                bits += tensor.numel * 32.0
+            elif "embed_tokens" in tensor.name:
+                bits += tensor.numel * (embedding_bits + (head_bpw if tied_embeddings else 0.0))
+            else:
+                bits += tensor.numel * (head_bpw if "lm_head" in tensor.name else bpw)
         return int(bits / 8)
 
 
