@@ -56,7 +56,7 @@ def write_genai_config(folder: Path, layout: dict, config: dict) -> list[str]:
     """Write genai_config.json and the two CPU side graphs into `folder`, a graphs=kv artifact;
     return the names of the files written. `layout` is kv_layout.json, `config` the Hugging Face
     config.json (token ids, vocabulary and hidden sizes)."""
-    from edgequant.backends.qnn.kv import INV_FREQ_FILE, cache_names
+    from edgequant.backends.qnn.kv import INV_FREQ_FILE, cache_names, rope
     from edgequant.errors import EdgequantError
 
     folder = Path(folder)
@@ -67,7 +67,7 @@ def write_genai_config(folder: Path, layout: dict, config: dict) -> list[str]:
     if layout["graphs"]["decode"]["tokens"] != 1:  # genai feeds one token per step after the prompt
         raise EdgequantError(f"the decode graph takes {layout['graphs']['decode']['tokens']} tokens, genai feeds 1",
                              "export the graphs again with kv.export_graphs")
-    cos, sin = rope_tables(np.load(folder / INV_FREQ_FILE), layout["ctx"], layout["attention_scaling"])
+    cos, sin = rope(np.load(folder / INV_FREQ_FILE), np.arange(layout["ctx"]), layout["attention_scaling"])
     _save(_positions_graph(layout, vocab, cos, sin), folder / POSITIONS_FILE)
     _save(_kv_update_graph(layout), folder / KV_UPDATE_FILE)
 
@@ -125,14 +125,6 @@ def write_genai_config(folder: Path, layout: dict, config: dict) -> list[str]:
     }
     (folder / CONFIG_FILE).write_text(json.dumps(genai, indent=2))
     return [CONFIG_FILE, POSITIONS_FILE, KV_UPDATE_FILE]
-
-
-def rope_tables(inv_freq: np.ndarray, ctx: int, scaling: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of every position below ctx, [ctx, D], computed as KVCache._rope computes them
-    (same numpy operations in the same order), so genai feeds the graphs the very same values."""
-    angles = np.arange(ctx)[:, None].astype(np.float32) * inv_freq[None]
-    angles = np.concatenate([angles, angles], axis=-1)
-    return (np.cos(angles) * scaling).astype(np.float32), (np.sin(angles) * scaling).astype(np.float32)
 
 
 def _buffer_names(side: str, layers: int) -> list[str]:

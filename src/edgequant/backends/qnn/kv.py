@@ -112,6 +112,14 @@ def _kv_step(model, tokens: int, heads: int, kv_heads: int, head_dim: int):
     return Step()
 
 
+def rope(inv_freq: np.ndarray, positions: np.ndarray, scaling: float) -> tuple[np.ndarray, np.ndarray]:
+    """The graphs' cos and sin inputs for `positions`, [N, D] each (rotate-half layout). The one
+    place they are computed, so the genai pipeline's tables (genai.py) feed the very same values."""
+    angles = positions[:, None].astype(np.float32) * inv_freq[None]
+    angles = np.concatenate([angles, angles], axis=-1)
+    return (np.cos(angles) * scaling).astype(np.float32), (np.sin(angles) * scaling).astype(np.float32)
+
+
 class KVCache:
     """The caller's side of the layout: the cache, positions, RoPE and masks, on numpy."""
 
@@ -158,10 +166,8 @@ class KVCache:
         return np.concatenate([self.step(ids[i:i + self.chunk], "prompt") for i in range(0, len(ids), self.chunk)])
 
     def _rope(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        angles = positions[:, None].astype(np.float32) * self.inv_freq[None]
-        angles = np.concatenate([angles, angles], axis=-1)
-        scale = self.layout["attention_scaling"]
-        return (np.cos(angles) * scale)[None].astype(np.float32), (np.sin(angles) * scale)[None].astype(np.float32)
+        cos, sin = rope(self.inv_freq, positions, self.layout["attention_scaling"])
+        return cos[None], sin[None]
 
     def _mask(self, size: int, past: int) -> np.ndarray:
         mask = np.full((1, 1, size, self.layout["ctx"]), MASK_VALUE, np.float32)
@@ -266,7 +272,7 @@ def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], 
     import onnxruntime as ort
 
     from edgequant.backends._shared.ort import cpu_session
-    from edgequant.backends.qnn.tools import htp_options, htp_session_options
+    from edgequant.backends.qnn.tools import htp_options, htp_refusal, htp_session_options
     from edgequant.logprobs import first_difference, kl_divergence, log_softmax
 
     def pipeline(graph_folder: Path, session) -> KVCache:
@@ -283,7 +289,7 @@ def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], 
     try:
         htp = pipeline(folder, lambda path: ort.InferenceSession(str(path), htp_session_options(target=target)))
     except Exception as exc:  # the graphs still run on the CPU EP; the HTP's refusal is the finding
-        return {**report, "error": str(exc).split("] : ", 1)[-1].strip().splitlines()[0][:300]}
+        return {**report, "error": htp_refusal(exc)}
     cpu = pipeline(folder, cpu_session)
     tokens = [int(cpu.prefill(prompt_ids)[-1].argmax())]
     for _ in range(steps):
@@ -339,7 +345,7 @@ def share_weights(folder: Path, primary: str = PROMPT_FILE, secondary: str = DEC
         del tensor.external_data[:]
         for key, value in target.items():
             tensor.external_data.add(key=key, value=value)
-    (folder / own_file).unlink()
+    (folder / own_file).unlink(missing_ok=True)
     if kept:
         (folder / own_file).write_bytes(bytes(kept))
     onnx.save(model, str(folder / secondary))

@@ -214,9 +214,10 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
                                 weight_symmetric=True if request.block else None)
     config.use_external_data_format = True
     if request.block:
-        # onnxruntime's own blocked weights come out with scales that do not match their blocks
-        # (1.32), so it only marks the weights (float -> Q -> DQ) and weights.py quantizes them.
-        # Blocked Q/DQ needs opset 21's standard ops (the contrib ops have no block_size).
+        # onnxruntime's blocked weights take each block's min/max (and for int4 a zero point the
+        # HTP ignores), so it only marks the weights (float -> Q -> DQ) and weights.py quantizes
+        # them with searched scales. Blocked Q/DQ needs opset 21's standard ops (the contrib ops
+        # have no block_size).
         config.extra_options.update({"BlockSize": request.block, "AddQDQPairToWeight": True, "UseQDQContribOps": False})
     with engine_warnings_hidden():
         quantize(str(prepared), str(out_path), config)
@@ -316,9 +317,15 @@ def compile_shared_contexts(folder: Path, files: list[str], target: dict | None 
             "weights_shared": len(binaries) == 1, **htp_options(target)}
 
 
+def htp_refusal(exc: Exception) -> str:
+    """The first line of onnxruntime's reason for not putting a graph on the HTP."""
+    return str(exc).split("] : ", 1)[-1].strip().splitlines()[0][:300]
+
+
 def htp_agreement(model_path: Path, feeds: list[dict], target: dict | None = None) -> dict:
-    """Run the first calibration feed on the CPU EP and on the simulated HTP; how far apart they land. The HTP computes in fixed point where the CPU EP dequantizes to float, so
-    they differ a little."""
+    """Run the first calibration feed on the CPU EP and on the simulated HTP; how far apart they
+    land. The HTP computes in fixed point where the CPU EP dequantizes to float, so they differ a
+    little."""
     import numpy as np
     import onnxruntime as ort
 
@@ -329,8 +336,7 @@ def htp_agreement(model_path: Path, feeds: list[dict], target: dict | None = Non
     try:
         htp = ort.InferenceSession(str(model_path), htp_session_options(target=target))
     except Exception as exc:  # the graph still runs on the CPU EP; the HTP's refusal is the finding
-        reason = str(exc).split("] : ", 1)[-1].strip().splitlines()[0][:300]
-        return {"backend": "QNN HTP simulator (x86-64)", **htp_options(target), "error": reason}
+        return {"backend": "QNN HTP simulator (x86-64)", **htp_options(target), "error": htp_refusal(exc)}
     a = cpu.run(["logits"], feeds[0])[0][0]
     b = htp.run(["logits"], feeds[0])[0][0]
     log_p, log_q = log_softmax(a), log_softmax(b)
