@@ -12,6 +12,7 @@ the engine's own pipeline API) with the same prompt and token count; our runner'
 reported as a ratio to it.
 
     .venv/bin/python bench/qnn_llm.py [--windows 4] [--extra-specs "SPEC;SPEC"] [--only "SPEC;SPEC" --merge]
+                                      [--model FOLDER --output JSON]
 
 Writes bench/results/qnn_llm.json (cold: ~6 minutes per qnn conversion on 2 cores).
 """
@@ -39,6 +40,8 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true", help="update those rows of an existing --output (marked remeasured)")
     parser.add_argument("--reuse", action="store_true", help="take evaluations the artifacts' manifests already hold "
                         "for these settings (marked cached) instead of measuring again")
+    parser.add_argument("--model", default=None, help="a model folder instead of the default model (e.g. the dithered "
+                        "float stand-in bench/dithered_model.py writes)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "qnn_llm.json")
     args = parser.parse_args()
 
@@ -48,7 +51,8 @@ def main() -> int:
     from edgequant.source import DEFAULT_MODEL_CAVEAT
 
     config = EvalConfig(ctx=512, windows=args.windows, gen_tokens=GEN_TOKENS, repeats=REPEATS)
-    result = {"machine": machine_info(), "caveat": DEFAULT_MODEL_CAVEAT,
+    result = {"machine": machine_info(), "model": args.model or "default",
+              "caveat": DEFAULT_MODEL_CAVEAT if args.model is None else "see the model folder",
               "eval": {"windows": args.windows, "gen_tokens": GEN_TOKENS, "repeats": REPEATS, "prompt_tokens": PROMPT_TOKENS},
               "load_avg_1_5_15m": {"start": [round(x, 2) for x in os.getloadavg()]}, "results": {}}
     specs = list(filter(None, args.only.split(";"))) or [*QNN, *REFERENCES, *filter(None, args.extra_specs.split(";"))]
@@ -59,7 +63,7 @@ def main() -> int:
         result = earlier
     for spec in specs:
         started = time.perf_counter()
-        artifact = edgequant.convert(None, spec)
+        artifact = edgequant.convert(args.model, spec)
         converted = time.perf_counter() - started
         m = edgequant.evaluate(artifact.path, config=config, reuse=args.reuse)
         details = artifact.manifest["details"]

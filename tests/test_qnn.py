@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 import edgequant
@@ -48,13 +49,38 @@ def test_override_gives_mixed_precision(tiny_model):
 
 
 def test_act16_moves_the_worst_activations_of_w8a8_to_16_bit(tiny_model):
-    artifact = edgequant.convert(tiny_model, f"qnn:w8a8?graphs=fixed&seq={SEQ}&samples=2&act16=0.01")
+    spec = f"qnn:w8a8?graphs=fixed&seq={SEQ}&samples=2&widen=underflow"
+    artifact = edgequant.convert(tiny_model, spec + "&act16=0.01")
     widened = artifact.manifest["details"]["activations_16bit"]
     counts = qdq_counts(artifact.model_path)
-    plain = qdq_counts(edgequant.convert(tiny_model, f"qnn:w8a8?graphs=fixed&seq={SEQ}&samples=2&act16=0").model_path)
+    plain = qdq_counts(edgequant.convert(tiny_model, spec + "&act16=0").model_path)
     assert widened["count"] == len(widened["tensors"]) > 0
     assert counts.get("QuantizeLinear:uint16", 0) > 0 and "QuantizeLinear:uint16" not in plain
     assert counts["QuantizeLinear:uint8"] < plain["QuantizeLinear:uint8"]
+
+
+def _half_the_cost(widening: dict) -> float:
+    """A budget some groups fit in and some do not: half of what all of them cost one by one."""
+    return sum(max(cost, 0.0) for cost in widening["group_cost"].values()) / 2
+
+
+def test_kld_widening_keeps_the_measured_worst_groups_at_16_bit(tiny_model):
+    spec = f"qnn:w8a8?graphs=fixed&seq={SEQ}&samples=2"
+    strict = edgequant.convert(tiny_model, spec + "&budget=0").manifest["details"]["activations_16bit"]
+    assert strict["method"] == "kld" and strict["group_cost"] and strict["kld_chosen"] <= strict["kld_all_16bit"]
+    assert strict["count"] == len(strict["tensors"]) > 0
+    # a budget between: the groups that go to 8 bits are the cheapest measured, and together stay within it
+    middle = edgequant.convert(tiny_model, spec + f"&budget={_half_the_cost(strict):.5f}")
+    chosen = middle.manifest["details"]["activations_16bit"]
+    kept = [role for role in chosen["group_cost"] if role not in chosen["eight_bit_groups"]]
+    assert chosen["eight_bit_groups"] and kept and chosen["kld_chosen"] - chosen["kld_all_16bit"] <= chosen["budget"]
+    assert min(chosen["group_cost"][r] for r in kept) >= max(chosen["group_cost"][r] for r in chosen["eight_bit_groups"])
+    assert chosen["count"] <= strict["count"]
+    counts = qdq_counts(middle.model_path)
+    assert counts.get("QuantizeLinear:uint16", 0) > 0 and counts.get("QuantizeLinear:uint8", 0) > 0
+    loose = edgequant.convert(tiny_model, spec + "&budget=10")  # any cost fits: every group goes 8-bit
+    assert loose.manifest["details"]["activations_16bit"]["count"] == 0
+    assert "QuantizeLinear:uint16" not in qdq_counts(loose.model_path)
 
 
 def test_generation_is_bounded_by_the_fixed_shape(tiny_model):
@@ -215,6 +241,27 @@ def test_the_kv_cache_is_8_bit_in_both_graphs_on_one_grid(kv_artifact):
     assert len(prompt) == 8 and prompt == decode  # 2 layers x key/value x past/new, same scales
     assert {kind for kind, _ in prompt.values()} == {onnx.TensorProto.UINT8}
     assert kv_artifact.manifest["details"]["kv_cache_bits"] == 8
+
+
+def test_w8a8_kv_graphs_mix_8_and_16_bit_activations_on_one_grid(tiny_model):
+    """widen=kld on the prompt graph; the decode graph takes the same mixed encodings, the cache
+    stays 8-bit, and the HTP runs both graphs."""
+    from edgequant.backends.qnn.kv import activation_encodings
+    from edgequant.backends.qnn.tools import htp_available
+
+    spec = "qnn:w8a8?ar=16&ctx=128&samples=2"
+    strict = edgequant.convert(tiny_model, spec + "&budget=0").manifest["details"]["activations_16bit"]
+    artifact = edgequant.convert(tiny_model, spec + f"&budget={_half_the_cost(strict):.5f}")
+    details = artifact.manifest["details"]
+    assert 0 < details["activations_16bit"]["count"] < strict["count"]
+    for file in ("prompt.onnx", "decode.onnx"):
+        counts = qdq_counts(artifact.path / file)
+        assert counts.get("QuantizeLinear:uint16", 0) > 0 and counts.get("QuantizeLinear:uint8", 0) > 0
+    prompt, decode = (activation_encodings(artifact.path / f) for f in ("prompt.onnx", "decode.onnx"))
+    assert details["decode_encodings"]["same_as_prompt"] == details["decode_encodings"]["activations"] == len(decode)
+    assert all(prompt[n][1].dtype == np.uint8 for n in prompt if n.startswith(("past_", "new_")))
+    if htp_available():
+        assert "error" not in details["htp_pipeline"] and details["htp_pipeline"]["within_tolerance"]
 
 
 def test_context_binaries_share_the_weights_of_both_graphs(tiny_model):

@@ -39,12 +39,14 @@ class QnnBackend(Backend):
     speed_note = "QNN artifacts ran on ONNX Runtime's CPU execution provider: quality is real, speed is not an NPU's."
     # 2: RMSNorm exported scale-free (see qnn_tools.scale_free_rms_norm); 3: w8a8 widens underflowing activations;
     # 4: blocked symmetric weights with searched scales, 8-bit KV cache, graphs=kv by default, act16 0.02;
-    # 5: kv weights stored once, HTP target v79/69; 6: w8a8 cache tensors act16 widens stay 16-bit
-    recipe_version = 6
+    # 5: kv weights stored once, HTP target v79/69; 6: w8a8 cache tensors act16 widens stay 16-bit;
+    # 7: weights per output channel when not blocked (w8a8's default), w8a8 16-bit activations chosen by KLD,
+    #    GPTQ rounding of blocked weights
+    recipe_version = 7
     bench_seconds = 350
     precisions = {
-        "w8a8": Precision("w8a8", 8, 8.0, "QDQ, int8 weights per block of 64 and uint8 activations (uint16 where 8 bits "
-                          "underflow: act16)"),
+        "w8a8": Precision("w8a8", 8, 8.0, "QDQ, int8 weights per output channel and uint8 activations (uint16 where "
+                          "8 bits cost the most KLD: widen)"),
         "w8a16": Precision("w8a16", 8, 8.0, "QDQ, int8 weights per block of 64 and uint16 activations"),
         "w4a16": Precision("w4a16", 4, 4.0, "QDQ, int4 weights per block of 64 (LM head int8) and uint16 activations"),
     }
@@ -56,7 +58,11 @@ class QnnBackend(Backend):
         "kv": Option("kv", int, 8, "graphs=kv: bits of the KV cache inputs and outputs", choices=(8, 16)),
         "seq": Option("seq", int, 512, "graphs=fixed: sequence length of the graph (tokens)", minimum=8, maximum=8192),
         "block": Option("block", int, 64, "weights quantized per block of this many input rows, scales searched "
-                        "(0: one scale per weight)", choices=(0, 16, 32, 64, 128)),
+                        "(0: per output channel; the default for w8a8, since the HTP runs blocked weights only "
+                        "between 16-bit activations)", choices=(0, 16, 32, 64, 128)),
+        "gptq": Option("gptq", int, 32, "calibration windows whose input statistics (X^T X per MatMul) drive GPTQ's "
+                       "rounding of blocked weights: each row's rounding error is fed into the rows not yet rounded "
+                       "(0: round to nearest, scales still searched)", minimum=0, maximum=256),
         "head": Option("head", int, 8, "w4a16: bits of the LM head", choices=(4, 8), applies_to=("w4a16",)),
         "samples": Option("samples", int, 4, "calibration sequences", minimum=1, maximum=256),
         "override": Option("override", str, "", "per-weight types, NAME:TYPE,... with TYPE u8|i8|u16|i16|u4|i4"),
@@ -69,9 +75,22 @@ class QnnBackend(Backend):
                            "(79: Snapdragon 8 Elite)", choices=(68, 69, 73, 75, 79, 81)),
         "soc": Option("soc", int, 69, "QNN SoC model id the HTP checks and context binaries target (69: SM8750)",
                       minimum=1, maximum=999),
-        "act16": Option("act16", float, 0.02, "w8a8: activations with more than this share of values rounding to 0 "
-                        "at 8 bits go to uint16 (0: every activation 8-bit)", minimum=0.0, maximum=1.0, applies_to=("w8a8",)),
+        "widen": Option("widen", str, "kld", "w8a8: how activations are chosen to stay 16-bit: kld (by the KLD 8 bits "
+                        "cost each group, measured on held-out calibration text; see budget) or underflow (see act16)",
+                        choices=("kld", "underflow"), applies_to=("w8a8",)),
+        "budget": Option("budget", float, 0.03, "w8a8, widen=kld: the KLD to the float model (held-out calibration "
+                         "text) the 8-bit activations may add together to the all-16-bit graph's", minimum=0.0,
+                         maximum=10.0, applies_to=("w8a8",)),
+        "act16": Option("act16", float, 0.02, "w8a8, widen=underflow: activations with more than this share of values "
+                        "rounding to 0 at 8 bits go to uint16 (0: every activation 8-bit)", minimum=0.0, maximum=1.0,
+                        applies_to=("w8a8",)),
     }
+
+    def option_values(self, spec) -> dict[str, Any]:
+        values = super().option_values(spec)
+        if spec.precision == "w8a8" and "block" not in spec.options:
+            values["block"] = 0  # blocked weights would pin every MatMul's activations to 16 bits on the HTP
+        return values
 
     def speed_is_representative(self) -> bool:
         return False  # the CPU execution provider stands in for the NPU
@@ -121,8 +140,8 @@ class QnnBackend(Backend):
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
         from edgequant.backends._shared.side_files import copy_tokenizer
+        from edgequant.backends.qnn import sensitivity, weights
         from edgequant.backends.qnn import tools as qnn_tools
-        from edgequant.backends.qnn import weights
 
         opt = self.option_values(spec)
         if opt["graphs"] == "kv":
@@ -130,23 +149,34 @@ class QnnBackend(Backend):
         request = self._request(spec, opt, opt["seq"])
         if opt["context"]:
             qnn_tools.require_htp()  # before any long step
-        feeds = qnn_tools.calibration_inputs(source.hf_dir, request.seq, request.samples)
+        held_out = 1 if _widen_by_kld(spec, opt) else 0
+        feeds = qnn_tools.calibration_inputs(source.hf_dir, request.seq, request.samples + held_out)
+        feeds, held_out_feeds = feeds[:request.samples], feeds[request.samples:]
         started = time.perf_counter()
         scratch = out_dir / ".fp32"
         scratch.mkdir()
         qnn_tools.export_fixed(source.hf_dir, request.seq, scratch / "model_fp32.onnx")
         exported = time.perf_counter()
         smoothing = _smooth(scratch, ["model_fp32.onnx"], feeds, opt) if spec.precision == "w8a8" else None
-        importance = weights.input_importance(scratch / "model_fp32.onnx", feeds) if request.block else None
+        statistics = feeds
+        if request.block and opt["gptq"]:
+            statistics = qnn_tools.calibration_inputs(source.hf_dir, request.seq, opt["gptq"], option="gptq")
+        importance = weights.input_importance(scratch / "model_fp32.onnx", statistics,
+                                              full=bool(request.block and opt["gptq"]))
+        widening = None
+        if held_out_feeds:
+            widening = sensitivity.widen_by_kld(
+                scratch / "model_fp32.onnx", scratch / "widen", request, feeds, importance,
+                lambda session: [session.run(["logits"], feed)[0][0] for feed in held_out_feeds],
+                int(source.config["num_hidden_layers"]), opt["budget"])
         widened = qnn_tools.quantize_qdq(scratch / "model_fp32.onnx", out_dir / qnn_tools.MODEL_FILE, request, feeds,
-                                         importance=importance).widened
+                                         importance=importance, pinned=widening and widening["pinned"]).widened
         shutil.rmtree(scratch)
         copy_tokenizer(out_dir, source.hf_dir)
         info: dict[str, Any] = {"model_file": qnn_tools.MODEL_FILE, "seq": request.seq, "scheme": qnn_tools.SCHEMES[spec.precision],
                                 "weights": {"block": request.block, "overrides": request.overrides},
                                 "calibration_samples": request.samples}
-        if request.act16:
-            info["activations_16bit"] = {"threshold": request.act16, "count": len(widened), "tensors": widened}
+        info.update(_widening_details(request, widened, widening))
         if smoothing:
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
@@ -163,7 +193,7 @@ class QnnBackend(Backend):
         from edgequant.backends._shared.calibration import calibration_windows
         from edgequant.backends._shared.ort import cpu_session
         from edgequant.backends._shared.side_files import copy_tokenizer
-        from edgequant.backends.qnn import genai, kv, weights
+        from edgequant.backends.qnn import genai, kv, sensitivity, weights
         from edgequant.backends.qnn import tools as qnn_tools
 
         kv.check_architecture(source.config)
@@ -172,8 +202,10 @@ class QnnBackend(Backend):
             request = replace(request, activations=kv.cache_types(source.config, "u8"))
         if opt["context"]:
             qnn_tools.require_htp()  # before any long step
-        windows = calibration_windows(source.hf_dir, opt["samples"], min(4 * opt["ar"], opt["ctx"]),
-                                      fix="ask for samples<={fit} or a smaller ar")
+        held_out = 2 if _widen_by_kld(spec, opt) else 0  # windows the KLD of 8-bit activations is measured on
+        windows = calibration_windows(source.hf_dir, opt["samples"] + held_out, min(4 * opt["ar"], opt["ctx"]),
+                                      fix=f"ask for samples<={{fit}}{f' - {held_out}' if held_out else ''} or a smaller ar")
+        windows, held_out_windows = windows[:opt["samples"]], [w[:2 * opt["ar"]] for w in windows[opt["samples"]:]]
         started = time.perf_counter()
         scratch = out_dir / ".fp32"
         scratch.mkdir()
@@ -181,9 +213,21 @@ class QnnBackend(Backend):
         exported = time.perf_counter()
         prompt_feeds, decode_feeds = kv.calibration_feeds(scratch, windows, cpu_session)
         smoothing = _smooth(scratch, [kv.PROMPT_FILE, kv.DECODE_FILE], prompt_feeds, opt) if spec.precision == "w8a8" else None
-        importance = weights.input_importance(scratch / kv.PROMPT_FILE, prompt_feeds) if request.block else None
+        statistics = prompt_feeds
+        if request.block and opt["gptq"]:
+            statistics = kv.calibration_feeds(scratch, calibration_windows(
+                source.hf_dir, opt["gptq"], len(windows[0]), fix="ask for gptq<={fit}"), cpu_session)[0]
+        importance = weights.input_importance(scratch / kv.PROMPT_FILE, statistics, full=bool(request.block and opt["gptq"]))
+        widening = None
+        if held_out_windows:
+            def logits_of(session):
+                cache = kv.KVCache(scratch, lambda feed: session.run(None, feed), None)
+                return [cache.prefill(window) for window in held_out_windows]
+
+            widening = sensitivity.widen_by_kld(scratch / kv.PROMPT_FILE, scratch / "widen", request, prompt_feeds,
+                                                importance, logits_of, layout["layers"], opt["budget"])
         prompt = qnn_tools.quantize_qdq(scratch / kv.PROMPT_FILE, out_dir / kv.PROMPT_FILE, request, prompt_feeds,
-                                        importance=importance)
+                                        importance=importance, pinned=widening and widening["pinned"])
         qnn_tools.quantize_qdq(scratch / kv.DECODE_FILE, out_dir / kv.DECODE_FILE, request, decode_feeds,
                                pinned=kv.pinned_overrides(out_dir / kv.PROMPT_FILE, prompt.overrides), importance=importance)
         shared = kv.share_weights(out_dir)  # the graphs hold the same weights: one data file for both
@@ -201,8 +245,7 @@ class QnnBackend(Backend):
             "calibration": {"graph": "prompt", "prompt_feeds": len(prompt_feeds), "decode_feeds": len(decode_feeds)},
             "decode_encodings": kv.compare_encodings(*encodings.values()),
             "genai": {"config": genai.CONFIG_FILE, "files": genai.write_genai_config(out_dir, layout, source.config)}}
-        if prompt.widened:
-            info["activations_16bit"] = {"threshold": request.act16, "count": len(prompt.widened), "tensors": prompt.widened}
+        info.update(_widening_details(request, prompt.widened, widening))
         if smoothing:
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
@@ -223,7 +266,7 @@ class QnnBackend(Backend):
         if spec.precision == "w4a16" and opt["head"] == 8:
             overrides = {"lm_head": "i8" if opt["block"] else "u8", **overrides}
         return qnn_tools.QnnRequest(spec.precision, tokens, opt["samples"], overrides,
-                                    act16=opt["act16"] if spec.precision == "w8a8" else 0.0,
+                                    act16=opt["act16"] if spec.precision == "w8a8" and opt["widen"] == "underflow" else 0.0,
                                     block=opt["block"])
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
@@ -264,6 +307,22 @@ def _smooth(folder: Path, files: list[str], feeds: list[dict], opt: dict) -> dic
     factors = smoothquant.smoothing_factors(folder / files[0], feeds, opt["smooth"])
     sites = [smoothquant.apply_smoothing(folder / name, folder / name, factors) for name in files]
     return {"alpha": opt["smooth"], "sites": sites[0]}
+
+
+def _widen_by_kld(spec, opt: dict) -> bool:
+    return spec.precision == "w8a8" and opt["widen"] == "kld"
+
+
+def _widening_details(request, widened: list[str], widening: dict | None) -> dict:
+    """The manifest's account of which w8a8 activations stayed 16-bit, and why."""
+    if widening:
+        return {"activations_16bit": {"method": "kld", "count": len(widening["sixteen_bit"]),
+                                      **{k: v for k, v in widening.items() if k not in ("sixteen_bit", "eight_bit", "pinned")},
+                                      "tensors": widening["sixteen_bit"]}}
+    if request.act16:
+        return {"activations_16bit": {"method": "underflow", "threshold": request.act16, "count": len(widened),
+                                      "tensors": widened}}
+    return {}
 
 
 def _target(opt: dict) -> dict:

@@ -169,12 +169,12 @@ def export_fixed(hf_dir: Path, seq: int, out_path: Path) -> None:
                           input_names=["input_ids"], output_names=["logits"], opset_version=17, dynamo=False)
 
 
-def calibration_inputs(hf_dir: Path, seq: int, samples: int) -> list[dict]:
+def calibration_inputs(hf_dir: Path, seq: int, samples: int, option: str = "samples") -> list[dict]:
     import numpy as np
 
     from edgequant.backends._shared.calibration import calibration_windows
 
-    windows = calibration_windows(hf_dir, samples, seq, fix="ask for samples<={fit} or a smaller seq")
+    windows = calibration_windows(hf_dir, samples, seq, fix=f"ask for {option}<={{fit}} or a smaller seq")
     return [{"input_ids": np.asarray([w], np.int64)} for w in windows]
 
 
@@ -195,8 +195,8 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
                                 all_tensors_to_one_file=True, external_data_location="prepared.onnx.data"):
         prepared = fp32_path
     activation, weight = (getattr(QuantType, name) for name in SCHEMES[request.precision])
-    if request.block and weight == QuantType.QUInt8:
-        weight = QuantType.QInt8  # blocked weights are symmetric (zero point 0), as the HTP takes them
+    if weight == QuantType.QUInt8:
+        weight = QuantType.QInt8  # weights per channel or per block are symmetric (zero point 0), as the HTP takes them
     widened = []
     if pinned is not None:
         overrides = pinned
@@ -209,20 +209,20 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
         # w8a8: a cache tensor that underflows 8 bits stays 16-bit, 8-bit KV cache or not
         overrides.update({name: [{"quant_type": QuantType.QUInt16}] for name in widened})
     config = get_qnn_qdq_config(str(prepared), FeedReader(feeds), activation_type=activation, weight_type=weight,
-                                per_channel=weight in (QuantType.QInt4,) or request.precision == "w4a16",
-                                init_overrides=overrides or None, add_qtype_converts=pinned is None,
-                                weight_symmetric=True if request.block else None)
+                                per_channel=True, init_overrides=overrides or None, add_qtype_converts=pinned is None,
+                                weight_symmetric=True)
     config.use_external_data_format = True
+    # onnxruntime's blocked weights take each block's min/max (and for int4 a zero point the HTP
+    # ignores), and its MatMul weights are per tensor even when asked per channel, so it only marks
+    # the weights (float -> Q -> DQ) and weights.py quantizes them with searched scales, per block
+    # or per output channel. Blocked Q/DQ needs opset 21's standard ops (the contrib ops have no
+    # block_size).
+    config.extra_options.update({"AddQDQPairToWeight": True, "UseQDQContribOps": False})
     if request.block:
-        # onnxruntime's blocked weights take each block's min/max (and for int4 a zero point the
-        # HTP ignores), so it only marks the weights (float -> Q -> DQ) and weights.py quantizes
-        # them with searched scales. Blocked Q/DQ needs opset 21's standard ops (the contrib ops
-        # have no block_size).
-        config.extra_options.update({"BlockSize": request.block, "AddQDQPairToWeight": True, "UseQDQContribOps": False})
+        config.extra_options["BlockSize"] = request.block
     with engine_warnings_hidden():
         quantize(str(prepared), str(out_path), config)
-    if request.block:
-        fold_weight_quantizers(out_path, importance)
+    fold_weight_quantizers(out_path, importance)
     return Quantized(widened, config.extra_options["TensorQuantOverrides"])
 
 

@@ -27,10 +27,10 @@ _SIGNED = {"int4": 7, "int8": 127}  # the symmetric grids searched: -(top + 1) .
 def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | None = None) -> int:
     """Replace every weight's float initializer -> QuantizeLinear -> DequantizeLinear (the
     quantizer's AddQDQPairToWeight form) by an integer initializer -> DequantizeLinear, rewriting
-    `qdq_path` in place (external data beside it). Blocked int4 weights get scales searched per
-    block (`importance`: weight name -> mean square of the activation entering each input row);
-    every other weight is quantized with the scale and zero point the quantizer chose. Returns
-    how many blocked int4 weights were searched."""
+    `qdq_path` in place (external data beside it). Symmetric MatMul weights get scales searched
+    per block, or per output column when not blocked (`importance`: weight name -> mean square of
+    the activation entering each input row); every other weight is quantized with the scale and
+    zero point the quantizer chose. Returns how many weights had their scales searched."""
     import onnx
     from onnx import numpy_helper
 
@@ -50,9 +50,19 @@ def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | N
         zero = numpy_helper.to_array(initializers[node.input[2]])
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         axis, block = attributes.get("axis", 1) % max(weight.ndim, 1), attributes.get("block_size", 0)
-        if block and zero.dtype.name in _SIGNED and not zero.astype(np.int8).any():  # symmetric, as the HTP wants
-            values, new_scale = _search(np.moveaxis(weight, axis, 0), block, (importance or {}).get(node.input[0]),
-                                        _SIGNED[zero.dtype.name])
+        symmetric = zero.dtype.name in _SIGNED and not zero.astype(np.int8).any()  # as the HTP wants
+        stats = (importance or {}).get(node.input[0])
+        if symmetric and not block and weight.ndim == 2 and scale.ndim == 0 and _feeds_matmul(consumers, node):
+            # onnxruntime's QNN config quantizes MatMul weights per tensor even when asked per channel:
+            # one scale per output column instead (axis 1 of [K, N]), searched over the whole column
+            values, column_scales = _search(weight, weight.shape[0], None if stats is None else _diagonal(stats),
+                                            _SIGNED[zero.dtype.name])
+            _per_channel(graph, initializers, consumers[node.output[0]], column_scales.reshape(-1).astype(scale.dtype),
+                         np.zeros(weight.shape[1], zero.dtype), node.input[1], node.input[2])
+            searched += 1
+        elif block and symmetric:
+            solve = _gptq if stats is not None and stats.ndim == 2 else _search
+            values, new_scale = solve(np.moveaxis(weight, axis, 0), block, stats, _SIGNED[zero.dtype.name])
             values, scale = np.moveaxis(values, 0, axis), np.moveaxis(new_scale, 0, axis).astype(scale.dtype)
             initializers[node.input[1]].CopyFrom(numpy_helper.from_array(scale, node.input[1]))
             searched += 1
@@ -70,6 +80,35 @@ def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | N
     (qdq_path.parent / data_file).unlink(missing_ok=True)
     onnx.save(model, str(qdq_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file)
     return searched
+
+
+def _diagonal(stats: np.ndarray) -> np.ndarray:
+    """Per-input-row importance from either form input_importance gives."""
+    return np.diag(stats) if stats.ndim == 2 else stats
+
+
+def _feeds_matmul(consumers: dict, quantizer) -> bool:
+    """The weight's DequantizeLinear outputs are only ever a MatMul's second input."""
+    users = [(dq, user) for dq in consumers.get(quantizer.output[0], []) for user in consumers.get(dq.output[0], [])]
+    return bool(users) and all(user.op_type == "MatMul" and user.input[1] == dq.output[0] for dq, user in users)
+
+
+def _per_channel(graph, initializers: dict, dequantizers: list, scales: np.ndarray, zeros: np.ndarray,
+                 scale_name: str, zero_name: str) -> None:
+    """Point the weight's DequantizeLinear nodes at per-column scales (axis 1), under new names:
+    the per-tensor scale may be shared with other tensors."""
+    import onnx
+    from onnx import numpy_helper
+
+    for name, value in ((scale_name + "_per_channel", scales), (zero_name + "_per_channel", zeros)):
+        if name not in initializers:
+            initializers[name] = numpy_helper.from_array(value, name)
+            graph.initializer.append(initializers[name])
+    for dq in dequantizers:
+        dq.input[1], dq.input[2] = scale_name + "_per_channel", zero_name + "_per_channel"
+        for attribute in [a for a in dq.attribute if a.name == "axis"]:
+            dq.attribute.remove(attribute)
+        dq.attribute.append(onnx.helper.make_attribute("axis", 1))
 
 
 def _quantize(weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int, block: int) -> np.ndarray:
@@ -118,9 +157,41 @@ def _search(weight: np.ndarray, block: int, importance: np.ndarray | None, top: 
     return values.reshape(weight.shape), best_scale.reshape((count,) + weight.shape[1:])
 
 
-def input_importance(model_path: Path, feeds: list[dict]) -> dict[str, np.ndarray]:
+def _gptq(weight: np.ndarray, block: int, hessian: np.ndarray, top: int, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ's error feedback for a weight [K, N] blocked along K: rows are rounded in order, each
+    row's rounding error spread over the rows not yet rounded through the inverse of the input
+    second moment H [K, K]; each block's scales are searched when the block is reached."""
+    weight = weight.astype(np.float64).copy()
+    rows = weight.shape[0]
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    weight[dead] = 0.0
+    h[np.diag_indices(rows)] += damp * np.mean(np.diag(h))
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T  # H^-1 = U^T U
+    values = np.zeros_like(weight)
+    scales = []
+    for start in range(0, rows, block):
+        end = min(start + block, rows)
+        _, scale = _search(weight[start:end].astype(np.float32), block, np.diag(h)[start:end], top)
+        scale = scale.reshape(-1).astype(np.float64)
+        scales.append(scale)
+        errors = np.zeros((end - start, weight.shape[1]))
+        for i in range(start, end):
+            q = np.clip(np.rint(weight[i] / scale), -top - 1, top)
+            values[i] = q
+            error = (weight[i] - q * scale) / upper[i, i]
+            weight[i + 1:end] -= np.outer(upper[i, i + 1:end], error)
+            errors[i - start] = error
+        weight[end:] -= upper[start:end, end:].T @ errors
+    return values, np.stack(scales).astype(np.float32)
+
+
+def input_importance(model_path: Path, feeds: list[dict], full: bool = False) -> dict[str, np.ndarray]:
     """Weight name -> mean square of each input feature entering its MatMul, over the feeds (the
-    float model): the weights of the scale search, as llama.cpp's importance matrix weights its."""
+    float model): the weights of the scale search, as llama.cpp's importance matrix weights its.
+    `full`: the whole second moment X^T X / n [K, K] instead (one array per activation, shared by
+    the weights it enters), for GPTQ's error feedback."""
     import onnx
 
     from edgequant.backends._shared.ort import cpu_session
@@ -139,6 +210,7 @@ def input_importance(model_path: Path, feeds: list[dict]) -> dict[str, np.ndarra
     for feed in feeds:
         for name, value in zip(names, session.run(names, feed)):
             flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
-            sums[name] = sums.get(name, 0.0) + (flat ** 2).sum(axis=0)
+            sums[name] = sums.get(name, 0.0) + (flat.T @ flat if full else (flat ** 2).sum(axis=0))
         rows += flat.shape[0]
-    return {weight: (sums[name] / rows).astype(np.float32) for name, weights in users.items() for weight in weights}
+    moments = {name: (total / rows).astype(np.float32) for name, total in sums.items()}
+    return {weight: moments[name] for name, weights in users.items() for weight in weights}

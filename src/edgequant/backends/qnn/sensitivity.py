@@ -1,0 +1,211 @@
+"""Which activations need 16 bits, measured by what 8 bits cost in KLD (w8a8's `widen=kld`).
+
+A w8a8 graph quantized with every activation at 16 bits is the starting point. Its tensors are
+grouped by their role in a decoder layer (the same op at the same place in every layer: "the
+residual add after the MLP", "the softmax"), and each group in turn is re-encoded at 8 bits in
+memory: the same range, 256 levels instead of 65536, which is what calibration would have
+given it. The KLD of that model to the float graph, on held-out calibration windows, is what 8
+bits cost the group. The cheapest groups then go to 8 bits together, as many as keep the KLD
+within a budget of added KLD (found by bisection over the groups sorted by cost); the rest stay
+16-bit.
+
+On the default model one role costs ~5 nats at 8 bits (the residual stream, whose first token
+runs ~100x larger than the others) while most cost nothing measurable; the underflow share
+(`widen=underflow`) cannot tell those apart from tensors that merely look long-tailed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+_U16_LEVELS, _U8_LEVELS = 65535, 255
+
+
+class EightBitSplicer:
+    """A QDQ model loaded once; `model_bytes(tensors)` serializes it with those activations'
+    uint16 encodings swapped for uint8 ones over the same range."""
+
+    def __init__(self, qdq_path: Path, layers: int):
+        import onnx
+        from onnx import numpy_helper
+
+        self._model = onnx.load(str(qdq_path))
+        graph = self._model.graph
+        self._index = {init.name: i for i, init in enumerate(graph.initializer)}
+        initializers = {init.name for init in graph.initializer}
+        producers = {out: node for node in graph.node for out in node.output}
+        # a weight's DQ may share its parameters with an activation (a Gather's table and output)
+        weight_params = {x for node in graph.node if node.op_type == "DequantizeLinear"
+                         and node.input[0] in initializers for x in node.input[1:]}
+        self.encodings: dict[str, tuple[str, str]] = {}
+        blocked, tied = _weight_matmul_activations(graph, producers, initializers)
+        for node in graph.node:
+            if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.input[0] in initializers:
+                continue
+            producer = producers.get(node.input[0])
+            if producer is not None and producer.op_type == "DequantizeLinear":
+                continue  # a type conversion (Q -> DQ -> Q), pinned by the tensor it converts
+            zero = numpy_helper.to_array(graph.initializer[self._index[node.input[2]]])
+            if zero.dtype == np.uint16 and node.input[2] not in weight_params and node.input[0] not in blocked:
+                self.encodings[node.input[0]] = (node.input[1], node.input[2])
+        sharing: dict[str, list[str]] = {}  # data-movement ops share their input's encoding
+        for tensor, (scale_name, _) in self.encodings.items():
+            sharing.setdefault(scale_name, []).append(tensor)
+        tied += [(tensors[0], other) for tensors in sharing.values() for other in tensors[1:]]
+        self.groups = _tie(_group_by_role(self.encodings, producers, graph.node, layers), tied)
+
+    def model_bytes(self, eight_bit=()) -> bytes:
+        from onnx import numpy_helper
+
+        inits = self._model.graph.initializer
+        saved = {}
+        for tensor in set(eight_bit):
+            scale_name, zero_name = self.encodings[tensor]
+            i, j = self._index[scale_name], self._index[zero_name]
+            if i in saved:
+                continue  # tensors sharing one encoding
+            saved[i], saved[j] = type(inits[i])(), type(inits[j])()
+            saved[i].CopyFrom(inits[i])
+            saved[j].CopyFrom(inits[j])
+            scale, zero = numpy_helper.to_array(inits[i]), numpy_helper.to_array(inits[j])
+            ratio = _U16_LEVELS / _U8_LEVELS
+            inits[i].CopyFrom(numpy_helper.from_array((scale * ratio).astype(scale.dtype), scale_name))
+            inits[j].CopyFrom(numpy_helper.from_array(np.clip(np.rint(zero / ratio), 0, _U8_LEVELS).astype(np.uint8),
+                                                      zero_name))
+        try:
+            return self._model.SerializeToString()
+        finally:
+            for k, original in saved.items():
+                inits[k].CopyFrom(original)
+
+
+def _weight_matmul_activations(graph, producers: dict, initializers: set) -> tuple[set[str], list[tuple[str, str]]]:
+    """The activations entering and leaving MatMuls with quantized weights, as the HTP constrains
+    them: around blocked weights both must be 16-bit (it refuses the MatMul when either side is
+    8-bit), around per-channel ones both must have the same width. Returns (the tensors around
+    blocked weights, the (input, output) pairs around the others)."""
+    import onnx
+
+    blocked, tied = set(), []
+    for node in graph.node:
+        weight = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or weight.op_type != "DequantizeLinear" or weight.input[0] not in initializers:
+            continue
+        source = producers.get(node.input[0])
+        if source is None or source.op_type != "DequantizeLinear":
+            continue
+        quantizer = producers.get(source.input[0])
+        pair = (quantizer.input[0] if quantizer is not None else source.input[0], node.output[0])
+        if any(a.name == "block_size" and onnx.helper.get_attribute_value(a) for a in weight.attribute):
+            blocked.update(pair)
+        else:
+            tied.append(pair)
+    return blocked, tied
+
+
+def _tie(groups: dict[str, list[str]], pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Merge the groups holding the two tensors of each pair, so they change width together."""
+    role_of = {t: role for role, tensors in groups.items() for t in tensors}
+    parent = {role: role for role in groups}
+
+    def root(role: str) -> str:
+        while parent[role] != role:
+            role = parent[role]
+        return role
+
+    for a, b in pairs:
+        if a in role_of and b in role_of:
+            parent[root(role_of[a])] = root(role_of[b])
+    merged: dict[str, list[str]] = {}
+    members: dict[str, list[str]] = {}
+    for role in groups:
+        members.setdefault(root(role), []).append(role)
+    for roles in members.values():
+        merged[" + ".join(sorted(roles))] = [t for role in roles for t in groups[role]]
+    return merged
+
+
+def _group_by_role(tensors, producers: dict, nodes, layers: int) -> dict[str, list[str]]:
+    """Tensor -> its role: the producing node's module path with layer numbers taken out
+    (`/post_attention_layernorm_7/Mul` -> `/post_attention_layernorm/Mul`, `layers.7` -> `layers.N`). Nodes the exporter
+    left at the top level (`/Add_103`) are numbered through the whole graph; the k-th of an op
+    type plays role k mod (count / layers)."""
+    top_level: dict[str, list[str]] = {}
+    for node in nodes:
+        if node.name.count("/") == 1 and node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            top_level.setdefault(node.op_type, []).append(node.name)
+    position = {name: (i, len(names)) for names in top_level.values() for i, name in enumerate(names)}
+    groups: dict[str, list[str]] = {}
+    for tensor in tensors:
+        node = producers.get(tensor)
+        if node is None:
+            role = "input:" + re.sub(r"_\d+$", "", tensor)
+        elif node.name in position:
+            i, count = position[node.name]
+            per_layer = count // layers if count % layers == 0 else 0
+            role = f"/{node.op_type}#{i % per_layer}" if per_layer else f"/{node.op_type}"
+        else:
+            role = "/".join(re.sub(r"_\d+$", "", part) for part in re.sub(r"layers\.\d+", "layers.N", node.name).split("/"))
+        groups.setdefault(role, []).append(tensor)
+    return groups
+
+
+def choose_eight_bit(splicer: EightBitSplicer, kld_of: Callable[[bytes], float], budget: float) -> dict:
+    """Measure each group's KLD at 8 bits (the rest 16), then put the cheapest groups at 8 bits
+    together, as many as add at most `budget` to the all-16-bit graph's KLD. Returns the tensors
+    for each width and the measurements behind the choice."""
+    base = kld_of(splicer.model_bytes())
+    cost = {role: kld_of(splicer.model_bytes(tensors)) - base for role, tensors in splicer.groups.items()}
+    order = sorted(cost, key=cost.get)
+
+    def eight_bit(count: int) -> list[str]:
+        return [t for role in order[:count] for t in splicer.groups[role]]
+
+    low, high, measured = 0, len(order), {0: base}  # the largest prefix within budget, by bisection
+    while low < high:
+        middle = (low + high + 1) // 2
+        measured[middle] = kld_of(splicer.model_bytes(eight_bit(middle)))
+        if measured[middle] - base <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    kept = set(eight_bit(low))
+    return {"eight_bit": sorted(kept), "sixteen_bit": sorted(t for t in splicer.encodings if t not in kept),
+            "eight_bit_groups": order[:low], "budget": budget, "kld_all_16bit": round(base, 5), "kld_chosen": round(measured[low], 5),
+            "group_cost": {role: round(cost[role], 5) for role in order}}
+
+
+def widen_by_kld(fp32_path: Path, work: Path, request, feeds: list[dict], importance, logits_of: Callable,
+                 layers: int, budget: float) -> dict:
+    """The activations a w8a8 `request` keeps at 16 bits, chosen by measured KLD: the graph is
+    quantized once with every activation at 16 bits (same weights, same calibration), then
+    choose_eight_bit. `logits_of(session)` runs a model over held-out windows. The result's
+    `pinned` holds every activation's chosen type, scale and zero point (kv.pinned_overrides),
+    for quantize_qdq to build the graph with: handing onnxruntime only the 16-bit list would let
+    its mixed-precision pass re-derive types around the KV cache outputs, which it refuses."""
+    from dataclasses import replace
+
+    from edgequant.backends._shared.ort import cpu_session
+    from edgequant.backends.qnn import kv, tools
+    from edgequant.logprobs import kl_divergence, log_softmax
+
+    work.mkdir(exist_ok=True)
+    all_16bit = work / "all16.onnx"
+    quantized = tools.quantize_qdq(fp32_path, all_16bit, replace(request, precision="w8a16", act16=0.0), feeds,
+                                   importance=importance)
+    reference = [log_softmax(x) for x in logits_of(cpu_session(fp32_path))]
+
+    def kld_of(model: bytes) -> float:
+        logits = logits_of(cpu_session(model))
+        return float(np.mean(np.concatenate([kl_divergence(r, log_softmax(x)) for r, x in zip(reference, logits)])))
+
+    splicer = EightBitSplicer(all_16bit, layers)
+    choice = choose_eight_bit(splicer, kld_of, budget)
+    chosen = work / "chosen.onnx"
+    chosen.write_bytes(splicer.model_bytes(choice["eight_bit"]))
+    choice["pinned"] = kv.pinned_overrides(chosen, quantized.overrides)
+    return choice
