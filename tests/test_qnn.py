@@ -35,10 +35,23 @@ def test_qdq_types_and_cpu_run(tiny_model, precision, activation, weight):
 
 
 def test_w4a16_has_int4_weights(tiny_model):
-    artifact = edgequant.convert(tiny_model, f"qnn:w4a16?graphs=fixed&seq={SEQ}&samples=2")
+    artifact = edgequant.convert(tiny_model, f"qnn:w4a16?graphs=fixed&seq={SEQ}&samples=2&mix=0")
     counts = qdq_counts(artifact.model_path)
     assert counts.get("DequantizeLinear:int4", 0) >= 2 * 7
     assert counts.get("QuantizeLinear:uint16", 0) >= 20
+
+
+def test_w4a16_raises_the_weights_int8_buys_most_for(tiny_model):
+    spec = f"qnn:w4a16?graphs=fixed&seq={SEQ}&samples=2"
+    mixed = edgequant.convert(tiny_model, spec)  # mix=0.3 is the default
+    plain = edgequant.convert(tiny_model, spec + "&mix=0")
+    chosen = mixed.manifest["details"]["weights_int8"]
+    assert chosen["method"] == "kld" and 0 < chosen["share"] <= 0.3 and chosen["kld_chosen"] <= chosen["kld_int4"]
+    assert set(chosen["kind_gain"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    counts, plain_counts = qdq_counts(mixed.model_path), qdq_counts(plain.model_path)
+    assert counts["DequantizeLinear:int4"] == plain_counts["DequantizeLinear:int4"] - chosen["count"]
+    assert counts["DequantizeLinear:int8"] == plain_counts["DequantizeLinear:int8"] + chosen["count"]
+    assert "weights_int8" not in plain.manifest["details"]
 
 
 def test_override_gives_mixed_precision(tiny_model):

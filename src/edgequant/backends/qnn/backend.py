@@ -63,6 +63,9 @@ class QnnBackend(Backend):
         "gptq": Option("gptq", int, 32, "calibration windows whose input statistics (X^T X per MatMul) drive GPTQ's "
                        "rounding of blocked weights: each row's rounding error is fed into the rows not yet rounded "
                        "(0: round to nearest, scales still searched)", minimum=0, maximum=256),
+        "mix": Option("mix", float, 0.3, "w4a16: share of the int4 weights that may be raised to int8, chosen by "
+                      "the KLD int8 buys each kind of matrix and each layer on held-out calibration text (0: all int4)",
+                      minimum=0.0, maximum=1.0, applies_to=("w4a16",)),
         "head": Option("head", int, 8, "w4a16: bits of the LM head", choices=(4, 8), applies_to=("w4a16",)),
         "samples": Option("samples", int, 4, "calibration sequences", minimum=1, maximum=256),
         "override": Option("override", str, "", "per-weight types, NAME:TYPE,... with TYPE u8|i8|u16|i16|u4|i4"),
@@ -140,8 +143,8 @@ class QnnBackend(Backend):
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
         from edgequant.backends._shared.side_files import copy_tokenizer
-        from edgequant.backends.qnn import sensitivity, weights
         from edgequant.backends.qnn import tools as qnn_tools
+        from edgequant.backends.qnn import weights
 
         opt = self.option_values(spec)
         if opt["graphs"] == "kv":
@@ -149,7 +152,7 @@ class QnnBackend(Backend):
         request = self._request(spec, opt, opt["seq"])
         if opt["context"]:
             qnn_tools.require_htp()  # before any long step
-        held_out = 1 if _widen_by_kld(spec, opt) else 0
+        held_out = 1 if _measures_kld(spec, opt) else 0
         feeds = qnn_tools.calibration_inputs(source.hf_dir, request.seq, request.samples + held_out)
         feeds, held_out_feeds = feeds[:request.samples], feeds[request.samples:]
         started = time.perf_counter()
@@ -163,20 +166,20 @@ class QnnBackend(Backend):
             statistics = qnn_tools.calibration_inputs(source.hf_dir, request.seq, opt["gptq"], option="gptq")
         importance = weights.input_importance(scratch / "model_fp32.onnx", statistics,
                                               full=bool(request.block and opt["gptq"]))
-        widening = None
+        solved: dict = {}
+        choice: dict = {}
         if held_out_feeds:
-            widening = sensitivity.widen_by_kld(
-                scratch / "model_fp32.onnx", scratch / "widen", request, feeds, importance,
-                lambda session: [session.run(["logits"], feed)[0][0] for feed in held_out_feeds],
-                int(source.config["num_hidden_layers"]), opt["budget"])
+            request, choice = _choose_by_kld(spec, opt, request, scratch / "model_fp32.onnx", feeds, importance,
+                                             lambda session: [session.run(["logits"], f)[0][0] for f in held_out_feeds],
+                                             int(source.config["num_hidden_layers"]), solved)
         widened = qnn_tools.quantize_qdq(scratch / "model_fp32.onnx", out_dir / qnn_tools.MODEL_FILE, request, feeds,
-                                         importance=importance, pinned=widening and widening["pinned"]).widened
+                                         importance=importance, pinned=choice.get("pinned"), solved=solved).widened
         shutil.rmtree(scratch)
         copy_tokenizer(out_dir, source.hf_dir)
         info: dict[str, Any] = {"model_file": qnn_tools.MODEL_FILE, "seq": request.seq, "scheme": qnn_tools.SCHEMES[spec.precision],
                                 "weights": {"block": request.block, "overrides": request.overrides},
                                 "calibration_samples": request.samples}
-        info.update(_widening_details(request, widened, widening))
+        info.update(_choice_details(request, widened, choice))
         if smoothing:
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
@@ -193,7 +196,7 @@ class QnnBackend(Backend):
         from edgequant.backends._shared.calibration import calibration_windows
         from edgequant.backends._shared.ort import cpu_session
         from edgequant.backends._shared.side_files import copy_tokenizer
-        from edgequant.backends.qnn import genai, kv, sensitivity, weights
+        from edgequant.backends.qnn import genai, kv, weights
         from edgequant.backends.qnn import tools as qnn_tools
 
         kv.check_architecture(source.config)
@@ -202,7 +205,7 @@ class QnnBackend(Backend):
             request = replace(request, activations=kv.cache_types(source.config, "u8"))
         if opt["context"]:
             qnn_tools.require_htp()  # before any long step
-        held_out = 2 if _widen_by_kld(spec, opt) else 0  # windows the KLD of 8-bit activations is measured on
+        held_out = 2 if _measures_kld(spec, opt) else 0  # windows the KLD of precision choices is measured on
         windows = calibration_windows(source.hf_dir, opt["samples"] + held_out, min(4 * opt["ar"], opt["ctx"]),
                                       fix=f"ask for samples<={{fit}}{f' - {held_out}' if held_out else ''} or a smaller ar")
         windows, held_out_windows = windows[:opt["samples"]], [w[:2 * opt["ar"]] for w in windows[opt["samples"]:]]
@@ -218,18 +221,20 @@ class QnnBackend(Backend):
             statistics = kv.calibration_feeds(scratch, calibration_windows(
                 source.hf_dir, opt["gptq"], len(windows[0]), fix="ask for gptq<={fit}"), cpu_session)[0]
         importance = weights.input_importance(scratch / kv.PROMPT_FILE, statistics, full=bool(request.block and opt["gptq"]))
-        widening = None
+        solved: dict = {}  # weights are solved once for every graph that holds them
+        choice: dict = {}
         if held_out_windows:
             def logits_of(session):
                 cache = kv.KVCache(scratch, lambda feed: session.run(None, feed), None)
                 return [cache.prefill(window) for window in held_out_windows]
 
-            widening = sensitivity.widen_by_kld(scratch / kv.PROMPT_FILE, scratch / "widen", request, prompt_feeds,
-                                                importance, logits_of, layout["layers"], opt["budget"])
+            request, choice = _choose_by_kld(spec, opt, request, scratch / kv.PROMPT_FILE, prompt_feeds, importance,
+                                             logits_of, layout["layers"], solved)
         prompt = qnn_tools.quantize_qdq(scratch / kv.PROMPT_FILE, out_dir / kv.PROMPT_FILE, request, prompt_feeds,
-                                        importance=importance, pinned=widening and widening["pinned"])
+                                        importance=importance, pinned=choice.get("pinned"), solved=solved)
         qnn_tools.quantize_qdq(scratch / kv.DECODE_FILE, out_dir / kv.DECODE_FILE, request, decode_feeds,
-                               pinned=kv.pinned_overrides(out_dir / kv.PROMPT_FILE, prompt.overrides), importance=importance)
+                               pinned=kv.pinned_overrides(out_dir / kv.PROMPT_FILE, prompt.overrides), importance=importance,
+                               solved=solved)
         shared = kv.share_weights(out_dir)  # the graphs hold the same weights: one data file for both
         quantized = time.perf_counter()
         encodings = {name: kv.activation_encodings(out_dir / file) for name, file in (("prompt", kv.PROMPT_FILE),
@@ -245,7 +250,7 @@ class QnnBackend(Backend):
             "calibration": {"graph": "prompt", "prompt_feeds": len(prompt_feeds), "decode_feeds": len(decode_feeds)},
             "decode_encodings": kv.compare_encodings(*encodings.values()),
             "genai": {"config": genai.CONFIG_FILE, "files": genai.write_genai_config(out_dir, layout, source.config)}}
-        info.update(_widening_details(request, prompt.widened, widening))
+        info.update(_choice_details(request, prompt.widened, choice))
         if smoothing:
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
@@ -309,16 +314,34 @@ def _smooth(folder: Path, files: list[str], feeds: list[dict], opt: dict) -> dic
     return {"alpha": opt["smooth"], "sites": sites[0]}
 
 
-def _widen_by_kld(spec, opt: dict) -> bool:
-    return spec.precision == "w8a8" and opt["widen"] == "kld"
+def _measures_kld(spec, opt: dict) -> bool:
+    """Whether the conversion chooses precisions by measured KLD (w8a8's widen, w4a16's mix)."""
+    return (spec.precision == "w8a8" and opt["widen"] == "kld") or (spec.precision == "w4a16" and opt["mix"] > 0)
 
 
-def _widening_details(request, widened: list[str], widening: dict | None) -> dict:
-    """The manifest's account of which w8a8 activations stayed 16-bit, and why."""
-    if widening:
-        return {"activations_16bit": {"method": "kld", "count": len(widening["sixteen_bit"]),
-                                      **{k: v for k, v in widening.items() if k not in ("sixteen_bit", "eight_bit", "pinned")},
-                                      "tensors": widening["sixteen_bit"]}}
+def _choose_by_kld(spec, opt: dict, request, fp32_path: Path, feeds: list[dict], importance, logits_of,
+                   layers: int, solved: dict):
+    """w8a8: the activations that stay 16-bit; w4a16: the weights raised to int8. Both measured
+    on held-out calibration windows (`logits_of`). Returns the request to build with and the choice."""
+    from edgequant.backends.qnn import sensitivity
+
+    kld_of = sensitivity.kld_meter(fp32_path, logits_of)
+    work = fp32_path.parent / "choice"
+    if spec.precision == "w8a8":
+        return request, sensitivity.widen_by_kld(fp32_path, work, request, feeds, importance, kld_of, layers, opt["budget"])
+    choice = sensitivity.mix_int8_by_kld(fp32_path, work, request, feeds, importance, kld_of, opt["mix"], solved)
+    return replace(request, weights={**dict.fromkeys(choice["int8"], "i8"), **request.weights}), choice
+
+
+def _choice_details(request, widened: list[str], choice: dict) -> dict:
+    """The manifest's account of the precisions chosen beyond the request, and why."""
+    if "int8" in choice:
+        return {"weights_int8": {"method": "kld", "count": len(choice["int8"]),
+                                 **{k: v for k, v in choice.items() if k != "int8"}}}
+    if choice:
+        return {"activations_16bit": {"method": "kld", "count": len(choice["sixteen_bit"]),
+                                      **{k: v for k, v in choice.items() if k not in ("sixteen_bit", "eight_bit", "pinned")},
+                                      "tensors": choice["sixteen_bit"]}}
     if request.act16:
         return {"activations_16bit": {"method": "underflow", "threshold": request.act16, "count": len(widened),
                                       "tensors": widened}}

@@ -179,33 +179,150 @@ def choose_eight_bit(splicer: EightBitSplicer, kld_of: Callable[[bytes], float],
             "group_cost": {role: round(cost[role], 5) for role in order}}
 
 
-def widen_by_kld(fp32_path: Path, work: Path, request, feeds: list[dict], importance, logits_of: Callable,
-                 layers: int, budget: float) -> dict:
-    """The activations a w8a8 `request` keeps at 16 bits, chosen by measured KLD: the graph is
-    quantized once with every activation at 16 bits (same weights, same calibration), then
-    choose_eight_bit. `logits_of(session)` runs a model over held-out windows. The result's
-    `pinned` holds every activation's chosen type, scale and zero point (kv.pinned_overrides),
-    for quantize_qdq to build the graph with: handing onnxruntime only the 16-bit list would let
-    its mixed-precision pass re-derive types around the KV cache outputs, which it refuses."""
-    from dataclasses import replace
-
+def kld_meter(fp32_path: Path, logits_of: Callable) -> Callable[[bytes], float]:
+    """model bytes -> mean KLD of its logits to the float graph's, over what `logits_of(session)` runs."""
     from edgequant.backends._shared.ort import cpu_session
-    from edgequant.backends.qnn import kv, tools
     from edgequant.logprobs import kl_divergence, log_softmax
 
-    work.mkdir(exist_ok=True)
-    all_16bit = work / "all16.onnx"
-    quantized = tools.quantize_qdq(fp32_path, all_16bit, replace(request, precision="w8a16", act16=0.0), feeds,
-                                   importance=importance)
     reference = [log_softmax(x) for x in logits_of(cpu_session(fp32_path))]
 
     def kld_of(model: bytes) -> float:
         logits = logits_of(cpu_session(model))
         return float(np.mean(np.concatenate([kl_divergence(r, log_softmax(x)) for r, x in zip(reference, logits)])))
 
+    return kld_of
+
+
+def widen_by_kld(fp32_path: Path, work: Path, request, feeds: list[dict], importance, kld_of: Callable,
+                 layers: int, budget: float) -> dict:
+    """The activations a w8a8 `request` keeps at 16 bits, chosen by measured KLD (`kld_of`,
+    kld_meter): the graph is quantized once with every activation at 16 bits (same weights, same
+    calibration), then choose_eight_bit. The result's `pinned` holds every activation's chosen
+    type, scale and zero point (kv.pinned_overrides), for quantize_qdq to build the graph with:
+    handing onnxruntime only the 16-bit list would let its mixed-precision pass re-derive types
+    around the KV cache outputs, which it refuses."""
+    from dataclasses import replace
+
+    from edgequant.backends.qnn import kv, tools
+
+    work.mkdir(exist_ok=True)
+    all_16bit = work / "all16.onnx"
+    quantized = tools.quantize_qdq(fp32_path, all_16bit, replace(request, precision="w8a16", act16=0.0), feeds,
+                                   importance=importance)
     splicer = EightBitSplicer(all_16bit, layers)
     choice = choose_eight_bit(splicer, kld_of, budget)
     chosen = work / "chosen.onnx"
     chosen.write_bytes(splicer.model_bytes(choice["eight_bit"]))
     choice["pinned"] = kv.pinned_overrides(chosen, quantized.overrides)
     return choice
+
+
+def mix_int8_by_kld(fp32_path: Path, work: Path, request, feeds: list[dict], importance, kld_of: Callable,
+                    share: float, solved: dict) -> dict:
+    """The int4 weights a w4a16 `request` raises to int8 (choose_int8_weights): the graph is
+    quantized once all-int4, and each candidate's int8 form spliced in to measure it."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgequant.backends.qnn import tools
+
+    work.mkdir(exist_ok=True)
+    int4 = work / "int4.onnx"
+    tools.quantize_qdq(fp32_path, int4, request, feeds, importance=importance, solved=solved)
+    prepared = fp32_path.with_name("prepared.onnx")  # the graph quantize_qdq quantized
+    float_weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(prepared if prepared.exists() else fp32_path)).graph.initializer
+                     if len(i.dims) == 2}
+    splicer = Int8WeightSplicer(int4, float_weights, importance)
+    return choose_int8_weights(splicer, kld_of, share, {w: float_weights[w].size for w in splicer.users})
+
+
+class Int8WeightSplicer:
+    """A QDQ model with blocked int4 weights, loaded once; `model_bytes(weights)` serializes it
+    with those weights at int8 instead (blocks unchanged, scales searched as weights.py does)."""
+
+    def __init__(self, qdq_path: Path, float_weights: dict[str, np.ndarray], importance: dict | None):
+        import onnx
+        from onnx import numpy_helper
+
+        from edgequant.backends.qnn.weights import int8_blocks
+
+        self._model = onnx.load(str(qdq_path))
+        graph = self._model.graph
+        self._index = {init.name: i for i, init in enumerate(graph.initializer)}
+        consumers: dict[str, list] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        self.users: dict[str, str] = {}  # int4 weight -> the name of the MatMul using it
+        self._int8: dict[str, list] = {}
+        for node in graph.node:
+            if node.op_type != "DequantizeLinear" or not node.input[0].endswith("_quantized"):
+                continue
+            weight = node.input[0].removesuffix("_quantized")
+            values = graph.initializer[self._index[node.input[0]]]
+            block = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "block_size"), 0)
+            if values.data_type != onnx.TensorProto.INT4 or not block or weight not in float_weights:
+                continue
+            users = [user.name for user in consumers.get(node.output[0], []) if user.op_type == "MatMul"]
+            if not users:
+                continue
+            self.users[weight] = users[0]
+            q, scale = int8_blocks(float_weights[weight], block, (importance or {}).get(weight))
+            self._int8[weight] = [(node.input[0], numpy_helper.from_array(q, node.input[0])),
+                                  (node.input[1], numpy_helper.from_array(scale.astype(np.float32), node.input[1])),
+                                  (node.input[2], numpy_helper.from_array(np.zeros(scale.shape, np.int8), node.input[2]))]
+
+    def model_bytes(self, weights=()) -> bytes:
+        inits = self._model.graph.initializer
+        saved = {}
+        for weight in weights:
+            for name, replacement in self._int8[weight]:
+                i = self._index[name]
+                saved[i] = type(inits[i])()
+                saved[i].CopyFrom(inits[i])
+                inits[i].CopyFrom(replacement)
+        try:
+            return self._model.SerializeToString()
+        finally:
+            for i, original in saved.items():
+                inits[i].CopyFrom(original)
+
+
+def _kind_and_layer(node_name: str) -> tuple[str, int]:
+    """`/q_proj_10/MatMul` or `/model/layers.10/self_attn/q_proj/MatMul` -> ("q_proj", 10)."""
+    found = re.search(r"layers\.(\d+)", node_name)
+    parts = [p for p in node_name.split("/") if p and p != "MatMul"]
+    last = parts[-1] if parts else node_name
+    numbered = re.fullmatch(r"(.+?)_(\d+)", last)
+    if found:
+        return re.sub(r"_\d+$", "", last), int(found.group(1))
+    return (numbered.group(1), int(numbered.group(2))) if numbered else (last, 0)
+
+
+def choose_int8_weights(splicer: Int8WeightSplicer, kld_of: Callable[[bytes], float], share: float,
+                        sizes: dict[str, int]) -> dict:
+    """Which int4 weights to raise to int8, within `share` of all their values: what int8 buys is
+    measured per kind of matrix (q_proj in every layer) and per layer (every matrix of it); a
+    matrix's gain is estimated as its kind's gain times its layer's, and matrices are taken by
+    gain per value added until the share is spent. The chosen set is then measured."""
+    base = kld_of(splicer.model_bytes())
+    placed = {w: _kind_and_layer(user) for w, user in splicer.users.items()}
+    kinds = sorted({k for k, _ in placed.values()})
+    layers = sorted({layer for _, layer in placed.values()})
+    kind_gain = {k: max(base - kld_of(splicer.model_bytes([w for w, (wk, _) in placed.items() if wk == k])), 0.0)
+                 for k in kinds}
+    layer_gain = {layer: max(base - kld_of(splicer.model_bytes([w for w, (_, wl) in placed.items() if wl == layer])), 0.0)
+                  for layer in layers}
+    allowed = share * sum(sizes[w] for w in placed)
+    ranked = sorted(placed, key=lambda w: kind_gain[placed[w][0]] * layer_gain[placed[w][1]] / sizes[w], reverse=True)
+    chosen, spent = [], 0
+    for weight in ranked:
+        if kind_gain[placed[weight][0]] * layer_gain[placed[weight][1]] <= 0 or spent + sizes[weight] > allowed:
+            continue
+        chosen.append(weight)
+        spent += sizes[weight]
+    return {"int8": chosen, "share": round(spent / max(sum(sizes[w] for w in placed), 1), 4), "kld_int4": round(base, 5),
+            "kld_chosen": round(kld_of(splicer.model_bytes(chosen)), 5),
+            "kind_gain": {k: round(v, 5) for k, v in kind_gain.items()},
+            "layer_gain": {str(k): round(v, 5) for k, v in layer_gain.items()},
+            "matrices": {f"{placed[w][0]}.{placed[w][1]}": w for w in chosen}}

@@ -28,6 +28,7 @@ class QnnRequest:
     act16: float = 0.0  # w8a8 only: activations with more than this share of values underflowing 8 bits go to 16 bit
     block: int = 0  # weights quantized per block of this many input rows (0: per tensor)
     activations: dict[str, str] = field(default_factory=dict)  # activation tensor name -> override type key
+    weights: dict[str, str] = field(default_factory=dict)  # exact weight initializer name -> override type key
 
 
 @dataclass
@@ -179,11 +180,11 @@ def calibration_inputs(hf_dir: Path, seq: int, samples: int, option: str = "samp
 
 
 def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: list[dict], *,
-                 pinned: dict | None = None, importance: dict | None = None) -> Quantized:
+                 pinned: dict | None = None, importance: dict | None = None, solved: dict | None = None) -> Quantized:
     """qnn_preprocess_model (fusions the HTP wants), then QDQ with the QNN config. `pinned`
     (kv.pinned_overrides) gives every activation another graph's type, scale and zero point, so
-    calibration only has to run the graph. Blocked weights are quantized by weights.py, with
-    `importance` (input-row mean squares) weighting the scale search."""
+    calibration only has to run the graph. Weights are quantized by weights.py, with `importance`
+    (input statistics) driving the scale search and GPTQ, and `solved` caching its results."""
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
@@ -205,7 +206,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
         if request.act16 and activation == QuantType.QUInt8:
             widened = [name for name, share in underflow_shares(prepared, feeds[:2]).items() if share > request.act16]
         overrides.update({name: [{"quant_type": getattr(QuantType, _OVERRIDE_TYPES[kind])}]
-                          for name, kind in request.activations.items()})
+                          for name, kind in {**request.weights, **request.activations}.items()})
         # w8a8: a cache tensor that underflows 8 bits stays 16-bit, 8-bit KV cache or not
         overrides.update({name: [{"quant_type": QuantType.QUInt16}] for name in widened})
     config = get_qnn_qdq_config(str(prepared), FeedReader(feeds), activation_type=activation, weight_type=weight,
@@ -222,7 +223,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
         config.extra_options["BlockSize"] = request.block
     with engine_warnings_hidden():
         quantize(str(prepared), str(out_path), config)
-    fold_weight_quantizers(out_path, importance)
+    fold_weight_quantizers(out_path, importance, solved)
     return Quantized(widened, config.extra_options["TensorQuantOverrides"])
 
 

@@ -24,13 +24,16 @@ _FOUR_BIT = {"int4": (-8, 7), "uint4": (0, 15)}  # ml_dtypes' 4-bit types have n
 _SIGNED = {"int4": 7, "int8": 127}  # the symmetric grids searched: -(top + 1) .. top
 
 
-def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | None = None) -> int:
+def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | None = None,
+                           solved: dict | None = None) -> int:
     """Replace every weight's float initializer -> QuantizeLinear -> DequantizeLinear (the
     quantizer's AddQDQPairToWeight form) by an integer initializer -> DequantizeLinear, rewriting
     `qdq_path` in place (external data beside it). Symmetric MatMul weights get scales searched
     per block, or per output column when not blocked (`importance`: weight name -> mean square of
     the activation entering each input row); every other weight is quantized with the scale and
-    zero point the quantizer chose. Returns how many weights had their scales searched."""
+    zero point the quantizer chose. `solved` keeps each searched weight's result for the next graph
+    holding the same weight (the decode graph, a second build of the prompt graph). Returns how
+    many weights had their scales searched."""
     import onnx
     from onnx import numpy_helper
 
@@ -62,7 +65,12 @@ def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | N
             searched += 1
         elif block and symmetric:
             solve = _gptq if stats is not None and stats.ndim == 2 else _search
-            values, new_scale = solve(np.moveaxis(weight, axis, 0), block, stats, _SIGNED[zero.dtype.name])
+            key = (node.input[0], block, zero.dtype.name)
+            if solved is None or key not in solved:
+                result = solve(np.moveaxis(weight, axis, 0), block, stats, _SIGNED[zero.dtype.name])
+                if solved is not None:
+                    solved[key] = result
+            values, new_scale = result if solved is None else solved[key]
             values, scale = np.moveaxis(values, 0, axis), np.moveaxis(new_scale, 0, axis).astype(scale.dtype)
             initializers[node.input[1]].CopyFrom(numpy_helper.from_array(scale, node.input[1]))
             searched += 1
@@ -80,6 +88,12 @@ def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | N
     (qdq_path.parent / data_file).unlink(missing_ok=True)
     onnx.save(model, str(qdq_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file)
     return searched
+
+
+def int8_blocks(weight: np.ndarray, block: int, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """A MatMul weight [K, N] as symmetric int8 blocks of `block` rows with searched scales."""
+    values, scales = _search(weight, block, None if importance is None else _diagonal(importance), _SIGNED["int8"])
+    return values.astype(np.int8), scales
 
 
 def _diagonal(stats: np.ndarray) -> np.ndarray:
