@@ -61,10 +61,11 @@ class QnnBackend(Backend):
                         "(0: per output channel; the default for w8a8, since the HTP runs blocked weights only "
                         "between 16-bit activations)", choices=(0, 16, 32, 64, 128)),
         "gptq": Option("gptq", int, 32, "calibration windows whose input statistics (X^T X per MatMul) drive GPTQ's "
-                       "rounding of blocked weights: each row's rounding error is fed into the rows not yet rounded "
+                       "rounding of the weights: each row's rounding error is fed into the rows not yet rounded "
                        "(0: round to nearest, scales still searched)", minimum=0, maximum=256),
-        "mix": Option("mix", float, 0.3, "w4a16: share of the int4 weights that may be raised to int8, chosen by "
-                      "the KLD int8 buys each kind of matrix and each layer on held-out calibration text (0: all int4)",
+        "mix": Option("mix", float, 0.35, "w4a16: share of the int4 weights that may be raised to int8, whole kinds "
+                      "of matrix (v_proj, down_proj, ...) chosen by the KLD int8 buys each on held-out calibration "
+                      "text (0: all int4)",
                       minimum=0.0, maximum=1.0, applies_to=("w4a16",)),
         "head": Option("head", int, 8, "w4a16: bits of the LM head", choices=(4, 8), applies_to=("w4a16",)),
         "samples": Option("samples", int, 4, "calibration sequences", minimum=1, maximum=256),
@@ -162,10 +163,10 @@ class QnnBackend(Backend):
         exported = time.perf_counter()
         smoothing = _smooth(scratch, ["model_fp32.onnx"], feeds, opt) if spec.precision == "w8a8" else None
         statistics = feeds
-        if request.block and opt["gptq"]:
+        if opt["gptq"]:
             statistics = qnn_tools.calibration_inputs(source.hf_dir, request.seq, opt["gptq"], option="gptq")
         importance = weights.input_importance(scratch / "model_fp32.onnx", statistics,
-                                              full=bool(request.block and opt["gptq"]))
+                                              full=bool(opt["gptq"]))
         solved: dict = {}
         choice: dict = {}
         if held_out_feeds:
@@ -217,10 +218,10 @@ class QnnBackend(Backend):
         prompt_feeds, decode_feeds = kv.calibration_feeds(scratch, windows, cpu_session)
         smoothing = _smooth(scratch, [kv.PROMPT_FILE, kv.DECODE_FILE], prompt_feeds, opt) if spec.precision == "w8a8" else None
         statistics = prompt_feeds
-        if request.block and opt["gptq"]:
+        if opt["gptq"]:
             statistics = kv.calibration_feeds(scratch, calibration_windows(
                 source.hf_dir, opt["gptq"], len(windows[0]), fix="ask for gptq<={fit}"), cpu_session)[0]
-        importance = weights.input_importance(scratch / kv.PROMPT_FILE, statistics, full=bool(request.block and opt["gptq"]))
+        importance = weights.input_importance(scratch / kv.PROMPT_FILE, statistics, full=bool(opt["gptq"]))
         solved: dict = {}  # weights are solved once for every graph that holds them
         choice: dict = {}
         if held_out_windows:

@@ -288,41 +288,34 @@ class Int8WeightSplicer:
                 inits[i].CopyFrom(original)
 
 
-def _kind_and_layer(node_name: str) -> tuple[str, int]:
-    """`/q_proj_10/MatMul` or `/model/layers.10/self_attn/q_proj/MatMul` -> ("q_proj", 10)."""
-    found = re.search(r"layers\.(\d+)", node_name)
+def _kind(node_name: str) -> str:
+    """`/q_proj_10/MatMul` or `/model/layers.10/self_attn/q_proj/MatMul` -> "q_proj"."""
     parts = [p for p in node_name.split("/") if p and p != "MatMul"]
-    last = parts[-1] if parts else node_name
-    numbered = re.fullmatch(r"(.+?)_(\d+)", last)
-    if found:
-        return re.sub(r"_\d+$", "", last), int(found.group(1))
-    return (numbered.group(1), int(numbered.group(2))) if numbered else (last, 0)
+    return re.sub(r"_\d+$", "", parts[-1] if parts else node_name)
 
 
 def choose_int8_weights(splicer: Int8WeightSplicer, kld_of: Callable[[bytes], float], share: float,
                         sizes: dict[str, int]) -> dict:
-    """Which int4 weights to raise to int8, within `share` of all their values: what int8 buys is
-    measured per kind of matrix (q_proj in every layer) and per layer (every matrix of it); a
-    matrix's gain is estimated as its kind's gain times its layer's, and matrices are taken by
-    gain per value added until the share is spent. The chosen set is then measured."""
+    """Which kinds of int4 matrix (q_proj, down_proj, ... in every layer) to raise to int8, within
+    `share` of all their values: what int8 buys each kind is measured, and kinds are taken by gain
+    per value added while they fit. Whole kinds, not single matrices: one matrix's gain is too
+    small to measure on a few hundred held-out tokens (per-matrix choices measured on the default
+    model overfit them: KLD 0.104 held out, 0.158 on the evaluation text). The chosen set is then
+    measured."""
     base = kld_of(splicer.model_bytes())
-    placed = {w: _kind_and_layer(user) for w, user in splicer.users.items()}
-    kinds = sorted({k for k, _ in placed.values()})
-    layers = sorted({layer for _, layer in placed.values()})
-    kind_gain = {k: max(base - kld_of(splicer.model_bytes([w for w, (wk, _) in placed.items() if wk == k])), 0.0)
-                 for k in kinds}
-    layer_gain = {layer: max(base - kld_of(splicer.model_bytes([w for w, (_, wl) in placed.items() if wl == layer])), 0.0)
-                  for layer in layers}
-    allowed = share * sum(sizes[w] for w in placed)
-    ranked = sorted(placed, key=lambda w: kind_gain[placed[w][0]] * layer_gain[placed[w][1]] / sizes[w], reverse=True)
+    kinds: dict[str, list[str]] = {}
+    for weight, user in splicer.users.items():
+        kinds.setdefault(_kind(user), []).append(weight)
+    total = sum(sizes[w] for w in splicer.users)
+    gain = {kind: base - kld_of(splicer.model_bytes(weights)) for kind, weights in kinds.items()}
+    size = {kind: sum(sizes[w] for w in weights) for kind, weights in kinds.items()}
     chosen, spent = [], 0
-    for weight in ranked:
-        if kind_gain[placed[weight][0]] * layer_gain[placed[weight][1]] <= 0 or spent + sizes[weight] > allowed:
-            continue
-        chosen.append(weight)
-        spent += sizes[weight]
-    return {"int8": chosen, "share": round(spent / max(sum(sizes[w] for w in placed), 1), 4), "kld_int4": round(base, 5),
-            "kld_chosen": round(kld_of(splicer.model_bytes(chosen)), 5),
-            "kind_gain": {k: round(v, 5) for k, v in kind_gain.items()},
-            "layer_gain": {str(k): round(v, 5) for k, v in layer_gain.items()},
-            "matrices": {f"{placed[w][0]}.{placed[w][1]}": w for w in chosen}}
+    for kind in sorted(kinds, key=lambda k: gain[k] / size[k], reverse=True):
+        if gain[kind] > 0 and spent + size[kind] <= share * total:
+            chosen.append(kind)
+            spent += size[kind]
+    weights = [w for kind in chosen for w in kinds[kind]]
+    return {"int8": weights, "kinds": chosen, "share": round(spent / max(total, 1), 4), "kld_int4": round(base, 5),
+            "kld_chosen": round(kld_of(splicer.model_bytes(weights)), 5),
+            "kind_gain": {k: round(v, 5) for k, v in sorted(gain.items(), key=lambda kv: -kv[1])},
+            "kind_share": {k: round(v / max(total, 1), 4) for k, v in size.items()}}

@@ -58,8 +58,8 @@ def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | N
         if symmetric and not block and weight.ndim == 2 and scale.ndim == 0 and _feeds_matmul(consumers, node):
             # onnxruntime's QNN config quantizes MatMul weights per tensor even when asked per channel:
             # one scale per output column instead (axis 1 of [K, N]), searched over the whole column
-            values, column_scales = _search(weight, weight.shape[0], None if stats is None else _diagonal(stats),
-                                            _SIGNED[zero.dtype.name])
+            solve = _gptq if stats is not None and stats.ndim == 2 else _search
+            values, column_scales = solve(weight, weight.shape[0], stats, _SIGNED[zero.dtype.name])
             _per_channel(graph, initializers, consumers[node.output[0]], column_scales.reshape(-1).astype(scale.dtype),
                          np.zeros(weight.shape[1], zero.dtype), node.input[1], node.input[2])
             searched += 1
