@@ -48,7 +48,8 @@ class QnnBackend(Backend):
         "w8a8": Precision("w8a8", 8, 8.0, "QDQ, int8 weights per output channel and uint8 activations (uint16 where "
                           "8 bits cost the most KLD: widen)"),
         "w8a16": Precision("w8a16", 8, 8.0, "QDQ, int8 weights per block of 64 and uint16 activations"),
-        "w4a16": Precision("w4a16", 4, 4.0, "QDQ, int4 weights per block of 64 (LM head int8) and uint16 activations"),
+        "w4a16": Precision("w4a16", 4, 4.0, "QDQ, int4 weights per block of 64 (LM head int8, and the kinds of matrix "
+                           "int8 buys most for: mix) and uint16 activations"),
     }
     options = {
         "graphs": Option("graphs", str, "kv", "kv: a prompt graph (ar tokens) and a decode graph (1 token) with an explicit "
@@ -288,8 +289,11 @@ class QnnBackend(Backend):
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         """Weights once (the graphs share them): the embedding Gather at the activations' bits (it is
         quantized as one), the LM head as its own MatMul copy (at 8 bits for w4a16's default head), every other
-        matrix at the precision's bits plus a float32 scale per block of 64 rows, vectors float32."""
+        matrix at the precision's bits plus a float32 scale per block of 64 rows (w4a16: with the default mix's
+        share at int8, its most), vectors float32."""
         bpw = self.precisions[precision].bpw + 32 / 64
+        if precision == "w4a16":
+            bpw += 4 * self.options["mix"].default
         head_bpw = 8 + 32 / 64 if precision == "w4a16" else bpw
         embedding_bits = 8.0 if precision == "w8a8" else 16.0
         bits = 0.0
