@@ -209,7 +209,8 @@ class QnnBackend(Backend):
             qnn_tools.require_htp()  # before any long step
         held_out = 2 if _measures_kld(spec, opt) else 0  # windows the KLD of precision choices is measured on
         windows = calibration_windows(source.hf_dir, opt["samples"] + held_out, min(4 * opt["ar"], opt["ctx"]),
-                                      fix=f"ask for samples<={{fit}}{f' - {held_out}' if held_out else ''} or a smaller ar")
+                                      fix=f"ask for samples<={{fit}}{f' less the {held_out} held out' if held_out else ''}"
+                                          " or a smaller ar")
         windows, held_out_windows = windows[:opt["samples"]], [w[:2 * opt["ar"]] for w in windows[opt["samples"]:]]
         started = time.perf_counter()
         scratch = out_dir / ".fp32"
