@@ -71,25 +71,30 @@ class EightBitSplicer:
         from onnx import numpy_helper
 
         inits = self._model.graph.initializer
-        saved = {}
-        for tensor in set(eight_bit):
+        ratio = _U16_LEVELS / _U8_LEVELS
+        replacements = {}
+        for tensor in eight_bit:
             scale_name, zero_name = self.encodings[tensor]
-            i, j = self._index[scale_name], self._index[zero_name]
-            if i in saved:
-                continue  # tensors sharing one encoding
-            saved[i], saved[j] = type(inits[i])(), type(inits[j])()
-            saved[i].CopyFrom(inits[i])
-            saved[j].CopyFrom(inits[j])
-            scale, zero = numpy_helper.to_array(inits[i]), numpy_helper.to_array(inits[j])
-            ratio = _U16_LEVELS / _U8_LEVELS
-            inits[i].CopyFrom(numpy_helper.from_array((scale * ratio).astype(scale.dtype), scale_name))
-            inits[j].CopyFrom(numpy_helper.from_array(np.clip(np.rint(zero / ratio), 0, _U8_LEVELS).astype(np.uint8),
-                                                      zero_name))
-        try:
-            return self._model.SerializeToString()
-        finally:
-            for k, original in saved.items():
-                inits[k].CopyFrom(original)
+            scale, zero = (numpy_helper.to_array(inits[self._index[n]]) for n in (scale_name, zero_name))
+            replacements[self._index[scale_name]] = numpy_helper.from_array((scale * ratio).astype(scale.dtype), scale_name)
+            replacements[self._index[zero_name]] = numpy_helper.from_array(
+                np.clip(np.rint(zero / ratio), 0, _U8_LEVELS).astype(np.uint8), zero_name)
+        return _serialized_with(self._model, replacements)
+
+
+def _serialized_with(model, replacements: dict) -> bytes:
+    """The model serialized with some initializers (index -> TensorProto) replaced, then restored."""
+    inits = model.graph.initializer
+    originals = {}
+    for i, replacement in replacements.items():
+        originals[i] = type(inits[i])()
+        originals[i].CopyFrom(inits[i])
+        inits[i].CopyFrom(replacement)
+    try:
+        return model.SerializeToString()
+    finally:
+        for i, original in originals.items():
+            inits[i].CopyFrom(original)
 
 
 def _weight_matmul_activations(graph, producers: dict, initializers: set) -> tuple[set[str], list[tuple[str, str]]]:
@@ -282,19 +287,8 @@ class Int8WeightSplicer:
                                   (node.input[2], numpy_helper.from_array(np.zeros(scale.shape, np.int8), node.input[2]))]
 
     def model_bytes(self, weights=()) -> bytes:
-        inits = self._model.graph.initializer
-        saved = {}
-        for weight in weights:
-            for name, replacement in self._int8[weight]:
-                i = self._index[name]
-                saved[i] = type(inits[i])()
-                saved[i].CopyFrom(inits[i])
-                inits[i].CopyFrom(replacement)
-        try:
-            return self._model.SerializeToString()
-        finally:
-            for i, original in saved.items():
-                inits[i].CopyFrom(original)
+        return _serialized_with(self._model, {self._index[name]: replacement for weight in weights
+                                              for name, replacement in self._int8[weight]})
 
 
 def _kind(node_name: str) -> str:
