@@ -334,7 +334,8 @@ def _choose_by_kld(spec, opt: dict, request, fp32_path: Path, feeds: list[dict],
     kld_of = sensitivity.kld_meter(fp32_path, logits_of)
     work = fp32_path.parent / "choice"
     if spec.precision == "w8a8":
-        return request, sensitivity.widen_by_kld(fp32_path, work, request, feeds, importance, kld_of, layers, opt["budget"])
+        return request, sensitivity.widen_by_kld(fp32_path, work, request, feeds, importance, kld_of, layers, opt["budget"],
+                                                 solved)
     choice = sensitivity.mix_int8_by_kld(fp32_path, work, request, feeds, importance, kld_of, opt["mix"], solved)
     return replace(request, weights={**dict.fromkeys(choice["int8"], "i8"), **request.weights}), choice
 

@@ -208,7 +208,7 @@ def kld_meter(fp32_path: Path, logits_of: Callable) -> Callable[[bytes], float]:
 
 
 def widen_by_kld(fp32_path: Path, work: Path, request, feeds: list[dict], importance, kld_of: Callable,
-                 layers: int, budget: float) -> dict:
+                 layers: int, budget: float, solved: dict) -> dict:
     """The activations a w8a8 `request` keeps at 16 bits, chosen by measured KLD (`kld_of`,
     kld_meter): the graph is quantized once with every activation at 16 bits (same weights, same
     calibration), then choose_eight_bit. The result's `pinned` holds every activation's chosen
@@ -222,7 +222,7 @@ def widen_by_kld(fp32_path: Path, work: Path, request, feeds: list[dict], import
     work.mkdir(exist_ok=True)
     all_16bit = work / "all16.onnx"
     quantized = tools.quantize_qdq(fp32_path, all_16bit, replace(request, precision="w8a16", act16=0.0), feeds,
-                                   importance=importance)
+                                   importance=importance, solved=solved)  # the same int8 weights as w8a8's
     splicer = EightBitSplicer(all_16bit, layers)
     choice = choose_eight_bit(splicer, kld_of, budget)
     chosen = work / "chosen.onnx"

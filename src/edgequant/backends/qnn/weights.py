@@ -63,25 +63,25 @@ def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | N
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         axis, block = attributes.get("axis", 1) % max(weight.ndim, 1), attributes.get("block_size", 0)
         symmetric = zero.dtype.name in _SIGNED and not zero.astype(np.int8).any()  # as the HTP wants
-        stats = (importance or {}).get(node.input[0])
-        if symmetric and not block and weight.ndim == 2 and scale.ndim == 0 and _feeds_matmul(consumers, node):
-            # onnxruntime's QNN config quantizes MatMul weights per tensor even when asked per channel:
-            # one scale per output column instead (axis 1 of [K, N]), searched over the whole column
-            solve = _gptq if stats is not None and stats.ndim == 2 else _search
-            values, column_scales = solve(weight, weight.shape[0], stats, _SIGNED[zero.dtype.name])
-            _per_channel(graph, initializers, consumers[node.output[0]], column_scales.reshape(-1).astype(scale.dtype),
-                         np.zeros(weight.shape[1], zero.dtype), node.input[1], node.input[2])
-            searched += 1
-        elif block and symmetric:
-            solve = _gptq if stats is not None and stats.ndim == 2 else _search
-            key = (node.input[0], block, zero.dtype.name)
-            if solved is None or key not in solved:
-                result = solve(np.moveaxis(weight, axis, 0), block, stats, _SIGNED[zero.dtype.name])
-                if solved is not None:
-                    solved[key] = result
-            values, new_scale = result if solved is None else solved[key]
-            values, scale = np.moveaxis(values, 0, axis), np.moveaxis(new_scale, 0, axis).astype(scale.dtype)
-            initializers[node.input[1]].CopyFrom(numpy_helper.from_array(scale, node.input[1]))
+        # onnxruntime's QNN config quantizes MatMul weights per tensor even when asked per channel:
+        # those get one scale per output column instead (axis 1 of [K, N]), the whole column one block
+        per_column = symmetric and not block and weight.ndim == 2 and scale.ndim == 0 and _feeds_matmul(consumers, node)
+        if per_column or (block and symmetric):
+            rows = block or weight.shape[0]
+            key = (node.input[0], rows, zero.dtype.name)
+            cache = solved if solved is not None else {}
+            if key not in cache:
+                stats = (importance or {}).get(node.input[0])
+                solve = _gptq if stats is not None and stats.ndim == 2 else _search
+                cache[key] = solve(weight if per_column else np.moveaxis(weight, axis, 0), rows, stats,
+                                   _SIGNED[zero.dtype.name])
+            values, new_scale = cache[key]
+            if per_column:
+                _per_channel(graph, initializers, consumers[node.output[0]], new_scale.reshape(-1).astype(scale.dtype),
+                             np.zeros(weight.shape[1], zero.dtype), node.input[1], node.input[2])
+            else:
+                values, scale = np.moveaxis(values, 0, axis), np.moveaxis(new_scale, 0, axis).astype(scale.dtype)
+                initializers[node.input[1]].CopyFrom(numpy_helper.from_array(scale, node.input[1]))
             searched += 1
         else:
             values = _quantize(weight, scale, zero, axis, block)
