@@ -72,9 +72,14 @@ def main() -> int:
                "decode_tps": m["decode_tps"], "decode_tps_range": m["decode_tps_range"], "ttft_ms": m["ttft_ms"],
                "peak_rss_mb": m["peak_rss_mb"], "convert_s": round(converted, 1),
                "conversion_timings": details.get("timings"), "cached_evaluation": bool(m.get("cached"))}
-        for key in ("htp_pipeline", "htp", "decode_encodings", "weights", "kv_cache_bits", "smoothquant", "activations_16bit"):
+        for key in ("htp_pipeline", "htp", "decode_encodings", "weights", "kv_cache_bits", "smoothquant", "weights_int8"):
             if details.get(key) is not None:
-                row[key] = details[key] if key != "activations_16bit" else details[key]["count"]
+                row[key] = details[key]
+        for key in ("activations_16bit", "weights_blocked"):  # the counts; the manifest has the names
+            if details.get(key) is not None:
+                row[key] = details[key]["count"]
+        if "activations_16bit" in details and "count_8bit" in details["activations_16bit"]:
+            row["activations_8bit"] = details["activations_16bit"]["count_8bit"]
         if args.merge and spec in result["results"]:  # what the earlier run measured, kept beside the new row
             row["previous"] = {k: result["results"][spec][k] for k in ("ppl_increase_pct", "kld_mean", "ci95", "decode_tps")}
         result["results"][spec] = row
@@ -133,16 +138,29 @@ def targets(rows: dict) -> dict:
     w8a8, fixed, kv = rows.get("qnn:w8a8"), rows.get("qnn:w8a16?graphs=fixed"), rows.get("qnn:w8a16")
     out = {}
     if w4 and q4km:
-        out["w4a16_kld_within_1.5x_q4_k_m"] = {"w4a16": w4["kld_mean"], "q4_k_m": q4km["kld_mean"],
+        limit = [round(1.5 * x, 5) for x in q4km["ci95"]["kld_mean"]]
+        out["w4a16_kld_within_1.5x_q4_k_m"] = {"w4a16": w4["kld_mean"], "w4a16_ci95": w4["ci95"]["kld_mean"],
+                                              "q4_k_m": q4km["kld_mean"], "limit_ci95": limit,
                                               "ratio": round(w4["kld_mean"] / q4km["kld_mean"], 2),
-                                              "met": w4["kld_mean"] <= 1.5 * q4km["kld_mean"]}
+                                              "met": w4["kld_mean"] <= 1.5 * q4km["kld_mean"],
+                                              "verdict": _verdict(w4["ci95"]["kld_mean"], limit)}
     if w8a8:
-        out["w8a8_ppl_increase_at_most_10pct"] = {"value": w8a8["ppl_increase_pct"], "ci95": w8a8["ci95"]["ppl_increase_pct"],
-                                                 "met": w8a8["ppl_increase_pct"] <= 10}
+        ci = w8a8["ci95"]["ppl_increase_pct"]
+        out["w8a8_ppl_increase_at_most_10pct"] = {"value": w8a8["ppl_increase_pct"], "ci95": ci,
+                                                 "met": w8a8["ppl_increase_pct"] <= 10, "verdict": _verdict(ci, [10, 10])}
     if fixed and kv:
         out["kv_decode_over_fixed"] = {"ratio": round(kv["decode_tps"] / fixed["decode_tps"], 2),
                                        "over_0.9_tps_baseline": round(kv["decode_tps"] / 0.9, 1)}
     return out
+
+
+def _verdict(value_ci: list[float], limit_ci: list[float]) -> str:
+    """Whether a figure that should stay at or below a limit does, judged on both intervals."""
+    if value_ci[1] < limit_ci[0]:
+        return "met: the whole interval lies below the limit's"
+    if value_ci[0] > limit_ci[1]:
+        return "not met: the whole interval lies above the limit's"
+    return "not distinguishable: the intervals overlap"
 
 
 if __name__ == "__main__":

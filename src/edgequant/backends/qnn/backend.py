@@ -27,6 +27,10 @@ from edgequant.backends._shared.sliding_window import window_ignored
 from edgequant.errors import EdgequantError
 from edgequant.spec import Option, Precision
 
+# w4a16's int4 blocks: on the default model's prompt graph (4 evaluation windows, GPTQ, the int8
+# mix) blocks of 32 gave KLD 0.097 and blocks of 64 0.135, for 0.5 more bits per int4 weight.
+W4_BLOCK = 32
+
 
 class QnnBackend(Backend):
     name = "qnn"
@@ -41,14 +45,14 @@ class QnnBackend(Backend):
     # 4: blocked symmetric weights with searched scales, 8-bit KV cache, graphs=kv by default, act16 0.02;
     # 5: kv weights stored once, HTP target v79/69; 6: w8a8 cache tensors act16 widens stay 16-bit;
     # 7: weights per output channel when not blocked (w8a8's default), w8a8 16-bit activations chosen by KLD,
-    #    GPTQ rounding of blocked weights
-    recipe_version = 7
+    #    GPTQ rounding of blocked weights; 8: w4a16 blocks of 32, w8a8 blocked weights between 16-bit activations
+    recipe_version = 8
     bench_seconds = 350
     precisions = {
-        "w8a8": Precision("w8a8", 8, 8.0, "QDQ, int8 weights per output channel and uint8 activations (uint16 where "
-                          "8 bits cost the most KLD: widen)"),
+        "w8a8": Precision("w8a8", 8, 8.0, "QDQ, uint8 activations (uint16 where 8 bits cost the most KLD: widen), "
+                          "int8 weights per block of 64 between 16-bit activations, per output channel elsewhere"),
         "w8a16": Precision("w8a16", 8, 8.0, "QDQ, int8 weights per block of 64 and uint16 activations"),
-        "w4a16": Precision("w4a16", 4, 4.0, "QDQ, int4 weights per block of 64 (LM head int8, and the kinds of matrix "
+        "w4a16": Precision("w4a16", 4, 4.0, "QDQ, int4 weights per block of 32 (LM head int8, and the kinds of matrix "
                            "int8 buys most for: mix) and uint16 activations"),
     }
     options = {
@@ -59,8 +63,9 @@ class QnnBackend(Backend):
         "kv": Option("kv", int, 8, "graphs=kv: bits of the KV cache inputs and outputs", choices=(8, 16)),
         "seq": Option("seq", int, 512, "graphs=fixed: sequence length of the graph (tokens)", minimum=8, maximum=8192),
         "block": Option("block", int, 64, "weights quantized per block of this many input rows, scales searched "
-                        "(0: per output channel; the default for w8a8, since the HTP runs blocked weights only "
-                        "between 16-bit activations)", choices=(0, 16, 32, 64, 128)),
+                        "(0: per output channel; w4a16 defaults to 32). w8a8: only the MatMuls whose input and output "
+                        "activations stay 16-bit (widen=kld), since the HTP runs blocked weights nowhere else; the rest "
+                        "per output channel", choices=(0, 16, 32, 64, 128)),
         "gptq": Option("gptq", int, 32, "calibration windows whose input statistics (X^T X per MatMul) drive GPTQ's "
                        "rounding of the weights: each row's rounding error is fed into the rows not yet rounded "
                        "(0: round to nearest, scales still searched)", minimum=0, maximum=256),
@@ -93,8 +98,8 @@ class QnnBackend(Backend):
 
     def option_values(self, spec) -> dict[str, Any]:
         values = super().option_values(spec)
-        if spec.precision == "w8a8" and "block" not in spec.options:
-            values["block"] = 0  # blocked weights would pin every MatMul's activations to 16 bits on the HTP
+        if spec.precision == "w4a16" and "block" not in spec.options:
+            values["block"] = W4_BLOCK
         return values
 
     def speed_is_representative(self) -> bool:
@@ -181,7 +186,7 @@ class QnnBackend(Backend):
         info: dict[str, Any] = {"model_file": qnn_tools.MODEL_FILE, "seq": request.seq, "scheme": qnn_tools.SCHEMES[spec.precision],
                                 "weights": {"block": request.block, "overrides": request.overrides},
                                 "calibration_samples": request.samples}
-        info.update(_choice_details(request, widened, choice))
+        info.update(_choice_details(request, widened, choice, opt["block"]))
         if smoothing:
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
@@ -207,11 +212,7 @@ class QnnBackend(Backend):
             request = replace(request, activations=kv.cache_types(source.config, "u8"))
         if opt["context"]:
             qnn_tools.require_htp()  # before any long step
-        held_out = 2 if _measures_kld(spec, opt) else 0  # windows the KLD of precision choices is measured on
-        windows = calibration_windows(source.hf_dir, opt["samples"] + held_out, min(4 * opt["ar"], opt["ctx"]),
-                                      fix=f"ask for samples<={{fit}}{f' less the {held_out} held out' if held_out else ''}"
-                                          " or a smaller ar")
-        windows, held_out_windows = windows[:opt["samples"]], [w[:2 * opt["ar"]] for w in windows[opt["samples"]:]]
+        windows, held_out_windows = _kv_windows(source.hf_dir, opt, held_out=_measures_kld(spec, opt))
         started = time.perf_counter()
         scratch = out_dir / ".fp32"
         scratch.mkdir()
@@ -253,7 +254,7 @@ class QnnBackend(Backend):
             "calibration": {"graph": "prompt", "prompt_feeds": len(prompt_feeds), "decode_feeds": len(decode_feeds)},
             "decode_encodings": kv.compare_encodings(*encodings.values()),
             "genai": {"config": genai.CONFIG_FILE, "files": genai.write_genai_config(out_dir, layout, source.config)}}
-        info.update(_choice_details(request, prompt.widened, choice))
+        info.update(_choice_details(request, prompt.widened, choice, opt["block"]))
         if smoothing:
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
@@ -273,9 +274,10 @@ class QnnBackend(Backend):
         overrides = qnn_tools.parse_overrides(opt["override"])
         if spec.precision == "w4a16" and opt["head"] == 8:
             overrides = {"lm_head": "i8" if opt["block"] else "u8", **overrides}
+        # w8a8 blocks single weights once the 16-bit activations are known (_choose_by_kld)
         return qnn_tools.QnnRequest(spec.precision, tokens, opt["samples"], overrides,
                                     act16=opt["act16"] if spec.precision == "w8a8" and opt["widen"] == "underflow" else 0.0,
-                                    block=opt["block"])
+                                    block=0 if spec.precision == "w8a8" else opt["block"])
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.qnn.runner import FixedShapeRunner, KVRunner
@@ -290,12 +292,13 @@ class QnnBackend(Backend):
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         """Weights once (the graphs share them): the embedding Gather at the activations' bits (it is
         quantized as one), the LM head as its own MatMul copy (at 8 bits for w4a16's default head), every other
-        matrix at the precision's bits plus a float32 scale per block of 64 rows (w4a16: with the default mix's
-        share at int8, its most), vectors float32."""
-        bpw = self.precisions[precision].bpw + 32 / 64
+        matrix at the precision's bits plus a float32 scale per block (w4a16: with the default mix's share at
+        int8, its most), vectors float32."""
+        block = W4_BLOCK if precision == "w4a16" else self.options["block"].default
+        bpw = self.precisions[precision].bpw + 32 / block
         if precision == "w4a16":
             bpw += 4 * self.options["mix"].default
-        head_bpw = 8 + 32 / 64 if precision == "w4a16" else bpw
+        head_bpw = 8 + 32 / block if precision == "w4a16" else bpw
         embedding_bits = 8.0 if precision == "w8a8" else 16.0
         bits = 0.0
         for tensor in tensors:
@@ -320,6 +323,25 @@ def _smooth(folder: Path, files: list[str], feeds: list[dict], opt: dict) -> dic
     return {"alpha": opt["smooth"], "sites": sites[0]}
 
 
+# Tokens of the held-out window precision choices are measured on: as long as an evaluation
+# window, since some 8-bit costs grow with the context. Default model, w8a8: the attention softmax
+# at 8 bits added KLD 0.001 over windows of 128 tokens and 0.028 over windows of 512 (its
+# probabilities shrink toward the 1/255 step as positions are added).
+HELD_OUT_TOKENS = 512
+
+
+def _kv_windows(hf_dir: Path, opt: dict, held_out: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """Calibration windows for the kv graphs (`samples` of 4 * ar tokens) and, after them in the
+    calibration text, the held-out window precision choices are measured on."""
+    from edgequant.backends._shared.calibration import calibration_windows
+
+    length, held_length = min(4 * opt["ar"], opt["ctx"]), min(HELD_OUT_TOKENS, opt["ctx"]) if held_out else 0
+    ids = calibration_windows(hf_dir, 1, opt["samples"] * length + held_length,
+                              fix="ask for fewer samples or a smaller ar")[0]
+    windows = [ids[i * length:(i + 1) * length] for i in range(opt["samples"])]
+    return windows, [ids[opt["samples"] * length:]] if held_out else []
+
+
 def _measures_kld(spec, opt: dict) -> bool:
     """Whether the conversion chooses precisions by measured KLD (w8a8's widen, w4a16's mix)."""
     return (spec.precision == "w8a8" and opt["widen"] == "kld") or (spec.precision == "w4a16" and opt["mix"] > 0)
@@ -334,21 +356,24 @@ def _choose_by_kld(spec, opt: dict, request, fp32_path: Path, feeds: list[dict],
     kld_of = sensitivity.kld_meter(fp32_path, logits_of)
     work = fp32_path.parent / "choice"
     if spec.precision == "w8a8":
-        return request, sensitivity.widen_by_kld(fp32_path, work, request, feeds, importance, kld_of, layers, opt["budget"],
-                                                 solved)
+        choice = sensitivity.widen_by_kld(fp32_path, work, request, feeds, importance, kld_of, layers, opt["budget"], solved)
+        return replace(request, weight_blocks=dict.fromkeys(choice["blockable"] if opt["block"] else (), opt["block"])), choice
     choice = sensitivity.mix_int8_by_kld(fp32_path, work, request, feeds, importance, kld_of, opt["mix"], solved)
     return replace(request, weights={**dict.fromkeys(choice["int8"], "i8"), **request.weights}), choice
 
 
-def _choice_details(request, widened: list[str], choice: dict) -> dict:
+def _choice_details(request, widened: list[str], choice: dict, block: int) -> dict:
     """The manifest's account of the precisions chosen beyond the request, and why."""
     if "int8" in choice:
         return {"weights_int8": {"method": "kld", "count": len(choice["int8"]),
                                  **{k: v for k, v in choice.items() if k != "int8"}}}
     if choice:
-        return {"activations_16bit": {"method": "kld", "count": len(choice["sixteen_bit"]),
-                                      **{k: v for k, v in choice.items() if k not in ("sixteen_bit", "eight_bit", "pinned")},
-                                      "tensors": choice["sixteen_bit"]}}
+        return {"activations_16bit": {"method": "kld", "count": len(choice["sixteen_bit"]), "count_8bit": len(choice["eight_bit"]),
+                                      **{k: v for k, v in choice.items()
+                                         if k not in ("sixteen_bit", "eight_bit", "pinned", "blockable")},
+                                      "tensors": choice["sixteen_bit"]},
+                "weights_blocked": {"block": block,
+                                    "count": len(request.weight_blocks), "names": sorted(request.weight_blocks)}}
     if request.act16:
         return {"activations_16bit": {"method": "underflow", "threshold": request.act16, "count": len(widened),
                                       "tensors": widened}}
