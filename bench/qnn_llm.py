@@ -75,11 +75,9 @@ def main() -> int:
         for key in ("htp_pipeline", "htp", "decode_encodings", "weights", "kv_cache_bits", "smoothquant", "weights_int8"):
             if details.get(key) is not None:
                 row[key] = details[key]
-        for key in ("activations_16bit", "weights_blocked"):  # the counts; the manifest has the names
-            if details.get(key) is not None:
-                row[key] = details[key]["count"]
-        if "activations_16bit" in details and "count_8bit" in details["activations_16bit"]:
-            row["activations_8bit"] = details["activations_16bit"]["count_8bit"]
+        if details.get("activations_16bit") is not None:  # the counts; the manifest has the names
+            row["activations_16bit"] = details["activations_16bit"]["count"]
+            row["activations_8bit"] = details["activations_16bit"].get("count_8bit")
         if args.merge and spec in result["results"]:  # what the earlier run measured, kept beside the new row
             row["previous"] = {k: result["results"][spec][k] for k in ("ppl_increase_pct", "kld_mean", "ci95", "decode_tps")}
         result["results"][spec] = row

@@ -45,12 +45,12 @@ class QnnBackend(Backend):
     # 4: blocked symmetric weights with searched scales, 8-bit KV cache, graphs=kv by default, act16 0.02;
     # 5: kv weights stored once, HTP target v79/69; 6: w8a8 cache tensors act16 widens stay 16-bit;
     # 7: weights per output channel when not blocked (w8a8's default), w8a8 16-bit activations chosen by KLD,
-    #    GPTQ rounding of blocked weights; 8: w4a16 blocks of 32, w8a8 blocked weights between 16-bit activations
+    #    GPTQ rounding of blocked weights; 8: w4a16 blocks of 32, choices measured on a 512-token held-out window
     recipe_version = 8
     bench_seconds = 350
     precisions = {
-        "w8a8": Precision("w8a8", 8, 8.0, "QDQ, uint8 activations (uint16 where 8 bits cost the most KLD: widen), "
-                          "int8 weights per block of 64 between 16-bit activations, per output channel elsewhere"),
+        "w8a8": Precision("w8a8", 8, 8.0, "QDQ, int8 weights per output channel and uint8 activations (uint16 where "
+                          "8 bits cost the most KLD: widen)"),
         "w8a16": Precision("w8a16", 8, 8.0, "QDQ, int8 weights per block of 64 and uint16 activations"),
         "w4a16": Precision("w4a16", 4, 4.0, "QDQ, int4 weights per block of 32 (LM head int8, and the kinds of matrix "
                            "int8 buys most for: mix) and uint16 activations"),
@@ -63,9 +63,8 @@ class QnnBackend(Backend):
         "kv": Option("kv", int, 8, "graphs=kv: bits of the KV cache inputs and outputs", choices=(8, 16)),
         "seq": Option("seq", int, 512, "graphs=fixed: sequence length of the graph (tokens)", minimum=8, maximum=8192),
         "block": Option("block", int, 64, "weights quantized per block of this many input rows, scales searched "
-                        "(0: per output channel; w4a16 defaults to 32). w8a8: only the MatMuls whose input and output "
-                        "activations stay 16-bit (widen=kld), since the HTP runs blocked weights nowhere else; the rest "
-                        "per output channel", choices=(0, 16, 32, 64, 128)),
+                        "(0: per output channel, w8a8's default, since the HTP runs blocked weights only between "
+                        "16-bit activations; w4a16 defaults to 32)", choices=(0, 16, 32, 64, 128)),
         "gptq": Option("gptq", int, 32, "calibration windows whose input statistics (X^T X per MatMul) drive GPTQ's "
                        "rounding of the weights: each row's rounding error is fed into the rows not yet rounded "
                        "(0: round to nearest, scales still searched)", minimum=0, maximum=256),
@@ -98,8 +97,8 @@ class QnnBackend(Backend):
 
     def option_values(self, spec) -> dict[str, Any]:
         values = super().option_values(spec)
-        if spec.precision == "w4a16" and "block" not in spec.options:
-            values["block"] = W4_BLOCK
+        if "block" not in spec.options and spec.precision in ("w4a16", "w8a8"):
+            values["block"] = W4_BLOCK if spec.precision == "w4a16" else 0
         return values
 
     def speed_is_representative(self) -> bool:
@@ -186,7 +185,7 @@ class QnnBackend(Backend):
         info: dict[str, Any] = {"model_file": qnn_tools.MODEL_FILE, "seq": request.seq, "scheme": qnn_tools.SCHEMES[spec.precision],
                                 "weights": {"block": request.block, "overrides": request.overrides},
                                 "calibration_samples": request.samples}
-        info.update(_choice_details(request, widened, choice, opt["block"]))
+        info.update(_choice_details(request, widened, choice))
         if smoothing:
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
@@ -254,7 +253,7 @@ class QnnBackend(Backend):
             "calibration": {"graph": "prompt", "prompt_feeds": len(prompt_feeds), "decode_feeds": len(decode_feeds)},
             "decode_encodings": kv.compare_encodings(*encodings.values()),
             "genai": {"config": genai.CONFIG_FILE, "files": genai.write_genai_config(out_dir, layout, source.config)}}
-        info.update(_choice_details(request, prompt.widened, choice, opt["block"]))
+        info.update(_choice_details(request, prompt.widened, choice))
         if smoothing:
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
@@ -274,10 +273,9 @@ class QnnBackend(Backend):
         overrides = qnn_tools.parse_overrides(opt["override"])
         if spec.precision == "w4a16" and opt["head"] == 8:
             overrides = {"lm_head": "i8" if opt["block"] else "u8", **overrides}
-        # w8a8 blocks single weights once the 16-bit activations are known (_choose_by_kld)
         return qnn_tools.QnnRequest(spec.precision, tokens, opt["samples"], overrides,
                                     act16=opt["act16"] if spec.precision == "w8a8" and opt["widen"] == "underflow" else 0.0,
-                                    block=0 if spec.precision == "w8a8" else opt["block"])
+                                    block=opt["block"])
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.qnn.runner import FixedShapeRunner, KVRunner
@@ -356,24 +354,21 @@ def _choose_by_kld(spec, opt: dict, request, fp32_path: Path, feeds: list[dict],
     kld_of = sensitivity.kld_meter(fp32_path, logits_of)
     work = fp32_path.parent / "choice"
     if spec.precision == "w8a8":
-        choice = sensitivity.widen_by_kld(fp32_path, work, request, feeds, importance, kld_of, layers, opt["budget"], solved)
-        return replace(request, weight_blocks=dict.fromkeys(choice["blockable"] if opt["block"] else (), opt["block"])), choice
+        return request, sensitivity.widen_by_kld(fp32_path, work, request, feeds, importance, kld_of, layers, opt["budget"],
+                                                 solved)
     choice = sensitivity.mix_int8_by_kld(fp32_path, work, request, feeds, importance, kld_of, opt["mix"], solved)
     return replace(request, weights={**dict.fromkeys(choice["int8"], "i8"), **request.weights}), choice
 
 
-def _choice_details(request, widened: list[str], choice: dict, block: int) -> dict:
+def _choice_details(request, widened: list[str], choice: dict) -> dict:
     """The manifest's account of the precisions chosen beyond the request, and why."""
     if "int8" in choice:
         return {"weights_int8": {"method": "kld", "count": len(choice["int8"]),
                                  **{k: v for k, v in choice.items() if k != "int8"}}}
     if choice:
         return {"activations_16bit": {"method": "kld", "count": len(choice["sixteen_bit"]), "count_8bit": len(choice["eight_bit"]),
-                                      **{k: v for k, v in choice.items()
-                                         if k not in ("sixteen_bit", "eight_bit", "pinned", "blockable")},
-                                      "tensors": choice["sixteen_bit"]},
-                "weights_blocked": {"block": block,
-                                    "count": len(request.weight_blocks), "names": sorted(request.weight_blocks)}}
+                                      **{k: v for k, v in choice.items() if k not in ("sixteen_bit", "eight_bit", "pinned")},
+                                      "tensors": choice["sixteen_bit"]}}
     if request.act16:
         return {"activations_16bit": {"method": "underflow", "threshold": request.act16, "count": len(widened),
                                       "tensors": widened}}

@@ -51,8 +51,7 @@ class EightBitSplicer:
         weight_params = {x for node in graph.node if node.op_type == "DequantizeLinear"
                          and node.input[0] in initializers for x in node.input[1:]}
         self.encodings: dict[str, tuple[str, str]] = {}
-        blocked, self.matmul_sides = _weight_matmul_activations(graph, producers, initializers)
-        tied = [(a, b) for a, b, _ in self.matmul_sides]
+        blocked, tied = _weight_matmul_activations(graph, producers, initializers)
         for node in graph.node:
             if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.input[0] in initializers:
                 continue
@@ -82,14 +81,6 @@ class EightBitSplicer:
                 np.clip(np.rint(zero / ratio), 0, _U8_LEVELS).astype(np.uint8), zero_name)
         return _serialized_with(self._model, replacements)
 
-    def blockable_weights(self, eight_bit) -> list[str]:
-        """The per-channel MatMul weights with both activations at 16 bits: there the HTP takes
-        blocked weights, which cost less KLD (default model, all 16-bit: per column 0.049, blocks of
-        64 0.022)."""
-        eight = set(eight_bit)
-        return sorted(weight for a, b, weight in self.matmul_sides
-                      if a in self.encodings and b in self.encodings and a not in eight and b not in eight)
-
 
 def _serialized_with(model, replacements: dict) -> bytes:
     """The model serialized with some initializers (index -> TensorProto) replaced, then restored."""
@@ -106,11 +97,11 @@ def _serialized_with(model, replacements: dict) -> bytes:
             inits[i].CopyFrom(original)
 
 
-def _weight_matmul_activations(graph, producers: dict, initializers: set) -> tuple[set[str], list[tuple[str, str, str]]]:
+def _weight_matmul_activations(graph, producers: dict, initializers: set) -> tuple[set[str], list[tuple[str, str]]]:
     """The activations entering and leaving MatMuls with quantized weights, as the HTP constrains
     them: around blocked weights both must be 16-bit (it refuses the MatMul when either side is
     8-bit), around per-channel ones both must have the same width. Returns (the tensors around
-    blocked weights, the (input, output, weight name) of the others)."""
+    blocked weights, the (input, output) pairs around the others)."""
     import onnx
 
     blocked, tied = set(), []
@@ -126,7 +117,7 @@ def _weight_matmul_activations(graph, producers: dict, initializers: set) -> tup
         if any(a.name == "block_size" and onnx.helper.get_attribute_value(a) for a in weight.attribute):
             blocked.update(pair)
         else:
-            tied.append((*pair, weight.input[0].removesuffix("_quantized")))
+            tied.append(pair)
     return blocked, tied
 
 
@@ -237,7 +228,6 @@ def widen_by_kld(fp32_path: Path, work: Path, request, feeds: list[dict], import
     chosen = work / "chosen.onnx"
     chosen.write_bytes(splicer.model_bytes(choice["eight_bit"]))
     choice["pinned"] = kv.pinned_overrides(chosen, quantized.overrides)
-    choice["blockable"] = splicer.blockable_weights(choice["eight_bit"])
     return choice
 
 

@@ -29,7 +29,6 @@ class QnnRequest:
     block: int = 0  # weights quantized per block of this many input rows (0: per tensor)
     activations: dict[str, str] = field(default_factory=dict)  # activation tensor name -> override type key
     weights: dict[str, str] = field(default_factory=dict)  # exact weight initializer name -> override type key
-    weight_blocks: dict[str, int] = field(default_factory=dict)  # exact weight name -> block rows, where block is 0
 
 
 @dataclass
@@ -224,7 +223,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
         config.extra_options["BlockSize"] = request.block
     with engine_warnings_hidden():
         quantize(str(prepared), str(out_path), config)
-    fold_weight_quantizers(out_path, importance, solved, request.weight_blocks)
+    fold_weight_quantizers(out_path, importance, solved)
     return Quantized(widened, config.extra_options["TensorQuantOverrides"])
 
 

@@ -4,7 +4,7 @@ onnxruntime (1.32) only marks the weights (float -> QuantizeLinear -> Dequantize
 module turns each pair into an integer initializer -> DequantizeLinear. Weights are symmetric
 (zero point 0, as the HTP wants: it ignores block zero points), blocked (int4, or int8) or, when
 not blocked, one scale per output column (onnxruntime's QNN config gives MatMul weights one scale
-per tensor even when asked per channel); w8a8 blocks single weights (`blocks`). It does not take each block's largest |w| as the grid's
+per tensor even when asked per channel). It does not take each block's largest |w| as the grid's
 end, where one outlier stretches the step for the other values and, on a model whose weights
 already sit on another 4-bit grid (the default model's Q4_1), doubles the rounding error. Like
 llama.cpp's quantizers it tries a range of scales per block and keeps the one with the least
@@ -34,17 +34,15 @@ _SIGNED = {"int4": 7, "int8": 127}  # the symmetric grids searched: -(top + 1) .
 
 
 def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | None = None,
-                           solved: dict | None = None, blocks: dict[str, int] | None = None) -> int:
+                           solved: dict | None = None) -> int:
     """Replace every weight's float initializer -> QuantizeLinear -> DequantizeLinear (the
     quantizer's AddQDQPairToWeight form) by an integer initializer -> DequantizeLinear, rewriting
     `qdq_path` in place (external data beside it). Symmetric MatMul weights get scales searched
     per block, or per output column when not blocked (`importance`: weight name -> mean square of
     the activation entering each input row); every other weight is quantized with the scale and
     zero point the quantizer chose. `solved` keeps each searched weight's result for the next graph
-    holding the same weight (the decode graph, a second build of the prompt graph). `blocks` (weight
-    name -> rows) blocks MatMul weights that would be per column (w8a8's between 16-bit
-    activations, where the HTP takes blocked weights). Returns how many weights had their scales
-    searched."""
+    holding the same weight (the decode graph, a second build of the prompt graph). Returns how
+    many weights had their scales searched."""
     import onnx
     from onnx import numpy_helper
 
@@ -68,9 +66,8 @@ def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | N
         # onnxruntime's QNN config quantizes MatMul weights per tensor even when asked per channel:
         # those get one scale per output column instead (axis 1 of [K, N]), the whole column one block
         per_column = symmetric and not block and weight.ndim == 2 and scale.ndim == 0 and _feeds_matmul(consumers, node)
-        column_blocks = (blocks or {}).get(node.input[0], 0) if per_column else 0
         if per_column or (block and symmetric):
-            rows = column_blocks or block or weight.shape[0]
+            rows = block or weight.shape[0]
             key = (node.input[0], rows, zero.dtype.name)
             cache = solved if solved is not None else {}
             if key not in cache:
@@ -80,12 +77,8 @@ def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | N
                                    _SIGNED[zero.dtype.name])
             values, new_scale = cache[key]
             if per_column:
-                # new scale names: the per-tensor ones may be shared with other tensors
-                layout = {"axis": 0, "block_size": rows} if column_blocks else {"axis": 1}
-                new_scale = new_scale.astype(scale.dtype) if column_blocks else new_scale.reshape(-1).astype(scale.dtype)
-                _repoint(consumers[node.output[0]], layout, graph, initializers,
-                         {node.input[1] + _suffix(rows, column_blocks): new_scale,
-                          node.input[2] + _suffix(rows, column_blocks): np.zeros(new_scale.shape, zero.dtype)})
+                _per_channel(graph, initializers, consumers[node.output[0]], new_scale.reshape(-1).astype(scale.dtype),
+                             np.zeros(weight.shape[1], zero.dtype), node.input[1], node.input[2])
             else:
                 values, scale = np.moveaxis(values, 0, axis), np.moveaxis(new_scale, 0, axis).astype(scale.dtype)
                 initializers[node.input[1]].CopyFrom(numpy_helper.from_array(scale, node.input[1]))
@@ -123,25 +116,22 @@ def _feeds_matmul(consumers: dict, quantizer) -> bool:
     return bool(users) and all(user.op_type == "MatMul" and user.input[1] == dq.output[0] for dq, user in users)
 
 
-def _suffix(rows: int, blocked: bool) -> str:
-    return f"_block{rows}" if blocked else "_per_channel"
-
-
-def _repoint(dequantizers: list, attributes: dict, graph, initializers: dict, parameters: dict[str, np.ndarray]) -> None:
-    """Give the weight's DequantizeLinear nodes these attributes (axis, block_size) and these scale
-    and zero point initializers (name -> value, added to the graph)."""
+def _per_channel(graph, initializers: dict, dequantizers: list, scales: np.ndarray, zeros: np.ndarray,
+                 scale_name: str, zero_name: str) -> None:
+    """Point the weight's DequantizeLinear nodes at per-column scales (axis 1), under new names:
+    the per-tensor scale may be shared with other tensors."""
     import onnx
     from onnx import numpy_helper
 
-    for name, value in parameters.items():
+    for name, value in ((scale_name + "_per_channel", scales), (zero_name + "_per_channel", zeros)):
         if name not in initializers:
             initializers[name] = numpy_helper.from_array(value, name)
             graph.initializer.append(initializers[name])
     for dq in dequantizers:
-        dq.input[1], dq.input[2] = parameters
-        for attribute in [a for a in dq.attribute if a.name in attributes]:
+        dq.input[1], dq.input[2] = scale_name + "_per_channel", zero_name + "_per_channel"
+        for attribute in [a for a in dq.attribute if a.name == "axis"]:
             dq.attribute.remove(attribute)
-        dq.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attributes.items())
+        dq.attribute.append(onnx.helper.make_attribute("axis", 1))
 
 
 def _quantize(weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int, block: int) -> np.ndarray:
