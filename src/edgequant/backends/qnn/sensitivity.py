@@ -14,9 +14,11 @@ in and out, and one with blocked weights refuses 8 bits on either side.
 
 On the default model the residual stream's adds and the norms' inputs cost ~5 nats at 8 bits
 (its first token runs ~100x larger than the others), the MLP down-projection ~1, most groups
-nothing measurable; the underflow share (`widen=underflow`) cannot tell those apart. Prompt
-graph, the bench's 4 evaluation windows: underflow 0.185 with 1616 tensors at 16 bits, KLD
-choice 0.083 with 1421.
+nothing measurable; the underflow share (`widen=underflow`) cannot tell those apart. The
+held-out window must be as long as the contexts the model will see: the attention softmax cost
+0.001 over 128 tokens and 0.028 over 512. Prompt graph, the bench's 4 evaluation windows of 512:
+underflow 0.185 with 1616 tensors at 16 bits; KLD choice over 2 x 128 held-out tokens 0.083
+(1421), over 512 tokens 0.054 (the whole artifact, 1391 at 16 bits, 939 at 8).
 
 Weights. A w4a16 graph quantized all-int4 is the starting point; each kind of matrix (q_proj in
 every layer, ...) is raised to int8 in memory and measured the same way, and kinds are taken by
