@@ -45,7 +45,8 @@ class QnnBackend(Backend):
     # 4: blocked symmetric weights with searched scales, 8-bit KV cache, graphs=kv by default, act16 0.02;
     # 5: kv weights stored once, HTP target v79/69; 6: w8a8 cache tensors act16 widens stay 16-bit;
     # 7: weights per output channel when not blocked (w8a8's default), w8a8 16-bit activations chosen by KLD,
-    #    GPTQ rounding of blocked weights; 8: w4a16 blocks of 32, choices measured on a 512-token held-out window
+    #    GPTQ rounding of blocked weights; 8: w4a16 blocks of 32, choices measured on a 512-token held-out window,
+    #    GPTQ statistics from 64 windows
     recipe_version = 8
     bench_seconds = 350
     precisions = {
@@ -65,7 +66,7 @@ class QnnBackend(Backend):
         "block": Option("block", int, 64, "weights quantized per block of this many input rows, scales searched "
                         "(0: per output channel, w8a8's default, since the HTP runs blocked weights only between "
                         "16-bit activations; w4a16 defaults to 32)", choices=(0, 16, 32, 64, 128)),
-        "gptq": Option("gptq", int, 32, "calibration windows whose input statistics (X^T X per MatMul) drive GPTQ's "
+        "gptq": Option("gptq", int, 64, "calibration windows whose input statistics (X^T X per MatMul) drive GPTQ's "
                        "rounding of the weights: each row's rounding error is fed into the rows not yet rounded "
                        "(0: round to nearest, scales still searched)", minimum=0, maximum=256),
         "mix": Option("mix", float, 0.35, "w4a16: share of the int4 weights that may be raised to int8, whole kinds "
@@ -158,19 +159,18 @@ class QnnBackend(Backend):
         request = self._request(spec, opt, opt["seq"])
         if opt["context"]:
             qnn_tools.require_htp()  # before any long step
-        held_out = 1 if _measures_kld(spec, opt) else 0
-        feeds = qnn_tools.calibration_inputs(source.hf_dir, request.seq, request.samples + held_out)
-        feeds, held_out_feeds = feeds[:request.samples], feeds[request.samples:]
+        # the held-out window follows every window calibration and GPTQ read
+        read = max(request.samples, opt["gptq"])
+        inputs = qnn_tools.calibration_inputs(source.hf_dir, request.seq, read + _measures_kld(spec, opt),
+                                              option="samples (and gptq)")
+        feeds, held_out_feeds = inputs[:request.samples], inputs[read:]
         started = time.perf_counter()
         scratch = out_dir / ".fp32"
         scratch.mkdir()
         qnn_tools.export_fixed(source.hf_dir, request.seq, scratch / "model_fp32.onnx")
         exported = time.perf_counter()
         smoothing = _smooth(scratch, ["model_fp32.onnx"], feeds, opt) if spec.precision == "w8a8" else None
-        statistics = feeds
-        if opt["gptq"]:
-            statistics = qnn_tools.calibration_inputs(source.hf_dir, request.seq, opt["gptq"], option="gptq")
-        importance = weights.input_importance(scratch / "model_fp32.onnx", statistics,
+        importance = weights.input_importance(scratch / "model_fp32.onnx", inputs[:opt["gptq"]] or feeds,
                                               full=bool(opt["gptq"]))
         solved: dict = {}
         choice: dict = {}
@@ -199,7 +199,6 @@ class QnnBackend(Backend):
     def _convert_kv(self, source, spec, opt: dict, out_dir: Path) -> dict[str, Any]:
         """Prompt and decode graphs: calibrated on the prompt graph, whose encodings (types, scales
         and zero points of every activation) the decode graph is then quantized with."""
-        from edgequant.backends._shared.calibration import calibration_windows
         from edgequant.backends._shared.ort import cpu_session
         from edgequant.backends._shared.side_files import copy_tokenizer
         from edgequant.backends.qnn import genai, kv, weights
@@ -211,7 +210,7 @@ class QnnBackend(Backend):
             request = replace(request, activations=kv.cache_types(source.config, "u8"))
         if opt["context"]:
             qnn_tools.require_htp()  # before any long step
-        windows, held_out_windows = _kv_windows(source.hf_dir, opt, held_out=_measures_kld(spec, opt))
+        windows, statistics_windows, held_out_windows = _kv_windows(source.hf_dir, opt, held_out=_measures_kld(spec, opt))
         started = time.perf_counter()
         scratch = out_dir / ".fp32"
         scratch.mkdir()
@@ -219,10 +218,7 @@ class QnnBackend(Backend):
         exported = time.perf_counter()
         prompt_feeds, decode_feeds = kv.calibration_feeds(scratch, windows, cpu_session)
         smoothing = _smooth(scratch, [kv.PROMPT_FILE, kv.DECODE_FILE], prompt_feeds, opt) if spec.precision == "w8a8" else None
-        statistics = prompt_feeds
-        if opt["gptq"]:
-            statistics = kv.calibration_feeds(scratch, calibration_windows(
-                source.hf_dir, opt["gptq"], len(windows[0]), fix="ask for gptq<={fit}"), cpu_session)[0]
+        statistics = kv.prompt_chunk_feeds(scratch, statistics_windows, cpu_session) if opt["gptq"] else prompt_feeds
         importance = weights.input_importance(scratch / kv.PROMPT_FILE, statistics, full=bool(opt["gptq"]))
         solved: dict = {}  # weights are solved once for every graph that holds them
         choice: dict = {}
@@ -328,16 +324,21 @@ def _smooth(folder: Path, files: list[str], feeds: list[dict], opt: dict) -> dic
 HELD_OUT_TOKENS = 512
 
 
-def _kv_windows(hf_dir: Path, opt: dict, held_out: bool) -> tuple[list[list[int]], list[list[int]]]:
-    """Calibration windows for the kv graphs (`samples` of 4 * ar tokens) and, after them in the
-    calibration text, the held-out window precision choices are measured on."""
+def _kv_windows(hf_dir: Path, opt: dict, held_out: bool) -> tuple[list[list[int]], ...]:
+    """Windows of the calibration text for the kv graphs: for calibration (`samples` of 4 * ar
+    tokens), for GPTQ's statistics (`gptq` of them, from the start too) and, after all of those,
+    the held-out window precision choices are measured on."""
     from edgequant.backends._shared.calibration import calibration_windows
 
     length, held_length = min(4 * opt["ar"], opt["ctx"]), min(HELD_OUT_TOKENS, opt["ctx"]) if held_out else 0
-    ids = calibration_windows(hf_dir, 1, opt["samples"] * length + held_length,
-                              fix="ask for fewer samples or a smaller ar")[0]
-    windows = [ids[i * length:(i + 1) * length] for i in range(opt["samples"])]
-    return windows, [ids[opt["samples"] * length:]] if held_out else []
+    read = max(opt["samples"], opt["gptq"]) * length
+    ids = calibration_windows(hf_dir, 1, read + held_length,
+                              fix="ask for fewer samples or gptq windows, or a smaller ar")[0]
+
+    def first(count: int) -> list[list[int]]:
+        return [ids[i * length:(i + 1) * length] for i in range(count)]
+
+    return first(opt["samples"]), first(opt["gptq"]), [ids[read:]] if held_out else []
 
 
 def _measures_kld(spec, opt: dict) -> bool:

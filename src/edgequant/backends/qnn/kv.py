@@ -21,6 +21,7 @@ and zero point per tensor), so the two compute on one grid.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -198,12 +199,37 @@ def calibration_feeds(folder: Path, windows: list[list[int]], session) -> tuple[
                     recorder(session(folder / DECODE_FILE), decode_feeds))
     for window in windows:
         cache.reset()
-        half = max(len(window) // 2 // cache.chunk, 1) * cache.chunk
+        half = _first_half(window, cache.chunk)
         for i in range(0, half, cache.chunk):
             cache.step(window[i:i + cache.chunk], "prompt")
         for token in window[half:half + 4]:
             cache.step([token], "decode")
     return prompt_feeds, decode_feeds
+
+
+def prompt_chunk_feeds(folder: Path, windows: list[list[int]], session) -> Iterator[dict]:
+    """The float prompt graph's feeds over each window's first half, one chunk at a time, for
+    statistics over many windows (GPTQ's): kept as a list, each chunk's KV cache (~44 MB on the
+    default model) would not fit in memory past a few hundred chunks. Each feed is valid until the
+    next one is drawn."""
+    drawn: list[dict] = []
+    prompt = session(folder / PROMPT_FILE)
+
+    def run(feed):
+        drawn.append(feed)
+        return prompt.run(None, feed)
+
+    cache = KVCache(folder, run, None)
+    for window in windows:
+        cache.reset()
+        for i in range(0, _first_half(window, cache.chunk), cache.chunk):
+            cache.step(window[i:i + cache.chunk], "prompt")
+            yield drawn.pop()
+
+
+def _first_half(window: list[int], chunk: int) -> int:
+    """The tokens of a calibration window prefilled in chunks (at least one chunk)."""
+    return max(len(window) // 2 // chunk, 1) * chunk
 
 
 def activation_encodings(qdq_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
