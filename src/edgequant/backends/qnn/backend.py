@@ -45,9 +45,9 @@ class QnnBackend(Backend):
     # 4: blocked symmetric weights with searched scales, 8-bit KV cache, graphs=kv by default, act16 0.02;
     # 5: kv weights stored once, HTP target v79/69; 6: w8a8 cache tensors act16 widens stay 16-bit;
     # 7: weights per output channel when not blocked (w8a8's default), w8a8 16-bit activations chosen by KLD,
-    #    GPTQ rounding of blocked weights; 8: w4a16 blocks of 32, choices measured on a 512-token held-out window,
-    #    GPTQ statistics from 64 windows
-    recipe_version = 8
+    #    GPTQ rounding of blocked weights; 8: w4a16 blocks of 32, choices measured on a 512-token held-out window;
+    #    9: GPTQ statistics from 64 windows
+    recipe_version = 9
     bench_seconds = 350
     precisions = {
         "w8a8": Precision("w8a8", 8, 8.0, "QDQ, int8 weights per output channel and uint8 activations (uint16 where "
