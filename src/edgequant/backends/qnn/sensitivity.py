@@ -18,7 +18,7 @@ nothing measurable; the underflow share (`widen=underflow`) cannot tell those ap
 held-out window must be as long as the contexts the model will see: the attention softmax cost
 0.001 over 128 tokens and 0.028 over 512. Prompt graph, the bench's 4 evaluation windows of 512:
 underflow 0.185 with 1616 tensors at 16 bits; KLD choice over 2 x 128 held-out tokens 0.083
-(1421), over 512 tokens 0.054 (the whole artifact, 1391 at 16 bits, 939 at 8).
+(1421), over 512 tokens 0.053 (the whole artifact, 1509 at 16 bits, 821 at 8).
 
 Weights. A w4a16 graph quantized all-int4 is the starting point; each kind of matrix (q_proj in
 every layer, ...) is raised to int8 in memory and measured the same way, and the set of kinds
