@@ -303,10 +303,10 @@ def choose_int8_weights(splicer: Int8WeightSplicer, kld_of: Callable[[bytes], fl
                         sizes: dict[str, int]) -> dict:
     """Which kinds of int4 matrix (q_proj, down_proj, ... in every layer) to raise to int8, within
     `share` of all their values: what int8 buys each kind is measured, and the set of kinds with
-    the most summed gain that fits is taken (_best_within). Whole kinds, not single matrices: one matrix's gain is too
-    small to measure on a few hundred held-out tokens (per-matrix choices measured on the default
-    model overfit them: KLD 0.104 held out, 0.158 on the evaluation text). The chosen set is then
-    measured."""
+    the most summed gain that fits is taken (_best_within). Whole kinds, not single matrices: one
+    matrix's gain is too small to measure on a few hundred held-out tokens (per-matrix choices
+    measured on the default model overfit them: KLD 0.104 held out, 0.158 on the evaluation
+    text). The chosen set is then measured."""
     base = kld_of(splicer.model_bytes())
     kinds: dict[str, list[str]] = {}
     for weight, user in splicer.users.items():
