@@ -154,11 +154,11 @@ def targets(rows: dict) -> dict:
 
 def _verdict(value_ci: list[float], limit_ci: list[float]) -> str:
     """Whether a figure that should stay at or below a limit does, judged on both intervals."""
-    if value_ci[1] < limit_ci[0]:
-        return "met: the whole interval lies below the limit's"
-    if value_ci[0] > limit_ci[1]:
-        return "not met: the whole interval lies above the limit's"
-    return "not distinguishable: the intervals overlap"
+    from edgequant.intervals import compare
+
+    return {"lower": "met: the whole interval lies below the limit's",
+            "higher": "not met: the whole interval lies above the limit's",
+            "not distinguishable": "not distinguishable: the intervals overlap"}[compare(value_ci, limit_ci)]
 
 
 if __name__ == "__main__":

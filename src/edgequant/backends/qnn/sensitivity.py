@@ -334,6 +334,7 @@ def _best_within(gain: dict[str, float], size: dict[str, int], limit: float) -> 
     for count in range(1, len(useful) + 1):
         for subset in combinations(useful, count):
             spent = sum(size[k] for k in subset)
-            if spent <= limit and (sum(gain[k] for k in subset), -spent) > best[:2]:
-                best = (sum(gain[k] for k in subset), -spent, subset)
+            bought = sum(gain[k] for k in subset)
+            if spent <= limit and (bought, -spent) > best[:2]:
+                best = (bought, -spent, subset)
     return sorted(best[2], key=lambda k: gain[k] / size[k], reverse=True)
