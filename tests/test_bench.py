@@ -178,6 +178,20 @@ def test_unwritable_report_path_fails_before_the_run(tiny_model, tmp_path):
     assert not (tmp_path / "db.sqlite").exists()
 
 
+def test_bench_reads_the_spec_list_convert_reads(cli, tiny_model, tmp_path):
+    """An option value with commas (README's per-tensor example) is one spec on `bench --to` too:
+    the run gets past parsing to the (deliberately unwritable) report path."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    done = cli("bench", str(tiny_model), "--to", "gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q8_0,gguf:q8_0",
+               "--db", str(tmp_path / "db.sqlite"), "--report", str(blocker / "r.html"))
+    assert done.returncode == 2 and "cannot" in done.stderr and "unknown" not in done.stderr, done.stderr
+    from edgequant.benchmark import _plan
+
+    planned = _plan(BenchConfig(tiny_model, "gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q8_0,gguf:q8_0"))
+    assert [str(spec) for spec, _ in planned] == ["gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q8_0", "gguf:q8_0"]
+
+
 def test_a_file_that_is_not_our_database_is_refused_untouched(tiny_model, tmp_path):
     text = tmp_path / "notes.sqlite"
     text.write_text("not a database at all")

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from edgequant.errors import EdgequantError
-from edgequant.gates import DEFAULT_GATES, check, derived_metrics, parse_gate, parse_gates, passes
+from edgequant.gates import DEFAULT_GATES, check, derived_metrics, parse_gate, parse_gates, passes, source_check
 from edgequant.hardware import Machine, closest, detect, get_profile, profiles
 from edgequant.registry import format_names, parse_spec
 
@@ -68,7 +68,43 @@ def test_gates_parse_with_units():
     assert parse_gate("size<=120MB").value == 120e6 and parse_gate("size<=0.5GiB").value == 2**29
     assert parse_gate("ttft<=0.3s").value == 300 and parse_gate("ttft<=300ms").value == 300
     assert parse_gate(" ppl_increase <= 5% ").value == 5 and parse_gate("speedup>=2x").op == ">="
-    assert [g.name for g in parse_gates(DEFAULT_GATES)] == ["ppl_increase", "speedup", "memory_reduction"]
+    assert [g.name for g in parse_gates(DEFAULT_GATES)] == ["ppl_change", "kld", "speedup", "memory_reduction"]
+
+
+def test_the_default_gates_refuse_a_model_far_from_its_source_in_either_direction():
+    # Gemma-3-270M's onnx:int4?head8=0, certified by the one-sided defaults: perplexity 7.4% below its
+    # source, KLD 0.59 [0.54, 0.65]
+    wrong = derived_metrics({"ppl_increase_pct": -7.4, "kld_mean": 0.59, "top1_agreement": 0.54,
+                             "ci95": {"ppl_increase_pct": [-9.0, -5.8], "kld_mean": [0.54, 0.65],
+                                      "top1_agreement": [0.52, 0.56]}}, None)
+    verdicts = {v["gate"]: v["verdict"] for v in (check(g, wrong) for g in parse_gates(DEFAULT_GATES))}
+    assert verdicts["ppl_change<=5%"] == "fail" and verdicts["kld<=0.1"] == "fail"
+    assert source_check(wrong)["verdict"] == "suspect" and "below its source" in source_check(wrong)["reason"]
+    # a faithful 4-bit candidate passes both quality defaults, and the source check
+    faithful = derived_metrics({"ppl_increase_pct": 3.2, "kld_mean": 0.042,
+                                "ci95": {"ppl_increase_pct": [2.1, 4.2], "kld_mean": [0.038, 0.046]}}, None)
+    assert [check(g, faithful)["verdict"] for g in parse_gates(DEFAULT_GATES[:2])] == ["pass", "pass"]
+    assert source_check(faithful)["verdict"] == "pass"
+
+
+def test_the_perplexity_change_interval_is_that_of_its_absolute_value():
+    straddles = derived_metrics({"ppl_increase_pct": -0.5, "ci95": {"ppl_increase_pct": [-2.0, 1.0]}}, None)
+    assert straddles["ppl_change_pct"] == 0.5 and straddles["ci95"]["ppl_change_pct"] == [0.0, 2.0]
+    below = derived_metrics({"ppl_increase_pct": -6.0, "ci95": {"ppl_increase_pct": [-7.0, -4.0]}}, None)
+    assert below["ci95"]["ppl_change_pct"] == [4.0, 7.0]
+    assert check(parse_gate("ppl_change<=5%"), below)["verdict"] == "uncertain"
+    assert source_check(straddles)["verdict"] == "pass"  # below the source only within noise
+
+
+def test_a_suspect_candidate_is_never_certified():
+    from edgequant.optimize import Candidate, ranked
+
+    suspect = source_check({"ppl_increase_pct": -3.0, "ci95": {"ppl_increase_pct": [-4.0, -2.0]}})
+    better_than_source = Candidate("suspect", "test", "measured", metrics={"size_bytes": 10, "kld_mean": 0.2},
+                                   verdicts=[{"gate": "kld<=0.5", "verdict": "pass"}, suspect])
+    honest = Candidate("honest", "test", "measured", metrics={"size_bytes": 50, "kld_mean": 0.3},
+                       verdicts=[{"gate": "kld<=0.5", "verdict": "pass"}])
+    assert not better_than_source.passes and ranked("size", [better_than_source, honest])[0] is honest
 
 
 @pytest.mark.parametrize("text, message", [("kld=<0.05", "does not parse"), ("latency<=3", "unknown metric"),

@@ -106,7 +106,8 @@ def test_the_certificate_page_renders_in_headless_chromium(run, tmp_path):
              "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert 'id="verdict"' in dom and "PASS" in dom
-    assert dom.count('class="gate"') == 1 and dom.count('class="winner"') == 1
+    assert dom.count('class="gate"') == 2 and dom.count('class="winner"') == 1  # kld<=0.5 and the source check
+    assert "perplexity not below the source" in dom
     measured = sum(c["status"] == "measured" for c in result["candidates"])
     assert dom.count("<circle") == measured and dom.count('class="candidate"') == len(result["candidates"])
 

@@ -61,3 +61,61 @@ def test_every_registered_backend_imports_and_declares_precisions():
     for name in format_names():
         backend = get_backend(name)
         assert backend.name == name and backend.precisions
+
+
+def test_a_value_is_dropped_only_when_the_precision_would_use_it():
+    qnn = get_backend("qnn")
+    # w4a16 builds blocks of 32 and w8a8 per output channel unless told otherwise: an explicit 64 is
+    # the user's choice, not "the default", and must reach the backend.
+    for text, block in (("qnn:w4a16?block=64", 64), ("qnn:w8a8?block=64", 64), ("qnn:w4a16", 32), ("qnn:w8a8", 0),
+                        ("qnn:w8a16", 64)):
+        assert qnn.option_values(parse_spec(text))["block"] == block, text
+    assert str(parse_spec("qnn:w4a16?block=64")) == "qnn:w4a16?block=64"
+    assert parse_spec("qnn:w4a16?block=32") == parse_spec("qnn:w4a16")  # the precision's own default: one artifact
+    assert parse_spec("qnn:w8a8?block=0") == parse_spec("qnn:w8a8")
+
+
+def test_every_value_a_user_gives_is_the_value_the_backend_reads():
+    """For every format, precision and option, each allowed value (and the declared default) given
+    explicitly is what `option_values` hands the backend, and giving the precision's default
+    builds the same spec as giving nothing."""
+    checked = 0
+    for fmt in format_names():
+        backend = get_backend(fmt)
+        for precision in backend.precisions:
+            for option in backend.options.values():
+                if not option.applies(precision):
+                    continue
+                for value in {option.default, option.default_for(precision), *option.choices}:
+                    text = f"{fmt}:{precision}?{option.name}={_typed(value)}"
+                    try:
+                        spec = parse_spec(text)
+                    except EdgequantError:  # a rule between options (e.g. needs a data-aware mode)
+                        continue
+                    assert backend.option_values(spec)[option.name] == value, text
+                    if value == option.default_for(precision):
+                        assert spec == parse_spec(f"{fmt}:{precision}"), text
+                    checked += 1
+    assert checked > 100
+
+
+def _typed(value) -> str:
+    return ("1" if value else "0") if isinstance(value, bool) else str(value)
+
+
+def test_an_option_given_twice_is_refused():
+    with pytest.raises(EdgequantError, match="given twice"):
+        parse_spec("qnn:w4a16?block=64&block=32")
+
+
+def test_cross_option_rules_see_what_the_user_wrote():
+    # kv=8 is graphs=kv's default; written beside graphs=fixed it is still an option that does not apply
+    with pytest.raises(EdgequantError, match="graphs=kv only"):
+        parse_spec("qnn:w8a16?graphs=fixed&kv=8")
+
+
+def test_one_reader_for_every_spec_list():
+    readme = "gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q8_0"
+    assert [str(s) for s in parse_specs(readme)] == [readme]
+    assert [str(s) for s in parse_specs([readme, "onnx:int4,gguf:q8_0"])] == [readme, "onnx:int4", "gguf:q8_0"]
+    assert parse_specs(parse_spec("gguf:q8_0")) == [parse_spec("gguf:q8_0")]

@@ -142,8 +142,8 @@ class Backend:
         return found
 
     def option_values(self, spec: "Spec") -> dict[str, Any]:
-        """Every option of this backend, as the spec gives it or at its default."""
-        return {name: spec.options.get(name, option.default) for name, option in self.options.items()}
+        """Every option of this backend, as the spec gives it or at the default its precision uses."""
+        return {name: spec.options.get(name, option.default_for(spec.precision)) for name, option in self.options.items()}
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         """Estimated artifact size: 2-D weights at the precision's bpw, the rest in float32."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import EvalConfig
 from edgequant.progress import note
-from edgequant.registry import BASELINE_SPEC, backends, bench_specs, get_backend, parse_spec
+from edgequant.registry import BASELINE_SPEC, backends, bench_specs, get_backend, parse_specs
 from edgequant.spec import Spec
 
 # 4 windows of 512 tokens: the main job (every default spec, from a cold cache) then ran in 12.9
@@ -25,7 +25,9 @@ DEFAULT_EVAL = EvalConfig(windows=4)
 @dataclass(frozen=True)
 class BenchConfig:
     model: Path | None = None
-    specs: tuple[str, ...] | None = None  # None: every backend's representative specs (registry.bench_specs)
+    # A spec list as `registry.parse_specs` reads it (a comma-separated string, or strings and
+    # Specs); None: every backend's representative specs (registry.bench_specs).
+    specs: str | tuple[str | Spec, ...] | None = None
     db: Path | None = None
     report_html: Path | None = None
     report_markdown: Path | None = None
@@ -97,8 +99,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
 def _plan(config: BenchConfig) -> list[tuple[Spec, str | None]]:
     """(spec, reason to skip or None) for every spec, validated before any work."""
     plan = []
-    for text in config.specs if config.specs is not None else bench_specs():
-        spec = parse_spec(text)
+    for spec in parse_specs(config.specs if config.specs is not None else bench_specs()):
         reason = get_backend(spec.format).missing_engine()
         if reason and config.strict:
             raise EdgequantError(f"cannot run {spec}: {reason}", "install the engine, or drop --strict to skip it")

@@ -52,8 +52,9 @@ def _add_optimize(sub) -> None:
     p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--target", metavar="PROFILE", help="hardware profile (default: the one closest to this machine)")
     p.add_argument("--gate", action="append", default=[], metavar="EXPR",
-                   help="e.g. kld<=0.05, ppl_increase<=5%%, top1>=0.9, size<=120MB, peak_rss<=400MB, speedup>=2, "
-                        "ttft<=300ms; repeat it (default: ppl_increase<=5%% speedup>=2 memory_reduction>=50%%)")
+                   help="e.g. kld<=0.05, ppl_increase<=5%%, ppl_change<=5%%, top1>=0.9, size<=120MB, peak_rss<=400MB, "
+                        "speedup>=2, ttft<=300ms; repeat it (default: ppl_change<=5%% kld<=0.1 speedup>=2 "
+                        "memory_reduction>=50%%)")
     p.add_argument("--objective", default="size", choices=("size", "speed", "quality"),
                    help="what the winner is best at among those that pass (default: size)")
     p.add_argument("--budget", type=int, default=20, help="evaluations at most, neighbours included (default 20)")
@@ -315,8 +316,7 @@ def _run_bench(args) -> int:
     from edgequant.benchmark import BenchConfig, run_bench
     from edgequant.report import build_report, render_markdown
 
-    specs = tuple(t.strip() for t in args.to.split(",") if t.strip()) if args.to else None
-    config = BenchConfig(Path(args.model) if args.model else None, specs, args.db, args.report, args.markdown, args.json,
+    config = BenchConfig(Path(args.model) if args.model else None, args.to, args.db, args.report, args.markdown, args.json,
                          args.strict, args.force, _eval_config(args, args.windows))
     result = run_bench(config)
     print(render_markdown(build_report(result)))

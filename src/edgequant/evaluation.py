@@ -215,6 +215,9 @@ def _reference_logprobs(source, windows: Windows, threads: int) -> np.ndarray:
 
 
 def _quality(target: Target, source, windows: Windows, reference: np.ndarray, threads: int) -> dict:
+    """Score the target's own logits on every window against the reference. A source model is
+    run too, never taken to be the baseline: `eval MODEL --baseline OTHER` scores MODEL, and a
+    model scored against itself checks that the cached reference still matches its run."""
     n_windows, ctx = windows.ids.shape
     nll, kld, top1 = [], [], []
     baseline_nll = []
@@ -223,7 +226,8 @@ def _quality(target: Target, source, windows: Windows, reference: np.ndarray, th
         for i in track(range(n_windows), f"scoring {target.label}", total=n_windows):
             ids = windows.ids[i]
             ref = np.asarray(reference[i, :-1], dtype=np.float32)
-            logp = ref if target.artifact is None else log_softmax(runner.logits(ids.tolist()))[:-1]
+            logp = log_softmax(runner.logits(ids.tolist()))[:-1]
+            _check_vocabulary(target, source, logp, ref)
             nll.append(-logp[np.arange(ctx - 1), ids[1:]])
             baseline_nll.append(-ref[np.arange(ctx - 1), ids[1:]])
             kld.append(kl_divergence(ref, logp))
@@ -231,6 +235,13 @@ def _quality(target: Target, source, windows: Windows, reference: np.ndarray, th
         arithmetic = runner.arithmetic()
     scores = TokenScores(*(np.concatenate(x) for x in (nll, baseline_nll, kld, top1)), window=ctx - 1)
     return {**quality_figures(scores), **({"arithmetic": arithmetic} if arithmetic else {})}
+
+
+def _check_vocabulary(target: Target, source, logp: np.ndarray, ref: np.ndarray) -> None:
+    if logp.shape[-1] != ref.shape[-1]:
+        raise EdgequantError(f"{target.label} scores {logp.shape[-1]} tokens and the baseline {source.name} "
+                             f"{ref.shape[-1]}: KL divergence needs one vocabulary",
+                             "pass --baseline the model this one was converted or fine-tuned from")
 
 
 def quality_figures(scores: TokenScores) -> dict:

@@ -27,10 +27,10 @@ from pathlib import Path
 from edgequant.benchmark import DEFAULT_EVAL, eval_config_for, tool_versions
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import EvalConfig
-from edgequant.gates import DEFAULT_GATES, Gate, check, derived_metrics, parse_gates
+from edgequant.gates import DEFAULT_GATES, Gate, check, derived_metrics, parse_gates, source_check
 from edgequant.progress import note
 from edgequant.recommend import RUNTIME_OVERHEAD_MB
-from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec
+from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec, parse_specs
 
 OBJECTIVES = ("size", "speed", "quality")
 DEFAULT_BUDGET = 20  # evaluations, neighbours included
@@ -52,7 +52,7 @@ class OptimizeConfig:
     gates: tuple[str, ...] = ()  # empty: DEFAULT_GATES
     objective: str = "size"
     budget: int = DEFAULT_BUDGET
-    specs: tuple[str, ...] | None = None  # exactly these candidates instead of the profile's (recipes)
+    specs: str | tuple[str, ...] | None = None  # exactly these candidates instead of the profile's (registry.parse_specs)
     search: bool = True  # try neighbours of the best candidates
     eval: EvalConfig = DEFAULT_EVAL
     output: Path | None = None  # where the winner, its certificate and report go
@@ -115,8 +115,8 @@ def optimize(config: OptimizeConfig) -> dict:
     source = load_source(config.model)
     candidates = _initial_candidates(config, profile, source, gates)
     _check_something_runs(candidates, profile)
-    path.append(f"gates: {', '.join(g.text for g in gates)}" + ("" if config.gates else " (the defaults: quality within 5% of "
-                "the baseline, at least 2x its decode speed, at least 50% less memory)"))
+    path.append(f"gates: {', '.join(g.text for g in gates)}" + ("" if config.gates else " (the defaults: perplexity within 5% of "
+                "the baseline's either way and KLD at most 0.1, at least 2x its decode speed, at least 50% less memory)"))
     path.append(f"objective: {config.objective} ({_OBJECTIVE_WORDS[config.objective]})")
     if not here:
         path.append(f"{profile.name} is not this machine: quality is measured here for real; speed gates are skipped and "
@@ -185,7 +185,7 @@ _OBJECTIVE_WORDS = {"size": "the smallest artifact that passes every gate",
 
 def _initial_candidates(config: OptimizeConfig, profile, source, gates: list[Gate]) -> list[Candidate]:
     if config.specs is not None:
-        return [Candidate(str(parse_spec(t)), "listed") for t in config.specs]
+        return [Candidate(str(spec), "listed") for spec in parse_specs(config.specs)]
     size_bound = min((int(g.value) for g in gates if g.name == "size" and g.op in ("<=", "<")), default=None)
     found: list[Candidate] = []
     for text in profile.precisions:
@@ -281,6 +281,7 @@ def _record(ctx: Context, candidate: Candidate, metrics: dict) -> None:
     candidate.status, candidate.metrics, candidate.cached = "measured", metrics, bool(metrics.get("cached"))
     candidate.figures = _figures(ctx, metrics)
     candidate.verdicts = [_verdict(ctx, candidate.spec, g, candidate.figures) for g in ctx.gates]
+    candidate.verdicts.append(source_check(candidate.figures))  # never certify a model "better" than its source
     if not candidate.cached:
         from edgequant.artifact import open_artifact
         from edgequant.fingerprint import file_sha256
@@ -325,7 +326,7 @@ def _objective_key(objective: str, c: Candidate) -> tuple:
 def _shortfall(c: Candidate) -> tuple[int, float]:
     """How far a candidate is from passing: gates missed, then their misses relative to the bounds."""
     misses = [v for v in c.verdicts if v["verdict"] not in ("pass", "skipped")]
-    relative = sum(1.0 if v.get("missed_by") is None else v["missed_by"] / max(abs(v["bound"]), 1e-12) for v in misses)
+    relative = sum(1.0 if v.get("missed_by") is None or not v["bound"] else v["missed_by"] / abs(v["bound"]) for v in misses)
     return len(misses), relative
 
 
@@ -477,6 +478,8 @@ def missed_words(verdicts: list[dict]) -> str:
             continue
         if v["verdict"] == "not measured":
             parts.append(f"{v['gate']} not measured")
+        elif v["verdict"] == "suspect":
+            parts.append(f"suspect: {v['reason']}")
         elif v["verdict"] == "uncertain":
             parts.append(f"{v['gate']}: its 95% interval {v['ci95']} crosses the bound")
         else:

@@ -128,7 +128,7 @@ def _check_meaning(recipe: Recipe) -> None:
     from edgequant.gates import parse_gate, parse_gates
     from edgequant.hardware import get_profile
     from edgequant.optimize import OBJECTIVES
-    from edgequant.registry import parse_spec
+    from edgequant.registry import parse_specs
 
     data = recipe.data
     if data.get("version", VERSION) != VERSION:
@@ -136,7 +136,7 @@ def _check_meaning(recipe: Recipe) -> None:
     checks = [("target", lambda: get_profile(data["target"]) if "target" in data else None)]
     checks += [(f"gates[{i}]", lambda t=t: parse_gate(t)) for i, t in enumerate(data.get("gates", []))]
     checks += [("gates", lambda: parse_gates(data.get("gates", [])))]  # bounds that contradict each other
-    checks += [(f"specs[{i}]", lambda t=t: parse_spec(t)) for i, t in enumerate(data.get("specs", []))]
+    checks += [(f"specs[{i}]", lambda t=t: parse_specs(t)) for i, t in enumerate(data.get("specs", []))]
     for field, run in checks:
         try:
             run()
@@ -207,7 +207,9 @@ def save_recipe(config, path: Path, profile: str) -> None:
     data: dict[str, Any] = {"version": VERSION, "source": str(config.model.resolve()) if config.model else "default"}
     data["target"] = profile
     if config.specs is not None:
-        data["specs"] = list(config.specs)
+        from edgequant.registry import parse_specs
+
+        data["specs"] = [str(spec) for spec in parse_specs(config.specs)]
     data["search"] = {"objective": config.objective, "budget": config.budget, "neighbours": config.search}
     data["gates"] = list(config.gates or DEFAULT_GATES)
     data["eval"] = {k: (str(Path(v).resolve()) if k == "data" else v) for k, v in asdict(config.eval).items() if v is not None}

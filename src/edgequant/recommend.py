@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgequant.errors import EdgequantError
-from edgequant.gates import Gate, check, derived_metrics, parse_gate
+from edgequant.gates import Gate, check, derived_metrics, parse_gate, source_check
 from edgequant.hardware import Profile, closest, detect, get_profile
 from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec
 
@@ -90,7 +90,7 @@ def recommend(config: RecommendConfig) -> dict:
         candidate.measured = measurements.get(candidate.spec)
         expected = {"size_bytes": candidate.expected_size_bytes, "peak_rss_mb": candidate.expected_peak_mb}
         figures = derived_metrics({**expected, **(candidate.measured or {})}, baseline)  # measured figures win
-        candidate.verdicts = [check(g, figures) for g in gates]
+        candidate.verdicts = [check(g, figures) for g in gates] + [source_check(figures)]
     winner = next((c for c in candidates if c.passes), None)
     for rank, candidate in enumerate(candidates):
         if candidate is not winner:
@@ -170,6 +170,8 @@ def _verdict_words(v: dict) -> str:
         return f"{v['gate']}: not measured here (--measured measures it)"
     if v["verdict"] == "uncertain":
         return f"{v['gate']}: its 95% interval {v['ci95']} crosses the bound"
+    if v["verdict"] == "suspect":
+        return f"suspect: {v['reason']}"
     missed = f"{v['missed_by'] / 1e6:.1f} MB" if v["gate"].startswith("size") else f"{v['missed_by']:.4g}"
     return f"{v['gate']}: missed by {missed}"
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from edgequant.backend import Backend
 from edgequant.errors import EdgequantError
@@ -93,8 +93,10 @@ def parse_spec(text: str) -> Spec:
     return _parse_spec(text, backends())
 
 
-def parse_specs(text: str) -> list[Spec]:
-    return _parse_specs(text, backends())
+def parse_specs(specs: "str | Spec | Iterable[str | Spec]") -> list[Spec]:
+    """Every reader of a list of specs comes here: a comma-separated string (an option value may
+    hold commas), or a list of such strings and Specs; each is validated before any work."""
+    return _parse_specs(specs, backends())
 
 
 def bench_specs() -> list[str]:

@@ -12,7 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 from edgequant.errors import EdgequantError
 
@@ -55,7 +55,12 @@ class Precision:
 
 @dataclass(frozen=True)
 class Option:
-    """One `?key=value` option: its type, allowed values and default."""
+    """One `?key=value` option: its type, allowed values and default.
+
+    A default that depends on the precision is declared in `by_precision` (e.g. a block size of
+    32 for one precision and per-channel for another): `default_for` is the value a precision
+    really uses when the spec names none, so "the user gave this value" and "the user gave
+    nothing" mean the same thing exactly when they build the same artifact."""
 
     name: str
     kind: type  # int, float, bool or str
@@ -65,9 +70,13 @@ class Option:
     minimum: float | None = None
     maximum: float | None = None
     applies_to: tuple[str, ...] = ()  # the precisions it means something for; () = every one
+    by_precision: Mapping[str, Any] = field(default_factory=dict)  # precision -> its own default
 
     def applies(self, precision: str) -> bool:
         return not self.applies_to or precision in self.applies_to
+
+    def default_for(self, precision: str) -> Any:
+        return self.by_precision.get(precision, self.default)
 
     def parse(self, raw: str, spec_text: str) -> Any:
         value = self._coerce(raw, spec_text)
@@ -151,7 +160,11 @@ class SpecTarget(Protocol):
 
 def parse_spec(text: str, formats: Mapping[str, SpecTarget]) -> Spec:
     """Parse `text` and check it against `formats`; errors list the valid formats, precisions or
-    options. An option given where it does not apply is refused here, the same way for every format."""
+    options. An option given where it does not apply is refused here, the same way for every format.
+
+    The format's cross-option rules see the options as the user wrote them; the spec returned then
+    drops each value equal to the default its precision would use, so equal specs print (and
+    cache) alike."""
     text = text.strip()
     head, _, query = text.partition("?")
     fmt, sep, precision = head.partition(":")
@@ -165,15 +178,13 @@ def parse_spec(text: str, formats: Mapping[str, SpecTarget]) -> Spec:
         raise EdgequantError(f"unknown format {fmt!r} in spec {text!r}", f"use one of: {known}")
     if precision not in target.precisions:
         raise EdgequantError(f"unknown precision {precision!r} for format {fmt!r}", f"use one of: {', '.join(target.precisions)}")
-    options = {}
+    given = {}
     for key, raw in _query_items(query):
-        option = _applicable_option(target, fmt, precision, key, text)
-        value = option.parse(raw, text)
-        if value != option.default:  # defaults are dropped so equal specs print (and cache) alike
-            options[key] = value
-    spec = Spec(fmt, precision, options)
-    target.validate(spec)
-    return spec
+        if key in given:
+            raise EdgequantError(f"option {key!r} is given twice in spec {text!r}", "keep one of them")
+        given[key] = _applicable_option(target, fmt, precision, key, text).parse(raw, text)
+    target.validate(Spec(fmt, precision, given))
+    return Spec(fmt, precision, {k: v for k, v in given.items() if v != target.options[k].default_for(precision)})
 
 
 def _query_items(query: str) -> list[tuple[str, str]]:
@@ -194,10 +205,16 @@ def _applicable_option(target: SpecTarget, fmt: str, precision: str, key: str, t
     return option
 
 
-def parse_specs(text: str, formats: Mapping[str, SpecTarget]) -> list[Spec]:
-    """Parse a comma-separated list, validating every entry before any work starts. A comma
-    starts a new spec only where a format name and a colon follow it, so an option value may hold
-    commas of its own (`gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q6_k,onnx:int4` is two specs)."""
+def parse_specs(specs: "str | Spec | Iterable[str | Spec]", formats: Mapping[str, SpecTarget]) -> list[Spec]:
+    """The one reader of spec lists (CLI `--to`, recipes, the Python API): a comma-separated
+    string, or any iterable of such strings and `Spec`s, validated entry by entry before any work
+    starts. A comma starts a new spec only where a format name and a colon follow it, so an option
+    value may hold commas of its own (`gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q6_k,onnx:int4` is
+    two specs)."""
+    if isinstance(specs, Spec):
+        return [specs]
+    if not isinstance(specs, str):
+        return [found for item in specs for found in parse_specs(item, formats)]
     names = "|".join(re.escape(name) for name in sorted(formats, key=len, reverse=True))
-    parts = re.split(rf",(?=\s*(?:{names}):)", text, flags=re.IGNORECASE) if names else text.split(",")
+    parts = re.split(rf",(?=\s*(?:{names}):)", specs, flags=re.IGNORECASE) if names else specs.split(",")
     return [parse_spec(part, formats) for part in parts if part.strip()]

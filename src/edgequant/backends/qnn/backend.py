@@ -65,7 +65,8 @@ class QnnBackend(Backend):
         "seq": Option("seq", int, 512, "graphs=fixed: sequence length of the graph (tokens)", minimum=8, maximum=8192),
         "block": Option("block", int, 64, "weights quantized per block of this many input rows, scales searched "
                         "(0: per output channel, w8a8's default, since the HTP runs blocked weights only between "
-                        "16-bit activations; w4a16 defaults to 32)", choices=(0, 16, 32, 64, 128)),
+                        "16-bit activations; w4a16 defaults to 32)", choices=(0, 16, 32, 64, 128),
+                        by_precision={"w4a16": W4_BLOCK, "w8a8": 0}),
         "gptq": Option("gptq", int, 64, "calibration windows whose input statistics (X^T X per MatMul) drive GPTQ's "
                        "rounding of the weights: each row's rounding error is fed into the rows not yet rounded "
                        "(0: round to nearest, scales still searched)", minimum=0, maximum=256),
@@ -95,12 +96,6 @@ class QnnBackend(Backend):
                         "rounding to 0 at 8 bits go to uint16 (0: every activation 8-bit)", minimum=0.0, maximum=1.0,
                         applies_to=("w8a8",)),
     }
-
-    def option_values(self, spec) -> dict[str, Any]:
-        values = super().option_values(spec)
-        if "block" not in spec.options and spec.precision in ("w4a16", "w8a8"):
-            values["block"] = W4_BLOCK if spec.precision == "w4a16" else 0
-        return values
 
     def speed_is_representative(self) -> bool:
         return False  # the CPU execution provider stands in for the NPU
@@ -288,11 +283,11 @@ class QnnBackend(Backend):
         quantized as one), the LM head as its own MatMul copy (at 8 bits for w4a16's default head), every other
         matrix at the precision's bits plus a float32 scale per block (w4a16: with the default mix's share at
         int8, its most), vectors float32."""
-        block = W4_BLOCK if precision == "w4a16" else self.options["block"].default
-        bpw = self.precisions[precision].bpw + 32 / block
+        block = self.options["block"].default_for(precision)
+        bpw = self.precisions[precision].bpw + (32 / block if block else 0.0)  # per column: one scale per row, ~0
         if precision == "w4a16":
             bpw += 4 * self.options["mix"].default
-        head_bpw = 8 + 32 / block if precision == "w4a16" else bpw
+        head_bpw = 8 + 32 / block if precision == "w4a16" and block else bpw
         embedding_bits = 8.0 if precision == "w8a8" else 16.0
         bits = 0.0
         for tensor in tensors:
