@@ -348,3 +348,22 @@ def test_default_model_w8a16_on_cpu_ep():
     check_model(artifact.model_path)
     metrics = edgequant.evaluate(artifact.path, config=EvalConfig(ctx=128, windows=2, speed=False))
     assert metrics["ppl_increase_pct"] < 25 and metrics["top1_agreement"] > 0.7
+
+
+def test_an_architecture_the_kv_graphs_do_not_take_falls_back_to_the_fixed_graph(tiny_model, tmp_path):
+    """The default layout (graphs=kv) writes Llama-style attention only: Gemma-3 gets the
+    fixed-window graph instead of an error, and the manifest and the report's notes say so."""
+    from tiny_archs import build
+
+    from edgequant.registry import get_backend
+
+    gemma = build("gemma3", tiny_model, tmp_path / "gemma3")
+    with pytest.raises(EdgequantError, match="graphs=kv only"):
+        edgequant.convert(gemma, "qnn:w8a16?ar=16&ctx=128")
+    artifact = edgequant.convert(gemma, "qnn:w8a16?samples=1&gptq=0")
+    details = artifact.manifest["details"]
+    assert "gemma3_text" in details["fallback"] and "graphs=fixed" in details["fallback"]
+    assert details["seq"] == 512 and (artifact.path / "model.onnx").is_file()
+    notes = get_backend("qnn").report_notes(str(artifact.spec), artifact.manifest)
+    assert any("graphs=fixed" in n for n in notes)
+    assert _quality(artifact)["top1_agreement"] > 0.8

@@ -1,9 +1,14 @@
 """Import a GGUF file as a Hugging Face folder (weights dequantized, tokenizer rebuilt).
 
 transformers dequantizes the weights and undoes llama.cpp's tensor layout for every architecture
-it knows. Its GGUF tokenizer import is not trusted: for BPE vocabularies it loses the
-pre-tokenizer, the BOS setting and the EOS token, which would silently change token ids. We build
-the tokenizer from the GGUF metadata ourselves for the BPE pre-tokenizers we know.
+it knows (Gemma's norms stored as w + 1 included). Its GGUF tokenizer import is not trusted: for
+BPE vocabularies it loses the pre-tokenizer, the BOS setting and the EOS token, and it turns a
+sentencepiece vocabulary (Gemma's) into a Unigram model that splits text into twice as many
+pieces. We rebuild the tokenizer from the GGUF metadata ourselves: byte-level BPE for the
+pre-tokenizers we know, and for sentencepiece vocabularies the `tokenizer.model` itself (the GGUF
+keeps every piece with its score and type), which llama.cpp's converter also needs to turn the
+folder back into a GGUF. Before the import is kept, the tokenizer must give llama.cpp's own ids on
+the evaluation and calibration texts; an import that cannot is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ from edgequant.paths import cache_dir
 _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "codeshell"}
 _PLAIN_BYTELEVEL_PRE = {"gpt2", "default", "gpt-2"}
 _CONTROL_TOKEN = 3
+_BYTE_TOKEN = 6
+# Architectures whose sentencepiece tokenizer transformers names Gemma's (no dummy prefix, no
+# legacy space handling); every other sentencepiece vocabulary is Llama's.
+_GEMMA_ARCHES = {"gemma", "gemma2", "gemma3"}
+_CHECK_CHARS = 20000  # characters of each text the tokenizer must split as llama.cpp does
 
 
 def check_gguf(path: Path):
@@ -106,19 +116,40 @@ def _import_weights(path: Path, arch: str, out: Path) -> None:
             + "; or pass the model as a Hugging Face folder",
         )
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    _restore_attention_scale(model.config)
     model.save_pretrained(out, safe_serialization=True)
+
+
+# Gemma-2/3 models with these layer counts (the 27B ones) scale queries by 1/sqrt(hidden / heads);
+# every other size by 1/sqrt(head_dim), which is what llama.cpp assumes (the GGUF does not store it).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
+
+
+def _restore_attention_scale(config) -> None:
+    """A GGUF does not carry Gemma's `query_pre_attn_scalar`; transformers then takes its default
+    (256), right for Gemma-3-270M by chance and wrong for any other head size. Restore llama.cpp's."""
+    layers = _GEMMA_27B_LAYERS.get(config.model_type)
+    if layers is None:
+        return
+    if config.num_hidden_layers == layers:
+        config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads
+    else:
+        config.query_pre_attn_scalar = config.head_dim
 
 
 def _import_tokenizer(path: Path, reader, meta: dict, out: Path) -> None:
     model_kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     if model_kind == "gpt2" and (pre in _DIGIT_SPLIT_PRE or pre in _PLAIN_BYTELEVEL_PRE):
         tokenizer = _bpe_tokenizer(reader, meta, split_digits=pre in _DIGIT_SPLIT_PRE)
+    elif model_kind == "llama":
+        tokenizer = _sentencepiece_tokenizer(reader, meta, out)
     else:
         tokenizer = _transformers_tokenizer(path, meta)
     tokenizer.save_pretrained(out)
     junk = out / "tokenizer.model"  # transformers writes the GGUF itself here for some vocabularies
     if junk.is_file() and junk.read_bytes()[:4] == b"GGUF":
         junk.unlink()
+    check_tokenizer_against_llama_cpp(path, out, f"{model_kind}/{pre}")
 
 
 def _array_field(reader, key: str) -> list:
@@ -159,6 +190,75 @@ def _bpe_tokenizer(reader, meta: dict, split_digits: bool):
         clean_up_tokenization_spaces=False,
         **_special_tokens(meta, tokens),
     )
+
+
+def _sentencepiece_tokenizer(reader, meta: dict, out: Path):
+    """Write the sentencepiece model the GGUF was made from and load it as a fast tokenizer.
+    llama.cpp's token types are sentencepiece's piece types (normal, unknown, control,
+    user-defined, unused, byte), so every piece goes back with its score and type."""
+    from sentencepiece import sentencepiece_model_pb2 as sp
+
+    tokens = _array_field(reader, "tokenizer.ggml.tokens")
+    scores = _array_field(reader, "tokenizer.ggml.scores")
+    types = _array_field(reader, "tokenizer.ggml.token_type")
+    proto = sp.ModelProto()
+    proto.trainer_spec.model_type = sp.TrainerSpec.BPE  # llama.cpp's SPM tokenizer merges by score, as BPE models do
+    proto.trainer_spec.vocab_size = len(tokens)
+    proto.trainer_spec.byte_fallback = _BYTE_TOKEN in types
+    for name in ("unk", "bos", "eos", "pad"):
+        gguf_name = {"unk": "unknown", "pad": "padding"}.get(name, name)
+        setattr(proto.trainer_spec, f"{name}_id", int(meta.get(f"tokenizer.ggml.{gguf_name}_token_id", -1)))
+    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = add_prefix
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.escape_whitespaces = True
+    for token, score, kind in zip(tokens, scores, types):
+        proto.pieces.add(piece=token, score=score, type=kind)
+    model_file = out / "tokenizer.model"
+    model_file.write_bytes(proto.SerializeToString())
+    common = dict(vocab_file=str(model_file), chat_template=meta.get("tokenizer.chat_template"),
+                  add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+                  add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)), **_special_tokens(meta, tokens))
+    if meta.get("general.architecture") in _GEMMA_ARCHES:
+        from transformers import GemmaTokenizerFast
+
+        return GemmaTokenizerFast(**common)
+    from transformers import LlamaTokenizerFast
+
+    return LlamaTokenizerFast(**common, legacy=False, add_prefix_space=add_prefix, from_slow=True)
+
+
+def check_tokenizer_against_llama_cpp(path: Path, folder: Path, kind: str) -> None:
+    """Refuse an import whose tokenizer does not give llama.cpp's ids for the same GGUF on the
+    evaluation and calibration texts (skipped, with a note, without llama.cpp installed)."""
+    from edgequant.progress import note
+
+    try:
+        import llama_cpp
+    except ImportError:
+        note("llama-cpp-python is not installed: the imported tokenizer was not checked against llama.cpp's")
+        return
+    from transformers import AutoTokenizer
+
+    from edgequant.evaldata import default_calibration_text, default_eval_text
+
+    vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    ours = AutoTokenizer.from_pretrained(folder)
+    for name, text in (("evaluation", default_eval_text()), ("calibration", default_calibration_text())):
+        sample = text[:_CHECK_CHARS]
+        want = vocab.tokenize(sample.encode(), add_bos=False, special=False)
+        got = ours(sample, add_special_tokens=False, verbose=False).input_ids
+        if got != want:
+            from edgequant.logprobs import first_difference
+
+            at = first_difference(got, want)
+            raise EdgequantError(
+                f"cannot import {path.name} faithfully: its rebuilt tokenizer splits the {name} text differently from "
+                f"llama.cpp at token {at} (ours {ours.convert_ids_to_tokens(got[at:at + 4])}, llama.cpp's "
+                f"{[vocab.detokenize([t]).decode(errors='replace') for t in want[at:at + 4]]}; GGUF tokenizer {kind})",
+                "pass the model as a Hugging Face folder with its own tokenizer files, or report this model")
+    note(f"imported tokenizer gives llama.cpp's ids on {_CHECK_CHARS} characters of the evaluation and calibration texts")
 
 
 def _transformers_tokenizer(path: Path, meta: dict):

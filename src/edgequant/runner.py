@@ -28,11 +28,17 @@ class Runner(ABC):
 
     name: str = ""
     n_ctx: int = 0
+    bos_id: int | None = None  # set where the model's tokenizer metadata says prompts start with BOS
 
     @abstractmethod
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """Token ids of `text`, with no BOS/EOS added. `special=True` parses special-token text
         such as `<|im_start|>` into its id (chat prompts need that; evaluation text must not)."""
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A prompt's ids as the model was trained to see them: BOS first where its tokenizer adds
+        one (Gemma answers a question without BOS with markup), special-token text parsed."""
+        return ([self.bos_id] if self.bos_id is not None else []) + self.tokenize(text, special=True)
 
     @abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str: ...

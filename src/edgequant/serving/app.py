@@ -91,7 +91,7 @@ def create_app(config: ServeConfig, workers: dict[str, ModelWorker] | None = Non
         body = _validate(CompletionRequest, await _json(request, config))
         worker = _worker(state, body.model)
         prompt = body.prompt if isinstance(body.prompt, str) else _single(body.prompt)
-        ids = await asyncio.to_thread(worker.runner.tokenize, prompt, True)
+        ids = await asyncio.to_thread(worker.runner.prompt_ids, prompt)
         return await _respond(worker, body, ids, config, metrics, chat=False)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
@@ -99,7 +99,7 @@ def create_app(config: ServeConfig, workers: dict[str, ModelWorker] | None = Non
         body = _validate(ChatRequest, await _json(request, config))
         worker = _worker(state, body.model)
         prompt = render_chat(worker.runner, [m.model_dump() for m in body.messages])
-        ids = await asyncio.to_thread(worker.runner.tokenize, prompt, True)
+        ids = await asyncio.to_thread(worker.runner.prompt_ids, prompt)
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         return await _respond(worker, body, ids, config, metrics, chat=True)

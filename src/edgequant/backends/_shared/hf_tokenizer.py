@@ -30,6 +30,7 @@ class HFTokenizerMixin:
         config = _read_json(folder / "tokenizer_config.json")
         self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         self._eos_ids = eos_ids(folder, config, self._tokenizer)
+        self.bos_id = bos_id(config, self._tokenizer)
         self._chat_template = chat_template(folder, config)
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
@@ -58,6 +59,13 @@ def eos_ids(folder: Path, config: dict, tokenizer) -> set[int]:
     generation = _read_json(folder / "generation_config.json").get("eos_token_id")
     ids.update(generation if isinstance(generation, list) else [generation] if generation is not None else [])
     return ids
+
+
+def bos_id(config: dict, tokenizer) -> int | None:
+    """The BOS id when tokenizer_config.json says prompts start with it (`add_bos_token`), else None."""
+    bos = config.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    return tokenizer.token_to_id(bos) if config.get("add_bos_token") and bos else None
 
 
 def chat_template(folder: Path, config: dict) -> str | None:

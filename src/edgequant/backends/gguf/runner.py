@@ -31,6 +31,7 @@ class LlamaRunner(Runner):
                 raise EdgequantError(f"llama.cpp could not load {model_path}:\n{tail}", "re-create the artifact with --force") from None
         silence_llama_logs()
         self._vocab = self._llm._model.vocab
+        self.bos_id = next(iter(self._llm.tokenize(b"", add_bos=True)), None)  # the GGUF's add_bos_token decides
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)

@@ -120,8 +120,12 @@ class QnnBackend(Backend):
                 raise EdgequantError(f"ar={opt['ar']} must be below ctx={opt['ctx']}", "use a larger ctx or a smaller ar")
 
     def report_notes(self, spec_text: str, manifest: dict) -> list[str]:
-        """The simulated-HTP agreement recorded at conversion, when onnxruntime-qnn was installed."""
+        """The layout a spec fell back to, and the simulated-HTP agreement recorded at conversion
+        (with onnxruntime-qnn installed)."""
         notes = super().report_notes(spec_text, manifest)
+        fallback = (manifest.get("details") or {}).get("fallback")
+        if fallback:
+            notes.append(f"{spec_text}: {fallback}")
         check = (manifest.get("details") or {}).get("htp_pipeline")
         if check:
             if "error" in check:
@@ -149,8 +153,11 @@ class QnnBackend(Backend):
         from edgequant.backends.qnn import weights
 
         opt = self.option_values(spec)
+        fallback = None
         if opt["graphs"] == "kv":
-            return self._convert_kv(source, spec, opt, out_dir)
+            fallback = _fixed_layout_reason(source, spec)
+            if fallback is None:
+                return self._convert_kv(source, spec, opt, out_dir)
         request = self._request(spec, opt, opt["seq"])
         if opt["context"]:
             qnn_tools.require_htp()  # before any long step
@@ -189,6 +196,8 @@ class QnnBackend(Backend):
             qnn_tools.compile_context(out_dir / qnn_tools.MODEL_FILE, out_dir / "model_ctx.onnx", _target(opt))
             info["context_model"] = "model_ctx.onnx"
         info["timings"] = {"export_s": round(exported - started, 3), "quantize_s": round(time.perf_counter() - exported, 3)}
+        if fallback:
+            info["fallback"] = fallback
         return info
 
     def _convert_kv(self, source, spec, opt: dict, out_dir: Path) -> dict[str, Any]:
@@ -298,6 +307,24 @@ class QnnBackend(Backend):
             else:
                 bits += tensor.numel * (head_bpw if "lm_head" in tensor.name else bpw)
         return int(bits / 8)
+
+
+def _fixed_layout_reason(source, spec) -> str | None:
+    """None when the default layout (graphs=kv) takes the source; else why the fixed-window graph
+    is built instead. Options that only the KV graphs read are refused rather than ignored."""
+    from edgequant.backends.qnn import kv
+    from edgequant.progress import note
+
+    reason = kv.unsupported(source.config)
+    if reason is None:
+        return None
+    kv_only = [name for name in ("ar", "ctx", "kv") if name in spec.options]
+    if kv_only:
+        raise EdgequantError(f"{reason}, and {', '.join(kv_only)} apply to graphs=kv only",
+                             "drop them: this model gets the fixed-window graph (graphs=fixed, seq=...)")
+    fallback = f"{reason}: built the fixed-window graph (graphs=fixed) instead"
+    note(fallback)
+    return fallback
 
 
 def _smooth(folder: Path, files: list[str], feeds: list[dict], opt: dict) -> dict | None:

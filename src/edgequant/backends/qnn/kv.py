@@ -36,10 +36,17 @@ PROMPT_FILE, DECODE_FILE = "prompt.onnx", "decode.onnx"
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
+def unsupported(config: dict) -> str | None:
+    """Why the graphs cannot be written for this architecture, or None."""
+    if config.get("model_type") in SUPPORTED:
+        return None
+    return f"graphs=kv supports {', '.join(SUPPORTED)} decoders, not {config.get('model_type')!r}"
+
+
 def check_architecture(config: dict) -> None:
-    if config.get("model_type") not in SUPPORTED:
-        raise EdgequantError(f"graphs=kv supports {', '.join(SUPPORTED)} decoders, not {config.get('model_type')!r}",
-                             "use graphs=fixed (one fixed-window graph) for this model")
+    reason = unsupported(config)
+    if reason:
+        raise EdgequantError(reason, "use graphs=fixed (one fixed-window graph) for this model")
 
 
 def export_graphs(hf_dir: Path, out: Path, ar: int, ctx: int) -> dict:

@@ -1,0 +1,74 @@
+"""Importing a GGUF another producer wrote: llama.cpp's own converter writes one from a tiny float
+model, and the import must give back that model (its logits) and its tokenizer (its ids, and a
+`tokenizer.model` the converter can read again). Special tokens follow the model's metadata."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import edgequant
+from edgequant.evaldata import default_eval_text
+from edgequant.logprobs import kl_divergence, log_softmax
+from edgequant.registry import open_runner
+
+pytest.importorskip("torch", reason="its extra is not installed")
+pytest.importorskip("llama_cpp", reason="its extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tiny_model, tmp_path_factory):
+    from tiny_archs import build
+
+    return build("gemma3", tiny_model, tmp_path_factory.mktemp("gemma3") / "model")
+
+
+def _as_their_gguf(hf_dir, tmp_path):
+    """The float model as llama.cpp's converter writes it, handed over as a user's own file."""
+    theirs = tmp_path / "theirs.gguf"
+    shutil.copyfile(edgequant.convert(hf_dir, "gguf:f32").model_path, theirs)
+    return edgequant.load_source(theirs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_an_imported_gguf_is_the_model_it_was_written_from(arch, tiny_model, tiny_gemma3, tmp_path):
+    from transformers import AutoTokenizer
+
+    original = tiny_model if arch == "llama" else tiny_gemma3
+    source = _as_their_gguf(original, tmp_path)
+    text = default_eval_text()[:3000]
+    want = AutoTokenizer.from_pretrained(original)(text, add_special_tokens=False).input_ids
+    assert AutoTokenizer.from_pretrained(source.hf_dir)(text, add_special_tokens=False).input_ids == want
+    assert (source.hf_dir / "tokenizer.model").is_file()  # what llama.cpp's converter reads to go back to GGUF
+    ids = want[:128]
+    with open_runner(original, n_ctx=128) as ours, open_runner(source.path, n_ctx=128) as imported:
+        kld = kl_divergence(log_softmax(ours.logits(ids)), log_softmax(imported.logits(ids)))
+    assert float(np.mean(kld)) < 1e-4, arch  # Gemma: norms stored as w + 1, scaled embedding, query scale
+
+
+def test_the_round_trip_closes_a_gguf_source_converts_back_to_gguf(tiny_gemma3, tmp_path):
+    source = _as_their_gguf(tiny_gemma3, tmp_path)
+    artifact = edgequant.convert(source.path, "gguf:q8_0")
+    metrics = edgequant.evaluate(artifact.path, config=edgequant.EvalConfig(ctx=64, windows=2, speed=False))
+    assert metrics["kld_mean"] < 0.01 and metrics["top1_agreement"] > 0.9
+
+
+def test_a_model_that_adds_bos_gets_it_in_evaluation_prompts_and_every_runner(tiny_model, tmp_path):
+    model = tmp_path / "bos-model"
+    shutil.copytree(tiny_model, model)
+    config_path = model / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "add_bos_token": True}))
+    config = edgequant.EvalConfig(ctx=64, windows=2, speed=False)
+    metrics = edgequant.evaluate(model, config=config)
+    assert metrics["tokens_scored"] == 2 * 63
+    from edgequant.evaluation import _eval_text, _make_windows
+
+    windows = _make_windows(edgequant.load_source(model), config, *_eval_text(config))
+    assert list(windows.ids[:, 0]) == [1, 1]  # each window starts with BOS, as llama.cpp's perplexity does
+    artifact = edgequant.convert(model, "gguf:q8_0")
+    for path in (model, artifact.path):
+        with open_runner(path, n_ctx=64) as runner:
+            assert runner.prompt_ids("Hello")[0] == 1 and runner.prompt_ids("Hello")[1:] == runner.tokenize("Hello")
+    with open_runner(tiny_model, n_ctx=64) as plain:  # the tiny model's own tokenizer adds none
+        assert plain.prompt_ids("Hello") == plain.tokenize("Hello")
