@@ -192,6 +192,14 @@ def test_bench_reads_the_spec_list_convert_reads(cli, tiny_model, tmp_path):
     assert [str(spec) for spec, _ in planned] == ["gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q8_0", "gguf:q8_0"]
 
 
+def test_a_run_with_a_failed_spec_exits_non_zero_unless_asked_to_keep_going(cli, tiny_model, tmp_path):
+    args = ["bench", str(tiny_model), "--to", "gguf:q8_0,gguf:q4_0?tensor=ffn_up:iq2_xxs", "--db", str(tmp_path / "db.sqlite"),
+            "--ctx", "64", "--windows", "1", "--prompt-tokens", "16", "--gen-tokens", "8", "--repeats", "1"]
+    failed = cli(*args)
+    assert failed.returncode == 1 and "1 of 2 specs failed" in failed.stderr and "| gguf:q8_0" in failed.stdout
+    assert cli(*args, "--keep-going").returncode == 0
+
+
 def test_a_file_that_is_not_our_database_is_refused_untouched(tiny_model, tmp_path):
     text = tmp_path / "notes.sqlite"
     text.write_text("not a database at all")

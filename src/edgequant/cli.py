@@ -142,6 +142,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--markdown", type=Path, help="write a Markdown report here")
     p.add_argument("--json", type=Path, help="write the report data as JSON here")
     p.add_argument("--strict", action="store_true", help="stop at the first failing or unavailable spec")
+    p.add_argument("--keep-going", action="store_true", help="exit 0 even when some specs failed (default: exit 1)")
     p.add_argument("--force", action="store_true", help="rebuild artifacts even when cached")
     p.add_argument("--windows", type=int, default=4, help="windows scored per candidate (default 4)")
     _add_eval_options(p)
@@ -320,6 +321,11 @@ def _run_bench(args) -> int:
                          args.strict, args.force, _eval_config(args, args.windows))
     result = run_bench(config)
     print(render_markdown(build_report(result)))
+    failed = [row.spec for row in result.rows if row.status == "failed"]
+    if failed and not args.keep_going:
+        print(f"edgequant: {len(failed)} of {len(result.rows)} specs failed ({', '.join(failed)}); the report says why "
+              "(--keep-going exits 0 anyway)", file=sys.stderr)
+        return 1
     return 0
 
 
