@@ -42,6 +42,18 @@ def test_w4a16_has_int4_weights(tiny_model):
     assert counts.get("QuantizeLinear:uint16", 0) >= 20
 
 
+def test_an_explicit_block_size_is_the_one_built_even_where_it_equals_another_precisions_default(tiny_model):
+    spec = f"qnn:w4a16?graphs=fixed&seq={SEQ}&samples=2&mix=0&gptq=0"
+
+    def block_sizes(artifact):
+        model = onnx.load(str(artifact.model_path))
+        return {onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "DequantizeLinear"
+                for a in n.attribute if a.name == "block_size"}
+
+    assert block_sizes(edgequant.convert(tiny_model, spec + "&block=64")) == {64}
+    assert block_sizes(edgequant.convert(tiny_model, spec)) == {32}  # w4a16's own default
+
+
 def test_w4a16_raises_the_weights_int8_buys_most_for(tiny_model):
     spec = f"qnn:w4a16?graphs=fixed&seq={SEQ}&samples=2"
     mixed = edgequant.convert(tiny_model, spec)  # mix=0.35 is the default
