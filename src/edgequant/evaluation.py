@@ -10,6 +10,7 @@ relative to the same reference. Speed and peak memory come from a child process 
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -207,16 +208,25 @@ def _make_windows(source, config: EvalConfig, text: str, data_name: str) -> Wind
 def _reference_logprobs(source, windows: Windows, threads: int) -> np.ndarray:
     """The baseline's log-probabilities on every window, float32 on disk (memory-mapped). float16
     would put a floor of ~4e-5 under every KLD (its rounding alone): a float export's true ~5e-6
-    could not be told from it."""
+    could not be told from it. Each window is written to the file as soon as it is computed, so
+    memory holds one window's (ctx x vocab), not all of them (4 windows at a 262k vocabulary are
+    2.1 GB)."""
     path = cache_dir("reference") / f"{source.fingerprint[:16]}-{windows.key}-f32.npy"
     if path.is_file():
         return np.load(path, mmap_mode="r")
     n_windows, ctx = windows.ids.shape
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
     with step(f"computing the PyTorch baseline on {n_windows} windows of {ctx} tokens (cached)"):
         with open_runner(source.path, n_ctx=ctx, threads=threads) as runner:
-            rows = [log_softmax(runner.logits(w.tolist())) for w in track(windows.ids, "baseline windows")]
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, np.stack(rows))
+            out = None
+            for i, window in enumerate(track(windows.ids, "baseline windows")):
+                row = log_softmax(runner.logits(window.tolist()))
+                if out is None:
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_windows, *row.shape))
+                out[i] = row
+                del row
+            out.flush()
+            del out
     tmp.rename(path)
     return np.load(path, mmap_mode="r")
 
