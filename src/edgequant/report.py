@@ -73,7 +73,7 @@ def _summary(row: dict) -> dict:
     backend = get_format(row["format"])
     framework, use_case = (backend.display_name or backend.name, backend.use_case) if backend else (row["format"], "")
     return {"framework": framework, "quantization": row["spec"].split(":", 1)[1], "memory_mb": row["peak_rss_mb"],
-            "size_mb": row["size_mb"], "memory_reduction_vs_fp32_pct": row["size_reduction_pct"],
+            "size_mb": row["size_mb"], "size_reduction_vs_fp32_pct": row["size_reduction_pct"],
             "speedup_vs_fp32": row["speedup"], "speed_representative": row["speed_representative"], "use_case": use_case}
 
 
@@ -88,7 +88,8 @@ def _notes(result, rows: list[dict]) -> list[str]:
              f"Speed: median of {s['repeats']} runs after a warm-up, a different {s['prompt_tokens']}-token prompt each "
              f"(so no engine reuses a cached prefix), {s['gen_tokens']} tokens generated, {s['threads'] or 'all'} threads; "
              "peak memory is the RSS of a fresh process that loaded the model.",
-             "Memory reduction is the file size against the fp32 source; memory use is measured peak RSS. "
+             "Size reduction is the file size against the fp32 source; memory use is measured peak RSS (optimize's "
+             "memory_reduction gate compares peak RSS). "
              "'model MB' is that peak less the RSS of the same process before the engine loaded "
              f"({_interpreter_mb(rows)}): what the model and its engine cost.",
              "Intervals are 95% block-bootstrap intervals over the scored tokens (blocks of 32 tokens, seeded); "
@@ -169,12 +170,12 @@ def render_markdown(data: dict) -> str:
     lines += ["", "`*` on the size/quality Pareto front.", ""]
     failed = [r for r in data["rows"] if r["status"] != "ok"]
     lines += [f"- {r['spec']}: {r['status']}: {r['error']}" for r in failed]
-    lines += ["", "## Summary by framework", "", "| framework | quantization | memory use | memory reduction vs fp32 | speed-up vs fp32 | use case |",
+    lines += ["", "## Summary by framework", "", "| framework | quantization | memory use | size reduction vs fp32 | speed-up vs fp32 | use case |",
               "|---|---|---|---|---|---|"]
     for s in data["summary"]:
         speed = f"{s['speedup_vs_fp32']}x" + ("" if s["speed_representative"] else " (not representative)") if s["speedup_vs_fp32"] else ""
         lines.append(f"| {s['framework']} | {s['quantization']} | {s['memory_mb']:.0f} MB RSS, {s['size_mb']:.0f} MB file | "
-                     f"{s['memory_reduction_vs_fp32_pct']:.0f}% | {speed} | {s['use_case']} |")
+                     f"{s['size_reduction_vs_fp32_pct']:.0f}% | {speed} | {s['use_case']} |")
     lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -255,7 +256,7 @@ def render_html(data: dict) -> str:
     failures = "".join(f"<li>{e(r['spec'])}: {e(r['status'])}: {e(r['error'] or '')}</li>" for r in data["rows"] if r["status"] != "ok")
     summary = "".join(
         f"<tr><td>{e(s['framework'])}</td><td>{e(s['quantization'])}</td><td>{s['memory_mb'] or 0:.0f} MB RSS, {s['size_mb']:.0f} MB file</td>"
-        f"<td>{s['memory_reduction_vs_fp32_pct']:.0f}%</td><td>{'' if s['speedup_vs_fp32'] is None else s['speedup_vs_fp32']}x"
+        f"<td>{s['size_reduction_vs_fp32_pct']:.0f}%</td><td>{'' if s['speedup_vs_fp32'] is None else s['speedup_vs_fp32']}x"
         f"{'' if s['speed_representative'] else ' (not representative)'}</td><td>{e(s['use_case'])}</td></tr>"
         for s in data["summary"])
     notes = "".join(f"<li>{e(n)}</li>" for n in data["notes"])
@@ -276,7 +277,7 @@ Bold specs are on the size/quality Pareto front; the blue row is the PyTorch fp3
 <div class="chart"><svg id="chart-memory" width="520" height="300" role="img" aria-label="peak memory"></svg></div>
 </div>
 <h2>Summary by framework</h2>
-<table id="summary"><thead><tr><th>framework</th><th>quantization</th><th>memory use</th><th>memory reduction vs fp32</th>
+<table id="summary"><thead><tr><th>framework</th><th>quantization</th><th>memory use</th><th>size reduction vs fp32</th>
 <th>speed-up vs fp32</th><th>use case</th></tr></thead><tbody>{summary}</tbody></table>
 <h2>Notes</h2><ul class="notes">{notes}</ul>
 <script id="report-data" type="application/json">{payload}</script>
