@@ -117,3 +117,24 @@ def test_artifacts_of_an_older_recipe_are_rebuilt(tiny_model):
         backend.recipe_version -= 1
     assert rebuilt.manifest["recipe_version"] == first.manifest["recipe_version"] + 1
     assert rebuilt.manifest["created"] >= first.manifest["created"]
+
+
+def test_an_unknown_bpe_pre_tokenizer_is_refused_with_the_converters_log_kept(tiny_model, tmp_path):
+    """A byte-level BPE tokenizer llama.cpp's converter has never seen: the error says why and
+    where the converter's log is, and that log outlives the failed conversion's temp folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgequant.evaldata import default_eval_text
+
+    model = tmp_path / "unknown-bpe"
+    shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.train_from_iterator([default_eval_text()[:50_000]], trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
+                                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>").save_pretrained(model)
+    with pytest.raises(EdgequantError, match="pre-tokenizer") as err:
+        edgequant.convert(model, "gguf:q8_0")
+    log = err.value.fix.rsplit(": ", 1)[1]
+    assert "pre-tokenizer" in open(log).read()

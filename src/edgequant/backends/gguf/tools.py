@@ -8,11 +8,14 @@ converter, its `conversion/` package and its own gguf-py, and run it as a subpro
 from __future__ import annotations
 
 import ctypes
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections import deque
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -87,6 +90,7 @@ def run_converter(hf_dir: Path, outfile: Path, outtype: str, log_path: Path) -> 
     if result.returncode == 0 and outfile.is_file():
         return
     text = log_path.read_text(errors="replace")
+    kept = _keep_log(log_path)  # the temp folder holding it is removed with the failed conversion
     unsupported = re.search(r"Architecture '?([\w.]+)'? not supported|Model (\w+) is not supported", text)
     if unsupported:
         arch = unsupported.group(1) or unsupported.group(2)
@@ -96,11 +100,19 @@ def run_converter(hf_dir: Path, outfile: Path, outtype: str, log_path: Path) -> 
         )
     if "BPE pre-tokenizer was not recognized" in text:
         raise EdgequantError(
-            "llama.cpp's converter does not recognize this model's BPE pre-tokenizer",
-            "use a model whose tokenizer llama.cpp supports (see the converter's get_vocab_base_pre)",
+            "llama.cpp's converter does not recognize this model's BPE pre-tokenizer (it knows each by the hash "
+            "of a test text's ids, and this tokenizer's is not among them)",
+            f"if the model came as a GGUF, pass the GGUF itself (its tokenizer is carried over); a Hugging Face folder "
+            f"with a sentencepiece tokenizer.model converts without the check. Converter log: {kept}",
         )
     tail = "\n".join(text.strip().splitlines()[-5:])
-    raise EdgequantError(f"llama.cpp's converter failed on {hf_dir}:\n{tail}", f"see the full log at {log_path}")
+    raise EdgequantError(f"llama.cpp's converter failed on {hf_dir}:\n{tail}", f"see the full log at {kept}")
+
+
+def _keep_log(log_path: Path) -> Path:
+    kept = cache_dir("logs") / f"convert-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    shutil.copyfile(log_path, kept)
+    return kept
 
 
 def intermediate_type(source) -> str:
