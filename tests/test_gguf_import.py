@@ -72,3 +72,15 @@ def test_a_model_that_adds_bos_gets_it_in_evaluation_prompts_and_every_runner(ti
             assert runner.prompt_ids("Hello")[0] == 1 and runner.prompt_ids("Hello")[1:] == runner.tokenize("Hello")
     with open_runner(tiny_model, n_ctx=64) as plain:  # the tiny model's own tokenizer adds none
         assert plain.prompt_ids("Hello") == plain.tokenize("Hello")
+
+
+def test_a_tied_output_layer_is_found_where_the_config_leaves_it_unsaid(tiny_model, tiny_gemma3):
+    """Gemma-3's config.json omits tie_word_embeddings (its class default): the size estimate must
+    still count the embedding at the output layer's type (inspect was 30-110% off on Gemma-3-270M)."""
+    from edgequant.registry import get_backend
+
+    gemma, llama = edgequant.load_source(tiny_gemma3), edgequant.load_source(tiny_model)
+    assert "tie_word_embeddings" not in gemma.config and gemma.tied_embeddings and not llama.tied_embeddings
+    built = edgequant.convert(tiny_gemma3, "gguf:q4_k_m").size_bytes
+    estimate = get_backend("gguf").estimated_bytes("q4_k_m", gemma.tensors, gemma.tied_embeddings)
+    assert abs(estimate / built - 1) < 0.15, (estimate, built)

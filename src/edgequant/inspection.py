@@ -41,7 +41,7 @@ def inspect_model(model: str | Path | None = None) -> dict:
         "kv_heads": config.get("num_key_value_heads", config.get("num_attention_heads")),
         "vocab_size": config.get("vocab_size"),
         "context_length": config.get("max_position_embeddings"),
-        "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "tied_embeddings": source.tied_embeddings,
         "parameters": total,
         "embedding_parameters": embedding,
         "dtype": source.weight_dtype,

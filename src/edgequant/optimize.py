@@ -160,7 +160,7 @@ def plan(config: OptimizeConfig) -> dict:
     for candidate in _initial_candidates(config, profile, source, gates):
         spec = parse_spec(candidate.spec)
         backend = get_backend(spec.format)
-        expected = backend.estimated_bytes(spec.precision, source.tensors, _tied(source))
+        expected = backend.estimated_bytes(spec.precision, source.tensors, source.tied_embeddings)
         folder = default_artifact_dir(source.fingerprint, spec)
         built = is_artifact(folder)
         evaluated = built and stored_evaluation(folder, eval_config_for(config.eval, spec)) is not None
@@ -232,7 +232,7 @@ def _measure(ctx: Context, candidate: Candidate) -> None:
     if backend.missing_engine():
         candidate.status, candidate.reason = "not installed", f"{backend.missing_engine()} (deployable, not measurable here)"
         return
-    too_big = _over_size_gate(ctx.gates, backend.estimated_bytes(spec.precision, ctx.source.tensors, _tied(ctx.source)),
+    too_big = _over_size_gate(ctx.gates, backend.estimated_bytes(spec.precision, ctx.source.tensors, ctx.source.tied_embeddings),
                               SIZE_ESTIMATE_SLACK)
     if too_big:
         candidate.status, candidate.reason = "not built", f"expected size is over {too_big}"
@@ -264,10 +264,6 @@ def _measure(ctx: Context, candidate: Candidate) -> None:
 def _failed(ctx: Context, candidate: Candidate, reason: str) -> None:
     candidate.status, candidate.reason = "failed", reason
     ctx.db.add(ctx.run_id, ctx.source.name, ctx.source.fingerprint, candidate.spec, "failed", error=reason)
-
-
-def _tied(source) -> bool:
-    return bool(source.config.get("tie_word_embeddings"))
 
 
 def _over_size_gate(gates: list[Gate], size: int, slack: float) -> str | None:

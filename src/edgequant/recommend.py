@@ -122,7 +122,7 @@ def target_profile(target: str | None) -> tuple[list[str], Profile]:
 def _candidate(text: str, source) -> Candidate:
     spec = parse_spec(text)
     backend = get_backend(spec.format)
-    size = backend.estimated_bytes(spec.precision, source.tensors, bool(source.config.get("tie_word_embeddings")))
+    size = backend.estimated_bytes(spec.precision, source.tensors, source.tied_embeddings)
     return Candidate(text, spec.format, backend.missing_engine() is None, size, size / 1e6 + RUNTIME_OVERHEAD_MB)
 
 

@@ -73,6 +73,14 @@ class Source:
         """The dtype holding most parameters (F32, BF16, F16, ...)."""
         return dominant_dtype(self.tensors)
 
+    @cached_property
+    def tied_embeddings(self) -> bool:
+        """The output layer reuses the token embedding: as config.json says, or, where it leaves the
+        model class's default unsaid (Gemma-3), when the checkpoint holds no output matrix."""
+        if "tie_word_embeddings" in self.config:
+            return bool(self.config["tie_word_embeddings"])
+        return not any("lm_head" in t.name for t in self.tensors)
+
     @property
     def architecture(self) -> str:
         return (self.config.get("architectures") or [self.config.get("model_type", "unknown")])[0]
