@@ -121,7 +121,7 @@ def test_impossible_gates_exit_non_zero_and_name_the_closest_candidate_and_its_m
     assert result["winner"] is None and not (folder / "never").exists()
     assert result["closest"]["spec"] == min((c for c in result["candidates"] if c["status"] == "measured"),
                                             key=lambda c: c["figures"]["kld_mean"])["spec"]
-    assert "kld<=0.000001 missed by" in result["closest"]["missed"]
+    assert "kld<=0.000001: missed by" in result["closest"]["missed"]
 
 
 def test_a_saved_recipe_reproduces_the_run_config(run, tmp_path):

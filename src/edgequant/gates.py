@@ -170,6 +170,18 @@ def check(gate: Gate, metrics: dict) -> dict:
             "missed_by": None if verdict == "pass" else abs(worst - gate.value)}
 
 
+def verdict_words(v: dict, not_measured: str = "not measured") -> str:
+    """One sentence for a verdict that did not pass: why, and by how much."""
+    if v["verdict"] == "not measured":
+        return f"{v['gate']}: {not_measured}"
+    if v["verdict"] == "uncertain":
+        return f"{v['gate']}: its 95% interval {v['ci95']} crosses the bound"
+    if v["verdict"] == "suspect":
+        return f"suspect: {v['reason']}"
+    missed = f"{v['missed_by'] / 1e6:.1f} MB" if v["gate"].startswith("size") else f"{v['missed_by']:.4g}"
+    return f"{v['gate']}: missed by {missed}"
+
+
 def check_all(gates: list[Gate], metrics: dict) -> list[dict]:
     return [check(g, metrics) for g in gates]
 

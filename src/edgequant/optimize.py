@@ -27,7 +27,7 @@ from pathlib import Path
 from edgequant.benchmark import DEFAULT_EVAL, eval_config_for, tool_versions
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import EvalConfig
-from edgequant.gates import DEFAULT_GATES, Gate, check, derived_metrics, parse_gates, source_check
+from edgequant.gates import DEFAULT_GATES, Gate, check, derived_metrics, parse_gates, source_check, verdict_words
 from edgequant.progress import note
 from edgequant.recommend import RUNTIME_OVERHEAD_MB
 from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec, parse_specs
@@ -468,20 +468,7 @@ def _result(ctx: Context, profile, candidates: list[Candidate], winner: Candidat
 
 
 def missed_words(verdicts: list[dict]) -> str:
-    parts = []
-    for v in verdicts:
-        if v["verdict"] in ("pass", "skipped"):
-            continue
-        if v["verdict"] == "not measured":
-            parts.append(f"{v['gate']} not measured")
-        elif v["verdict"] == "suspect":
-            parts.append(f"suspect: {v['reason']}")
-        elif v["verdict"] == "uncertain":
-            parts.append(f"{v['gate']}: its 95% interval {v['ci95']} crosses the bound")
-        else:
-            by = f"{v['missed_by'] / 1e6:.1f} MB" if v["gate"].startswith("size") else f"{v['missed_by']:.4g}"
-            parts.append(f"{v['gate']} missed by {by}")
-    return "; ".join(parts)
+    return "; ".join(verdict_words(v) for v in verdicts if v["verdict"] not in ("pass", "skipped"))
 
 
 def _figures_json(m: dict) -> dict:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgequant.errors import EdgequantError
-from edgequant.gates import Gate, check, derived_metrics, parse_gate, source_check
+from edgequant.gates import Gate, check, derived_metrics, parse_gate, source_check, verdict_words
 from edgequant.hardware import Profile, closest, detect, get_profile
 from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec
 
@@ -161,19 +161,8 @@ def _measure_missing(config: RecommendConfig, candidates: list[Candidate], have:
 def _why_lost(candidate: Candidate, winner: Candidate | None, rank: int) -> str:
     failed = [v for v in candidate.verdicts if v["verdict"] != "pass"]
     if failed:
-        return "; ".join(_verdict_words(v) for v in failed)
+        return "; ".join(verdict_words(v, "not measured here (--measured measures it)") for v in failed)
     return f"meets every constraint but comes after {winner.spec} in the profile's order" if winner else ""
-
-
-def _verdict_words(v: dict) -> str:
-    if v["verdict"] == "not measured":
-        return f"{v['gate']}: not measured here (--measured measures it)"
-    if v["verdict"] == "uncertain":
-        return f"{v['gate']}: its 95% interval {v['ci95']} crosses the bound"
-    if v["verdict"] == "suspect":
-        return f"suspect: {v['reason']}"
-    missed = f"{v['missed_by'] / 1e6:.1f} MB" if v["gate"].startswith("size") else f"{v['missed_by']:.4g}"
-    return f"{v['gate']}: missed by {missed}"
 
 
 def _closest(candidates: list[Candidate]) -> Candidate:
