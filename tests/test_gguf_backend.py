@@ -138,3 +138,13 @@ def test_an_unknown_bpe_pre_tokenizer_is_refused_with_the_converters_log_kept(ti
         edgequant.convert(model, "gguf:q8_0")
     log = err.value.fix.rsplit(": ", 1)[1]
     assert "pre-tokenizer" in open(log).read()
+
+
+def test_a_conversion_that_will_not_fit_in_memory_is_refused_before_any_work(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEQUANT_MEMORY_LIMIT", "200MB")  # below the engine's own measured 0.3 GB
+    out = tmp_path / "q5"
+    with pytest.raises(EdgequantError, match="needs about 0.3 GB") as err:
+        edgequant.convert(tiny_model, "gguf:q5_0", out)
+    assert "EDGEQUANT_MEMORY_LIMIT is 0.2 GB" in err.value.problem and "--force" in err.value.fix
+    assert not out.exists()
+    assert edgequant.convert(tiny_model, "gguf:q5_0", out, force=True).path == out.resolve()

@@ -51,6 +51,10 @@ class Backend:
     bench_seconds: float = 30.0
     # What a report says when this machine runs the format through a stand-in.
     speed_note: str = ""
+    # Peak RSS of a conversion, the whole process tree: (multiple of the source's parameters at 16
+    # bits, fixed GB for interpreter and engine), measured on this kind of machine; None: not yet
+    # measured, so never refused up front.
+    conversion_peak: tuple[float, float] | None = None
 
     # -- the two hooks ------------------------------------------------------------------------
 
@@ -140,6 +144,13 @@ class Backend:
             except PackageNotFoundError:
                 continue
         return found
+
+    def conversion_peak_bytes(self, parameters: int) -> int | None:
+        """Expected peak memory of converting a model of `parameters` weights, or None."""
+        if self.conversion_peak is None:
+            return None
+        factor, fixed_gb = self.conversion_peak
+        return int(factor * 2 * parameters + fixed_gb * 1e9)
 
     def option_values(self, spec: "Spec") -> dict[str, Any]:
         """Every option of this backend, as the spec gives it or at the default its precision uses."""

@@ -90,7 +90,8 @@ def _add_convert(sub) -> None:
     p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--to", required=True, metavar="SPEC[,SPEC...]", help="e.g. gguf:q4_k_m or gguf:q8_0,gguf:q4_k_m")
     p.add_argument("-o", "--output", type=Path, help="artifact folder (a parent folder when several specs are given)")
-    p.add_argument("--force", action="store_true", help="rebuild even when the artifact already exists")
+    p.add_argument("--force", action="store_true", help="rebuild even when the artifact already exists, and convert even where the "
+                   "memory estimate says it will not fit")
     p.add_argument("--json", action="store_true", help="print the manifests as JSON")
     p.set_defaults(run=_run_convert)
 
@@ -143,7 +144,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--json", type=Path, help="write the report data as JSON here")
     p.add_argument("--strict", action="store_true", help="stop at the first failing or unavailable spec")
     p.add_argument("--keep-going", action="store_true", help="exit 0 even when some specs failed (default: exit 1)")
-    p.add_argument("--force", action="store_true", help="rebuild artifacts even when cached")
+    p.add_argument("--force", action="store_true", help="rebuild artifacts even when cached, and convert past the memory estimate")
     p.add_argument("--windows", type=int, default=4, help="windows scored per candidate (default 4)")
     _add_eval_options(p)
     p.set_defaults(run=_run_bench)

@@ -61,12 +61,46 @@ def run_convert(config: ConvertConfig) -> Artifact:
     elif out.exists() and any(out.iterdir()) and not config.force:
         raise EdgequantError(f"{out} exists and holds something else", "choose another -o folder, or pass --force to replace it")
     backend.check_source(source)  # an unsupported architecture is refused before any long step
+    shortfall = memory_shortfall(backend, source, config.spec)
+    if shortfall and not config.force:
+        raise EdgequantError(shortfall, "free memory or use a machine with more; --force converts anyway")
     started = time.perf_counter()
     with step(f"converting {source.name} to {config.spec}"), atomic_dir(out, replace=True) as tmp:
         info = backend.convert(source, config.spec, tmp)
         manifest = _manifest(source, config.spec, backend, info, tmp, time.perf_counter() - started, inputs)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return open_artifact(out)
+
+
+def memory_shortfall(backend, source, spec: Spec) -> str | None:
+    """Why converting `source` to `spec` will not fit in this machine's free memory (the backend's
+    measured peak, scaled to the model), or None when it fits or the backend has no measurement.
+    EDGEQUANT_MEMORY_LIMIT (e.g. 8GB) sets the memory to plan for instead of what is free now."""
+    parameters = sum(t.numel for t in source.tensors)
+    needed = backend.conversion_peak_bytes(parameters)
+    if needed is None:
+        return None
+    free, where = available_memory()
+    if needed <= free:
+        return None
+    factor, fixed_gb = backend.conversion_peak
+    return (f"converting {source.name} ({parameters / 1e9:.2f}B parameters) to {spec} needs about {needed / 1e9:.1f} GB "
+            f"of memory at its peak ({factor}x the model's 16-bit size + {fixed_gb} GB, as measured for {backend.name} "
+            f"on a 1B model), and {where} is {free / 1e9:.1f} GB")
+
+
+def available_memory() -> tuple[int, str]:
+    """Bytes a job may use, and what that figure is."""
+    import os
+
+    limit = os.environ.get("EDGEQUANT_MEMORY_LIMIT")
+    if limit:
+        from edgequant.gates import parse_size
+
+        return parse_size(limit, "EDGEQUANT_MEMORY_LIMIT"), "EDGEQUANT_MEMORY_LIMIT"
+    import psutil
+
+    return psutil.virtual_memory().available, "the memory free here"
 
 
 def default_artifact_dir(fingerprint: str, spec: Spec) -> Path:

@@ -237,6 +237,10 @@ def _measure(ctx: Context, candidate: Candidate) -> None:
     if too_big:
         candidate.status, candidate.reason = "not built", f"expected size is over {too_big}"
         return
+    shortfall = _cannot_build_here(ctx, backend, spec)
+    if shortfall:
+        candidate.status, candidate.reason = "not built", shortfall
+        return
     if ctx.evaluations >= ctx.config.budget:
         candidate.status, candidate.reason = "not built", f"the budget of {ctx.config.budget} evaluations was spent"
         return
@@ -259,6 +263,16 @@ def _measure(ctx: Context, candidate: Candidate) -> None:
         _failed(ctx, candidate, f"{type(exc).__name__}: {exc}"[:500])
         return
     _record(ctx, candidate, metrics)
+
+
+def _cannot_build_here(ctx: Context, backend, spec) -> str | None:
+    """Why the candidate's conversion will not fit in this machine's memory (a built one always can be measured)."""
+    from edgequant.artifact import is_artifact
+    from edgequant.conversion import default_artifact_dir, memory_shortfall
+
+    if is_artifact(default_artifact_dir(ctx.source.fingerprint, spec)):
+        return None
+    return memory_shortfall(backend, ctx.source, spec)
 
 
 def _failed(ctx: Context, candidate: Candidate, reason: str) -> None:
