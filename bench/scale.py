@@ -1,0 +1,173 @@
+"""What converting and evaluating costs as models grow: random-initialised models built from a
+config (no download; their quality figures mean nothing, their cost does), each format's default
+spec, wall time and peak RSS of the whole process tree next to the model's bytes.
+
+    .venv/bin/python bench/scale.py [--models llama-135m,llama-0.5b,llama-1b,qwen2-150k] [--specs ...]
+
+Every job runs as the CLI a user runs, in a fresh cache (so a spec's own intermediates count), and
+its process tree is sampled every 0.2 s: the peak is the largest sum of RSS over the tree, not the
+largest single process (ru_maxrss of the children would miss a parent and child holding copies at
+once). Beside edgequant's GGUF conversion, llama.cpp's own converter alone converts the same
+folder (the engine's minimal script). Writes bench/results/scale.json with each row's peak as a
+multiple of the source's bf16 bytes and, per spec, the growth per billion parameters (least squares
+over the sizes measured). Models are built in bf16 with the default model's tokenizer; vocabularies
+larger than it keep ids the tokenizer never produces, which changes nothing that costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "scale.json"
+VENV_BIN = Path(sys.executable).parent
+# name -> (transformers config class, settings). Llama shapes of SmolLM2-135M, a 0.5B and a 1.07B
+# (the one issue #24's figures came from); Qwen2.5-0.5B's shape for a 152k vocabulary.
+MODELS = {
+    "llama-135m": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)),
+    "llama-0.5b": ("LlamaConfig", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=28, num_attention_heads=16,
+                                        num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=False)),
+    "llama-1b": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                                      num_key_value_heads=8, vocab_size=49152, tie_word_embeddings=False)),
+    "qwen2-150k": ("Qwen2Config", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
+}
+SPECS = ("gguf:q4_k_m", "onnx:int4", "openvino:int4", "mlx:4bit", "qnn:w8a16")
+
+_BUILD = """
+import json, sys, torch, transformers
+from pathlib import Path
+from edgequant.source import load_source
+config_class, settings, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+config = getattr(transformers, config_class)(max_position_embeddings=4096, bos_token_id=0, eos_token_id=0, **settings)
+torch.manual_seed(0)
+with torch.device("meta"):  # no float32 initialisation of weights drawn again below
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+model = model.to_empty(device="cpu")
+model.tie_weights()  # to_empty gives the tied output layer its own storage again
+with torch.no_grad():
+    for p in model.parameters():
+        p.normal_(0.0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+model.save_pretrained(out, safe_serialization=True)
+tokenizer = transformers.AutoTokenizer.from_pretrained(load_source(None).hf_dir)
+tokenizer.save_pretrained(out)
+print(sum(p.numel() for p in model.parameters()))
+"""
+
+
+def measure(command: list[str], env: dict, timeout: float) -> dict:
+    """Wall time and the peak of the summed RSS of the command's process tree."""
+    import psutil
+
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(process.pid), 0
+    while process.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(_rss(p) for p in tree))
+        except psutil.NoSuchProcess:
+            pass
+        if time.perf_counter() - started > timeout:
+            process.kill()
+            break
+        time.sleep(0.2)
+    stderr = process.communicate()[1] or ""
+    return {"returncode": process.returncode, "wall_s": round(time.perf_counter() - started, 1),
+            "peak_rss_gb": round(peak / 1e9, 3), "error": stderr.strip().splitlines()[-2:] if process.returncode else None}
+
+
+def _rss(process) -> int:
+    import psutil
+
+    try:
+        return process.memory_info().rss
+    except psutil.NoSuchProcess:
+        return 0
+
+
+def build(name: str, out: Path) -> int:
+    config_class, settings = MODELS[name]
+    done = subprocess.run([sys.executable, "-c", _BUILD, config_class, json.dumps(settings), str(out)],
+                          capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def run_model(name: str, specs: list[str], scratch: Path, timeout: float) -> list[dict]:
+    model = scratch / name
+    parameters = build(name, model)
+    source_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    rows = []
+    for spec in specs:
+        home = scratch / f"home-{name}-{spec.replace(':', '-')}"
+        env = {**os.environ, "EDGEQUANT_HOME": str(home), "EDGEQUANT_QUIET": "1", "EDGEQUANT_MEMORY_LIMIT": "1000GB"}
+        artifact = scratch / f"out-{name}-{spec.replace(':', '-')}"
+        convert = measure([str(VENV_BIN / "edgequant"), "convert", str(model), "--to", spec, "-o", str(artifact)], env, timeout)
+        row = {"model": name, "parameters": parameters, "source_bytes": source_bytes, "spec": spec, "convert": convert,
+               "convert_peak_over_source": round(convert["peak_rss_gb"] * 1e9 / source_bytes, 2)}
+        if convert["returncode"] == 0:
+            row["artifact_bytes"] = sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file())
+            row["eval"] = measure([str(VENV_BIN / "edgequant"), "eval", str(artifact), "--windows", "2", "--no-speed"], env, timeout)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    rows.append(_llama_cpp_converter_alone(name, model, parameters, source_bytes, scratch, timeout))
+    return rows
+
+
+def _llama_cpp_converter_alone(name: str, model: Path, parameters: int, source_bytes: int, scratch: Path, timeout: float) -> dict:
+    from edgequant.backends.gguf.tools import converter_dir
+
+    tool = converter_dir()
+    run = measure([sys.executable, str(tool / "convert_hf_to_gguf.py"), str(model), "--outtype", "bf16",
+                   "--outfile", str(scratch / f"{name}-bf16.gguf")], {**os.environ}, timeout)
+    return {"model": name, "parameters": parameters, "source_bytes": source_bytes, "spec": "llama.cpp converter alone (bf16)",
+            "convert": run, "convert_peak_over_source": round(run["peak_rss_gb"] * 1e9 / source_bytes, 2)}
+
+
+def growth(rows: list[dict]) -> dict:
+    """Per spec, GB of peak RSS and seconds of wall time per billion parameters (least squares)."""
+    import numpy as np
+
+    found = {}
+    for spec in sorted({r["spec"] for r in rows}):
+        ok = [r for r in rows if r["spec"] == spec and r["convert"]["returncode"] == 0 and r["model"].startswith("llama")]
+        if len(ok) < 2:
+            continue
+        billions = np.array([r["parameters"] / 1e9 for r in ok])
+        found[spec] = {key: round(float(np.polyfit(billions, [r["convert"][field] for r in ok], 1)[0]), 2)
+                       for key, field in (("peak_gb_per_billion", "peak_rss_gb"), ("wall_s_per_billion", "wall_s"))}
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--specs", default=",".join(SPECS))
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per job before it is killed")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    from edgequant import __version__
+    from edgequant.evaluation import machine_info
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgequant-scale-") as scratch:
+        for name in args.models.split(","):
+            rows += run_model(name, args.specs.split(","), Path(scratch), args.timeout)
+    found = {"measured": datetime.date.today().isoformat(), "edgequant": __version__, "machine": machine_info(),
+             "settings": {"eval": "2 windows of 512, no speed", "timeout_s": args.timeout}, "rows": rows,
+             "growth": growth(rows)}
+    args.out.write_text(json.dumps(found, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
