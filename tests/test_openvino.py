@@ -72,6 +72,25 @@ def test_llm_pipeline_runs_the_artifact_as_is(tiny_model):
     assert isinstance(text, str) and text
 
 
+def test_llm_pipeline_loads_a_tokenizer_that_adds_bos(tiny_model, tmp_path):
+    """A post-processor that adds BOS (Gemma's) once made LLMPipeline overflow an int32 length bound
+    in the tokenizer IR before it loaded; the IR now carries the model's context as its bound."""
+    import json
+    import shutil
+
+    from edgequant.registry import open_runner
+    from edgequant.runner import GenerateParams
+
+    model = tmp_path / "bos-model"
+    shutil.copytree(tiny_model, model)
+    config = model / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "add_bos_token": True}))
+    artifact = edgequant.convert(model, "openvino:fp16")
+    with open_runner(artifact.path, n_ctx=64) as runner:
+        prompt = runner.prompt_ids("The history of")
+        assert prompt[0] == 1 and len(list(runner.generate(prompt, GenerateParams(max_tokens=4, stop_at_eos=False)))) == 4
+
+
 def test_runner_streams_deterministic_tokens_and_scores_like_pytorch(tiny_model):
     from edgequant.registry import open_runner
     from edgequant.runner import GenerateParams

@@ -41,7 +41,9 @@ class OpenVINOBackend(Backend):
     requires = ("openvino", "openvino_genai", "openvino_tokenizers", "nncf", "optimum.intel")
     packages = ("openvino", "openvino-genai", "openvino-tokenizers", "nncf", "optimum-intel")
     bench_specs = ("openvino:int8", "openvino:int4")
-    recipe_version = 2  # 2: int4 default AWQ alone on 16 samples (was AWQ + scale estimation on 64)
+    # 2: int4 default AWQ alone on 16 samples (was AWQ + scale estimation on 64); 3: tokenizer IRs bounded
+    # by the model's context (LLMPipeline could not load a BOS-adding tokenizer's IR)
+    recipe_version = 3
     bench_seconds = 45
     # A random-initialised 1.07B Llama (bf16, 2.1 GB) converted on a 2-core, 24 GB machine, 2026-12:
     # openvino:int4 peaked at 9.3 GB: a float32 export, then NNCF's compression of it.

@@ -7,6 +7,7 @@ knob (mode, group size, ratio, backup precision, AWQ, scale estimation, GPTQ, se
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +93,12 @@ def write_tokenizers(hf_dir: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    # The model's context as the IR's length bound: left unset, a tokenizer whose post-processor adds
+    # BOS (Gemma's) gets INT32_MAX there, and LLMPipeline's own adjustment of it overflows
+    # ("2147483648 assigned value out of range for i32") before the pipeline loads.
+    context = json.loads((hf_dir / "config.json").read_text()).get("max_position_embeddings") or 2**20
     ov_tokenizer, ov_detokenizer = convert_tokenizer(tokenizer, with_detokenizer=True, add_special_tokens=False,
-                                                     skip_special_tokens=True)
+                                                     skip_special_tokens=True, max_length=int(context))
     ov.save_model(ov_tokenizer, str(out / "openvino_tokenizer.xml"))
     ov.save_model(ov_detokenizer, str(out / "openvino_detokenizer.xml"))
     _check_tokenizer_ir(ov.Core().compile_model(ov_tokenizer, "CPU"), tokenizer)
