@@ -67,7 +67,9 @@ def float_ir(source) -> Path:
         _export(source.hf_dir, tmp)
         write_tokenizers(source.hf_dir, tmp)
 
-    return cached_intermediate(source, "openvino-f32", MODEL_XML, build,
+    # "-2": the tokenizer IRs made with it are bounded by the model's context (see write_tokenizers);
+    # an intermediate made before would hand the old IRs to every new artifact.
+    return cached_intermediate(source, "openvino-f32-2", MODEL_XML, build,
                                f"exporting {source.name} to an OpenVINO IR with optimum-intel")
 
 
