@@ -205,15 +205,15 @@ def _make_windows(source, config: EvalConfig, text: str, data_name: str) -> Wind
                    {"check_text": sample, "check_ids": check_ids, "check_pieces": tokenizer.convert_ids_to_tokens(check_ids)})
 
 
-def _reference_logprobs(source, windows: Windows, threads: int) -> np.ndarray:
-    """The baseline's log-probabilities on every window, float32 on disk (memory-mapped). float16
+def _reference_logprobs(source, windows: Windows, threads: int) -> Path:
+    """The file of the baseline's log-probabilities on every window, float32 (an .npy). float16
     would put a floor of ~4e-5 under every KLD (its rounding alone): a float export's true ~5e-6
     could not be told from it. Each window is written to the file as soon as it is computed, so
     memory holds one window's (ctx x vocab), not all of them (4 windows at a 262k vocabulary are
     2.1 GB)."""
     path = cache_dir("reference") / f"{source.fingerprint[:16]}-{windows.key}-f32.npy"
     if path.is_file():
-        return np.load(path, mmap_mode="r")
+        return path
     n_windows, ctx = windows.ids.shape
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
     with step(f"computing the PyTorch baseline on {n_windows} windows of {ctx} tokens (cached)"):
@@ -229,10 +229,10 @@ def _reference_logprobs(source, windows: Windows, threads: int) -> np.ndarray:
             out.flush()
             del out
     tmp.rename(path)
-    return np.load(path, mmap_mode="r")
+    return path
 
 
-def _quality(target: Target, source, windows: Windows, reference: np.ndarray, threads: int) -> dict:
+def _quality(target: Target, source, windows: Windows, reference: Path, threads: int) -> dict:
     """Score the target's own logits on every window against the reference. A source model is
     run too, never taken to be the baseline: `eval MODEL --baseline OTHER` scores MODEL, and a
     model scored against itself checks that the cached reference still matches its run."""
@@ -244,7 +244,7 @@ def _quality(target: Target, source, windows: Windows, reference: np.ndarray, th
             logits = runner.logits(windows.ids[i].tolist())
             # a mapping of its own per window, dropped after it: pages read through one long-lived
             # mapping stay in this process's RSS (2 GB for 4 windows at a 262k vocabulary)
-            ref = np.load(reference.filename, mmap_mode="r")[i]
+            ref = np.load(reference, mmap_mode="r")[i]
             _check_vocabulary(target, source, logits, ref)
             per_window.append(_score_window(logits, ref, windows.ids[i]))
             del logits, ref

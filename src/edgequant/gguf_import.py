@@ -157,10 +157,14 @@ def _array_field(reader, key: str) -> list:
     return [field.contents(i) for i in range(len(field.data))]
 
 
+# The special tokens both vocabularies name: the Hugging Face name without "_token" is
+# sentencepiece's (bos, eos, unk, pad); GGUF keeps each id as tokenizer.ggml.<name>_token_id.
+_SPECIAL_TOKENS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
+
+
 def _special_tokens(meta: dict, tokens: list[str]) -> dict:
-    names = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
     found = {}
-    for hf_name, gguf_name in names.items():
+    for hf_name, gguf_name in _SPECIAL_TOKENS.items():
         token_id = meta.get(f"tokenizer.ggml.{gguf_name}_token_id")
         if token_id is not None and 0 <= token_id < len(tokens):
             found[hf_name] = tokens[token_id]
@@ -205,9 +209,8 @@ def _sentencepiece_tokenizer(reader, meta: dict, out: Path):
     proto.trainer_spec.model_type = sp.TrainerSpec.BPE  # llama.cpp's SPM tokenizer merges by score, as BPE models do
     proto.trainer_spec.vocab_size = len(tokens)
     proto.trainer_spec.byte_fallback = _BYTE_TOKEN in types
-    for name in ("unk", "bos", "eos", "pad"):
-        gguf_name = {"unk": "unknown", "pad": "padding"}.get(name, name)
-        setattr(proto.trainer_spec, f"{name}_id", int(meta.get(f"tokenizer.ggml.{gguf_name}_token_id", -1)))
+    for hf_name, gguf_name in _SPECIAL_TOKENS.items():
+        setattr(proto.trainer_spec, hf_name.replace("_token", "_id"), int(meta.get(f"tokenizer.ggml.{gguf_name}_token_id", -1)))
     add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     proto.normalizer_spec.name = "identity"
     proto.normalizer_spec.add_dummy_prefix = add_prefix
