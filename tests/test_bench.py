@@ -125,6 +125,8 @@ def test_reports_are_written(bench_runs):
     data = json.loads((folder / "report.json").read_text())
     assert [r["spec"] for r in data["rows"]][0] == "pytorch:fp32" and any(r["pareto"] for r in data["rows"])
     assert {s["framework"] for s in data["summary"]} == {"PyTorch", "llama.cpp (GGUF)"}
+    took = next(n for n in data["notes"] if n.startswith("This run took"))  # measured, not a written claim
+    assert data["wall_s"] > 0 and f"{data['wall_s'] / 60:.1f} minutes" in took and "gguf:" in took
     markdown = (folder / "report.md").read_text()
     assert "| gguf:q4_0" in markdown and "Summary by framework" in markdown and "requires an imatrix" in markdown
 

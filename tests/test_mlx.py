@@ -6,6 +6,7 @@ Fast tests use the tiny random Llama; the tests marked slow use the real default
 import json
 import sys
 
+import numpy as np
 import pytest
 
 import edgequant
@@ -180,3 +181,18 @@ def test_logits_come_from_mlx_with_torch_unimportable(tiny_model):
     assert result["finite"] and result["shape"][0] > 5
     assert result["max_diff"] == 0.0
     assert "MLX" in result["arithmetic"] and "float32" in result["arithmetic"]
+
+
+def test_windows_scored_on_parallel_streams_equal_each_window_alone(tiny_model):
+    """Scoring windows two at a time (one MLX CPU stream, one thread, each) gives every window
+    the logits of its own pass, in order."""
+    from edgequant.registry import open_runner
+
+    artifact = edgequant.convert(tiny_model, "mlx:4bit?group=32")
+    with open_runner(artifact.path, n_ctx=128, need_logits=True, threads=2) as runner:
+        windows = [runner.tokenize(text) for text in ("The history of the city", "A river runs through it and on",
+                                                      "Numbers: one two three four five")]
+        together = list(runner.logits_of_windows(windows))
+        alone = [runner.logits(ids) for ids in windows]
+    assert [a.shape for a in together] == [a.shape for a in alone] == [(len(ids), a.shape[1]) for ids, a in zip(windows, alone)]
+    assert all(np.array_equal(a, b) for a, b in zip(together, alone))

@@ -60,6 +60,7 @@ class BenchResult:
     settings: dict
     machine: dict
     caveat: str | None = None
+    wall_s: float = 0.0  # the whole run, baseline and reports' inputs included
 
 
 def run_bench(config: BenchConfig) -> BenchResult:
@@ -91,7 +92,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
         note(f"{row.spec}: {row.status}" + (f" ({row.error})" if row.error else ""))
     db.close()
     result = BenchResult(run_id, db.path, source.name, source.fingerprint, baseline, rows, settings, machine,
-                         DEFAULT_MODEL_CAVEAT if source.is_default_model else None)
+                         DEFAULT_MODEL_CAVEAT if source.is_default_model else None, time.perf_counter() - started)
     _write_reports(config, result)
     return result
 

@@ -240,8 +240,8 @@ def _quality(target: Target, source, windows: Windows, reference: Path, threads:
     per_window = []
     with open_runner(target.path, n_ctx=ctx, need_logits=True, threads=threads) as runner:
         _check_tokenizer(runner, windows)
-        for i in track(range(n_windows), f"scoring {target.label}", total=n_windows):
-            logits = runner.logits(windows.ids[i].tolist())
+        scored = runner.logits_of_windows([ids.tolist() for ids in windows.ids])
+        for i, logits in enumerate(track(scored, f"scoring {target.label}", total=n_windows)):
             # a mapping of its own per window, dropped after it: pages read through one long-lived
             # mapping stay in this process's RSS (2 GB for 4 windows at a 262k vocabulary)
             ref = np.load(reference, mmap_mode="r")[i]

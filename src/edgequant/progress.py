@@ -28,6 +28,21 @@ def step(message: str) -> Iterator[None]:
     note(f"{message}: done in {time.perf_counter() - start:.1f}s")
 
 
+class Stopwatch:
+    """The steps of one long job, each announced as `step` does, and their seconds kept by name
+    (a manifest records them, so the cost of each step is measured wherever the job ran)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str, message: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with step(message):
+            yield
+        self.seconds[f"{name}_s"] = round(time.perf_counter() - start, 3)
+
+
 @contextmanager
 def engine_warnings_hidden() -> Iterator[None]:
     """Hide an engine's advice meant for its own users (onnxruntime.quantization logs "consider

@@ -37,7 +37,7 @@ def build_report(result) -> dict:
     return {
         "title": f"edgequant benchmark: {result.model}",
         "model": result.model, "fingerprint": result.fingerprint, "run_id": result.run_id, "db": str(result.db_path),
-        "machine": result.machine, "settings": result.settings, "rows": rows,
+        "machine": result.machine, "settings": result.settings, "wall_s": round(result.wall_s, 1), "rows": rows,
         "summary": [_summary(r) for r in ok],
         "notes": _notes(result, rows),
     }
@@ -69,6 +69,13 @@ def _speed_representative(fmt: str) -> bool:
     return backend is None or backend.speed_is_representative()
 
 
+def _duration(result, rows: list[dict]) -> str:
+    """What this run cost on this machine, measured: the wall time, and the specs that took most."""
+    slowest = sorted((r for r in rows if r["seconds"]), key=lambda r: -r["seconds"])[:3]
+    return (f"This run took {result.wall_s / 60:.1f} minutes here (cached artifacts and evaluations are reused); "
+            "slowest: " + ", ".join(f"{r['spec']} {r['seconds']:.0f} s" for r in slowest) + ".")
+
+
 def _summary(row: dict) -> dict:
     backend = get_format(row["format"])
     framework, use_case = (backend.display_name or backend.name, backend.use_case) if backend else (row["format"], "")
@@ -83,8 +90,8 @@ def _notes(result, rows: list[dict]) -> list[str]:
              f"(1-minute load average {m['load_avg_1m']} at the start).",
              f"Quality: {s['windows']} windows of {s['ctx']} tokens of the evaluation text, identical for every candidate; "
              f"perplexity increase and KL divergence are relative to the PyTorch fp32 baseline on the source"
-             + (" (the bench default, sized so the default run finishes within 15 minutes on 2 cores)."
-                if result.settings.get("eval_is_bench_default") else "."),
+             + (" (the bench default)." if result.settings.get("eval_is_bench_default") else "."),
+             _duration(result, rows),
              f"Speed: median of {s['repeats']} runs after a warm-up, a different {s['prompt_tokens']}-token prompt each "
              f"(so no engine reuses a cached prefix), {s['gen_tokens']} tokens generated, {s['threads'] or 'all'} threads; "
              "peak memory is the RSS of a fresh process that loaded the model.",

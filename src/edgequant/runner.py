@@ -47,6 +47,12 @@ class Runner(ABC):
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits of shape (len(ids), vocab): row i predicts token i + 1."""
 
+    def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[np.ndarray]:
+        """`logits` of each window, in order. Engines that score one window on one core override it
+        to score several at once; callers hold each array only until they draw the next."""
+        for ids in windows:
+            yield self.logits(ids)
+
     @abstractmethod
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         """Yield generated token ids one at a time, as soon as each is sampled."""

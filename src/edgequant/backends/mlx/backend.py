@@ -117,7 +117,7 @@ class MLXBackend(Backend):
 
         details = artifact.manifest.get("details") or {}
         model_type = details.get("mlx_model_type") or json.loads((artifact.path / "config.json").read_text())["model_type"]
-        return MLXRunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, model_type=model_type)
+        return MLXRunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, model_type=model_type, threads=threads)
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         """Default group size; embeddings and output layer at DEFAULT_EMBED_BITS; 1-D in float16."""

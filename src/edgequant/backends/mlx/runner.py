@@ -7,7 +7,8 @@ weights. Off Apple silicon, mlx[cpu] emulates float16 arithmetic and is many tim
 in memory and activations are computed in float32; the quantized weights are unchanged.
 `arithmetic()` says so wherever a figure is shown. mlx[cpu] runs its matmuls on one thread without
 BLAS (a 512-token window of the default model takes ~48 s here, against under a second for the
-same weights in PyTorch): slow, but the figure is MLX's, not an emulation's.
+same weights in PyTorch): slow, but the figure is MLX's, not an emulation's. Each CPU stream
+of MLX runs on a thread of its own, so windows are scored `threads` at a time, one per stream.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from edgequant.runner import GenerateParams, Runner
 
 
 class MLXRunner(HFTokenizerMixin, Runner):
-    def __init__(self, folder: Path, *, name: str, n_ctx: int, model_type: str):
+    def __init__(self, folder: Path, *, name: str, n_ctx: int, model_type: str, threads: int = 1):
         import mlx.core as mx
 
-        self.name, self.n_ctx = name, n_ctx
+        self.name, self.n_ctx, self._threads = name, n_ctx, max(threads, 1)
+        self._streams: list | None = None  # made by the thread that scores (MLX streams are per thread)
         self._mx = mx
         self._model_type = model_type
         self._model = load_model(folder, model_type)
@@ -43,11 +45,29 @@ class MLXRunner(HFTokenizerMixin, Runner):
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """One causal pass of MLX over `ids` (no cache)."""
-        if len(ids) > self.n_ctx:
-            raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
+        return next(self.logits_of_windows([ids]))
+
+    def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[np.ndarray]:
+        """Off Apple silicon, `threads` windows at a time, each on a CPU stream of its own (one
+        thread each); on Apple silicon one after another, on the default device."""
         mx = self._mx
-        out = self._model(mx.array([list(ids)]))
-        return np.array(out[0].astype(mx.float32), dtype=np.float32, copy=True)
+        streams = [mx.default_stream(mx.default_device())] if is_apple_silicon() else self._cpu_streams()
+        for start in range(0, len(windows), len(streams)):
+            pending = []
+            for ids, stream in zip(windows[start:start + len(streams)], streams):
+                if len(ids) > self.n_ctx:
+                    raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
+                with mx.stream(stream):
+                    pending.append(self._model(mx.array([list(ids)]))[0].astype(mx.float32))
+            mx.eval(*pending)
+            for k in range(len(pending)):
+                out, pending[k] = pending[k], None  # each window's array is freed once drawn
+                yield np.array(out, dtype=np.float32, copy=True)
+
+    def _cpu_streams(self) -> list:
+        if self._streams is None:
+            self._streams = [self._mx.new_stream(self._mx.cpu) for _ in range(self._threads)]
+        return self._streams
 
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         """A KV-cached decode loop on the calling thread's default stream (MLX streams belong to

@@ -25,11 +25,17 @@ from dataclasses import replace
 from edgequant.backend import Backend
 from edgequant.backends._shared.sliding_window import window_ignored
 from edgequant.errors import EdgequantError
+from edgequant.progress import Stopwatch
 from edgequant.spec import Option, Precision
 
 # w4a16's int4 blocks: on the default model's prompt graph (4 evaluation windows, GPTQ, the int8
 # mix) blocks of 32 gave KLD 0.097 and blocks of 64 0.135, for 0.5 more bits per int4 weight.
 W4_BLOCK = 32
+# The conversion's check on the HTP simulator: on the default model both graphs took 99 s to load
+# and each graph run ~35 s, so the former check (two prompt chunks, 16 decode steps: 759 s) was
+# over half of qnn:w8a16's conversion. One chunk and one step still compare both graphs' output.
+HTP_STEPS = 1
+KV_ONLY = ("ar", "ctx", "kv", "htp_steps")  # options only the kv graphs read
 
 
 class QnnBackend(Backend):
@@ -62,6 +68,10 @@ class QnnBackend(Backend):
         "ar": Option("ar", int, 64, "graphs=kv: tokens the prompt graph takes at a time", minimum=2, maximum=1024),
         "ctx": Option("ctx", int, 1024, "graphs=kv: the fixed context (KV cache length)", minimum=16, maximum=16384),
         "kv": Option("kv", int, 8, "graphs=kv: bits of the KV cache inputs and outputs", choices=(8, 16)),
+        "htp_steps": Option("htp_steps", int, HTP_STEPS, "graphs=kv, with onnxruntime-qnn installed: decode steps the "
+                            "conversion runs on Qualcomm's HTP simulator after a one-chunk prefill, compared with the CPU "
+                            "run and the float graphs (0: only check that both graphs load wholly on the HTP; each graph "
+                            "run costs ~35 s on the x86-64 simulator)", minimum=0, maximum=64),
         "seq": Option("seq", int, 512, "graphs=fixed: sequence length of the graph (tokens)", minimum=8, maximum=8192),
         "block": Option("block", int, 64, "weights quantized per block of this many input rows, scales searched "
                         "(0: per output channel, w8a8's default, since the HTP runs blocked weights only between "
@@ -109,7 +119,7 @@ class QnnBackend(Backend):
 
         opt = self.option_values(spec)
         parse_overrides(opt["override"])
-        kv_only = [name for name in ("ar", "ctx", "kv") if name in spec.options]
+        kv_only = [name for name in KV_ONLY if name in spec.options]
         if opt["graphs"] == "fixed" and kv_only:
             raise EdgequantError(f"{', '.join(kv_only)} apply to graphs=kv only", "add graphs=kv, or drop them")
         if opt["graphs"] == "kv":
@@ -131,11 +141,15 @@ class QnnBackend(Backend):
             if "error" in check:
                 return notes + [f"{spec_text}: Qualcomm's HTP simulator could not run the graphs with CPU fallback off "
                                 f"({check['error']}); the figures are the CPU execution provider's."]
+            if "kld_vs_float" not in check:  # htp_steps=0
+                return notes + [f"{spec_text}: both graphs load wholly on Qualcomm's HTP simulator (CPU fallback off); "
+                                "their output there was not compared (htp_steps=0)."]
             kld = check["kld_vs_float"]
             return notes + [f"{spec_text} on Qualcomm's HTP simulator (prefill of {check['prompt_tokens']} tokens, then "
                             f"{check['decode_steps']} decode steps, both graphs wholly on the HTP): the first "
                             f"{check['greedy_tokens_same_as_cpu']} greedy tokens equal the CPU run's, KLD to the float model "
-                            f"{kld['htp']['decode']:.4f} in decode (CPU run {kld['cpu']['decode']:.4f})"
+                            f"{kld['htp']['prefill']:.4f} in prefill and {kld['htp']['decode']:.4f} in decode (CPU run "
+                            f"{kld['cpu']['prefill']:.4f} and {kld['cpu']['decode']:.4f})"
                             + ("" if check["within_tolerance"] else "; further from the float model than the CPU run")]
         h = (manifest.get("details") or {}).get("htp")
         if not h:
@@ -215,15 +229,21 @@ class QnnBackend(Backend):
         if opt["context"]:
             qnn_tools.require_htp()  # before any long step
         windows, statistics_windows, held_out_windows = _kv_windows(source.hf_dir, opt, _held_out_windows(spec, opt))
-        started = time.perf_counter()
+        clock = Stopwatch()
         scratch = out_dir / ".fp32"
         scratch.mkdir()
-        layout = kv.export_graphs(source.hf_dir, scratch, opt["ar"], opt["ctx"])
-        exported = time.perf_counter()
-        prompt_feeds, decode_feeds = kv.calibration_feeds(scratch, windows, cpu_session)
-        smoothing = _smooth(scratch, [kv.PROMPT_FILE, kv.DECODE_FILE], prompt_feeds, opt) if spec.precision == "w8a8" else None
-        statistics = kv.prompt_chunk_feeds(scratch, statistics_windows, cpu_session) if opt["gptq"] else prompt_feeds
-        importance = weights.input_importance(scratch / kv.PROMPT_FILE, statistics, full=bool(opt["gptq"]))
+        with clock("export", "exporting the float prompt and decode graphs"):
+            layout = kv.export_graphs(source.hf_dir, scratch, opt["ar"], opt["ctx"])
+        with clock("calibration_feeds", f"running {len(windows)} calibration windows through the float graphs"):
+            prompt_feeds, decode_feeds = kv.calibration_feeds(scratch, windows, cpu_session)
+            smoothing = _smooth(scratch, [kv.PROMPT_FILE, kv.DECODE_FILE], prompt_feeds, opt) if spec.precision == "w8a8" else None
+        with clock("statistics", f"input statistics of every weight over {len(statistics_windows) or len(windows)} windows"):
+            if opt["gptq"]:
+                statistics = weights.InputStatistics(scratch / kv.PROMPT_FILE, full=True)
+                kv.run_prompt_chunks(scratch, statistics_windows, statistics.run)
+                importance = statistics.result()
+            else:
+                importance = weights.input_importance(scratch / kv.PROMPT_FILE, prompt_feeds)
         solved: dict = {}  # weights are solved once for every graph that holds them
         choice: dict = {}
         if held_out_windows:
@@ -231,15 +251,17 @@ class QnnBackend(Backend):
                 cache = kv.KVCache(scratch, lambda feed: session.run(None, feed), None)
                 return [cache.prefill(window) for window in held_out_windows]
 
-            request, choice = _choose_by_kld(spec, opt, request, scratch / kv.PROMPT_FILE, prompt_feeds, importance,
-                                             logits_of, layout["layers"], solved)
-        prompt = qnn_tools.quantize_qdq(scratch / kv.PROMPT_FILE, out_dir / kv.PROMPT_FILE, request, prompt_feeds,
-                                        importance=importance, pinned=choice.get("pinned"), solved=solved)
-        qnn_tools.quantize_qdq(scratch / kv.DECODE_FILE, out_dir / kv.DECODE_FILE, request, decode_feeds,
-                               pinned=kv.pinned_overrides(out_dir / kv.PROMPT_FILE, prompt.overrides), importance=importance,
-                               solved=solved)
-        shared = kv.share_weights(out_dir)  # the graphs hold the same weights: one data file for both
-        quantized = time.perf_counter()
+            with clock("choice", "choosing precisions by KLD on held-out windows"):
+                request, choice = _choose_by_kld(spec, opt, request, scratch / kv.PROMPT_FILE, prompt_feeds, importance,
+                                                 logits_of, layout["layers"], solved)
+        with clock("quantize_prompt", "quantizing the prompt graph"):
+            prompt = qnn_tools.quantize_qdq(scratch / kv.PROMPT_FILE, out_dir / kv.PROMPT_FILE, request, prompt_feeds,
+                                            importance=importance, pinned=choice.get("pinned"), solved=solved)
+        with clock("quantize_decode", "quantizing the decode graph with the prompt graph's encodings"):
+            qnn_tools.quantize_qdq(scratch / kv.DECODE_FILE, out_dir / kv.DECODE_FILE, request, decode_feeds,
+                                   pinned=kv.pinned_overrides(out_dir / kv.PROMPT_FILE, prompt.overrides),
+                                   importance=importance, solved=solved)
+            shared = kv.share_weights(out_dir)  # the graphs hold the same weights: one data file for both
         encodings = {name: kv.activation_encodings(out_dir / file) for name, file in (("prompt", kv.PROMPT_FILE),
                                                                                       ("decode", kv.DECODE_FILE))}
         for name in (kv.LAYOUT_FILE, kv.INV_FREQ_FILE):
@@ -257,13 +279,14 @@ class QnnBackend(Backend):
         if smoothing:
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
-            info["htp_pipeline"] = kv.htp_pipeline_check(out_dir, scratch, windows[0][: 2 * opt["ar"]], steps=16,
-                                                         target=_target(opt))
+            with clock("htp_check", "running both graphs on Qualcomm's HTP simulator"):
+                info["htp_pipeline"] = kv.htp_pipeline_check(out_dir, scratch, windows[0][:opt["ar"]],
+                                                             steps=opt["htp_steps"], target=_target(opt))
         if opt["context"]:
-            info["context"] = qnn_tools.compile_shared_contexts(out_dir, [kv.PROMPT_FILE, kv.DECODE_FILE], _target(opt))
+            with clock("context", "compiling the QNN context binary"):
+                info["context"] = qnn_tools.compile_shared_contexts(out_dir, [kv.PROMPT_FILE, kv.DECODE_FILE], _target(opt))
         shutil.rmtree(scratch)
-        info["timings"] = {"export_s": round(exported - started, 3), "quantize_s": round(quantized - exported, 3),
-                           "checks_s": round(time.perf_counter() - quantized, 3)}
+        info["timings"] = clock.seconds
         return info
 
     def _request(self, spec, opt: dict, tokens: int):
@@ -318,7 +341,7 @@ def _fixed_layout_reason(source, spec) -> str | None:
     reason = kv.unsupported(source.config)
     if reason is None:
         return None
-    kv_only = [name for name in ("ar", "ctx", "kv") if name in spec.options]
+    kv_only = [name for name in KV_ONLY if name in spec.options]
     if kv_only:
         raise EdgequantError(f"{reason}, and {', '.join(kv_only)} apply to graphs=kv only",
                              "drop them: this model gets the fixed-window graph (graphs=fixed, seq=...)")

@@ -21,7 +21,7 @@ and zero point per tensor), so the two compute on one grid.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import numpy as np
@@ -214,24 +214,16 @@ def calibration_feeds(folder: Path, windows: list[list[int]], session) -> tuple[
     return prompt_feeds, decode_feeds
 
 
-def prompt_chunk_feeds(folder: Path, windows: list[list[int]], session) -> Iterator[dict]:
-    """The float prompt graph's feeds over each window's first half, one chunk at a time, for
-    statistics over many windows (GPTQ's): kept as a list, each chunk's KV cache (~44 MB on the
-    default model) would not fit in memory past a few hundred chunks. Each feed is valid until the
-    next one is drawn."""
-    drawn: list[dict] = []
-    prompt = session(folder / PROMPT_FILE)
-
-    def run(feed):
-        drawn.append(feed)
-        return prompt.run(None, feed)
-
+def run_prompt_chunks(folder: Path, windows: list[list[int]], run) -> None:
+    """Each window's first half through the prompt graph, one chunk at a time, by `run` (a feed ->
+    the graph's outputs; weights.InputStatistics.run gathers GPTQ's statistics on the way). The
+    feeds are not kept: each chunk's KV cache (~44 MB on the default model) would not fit in memory
+    past a few hundred chunks."""
     cache = KVCache(folder, run, None)
     for window in windows:
         cache.reset()
         for i in range(0, _first_half(window, cache.chunk), cache.chunk):
             cache.step(window[i:i + cache.chunk], "prompt")
-            yield drawn.pop()
 
 
 def _first_half(window: list[int], chunk: int) -> int:
@@ -295,7 +287,7 @@ def pinned_overrides(qdq_path: Path, overrides: dict) -> dict:
     return pinned
 
 
-def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], steps: int = 16,
+def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], steps: int,
                        target: dict | None = None) -> dict:
     """The artifact as an app runs it, on Qualcomm's simulated HTP with CPU fallback off: prefill
     `prompt_ids` in chunks, then `steps` greedy decode steps. Compared over the same tokens (those
@@ -319,16 +311,25 @@ def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], 
 
     report = {"backend": "QNN HTP simulator (x86-64)", **htp_options(target), "prompt_tokens": len(prompt_ids),
               "decode_steps": steps}
+    started = time.perf_counter()
     try:
         htp = pipeline(folder, lambda path: ort.InferenceSession(str(path), htp_session_options(target=target)))
     except Exception as exc:  # the graphs still run on the CPU EP; the HTP's refusal is the finding
         return {**report, "error": htp_refusal(exc)}
+    loaded = time.perf_counter()
+    report["seconds"] = {"htp_load": round(loaded - started, 1)}
+    if steps == 0:
+        return report
     cpu = pipeline(folder, cpu_session)
     tokens = [int(cpu.prefill(prompt_ids)[-1].argmax())]
     for _ in range(steps):
         tokens.append(int(cpu.step([tokens[-1]])[-1].argmax()))
-    runs = {name: teacher_forced(cache, tokens) for name, cache in
-            (("cpu", cpu), ("htp", htp), ("float", pipeline(float_folder, cpu_session)))}
+    runs = {}
+    for name, cache in (("cpu", cpu), ("htp", htp), ("float", pipeline(float_folder, cpu_session))):
+        run_started = time.perf_counter()
+        runs[name] = teacher_forced(cache, tokens)
+        if name == "htp":
+            report["seconds"]["htp_run"] = round(time.perf_counter() - run_started, 1)
     reference = log_softmax(runs["float"])
     kld = {name: kl_divergence(reference, log_softmax(runs[name])) for name in ("cpu", "htp")}
     split = len(prompt_ids)

@@ -218,25 +218,47 @@ def input_importance(model_path: Path, feeds: Iterable[dict], full: bool = False
     importance matrix weights its.
     `full`: the whole second moment X^T X / n [K, K] instead (one array per activation, shared by
     the weights it enters), for GPTQ's error feedback."""
-    import onnx
-
-    from edgequant.backends._shared.ort import cpu_session
-
-    model = onnx.load(str(model_path))
-    matrices = {i.name for i in model.graph.initializer if len(i.dims) == 2}
-    users: dict[str, list[str]] = {}  # activation -> the weights it multiplies
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in matrices:
-            users.setdefault(node.input[0], []).append(node.input[1])
-    names = list(users)
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
-    session = cpu_session(model.SerializeToString(), optimize=False)
-    sums: dict[str, np.ndarray] = {}
-    rows = 0
+    statistics = InputStatistics(model_path, full)
     for feed in feeds:
-        for name, value in zip(names, session.run(names, feed)):
-            flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
-            sums[name] = sums.get(name, 0.0) + (flat.T @ flat if full else (flat ** 2).sum(axis=0))
-        rows += flat.shape[0]
-    moments = {name: (total / rows).astype(np.float32) for name, total in sums.items()}
-    return {weight: moments[name] for name, weights in users.items() for weight in weights}
+        statistics.run(feed)
+    return statistics.result()
+
+
+class InputStatistics:
+    """`input_importance` gathered while the graph does its own work: `run` returns the graph's
+    outputs (a KV cache can be advanced with them) and adds the inputs of every weight MatMul to
+    the sums, so statistics over many windows cost one pass of the graph, not two."""
+
+    def __init__(self, model_path: Path, full: bool) -> None:
+        import onnx
+
+        from edgequant.backends._shared.ort import cpu_session
+
+        model = onnx.load(str(model_path))
+        matrices = {i.name for i in model.graph.initializer if len(i.dims) == 2}
+        self._users: dict[str, list[str]] = {}  # activation -> the weights it multiplies
+        for node in model.graph.node:
+            if node.op_type == "MatMul" and node.input[1] in matrices:
+                self._users.setdefault(node.input[0], []).append(node.input[1])
+        self._outputs = [o.name for o in model.graph.output]
+        model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                                  for name in self._users)
+        self._session = cpu_session(model.SerializeToString(), optimize=False)
+        self._full = full
+        self._sums: dict[str, np.ndarray] = {}  # float64
+        self._rows = 0
+
+    def run(self, feed: dict) -> list[np.ndarray]:
+        values = self._session.run(self._outputs + list(self._users), feed)
+        for name, value in zip(self._users, values[len(self._outputs):]):
+            flat = value.reshape(-1, value.shape[-1])
+            # each feed's products in float32 (BLAS's sgemm: on the default model's 64-token chunks the
+            # float64 product was ~2x slower and most of the statistics' time), summed in float64
+            product = flat.T @ flat if self._full else (flat ** 2).sum(axis=0)
+            self._sums[name] = self._sums[name] + product if name in self._sums else product.astype(np.float64)
+        self._rows += flat.shape[0]
+        return values[:len(self._outputs)]
+
+    def result(self) -> dict[str, np.ndarray]:
+        moments = {name: (total / self._rows).astype(np.float32) for name, total in self._sums.items()}
+        return {weight: moments[name] for name, weights in self._users.items() for weight in weights}
