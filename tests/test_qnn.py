@@ -361,7 +361,8 @@ def test_the_two_graphs_store_their_weights_once(kv_artifact):
 
 
 @pytest.mark.parametrize("spec, match", [("qnn:w8a16?graphs=fixed&ar=16", "graphs=kv only"),
-                                         ("qnn:w8a16?graphs=fixed&kv=16", "graphs=kv only"), ("qnn:w8a16?graphs=fixed&htp_steps=4", "graphs=kv only"),
+                                         ("qnn:w8a16?graphs=fixed&kv=16", "graphs=kv only"),
+                                         ("qnn:w8a16?graphs=fixed&htp_steps=4", "graphs=kv only"),
                                          ("qnn:w8a16?seq=64", "add graphs=fixed"), ("qnn:w8a16?ar=64&ctx=64", "below ctx"),
                                          ("qnn:w8a8?head=8", "only to w4a16"), ("qnn:w4a16?block=48", "block"),
                                          ("qnn:w8a16?smooth=0.5", "only to w8a8")])
