@@ -6,8 +6,8 @@ weights. Off Apple silicon, mlx[cpu] emulates float16 arithmetic and is many tim
 (128 tokens took 466 s here), so the float16 parameters (scales, biases, norms) are held as float32
 in memory and activations are computed in float32; the quantized weights are unchanged.
 `arithmetic()` says so wherever a figure is shown. mlx[cpu] runs its matmuls on one thread without
-BLAS (a 512-token window of the default model takes ~48 s here, against under a second for the
-same weights in PyTorch): slow, but the figure is MLX's, not an emulation's. Each CPU stream
+BLAS (a 512-token window of the default model took ~79 s on one thread here, against under a
+second for the same weights in PyTorch): slow, but the figure is MLX's, not an emulation's. Each CPU stream
 of MLX runs on a thread of its own, so windows are scored `threads` at a time, one per stream.
 """
 
