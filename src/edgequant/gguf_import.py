@@ -89,7 +89,7 @@ def _import_into(path: Path, out: Path) -> None:
     reader = check_gguf(path)
     meta = gguf_metadata(reader)
     arch = meta.get("general.architecture", "?")
-    _import_weights(path, arch, out)
+    _import_weights(path, arch, meta, out)
     _import_tokenizer(path, reader, meta, out)
     quant_types = sorted({t.tensor_type.name for t in reader.tensors})
     provenance = {
@@ -101,9 +101,9 @@ def _import_into(path: Path, out: Path) -> None:
     (out / "edgequant-import.json").write_text(json.dumps(provenance, indent=2))
 
 
-def _import_weights(path: Path, arch: str, out: Path) -> None:
+def _import_weights(path: Path, arch: str, meta: dict, out: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
     from transformers.utils import logging as hf_logging
 
@@ -115,9 +115,18 @@ def _import_weights(path: Path, arch: str, out: Path) -> None:
             "supported GGUF architectures: " + ", ".join(sorted(GGUF_CONFIG_MAPPING))
             + "; or pass the model as a Hugging Face folder",
         )
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    _restore_attention_scale(model.config)
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    _restore_head_dim(config, meta.get(f"{arch}.attention.key_length"))
+    _restore_attention_scale(config)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)
+
+
+def _restore_head_dim(config, key_length: int | None) -> None:
+    """transformers' GGUF mapping drops `attention.key_length`; a config class whose default head
+    size is not hidden / heads (Qwen3's is 128) then builds layers of the wrong shape."""
+    if key_length is not None and hasattr(config, "head_dim"):
+        config.head_dim = int(key_length)
 
 
 # Gemma-2/3 models with these layer counts (the 27B ones) scale queries by 1/sqrt(hidden / heads);
