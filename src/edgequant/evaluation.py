@@ -241,13 +241,8 @@ def _quality(target: Target, source, windows: Windows, reference: Path, threads:
     with open_runner(target.path, n_ctx=ctx, need_logits=True, threads=threads) as runner:
         _check_tokenizer(runner, windows)
         scored = runner.logits_of_windows([ids.tolist() for ids in windows.ids])
-        for i, logits in enumerate(track(scored, f"scoring {target.label}", total=n_windows)):
-            # a mapping of its own per window, dropped after it: pages read through one long-lived
-            # mapping stay in this process's RSS (2 GB for 4 windows at a 262k vocabulary)
-            ref = np.load(reference, mmap_mode="r")[i]
-            _check_vocabulary(target, source, logits, ref)
-            per_window.append(_score_window(logits, ref, windows.ids[i]))
-            del logits, ref
+        for i, blocks in enumerate(track(scored, f"scoring {target.label}", total=n_windows)):
+            per_window.append(_score_window(target, source, blocks, reference, i, windows.ids[i]))
         arithmetic = runner.arithmetic()
     scores = TokenScores(*(np.concatenate(x) for x in zip(*per_window)), window=ctx - 1)
     return {**quality_figures(scores), **({"arithmetic": arithmetic} if arithmetic else {})}
@@ -258,24 +253,34 @@ def _quality(target: Target, source, windows: Windows, reference: Path, threads:
 _SCORE_ROWS = 32
 
 
-def _score_window(logits: np.ndarray, reference: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, ...]:
+def _score_window(target: Target, source, blocks, reference: Path, window: int, ids: np.ndarray) -> tuple[np.ndarray, ...]:
     """Per scored position (every one but the last): the target's and the baseline's negative
-    log-likelihood of the next token, the KL divergence baseline -> target, top-1 agreement."""
-    parts = []
-    for start in range(0, len(ids) - 1, _SCORE_ROWS):
-        rows = slice(start, min(start + _SCORE_ROWS, len(ids) - 1))
-        logp = log_softmax(logits[rows])
-        ref = np.asarray(reference[rows], dtype=np.float32)
-        at = np.arange(rows.stop - rows.start)
-        following = ids[rows.start + 1:rows.stop + 1]
-        parts.append((-logp[at, following], -ref[at, following], kl_divergence(ref, logp), ref.argmax(-1) == logp.argmax(-1)))
+    log-likelihood of the next token, the KL divergence baseline -> target, top-1 agreement.
+    The target's logits come in blocks of rows; the reference is read a slice at a time, each
+    through a mapping of its own (pages read through a long-lived mapping stay in this process's
+    RSS: a window's are 0.5 GB at a 262k vocabulary)."""
+    parts, done = [], 0
+    for block in blocks:
+        _check_vocabulary(target, source, block, reference)
+        for offset in range(0, len(block), _SCORE_ROWS):
+            start = done + offset
+            stop = min(start + _SCORE_ROWS, done + len(block), len(ids) - 1)
+            if stop <= start:
+                break
+            logp = log_softmax(block[offset:offset + stop - start])
+            ref = np.array(np.load(reference, mmap_mode="r")[window, start:stop], dtype=np.float32)
+            at, following = np.arange(stop - start), ids[start + 1:stop + 1]
+            parts.append((-logp[at, following], -ref[at, following], kl_divergence(ref, logp), ref.argmax(-1) == logp.argmax(-1)))
+        done += len(block)
+        del block  # before the engine fills the next one
     return tuple(np.concatenate(x) for x in zip(*parts))
 
 
-def _check_vocabulary(target: Target, source, logp: np.ndarray, ref: np.ndarray) -> None:
-    if logp.shape[-1] != ref.shape[-1]:
-        raise EdgequantError(f"{target.label} scores {logp.shape[-1]} tokens and the baseline {source.name} "
-                             f"{ref.shape[-1]}: KL divergence needs one vocabulary",
+def _check_vocabulary(target: Target, source, logits: np.ndarray, reference: Path) -> None:
+    vocab = np.load(reference, mmap_mode="r").shape[-1]
+    if logits.shape[-1] != vocab:
+        raise EdgequantError(f"{target.label} scores {logits.shape[-1]} tokens and the baseline {source.name} "
+                             f"{vocab}: KL divergence needs one vocabulary",
                              "pass --baseline the model this one was converted or fine-tuned from")
 
 

@@ -47,11 +47,13 @@ class Runner(ABC):
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits of shape (len(ids), vocab): row i predicts token i + 1."""
 
-    def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[np.ndarray]:
-        """`logits` of each window, in order. Engines that score one window on one core override it
-        to score several at once; callers hold each array only until they draw the next."""
+    def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[Iterator[np.ndarray]]:
+        """`logits` of each window, in order, each as consecutive blocks of rows (here one block).
+        Engines override it to score several windows at once (one per core), or to hand a window
+        over in slices so a large vocabulary never holds a whole (ctx x vocab) array. Callers
+        consume each window's blocks before drawing the next window."""
         for ids in windows:
-            yield self.logits(ids)
+            yield iter((self.logits(ids),))
 
     @abstractmethod
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:

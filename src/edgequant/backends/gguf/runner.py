@@ -13,19 +13,25 @@ from edgequant.runner import GenerateParams, Runner
 
 class LlamaRunner(Runner):
     def __init__(self, model_path: Path, *, name: str, n_ctx: int, logits_all: bool, threads: int):
+        """`logits_all`: this runner will score every position (`logits`), through a context of
+        its own that decodes a slice of rows at a time (see scoring.py)."""
         import llama_cpp
 
         from edgequant.backends.gguf.tools import QuantizeLog, silence_llama_logs
 
         self.name, self.n_ctx, self._threads = name, n_ctx, threads
+        self._scorer = None
         self._llama_cpp = llama_cpp
         with QuantizeLog() as log:
             try:
-                # logits_all keeps a (n_ctx x vocab) float array: only the quality pass needs it.
                 self._llm = llama_cpp.Llama(
-                    model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
+                    model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=False,
                     n_threads=threads, n_threads_batch=threads, verbose=False,
                 )
+                if logits_all:
+                    from edgequant.backends.gguf.scoring import LogitScorer
+
+                    self._scorer = LogitScorer(self._llm._model.model, n_ctx=n_ctx, threads=threads)
             except ValueError:
                 tail = "\n".join(log.text().strip().splitlines()[-3:])
                 raise EdgequantError(f"llama.cpp could not load {model_path}:\n{tail}", "re-create the artifact with --force") from None
@@ -40,11 +46,16 @@ class LlamaRunner(Runner):
         return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        if len(ids) > self.n_ctx:
-            raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
-        self._llm.reset()
-        self._llm.eval(list(ids))
-        return np.array(self._llm.scores[: len(ids)], dtype=np.float32, copy=True)
+        return np.concatenate(list(self._scoring().slices(list(ids))))
+
+    def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[Iterator[np.ndarray]]:
+        for ids in windows:
+            yield self._scoring().slices(list(ids))
+
+    def _scoring(self):
+        if self._scorer is None:
+            raise RuntimeError(f"{self.name}: open the runner with need_logits=True to score positions")
+        return self._scorer
 
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         llm = self._llm
@@ -75,6 +86,9 @@ class LlamaRunner(Runner):
         return BatchDecoder(self._llm._model.model, n_seq=n_seq, n_ctx=n_ctx, threads=self._threads)
 
     def close(self) -> None:
+        if getattr(self, "_scorer", None) is not None:
+            self._scorer.close()
+            self._scorer = None
         if getattr(self, "_llm", None) is not None:
             self._llm.close()
             self._llm = None

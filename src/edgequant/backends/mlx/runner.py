@@ -45,9 +45,9 @@ class MLXRunner(HFTokenizerMixin, Runner):
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """One causal pass of MLX over `ids` (no cache)."""
-        return next(self.logits_of_windows([ids]))
+        return next(next(self.logits_of_windows([ids])))
 
-    def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[np.ndarray]:
+    def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[Iterator[np.ndarray]]:
         """Off Apple silicon, `threads` windows at a time, each on a CPU stream of its own (one
         thread each); on Apple silicon one after another, on the default device."""
         mx = self._mx
@@ -62,7 +62,7 @@ class MLXRunner(HFTokenizerMixin, Runner):
             mx.eval(*pending)
             for k in range(len(pending)):
                 out, pending[k] = pending[k], None  # each window's array is freed once drawn
-                yield np.array(out, dtype=np.float32, copy=True)
+                yield iter((np.array(out, dtype=np.float32, copy=True),))
 
     def _cpu_streams(self) -> list:
         if self._streams is None:
