@@ -90,3 +90,15 @@ def test_a_tied_output_layer_is_found_where_the_config_leaves_it_unsaid(tiny_mod
     built = edgequant.convert(tiny_gemma3, "gguf:q4_k_m").size_bytes
     estimate = get_backend("gguf").estimated_bytes("q4_k_m", gemma.tensors, gemma.tied_embeddings)
     assert abs(estimate / built - 1) < 0.15, (estimate, built)
+
+
+def test_an_imported_folder_loads_without_transformers_false_regex_alarm(tiny_gemma3, tmp_path, capfd):
+    """transformers 4.57.3+ tells every folder its own version saved that its tokenizer has "an
+    incorrect regex pattern" (a check meant for Mistral's); users saw it on every Gemma run."""
+    from edgequant.auto_tokenizer import auto_tokenizer
+
+    source = _as_their_gguf(tiny_gemma3, tmp_path)
+    capfd.readouterr()
+    tokenizer = auto_tokenizer(source.hf_dir)
+    assert "incorrect regex" not in capfd.readouterr().err
+    assert tokenizer("The capital of France", add_special_tokens=False).input_ids

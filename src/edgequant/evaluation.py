@@ -177,9 +177,9 @@ def _eval_text(config: EvalConfig) -> tuple[str, str]:
 
 
 def _make_windows(source, config: EvalConfig, text: str, data_name: str) -> Windows:
-    from transformers import AutoTokenizer
+    from edgequant.auto_tokenizer import auto_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.hf_dir)
+    tokenizer = auto_tokenizer(source.hf_dir)
     # A model whose tokenizer starts every sequence with BOS sees each window that way, as llama.cpp's
     # perplexity tool does (Gemma without BOS scores about 30% worse); the rest see plain text.
     bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None

@@ -251,12 +251,11 @@ def check_tokenizer_against_llama_cpp(path: Path, folder: Path, kind: str) -> No
     except ImportError:
         note("llama-cpp-python is not installed: the imported tokenizer was not checked against llama.cpp's")
         return
-    from transformers import AutoTokenizer
-
     from edgequant.evaldata import default_calibration_text, default_eval_text
+    from edgequant.auto_tokenizer import auto_tokenizer
 
     vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-    ours = AutoTokenizer.from_pretrained(folder)
+    ours = auto_tokenizer(folder)
     for name, text in (("evaluation", default_eval_text()), ("calibration", default_calibration_text())):
         sample = text[:_CHECK_CHARS]
         want = vocab.tokenize(sample.encode(), add_bos=False, special=False)

@@ -129,3 +129,4 @@ def _check_hf_folder(path: Path) -> str:
         read_header(weight_file)
     files = [p for pattern in _FINGERPRINT_GLOBS for p in path.glob(pattern)]
     return files_sha256(files)
+

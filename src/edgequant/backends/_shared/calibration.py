@@ -13,12 +13,12 @@ def calibration_windows(tokenizer_dir: Path, count: int, length: int, text: str 
     """`count` windows of `length` tokens of `text` (default: the calibration text), tokenized by
     the model's own tokenizer. Too little text is an error; `fix` may use `{fit}`, the number of
     windows that would fit."""
-    from transformers import AutoTokenizer
+    from edgequant.auto_tokenizer import auto_tokenizer
 
     from edgequant.evaldata import default_calibration_text
 
     text = text if text is not None else default_calibration_text()
-    ids = AutoTokenizer.from_pretrained(tokenizer_dir)(text, add_special_tokens=False, verbose=False).input_ids
+    ids = auto_tokenizer(tokenizer_dir)(text, add_special_tokens=False, verbose=False).input_ids
     if len(ids) < count * length:
         raise EdgequantError(f"the calibration text has {len(ids)} tokens; {count} windows of {length} need {count * length}",
                              fix.format(fit=len(ids) // length))

@@ -85,9 +85,9 @@ def _tokenizer_definition(folder: Path) -> str:
     PyTorch baseline, where transformers is loaded anyway) gets it converted in memory."""
     if (folder / TOKENIZER_JSON).is_file():
         return (folder / TOKENIZER_JSON).read_text()
-    from transformers import AutoTokenizer
+    from edgequant.auto_tokenizer import auto_tokenizer
 
-    return AutoTokenizer.from_pretrained(folder).backend_tokenizer.to_str()
+    return auto_tokenizer(folder).backend_tokenizer.to_str()
 
 
 def write_tokenizer_json(source_dir: Path, out_dir: Path) -> None:

@@ -92,9 +92,9 @@ def write_tokenizers(hf_dir: Path, out: Path) -> None:
     matching the Runner contract (the pipeline adds what the chat template asks for)."""
     import openvino as ov
     from openvino_tokenizers import convert_tokenizer
-    from transformers import AutoTokenizer
+    from edgequant.auto_tokenizer import auto_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer = auto_tokenizer(hf_dir)
     # The model's context as the IR's length bound: left unset, a tokenizer whose post-processor adds
     # BOS (Gemma's) gets INT32_MAX there, and LLMPipeline's own adjustment of it overflows
     # ("2147483648 assigned value out of range for i32") before the pipeline loads.
