@@ -3,7 +3,7 @@
 VENV := .venv/bin
 REPORT_DIR ?= out
 
-.PHONY: setup demo test test-fast test-unit bench second-model-setup second-model
+.PHONY: setup lint demo test test-fast test-unit bench second-model-setup second-model
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -13,8 +13,12 @@ demo: setup
 	@mkdir -p $(REPORT_DIR)
 	$(VENV)/edgequant bench --report $(REPORT_DIR)/report.html --markdown $(REPORT_DIR)/report.md --json $(REPORT_DIR)/report.json
 
-test: setup
+# Lint first (seconds): the rules in pyproject.toml's [tool.ruff], then every test.
+test: setup lint
 	$(VENV)/python -m pytest -q
+
+lint: setup
+	$(VENV)/ruff check src tests bench
 
 test-fast: setup
 	$(VENV)/python -m pytest -q -m "not slow"

@@ -47,7 +47,8 @@ def raw_pipeline(source_dir: Path, converter: Path, work: Path, env: dict) -> di
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     f32 = work / "model-f32.gguf"
-    convert = measure([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(source_dir), "--outfile", str(f32), "--outtype", "f32"], env)
+    convert = measure([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(source_dir),
+                       "--outfile", str(f32), "--outtype", "f32"], env)
     script = work / "quantize.py"
     script.write_text(RAW_QUANTIZE)
     quantize = measure([sys.executable, str(script), str(f32), str(work), *[f"{s}={FTYPES[s]}" for s in SPECS]], env)

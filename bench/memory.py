@@ -141,8 +141,8 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=HERE / "results" / "memory.json")
     args = parser.parse_args()
 
-    from edgequant.evaldata import default_eval_text
     from edgequant.atomic import write_text_atomic
+    from edgequant.evaldata import default_eval_text
     from edgequant.evaluation import machine_info
 
     prompt_text = default_eval_text()[:2000]

@@ -11,8 +11,8 @@ from edgequant.backend import Backend
 from edgequant.benchmark import BenchConfig, run_bench
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import EvalConfig
-from edgequant.report import pareto_front
 from edgequant.registry import register, unregister
+from edgequant.report import pareto_front
 from edgequant.results import ResultsDB
 from edgequant.spec import Precision
 

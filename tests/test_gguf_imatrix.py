@@ -246,7 +246,8 @@ def test_type_numbers_are_ggml_s():
 def test_allocation_fits_the_budget_and_spends_it_where_it_buys_most():
     from edgequant.backends.gguf.auto import Choice, Table, allocate
 
-    ladder = lambda scale: [Choice("q2_k", 100, 8.0 * scale), Choice("q4_k", 200, 2.0 * scale), Choice("q8_0", 400, 0.1 * scale)]
+    def ladder(scale):
+        return [Choice("q2_k", 100, 8.0 * scale), Choice("q4_k", 200, 2.0 * scale), Choice("q8_0", 400, 0.1 * scale)]
     table = Table({"blk.0.attn_v.weight": ladder(10.0), "blk.0.ffn_up.weight": ladder(1.0)}, fixed_bytes=50)
     weights = {"attn_v": 1.0, "ffn_up": 1.0}
     assert allocate(table, weights, 50 + 300) == {"blk.0.attn_v.weight": "q4_k", "blk.0.ffn_up.weight": "q2_k"}

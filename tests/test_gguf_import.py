@@ -35,8 +35,9 @@ def _as_their_gguf(hf_dir, tmp_path):
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_an_imported_gguf_is_the_model_it_was_written_from(arch, tiny_model, tiny_gemma3, tmp_path):
     """Every architecture of the matrix: llama.cpp's converter writes it, the import must give it back."""
-    from tiny_archs import build
     from transformers import AutoTokenizer
+
+    from tiny_archs import build
 
     original = tiny_gemma3 if arch == "gemma3" else build(arch, tiny_model, tmp_path / "model")
     source = _as_their_gguf(original, tmp_path)

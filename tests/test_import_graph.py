@@ -19,13 +19,15 @@ pytestmark = pytest.mark.unit
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = {
     "base": ["edgequant", "edgequant.errors", "edgequant.atomic", "edgequant.paths", "edgequant.progress",
-             "edgequant.fingerprint", "edgequant.safetensors_info", "edgequant.logprobs", "edgequant.intervals", "edgequant.auto_tokenizer"],
+             "edgequant.fingerprint", "edgequant.safetensors_info", "edgequant.logprobs", "edgequant.intervals",
+             "edgequant.auto_tokenizer"],
     "model": ["edgequant.spec", "edgequant.artifact", "edgequant.runner", "edgequant.backend", "edgequant.source",
               "edgequant.gguf_import", "edgequant.evaldata", "edgequant.hardware", "edgequant.gates"],
     "formats": ["edgequant.backends"],
     "registry": ["edgequant.registry"],
     "verbs": ["edgequant.conversion", "edgequant.evaluation", "edgequant.speed_probe", "edgequant.benchmark",
-              "edgequant.report", "edgequant.report_text", "edgequant.results", "edgequant.inspection", "edgequant.importance", "edgequant.recommend",
+              "edgequant.report", "edgequant.report_text", "edgequant.results", "edgequant.inspection", "edgequant.importance",
+              "edgequant.recommend",
               "edgequant.optimize", "edgequant.certificate", "edgequant.recipe",
               "edgequant.serving"],
     "cli": ["edgequant.cli", "edgequant.__main__"],

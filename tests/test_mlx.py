@@ -138,7 +138,8 @@ def test_minmax_grid_is_read_back_by_mlx_exactly(bits):
     low = -rng.uniform(0.05, 0.3, (16, 4, 1)).astype(np.float16).astype(np.float32)
     weight = (low + step * q).reshape(16, 128).astype(np.float32)
     packed, scales, biases = minmax_quantize(weight, bits, 32)
-    as32 = lambda a: mx.array(a).astype(mx.float32)  # float16 output would round the values themselves
+    def as32(a):
+        return mx.array(a).astype(mx.float32)  # float16 output would round the values themselves
     back = np.array(mx.dequantize(mx.array(packed), as32(scales), as32(biases), group_size=32, bits=bits))
     assert np.abs(back - weight).max() < 0.02 * step.min()
     if bits == 4:

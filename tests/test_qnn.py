@@ -382,9 +382,8 @@ def test_default_model_w8a16_on_cpu_ep():
 def test_an_architecture_the_kv_graphs_do_not_take_falls_back_to_the_fixed_graph(tiny_model, tmp_path):
     """The default layout (graphs=kv) writes Llama-style attention only: Gemma-3 gets the
     fixed-window graph instead of an error, and the manifest and the report's notes say so."""
-    from tiny_archs import build
-
     from edgequant.registry import get_backend
+    from tiny_archs import build
 
     gemma = build("gemma3", tiny_model, tmp_path / "gemma3")
     with pytest.raises(EdgequantError, match="graphs=kv only"):

@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from serve_helpers import metric_value, running_server
 
 import edgequant
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
 from edgequant.serving.metrics import Metrics
 from edgequant.serving.scheduling import Job, ModelWorker
+from serve_helpers import metric_value, running_server
 
 pytest.importorskip("fastapi", reason="its extra is not installed")
 pytest.importorskip("uvicorn", reason="its extra is not installed")

@@ -3,9 +3,9 @@
 import httpx
 import openai
 import pytest
-from serve_helpers import running_server, scrape, wait_until
 
 import edgequant
+from serve_helpers import running_server, scrape, wait_until
 
 pytest.importorskip("fastapi", reason="its extra is not installed")
 pytest.importorskip("uvicorn", reason="its extra is not installed")

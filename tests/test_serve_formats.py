@@ -7,11 +7,11 @@ and answer a chat request.
 
 import openai
 import pytest
-from serve_helpers import running_server
 
 import edgequant
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
+from serve_helpers import running_server
 
 pytest.importorskip("fastapi", reason="its extra is not installed")
 pytest.importorskip("uvicorn", reason="its extra is not installed")

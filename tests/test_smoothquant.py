@@ -56,8 +56,9 @@ def test_searched_scales_beat_the_largest_value_scale():
 
 
 def test_qnn_weights_are_symmetric_blocks_close_to_the_float_weights(tiny_model, float_graphs):
-    import edgequant
     from onnx import numpy_helper
+
+    import edgequant
 
     folder, _ = float_graphs
     artifact = edgequant.convert(tiny_model, "qnn:w4a16?ar=16&ctx=128&samples=2")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 # transformers 4.57.3-4.57.x warns that any folder its own version saved holds "an incorrect regex
 # pattern" that "will lead to incorrect tokenization": a check meant for Mistral's tokenizers that
 # fires for every model type (every GGUF import, Gemma's included). For other types no fix applies,

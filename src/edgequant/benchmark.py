@@ -196,10 +196,10 @@ def tool_versions() -> dict:
 
 
 def _write_reports(config: BenchConfig, result: BenchResult) -> None:
+    import json
+
     from edgequant.atomic import write_text_atomic
     from edgequant.report import build_report, render_html, render_markdown
-
-    import json
 
     data = build_report(result)
 

@@ -165,7 +165,8 @@ def _add_serve(sub) -> None:
     p.add_argument("models", nargs="*", help="artifact folders or models (default: the embedded model, run by PyTorch)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--api-key", default=os.environ.get("EDGEQUANT_API_KEY"), help="require 'Authorization: Bearer KEY' (or set EDGEQUANT_API_KEY)")
+    p.add_argument("--api-key", default=os.environ.get("EDGEQUANT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (or set EDGEQUANT_API_KEY)")
     p.add_argument("--ctx", type=int, default=2048, help="context length per model")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests per model before answering 429")
     p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
@@ -180,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgequant", description="Convert, quantize, evaluate and serve models for edge devices.")
     parser.add_argument("--version", action="version", version=f"edgequant {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_inspect, _add_hardware, _add_recommend, _add_optimize, _add_verify, _add_run, _add_convert, _add_imatrix, _add_eval, _add_bench, _add_results, _add_serve):
+    for add in (_add_inspect, _add_hardware, _add_recommend, _add_optimize, _add_verify, _add_run, _add_convert,
+                _add_imatrix, _add_eval, _add_bench, _add_results, _add_serve):
         add(sub)
     return parser
 

@@ -42,7 +42,8 @@ class EvalConfig:
     def __post_init__(self):
         for name in ("ctx", "windows", "prompt_tokens", "gen_tokens", "repeats"):
             if getattr(self, name) < 1:
-                raise EdgequantError(f"eval setting {name}={getattr(self, name)} must be at least 1", f"pass a positive --{name.replace('_', '-')}")
+                raise EdgequantError(f"eval setting {name}={getattr(self, name)} must be at least 1",
+                                     f"pass a positive --{name.replace('_', '-')}")
         if self.ctx < 16:
             raise EdgequantError(f"eval context {self.ctx} is too short to score", "use --ctx 16 or more (512 is the default)")
 

@@ -251,8 +251,8 @@ def check_tokenizer_against_llama_cpp(path: Path, folder: Path, kind: str) -> No
     except ImportError:
         note("llama-cpp-python is not installed: the imported tokenizer was not checked against llama.cpp's")
         return
-    from edgequant.evaldata import default_calibration_text, default_eval_text
     from edgequant.auto_tokenizer import auto_tokenizer
+    from edgequant.evaldata import default_calibration_text, default_eval_text
 
     vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     ours = auto_tokenizer(folder)

@@ -123,7 +123,8 @@ def _cpu() -> tuple[str, str, set[str]]:
     info = Path("/proc/cpuinfo")
     if info.is_file():
         text = info.read_text(errors="replace")
-        field_of = lambda key: next(iter(re.findall(rf"^{key}\s*:\s*(.+)$", text, re.M)), "").strip()
+        def field_of(key):
+            return next(iter(re.findall(rf"^{key}\s*:\s*(.+)$", text, re.M)), "").strip()
         flags = set((field_of("flags") or field_of("Features")).split())
         vendor = field_of("vendor_id") or _ARM_IMPLEMENTERS.get(field_of("CPU implementer").lower(), field_of("CPU implementer"))
         model = field_of("model name") or field_of("Hardware") or field_of("Model") or platform.processor()

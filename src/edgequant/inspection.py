@@ -28,7 +28,8 @@ def inspect_model(model: str | Path | None = None) -> dict:
     config, tensors = source.config, source.tensors
     total = sum(t.numel for t in tensors)
     embedding = sum(t.numel for t in tensors if any(m in t.name for m in _EMBEDDING_MARKERS))
-    size_on_disk = source.path.stat().st_size if source.kind == "gguf" else sum(f.stat().st_size for f in source.hf_dir.glob("*.safetensors"))
+    size_on_disk = (source.path.stat().st_size if source.kind == "gguf"
+                    else sum(f.stat().st_size for f in source.hf_dir.glob("*.safetensors")))
     info = {
         "model": str(source.path),
         "kind": source.kind,

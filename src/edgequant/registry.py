@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Iterable
 
 from edgequant.backend import Backend
 from edgequant.errors import EdgequantError
-from edgequant.spec import Spec, parse_spec as _parse_spec, parse_specs as _parse_specs
+from edgequant.spec import Spec
+from edgequant.spec import parse_spec as _parse_spec
+from edgequant.spec import parse_specs as _parse_specs
 
 if TYPE_CHECKING:
     from edgequant.runner import Runner

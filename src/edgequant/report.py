@@ -177,7 +177,8 @@ def render_markdown(data: dict) -> str:
     lines += ["", "`*` on the size/quality Pareto front.", ""]
     failed = [r for r in data["rows"] if r["status"] != "ok"]
     lines += [f"- {r['spec']}: {r['status']}: {r['error']}" for r in failed]
-    lines += ["", "## Summary by framework", "", "| framework | quantization | memory use | size reduction vs fp32 | speed-up vs fp32 | use case |",
+    lines += ["", "## Summary by framework", "",
+              "| framework | quantization | memory use | size reduction vs fp32 | speed-up vs fp32 | use case |",
               "|---|---|---|---|---|---|"]
     for s in data["summary"]:
         speed = f"{s['speedup_vs_fp32']}x" + ("" if s["speed_representative"] else " (not representative)") if s["speedup_vs_fp32"] else ""
@@ -225,7 +226,8 @@ function scatter(svg) {
     el('text', {x: X(xmax * i / 4), y: H - B + 14, 'text-anchor': 'middle'}, svg, (xmax * i / 4).toFixed(0));
   }
   const front = pts.filter(r => r.pareto).sort((a, b) => a.size_mb - b.size_mb);
-  el('path', {class: 'pareto-front', d: front.map((r, i) => `${i ? 'L' : 'M'}${X(r.size_mb)},${Y(Math.max(r.ppl_increase_pct, 0))}`).join(' ')}, svg);
+  const corner = (r, i) => `${i ? 'L' : 'M'}${X(r.size_mb)},${Y(Math.max(r.ppl_increase_pct, 0))}`;
+  el('path', {class: 'pareto-front', d: front.map(corner).join(' ')}, svg);
   for (const r of pts) {
     const cls = 'point' + (r.baseline ? ' baseline' : '') + (r.pareto ? ' pareto' : '');
     const c = el('circle', {class: cls, cx: X(r.size_mb), cy: Y(Math.max(r.ppl_increase_pct, 0)), r: 5}, svg);
@@ -262,7 +264,8 @@ def render_html(data: dict) -> str:
         for r in data["rows"])
     failures = "".join(f"<li>{e(r['spec'])}: {e(r['status'])}: {e(r['error'] or '')}</li>" for r in data["rows"] if r["status"] != "ok")
     summary = "".join(
-        f"<tr><td>{e(s['framework'])}</td><td>{e(s['quantization'])}</td><td>{s['memory_mb'] or 0:.0f} MB RSS, {s['size_mb']:.0f} MB file</td>"
+        f"<tr><td>{e(s['framework'])}</td><td>{e(s['quantization'])}</td>"
+        f"<td>{s['memory_mb'] or 0:.0f} MB RSS, {s['size_mb']:.0f} MB file</td>"
         f"<td>{s['size_reduction_vs_fp32_pct']:.0f}%</td><td>{'' if s['speedup_vs_fp32'] is None else s['speedup_vs_fp32']}x"
         f"{'' if s['speed_representative'] else ' (not representative)'}</td><td>{e(s['use_case'])}</td></tr>"
         for s in data["summary"])

@@ -265,7 +265,8 @@ class _ChunkMaker:
 
     def first(self) -> dict:
         if self.chat:
-            return self._envelope("chat.completion.chunk", {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            return self._envelope("chat.completion.chunk",
+                                  {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
         return self.chunk("")
 
     def chunk(self, text: str, finish: str | None = None, last: Delta | None = None) -> dict:
@@ -333,7 +334,8 @@ class _Guard:
             given = headers.get(b"authorization", b"")
             expected = b"Bearer " + self._key
             if not hmac.compare_digest(given, expected):  # constant time, whatever was sent
-                return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error", code="invalid_api_key")
+                return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error",
+                                code="invalid_api_key")
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.config.max_body_bytes):
             return ApiError(413, f"request body is larger than {self.config.max_body_bytes} bytes")

@@ -14,7 +14,6 @@ def calibration_windows(tokenizer_dir: Path, count: int, length: int, text: str 
     the model's own tokenizer. Too little text is an error; `fix` may use `{fit}`, the number of
     windows that would fit."""
     from edgequant.auto_tokenizer import auto_tokenizer
-
     from edgequant.evaldata import default_calibration_text
 
     text = text if text is not None else default_calibration_text()

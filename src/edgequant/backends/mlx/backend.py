@@ -134,7 +134,8 @@ def supported_model_types() -> list[str]:
     import mlx_lm.models
 
     folder = Path(next(iter(mlx_lm.models.__path__)))
-    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_") and p.stem not in ("base", "cache", "rope_utils", "switch_layers", "activations", "pipeline", "ssm", "bitlinear_layers"))
+    helpers = ("base", "cache", "rope_utils", "switch_layers", "activations", "pipeline", "ssm", "bitlinear_layers")
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_") and p.stem not in helpers)
 
 
 def mlx_model_type(source) -> str:

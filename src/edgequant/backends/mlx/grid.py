@@ -107,7 +107,8 @@ def _check_roundtrip(packed, scales, biases, bits: int, group: int, weight: np.n
 
     from edgequant.errors import EdgequantError
 
-    as32 = lambda a: mx.array(a).astype(mx.float32)  # a float16 result would add its own rounding
+    def as32(a):
+        return mx.array(a).astype(mx.float32)  # a float16 result would add its own rounding
     back = mx.dequantize(mx.array(packed), as32(scales), as32(biases), group_size=group, bits=bits)
     back = np.array(back.astype(mx.float32))
     step = np.repeat(scales.astype(np.float32), group, axis=-1)

@@ -221,7 +221,8 @@ def _convert_int8(source, precision: str, opt: dict[str, Any], out_dir: Path, st
 def _estimated_bytes(precision: str, tensors, tied_embeddings: bool) -> int:
     """Estimated size following what the builder does: 1-D tensors float32; for int4, MatMul
     weights at 4 bit plus a float32 scale per block of 32 and the LM head at 8 bit (shared with
-    the embedding when tied), HQQ's float scale + zero point per block of 32; for int8, MatMuls at 8 bit and the embedding Gather left float32."""
+    the embedding when tied), HQQ's float scale + zero point per block of 32; for int8, MatMuls at 8 bit
+    and the embedding Gather left float32."""
     bits = 0.0
     for tensor in tensors:
         is_embedding = "embed_tokens" in tensor.name

@@ -42,9 +42,8 @@ class CompressSettings:
 
 
 def supported_model_types() -> list[str]:
-    from optimum.exporters.tasks import TasksManager
-
     import optimum.exporters.openvino  # noqa: F401  (registers the openvino exporter's model types)
+    from optimum.exporters.tasks import TasksManager
 
     return sorted(TasksManager.get_supported_model_type_for_task(TASK, exporter="openvino"))
 
@@ -92,6 +91,7 @@ def write_tokenizers(hf_dir: Path, out: Path) -> None:
     matching the Runner contract (the pipeline adds what the chat template asks for)."""
     import openvino as ov
     from openvino_tokenizers import convert_tokenizer
+
     from edgequant.auto_tokenizer import auto_tokenizer
 
     tokenizer = auto_tokenizer(hf_dir)

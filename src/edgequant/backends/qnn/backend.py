@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-from dataclasses import replace
 
 from edgequant.backend import Backend
 from edgequant.backends._shared.sliding_window import window_ignored

@@ -246,7 +246,8 @@ def mix_int8_by_kld(fp32_path: Path, work: Path, request, feeds: list[dict], imp
     int4 = work / "int4.onnx"
     tools.quantize_qdq(fp32_path, int4, request, feeds, importance=importance, solved=solved)
     prepared = fp32_path.with_name("prepared.onnx")  # the graph quantize_qdq quantized
-    float_weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(prepared if prepared.exists() else fp32_path)).graph.initializer
+    float_graph = onnx.load(str(prepared if prepared.exists() else fp32_path)).graph
+    float_weights = {i.name: numpy_helper.to_array(i) for i in float_graph.initializer
                      if len(i.dims) == 2}
     splicer = Int8WeightSplicer(int4, float_weights, importance)
     return choose_int8_weights(splicer, kld_of, share, {w: float_weights[w].size for w in splicer.users})
