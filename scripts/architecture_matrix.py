@@ -1,7 +1,7 @@
-"""Regenerate README's architecture x format table from the architecture tests' own results.
+"""Regenerate docs/models.md's architecture x format table from the architecture tests' own results.
 
 Runs tests/test_architectures.py with EDGEQUANT_MATRIX_OUT set, keeps the JSON it writes in
-bench/results/architectures.json, and replaces the table between README's markers. Usage:
+bench/results/architectures.json, and replaces the table between docs/models.md's markers. Usage:
     .venv/bin/python scripts/architecture_matrix.py [--render-only]
 """
 
@@ -25,7 +25,7 @@ def cell(facts: dict | None) -> str:
         return "not run"
     status = facts.get("status", "ok")
     if status in ("refused", "fails"):
-        reason = re.sub(r"\s/\S+", "", facts["reason"].splitlines()[0])  # no temporary paths in the README
+        reason = re.sub(r"\s/\S+", "", facts["reason"].splitlines()[0])  # no temporary paths in the docs
         return f"{status}: {reason[:100]}"
     parts = []
     if status == "limited":  # a float spec checked within the window, or a quantized-only format's recorded limitation
@@ -50,10 +50,10 @@ def main() -> int:
         env = {**os.environ, "EDGEQUANT_MATRIX_OUT": str(RESULTS)}
         returncode = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_architectures.py"], cwd=REPO, env=env).returncode
     results = json.loads(RESULTS.read_text())
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "models.md").read_text()
     head, _, rest = readme.partition(BEGIN)
     _, _, tail = rest.partition(END)
-    (REPO / "README.md").write_text(f"{head}{BEGIN}\n{table(results)}\n{END}{tail}")
+    (REPO / "docs" / "models.md").write_text(f"{head}{BEGIN}\n{table(results)}\n{END}{tail}")
     return returncode
 
 

@@ -12,7 +12,7 @@ relative, which moves these tiny models' KLD to ~1e-5. The bounds sit an order o
 above what was measured and orders below what a wrong conversion gave (KLD 3e-3 to 0.3 in the
 cases found). Top-1 agreement must be at least 95%: on 126 scored tokens of a random model one
 near-tie flipped by float rounding costs 0.8%. Results are written to $EDGEQUANT_MATRIX_OUT when set (scripts/architecture_matrix.py
-renders README's table from them).
+renders docs/models.md's table from them).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class QnnBackend(Backend):
         "context": Option("context", bool, False, "also compile QNN context binaries (needs onnxruntime-qnn); "
                           "graphs=kv: one binary, weights shared by both graphs"),
         "smooth": Option("smooth", float, 0.0, "w8a8: SmoothQuant migration strength alpha, activation outliers moved "
-                         "into the (blocked) weights before calibration (0: off; 0.5 and 0.25 measured worse, see README)",
+                         "into the (blocked) weights before calibration (0: off; 0.5 and 0.25 measured worse, see docs/qnn.md)",
                          minimum=0.0, maximum=1.0, applies_to=("w8a8",)),
         "htp_arch": Option("htp_arch", int, 79, "Hexagon architecture the HTP checks and context binaries target "
                            "(79: Snapdragon 8 Elite)", choices=(68, 69, 73, 75, 79, 81)),
