@@ -57,11 +57,12 @@ class ModelRun:
     def score(self, spec: str, force: bool = False):
         if spec not in self.scores:
             import edgequant
-            from imatrix import evaluate_with_scores, summary
+            from edgequant.evaluation import evaluate_with_scores
+            from imatrix import summary
 
             artifact = edgequant.convert(self.model, spec, force=force)
             print(f"{self.model or 'default model'}: {spec}: evaluate ...", flush=True)
-            metrics, self.scores[spec] = evaluate_with_scores(artifact.path, self.config)
+            metrics, self.scores[spec] = evaluate_with_scores(artifact.path, config=self.config)
             self.rows[spec] = {"spec": str(artifact.spec), **summary(metrics, artifact)}
         return self.scores[spec]
 

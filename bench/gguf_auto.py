@@ -38,10 +38,10 @@ def main() -> int:
 
     import edgequant
     from edgequant.atomic import write_text_atomic
-    from edgequant.evaluation import EvalConfig, machine_info
+    from edgequant.evaluation import EvalConfig, evaluate_with_scores, machine_info
     from edgequant.paths import cache_dir
     from edgequant.source import DEFAULT_MODEL_CAVEAT, load_source
-    from imatrix import evaluate_with_scores, paired_ratio, summary
+    from imatrix import paired_ratio, summary
 
     wall = time.perf_counter()
     source = load_source(None)
@@ -60,7 +60,7 @@ def main() -> int:
         scores, rows = {}, {}
         for label, artifact in (("recipe", recipe), ("auto", auto)):
             print(f"{artifact.spec}: evaluate ...", flush=True)
-            metrics, scores[label] = evaluate_with_scores(artifact.path, config)
+            metrics, scores[label] = evaluate_with_scores(artifact.path, config=config)
             settings = settings or metrics["settings"]
             rows[label] = {"spec": str(artifact.spec), **summary(metrics, artifact)}
         search = auto.manifest["details"]["auto"]

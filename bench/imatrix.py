@@ -9,9 +9,8 @@ is a paired bootstrap: the same resampled blocks of 32 tokens (edgequant.interva
 numerator and denominator, and the ratio of the drawn sums is taken (seeded, 2000 resamples). A
 coarser paired bootstrap over whole windows is given beside it.
 
-evaluate() returns only summary figures; the per-token scores (edgequant.intervals.TokenScores)
-are taken from the one call it makes to edgequant.evaluation.quality_figures, wrapped here for the
-run (nothing in src/ changes, and every figure is the one evaluate() itself reports).
+The per-token scores (edgequant.intervals.TokenScores) come from
+edgequant.evaluation.evaluate_with_scores, with the same figures evaluate() reports.
 
 IQ3_XXS and IQ2_XS are reported with the imatrix; edgequant refuses both without one. To say what
 llama.cpp itself does, the script also calls llama_model_quantize on the float intermediate without
@@ -48,38 +47,6 @@ TARGETS = {"q4_k_m": 0.65, "q3_k_m": 0.7, "q2_k": 0.7}  # max KLD(with) / KLD(wi
 IMATRIX_ONLY = ("iq3_xxs", "iq2_xs")
 RESAMPLES = 2000
 SEED = 0
-
-
-class ScoreCapture:
-    """Wraps edgequant.evaluation.quality_figures for the run, keeping the TokenScores it is given."""
-
-    def __init__(self):
-        import edgequant.evaluation as evaluation
-
-        self._module = evaluation
-        self._original = evaluation.quality_figures
-        self.scores = []
-
-    def __enter__(self):
-        def capture(scores):
-            self.scores.append(scores)
-            return self._original(scores)
-
-        self._module.quality_figures = capture
-        return self
-
-    def __exit__(self, *exc):
-        self._module.quality_figures = self._original
-
-
-def evaluate_with_scores(path: Path, config) -> tuple[dict, object]:
-    import edgequant
-
-    with ScoreCapture() as capture:
-        metrics = edgequant.evaluate(path, config=config)
-    if len(capture.scores) != 1:
-        raise RuntimeError(f"expected one quality_figures call, saw {len(capture.scores)}")
-    return metrics, capture.scores[0]
 
 
 def summary(metrics: dict, artifact) -> dict:
@@ -224,7 +191,7 @@ def main() -> int:
     import edgequant
     from edgequant.atomic import write_text_atomic
     from edgequant.errors import EdgequantError
-    from edgequant.evaluation import EvalConfig, machine_info
+    from edgequant.evaluation import EvalConfig, evaluate_with_scores, machine_info
     from edgequant.intervals import method as interval_method
     from edgequant.source import DEFAULT_MODEL_CAVEAT, load_source
 
@@ -245,7 +212,7 @@ def main() -> int:
         for label, spec in (("without_imatrix", f"gguf:{precision}"), ("with_imatrix", f"gguf:{precision}?imatrix=auto")):
             print(f"{spec}: convert + evaluate ...", flush=True)
             artifact = edgequant.convert(None, spec)
-            metrics, scores[label] = evaluate_with_scores(artifact.path, config)
+            metrics, scores[label] = evaluate_with_scores(artifact.path, config=config)
             settings = settings or metrics["settings"]
             pair[label] = {"spec": spec, **summary(metrics, artifact)}
         ratio = paired_ratio(scores["with_imatrix"], scores["without_imatrix"])
@@ -264,7 +231,7 @@ def main() -> int:
         spec = f"gguf:{precision}?imatrix=auto"
         print(f"{spec}: convert + evaluate ...", flush=True)
         artifact = edgequant.convert(None, spec)
-        metrics, with_scores = evaluate_with_scores(artifact.path, config)
+        metrics, with_scores = evaluate_with_scores(artifact.path, config=config)
         row = {"with_imatrix": {"spec": spec, **summary(metrics, artifact)}}
         try:
             edgequant.convert(None, f"gguf:{precision}")
@@ -276,7 +243,7 @@ def main() -> int:
             row["llama_cpp_without_imatrix"] = why if made is None else "made the file (llama_model_quantize, no imatrix)"
             if made is not None:
                 scratch = scratch_artifact(artifact, made, precision, Path(tmp))
-                metrics, without_scores = evaluate_with_scores(scratch.path, config)
+                metrics, without_scores = evaluate_with_scores(scratch.path, config=config)
                 row["without_imatrix_llama_cpp_direct"] = {"spec": f"gguf:{precision} (no imatrix, outside edgequant)",
                                                            **summary(metrics, scratch)}
                 row["kld_ratio_with_over_without"] = {**paired_ratio(with_scores, without_scores), "target_max": None}

@@ -32,10 +32,10 @@ def main() -> int:
     import edgequant
     from edgequant.atomic import write_text_atomic
     from edgequant.evaldata import default_eval_text
-    from edgequant.evaluation import EvalConfig, machine_info
+    from edgequant.evaluation import EvalConfig, evaluate_with_scores, machine_info
     from edgequant.importance import ImatrixConfig, compute_imatrix
     from edgequant.source import DEFAULT_MODEL_CAVEAT
-    from imatrix import evaluate_with_scores, paired_ratio
+    from imatrix import paired_ratio
 
     config = EvalConfig(ctx=512, windows=8, speed=False)
     result = {"machine": machine_info(), "caveat": DEFAULT_MODEL_CAVEAT, "eval": {"windows": 8, "ctx": 512},
@@ -49,12 +49,12 @@ def main() -> int:
         result["held_out_imatrix_s"] = round(time.perf_counter() - started, 1)
         result["held_out_imatrix"] = {k: facts[k] for k in ("tensors", "chunks", "chunk_size")}
         for precision in RECIPES:
-            plain = evaluate_with_scores(edgequant.convert(None, f"gguf:{precision}").path, config)
+            plain = evaluate_with_scores(edgequant.convert(None, f"gguf:{precision}").path, config=config)
             rows = {"without": {"kld_mean": plain[0]["kld_mean"], "ci95": plain[0]["ci95"]["kld_mean"]}}
             for name, value in (("default calibration", "auto"), ("held-out enwiki", facts["output"])):
                 # a scratch artifact folder: the held-out matrix's path changes every run
                 artifact = edgequant.convert(None, f"gguf:{precision}?imatrix={value}", output=Path(scratch) / f"{precision}-{name[:4]}")
-                metrics, scores = evaluate_with_scores(artifact.path, config)
+                metrics, scores = evaluate_with_scores(artifact.path, config=config)
                 rows[name] = {"kld_mean": metrics["kld_mean"], "ci95": metrics["ci95"]["kld_mean"],
                               "ppl_increase_pct": metrics["ppl_increase_pct"], "ratio_to_without": paired_ratio(scores, plain[1])}
             result["results"][precision] = rows

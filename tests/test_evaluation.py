@@ -34,6 +34,19 @@ def test_quantized_artifact_gets_every_metric_and_stores_them(tiny_model):
     assert stored["settings"]["ctx"] == 128 and stored["machine"]["cores"] >= 1
 
 
+def test_per_token_scores_are_the_ones_behind_the_figures(tiny_model):
+    """evaluate_with_scores hands over what paired comparisons need: the figures come from these tokens."""
+    import numpy as np
+
+    artifact = edgequant.convert(tiny_model, "gguf:q4_0")
+    config = EvalConfig(ctx=128, windows=2, speed=False)
+    metrics, scores = edgequant.evaluate_with_scores(artifact.path, config=config)
+    assert scores.nll.size == metrics["tokens_scored"] == 2 * 127
+    assert np.isclose(np.exp(scores.nll.mean()), metrics["perplexity"], rtol=1e-4)
+    assert np.isclose(np.maximum(scores.kld, 0).mean(), metrics["kld_mean"], atol=1e-7)
+    assert edgequant.evaluate(artifact.path, config=config)["kld_mean"] == metrics["kld_mean"]
+
+
 def test_lower_precision_drifts_further_from_the_baseline(tiny_model):
     config = EvalConfig(ctx=128, windows=4, speed=False)
     kld = {p: edgequant.evaluate(edgequant.convert(tiny_model, f"gguf:{p}").path, config=config)["kld_mean"]

@@ -22,6 +22,7 @@ _API = {
     "ConvertConfig": "edgequant.conversion",
     "open_artifact": "edgequant.artifact",
     "evaluate": "edgequant.evaluation",
+    "evaluate_with_scores": "edgequant.evaluation",
     "EvalConfig": "edgequant.evaluation",
     "parse_spec": "edgequant.registry",
     "open_runner": "edgequant.registry",

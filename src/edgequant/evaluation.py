@@ -77,6 +77,17 @@ def evaluate(target: str | Path | None = None, baseline: str | Path | None = Non
     """Evaluate an artifact (or a source model) against its baseline; returns the metrics. With
     `reuse`, an evaluation the artifact's manifest already holds for the same settings, text and
     baseline is returned as it is (its "cached" key says so) instead of being measured again."""
+    return _evaluate(target, baseline, config, reuse)[0]
+
+
+def evaluate_with_scores(target: str | Path | None = None, baseline: str | Path | None = None,
+                         config: EvalConfig | None = None) -> tuple[dict, TokenScores]:
+    """`evaluate`, measured now, plus the per-token scores behind its quality figures: what paired
+    comparisons of two artifacts on the same tokens need (bench/imatrix.py's ratio intervals)."""
+    return _evaluate(target, baseline, config, reuse=False)
+
+
+def _evaluate(target, baseline, config: EvalConfig | None, reuse: bool) -> tuple[dict, TokenScores | None]:
     from edgequant.runner import default_threads
     from edgequant.source import load_source
 
@@ -89,11 +100,12 @@ def evaluate(target: str | Path | None = None, baseline: str | Path | None = Non
     found = _stored(resolved, source, settings) if reuse else None
     if found is not None:
         note(f"cached evaluation: {resolved.label} was measured with these settings, text and baseline before")
-        return {**found, "cached": True}
+        return {**found, "cached": True}, None
     windows = _make_windows(source, config, text, data_name)
     reference = _reference_logprobs(source, windows, threads)
-    quality = _quality(resolved, source, windows, reference, threads)
-    metrics = {"target": resolved.label, "baseline": str(source.path), **quality, "size_bytes": resolved.size_bytes}
+    scores, arithmetic = _quality(resolved, source, windows, reference, threads)
+    metrics = {"target": resolved.label, "baseline": str(source.path), **quality_figures(scores),
+               **({"arithmetic": arithmetic} if arithmetic else {}), "size_bytes": resolved.size_bytes}
     if source.is_default_model:  # its quality figures always travel with why they flatter low bits
         from edgequant.source import DEFAULT_MODEL_CAVEAT
 
@@ -110,7 +122,7 @@ def evaluate(target: str | Path | None = None, baseline: str | Path | None = Non
     metrics["machine"] = machine_info()
     if resolved.artifact is not None:
         metrics["evaluation_key"] = resolved.artifact.save_evaluation(metrics)
-    return metrics
+    return metrics, scores
 
 
 def stored_evaluation(target: str | Path, config: EvalConfig) -> dict | None:
@@ -233,7 +245,7 @@ def _reference_logprobs(source, windows: Windows, threads: int) -> Path:
     return path
 
 
-def _quality(target: Target, source, windows: Windows, reference: Path, threads: int) -> dict:
+def _quality(target: Target, source, windows: Windows, reference: Path, threads: int) -> tuple[TokenScores, str | None]:
     """Score the target's own logits on every window against the reference. A source model is
     run too, never taken to be the baseline: `eval MODEL --baseline OTHER` scores MODEL, and a
     model scored against itself checks that the cached reference still matches its run."""
@@ -245,8 +257,7 @@ def _quality(target: Target, source, windows: Windows, reference: Path, threads:
         for i, blocks in enumerate(track(scored, f"scoring {target.label}", total=n_windows)):
             per_window.append(_score_window(target, source, blocks, reference, i, windows.ids[i]))
         arithmetic = runner.arithmetic()
-    scores = TokenScores(*(np.concatenate(x) for x in zip(*per_window)), window=ctx - 1)
-    return {**quality_figures(scores), **({"arithmetic": arithmetic} if arithmetic else {})}
+    return TokenScores(*(np.concatenate(x) for x in zip(*per_window)), window=ctx - 1), arithmetic
 
 
 # Positions scored at a time: the float32 temporaries of a log-softmax and a KL divergence over a
