@@ -9,6 +9,7 @@
     .venv/bin/python bench/second_model.py [--windows 8] [--bench-windows 2] [--specs gguf:q8_0,...]
     .venv/bin/python bench/second_model.py --section four_bit   # all-4-bit specs beside the engine's q4_0/q4_1
     .venv/bin/python bench/second_model.py --section bench --specs qnn:w8a16   # add or redo rows of the bench
+    .venv/bin/python bench/second_model.py --serve gguf:q4_k_m  # chat answers through `edgequant serve`
     # EDGEQUANT_HOME=DIR reuses that cache (the import and artifacts built before)
 
 Writes bench/results/second_model.json. Gemma's weights come from a Q4_K_M file: like the default
@@ -102,6 +103,56 @@ def bench_rows(path: Path, specs: str, windows: int) -> list[dict]:
 FOUR_BIT_SPECS = "gguf:q4_1,gguf:q4_0,onnx:int4,onnx:int4?algo=rtn,onnx:int4?algo=k_quant&mixed=1,openvino:int4"
 
 
+QUESTIONS = ["What is the capital of France?", "Name three primary colours."]
+
+
+def serve_check(path: Path, spec: str) -> dict:
+    """`edgequant serve` on one artifact of the model, on 127.0.0.1: greedy answers, and the time of
+    each. Through the chat endpoint when the model has a chat template; Gemma-3-270M's GGUF has
+    none (a base model), so its questions go to the completions endpoint as plain prompts (BOS
+    first, as its metadata asks)."""
+    import socket
+    import time
+
+    from gguf import GGUFReader
+
+    import edgequant
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import httpx
+
+    from serve import start
+
+    chat = "tokenizer.chat_template" in GGUFReader(path).fields
+    artifact = edgequant.convert(path, spec)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = start([sys.executable, "-m", "edgequant", "serve", str(artifact.path), "--port", str(port)], port)
+    try:
+        answers = []
+        for question in QUESTIONS:
+            request = {"model": artifact.path.name, "max_tokens": 24, "temperature": 0}
+            if chat:
+                request["messages"] = [{"role": "user", "content": question}]
+            else:
+                request["prompt"] = question
+            started = time.perf_counter()
+            response = httpx.post(f"http://127.0.0.1:{port}/v1/{'chat/completions' if chat else 'completions'}",
+                                  json=request, timeout=300)
+            response.raise_for_status()
+            body = response.json()
+            choice = body["choices"][0]
+            answers.append({"question": question, "answer": choice["message"]["content"] if chat else choice["text"],
+                            "completion_tokens": body["usage"]["completion_tokens"],
+                            "seconds": round(time.perf_counter() - started, 2)})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"spec": spec, "endpoint": "chat/completions" if chat else "completions (no chat template: a base model)",
+            "answers": answers}
+
+
 def source_tensor_types(path: Path) -> dict:
     from collections import Counter
 
@@ -116,6 +167,7 @@ def main() -> None:
     parser.add_argument("--bench-windows", type=int, default=2, help="windows of 512 per bench spec")
     parser.add_argument("--specs", default=None, help="default: bench's own (every backend's representative specs)")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--serve", metavar="SPEC", help="only serve SPEC's artifact and record chat answers ('serve' section)")
     parser.add_argument("--section", help="bench --specs (default: the 4-bit comparison) into this section of the "
                         "existing JSON (rows of the same spec replaced), leaving the rest as it is (no import check)")
     args = parser.parse_args()
@@ -124,7 +176,11 @@ def main() -> None:
     from edgequant.evaluation import machine_info
 
     path = gemma_gguf()
-    if args.section:  # rows of the same spec are replaced, others kept: a section grows run by run
+    if args.serve:
+        found = json.loads(RESULTS.read_text())
+        found["serve"] = {"measured": datetime.date.today().isoformat(), "edgequant": __version__, **serve_check(path, args.serve)}
+        print(json.dumps(found["serve"], indent=2))
+    elif args.section:  # rows of the same spec are replaced, others kept: a section grows run by run
         found = json.loads(RESULTS.read_text())
         rows = bench_rows(path, args.specs or FOUR_BIT_SPECS, args.bench_windows)
         section = found.get(args.section, {})
