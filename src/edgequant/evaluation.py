@@ -10,6 +10,7 @@ relative to the same reference. Speed and peak memory come from a child process 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgequant.atomic import write_text_atomic
 from edgequant.errors import EdgequantError
 from edgequant.intervals import TokenScores, bootstrap
 from edgequant.intervals import method as interval_method
@@ -190,6 +192,21 @@ def _eval_text(config: EvalConfig) -> tuple[str, str]:
 
 
 def _make_windows(source, config: EvalConfig, text: str, data_name: str) -> Windows:
+    """The token windows of `text` for this source, cached beside the reference: tokenizing loads
+    transformers (and torch with it, 0.6 GB of RSS with Gemma-3's vocabulary), which no runner
+    needs, so every evaluation after the first leaves it out of the process."""
+    text_sha = hashlib.sha256(text.encode()).hexdigest()
+    key = hashlib.sha256(f"{source.fingerprint}:{text_sha}:{config.ctx}:{config.windows}:{_TOKENIZER_CHECK_CHARS}".encode())
+    path = cache_dir("reference") / f"{source.fingerprint[:16]}-{key.hexdigest()[:16]}-windows.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        return Windows(np.asarray(cached["ids"], dtype=np.int64), text_sha, data_name, cached["check"])
+    windows = _tokenize_windows(source, config, text, data_name)
+    write_text_atomic(path, json.dumps({"ids": windows.ids.tolist(), "check": windows.extra}))
+    return windows
+
+
+def _tokenize_windows(source, config: EvalConfig, text: str, data_name: str) -> Windows:
     from edgequant.auto_tokenizer import auto_tokenizer
 
     tokenizer = auto_tokenizer(source.hf_dir)

@@ -50,8 +50,9 @@ class Runner(ABC):
     def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[Iterator[np.ndarray]]:
         """`logits` of each window, in order, each as consecutive blocks of rows (here one block).
         Engines override it to score several windows at once (one per core), or to hand a window
-        over in slices so a large vocabulary never holds a whole (ctx x vocab) array. Callers
-        consume each window's blocks before drawing the next window."""
+        over in slices so a large vocabulary never holds a whole (ctx x vocab) array. A block may
+        be a view of the engine's own output buffer: callers are done with it before they draw
+        the next block, and with a window's blocks before they draw the next window."""
         for ids in windows:
             yield iter((self.logits(ids),))
 

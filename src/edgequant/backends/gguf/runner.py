@@ -46,7 +46,7 @@ class LlamaRunner(Runner):
         return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        return np.concatenate(list(self._scoring().slices(list(ids))))
+        return np.concatenate([block.copy() for block in self._scoring().slices(list(ids))])
 
     def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[Iterator[np.ndarray]]:
         for ids in windows:

@@ -13,15 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-# Bytes of float32 logits one decode may hold; `rows` is the power of two under it (32..512).
-_SLICE_BYTES = 64 << 20
-
-
-def rows_per_slice(vocab: int) -> int:
-    rows = 512
-    while rows > 32 and rows * vocab * 4 > _SLICE_BYTES:
-        rows //= 2
-    return rows
+from edgequant.backends._shared.slices import rows_per_slice
 
 
 class LogitScorer:
@@ -43,7 +35,8 @@ class LogitScorer:
         self.n_ctx = n_ctx
 
     def slices(self, ids: Sequence[int]) -> Iterator[np.ndarray]:
-        """(rows, vocab) float32 logits of consecutive slices of `ids`; row i predicts token i + 1."""
+        """(rows, vocab) float32 logits of consecutive slices of `ids` (row i predicts token i + 1),
+        each a view of llama.cpp's output buffer, valid until the next slice is decoded."""
         if len(ids) > self.n_ctx:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
         ll, batch = self._ll, self._batch
@@ -58,7 +51,7 @@ class LogitScorer:
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
             out = ll.llama_get_logits(self._ctx)
-            yield np.ctypeslib.as_array(out, shape=(len(chunk), self.vocab)).copy()
+            yield np.ctypeslib.as_array(out, shape=(len(chunk), self.vocab))
 
     def close(self) -> None:
         if self._ctx:

@@ -1,6 +1,7 @@
 """ONNX runner: onnxruntime-genai generates (streaming, KV cache), a raw onnxruntime session
-scores (one full-window forward with an empty past), and the artifact's Hugging Face tokenizer
-tokenizes, so ids match the source model's exactly.
+scores (a window from an empty past, a slice of positions per run at a large vocabulary, each
+continuing from the last one's KV cache), and the artifact's Hugging Face tokenizer tokenizes,
+so ids match the source model's exactly.
 
 Both engines load lazily: the quality pass only needs the session, the speed probe and the
 server only the generator, and holding both would double the resident weights.
@@ -27,18 +28,39 @@ class OnnxRunner(HFTokenizerMixin, Runner):
         self._genai = None
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
+        return np.concatenate(list(self._slices(ids, len(ids))))
+
+    def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[Iterator[np.ndarray]]:
+        from edgequant.backends._shared.slices import rows_per_slice
+
+        for ids in windows:
+            yield self._slices(ids, rows_per_slice(self._vocab_size()))
+
+    def _slices(self, ids: Sequence[int], rows: int) -> Iterator[np.ndarray]:
+        """Logits of `ids` in runs of `rows` positions, each run fed the KV cache the last one
+        returned (on the default model's int4 artifact, identical to one whole-window run)."""
         from edgequant.backends.onnx.tools import kv_feeds
 
         if len(ids) > self.n_ctx:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
         session = self._ensure_session()
         names = {i.name for i in session.get_inputs()}
-        feeds = {"input_ids": np.asarray([list(ids)], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
-                 **kv_feeds(session.get_inputs())}
-        if "position_ids" in names:
-            feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
-        (logits,) = session.run(["logits"], {k: v for k, v in feeds.items() if k in names})
-        return np.asarray(logits[0], dtype=np.float32)
+        outputs = [o.name for o in session.get_outputs()]
+        past = kv_feeds(session.get_inputs())
+        for start in range(0, len(ids), rows):
+            chunk = list(ids[start:start + rows])
+            feeds = {"input_ids": np.asarray([chunk], np.int64), "attention_mask": np.ones((1, start + len(chunk)), np.int64),
+                     "position_ids": np.arange(start, start + len(chunk), dtype=np.int64)[None], **past}
+            found = dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in names})))
+            past = {name.replace("present", "past_key_values", 1): value for name, value in found.items()
+                    if name.startswith("present")}
+            yield np.asarray(found.pop("logits")[0], dtype=np.float32)
+
+    def _vocab_size(self) -> int:
+        logits = next(o for o in self._ensure_session().get_outputs() if o.name == "logits")
+        if isinstance(logits.shape[-1], int):
+            return logits.shape[-1]
+        return int(json.loads((self._folder / "genai_config.json").read_text())["model"]["vocab_size"])
 
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         import onnxruntime_genai as og

@@ -33,16 +33,32 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
         self._pipeline = None
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
+        return next(self._slices(ids, len(ids))).copy()
+
+    def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[Iterator[np.ndarray]]:
+        from edgequant.backends._shared.slices import rows_per_slice
+
+        for ids in windows:
+            yield self._slices(ids, rows_per_slice(self._vocab_size()))
+
+    def _slices(self, ids: Sequence[int], rows: int) -> Iterator[np.ndarray]:
+        """Logits of `ids` in runs of `rows` positions, each a view of the request's output (valid
+        until the next run); the IR keeps its KV cache as state, so each run continues the last
+        one (reset at the start of every window)."""
         if len(ids) > self.n_ctx:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
         request = self._logits_request()
-        request.reset_state()  # the IR keeps its KV cache as state: start every window empty
-        n = len(ids)
-        request.infer({"input_ids": np.asarray([list(ids)], dtype=np.int64),
-                       "attention_mask": np.ones((1, n), dtype=np.int64),
-                       "position_ids": np.arange(n, dtype=np.int64)[None, :],
-                       "beam_idx": np.zeros(1, dtype=np.int32)})
-        return np.array(request.get_tensor("logits").data[0], dtype=np.float32, copy=True)
+        request.reset_state()
+        for start in range(0, len(ids), rows):
+            chunk = list(ids[start:start + rows])
+            request.infer({"input_ids": np.asarray([chunk], dtype=np.int64),
+                           "attention_mask": np.ones((1, start + len(chunk)), dtype=np.int64),
+                           "position_ids": np.arange(start, start + len(chunk), dtype=np.int64)[None, :],
+                           "beam_idx": np.zeros(1, dtype=np.int32)})
+            yield np.asarray(request.get_tensor("logits").data[0], dtype=np.float32)  # a view when already float32
+
+    def _vocab_size(self) -> int:
+        return int(self._logits_request().get_compiled_model().output("logits").get_partial_shape()[-1].get_length())
 
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         budget = min(params.max_tokens, self.n_ctx - len(prompt_ids))
