@@ -63,7 +63,13 @@ class ModelRun:
             artifact = edgequant.convert(self.model, spec, force=force)
             print(f"{self.model or 'default model'}: {spec}: evaluate ...", flush=True)
             metrics, self.scores[spec] = evaluate_with_scores(artifact.path, config=self.config)
-            self.rows[spec] = {"spec": str(artifact.spec), **summary(metrics, artifact)}
+            if artifact.spec.format == "gguf":  # with the tensor types the file holds
+                self.rows[spec] = {"spec": str(artifact.spec), **summary(metrics, artifact)}
+            else:
+                keep = ("perplexity", "baseline_perplexity", "ppl_increase_pct", "kld_mean", "kld_p99", "top1_agreement",
+                        "tokens_scored", "ci95")
+                self.rows[spec] = {"spec": str(artifact.spec), **{k: metrics[k] for k in keep},
+                                   "size_bytes": artifact.size_bytes}
         return self.scores[spec]
 
     def compare(self, first: str, second: str) -> dict:
@@ -131,6 +137,7 @@ def main() -> int:
                                   "rows": run.rows}
         print(json.dumps({k: v["kld_ratio_first_over_second"]["verdict"] for k, v in comparisons.items()}, indent=1),
               flush=True)
+        write_text_atomic(args.output, json.dumps({**result, "partial": True}, indent=2) + "\n")  # a later crash keeps it
     result["headlines"] = headline_table(result["models"])
     result["load_avg_1_5_15m"]["end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_s"] = round(time.perf_counter() - started, 1)
