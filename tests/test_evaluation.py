@@ -47,6 +47,21 @@ def test_per_token_scores_are_the_ones_behind_the_figures(tiny_model):
     assert edgequant.evaluate(artifact.path, config=config)["kld_mean"] == metrics["kld_mean"]
 
 
+def test_an_evaluation_after_the_first_loads_neither_transformers_nor_torch(tiny_gguf_f32):
+    """The token windows are cached beside the reference: tokenizing loads transformers and torch
+    (0.6 GB of RSS with a 262k vocabulary), which the runner of an artifact does not need."""
+    import subprocess
+    import sys
+
+    config = EvalConfig(ctx=64, windows=2, speed=False)
+    first = edgequant.evaluate(tiny_gguf_f32.path, config=config)
+    code = ("import sys, edgequant; m = edgequant.evaluate(sys.argv[1], config=edgequant.EvalConfig(ctx=64, windows=2, "
+            "speed=False)); print(m['kld_mean'], 'transformers' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_gguf_f32.path)], capture_output=True, text=True, check=True)
+    kld, transformers_loaded, torch_loaded = out.stdout.split()[-3:]
+    assert float(kld) == first["kld_mean"] and (transformers_loaded, torch_loaded) == ("False", "False")
+
+
 def test_lower_precision_drifts_further_from_the_baseline(tiny_model):
     config = EvalConfig(ctx=128, windows=4, speed=False)
     kld = {p: edgequant.evaluate(edgequant.convert(tiny_model, f"gguf:{p}").path, config=config)["kld_mean"]
