@@ -48,13 +48,18 @@ class Runner(ABC):
         """float32 logits of shape (len(ids), vocab): row i predicts token i + 1."""
 
     def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[Iterator[np.ndarray]]:
-        """`logits` of each window, in order, each as consecutive blocks of rows (here one block).
-        Engines override it to score several windows at once (one per core), or to hand a window
-        over in slices so a large vocabulary never holds a whole (ctx x vocab) array. A block may
-        be a view of the engine's own output buffer: callers are done with it before they draw
-        the next block, and with a window's blocks before they draw the next window."""
+        """`logit_slices` of each window, in order. Engines that score one window on one core
+        override it to score several at once. Callers are done with a window's blocks before they
+        draw the next window."""
         for ids in windows:
-            yield iter((self.logits(ids),))
+            yield self.logit_slices(ids)
+
+    def logit_slices(self, ids: Sequence[int]) -> Iterator[np.ndarray]:
+        """`logits` as consecutive blocks of rows (here one block). Engines that can continue a
+        window from their KV cache override it so a large vocabulary never holds a whole
+        (ctx x vocab) array. A block may be a view of the engine's own output buffer: callers are
+        done with it before they draw the next one."""
+        return iter((self.logits(ids),))
 
     @abstractmethod
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:

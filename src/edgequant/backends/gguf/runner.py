@@ -48,9 +48,8 @@ class LlamaRunner(Runner):
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         return np.concatenate([block.copy() for block in self._scoring().slices(list(ids))])
 
-    def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[Iterator[np.ndarray]]:
-        for ids in windows:
-            yield self._scoring().slices(list(ids))
+    def logit_slices(self, ids: Sequence[int]) -> Iterator[np.ndarray]:
+        return self._scoring().slices(list(ids))
 
     def _scoring(self):
         if self._scorer is None:

@@ -28,13 +28,12 @@ class OnnxRunner(HFTokenizerMixin, Runner):
         self._genai = None
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        return np.concatenate(list(self._slices(ids, len(ids))))
+        return next(self._slices(ids, len(ids)))
 
-    def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[Iterator[np.ndarray]]:
+    def logit_slices(self, ids: Sequence[int]) -> Iterator[np.ndarray]:
         from edgequant.backends._shared.slices import rows_per_slice
 
-        for ids in windows:
-            yield self._slices(ids, rows_per_slice(self._vocab_size()))
+        return self._slices(ids, rows_per_slice(self._vocab_size()))
 
     def _slices(self, ids: Sequence[int], rows: int) -> Iterator[np.ndarray]:
         """Logits of `ids` in runs of `rows` positions, each run fed the KV cache the last one

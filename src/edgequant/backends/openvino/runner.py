@@ -35,11 +35,10 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         return next(self._slices(ids, len(ids))).copy()
 
-    def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[Iterator[np.ndarray]]:
+    def logit_slices(self, ids: Sequence[int]) -> Iterator[np.ndarray]:
         from edgequant.backends._shared.slices import rows_per_slice
 
-        for ids in windows:
-            yield self._slices(ids, rows_per_slice(self._vocab_size()))
+        return self._slices(ids, rows_per_slice(self._vocab_size()))
 
     def _slices(self, ids: Sequence[int], rows: int) -> Iterator[np.ndarray]:
         """Logits of `ids` in runs of `rows` positions, each a view of the request's output (valid
