@@ -197,3 +197,38 @@ def test_windows_scored_on_parallel_streams_equal_each_window_alone(tiny_model):
         alone = [runner.logits(ids) for ids in windows]
     assert [a.shape for a in together] == [a.shape for a in alone] == [(len(ids), a.shape[1]) for ids, a in zip(windows, alone)]
     assert all(np.array_equal(a, b) for a, b in zip(together, alone))
+
+
+DEQUANTIZED_AGAINST_KERNEL = """
+import json, sys
+import numpy as np
+from edgequant.registry import open_runner
+with open_runner(sys.argv[1], n_ctx=128, need_logits=True) as runner:
+    ids = runner.tokenize("The history of the city of London is long, and its river has carried ships, "
+                          "goods and people to and from the sea for two thousand years.")
+    dequantized = runner.logits(ids)
+    swapped = [m for _, m in runner._model.named_modules() if type(m).__name__.startswith("Dequantizing")]
+    for module in swapped:
+        module.__class__ = type(module).__mro__[1]  # mlx's own quantized layer again
+    kernel = runner.logits(ids)
+    print(json.dumps({"tokens": len(ids), "swapped": len(swapped), "blas": runner._blas,
+                      "max_diff": float(np.abs(dequantized - kernel).max()), "scale": float(np.abs(kernel).max()),
+                      "arithmetic": runner.arithmetic()}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the OpenBLAS route is for mlx's Linux wheels")
+def test_long_passes_through_openblas_equal_mlx_quantized_kernel(tiny_model):
+    """In a fresh process mlx's float products go to numpy's OpenBLAS, and a pass of many tokens,
+    computed on weights dequantized by MLX, gives the quantized kernel's logits within float32 rounding."""
+    import subprocess
+
+    artifact = edgequant.convert(tiny_model, "mlx:4bit?group=32")
+    done = subprocess.run([sys.executable, "-c", DEQUANTIZED_AGAINST_KERNEL, str(artifact.path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["blas"] and "openblas" in result["blas"]
+    assert result["tokens"] >= 16 and result["swapped"] > 0
+    assert result["max_diff"] <= 1e-4 * max(result["scale"], 1.0)
+    assert "OpenBLAS" in result["arithmetic"]
