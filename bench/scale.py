@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,11 +103,11 @@ def build(name: str, out: Path) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
-def run_model(name: str, specs: list[str], scratch: Path, timeout: float) -> list[dict]:
+def run_model(name: str, specs: list[str], scratch: Path, timeout: float, record) -> None:
+    """Measure every spec on model `name`, handing each row to `record` as soon as it is measured."""
     model = scratch / name
     parameters = build(name, model)
     source_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    rows = []
     for spec in specs:
         home = scratch / f"home-{name}-{spec.replace(':', '-')}"
         env = {**os.environ, "EDGEQUANT_HOME": str(home), "EDGEQUANT_QUIET": "1", "EDGEQUANT_MEMORY_LIMIT": "1000GB"}
@@ -117,10 +118,13 @@ def run_model(name: str, specs: list[str], scratch: Path, timeout: float) -> lis
         if convert["returncode"] == 0:
             row["artifact_bytes"] = sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file())
             row["eval"] = measure([str(VENV_BIN / "edgequant"), "eval", str(artifact), "--windows", "2", "--no-speed"], env, timeout)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    rows.append(_llama_cpp_converter_alone(name, model, parameters, source_bytes, scratch, timeout))
-    return rows
+            row["eval_peak_over_artifact"] = round(row["eval"]["peak_rss_gb"] * 1e9 / row["artifact_bytes"], 2)
+        shutil.rmtree(artifact, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+        record(row)
+    if "gguf:q4_k_m" in specs:
+        record(_llama_cpp_converter_alone(name, model, parameters, source_bytes, scratch, timeout))
+    shutil.rmtree(model)
 
 
 def _llama_cpp_converter_alone(name: str, model: Path, parameters: int, source_bytes: int, scratch: Path, timeout: float) -> dict:
@@ -158,14 +162,22 @@ def main() -> None:
     from edgequant import __version__
     from edgequant.evaluation import machine_info
 
-    rows = []
+    found = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+
+    def record(row: dict) -> None:
+        """Replace the row of the same model and spec, keep the others, write at once (a run of
+        every model and spec takes hours here, so it is done in parts)."""
+        row = {**row, "measured": datetime.date.today().isoformat(), "edgequant": __version__,
+               "load_avg_1m": round(os.getloadavg()[0], 2)}
+        found["rows"] = [r for r in found["rows"] if (r["model"], r["spec"]) != (row["model"], row["spec"])] + [row]
+        found.update(machine=machine_info(), settings={"eval": "2 windows of 512, no speed", "timeout_s": args.timeout},
+                     growth=growth(found["rows"]))
+        args.out.write_text(json.dumps(found, indent=2) + "\n")
+        print(json.dumps(row), flush=True)
+
     with tempfile.TemporaryDirectory(prefix="edgequant-scale-") as scratch:
         for name in args.models.split(","):
-            rows += run_model(name, args.specs.split(","), Path(scratch), args.timeout)
-    found = {"measured": datetime.date.today().isoformat(), "edgequant": __version__, "machine": machine_info(),
-             "settings": {"eval": "2 windows of 512, no speed", "timeout_s": args.timeout}, "rows": rows,
-             "growth": growth(rows)}
-    args.out.write_text(json.dumps(found, indent=2) + "\n")
+            run_model(name, args.specs.split(","), Path(scratch), args.timeout, record)
     print(f"wrote {args.out}")
 
 

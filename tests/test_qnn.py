@@ -395,3 +395,29 @@ def test_an_architecture_the_kv_graphs_do_not_take_falls_back_to_the_fixed_graph
     notes = get_backend("qnn").report_notes(str(artifact.spec), artifact.manifest)
     assert any("graphs=fixed" in n for n in notes)
     assert _quality(artifact)["top1_agreement"] > 0.8
+
+
+def test_own_min_max_calibration_equals_onnxruntime_calibrator(tiny_model, tmp_path):
+    """tools.calibrated replaces onnxruntime's MinMax calibrator (whose graph edits are quadratic
+    in the graph's size): the same tensors, the same ranges, on the prompt graph and its feeds."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    from edgequant.backends._shared.ort import FeedReader, cpu_session
+    from edgequant.backends.qnn import kv, tools
+
+    kv.export_graphs(tiny_model, tmp_path, 16, 128)
+    windows = [np.random.default_rng(seed).integers(0, 500, 64).tolist() for seed in range(2)]
+    feeds = kv.calibration_feeds(tmp_path, windows, cpu_session)[0]
+    model = tmp_path / kv.PROMPT_FILE
+    config = get_qnn_qdq_config(str(model), FeedReader(feeds), activation_type=QuantType.QUInt16,
+                                weight_type=QuantType.QInt8, per_channel=True, weight_symmetric=True)
+    converted, ranges = tools.calibrated(model, config, feeds)
+    ours = load_tensors_data(ranges).data
+    calibrator = create_calibrator(converted, config.op_types_to_quantize, augmented_model_path=str(tmp_path / "augmented.onnx"),
+                                   use_external_data_format=True)
+    calibrator.collect_data(FeedReader(feeds))
+    theirs = calibrator.compute_data().data
+    assert len(ours) > 50 and set(ours) == set(theirs)
+    assert all(np.array_equal(ours[name].range_value, theirs[name].range_value) for name in ours)

@@ -185,7 +185,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
     (kv.pinned_overrides) gives every activation another graph's type, scale and zero point, so
     calibration only has to run the graph. Weights are quantized by weights.py, with `importance`
     (input statistics) driving the scale search and GPTQ, and `solved` caching its results."""
-    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization import QuantType, quantize_static
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
     from edgequant.backends._shared.ort import FeedReader
@@ -221,10 +221,70 @@ def quantize_qdq(fp32_path: Path, out_path: Path, request: QnnRequest, feeds: li
     config.extra_options.update({"AddQDQPairToWeight": True, "UseQDQContribOps": False})
     if request.block:
         config.extra_options["BlockSize"] = request.block
+    converted, ranges = calibrated(prepared, config, feeds)
     with engine_warnings_hidden():
-        quantize(str(prepared), str(out_path), config)
+        quantize_static(str(converted), str(out_path), None, calibration_cache_path=str(ranges),
+                        calibrate_method=config.calibrate_method, quant_format=config.quant_format,
+                        activation_type=config.activation_type, weight_type=config.weight_type,
+                        op_types_to_quantize=config.op_types_to_quantize, nodes_to_quantize=config.nodes_to_quantize,
+                        nodes_to_exclude=config.nodes_to_exclude, per_channel=config.per_channel,
+                        reduce_range=config.reduce_range, use_external_data_format=config.use_external_data_format,
+                        extra_options=config.extra_options)
     fold_weight_quantizers(out_path, importance, solved)
     return Quantized(widened, config.extra_options["TensorQuantOverrides"])
+
+
+def calibrated(model_path: Path, config, feeds: list[dict]) -> tuple[Path, Path]:
+    """onnxruntime's MinMax calibration of `model_path`, done here: the model at the opset
+    quantize_static would bring it to, and its calibration cache, both beside `model_path`.
+
+    onnxruntime's calibrator inserts each ReduceMin/ReduceMax pair before the first node reading its
+    tensor, scanning the node list for every tensor: on the default model's graphs that scan (5,000
+    tensors x 7,000 nodes) was 113 s of pure Python for the two. Appending the pairs at the end of
+    the graph is as valid (every input is computed before them) and linear. The tensors are those
+    its calibrator picks (float inputs and outputs of the op types to quantize) and each is reduced
+    over every feed as it does, so the ranges, and the model quantized from them, are the same.
+    Handing quantize_static the converted model also spares its own second opset conversion."""
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization.calibrate import CalibrationMethod, MinMaxCalibrater, TensorsData, save_tensors_data
+    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer, update_opset_version
+
+    from edgequant.backends._shared.ort import cpu_session
+
+    model = update_opset_version(load_model_with_shape_infer(model_path), config.weight_type, config.activation_type,
+                                 tensor_quant_overrides=config.extra_options.get("TensorQuantOverrides"),
+                                 block_size=config.extra_options.get("BlockSize", 0))
+    converted = model_path.with_name("converted.onnx")
+    # the weights go to converted.onnx.data; the model in memory keeps only references to them
+    onnx.save_model(model, str(converted), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="converted.onnx.data")
+    selector = MinMaxCalibrater.__new__(MinMaxCalibrater)  # its choice of tensors, without loading a model
+    selector.op_types_to_calibrate = config.op_types_to_quantize
+    tensors, value_infos = selector.select_tensors_to_calibrate(model)
+    tensors = sorted(tensors)
+    del model.graph.output[:]
+    for name in tensors:
+        for op in ("ReduceMin", "ReduceMax"):
+            model.graph.node.append(onnx.helper.make_node(op, [name], [f"{name}__{op}"], keepdims=0))
+            model.graph.output.append(onnx.helper.make_tensor_value_info(
+                f"{name}__{op}", value_infos[name].type.tensor_type.elem_type, []))
+    augmented = model_path.with_name("minmax.onnx")  # reads converted.onnx.data beside it
+    onnx.save_model(model, str(augmented))
+    session = cpu_session(augmented, optimize=False)  # as the calibrator runs it: no fusions
+    lows = np.full(len(tensors), np.inf, np.float32)
+    highs = np.full(len(tensors), -np.inf, np.float32)
+    for feed in feeds:
+        values = session.run(None, feed)
+        lows = np.fmin(lows, np.asarray(values[0::2], np.float32))  # NaN skipped, as nanmin/nanmax do
+        highs = np.fmax(highs, np.asarray(values[1::2], np.float32))
+    del session
+    augmented.unlink()
+    ranges = model_path.with_name("minmax_ranges.json")
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
+        name: (np.array([low], np.float32), np.array([high], np.float32)) for name, low, high in zip(tensors, lows, highs)}),
+        ranges)
+    return converted, ranges
 
 
 def underflow_shares(model_path: Path, feeds: list[dict]) -> dict[str, float]:

@@ -229,6 +229,8 @@ class InputStatistics:
     outputs (a KV cache can be advanced with them) and adds the inputs of every weight MatMul to
     the sums, so statistics over many windows cost one pass of the graph, not two."""
 
+    ROWS_PER_PRODUCT = 256
+
     def __init__(self, model_path: Path, full: bool) -> None:
         import onnx
 
@@ -246,19 +248,33 @@ class InputStatistics:
         self._session = cpu_session(model.SerializeToString(), optimize=False)
         self._full = full
         self._sums: dict[str, np.ndarray] = {}  # float64
-        self._rows = 0
+        self._pending: dict[str, list[np.ndarray]] = {}  # rows not yet in the sums
+        self._rows = self._summed = 0
 
     def run(self, feed: dict) -> list[np.ndarray]:
         values = self._session.run(self._outputs + list(self._users), feed)
         for name, value in zip(self._users, values[len(self._outputs):]):
-            flat = value.reshape(-1, value.shape[-1])
-            # each feed's products in float32 (BLAS's sgemm: on the default model's 64-token chunks the
-            # float64 product was ~2x slower and most of the statistics' time), summed in float64
-            product = flat.T @ flat if self._full else (flat ** 2).sum(axis=0)
-            self._sums[name] = self._sums[name] + product if name in self._sums else product.astype(np.float64)
-        self._rows += flat.shape[0]
+            self._pending.setdefault(name, []).append(value.reshape(-1, value.shape[-1]))
+        self._rows += values[-1].size // values[-1].shape[-1]
+        if self._rows - self._summed >= self.ROWS_PER_PRODUCT:
+            self._sum_pending()
         return values[:len(self._outputs)]
 
+    def _sum_pending(self) -> None:
+        """Add the pending rows' products to the sums: in float32 (BLAS's sgemm; the float64 product
+        was ~2x slower), summed in float64. Rows are gathered first because one product over 256 rows
+        costs far less than four over 64 (the default model's prompt chunks), as do the float64 sums."""
+        for name, blocks in self._pending.items():
+            flat = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+            product = flat.T @ flat if self._full else (flat ** 2).sum(axis=0)
+            if name in self._sums:
+                self._sums[name] += product
+            else:
+                self._sums[name] = product.astype(np.float64)
+        self._pending.clear()
+        self._summed = self._rows
+
     def result(self) -> dict[str, np.ndarray]:
+        self._sum_pending()
         moments = {name: (total / self._rows).astype(np.float32) for name, total in self._sums.items()}
         return {weight: moments[name] for name, weights in self._users.items() for weight in weights}
