@@ -202,8 +202,10 @@ def test_windows_scored_on_parallel_streams_equal_each_window_alone(tiny_model):
 DEQUANTIZED_AGAINST_KERNEL = """
 import json, sys
 import numpy as np
+import edgequant
 from edgequant.registry import open_runner
-with open_runner(sys.argv[1], n_ctx=128, need_logits=True) as runner:
+artifact = edgequant.convert(sys.argv[1], "mlx:4bit?group=32", output=sys.argv[2])  # mlx-lm loads mlx first
+with open_runner(artifact.path, n_ctx=128, need_logits=True) as runner:
     ids = runner.tokenize("The history of the city of London is long, and its river has carried ships, "
                           "goods and people to and from the sea for two thousand years.")
     dequantized = runner.logits(ids)
@@ -218,13 +220,13 @@ with open_runner(sys.argv[1], n_ctx=128, need_logits=True) as runner:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the OpenBLAS route is for mlx's Linux wheels")
-def test_long_passes_through_openblas_equal_mlx_quantized_kernel(tiny_model):
-    """In a fresh process mlx's float products go to numpy's OpenBLAS, and a pass of many tokens,
-    computed on weights dequantized by MLX, gives the quantized kernel's logits within float32 rounding."""
+def test_long_passes_through_openblas_equal_mlx_quantized_kernel(tiny_model, tmp_path):
+    """In a process that converts and then scores (mlx-lm loads mlx during the conversion), mlx's
+    float products go to numpy's OpenBLAS, and a pass of many tokens, computed on weights
+    dequantized by MLX, gives the quantized kernel's logits within float32 rounding."""
     import subprocess
 
-    artifact = edgequant.convert(tiny_model, "mlx:4bit?group=32")
-    done = subprocess.run([sys.executable, "-c", DEQUANTIZED_AGAINST_KERNEL, str(artifact.path)],
+    done = subprocess.run([sys.executable, "-c", DEQUANTIZED_AGAINST_KERNEL, str(tiny_model), str(tmp_path / "mlx")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,1 +1,5 @@
-"""MLX through mlx-lm (mlx[cpu] off Apple silicon)."""
+"""The MLX backend. Importing it arranges for mlx to multiply through a fast BLAS on Linux (blas.py)."""
+
+from edgequant.backends.mlx.blas import install_import_hook
+
+install_import_hook()

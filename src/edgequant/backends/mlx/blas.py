@@ -2,10 +2,12 @@
 
 mlx's Linux wheels multiply float matrices through the reference (netlib) BLAS they bundle: a
 512x576 by 576x1536 product took 0.33 s here against 0.005 s in numpy, so scoring one 512-token
-window of the default model took ~79 s. mlx calls `cblas_sgemm` and binds it lazily, at its first
-matrix product, looking in the process's global symbols first. This module compiles a one-function
+window of the default model took ~79 s. This module compiles a one-function
 library, once per numpy build (cached under the tool folder), whose `cblas_sgemm` hands the call to
-the OpenBLAS that numpy ships, and loads it into the global symbols before mlx multiplies anything.
+the OpenBLAS that numpy ships, and loads it into the global symbols before mlx's library is loaded
+(mlx binds `cblas_sgemm` when it loads: a library loaded after it is never asked, measured). Since
+mlx-lm, transformers or our own modules may be the first to import mlx, `install_import_hook`
+(run when this package is imported) does it at the first import of `mlx.core`, whoever makes it.
 mlx still runs its own graph, kernels and dequantization; only the library behind its float
 products changes, as it does on macOS, where mlx calls Accelerate.
 
@@ -37,11 +39,26 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
 """
 
 
+class _BeforeMlx:
+    """An import finder that routes mlx's products before `mlx.core` is first loaded, then steps aside."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "mlx.core":
+            sys.meta_path.remove(self)
+            use_openblas()
+        return None  # the usual finders import it
+
+
+def install_import_hook() -> None:
+    if sys.platform == "linux" and "mlx.core" not in sys.modules and not any(isinstance(f, _BeforeMlx) for f in sys.meta_path):
+        sys.meta_path.insert(0, _BeforeMlx())
+
+
 @lru_cache(maxsize=1)
 def use_openblas() -> str | None:
     """Route mlx's float matrix products to numpy's OpenBLAS; the library used, or None where mlx
-    keeps its own. Call before mlx's first product in the process (importing mlx is fine)."""
-    if sys.platform != "linux" or os.environ.get("EDGEQUANT_MLX_BLAS") == "0":
+    keeps its own (another platform, no compiler, no numpy OpenBLAS, or mlx already loaded)."""
+    if sys.platform != "linux" or os.environ.get("EDGEQUANT_MLX_BLAS") == "0" or "mlx.core" in sys.modules:
         return None
     openblas = _numpy_openblas()
     if openblas is None:
