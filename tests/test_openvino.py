@@ -5,6 +5,7 @@ Fast tests use the tiny random Llama; the tests marked slow use the real default
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +223,25 @@ def test_real_model_generates_through_llm_pipeline(real_results):
     with open_runner(artifact.path, n_ctx=64, need_logits=False) as runner:
         ids = list(runner.generate(runner.tokenize("The capital of France is"), GenerateParams(max_tokens=4)))
         assert "Paris" in runner.detokenize(ids)
+
+
+def test_a_bf16_source_is_exported_in_bf16_and_compressed_from_it(tiny_model, tmp_path):
+    """A bf16 checkpoint keeps its type through the float IR (a float32 export doubled the memory
+    and the IR for nothing the compression uses), and compression from it scores like the source."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "bf16"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.bfloat16)
+    model.save_pretrained(source, safe_serialization=True)
+    for item in tiny_model.iterdir():
+        if item.suffix != ".safetensors" and item.name != "config.json":
+            shutil.copy(item, source / item.name)
+    artifact = edgequant.convert(source, "openvino:int8")
+    intermediate = artifact.manifest["details"]["intermediate"]
+    assert intermediate["type"] == "bf16"
+    ir_bytes = (Path(intermediate["path"]) / "openvino_model.bin").stat().st_size
+    assert ir_bytes < 2.2 * model.num_parameters()  # two bytes a weight, not four
+    assert "u8" in constant_types(artifact)
+    metrics = edgequant.evaluate(artifact.path, config=QUALITY)
+    assert metrics["kld_mean"] < 0.02

@@ -421,3 +421,31 @@ def test_own_min_max_calibration_equals_onnxruntime_calibrator(tiny_model, tmp_p
     theirs = calibrator.compute_data().data
     assert len(ours) > 50 and set(ours) == set(theirs)
     assert all(np.array_equal(ours[name].range_value, theirs[name].range_value) for name in ours)
+
+
+@pytest.mark.unit
+def test_indexed_rewiring_rewires_like_onnxruntimes_scan():
+    """tools.readers_indexed stands in for onnxruntime's scan over every node while it quantizes:
+    the same rewiring through a sequence of replacements, appended nodes and edits by name."""
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    from edgequant.backends.qnn.tools import readers_indexed
+
+    def graph():
+        nodes = [onnx.helper.make_node("Add", [f"t{i % 7}", f"t{(i * 3) % 11}"], [f"o{i}"], name=f"n{i}") for i in range(40)]
+        return ONNXModel(onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", [], [])))
+
+    def edit(model):
+        for step in range(30):
+            model.replace_input_of_all_nodes(f"t{step % 11}", f"q{step}")
+            model.add_node(onnx.helper.make_node("Neg", [f"q{step}"], [f"m{step}"], name=f"a{step}"))
+            if step % 9 == 4:
+                model.replace_input_of_nodes(f"q{step}", f"r{step}", {f"n{step}", f"a{step}"})
+            model.replace_input_of_all_nodes(f"r{step}", f"s{step}")
+        return [list(node.input) for node in model.model.graph.node]
+
+    scanned = edit(graph())
+    with readers_indexed():
+        indexed = edit(graph())
+    assert indexed == scanned
+    assert ONNXModel.replace_input_of_all_nodes.__qualname__ == "ONNXModel.replace_input_of_all_nodes"  # restored

@@ -108,7 +108,7 @@ class OpenVINOBackend(Backend):
         tools.copy_side_files(source.hf_dir, intermediate, out_dir)
         return {
             "model_file": tools.MODEL_XML,
-            "intermediate": {"path": str(intermediate), "type": "f32"},
+            "intermediate": {"path": str(intermediate), "type": tools.ir_dtype(source)},
             "compression": settings.__dict__ if settings else {"mode": spec.precision},
             "calibration": {"sequences": len(samples), "tokens_each": SEQ_LEN,
                             "text": spec.options.get("calib") or "lee_background.cor (gensim)"} if samples else None,

@@ -59,31 +59,41 @@ def check_architecture(source) -> None:
 
 
 def float_ir(source) -> Path:
-    """The source exported to a float32 IR with its tokenizer IRs, once per fingerprint (cached)."""
+    """The source exported to a float IR with its tokenizer IRs, once per fingerprint (cached). The
+    weights keep the source's float type: a bf16 or f16 model gives a 16-bit IR (a float32 one
+    would double the export's memory and the IR's size for nothing the compression uses)."""
     from edgequant.backends._shared.intermediates import cached_intermediate
 
+    dtype = ir_dtype(source)
+
     def build(tmp: Path) -> None:
-        _export(source.hf_dir, tmp)
+        _export(source.hf_dir, tmp, dtype)
         write_tokenizers(source.hf_dir, tmp)
 
     # "-2": the tokenizer IRs made with it are bounded by the model's context (see write_tokenizers);
     # an intermediate made before would hand the old IRs to every new artifact.
-    return cached_intermediate(source, "openvino-f32-2", MODEL_XML, build,
+    return cached_intermediate(source, f"openvino-{dtype}-2", MODEL_XML, build,
                                f"exporting {source.name} to an OpenVINO IR with optimum-intel")
 
 
-def _export(hf_dir: Path, out: Path) -> None:
+def ir_dtype(source) -> str:
+    """f32 for a float32 source (and anything unusual), else the 16-bit type it is stored in."""
+    return {"BF16": "bf16", "F16": "f16"}.get(source.weight_dtype, "f32")
+
+
+def _export(hf_dir: Path, out: Path, dtype: str) -> None:
     from optimum.exporters.openvino import main_export
 
-    # fp32 weights; an explicit "no quantization" because optimum-intel would otherwise pick its own
-    # defaults for large models. ov_config with dtype fp32 keeps the weights as the source has them.
+    # An explicit OVConfig: without one optimum-intel compresses a model of 1B parameters or more to
+    # int8 on its own. dtype "fp32" makes it load and trace a 16-bit model in float32; None keeps the
+    # checkpoint's type (it traces 16-bit weights as they are and the IR stores them so).
     from optimum.intel import OVConfig
 
     from edgequant.progress import engine_warnings_hidden
 
     with engine_warnings_hidden():  # the tracer's warnings about constant shapes are expected; not the user's concern
-        main_export(str(hf_dir), str(out), task=TASK, ov_config=OVConfig(dtype="fp32"), convert_tokenizer=False,
-                    library_name="transformers")
+        main_export(str(hf_dir), str(out), task=TASK, ov_config=OVConfig(dtype="fp32" if dtype == "f32" else None),
+                    convert_tokenizer=False, library_name="transformers")
 
 
 def write_tokenizers(hf_dir: Path, out: Path) -> None:

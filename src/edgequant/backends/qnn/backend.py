@@ -34,6 +34,9 @@ W4_BLOCK = 32
 # and each graph run ~35 s, so the former check (two prompt chunks, 16 decode steps: 759 s) was
 # over half of qnn:w8a16's conversion. One chunk and one step still compare both graphs' output.
 HTP_STEPS = 1
+# w8a16's GPTQ statistics: its table figure (KLD 0.026 [0.023, 0.030]) was measured with 32 windows;
+# 64 took w4a16's prompt graph from 0.097 to 0.085 and cost w8a16's conversion ~37 s more.
+W8A16_GPTQ = 32
 KV_ONLY = ("ar", "ctx", "kv", "htp_steps")  # options only the kv graphs read
 
 
@@ -51,8 +54,9 @@ class QnnBackend(Backend):
     # 5: kv weights stored once, HTP target v79/69; 6: w8a8 cache tensors act16 widens stay 16-bit;
     # 7: weights per output channel when not blocked (w8a8's default), w8a8 16-bit activations chosen by KLD,
     #    GPTQ rounding of blocked weights; 8: w4a16 blocks of 32, choices measured on a 512-token held-out window;
-    #    9: GPTQ statistics from 64 windows; 10: w4a16's mix measured on 4 held-out windows, best set of kinds
-    recipe_version = 10
+    #    9: GPTQ statistics from 64 windows; 10: w4a16's mix measured on 4 held-out windows, best set of kinds;
+    #    11: w8a16's GPTQ statistics from 32 windows, min/max calibration by tools.calibrated
+    recipe_version = 11
     bench_seconds = 780  # qnn:w8a16 from an empty cache, 2026-12-03 (conversion 750 s, of it HTP check 188 s)
     precisions = {
         "w8a8": Precision("w8a8", 8, 8.0, "QDQ, int8 weights per output channel and uint8 activations (uint16 where "
@@ -78,7 +82,9 @@ class QnnBackend(Backend):
                         by_precision={"w4a16": W4_BLOCK, "w8a8": 0}),
         "gptq": Option("gptq", int, 64, "calibration windows whose input statistics (X^T X per MatMul) drive GPTQ's "
                        "rounding of the weights: each row's rounding error is fed into the rows not yet rounded "
-                       "(0: round to nearest, scales still searched)", minimum=0, maximum=256),
+                       "(0: round to nearest, scales still searched; w8a16 defaults to 32, the count its figures "
+                       "were measured with, 64 windows mattering for int4 weights)", minimum=0, maximum=256,
+                       by_precision={"w8a16": W8A16_GPTQ}),
         "mix": Option("mix", float, 0.35, "w4a16: share of the int4 weights that may be raised to int8, whole kinds "
                       "of matrix (v_proj, down_proj, ...) chosen by the KLD int8 buys each on held-out calibration "
                       "text (0: all int4)",
