@@ -294,8 +294,6 @@ def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], 
     the CPU execution provider's run generates) with that CPU run and with the float graphs in
     `float_folder`. The tolerance: the HTP run may not be further from the float model than the CPU
     run is, beyond 1.5x its KLD + 0.01 (the HTP computes in fixed point where the CPU dequantizes)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import onnxruntime as ort
 
     from edgequant.backends._shared.ort import cpu_session
@@ -303,10 +301,7 @@ def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], 
     from edgequant.logprobs import first_difference, kl_divergence, log_softmax
 
     def pipeline(graph_folder: Path, session) -> KVCache:
-        # both sessions at once: the simulator's graph preparation took 80 s one after the other
-        # and 66 s side by side on the default model's graphs here
-        with ThreadPoolExecutor(2) as pool:
-            prompt, decode = pool.map(session, (graph_folder / PROMPT_FILE, graph_folder / DECODE_FILE))
+        prompt, decode = session(graph_folder / PROMPT_FILE), session(graph_folder / DECODE_FILE)
         return KVCache(graph_folder, lambda feed: prompt.run(None, feed), lambda feed: decode.run(None, feed))
 
     def teacher_forced(cache: KVCache, tokens: list[int]) -> np.ndarray:
