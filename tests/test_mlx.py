@@ -203,18 +203,24 @@ DEQUANTIZED_AGAINST_KERNEL = """
 import json, sys
 import numpy as np
 import edgequant
+import edgequant.backends._shared.slices as slices
+import edgequant.backends.mlx.runner as mlx_runner
 from edgequant.registry import open_runner
 artifact = edgequant.convert(sys.argv[1], "mlx:4bit?group=32", output=sys.argv[2])  # mlx-lm loads mlx first
+slices.SLICE_BYTES, mlx_runner.OUTPUT_BLOCK_BYTES = 1, 4096  # small slices and vocabulary blocks, as a 262k vocabulary gets
 with open_runner(artifact.path, n_ctx=128, need_logits=True) as runner:
     ids = runner.tokenize("The history of the city of London is long, and its river has carried ships, "
                           "goods and people to and from the sea for two thousand years.")
-    dequantized = runner.logits(ids)
+    blocks = list(next(runner.logits_of_windows([ids])))
     swapped = [m for _, m in runner._model.named_modules() if type(m).__name__.startswith("Dequantizing")]
     for module in swapped:
         module.__class__ = type(module).__mro__[1]  # mlx's own quantized layer again
-    kernel = runner.logits(ids)
-    print(json.dumps({"tokens": len(ids), "swapped": len(swapped), "blas": runner._blas,
-                      "max_diff": float(np.abs(dequantized - kernel).max()), "scale": float(np.abs(kernel).max()),
+    import mlx.core as mx
+    kernel = np.array(runner._model(mx.array([ids]))[0].astype(mx.float32))  # the whole model on its kernels
+    scored = np.concatenate(blocks)
+    print(json.dumps({"tokens": len(ids), "blocks": len(blocks), "swapped": len(swapped), "blas": runner._blas,
+                      "shape_equal": scored.shape == kernel.shape,
+                      "max_diff": float(np.abs(scored - kernel).max()), "scale": float(np.abs(kernel).max()),
                       "arithmetic": runner.arithmetic()}))
 """
 
@@ -222,8 +228,9 @@ with open_runner(artifact.path, n_ctx=128, need_logits=True) as runner:
 @pytest.mark.skipif(sys.platform != "linux", reason="the OpenBLAS route is for mlx's Linux wheels")
 def test_long_passes_through_openblas_equal_mlx_quantized_kernel(tiny_model, tmp_path):
     """In a process that converts and then scores (mlx-lm loads mlx during the conversion), mlx's
-    float products go to numpy's OpenBLAS, and a pass of many tokens, computed on weights
-    dequantized by MLX, gives the quantized kernel's logits within float32 rounding."""
+    float products go to numpy's OpenBLAS, and scoring (the model up to its output layer, then the
+    output layer a slice of rows and a block of vocabulary at a time, on weights dequantized by
+    MLX) gives the whole model's logits on its quantized kernels within float32 rounding."""
     import subprocess
 
     done = subprocess.run([sys.executable, "-c", DEQUANTIZED_AGAINST_KERNEL, str(tiny_model), str(tmp_path / "mlx")],
@@ -231,6 +238,7 @@ def test_long_passes_through_openblas_equal_mlx_quantized_kernel(tiny_model, tmp
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["blas"] and "openblas" in result["blas"]
-    assert result["tokens"] >= 16 and result["swapped"] > 0
+    assert result["tokens"] >= 16 and result["swapped"] > 0 and result["shape_equal"]
+    assert result["blocks"] == -(-result["tokens"] // 32)  # handed over 32 rows at a time
     assert result["max_diff"] <= 1e-4 * max(result["scale"], 1.0)
     assert "OpenBLAS" in result["arithmetic"]

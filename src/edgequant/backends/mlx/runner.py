@@ -12,8 +12,10 @@ of its wheel: a 512-token window of the default model took ~79 s here. Where `bl
 gives mlx numpy's OpenBLAS, passes of many tokens (scoring, prefill) multiply by each weight
 dequantized with MLX's own `dequantize` instead (the same values the quantized kernel uses; logits
 within float32 rounding, KLD ~1e-8 between the two on the default model), and two windows took
-~10 s instead of ~90 s. Decoding one token keeps the quantized kernel. Each CPU stream of MLX runs
-on a thread of its own, so windows are scored `threads` at a time, one per stream.
+~10 s instead of ~90 s. Decoding one token keeps the quantized kernel. Scoring then runs the model
+up to its output layer and the output layer on a slice of rows at a time, so a large vocabulary's
+logits and float32 output weight are never whole in memory (`logit_slices`). Without OpenBLAS each
+CPU stream of MLX runs on a thread of its own, so windows are scored `threads` at a time.
 """
 
 from __future__ import annotations
@@ -61,11 +63,17 @@ class MLXRunner(HFTokenizerMixin, Runner):
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """One causal pass of MLX over `ids` (no cache)."""
-        return next(next(self.logits_of_windows([ids])))
+        return np.concatenate(list(next(self.logits_of_windows([ids]))))
 
     def logits_of_windows(self, windows: Sequence[Sequence[int]]) -> Iterator[Iterator[np.ndarray]]:
-        """Off Apple silicon, `threads` windows at a time, each on a CPU stream of its own (one
-        thread each); on Apple silicon one after another, on the default device."""
+        """With numpy's OpenBLAS (which uses every core), one window at a time, handed over a slice
+        of rows at a time (`logit_slices`). Otherwise, off Apple silicon, `threads` windows at a
+        time, each on a CPU stream of its own (one thread each); on Apple silicon one after another,
+        on the default device."""
+        if self._blas and self._split_head() is not None:
+            for ids in windows:
+                yield self.logit_slices(ids)
+            return
         mx = self._mx
         streams = [mx.default_stream(mx.default_device())] if is_apple_silicon() else self._cpu_streams()
         for start in range(0, len(windows), len(streams)):
@@ -79,6 +87,44 @@ class MLXRunner(HFTokenizerMixin, Runner):
             for k in range(len(pending)):
                 out, pending[k] = pending[k], None  # each window's array is freed once drawn
                 yield iter((np.array(out, dtype=np.float32, copy=True),))
+
+    def logit_slices(self, ids: Sequence[int]) -> Iterator[np.ndarray]:
+        """The final hidden states of the window, then the output layer on `rows_per_slice` rows at
+        a time, its weight dequantized a block of vocabulary rows at a time: a 262k vocabulary's
+        output layer in float32 is 0.7 GB and one window's logits 0.5 GB, neither of which is ever
+        whole here."""
+        from edgequant.backends._shared.slices import rows_per_slice
+
+        mx = self._mx
+        body, head = self._split_head()
+        if len(ids) > self.n_ctx:
+            raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
+        hidden = body(mx.array([list(ids)]))
+        mx.eval(hidden)
+        rows = rows_per_slice(self.vocab_size())
+        for start in range(0, len(ids), rows):
+            block = head(hidden[:, start:start + rows])[0].astype(mx.float32)
+            mx.eval(block)
+            yield np.array(block, dtype=np.float32, copy=True)
+
+    def _split_head(self):
+        """(the model without its output layer, the output layer by vocabulary blocks) where the
+        model's logits are exactly that composition (checked once on 16 tokens against the whole
+        model, so an architecture that does more after its output layer is scored whole); else None."""
+        if not hasattr(self, "_split"):
+            self._split = None
+            body, layer = getattr(self._model, "model", None), _output_layer(self._model)
+            if body is not None and layer is not None:
+                mx = self._mx
+                probe = mx.array([list(range(1, 1 + DEQUANTIZE_FROM_TOKENS))])
+                whole, split = self._model(probe), _blockwise_output(layer)(body(probe))
+                scale = float(mx.abs(whole).max()) + 1.0
+                if whole.shape == split.shape and float(mx.abs(whole - split).max()) <= 1e-4 * scale:
+                    self._split = (body, _blockwise_output(layer))
+        return self._split
+
+    def vocab_size(self) -> int:
+        return int(_output_layer(self._model)["weight"].shape[0])
 
     def _cpu_streams(self) -> list:
         if self._streams is None:
@@ -113,6 +159,43 @@ def _dequantize_long_passes(model) -> None:
     for _, module in model.named_modules():
         if type(module) in swaps:
             module.__class__ = swaps[type(module)]
+
+
+# Vocabulary rows of the output layer dequantized at once: 64 MiB of float32.
+OUTPUT_BLOCK_BYTES = 64 << 20
+
+
+def _output_layer(model):
+    """The module whose weight makes the logits: mlx-lm's `lm_head`, or the token embedding when
+    the two are tied (mlx-lm drops lm_head then)."""
+    if "lm_head" in model:
+        return model["lm_head"]
+    body = getattr(model, "model", None)
+    return body["embed_tokens"] if body is not None and "embed_tokens" in body else None
+
+
+def _blockwise_output(layer):
+    """rows -> logits through `layer`'s weight, dequantized (if quantized) a block of vocabulary
+    rows at a time; the same products as the whole matrix, in float32."""
+    import mlx.core as mx
+
+    vocab = layer["weight"].shape[0]
+    width = layer["scales"].shape[1] * layer.group_size if "scales" in layer else layer["weight"].shape[1]
+    block = max(OUTPUT_BLOCK_BYTES // (4 * width), 1)
+
+    def weight(start: int):
+        if "scales" not in layer:
+            return layer["weight"][start:start + block]
+        return mx.dequantize(layer["weight"][start:start + block], layer["scales"][start:start + block],
+                             None if layer.get("biases") is None else layer["biases"][start:start + block],
+                             group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+
+    def output(x):
+        parts = [x @ weight(start).T for start in range(0, vocab, block)]
+        y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+        return y + layer["bias"] if "bias" in layer else y
+
+    return output
 
 
 def _dequantized(layer):
