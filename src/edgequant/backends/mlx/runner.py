@@ -109,14 +109,16 @@ class MLXRunner(HFTokenizerMixin, Runner):
 
     def _split_head(self):
         """(the model without its output layer, the output layer by vocabulary blocks) where the
-        model's logits are exactly that composition (checked once on 16 tokens against the whole
+        model's logits are exactly that composition (checked once on a few tokens against the whole
         model, so an architecture that does more after its output layer is scored whole); else None."""
         if not hasattr(self, "_split"):
             self._split = None
             body, layer = getattr(self._model, "model", None), _output_layer(self._model)
             if body is not None and layer is not None:
                 mx = self._mx
-                probe = mx.array([list(range(1, 1 + DEQUANTIZE_FROM_TOKENS))])
+                # fewer tokens than DEQUANTIZE_FROM_TOKENS: the whole model runs on mlx's quantized
+                # kernels, so no whole float32 output weight is made (0.7 GB at 262k tokens)
+                probe = mx.array([list(range(1, DEQUANTIZE_FROM_TOKENS // 2))])
                 whole, split = self._model(probe), _blockwise_output(layer)(body(probe))
                 scale = float(mx.abs(whole).max()) + 1.0
                 if whole.shape == split.shape and float(mx.abs(whole - split).max()) <= 1e-4 * scale:
@@ -191,7 +193,10 @@ def _blockwise_output(layer):
                              group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
 
     def output(x):
-        parts = [x @ weight(start).T for start in range(0, vocab, block)]
+        parts = []
+        for start in range(0, vocab, block):
+            parts.append(x @ weight(start).T)
+            mx.eval(parts[-1])  # block by block: left lazy, mlx dequantized every block before multiplying
         y = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
         return y + layer["bias"] if "bias" in layer else y
 
