@@ -25,10 +25,6 @@ _MODELS_PACKAGE = "edgequant_mlx_lm_models"
 
 def require_mlx():
     """The mlx modules, or an error naming the extra that installs them."""
-    if not is_apple_silicon():
-        from edgequant.backends.mlx.blas import use_openblas
-
-        use_openblas()  # before mlx's first float product in this process, which binds its BLAS
     try:
         import mlx.core as mx
         import mlx_lm

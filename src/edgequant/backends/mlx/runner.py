@@ -39,7 +39,7 @@ DEQUANTIZE_FROM_TOKENS = 16
 
 class MLXRunner(HFTokenizerMixin, Runner):
     def __init__(self, folder: Path, *, name: str, n_ctx: int, model_type: str, threads: int = 1):
-        self._blas = None if is_apple_silicon() else use_openblas()  # before mlx's first product
+        self._blas = None if is_apple_silicon() else use_openblas()  # what the import hook set up (blas.py)
         import mlx.core as mx
 
         self.name, self.n_ctx, self._threads = name, n_ctx, max(threads, 1)
