@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Rows of a weight quantized at once: 64 MiB of float32 (a 262k x 2048 output layer would be 2 GiB).
+CHUNK_BYTES = 64 << 20
+
 
 def minmax_quantize(weight: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(packed uint32, scales, biases) of a 2-D float weight, groups along the last axis."""
@@ -34,6 +37,21 @@ def minmax_quantize(weight: np.ndarray, bits: int, group: int) -> tuple[np.ndarr
     q = np.rint((groups - biases.astype(np.float32)) / scales.astype(np.float32))
     q = np.clip(q, 0, top).astype(np.uint32).reshape(rows, -1)
     return pack(q, bits), scales[..., 0], biases[..., 0]
+
+
+def minmax_quantize_checked(weight, bits: int, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`minmax_quantize` of an mx.array weight a block of rows at a time, each block checked against
+    mx.dequantize: a float32 copy and its temporaries of a whole 262k-row output layer are gigabytes."""
+    import mlx.core as mx
+
+    rows = max(1, CHUNK_BYTES // (4 * weight.shape[-1]))
+    parts = []
+    for start in range(0, weight.shape[0], rows):
+        block = np.array(weight[start:start + rows].astype(mx.float32))
+        packed, scales, biases = minmax_quantize(block, bits, group)
+        _check_roundtrip(packed, scales, biases, bits, group, block)
+        parts.append((packed, scales, biases))
+    return tuple(np.concatenate(column) for column in zip(*parts))
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -59,14 +77,13 @@ def layer_settings(config: dict, name: str) -> tuple[int, int] | None:
     return quant.get("bits"), quant.get("group_size")
 
 
-def source_weights(hf_dir: Path) -> dict[str, np.ndarray]:
-    """The source's float weights by name (safetensors, any float dtype, as float32)."""
+def source_weights(hf_dir: Path) -> dict:
+    """The source's float weights by name, as mx.load gives them: lazy, each read when used."""
     import mlx.core as mx
 
     weights = {}
     for file in sorted(hf_dir.glob("*.safetensors")):
-        for name, value in mx.load(str(file)).items():
-            weights[name] = np.array(value.astype(mx.float32))
+        weights.update(mx.load(str(file)))
     return weights
 
 
@@ -76,6 +93,7 @@ def regrid(out_dir: Path, hf_dir: Path, model_file: str) -> dict[str, int]:
     Returns how many layers took each path (recorded in the manifest)."""
     import mlx.core as mx
 
+    mx.clear_cache()  # buffers mlx-lm's conversion freed stay in mlx's cache until told
     config = json.loads((out_dir / "config.json").read_text())
     stored = dict(mx.load(str(out_dir / model_file)).items())
     source = source_weights(hf_dir)
@@ -83,21 +101,28 @@ def regrid(out_dir: Path, hf_dir: Path, model_file: str) -> dict[str, int]:
     for key in [k for k in stored if k.endswith(".scales")]:
         name = key[: -len(".scales")]
         settings = layer_settings(config, name)
-        weight = source.get(f"{name}.weight")
+        weight = source.pop(f"{name}.weight", None)  # popped: an evaluated lazy array keeps its data
         if settings is None or weight is None or weight.ndim != 2 or weight.shape[-1] % settings[1]:
             counts["mlx"] += 1
             continue
         bits, group = settings
-        packed, scales, biases = minmax_quantize(weight, bits, group)
-        if packed.shape != tuple(stored[f"{name}.weight"].shape):
+        if _packed_shape(weight.shape, bits) != tuple(stored[f"{name}.weight"].shape):
             counts["mlx"] += 1  # a layout this code does not know: keep what mlx wrote
             continue
-        _check_roundtrip(packed, scales, biases, bits, group, weight)
+        packed, scales, biases = minmax_quantize_checked(weight, bits, group)
         stored[f"{name}.weight"], stored[key] = mx.array(packed), mx.array(scales)
         stored[f"{name}.biases"] = mx.array(biases)
         counts["minmax"] += 1
-    mx.save_safetensors(str(out_dir / model_file), stored, metadata={"format": "mlx"})
+    # The stored arrays are read lazily from model_file: write beside it, then replace it.
+    written = out_dir / f"{model_file}.regrid.safetensors"
+    mx.save_safetensors(str(written), stored, metadata={"format": "mlx"})
+    written.replace(out_dir / model_file)
     return counts
+
+
+def _packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, int]:
+    """The uint32 words `pack` gives a weight of this shape."""
+    return shape[0], shape[1] * bits // 32
 
 
 def _check_roundtrip(packed, scales, biases, bits: int, group: int, weight: np.ndarray) -> None:
