@@ -5,9 +5,12 @@ spec, wall time and peak RSS of the whole process tree next to the model's bytes
     .venv/bin/python bench/scale.py [--models llama-135m,llama-0.5b,llama-1b,qwen2-150k] [--specs ...]
 
 Every job runs as the CLI a user runs, in a fresh cache (so a spec's own intermediates count), and
-its process tree is sampled every 0.2 s: the peak is the largest sum of RSS over the tree, not the
-largest single process (ru_maxrss of the children would miss a parent and child holding copies at
-once). Beside edgequant's GGUF conversion, llama.cpp's own converter alone converts the same
+its process tree is sampled every 0.2 s: the peak is the largest sum over the tree of each process's
+proportional set size (PSS: a page shared by n processes counts 1/n in each), not the largest
+single process (ru_maxrss of the children would miss a parent and child holding copies at once).
+The sum of plain RSS is kept beside it: it counts a page twice when a process forks (between fork
+and exec a child shows all of its parent's pages, and an export that runs a helper command looked
+up to 1 GB larger than it was). Beside edgequant's GGUF conversion, llama.cpp's own converter alone converts the same
 folder (the engine's minimal script). Writes bench/results/scale.json with each row's peak as a
 multiple of the source's bf16 bytes and, per spec, the growth per billion parameters (least squares
 over the sizes measured). Models are built in bf16 with the default model's tokenizer; vocabularies
@@ -42,6 +45,8 @@ MODELS = {
     "qwen2-150k": ("Qwen2Config", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
 }
+SETTINGS = {"eval": "2 windows of 512, no speed; eval_with_reference is the first, which computes the reference",
+            "memory": "peak of the summed PSS of the process tree (peak_rss_sum_gb: of the summed RSS)"}
 SPECS = ("gguf:q4_k_m", "onnx:int4", "openvino:int4", "mlx:4bit", "qnn:w8a16")
 
 _BUILD = """
@@ -71,11 +76,12 @@ def measure(command: list[str], env: dict, timeout: float) -> dict:
 
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(process.pid), 0
+    root, peak_rss, peak_pss = psutil.Process(process.pid), 0, 0
     while process.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(_rss(p) for p in tree))
+            peak_rss = max(peak_rss, sum(_memory(p, "rss") for p in tree))
+            peak_pss = max(peak_pss, sum(_memory(p, "pss") for p in tree))
         except psutil.NoSuchProcess:
             pass
         if time.perf_counter() - started > timeout:
@@ -84,15 +90,17 @@ def measure(command: list[str], env: dict, timeout: float) -> dict:
         time.sleep(0.2)
     stderr = process.communicate()[1] or ""
     return {"returncode": process.returncode, "wall_s": round(time.perf_counter() - started, 1),
-            "peak_rss_gb": round(peak / 1e9, 3), "error": stderr.strip().splitlines()[-2:] if process.returncode else None}
+            "peak_gb": round(peak_pss / 1e9, 3), "peak_rss_sum_gb": round(peak_rss / 1e9, 3),
+            "error": stderr.strip().splitlines()[-2:] if process.returncode else None}
 
 
-def _rss(process) -> int:
+def _memory(process, kind: str) -> int:
+    """A process's RSS or PSS in bytes (0 once it has gone; PSS reads /proc/PID/smaps_rollup)."""
     import psutil
 
     try:
-        return process.memory_info().rss
-    except psutil.NoSuchProcess:
+        return process.memory_info().rss if kind == "rss" else process.memory_full_info().pss
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return 0
 
 
@@ -114,11 +122,15 @@ def run_model(name: str, specs: list[str], scratch: Path, timeout: float, record
         artifact = scratch / f"out-{name}-{spec.replace(':', '-')}"
         convert = measure([str(VENV_BIN / "edgequant"), "convert", str(model), "--to", spec, "-o", str(artifact)], env, timeout)
         row = {"model": name, "parameters": parameters, "source_bytes": source_bytes, "spec": spec, "convert": convert,
-               "convert_peak_over_source": round(convert["peak_rss_gb"] * 1e9 / source_bytes, 2)}
+               "convert_peak_over_source": round(convert["peak_gb"] * 1e9 / source_bytes, 2)}
         if convert["returncode"] == 0:
             row["artifact_bytes"] = sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file())
-            row["eval"] = measure([str(VENV_BIN / "edgequant"), "eval", str(artifact), "--windows", "2", "--no-speed"], env, timeout)
-            row["eval_peak_over_artifact"] = round(row["eval"]["peak_rss_gb"] * 1e9 / row["artifact_bytes"], 2)
+            evaluate = [str(VENV_BIN / "edgequant"), "eval", str(artifact), "--windows", "2", "--no-speed"]
+            # The first evaluation also scores the float source once (the reference log-probs, then
+            # cached); the second is what evaluating an artifact costs from then on.
+            row["eval_with_reference"] = measure(evaluate, env, timeout)
+            row["eval"] = measure(evaluate, env, timeout)
+            row["eval_peak_over_artifact"] = round(row["eval"]["peak_gb"] * 1e9 / row["artifact_bytes"], 2)
         shutil.rmtree(artifact, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
         record(row)
@@ -134,7 +146,7 @@ def _llama_cpp_converter_alone(name: str, model: Path, parameters: int, source_b
     run = measure([sys.executable, str(tool / "convert_hf_to_gguf.py"), str(model), "--outtype", "bf16",
                    "--outfile", str(scratch / f"{name}-bf16.gguf")], {**os.environ}, timeout)
     return {"model": name, "parameters": parameters, "source_bytes": source_bytes, "spec": "llama.cpp converter alone (bf16)",
-            "convert": run, "convert_peak_over_source": round(run["peak_rss_gb"] * 1e9 / source_bytes, 2)}
+            "convert": run, "convert_peak_over_source": round(run["peak_gb"] * 1e9 / source_bytes, 2)}
 
 
 def growth(rows: list[dict]) -> dict:
@@ -148,7 +160,7 @@ def growth(rows: list[dict]) -> dict:
             continue
         billions = np.array([r["parameters"] / 1e9 for r in ok])
         found[spec] = {key: round(float(np.polyfit(billions, [r["convert"][field] for r in ok], 1)[0]), 2)
-                       for key, field in (("peak_gb_per_billion", "peak_rss_gb"), ("wall_s_per_billion", "wall_s"))}
+                       for key, field in (("peak_gb_per_billion", "peak_gb"), ("wall_s_per_billion", "wall_s"))}
     return found
 
 
@@ -170,8 +182,7 @@ def main() -> None:
         row = {**row, "measured": datetime.date.today().isoformat(), "edgequant": __version__,
                "load_avg_1m": round(os.getloadavg()[0], 2)}
         found["rows"] = [r for r in found["rows"] if (r["model"], r["spec"]) != (row["model"], row["spec"])] + [row]
-        found.update(machine=machine_info(), settings={"eval": "2 windows of 512, no speed", "timeout_s": args.timeout},
-                     growth=growth(found["rows"]))
+        found.update(machine=machine_info(), settings=SETTINGS | {"timeout_s": args.timeout}, growth=growth(found["rows"]))
         args.out.write_text(json.dumps(found, indent=2) + "\n")
         print(json.dumps(row), flush=True)
 
