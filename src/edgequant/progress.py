@@ -61,9 +61,41 @@ def engine_warnings_hidden() -> Iterator[None]:
         root.setLevel(level)
 
 
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """A progress bar for loops longer than a few seconds (silent when quiet or not a terminal)."""
-    from tqdm import tqdm
+# How often a loop writes a progress line where stderr is not a terminal (a log, CI, a pipe).
+LOG_EVERY_S = 30.0
 
-    disable = _quiet() or not sys.stderr.isatty()
-    yield from tqdm(items, desc=f"edgequant: {description}", total=total, disable=disable, leave=False)
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Progress of a loop longer than a few seconds, with an estimate of the time left. On a
+    terminal, a bar; elsewhere (a log file, CI) one line every LOG_EVERY_S seconds, so a long
+    step in a log never looks hung. Silent when quiet."""
+    if _quiet():
+        yield from items
+        return
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, desc=f"edgequant: {description}", total=total, leave=False)
+        return
+    started = last = time.perf_counter()
+    for done, item in enumerate(items):
+        now = time.perf_counter()
+        if now - last >= LOG_EVERY_S:
+            last = now
+            note(progress_line(description, done, total, now - started))
+        yield item
+
+
+def progress_line(description: str, done: int, total: int | None, elapsed: float) -> str:
+    """'scoring: 12/64 after 1m 30s, about 6m 30s left' (the rate so far, carried forward)."""
+    line = f"{description}: {done}/{total if total else '?'} after {_duration(elapsed)}"
+    if total and done:
+        line += f", about {_duration(elapsed / done * (total - done))} left"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"

@@ -28,6 +28,7 @@ import numpy as np
 
 from edgequant.backends.qnn.tools import MASK_VALUE  # see there why it is not float32's minimum
 from edgequant.errors import EdgequantError
+from edgequant.progress import track
 
 LAYOUT_FILE = "kv_layout.json"
 INV_FREQ_FILE = "rope_inv_freq.npy"
@@ -204,7 +205,7 @@ def calibration_feeds(folder: Path, windows: list[list[int]], session) -> tuple[
 
     cache = KVCache(folder, recorder(session(folder / PROMPT_FILE), prompt_feeds),
                     recorder(session(folder / DECODE_FILE), decode_feeds))
-    for window in windows:
+    for window in track(windows, "calibration windows through the float graphs"):
         cache.reset()
         half = _first_half(window, cache.chunk)
         for i in range(0, half, cache.chunk):
@@ -220,7 +221,7 @@ def run_prompt_chunks(folder: Path, windows: list[list[int]], run) -> None:
     feeds are not kept: each chunk's KV cache (~44 MB on the default model) would not fit in memory
     past a few hundred chunks."""
     cache = KVCache(folder, run, None)
-    for window in windows:
+    for window in track(windows, "windows through the prompt graph"):
         cache.reset()
         for i in range(0, _first_half(window, cache.chunk), cache.chunk):
             cache.step(window[i:i + cache.chunk], "prompt")

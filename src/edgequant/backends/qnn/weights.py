@@ -48,6 +48,8 @@ def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | N
     import onnx
     from onnx import numpy_helper
 
+    from edgequant.progress import track
+
     model = onnx.load(str(qdq_path))
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
@@ -56,9 +58,8 @@ def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | N
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     searched, folded = 0, []
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] not in initializers:
-            continue
+    quantizers = [node for node in graph.node if node.op_type == "QuantizeLinear" and node.input[0] in initializers]
+    for node in track(quantizers, f"rounding the weights of {qdq_path.name}"):
         weight = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)
         scale = numpy_helper.to_array(initializers[node.input[1]])
         zero = numpy_helper.to_array(initializers[node.input[2]])
