@@ -36,6 +36,10 @@ VENV_BIN = Path(sys.executable).parent
 # name -> (transformers config class, settings). Llama shapes of SmolLM2-135M, a 0.5B and a 1.07B
 # (the one issue #24's figures came from); Qwen2.5-0.5B's shape for a 152k vocabulary.
 MODELS = {
+    # SmolLM2-135M's shape with a third of its layers: a second size for formats too costly to
+    # measure past 135M here (qnn), so their growth is measured, not assumed.
+    "llama-45m": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=9,
+                                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)),
     "llama-135m": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)),
     "llama-0.5b": ("LlamaConfig", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=28, num_attention_heads=16,

@@ -449,3 +449,23 @@ def test_indexed_rewiring_rewires_like_onnxruntimes_scan():
         indexed = edit(graph())
     assert indexed == scanned
     assert ONNXModel.replace_input_of_all_nodes.__qualname__ == "ONNXModel.replace_input_of_all_nodes"  # restored
+
+
+def test_recorded_feeds_read_back_exactly_what_the_graph_was_run_with():
+    from edgequant.backends.qnn.kv import RecordedFeeds
+
+    rng = np.random.default_rng(0)
+    cache = np.zeros((1, 2, 32, 4), np.float32)
+    cache[:, :, :5] = rng.normal(size=(1, 2, 5, 4))
+    cache[:, 1, 7] = 1.0  # a stale entry past a hole of zeros
+    run_with = [{"input_ids": np.arange(3)[None], "past_key_0": cache.copy(), "past_value_0": np.zeros_like(cache)},
+                {"input_ids": np.arange(3)[None], "past_key_0": cache[:, :, :16].copy(), "past_value_0": cache[:, :, :16].copy()}]
+    feeds = RecordedFeeds()
+    for feed in run_with:
+        feeds.record({name: value.copy() for name, value in feed.items()})
+    assert [feeds._kept[0][name][0].shape[2] for name in ("past_key_0", "past_value_0")] == [8, 0]  # the zero tail is not kept
+    back = [feeds[0], *feeds[1:]]
+    assert len(feeds) == 2 and len(back) == 2
+    for original, read in zip(run_with, back):
+        assert original.keys() == read.keys()
+        assert all(read[name].dtype == original[name].dtype and np.array_equal(read[name], original[name]) for name in original)

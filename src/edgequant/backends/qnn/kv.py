@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -191,15 +192,14 @@ def cache_types(config: dict, kind: str) -> dict[str, str]:
     return {name: kind for name in cache_names("past", layers) + cache_names("new", layers)}
 
 
-def calibration_feeds(folder: Path, windows: list[list[int]], session) -> tuple[list[dict], list[dict]]:
+def calibration_feeds(folder: Path, windows: list[list[int]], session) -> tuple[RecordedFeeds, RecordedFeeds]:
     """Feeds for both float graphs, recorded while running calibration windows through them: each
     window's first half by prompt chunks, then a few decode steps."""
-    prompt_feeds: list[dict] = []
-    decode_feeds: list[dict] = []
+    prompt_feeds, decode_feeds = RecordedFeeds(), RecordedFeeds()
 
-    def recorder(graph_session, kept: list[dict]):
+    def recorder(graph_session, kept: RecordedFeeds):
         def run(feed):
-            kept.append({k: np.array(v) for k, v in feed.items()})
+            kept.record(feed)
             return graph_session.run(None, feed)
         return run
 
@@ -213,6 +213,46 @@ def calibration_feeds(folder: Path, windows: list[list[int]], session) -> tuple[
         for token in window[half:half + 4]:
             cache.step([token], "decode")
     return prompt_feeds, decode_feeds
+
+
+class RecordedFeeds(Sequence):
+    """Feeds a graph was run with, read back exactly as they were. A past-cache input is kept only
+    up to its last non-zero position and padded back with zeros when read: calibration writes a few
+    hundred of the context's positions, and full-length copies of the cache in every feed held
+    about 1 GB of zeros on the default model (ctx 1024: 47 MB per feed)."""
+
+    def __init__(self) -> None:
+        self._kept: list[dict] = []
+
+    def record(self, feed: dict) -> None:
+        self._kept.append({name: _trimmed(value) if name.startswith("past_") else np.array(value)
+                           for name, value in feed.items()})
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [_padded(kept) for kept in self._kept[index]]
+        return _padded(self._kept[index])
+
+
+def _trimmed(cache: np.ndarray) -> tuple[np.ndarray, int]:
+    """A [1, K, positions, D] cache cut after its last position holding anything, and its length."""
+    used = np.flatnonzero(cache.any(axis=(0, 1, 3)))
+    end = int(used[-1]) + 1 if used.size else 0
+    return np.array(cache[:, :, :end]), cache.shape[2]
+
+
+def _padded(kept: dict) -> dict:
+    feed = {}
+    for name, value in kept.items():
+        if isinstance(value, tuple):
+            part, length = value
+            value = np.zeros((*part.shape[:2], length, *part.shape[3:]), part.dtype)
+            value[:, :, :part.shape[2]] = part
+        feed[name] = value
+    return feed
 
 
 def run_prompt_chunks(folder: Path, windows: list[list[int]], run) -> None:
@@ -325,9 +365,11 @@ def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], 
     for _ in range(steps):
         tokens.append(int(cpu.step([tokens[-1]])[-1].argmax()))
     runs = {"cpu": teacher_forced(cpu, tokens)}
+    del cpu  # each pair of sessions goes once its run is done (three pairs at once: the default model's 9.6 GB peak)
     started = time.perf_counter()
     runs["htp"] = teacher_forced(htp, tokens)
     report["seconds"]["htp_run"] = round(time.perf_counter() - started, 1)
+    del htp
     runs["float"] = teacher_forced(pipeline(float_folder, cpu_session), tokens)
     reference = log_softmax(runs["float"])
     kld = {name: kl_divergence(reference, log_softmax(runs[name])) for name in ("cpu", "htp")}
