@@ -154,7 +154,9 @@ def _llama_cpp_converter_alone(name: str, model: Path, parameters: int, source_b
 
 
 def growth(rows: list[dict]) -> dict:
-    """Per spec, GB of peak RSS and seconds of wall time per billion parameters (least squares)."""
+    """Per spec, from the Llama sizes measured (least squares): GB of peak memory and seconds of
+    wall time per billion parameters, and the peak as `factor` x the source's 16-bit bytes + a
+    fixed part, the form Backend.conversion_peak takes."""
     import numpy as np
 
     found = {}
@@ -163,8 +165,12 @@ def growth(rows: list[dict]) -> dict:
         if len(ok) < 2:
             continue
         billions = np.array([r["parameters"] / 1e9 for r in ok])
-        found[spec] = {key: round(float(np.polyfit(billions, [r["convert"][field] for r in ok], 1)[0]), 2)
-                       for key, field in (("peak_gb_per_billion", "peak_gb"), ("wall_s_per_billion", "wall_s"))}
+        peaks, walls = [r["convert"]["peak_gb"] for r in ok], [r["convert"]["wall_s"] for r in ok]
+        factor, fixed = np.polyfit(2 * billions, peaks, 1)
+        found[spec] = {"peak_gb_per_billion": round(float(np.polyfit(billions, peaks, 1)[0]), 2),
+                       "wall_s_per_billion": round(float(np.polyfit(billions, walls, 1)[0]), 2),
+                       "peak_factor": round(float(factor), 2), "peak_fixed_gb": round(float(fixed), 2),
+                       "sizes": sorted(r["model"] for r in ok)}
     return found
 
 

@@ -67,3 +67,13 @@ def test_bad_constraints_are_refused_before_any_work(tiny_model):
         recommend(RecommendConfig(tiny_model, "tpu"))
     with pytest.raises(EdgequantError, match="not a unit of size"):
         recommend(RecommendConfig(tiny_model, "x86-cpu", max_size="12 parsecs"))
+
+
+def test_candidates_too_large_to_convert_here_stay_listed_and_are_not_measured(tiny_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGEQUANT_MEMORY_LIMIT", "200MB")  # below every measured engine's fixed part
+    db = tmp_path / "results.sqlite"
+    result = recommend(RecommendConfig(tiny_model, "arm-cpu", measured=True, db=db))
+    assert result["candidates"] and all("EDGEQUANT_MEMORY_LIMIT is 0.2 GB" in c["too_large_here"] for c in result["candidates"])
+    assert any(step.startswith("too large to convert on this machine") for step in result["decision_path"])
+    assert not db.exists()  # --measured converted nothing
+    assert result["recommendation"] == "gguf:q4_0"  # still the profile's choice, to convert elsewhere

@@ -51,9 +51,9 @@ class Backend:
     bench_seconds: float = 30.0
     # What a report says when this machine runs the format through a stand-in.
     speed_note: str = ""
-    # Peak RSS of a conversion, the whole process tree: (multiple of the source's parameters at 16
-    # bits, fixed GB for interpreter and engine), measured on this kind of machine; None: not yet
-    # measured, so never refused up front.
+    # Peak memory of a conversion, the whole process tree: (multiple of the source's parameters at
+    # 16 bits, fixed GB), fitted to the default spec's conversions of several model sizes on this
+    # kind of machine (bench/scale.py); None: not yet measured, so never refused up front.
     conversion_peak: tuple[float, float] | None = None
 
     # -- the two hooks ------------------------------------------------------------------------

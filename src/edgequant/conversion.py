@@ -85,8 +85,8 @@ def memory_shortfall(backend, source, spec: Spec) -> str | None:
         return None
     factor, fixed_gb = backend.conversion_peak
     return (f"converting {source.name} ({parameters / 1e9:.2f}B parameters) to {spec} needs about {needed / 1e9:.1f} GB "
-            f"of memory at its peak ({factor}x the model's 16-bit size + {fixed_gb} GB, as measured for {backend.name} "
-            f"on a 1B model), and {where} is {free / 1e9:.1f} GB")
+            f"of memory at its peak ({factor}x the model's 16-bit size + {fixed_gb} GB, fitted to {backend.name}'s "
+            f"conversions measured by bench/scale.py), and {where} is {free / 1e9:.1f} GB")
 
 
 def available_memory() -> tuple[int, str]:

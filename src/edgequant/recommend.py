@@ -5,6 +5,8 @@ The rules, in order (each step is recorded in words a user can check):
 1. the target profile: `--target`, or the profile closest to this machine;
 2. its formats, best first; a format whose engine is not installed here stays a candidate (the
    user deploys elsewhere) but cannot be measured here, and the extra that installs it is named;
+   so does a spec whose conversion would not fit in this machine's memory (the backend's
+   measured peak, scaled to the model), with the estimate;
 3. its candidate specs in the profile's order, each with its expected size (the backend's
    estimate for this model) and expected peak memory (the measured figure when there is one,
    else size plus the runtime's usual overhead);
@@ -49,6 +51,7 @@ class Candidate:
     installed: bool
     expected_size_bytes: int
     expected_peak_mb: float
+    too_large_here: str = ""  # why converting it would not fit in this machine's memory, if it would not
     measured: dict | None = None
     verdicts: list[dict] = field(default_factory=list)
     lost_because: str = ""
@@ -82,6 +85,10 @@ def recommend(config: RecommendConfig) -> dict:
     if missing:
         hints = "; ".join(f"{f}: {get_backend(f).install_hint()}" for f in missing)
         path.append(f"not installed here, so not measurable here: {hints}")
+    too_large = [c for c in candidates if c.too_large_here]
+    if too_large:
+        path.append("too large to convert on this machine, so not measurable here (--force on convert tries anyway): "
+                    + "; ".join(f"{c.spec}: {c.too_large_here}" for c in too_large))
     measurements = _measurements(config.db, source.fingerprint)
     if config.measured and _measure_missing(config, candidates, measurements):
         measurements = _measurements(config.db, source.fingerprint)
@@ -120,10 +127,14 @@ def target_profile(target: str | None) -> tuple[list[str], Profile]:
 
 
 def _candidate(text: str, source) -> Candidate:
+    from edgequant.conversion import memory_shortfall
+
     spec = parse_spec(text)
     backend = get_backend(spec.format)
     size = backend.estimated_bytes(spec.precision, source.tensors, source.tied_embeddings)
-    return Candidate(text, spec.format, backend.missing_engine() is None, size, size / 1e6 + RUNTIME_OVERHEAD_MB)
+    installed = backend.missing_engine() is None
+    return Candidate(text, spec.format, installed, size, size / 1e6 + RUNTIME_OVERHEAD_MB,
+                     too_large_here=(memory_shortfall(backend, source, spec) or "") if installed else "")
 
 
 def _measurements(db_path: Path | None, fingerprint: str) -> dict[str, dict]:
@@ -152,7 +163,7 @@ def _measure_missing(config: RecommendConfig, candidates: list[Candidate], have:
     """Bench the installed candidates (and the fp32 baseline) `have` has no figures for; whether it ran."""
     from edgequant.benchmark import BenchConfig, run_bench
 
-    wanted = tuple(c.spec for c in candidates if c.installed and c.spec not in have)
+    wanted = tuple(c.spec for c in candidates if c.installed and not c.too_large_here and c.spec not in have)
     if wanted:
         run_bench(BenchConfig(config.model, wanted, config.db))
     return bool(wanted)
@@ -174,7 +185,8 @@ def _as_json(c: Candidate) -> dict:
     figures = {k: c.measured.get(k) for k in ("kld_mean", "ppl_increase_pct", "top1_agreement", "decode_tps",
                                               "peak_rss_mb", "ci95")} if c.measured else None
     size = (c.measured or {}).get("size_bytes") or c.expected_size_bytes
-    return {"spec": c.spec, "format": c.format, "installed_here": c.installed, "size_mb": round(size / 1e6, 1),
+    return {"spec": c.spec, "format": c.format, "installed_here": c.installed, "too_large_here": c.too_large_here or None,
+            "size_mb": round(size / 1e6, 1),
             "size_measured": bool((c.measured or {}).get("size_bytes")), "expected_size_mb": round(c.expected_size_bytes / 1e6, 1),
             "expected_peak_mb": round(c.expected_peak_mb, 1), "measured": figures, "verdicts": c.verdicts,
             "passes": c.passes, "lost_because": c.lost_because}

@@ -72,9 +72,9 @@ class GGUFBackend(Backend):
     use_case = "CPU and Apple/Android laptops and phones: llama.cpp, Ollama, LM Studio"
     extra = "gguf"
     bench_seconds = 13
-    # A random-initialised 1.07B Llama (bf16, 2.1 GB) converted on a 2-core, 24 GB machine, 2026-12:
-    # peak 1.23 GB (llama.cpp's lazy converter), 0.3 GB of it the interpreter and engine.
-    conversion_peak = (0.43, 0.3)
+    # bench/scale.py, 2026-12-04: gguf:q4_k_m of random-initialised Llamas of 135M-1.17B parameters
+    # (bf16), process-tree PSS; 1.22 GB at 1.17B (llama.cpp's converter reads the weights lazily).
+    conversion_peak = (0.27, 0.55)
     requires = ("llama_cpp",)
     packages = ("llama-cpp-python",)
     bench_specs = ("gguf:f16", "gguf:q8_0", "gguf:q6_k", "gguf:q4_k_m", "gguf:q3_k_m", "gguf:q2_k", "gguf:tq1_0")

@@ -56,6 +56,9 @@ class MLXBackend(Backend):
     speed_note = "MLX ran on the CPU of a non-Apple machine: its quality figures are real, its speed is not representative."
     recipe_version = 2  # 2: min/max grids by default (was mx.quantize's rounding)
     bench_seconds = 38  # from an empty cache, 2026-12-04: conversion ~16 s, 4 windows scored through OpenBLAS
+    # bench/scale.py, 2026-12-04: mlx:4bit of random-initialised Llamas of 135M-1.17B parameters
+    # (bf16), process-tree PSS; 1.88 GB at 1.17B.
+    conversion_peak = (0.47, 0.73)
     precisions = {
         **{name: Precision(name, bits, _bpw(bits), f"{bits}-bit affine, groups of {DEFAULT_GROUP}") for name, bits in _UNIFORM.items()},
         **{name: Precision(name, low, _bpw(low) + 0.5, f"{low}-bit affine, sensitive layers at {high}-bit")
