@@ -137,3 +137,29 @@ def test_quantized_artifact_loads_scores_and_generates(models, arch, fmt):
 def test_inspect_names_each_architecture(models):
     for arch, path in models.items():
         assert edgequant.inspect_model(path)["architecture"] == ARCHITECTURES[arch][1]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_the_float32_baseline_of_a_16_bit_model_keeps_its_matrices_16_bit_with_float32_logits(models, arch, tmp_path):
+    """The baseline of a bf16 checkpoint computes in float32 over its bf16 matrices: the same
+    logits as the model loaded in float32, bit for bit, at half the memory for its weights."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgequant.backends.pytorch.runner import TorchRunner
+
+    folder = tmp_path / arch
+    AutoModelForCausalLM.from_pretrained(models[arch], dtype=torch.bfloat16).save_pretrained(folder)
+    for item in models[arch].iterdir():
+        if not (folder / item.name).exists():
+            shutil.copyfile(item, folder / item.name)
+    ids = list(range(3, 67))
+    loaded_in_float32 = TorchRunner(folder, name="float32", n_ctx=128, threads=1)
+    over_bf16 = TorchRunner(folder, name="over bf16", n_ctx=128, threads=1, stored_dtype="bfloat16")
+    matrices = [m.weight for m in over_bf16.model.modules() if isinstance(m, torch.nn.Linear)]
+    embeddings = {id(m.weight) for m in over_bf16.model.modules() if isinstance(m, torch.nn.Embedding)}
+    assert any(w.dtype == torch.bfloat16 for w in matrices)
+    assert all(w.dtype == torch.float32 for w in over_bf16.model.parameters() if id(w) in embeddings or w.dim() < 2)
+    assert np.array_equal(loaded_in_float32.logits(ids), over_bf16.logits(ids))

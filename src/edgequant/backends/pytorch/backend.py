@@ -46,4 +46,6 @@ class PyTorchBackend(Backend):
         """The baseline: the source model itself in float32."""
         from edgequant.backends.pytorch.runner import TorchRunner
 
-        return TorchRunner(source.hf_dir, name=f"pytorch:fp32 ({source.name})", n_ctx=n_ctx, threads=threads)
+        stored = {"BF16": "bfloat16", "F16": "float16"}.get(source.weight_dtype)
+        return TorchRunner(source.hf_dir, name=f"pytorch:fp32 ({source.name})", n_ctx=n_ctx, threads=threads,
+                           stored_dtype=stored)

@@ -3,6 +3,7 @@ metric is relative to (and the runner of `pytorch:*` artifacts)."""
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -14,7 +15,13 @@ from edgequant.runner import GenerateParams, Runner
 
 
 class TorchRunner(HFTokenizerMixin, Runner):
-    def __init__(self, folder: Path, *, name: str, n_ctx: int, threads: int, dtype: str = "float32"):
+    """`stored_dtype` (the checkpoint's 16-bit type, for a float32 run of a bf16 or f16 model): the
+    matrices stay in it and each product upcasts its weight for that product alone, so the float32
+    baseline of a 1B bf16 model holds 2 bytes per weight instead of 4; every other parameter is
+    float32, so the figures are those of the model loaded in float32."""
+
+    def __init__(self, folder: Path, *, name: str, n_ctx: int, threads: int, dtype: str = "float32",
+                 stored_dtype: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -23,7 +30,11 @@ class TorchRunner(HFTokenizerMixin, Runner):
         self.name = name
         self.n_ctx = n_ctx
         self._load_hf_tokenizer(folder)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+        if dtype == "float32" and stored_dtype in ("bfloat16", "float16"):
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, stored_dtype)).eval()
+            float32_compute(self.model)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         torch = self._torch
@@ -49,3 +60,34 @@ class TorchRunner(HFTokenizerMixin, Runner):
 
     def close(self) -> None:
         self.model = None
+
+
+def float32_compute(model) -> None:
+    """Run a 16-bit model in float32 without a float32 copy of its matrices: every parameter and
+    buffer but the Linear weights becomes float32 (embeddings included, so hidden states are float32
+    from the first layer on), and each Linear multiplies by its weight upcast for that product."""
+    import torch
+
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for module in model.modules():
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            keep = id(tensor) in linear_weights and id(tensor) not in embedding_weights
+            if tensor.is_floating_point() and not keep:
+                tensor.data = tensor.data.float()
+        if isinstance(module, torch.nn.Linear):
+            module.__class__ = _float32_linear()
+
+
+@cache
+def _float32_linear():
+    import torch
+
+    class Float32Linear(torch.nn.Linear):
+        """A Linear whose 16-bit weight is upcast for each product (and let go after it)."""
+
+        def forward(self, x):
+            bias = None if self.bias is None else self.bias.float()
+            return torch.nn.functional.linear(x, self.weight.float(), bias)
+
+    return Float32Linear
