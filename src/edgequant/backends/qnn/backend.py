@@ -58,6 +58,10 @@ class QnnBackend(Backend):
     #    11: w8a16's GPTQ statistics from 32 windows, min/max calibration by tools.calibrated
     recipe_version = 11
     bench_seconds = 500  # qnn:w8a16 from an empty cache, 2026-12-04 (conversion 470 s, of it HTP check 174 s)
+    # bench/scale.py, 2026-12-04: qnn:w8a16 of random-initialised Llamas of 45M and 135M parameters
+    # (bf16), process-tree PSS: 4.9 and 9.2 GB (float and quantized graphs in onnxruntime sessions
+    # for calibration, GPTQ statistics and the HTP check); a 0.5B model would need ~34 GB.
+    conversion_peak = (30.23, 1.06)
     precisions = {
         "w8a8": Precision("w8a8", 8, 8.0, "QDQ, int8 weights per output channel and uint8 activations (uint16 where "
                           "8 bits cost the most KLD: widen)"),
