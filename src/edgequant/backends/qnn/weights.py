@@ -60,6 +60,8 @@ def fold_weight_quantizers(qdq_path: Path, importance: dict[str, np.ndarray] | N
     searched, folded = 0, []
     quantizers = [node for node in graph.node if node.op_type == "QuantizeLinear" and node.input[0] in initializers]
     for node in track(quantizers, f"rounding the weights of {qdq_path.name}"):
+        if node.input[0] not in initializers:  # a weight two quantizers read was folded by the first
+            continue
         weight = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)
         scale = numpy_helper.to_array(initializers[node.input[1]])
         zero = numpy_helper.to_array(initializers[node.input[2]])
