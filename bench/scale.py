@@ -84,8 +84,8 @@ def measure(command: list[str], env: dict, timeout: float) -> dict:
     while process.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
-            peak_rss = max(peak_rss, sum(_memory(p, "rss") for p in tree))
-            peak_pss = max(peak_pss, sum(_memory(p, "pss") for p in tree))
+            rss, pss = (sum(column) for column in zip(*(_memory(p) for p in tree)))
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         except psutil.NoSuchProcess:
             pass
         if time.perf_counter() - started > timeout:
@@ -98,14 +98,15 @@ def measure(command: list[str], env: dict, timeout: float) -> dict:
             "error": stderr.strip().splitlines()[-2:] if process.returncode else None}
 
 
-def _memory(process, kind: str) -> int:
-    """A process's RSS or PSS in bytes (0 once it has gone; PSS reads /proc/PID/smaps_rollup)."""
+def _memory(process) -> tuple[int, int]:
+    """A process's RSS and PSS in bytes, from one read of /proc/PID/smaps_rollup (0 once it has gone)."""
     import psutil
 
     try:
-        return process.memory_info().rss if kind == "rss" else process.memory_full_info().pss
+        info = process.memory_full_info()
+        return info.rss, info.pss
     except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return 0
+        return 0, 0
 
 
 def build(name: str, out: Path) -> int:
