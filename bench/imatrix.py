@@ -151,7 +151,8 @@ def scratch_artifact(template, model: Path, precision: str, into: Path):
     manifest["spec_text"] = f"gguf:{precision}"
     manifest["details"] = {"tensor_types": tools.tensor_types(folder / "model.gguf"),
                            "note": "made by llama_model_quantize directly, no importance matrix (edgequant refuses this spec)"}
-    manifest["evaluations"], manifest["inputs"] = {}, {}
+    manifest["inputs"] = {}
+    manifest.pop("evaluations", None)  # written by older edgequant versions
     manifest["timings"] = {}
     (folder / MANIFEST).write_text(json.dumps(manifest))
     manifest["size_bytes"] = folder_size(folder)

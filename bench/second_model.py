@@ -10,6 +10,7 @@
     .venv/bin/python bench/second_model.py --section four_bit   # all-4-bit specs beside the engine's q4_0/q4_1
     .venv/bin/python bench/second_model.py --section bench --specs qnn:w8a16   # add or redo rows of the bench
     .venv/bin/python bench/second_model.py --serve gguf:q4_k_m  # chat answers through `edgequant serve`
+    .venv/bin/python bench/second_model.py --optimize x86-cpu  # `optimize` for a target, default gates
     # EDGEQUANT_HOME=DIR reuses that cache (the import and artifacts built before)
 
 Writes bench/results/second_model.json. Gemma's weights come from a Q4_K_M file: like the default
@@ -153,6 +154,28 @@ def serve_check(path: Path, spec: str) -> dict:
             "answers": answers}
 
 
+def optimize_check(path: Path, target: str, windows: int) -> dict:
+    """`edgequant optimize` on the model for `target` with the default gates: the winner, why, and
+    every candidate's figures (the certificate is written to a scratch folder and dropped)."""
+    import time
+
+    from edgequant.evaluation import EvalConfig
+    from edgequant.optimize import OptimizeConfig, optimize
+
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        found = optimize(OptimizeConfig(path, target, eval=EvalConfig(windows=windows), output=Path(scratch) / "out",
+                                        db=Path(scratch) / "results.sqlite"))
+        wall = time.perf_counter() - started
+    return {"target": target, "windows": windows, "gates": found["gates"], "objective": found["objective"],
+            "winner": found["winner"], "closest": found["closest"], "why": found["why"],
+            "decision_path": found["decision_path"], "pareto_front": found["pareto_front"],
+            "evaluations": found["evaluations"], "budget": found["budget"], "wall_s": round(wall, 1),
+            "baseline": found["baseline"],
+            "candidates": [{k: c.get(k) for k in ("spec", "origin", "status", "reason", "passes", "figures", "derived")}
+                           for c in found["candidates"]]}
+
+
 def source_tensor_types(path: Path) -> dict:
     from collections import Counter
 
@@ -168,6 +191,7 @@ def main() -> None:
     parser.add_argument("--specs", default=None, help="default: bench's own (every backend's representative specs)")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--serve", metavar="SPEC", help="only serve SPEC's artifact and record chat answers ('serve' section)")
+    parser.add_argument("--optimize", metavar="TARGET", help="only `optimize --target TARGET` ('optimize' section)")
     parser.add_argument("--section", help="bench --specs (default: the 4-bit comparison) into this section of the "
                         "existing JSON (rows of the same spec replaced), leaving the rest as it is (no import check)")
     args = parser.parse_args()
@@ -180,6 +204,11 @@ def main() -> None:
         found = json.loads(RESULTS.read_text())
         found["serve"] = {"measured": datetime.date.today().isoformat(), "edgequant": __version__, **serve_check(path, args.serve)}
         print(json.dumps(found["serve"], indent=2))
+    elif args.optimize:
+        found = json.loads(RESULTS.read_text())
+        found["optimize"] = {"measured": datetime.date.today().isoformat(), "edgequant": __version__,
+                             "machine": machine_info(), **optimize_check(path, args.optimize, args.bench_windows)}
+        print(json.dumps({k: found["optimize"][k] for k in ("winner", "why", "wall_s")}, indent=2))
     elif args.section:  # rows of the same spec are replaced, others kept: a section grows run by run
         found = json.loads(RESULTS.read_text())
         rows = bench_rows(path, args.specs or FOUR_BIT_SPECS, args.bench_windows)

@@ -29,7 +29,7 @@ def test_convert_then_eval_end_to_end(cli, tiny_model, tmp_path):
     metrics = json.loads(result.stdout)
     assert metrics["target"] == "gguf:q4_k_m" and metrics["decode_tps"] > 0
     table = cli("eval", str(out), "--ctx", "64", "--windows", "2", "--no-speed")
-    assert "perplexity" in table.stdout and "top-1 agreement" in table.stdout
+    assert "baseline perplexity" in table.stdout and "top-1" in table.stdout and "95% interval" in table.stdout
 
 
 def test_inspect_json_and_table(cli, tiny_model):

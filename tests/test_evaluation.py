@@ -7,6 +7,7 @@ import pytest
 import edgequant
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import EvalConfig
+from edgequant.results import ResultsDB
 
 pytest.importorskip("torch", reason="its extra is not installed")
 pytest.importorskip("llama_cpp", reason="its extra is not installed")
@@ -29,9 +30,12 @@ def test_quantized_artifact_gets_every_metric_and_stores_them(tiny_model):
     for key in ("perplexity", "kld_p99", "size_bytes", "load_s", "peak_rss_mb", "ttft_ms", "prefill_tps", "decode_tps"):
         assert metrics[key] > 0, key
     assert metrics["peak_rss_mb"] < 1000  # measured in a fresh child process, not this test process
-    stored = json.loads((artifact.path / "edgequant.json").read_text())["evaluations"][metrics["evaluation_key"]]
+    db = ResultsDB.open()
+    stored = db.find_evaluation(artifact.content_sha256(), metrics["evaluation_key"])
+    db.close()
     assert stored["perplexity"] == metrics["perplexity"]
     assert stored["settings"]["ctx"] == 128 and stored["machine"]["cores"] >= 1
+    assert "evaluations" not in json.loads((artifact.path / "edgequant.json").read_text())  # the artifact is not rewritten
 
 
 def test_per_token_scores_are_the_ones_behind_the_figures(tiny_model):
@@ -140,3 +144,27 @@ def test_a_tokenizer_mismatch_names_the_first_differing_token_and_both_pieces(ti
     with pytest.raises(EdgequantError, match="disagrees") as err:
         edgequant.evaluate(other, baseline=tiny_model, config=EvalConfig(ctx=64, windows=1, speed=False))
     assert "first difference at token 0" in err.value.problem and "▁" in err.value.problem
+
+
+def test_two_processes_evaluating_one_artifact_both_keep_their_result(tiny_model):
+    """Two real `edgequant eval` processes on one artifact at once: both succeed, the results
+    store holds both evaluations, and the artifact's files are byte for byte what conversion wrote."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    artifact = edgequant.convert(tiny_model, "gguf:q4_0")
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in artifact.path.rglob("*") if p.is_file()}
+    command = [sys.executable, "-m", "edgequant", "eval", str(artifact.path), "--ctx", "64", "--windows", "3", "--no-speed", "--json"]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err for _, err in outputs]
+    keys = {json.loads(out)["evaluation_key"] for out, _ in outputs}
+    db = ResultsDB.open()
+    stored = db.conn.execute("SELECT COUNT(*) FROM stored_evaluations WHERE artifact_sha256 = ? AND settings_key = ?",
+                             (artifact.content_sha256(), keys.pop())).fetchone()[0]
+    db.close()
+    assert stored == 2 and not keys
+    assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in artifact.path.rglob("*") if p.is_file()}

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.unit
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = {
     "base": ["edgequant", "edgequant.errors", "edgequant.atomic", "edgequant.paths", "edgequant.progress",
-             "edgequant.fingerprint", "edgequant.safetensors_info", "edgequant.logprobs", "edgequant.intervals",
+             "edgequant.fingerprint", "edgequant.safetensors_info", "edgequant.logprobs", "edgequant.intervals", "edgequant.metric_table",
              "edgequant.auto_tokenizer"],
     "model": ["edgequant.spec", "edgequant.artifact", "edgequant.runner", "edgequant.backend", "edgequant.source",
               "edgequant.gguf_import", "edgequant.evaldata", "edgequant.hardware", "edgequant.gates"],

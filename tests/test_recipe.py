@@ -4,6 +4,7 @@ and resumable: a run killed with SIGKILL and run again redoes no finished step."
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -84,15 +85,17 @@ def test_a_recipe_killed_mid_run_resumes_without_redoing_finished_steps(tiny_mod
 
 
 def _wait_for_an_evaluated_artifact(home: Path, process: subprocess.Popen, timeout: float = 300) -> Path:
-    """The manifest of the first artifact that holds an evaluation, as soon as there is one."""
+    """The manifest of the first artifact the results store holds an evaluation of, as soon as there is one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for manifest in home.glob("artifacts/*/*/edgequant.json"):
-            try:
-                if json.loads(manifest.read_text()).get("evaluations"):
-                    return manifest
-            except ValueError:
-                continue  # being replaced right now
+        if (home / "results.sqlite").is_file():
+            with sqlite3.connect(f"file:{home / 'results.sqlite'}?mode=ro", uri=True, timeout=10) as conn:
+                try:
+                    found = conn.execute("SELECT artifact_path FROM stored_evaluations LIMIT 1").fetchone()
+                except sqlite3.OperationalError:
+                    found = None  # the schema is being created right now
+            if found:
+                return Path(found[0]) / "edgequant.json"
         if process.poll() is not None:
             pytest.fail(f"the run ended (exit {process.returncode}) before any artifact was evaluated")
         time.sleep(0.02)

@@ -4,7 +4,7 @@ import sqlite3
 
 import pytest
 
-from edgequant.results import INTERVAL_COLUMNS, METRIC_COLUMNS, ResultsDB
+from edgequant.results import ResultsDB, metric_columns
 
 pytestmark = pytest.mark.unit
 
@@ -22,6 +22,10 @@ def test_intervals_are_stored_as_columns(tmp_path):
     assert (row["kld_mean_lo"], row["top1_hi"]) == (0.009, 0.96)
 
 
+SCHEMA_1_COLUMNS = ("perplexity", "ppl_increase_pct", "kld_mean", "kld_p99", "top1_agreement", "size_bytes",
+                    "load_s", "peak_rss_mb", "ttft_ms", "prefill_tps", "decode_tps")
+
+
 def test_a_schema_1_database_gains_the_interval_columns_and_keeps_its_rows(tmp_path):
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as conn:
@@ -34,7 +38,7 @@ INSERT INTO runs VALUES (1, 'then', 'm', 'f', '{{}}', '{{}}', '{{}}');
 CREATE TABLE evaluations (id INTEGER PRIMARY KEY, run_id INTEGER REFERENCES runs(id), created TEXT NOT NULL,
     model TEXT NOT NULL, source_fingerprint TEXT NOT NULL, spec TEXT NOT NULL, format TEXT NOT NULL,
     precision TEXT NOT NULL, status TEXT NOT NULL, error TEXT, artifact_path TEXT, artifact_fingerprint TEXT,
-    {", ".join(f"{c} REAL" for c in METRIC_COLUMNS)}, metrics TEXT);
+    {", ".join(f"{c} REAL" for c in SCHEMA_1_COLUMNS)}, metrics TEXT);
 INSERT INTO evaluations (run_id, created, model, source_fingerprint, spec, format, precision, status, kld_mean)
     VALUES (1, 'then', 'm', 'f', 'gguf:q8_0', 'gguf', 'q8_0', 'ok', 0.002);
 """)
@@ -43,5 +47,5 @@ INSERT INTO evaluations (run_id, created, model, source_fingerprint, spec, forma
     db.add(run, "m", "f", "gguf:q4_0", "ok", METRICS)
     old, new = db.query()
     db.close()
-    assert old["kld_mean"] == 0.002 and all(old[c] is None for c, _, _ in INTERVAL_COLUMNS)
+    assert old["kld_mean"] == 0.002 and all(old[c] is None for c, _, end in metric_columns() if end is not None)
     assert new["kld_mean_hi"] == 0.011

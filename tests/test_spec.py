@@ -69,7 +69,7 @@ def test_a_value_is_dropped_only_when_the_precision_would_use_it():
     # the user's choice, not "the default", and must reach the backend.
     for text, block in (("qnn:w4a16?block=64", 64), ("qnn:w8a8?block=64", 64), ("qnn:w4a16", 32), ("qnn:w8a8", 0),
                         ("qnn:w8a16", 64)):
-        assert qnn.option_values(parse_spec(text))["block"] == block, text
+        assert qnn.option_values(parse_spec(text)).block == block, text
     assert str(parse_spec("qnn:w4a16?block=64")) == "qnn:w4a16?block=64"
     assert parse_spec("qnn:w4a16?block=32") == parse_spec("qnn:w4a16")  # the precision's own default: one artifact
     assert parse_spec("qnn:w8a8?block=0") == parse_spec("qnn:w8a8")
@@ -92,7 +92,7 @@ def test_every_value_a_user_gives_is_the_value_the_backend_reads():
                         spec = parse_spec(text)
                     except EdgequantError:  # a rule between options (e.g. needs a data-aware mode)
                         continue
-                    assert backend.option_values(spec)[option.name] == value, text
+                    assert getattr(backend.option_values(spec), option.name) == value, text
                     if value == option.default_for(precision):
                         assert spec == parse_spec(f"{fmt}:{precision}"), text
                     checked += 1

@@ -1,7 +1,8 @@
 """Artifacts: a folder with the model files and `edgequant.json`, the manifest describing them.
 
 The manifest records what was asked (spec), from what (source fingerprint), with which tools, how
-long it took, how big it is, and — once evaluated — the metrics, so an artifact describes itself.
+long it took and how big it is. An artifact is never written again once its conversion renamed it
+into place: its evaluations live in the results store, keyed by `content_sha256` and settings.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgequant.atomic import write_text_atomic
 from edgequant.errors import EdgequantError
 from edgequant.spec import Spec
 
@@ -40,23 +40,17 @@ class Artifact:
     def size_bytes(self) -> int:
         return int(self.manifest["size_bytes"])
 
-    def save_evaluation(self, metrics: dict) -> str:
-        """Store an evaluation's metrics under the key of its settings (text, windows, context,
-        speed settings, baseline): one made with other settings keeps its own entry. Returns the key."""
-        key = evaluation_key(metrics)
-        self.manifest.setdefault("evaluations", {})[key] = metrics
-        self.manifest.pop("metrics", None)  # the single slot of older manifests
-        write_text_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=2))
-        return key
+    def content_sha256(self) -> str:
+        """One hash of every file's path in the folder and its bytes (each file's hash is remembered
+        by path, size and mtime, so this is instant the second time)."""
+        import hashlib
 
+        from edgequant.fingerprint import file_sha256
 
-def evaluation_key(metrics: dict) -> str:
-    """`<windows>x<ctx>-<hash of every setting and the baseline>`, readable and unique per setting."""
-    import hashlib
-
-    settings = metrics["settings"]
-    identity = json.dumps({**settings, "baseline": metrics["baseline"]}, sort_keys=True, default=str)
-    return f"{settings['windows']}x{settings['ctx']}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+        digest = hashlib.sha256()
+        for path in sorted(p for p in self.path.rglob("*") if p.is_file()):
+            digest.update(f"{path.relative_to(self.path).as_posix()}\0{file_sha256(path)}\n".encode())
+        return digest.hexdigest()
 
 
 def is_artifact(path: Path) -> bool:

@@ -16,6 +16,8 @@ the `edgequant.backends` entry-point group (see `edgequant.registry`).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from pathlib import Path
@@ -110,7 +112,7 @@ class Backend:
         """`spec` with option `name` at each choice next to its current one (the option's
         `choices` in their declared order): the usual neighbours of a group or block size."""
         choices = self.options[name].choices
-        at = choices.index(self.option_values(spec)[name])
+        at = choices.index(getattr(self.option_values(spec), name))
         return [spec.with_options(**{name: c}) for c in choices[max(at - 1, 0):at + 2] if c != choices[at]]
 
     def speed_is_representative(self) -> bool:
@@ -152,14 +154,23 @@ class Backend:
         factor, fixed_gb = self.conversion_peak
         return int(factor * 2 * parameters + fixed_gb * 1e9)
 
-    def option_values(self, spec: "Spec") -> dict[str, Any]:
-        """Every option of this backend, as the spec gives it or at the default its precision uses."""
-        return {name: spec.options.get(name, option.default_for(spec.precision)) for name, option in self.options.items()}
+    def option_values(self, spec: "Spec") -> Any:
+        """Every option of this backend as a frozen record with one typed field per option
+        (`opt.group`), as the spec gives it or at the default its precision uses: a misspelt
+        option name fails where it is read, not silently as a missing key."""
+        values = {name: spec.options.get(name, option.default_for(spec.precision)) for name, option in self.options.items()}
+        return _options_record(type(self).__name__, tuple((name, option.kind) for name, option in self.options.items()))(**values)
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         """Estimated artifact size: 2-D weights at the precision's bpw, the rest in float32."""
         bpw = self.precisions[precision].bpw
         return int(sum(t.numel * (bpw if len(t.shape) >= 2 else 32.0) for t in tensors) / 8)
+
+
+@functools.lru_cache(maxsize=None)
+def _options_record(backend: str, fields: tuple[tuple[str, type], ...]) -> type:
+    """The frozen dataclass of a backend's options (made once per backend and option set)."""
+    return dataclasses.make_dataclass(f"{backend}Options", list(fields), frozen=True)
 
 
 def _importable(module: str) -> bool:

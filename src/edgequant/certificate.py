@@ -16,6 +16,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from edgequant import metric_table
 from edgequant.errors import EdgequantError
 
 CERTIFICATE = "certificate.json"
@@ -23,15 +24,15 @@ PAGE = "certificate.html"
 MODEL_FOLDER = "model"
 KIND = "edgequant-certificate"
 VERSION = 1
-UNCERTIFIED = ("edgequant.json",)  # rewritten by each evaluation
 
 
-def hash_folder(folder: Path) -> dict[str, dict]:
-    """Every certified file under `folder`, by relative path: its sha256 and size."""
+def hash_folder(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Every file under `folder` (the manifest included: artifacts are never rewritten), by
+    relative path: its sha256 and size. `skip`: names an older certificate left out."""
     from edgequant.fingerprint import fresh_sha256
 
     return {str(p.relative_to(folder)): {"sha256": fresh_sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in UNCERTIFIED}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
 
 
 def check_output(out: Path) -> None:
@@ -73,8 +74,7 @@ def build_certificate(result: dict, model_dir: Path, source) -> dict:
         "kind": KIND, "version": VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "verdict": "pass" if winner["passes"] else "fail",
         "spec": result["winner"], "model": result["model"],
-        "artifact": {"folder": MODEL_FOLDER, "files": hash_folder(model_dir), "not_certified": list(UNCERTIFIED),
-                     "why_not_certified": "the manifest gains an entry with every evaluation; the model bytes are certified",
+        "artifact": {"folder": MODEL_FOLDER, "files": hash_folder(model_dir), "not_certified": [],
                      "built": artifact.manifest.get("created"), "details": artifact.manifest.get("details", {}),
                      "limitations": artifact.manifest.get("limitations", [])},
         "source": {"path": result["source"], "fingerprint": result["source_fingerprint"], "files": _source_files(source)},
@@ -100,11 +100,11 @@ def _source_files(source) -> dict[str, str]:
 
 
 def _brief(c: dict) -> dict:
+    """A candidate's line: its state and every figure of the metric table it has."""
     f = c.get("figures") or {}
     return {"spec": c["spec"], "status": c["status"], "passes": c["passes"], "pareto": c["pareto"], "origin": c["origin"],
             "size_mb": round(f["size_bytes"] / 1e6, 2) if f.get("size_bytes") else None,
-            "kld_mean": f.get("kld_mean"), "ppl_increase_pct": f.get("ppl_increase_pct"),
-            "decode_tps": f.get("decode_tps"), "peak_rss_mb": f.get("peak_rss_mb"), "reason": c.get("reason")}
+            **{m.key: f.get(m.key) for m in metric_table.measured()}, "reason": c.get("reason")}
 
 
 def read_certificate(path: Path) -> dict:
@@ -130,7 +130,7 @@ def verify(certificate_path: Path, artifact: Path) -> dict:
     if not folder.is_dir():
         raise EdgequantError(f"{folder} is not a folder", "pass the artifact folder the certificate names (its model/ folder)")
     expected = certificate["artifact"]["files"]
-    found = hash_folder(folder)
+    found = hash_folder(folder, skip=tuple(certificate["artifact"].get("not_certified", ())))  # older certificates left the manifest out
     files = []
     for name in sorted(set(expected) | set(found)):
         want, got = expected.get(name), found.get(name)
@@ -157,11 +157,14 @@ def render_html(c: dict) -> str:
         f"<td class=\"{e(v['verdict'].split()[0])}\">{e(v['verdict'])}</td><td>{e(v.get('stand_in', ''))}</td></tr>"
         for v in c["gates"])
     figures = "".join(f"<tr><td>{e(k)}</td><td>{e(json.dumps(v))}</td></tr>" for k, v in {**c["figures"], **c["derived"]}.items())
+    columns = [m for m in metric_table.TABLE if m.in_report and not m.derived
+               and any(x.get(m.key) is not None for x in c["candidates"])]
     candidates = "".join(
         f"<tr class=\"candidate\"><td><code>{e(x['spec'])}</code></td><td>{e(x['origin'])}</td><td>{e(x['status'])}</td>"
-        f"<td>{_num(x['size_mb'])}</td><td>{_num(x['kld_mean'])}</td><td>{_num(x['ppl_increase_pct'])}</td>"
-        f"<td>{_num(x['decode_tps'])}</td><td>{'yes' if x['passes'] else 'no'}</td><td>{'yes' if x['pareto'] else ''}</td>"
+        + "".join(f"<td>{'' if x.get(m.key) is None else e(m.show(x[m.key]))}</td>" for m in columns)
+        + f"<td>{'yes' if x['passes'] else 'no'}</td><td>{'yes' if x['pareto'] else ''}</td>"
         f"<td>{e(x['reason'] or '')}</td></tr>" for x in c["candidates"])
+    candidate_head = "".join(f"<th>{e(m.label)}</th>" for m in columns)
     hashes = "".join(f"<tr class=\"hash\"><td><code>{e(name)}</code></td><td><code>{e(h['sha256'])}</code></td><td>{h['bytes']}</td></tr>"
                      for name, h in c["artifact"]["files"].items())
     sources = "".join(f"<tr><td><code>{e(name)}</code></td><td><code>{e(h)}</code></td></tr>" for name, h in c["source"]["files"].items())
@@ -181,13 +184,12 @@ def render_html(c: dict) -> str:
 <tbody>{gates}</tbody></table>
 <h2>Pareto front</h2>
 {_chart(c['candidates'], c['spec'])}
-<table id="candidates"><thead><tr><th>spec</th><th>origin</th><th>status</th><th>MB</th><th>KLD</th><th>ppl +%</th>
-<th>decode tok/s</th><th>passes</th><th>front</th><th>note</th></tr></thead><tbody>{candidates}</tbody></table>
+<table id="candidates"><thead><tr><th>spec</th><th>origin</th><th>status</th>{candidate_head}
+<th>passes</th><th>front</th><th>note</th></tr></thead><tbody>{candidates}</tbody></table>
 <h2>Figures of the winner</h2><table id="figures"><tbody>{figures}</tbody></table>
 <h2>Artifact files (sha256)</h2>
 <table id="hashes"><thead><tr><th>file</th><th>sha256</th><th>bytes</th></tr></thead><tbody>{hashes}</tbody></table>
-<p>Not certified: {e(', '.join(c['artifact']['not_certified']))} ({e(c['artifact']['why_not_certified'])}).
-Check a copy with <code>edgequant verify certificate.json FOLDER</code>.</p>
+<p>Every file is certified, the manifest included. Check a copy with <code>edgequant verify certificate.json FOLDER</code>.</p>
 <h2>Source</h2><p>{e(c['source']['path'])}, fingerprint <code>{e(c['source']['fingerprint'])}</code></p>
 <table id="source"><tbody>{sources}</tbody></table>
 <h2>Evaluation</h2><p><code>{e(json.dumps(c['evaluation']))}</code></p>
@@ -204,10 +206,6 @@ def _value(v: dict) -> str:
     if value is None:
         return "-"
     return f"{value / 1e6:.2f} MB" if v["gate"].startswith("size") else f"{value:.4g}"
-
-
-def _num(x) -> str:
-    return "" if x is None else f"{x:.4g}"
 
 
 def _chart(candidates: list[dict], winner: str) -> str:

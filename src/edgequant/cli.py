@@ -55,8 +55,9 @@ def _add_optimize(sub) -> None:
                    help="e.g. kld<=0.05, ppl_increase<=5%%, ppl_change<=5%%, top1>=0.9, size<=120MB, peak_rss<=400MB, "
                         "speedup>=2, ttft<=300ms; repeat it (default: ppl_change<=5%% kld<=0.1 speedup>=2 "
                         "memory_reduction>=50%%)")
-    p.add_argument("--objective", default="size", choices=("size", "speed", "quality"),
-                   help="what the winner is best at among those that pass (default: size)")
+    p.add_argument("--objective", default="size", metavar="FIGURE",
+                   help="what the winner is best at among those that pass: size, speed, quality (KLD) or a gate's "
+                        "figure such as top1 or ttft (default: size)")
     p.add_argument("--budget", type=int, default=20, help="evaluations at most, neighbours included (default 20)")
     p.add_argument("--no-search", action="store_true", help="measure the candidates only, not their neighbours")
     p.add_argument("-o", "--output", type=Path, default=Path("edgequant-optimized"),

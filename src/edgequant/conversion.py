@@ -136,5 +136,4 @@ def _manifest(source, spec: Spec, backend, info: dict, folder: Path, seconds: fl
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "details": {k: v for k, v in info.items() if k not in ("model_file", "timings")},
         "limitations": backend.limitations(source),
-        "evaluations": {},  # metrics by evaluation settings (Artifact.save_evaluation)
     }

@@ -77,8 +77,9 @@ class Windows:
 def evaluate(target: str | Path | None = None, baseline: str | Path | None = None, config: EvalConfig | None = None,
              reuse: bool = False) -> dict:
     """Evaluate an artifact (or a source model) against its baseline; returns the metrics. With
-    `reuse`, an evaluation the artifact's manifest already holds for the same settings, text and
-    baseline is returned as it is (its "cached" key says so) instead of being measured again."""
+    `reuse`, an evaluation of the same artifact bytes with the same settings, text and baseline,
+    found in the results store, is returned as it is (its "cached" key says so) instead of being
+    measured again."""
     return _evaluate(target, baseline, config, reuse)[0]
 
 
@@ -123,12 +124,12 @@ def _evaluate(target, baseline, config: EvalConfig | None, reuse: bool) -> tuple
     metrics["settings"] = settings
     metrics["machine"] = machine_info()
     if resolved.artifact is not None:
-        metrics["evaluation_key"] = resolved.artifact.save_evaluation(metrics)
+        metrics["evaluation_key"] = _store(resolved.artifact, metrics)
     return metrics, scores
 
 
 def stored_evaluation(target: str | Path, config: EvalConfig) -> dict | None:
-    """The evaluation an artifact's manifest holds for these settings, text and baseline, if any."""
+    """The stored evaluation of the artifact's bytes with these settings, text and baseline, if any."""
     from edgequant.runner import default_threads
     from edgequant.source import load_source
 
@@ -144,13 +145,39 @@ def _settings(config: EvalConfig, threads: int, text: str, data_name: str) -> di
     return {**asdict(config), "data": data_name, "data_sha256": hashlib.sha256(text.encode()).hexdigest(), "threads": threads}
 
 
+def evaluation_key(metrics: dict) -> str:
+    """`<windows>x<ctx>-<hash of every setting and the baseline>`, readable and unique per setting."""
+    settings = metrics["settings"]
+    identity = json.dumps({**settings, "baseline": metrics["baseline"]}, sort_keys=True, default=str)
+    return f"{settings['windows']}x{settings['ctx']}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+
+
 def _stored(resolved: Target, source, settings: dict) -> dict | None:
-    from edgequant.artifact import evaluation_key
+    from edgequant.results import ResultsDB
 
     if resolved.artifact is None:
         return None
-    key = evaluation_key({"settings": settings, "baseline": str(source.path)})
-    return resolved.artifact.manifest.get("evaluations", {}).get(key)
+    db = ResultsDB.open()
+    try:
+        return db.find_evaluation(resolved.artifact.content_sha256(),
+                                  evaluation_key({"settings": settings, "baseline": str(source.path)}))
+    finally:
+        db.close()
+
+
+def _store(artifact, metrics: dict) -> str:
+    """Add the evaluation to the results store under the artifact's content and the settings; the
+    artifact folder itself is not touched. Returns the settings' key."""
+    from edgequant.results import ResultsDB
+
+    key = evaluation_key(metrics)
+    db = ResultsDB.open()
+    try:
+        db.save_evaluation(artifact.content_sha256(), key, artifact.manifest.get("spec_text", ""), str(artifact.path),
+                           {**metrics, "evaluation_key": key})
+    finally:
+        db.close()
+    return key
 
 
 def _speed_prompts(windows: Windows, length: int, count: int) -> list[list[int]]:

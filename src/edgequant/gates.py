@@ -18,7 +18,9 @@ import operator
 import re
 from dataclasses import dataclass
 
+from edgequant import metric_table
 from edgequant.errors import EdgequantError
+from edgequant.metric_table import BYTE_UNITS, Metric
 
 # The production-readiness defaults: perplexity within 5% of the baseline's in either direction,
 # output distributions close to the baseline's, at least twice its decode speed, at least half its
@@ -29,31 +31,7 @@ from edgequant.errors import EdgequantError
 DEFAULT_GATES = ("ppl_change<=5%", "kld<=0.1", "speedup>=2", "memory_reduction>=50%")
 
 
-@dataclass(frozen=True)
-class Metric:
-    key: str  # the evaluation's metric (or a derived one)
-    unit: str  # the unit values are written in
-    interval: str | None = None  # the key of its 95% interval in metrics["ci95"], for quality figures
-    what: str = ""
-
-
-METRICS = {
-    "kld": Metric("kld_mean", "", "kld_mean", "mean KL divergence to the baseline"),
-    "ppl_increase": Metric("ppl_increase_pct", "%", "ppl_increase_pct", "perplexity increase over the baseline"),
-    "ppl_change": Metric("ppl_change_pct", "%", "ppl_change_pct", "perplexity change from the baseline, either way"),
-    "top1": Metric("top1_agreement", "", "top1_agreement", "top-1 agreement with the baseline"),
-    "size": Metric("size_bytes", "B", None, "artifact size on disk"),
-    "peak_rss": Metric("peak_rss_mb", "MB", None, "peak resident memory while generating"),
-    "speedup": Metric("speedup", "x", None, "decode tokens/s over the fp32 baseline's, same run"),
-    "memory_reduction": Metric("memory_reduction_pct", "%", None, "peak memory saved against the fp32 baseline"),
-    "ttft": Metric("ttft_ms", "ms", None, "time to first token (median)"),
-}
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
-BYTE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-# Per metric, the units a gate may be written in and the factor to the metric's own unit.
-_UNITS = {"size": BYTE_UNITS,
-          "peak_rss": {"": 1, "mb": 1, "gb": 1000}, "ttft": {"": 1, "ms": 1, "s": 1000},
-          "ppl_increase": {"": 1, "%": 1}, "ppl_change": {"": 1, "%": 1}, "memory_reduction": {"": 1, "%": 1}, "speedup": {"": 1, "x": 1}}
 _PATTERN = re.compile(r"^\s*([a-z_0-9]+)\s*(<=|>=|<|>)\s*([0-9]*\.?[0-9]+)\s*([a-z%]*)\s*$", re.IGNORECASE)
 
 
@@ -66,21 +44,21 @@ class Gate:
 
     @property
     def metric(self) -> Metric:
-        return METRICS[self.name]
+        return metric_table.gateable()[self.name]
 
 
 def parse_gate(text: str) -> Gate:
     """One gate, e.g. `size<=120MB`; an error shows where the text went wrong."""
-    found = _PATTERN.match(text)
+    found, known = _PATTERN.match(text), metric_table.gateable()
     if not found:
         raise EdgequantError(f"gate {text!r} does not parse: expected METRIC OP NUMBER[UNIT], e.g. kld<=0.05",
-                             f"metrics: {', '.join(METRICS)}; operators: <=, >=, <, >")
+                             f"metrics: {', '.join(known)}; operators: <=, >=, <, >")
     name, op, number, unit = found.group(1).lower(), found.group(2), float(found.group(3)), found.group(4).lower()
-    if name not in METRICS:
-        raise EdgequantError(f"gate {text!r}: unknown metric {name!r}", f"use one of: {', '.join(METRICS)}")
-    units = _UNITS.get(name, {"": 1})
+    if name not in known:
+        raise EdgequantError(f"gate {text!r}: unknown metric {name!r}", f"use one of: {', '.join(known)}")
+    units = known[name].gate_units
     if unit not in units:
-        raise EdgequantError(f"gate {text!r}: {unit!r} is not a unit of {name} ({METRICS[name].what})",
+        raise EdgequantError(f"gate {text!r}: {unit!r} is not a unit of {name} ({known[name].what})",
                              f"write it in {' or '.join(u or 'no unit' for u in units)}")
     return Gate(name, op, number * units[unit], text.strip())
 
@@ -158,7 +136,7 @@ def check(gate: Gate, metrics: dict) -> dict:
     if value is None:
         return {"gate": gate.text, "verdict": "not measured", "value": None}
     compare = _OPS[gate.op]
-    interval = (metrics.get("ci95") or {}).get(metric.interval) if metric.interval else None
+    interval = (metrics.get("ci95") or {}).get(metric.key) if metric.interval else None
     if interval:
         low, high = interval
         passes = [compare(low, gate.value), compare(high, gate.value)]

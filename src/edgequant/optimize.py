@@ -5,8 +5,9 @@
 2. Candidates: the profile's specs, the built-in specs of its formats, and specs that build
    themselves to the size gate's budget (a per-tensor GGUF mix). A candidate whose expected size is
    far over a size gate is not built; one whose engine is missing here is listed with its extra.
-3. Each candidate is converted (cached) and evaluated (cached per settings in its manifest); the
-   fp32 baseline's speed and memory are measured in this run, for `speedup` and `memory_reduction`.
+3. Each candidate is converted (cached) and evaluated (cached in the results store by the
+   artifact's content and the settings); the fp32 baseline's speed and memory are measured in
+   this run, for `speedup` and `memory_reduction`.
 4. Closed loop: the neighbours of the best two candidates (`Backend.neighbours`: another group
    size, an importance matrix, sensitive layers at 8 bit) are measured while the budget of
    evaluations lasts; each neighbour says whether it measured better than its parent.
@@ -20,19 +21,24 @@ the artifact size: the output says which figures are such stand-ins and why.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgequant import metric_table
 from edgequant.benchmark import DEFAULT_EVAL, eval_config_for, tool_versions
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import EvalConfig
 from edgequant.gates import DEFAULT_GATES, Gate, check, derived_metrics, parse_gates, source_check, verdict_words
+from edgequant.metric_table import Metric
 from edgequant.progress import note
 from edgequant.recommend import RUNTIME_OVERHEAD_MB
 from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec, parse_specs
 
-OBJECTIVES = ("size", "speed", "quality")
+# An objective is a gateable figure of the metric table (the best passing candidate by it wins),
+# or one of these names for the usual three.
+OBJECTIVE_NAMES = {"size": "size", "speed": "decode_tps", "quality": "kld"}
 DEFAULT_BUDGET = 20  # evaluations, neighbours included
 EXPANDED_PER_ROUND = 2  # how many of the best candidates have their neighbours tried each round
 # A candidate is built only if its expected size is within this factor of a size gate: the
@@ -41,8 +47,6 @@ SIZE_ESTIMATE_SLACK = 1.25
 # Seconds the baseline's speed probe and a cached candidate's check take, for plan()'s estimate.
 BASELINE_SECONDS = 60.0
 CACHED_SECONDS = 3.0
-SPEED_GATES = ("speedup", "ttft")
-MEMORY_GATES = ("peak_rss", "memory_reduction")
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,7 @@ class OptimizeConfig:
     db: Path | None = None
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise EdgequantError(f"unknown objective {self.objective!r}", f"use one of: {', '.join(OBJECTIVES)}")
+        objective_metric(self.objective)  # refuses an unknown one
         if self.budget < 1:
             raise EdgequantError(f"--budget {self.budget} must be at least 1 evaluation", "pass e.g. --budget 20")
 
@@ -117,7 +120,7 @@ def optimize(config: OptimizeConfig) -> dict:
     _check_something_runs(candidates, profile)
     path.append(f"gates: {', '.join(g.text for g in gates)}" + ("" if config.gates else " (the defaults: perplexity within 5% of "
                 "the baseline's either way and KLD at most 0.1, at least 2x its decode speed, at least 50% less memory)"))
-    path.append(f"objective: {config.objective} ({_OBJECTIVE_WORDS[config.objective]})")
+    path.append(f"objective: {config.objective} ({_objective_words(config.objective)})")
     if not here:
         path.append(f"{profile.name} is not this machine: quality is measured here for real; speed gates are skipped and "
                     f"peak memory is estimated as artifact size + {RUNTIME_OVERHEAD_MB:.0f} MB (stand-ins)")
@@ -178,9 +181,23 @@ def plan(config: OptimizeConfig) -> dict:
             "estimated_s": round(seconds + extra * average), "estimate_basis": "each backend's bench_seconds for what is not "
             "cached, the neighbours at their average (a gguf:auto mix's first search takes ~3 minutes more)"}
 
-_OBJECTIVE_WORDS = {"size": "the smallest artifact that passes every gate",
-                    "speed": "the fastest decode among those that pass every gate",
-                    "quality": "the lowest KL divergence among those that pass every gate"}
+def objective_metric(objective: str) -> Metric:
+    """The figure an objective ranks by: `size`, `speed` (decode tokens/s), `quality` (KLD), or a
+    gate's name from the metric table (`top1`, `ttft`, ...)."""
+    known = {m.gate: m for m in metric_table.TABLE if m.gate} | {m.key: m for m in metric_table.TABLE}
+    found = known.get(OBJECTIVE_NAMES.get(objective, objective))
+    if found is None:
+        names = [*OBJECTIVE_NAMES, *(m.gate for m in metric_table.TABLE if m.gate and not m.derived)]
+        raise EdgequantError(f"unknown objective {objective!r}", f"use one of: {', '.join(dict.fromkeys(names))}")
+    if found.derived:
+        raise EdgequantError(f"objective {objective!r} is relative to the baseline, so it ranks like the figure it comes from",
+                             "use speed for speedup, peak_rss for memory_reduction, ppl_increase for ppl_change")
+    return found
+
+
+def _objective_words(objective: str) -> str:
+    metric = objective_metric(objective)
+    return f"the {'lowest' if metric.lower_is_better else 'highest'} {metric.what} among those that pass every gate"
 
 
 def _initial_candidates(config: OptimizeConfig, profile, source, gates: list[Gate]) -> list[Candidate]:
@@ -206,7 +223,7 @@ def _initial_candidates(config: OptimizeConfig, profile, source, gates: list[Gat
 def spec_key(text: str) -> tuple:
     """Specs that build the same artifact (an option at its default written or not) share a key."""
     spec = parse_spec(text)
-    values = get_backend(spec.format).option_values(spec)
+    values = dataclasses.asdict(get_backend(spec.format).option_values(spec))
     return spec.format, spec.precision, tuple(sorted((k, str(v)) for k, v in values.items()))
 
 
@@ -309,18 +326,19 @@ def _figures(ctx: Context, metrics: dict) -> dict:
     """The figures gates read; off the target, peak memory is estimated from size for both sides."""
     if ctx.runs_here:
         return derived_metrics(metrics, ctx.baseline)
-    estimate = {k: metrics[k] for k in ("size_bytes", "ci95", "kld_mean", "ppl_increase_pct", "top1_agreement")}
+    kept = [m.key for m in metric_table.measured((metric_table.QUALITY, metric_table.SIZE))] + ["ci95"]
+    estimate = {k: metrics[k] for k in kept if k in metrics}
     estimate["peak_rss_mb"] = metrics["size_bytes"] / 1e6 + RUNTIME_OVERHEAD_MB
     base = {"peak_rss_mb": ctx.baseline["size_bytes"] / 1e6 + RUNTIME_OVERHEAD_MB}
     return derived_metrics(estimate, base)
 
 
 def _verdict(ctx: Context, spec_text: str, gate: Gate, figures: dict) -> dict:
-    if gate.name in SPEED_GATES and _speed_stands_in(ctx, spec_text):
+    if gate.metric.kind == metric_table.SPEED and _speed_stands_in(ctx, spec_text):
         return {"gate": gate.text, "verdict": "skipped", "value": None,
                 "stand_in": "speed measured here is not the target's (the engine runs through a stand-in)"}
     verdict = check(gate, figures)
-    if gate.name in MEMORY_GATES and not ctx.runs_here:
+    if gate.metric.kind == metric_table.MEMORY and not ctx.runs_here:
         verdict["stand_in"] = f"estimated: artifact size + {RUNTIME_OVERHEAD_MB:.0f} MB runtime, not measured on the target"
     return verdict
 
@@ -328,9 +346,10 @@ def _verdict(ctx: Context, spec_text: str, gate: Gate, figures: dict) -> dict:
 # -- ranking and the closed loop ---------------------------------------------------------------
 
 def _objective_key(objective: str, c: Candidate) -> tuple:
+    """The objective's figure, best first; ties go to the lower KLD, then the smaller artifact."""
     m = c.metrics or c.figures  # a candidate too big to evaluate has only its size
-    kld, size = m.get("kld_mean", float("inf")), m.get("size_bytes", float("inf"))
-    return {"size": (size, kld), "speed": (-(m.get("decode_tps") or 0.0), kld), "quality": (kld, size)}[objective]
+    return tuple(metric.order(m.get(metric.key)) for metric in
+                 (objective_metric(objective), metric_table.by_key("kld_mean"), metric_table.by_key("size_bytes")))
 
 
 def _shortfall(c: Candidate) -> tuple[int, float]:
@@ -417,7 +436,7 @@ def _why(ctx: Context, winner: Candidate, candidates: list[Candidate], front: li
     words = [f"it passes every gate ({', '.join(v['gate'] for v in winner.verdicts if v['verdict'] == 'pass')})"
              + (f"; skipped as stand-ins: {', '.join(v['gate'] for v in winner.verdicts if v['verdict'] == 'skipped')}"
                 if any(v["verdict"] == "skipped" for v in winner.verdicts) else "")]
-    words.append(f"of the {len(passing)} candidates that pass, it is {_BEST_WORDS[ctx.config.objective]} "
+    words.append(f"of the {len(passing)} candidates that pass, it is the best by {objective_metric(ctx.config.objective).what} "
                  f"({_objective_figure(ctx.config.objective, winner)})")
     if len(passing) > 1:
         runner_up = passing[1]
@@ -428,30 +447,29 @@ def _why(ctx: Context, winner: Candidate, candidates: list[Candidate], front: li
     return words
 
 
-_BEST_WORDS = {"size": "the smallest", "speed": "the fastest to decode", "quality": "the closest to the baseline (KLD)"}
-
-
 def _distinguishable(objective: str, winner: Candidate, runner_up: Candidate) -> str:
-    """Where the objective's figure has an interval (KLD; decode speed's range over repeats),
-    whether the winner's and the runner-up's overlap."""
+    """Where the objective's figure has a 95% interval (quality) or a range over the timed repeats
+    (decode speed), whether the winner's and the runner-up's overlap."""
     from edgequant.intervals import compare
 
-    key = {"quality": ("ci95", "kld_mean"), "speed": (None, "decode_tps_range")}.get(objective)
-    if key is None:
+    metric = objective_metric(objective)
+    if metric.interval:
+        what, pick = "95% intervals", lambda m: (m.get("ci95") or {}).get(metric.key)
+    elif metric.spread:
+        what, pick = "ranges over the timed repeats", lambda m: m.get(metric.spread)
+    else:
         return ""
-    pick = (lambda m: (m.get("ci95") or {}).get(key[1])) if key[0] else (lambda m: m.get(key[1]))
     a, b = pick(winner.metrics), pick(runner_up.metrics)
     if not a or not b:
         return ""
-    what = "95% intervals" if objective == "quality" else "ranges over the timed repeats"
     return (f"; not distinguishable from the winner's (their {what} overlap)" if compare(a, b) == "not distinguishable"
             else f"; the {what} do not overlap")
 
 
 def _objective_figure(objective: str, c: Candidate) -> str:
-    m = c.metrics
-    return {"size": f"{m['size_bytes'] / 1e6:.1f} MB", "speed": f"{m.get('decode_tps') or 0:.1f} tokens/s decode",
-            "quality": f"KLD {m['kld_mean']:.4g}"}[objective]
+    metric = objective_metric(objective)
+    value = (c.metrics or {}).get(metric.key)
+    return f"{metric.label} {metric.show(value)}" if value is not None else f"{metric.label} not measured"
 
 
 def _result(ctx: Context, profile, candidates: list[Candidate], winner: Candidate | None, path: list[str],
@@ -459,7 +477,7 @@ def _result(ctx: Context, profile, candidates: list[Candidate], winner: Candidat
     front = _front(ctx, candidates)
     order = ranked(ctx.config.objective, candidates)
     if winner is not None:
-        path.append(f"chosen: {winner.spec}, {_OBJECTIVE_WORDS[ctx.config.objective]}")
+        path.append(f"chosen: {winner.spec}, {_objective_words(ctx.config.objective)}")
     elif order:
         closest = order[0]
         path.append(f"no candidate passes every gate; the closest is {closest.spec}: {missed_words(closest.verdicts)}")
@@ -486,9 +504,7 @@ def missed_words(verdicts: list[dict]) -> str:
 
 
 def _figures_json(m: dict) -> dict:
-    keys = ("size_bytes", "kld_mean", "kld_p99", "ppl_increase_pct", "top1_agreement", "perplexity", "decode_tps",
-            "decode_tps_range", "prefill_tps", "ttft_ms", "peak_rss_mb", "ci95", "arithmetic")
-    return {k: m.get(k) for k in keys if m.get(k) is not None}
+    return metric_table.figures(m, extra=("decode_tps_range", "arithmetic"))
 
 
 def _candidate_json(c: Candidate, on_front: bool) -> dict:
@@ -497,5 +513,5 @@ def _candidate_json(c: Candidate, on_front: bool) -> dict:
            "better_than_parent": c.better_than_parent}
     if c.metrics:
         out["figures"] = _figures_json(c.metrics)
-        out["derived"] = {k: round(c.figures[k], 3) for k in ("speedup", "memory_reduction_pct") if k in c.figures}
+        out["derived"] = {m.key: round(c.figures[m.key], 3) for m in metric_table.TABLE if m.derived and m.key in c.figures}
     return out

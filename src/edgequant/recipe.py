@@ -127,7 +127,7 @@ def _check_meaning(recipe: Recipe) -> None:
     """Specs, gates, profile, objective and files: everything that would fail later, found now."""
     from edgequant.gates import parse_gate, parse_gates
     from edgequant.hardware import get_profile
-    from edgequant.optimize import OBJECTIVES
+    from edgequant.optimize import objective_metric
     from edgequant.registry import parse_specs
 
     data = recipe.data
@@ -145,8 +145,10 @@ def _check_meaning(recipe: Recipe) -> None:
     if data.get("specs") == []:
         raise recipe.error("specs", "the list is empty", "list at least one spec, or drop specs: to use the profile's")
     objective = data.get("search", {}).get("objective", "size")
-    if objective not in OBJECTIVES:
-        raise recipe.error("search.objective", f"unknown objective {objective!r}", f"use one of: {', '.join(OBJECTIVES)}")
+    try:
+        objective_metric(objective)
+    except EdgequantError as exc:
+        raise recipe.error("search.objective", exc.problem, exc.fix) from None
     if data.get("search", {}).get("budget", 1) < 1:
         raise recipe.error("search.budget", "must be at least 1", "give the most evaluations to spend, e.g. 20")
     for field in ("source", "eval.data"):

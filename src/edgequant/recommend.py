@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgequant import metric_table
 from edgequant.errors import EdgequantError
 from edgequant.gates import Gate, check, derived_metrics, parse_gate, source_check, verdict_words
 from edgequant.hardware import Profile, closest, detect, get_profile
@@ -182,8 +183,7 @@ def _closest(candidates: list[Candidate]) -> Candidate:
 
 
 def _as_json(c: Candidate) -> dict:
-    figures = {k: c.measured.get(k) for k in ("kld_mean", "ppl_increase_pct", "top1_agreement", "decode_tps",
-                                              "peak_rss_mb", "ci95")} if c.measured else None
+    figures = metric_table.figures(c.measured) if c.measured else None
     size = (c.measured or {}).get("size_bytes") or c.expected_size_bytes
     return {"spec": c.spec, "format": c.format, "installed_here": c.installed, "too_large_here": c.too_large_here or None,
             "size_mb": round(size / 1e6, 1),

@@ -10,7 +10,10 @@ from __future__ import annotations
 import html
 import json
 
+from edgequant import metric_table
+from edgequant.metric_table import Metric
 from edgequant.registry import get_format
+from edgequant.spec import format_and_precision
 
 # A candidate that more than doubles the baseline's perplexity is broken, not a trade-off.
 UNUSABLE_PPL_INCREASE_PCT = 100.0
@@ -45,17 +48,15 @@ def build_report(result) -> dict:
 
 def _row(row, base: dict) -> dict:
     m = row.metrics or {}
-    fmt = row.spec.split(":", 1)[0]
+    fmt = format_and_precision(row.spec)[0]
     out = {"spec": row.spec, "format": fmt, "status": row.status, "error": row.error, "baseline": row.baseline,
            "pareto": False, "seconds": round(row.seconds, 1), "notes": list(row.notes)}
     if row.status == "ok":
+        out.update({metric.key: m.get(metric.key) for metric in metric_table.measured()})
         out.update({
-            "size_mb": round(m["size_bytes"] / 1e6, 2), "perplexity": m["perplexity"], "ppl_increase_pct": m["ppl_increase_pct"],
-            "kld_mean": m["kld_mean"], "kld_p99": m["kld_p99"], "top1_agreement": m["top1_agreement"],
-            "decode_tps": m.get("decode_tps"), "prefill_tps": m.get("prefill_tps"), "ttft_ms": m.get("ttft_ms"),
-            "peak_rss_mb": m.get("peak_rss_mb"), "model_rss_mb": m.get("model_rss_mb"),
-            "interpreter_rss_mb": m.get("interpreter_rss_mb"), "probe_imported": m.get("probe_imported", []),
-            "ci95": m.get("ci95", {}), "decode_tps_range": m.get("decode_tps_range"), "arithmetic": m.get("arithmetic"),
+            "size_mb": round(m["size_bytes"] / 1e6, 2), "interpreter_rss_mb": m.get("interpreter_rss_mb"),
+            "probe_imported": m.get("probe_imported", []), "ci95": m.get("ci95", {}),
+            "decode_tps_range": m.get("decode_tps_range"), "arithmetic": m.get("arithmetic"),
             "size_reduction_pct": round(100 * (1 - m["size_bytes"] / base["size_bytes"]), 1),
             "speedup": round(m["decode_tps"] / base["decode_tps"], 2) if m.get("decode_tps") and base.get("decode_tps") else None,
             "speed_representative": _speed_representative(fmt),
@@ -79,7 +80,7 @@ def _duration(result, rows: list[dict]) -> str:
 def _summary(row: dict) -> dict:
     backend = get_format(row["format"])
     framework, use_case = (backend.display_name or backend.name, backend.use_case) if backend else (row["format"], "")
-    return {"framework": framework, "quantization": row["spec"].split(":", 1)[1], "memory_mb": row["peak_rss_mb"],
+    return {"framework": framework, "quantization": row["spec"].partition(":")[2], "memory_mb": row["peak_rss_mb"],
             "size_mb": row["size_mb"], "size_reduction_vs_fp32_pct": row["size_reduction_pct"],
             "speedup_vs_fp32": row["speedup"], "speed_representative": row["speed_representative"], "use_case": use_case}
 
@@ -151,29 +152,39 @@ def _indistinguishable_notes(rows: list[dict]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- text
 
-_COLUMNS = [("spec", "spec", "{}"), ("size_mb", "size MB", "{:.1f}"), ("perplexity", "ppl", "{:.3f}"),
-            ("ppl_increase_pct", "ppl +% [95%]", "{:+.2f}"), ("kld_mean", "KLD [95%]", "{:.4f}"),
-            ("top1_agreement", "top-1 [95%]", "{:.1%}"), ("decode_tps", "decode tok/s", "{:.1f}"),
-            ("ttft_ms", "TTFT ms", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("model_rss_mb", "model MB", "{:.0f}")]
+def _columns(rows: list[dict]) -> list[Metric]:
+    """The metric table's report figures that some row has, in the table's order."""
+    return [m for m in metric_table.TABLE if m.in_report and not m.derived and any(r.get(m.key) is not None for r in rows)]
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
-    if row["status"] != "ok" and key != "spec":
-        return row["status"] if key == "size_mb" else ""
-    value = row.get(key)
-    text = "" if value is None else fmt.format(value)
-    interval = row.get("ci95", {}).get(key)
+def _header(metric: Metric) -> str:
+    return metric.label + (" [95%]" if metric.interval else "")
+
+
+def _spec_cell(row: dict) -> str:
+    return row["spec"] + (" (baseline)" if row["baseline"] else (" *" if row["pareto"] else ""))
+
+
+def _cell(row: dict, metric: Metric, first: bool) -> str:
+    if row["status"] != "ok":
+        return row["status"] if first else ""
+    value = row.get(metric.key)
+    text = "" if value is None else metric.show(value)
+    interval = row.get("ci95", {}).get(metric.key) if metric.interval else None
     if interval and not row["baseline"]:
-        text += f" [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
-    if key == "spec":
-        text += " (baseline)" if row["baseline"] else (" *" if row["pareto"] else "")
+        text += f" [{metric.show(interval[0])}, {metric.show(interval[1])}]"
     return text
 
 
+def _cells(row: dict, columns: list[Metric]) -> list[str]:
+    return [_spec_cell(row)] + [_cell(row, m, i == 0) for i, m in enumerate(columns)]
+
+
 def render_markdown(data: dict) -> str:
-    lines = [f"# {data['title']}", "", "| " + " | ".join(h for _, h, _ in _COLUMNS) + " |",
-             "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in _COLUMNS) + " |" for r in data["rows"]]
+    columns = _columns(data["rows"])
+    lines = [f"# {data['title']}", "", "| " + " | ".join(["spec"] + [_header(m) for m in columns]) + " |",
+             "|" + "---|" * (len(columns) + 1)]
+    lines += ["| " + " | ".join(_cells(r, columns)) + " |" for r in data["rows"]]
     lines += ["", "`*` on the size/quality Pareto front.", ""]
     failed = [r for r in data["rows"] if r["status"] != "ok"]
     lines += [f"- {r['spec']}: {r['status']}: {r['error']}" for r in failed]
@@ -182,7 +193,8 @@ def render_markdown(data: dict) -> str:
               "|---|---|---|---|---|---|"]
     for s in data["summary"]:
         speed = f"{s['speedup_vs_fp32']}x" + ("" if s["speed_representative"] else " (not representative)") if s["speedup_vs_fp32"] else ""
-        lines.append(f"| {s['framework']} | {s['quantization']} | {s['memory_mb']:.0f} MB RSS, {s['size_mb']:.0f} MB file | "
+        memory = f"{s['memory_mb']:.0f} MB RSS, " if s["memory_mb"] is not None else ""
+        lines.append(f"| {s['framework']} | {s['quantization']} | {memory}{s['size_mb']:.0f} MB file | "
                      f"{s['size_reduction_vs_fp32_pct']:.0f}% | {speed} | {s['use_case']} |")
     lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
     return "\n".join(lines) + "\n"
@@ -257,10 +269,11 @@ document.body.setAttribute('data-rendered', 'yes');
 
 def render_html(data: dict) -> str:
     e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for _, h, _ in _COLUMNS)
+    columns = _columns(data["rows"])
+    head = "".join(f"<th>{e(h)}</th>" for h in ["spec"] + [_header(m) for m in columns])
     body = "".join(
         f"<tr class=\"{'baseline' if r['baseline'] else ''} {'pareto' if r['pareto'] else ''} {r['status']}\">"
-        + "".join(f"<td>{e(_cell(r, k, f))}</td>" for k, _, f in _COLUMNS) + "</tr>"
+        + "".join(f"<td>{e(cell)}</td>" for cell in _cells(r, columns)) + "</tr>"
         for r in data["rows"])
     failures = "".join(f"<li>{e(r['spec'])}: {e(r['status'])}: {e(r['error'] or '')}</li>" for r in data["rows"] if r["status"] != "ok")
     summary = "".join(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from edgequant import metric_table
+
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
@@ -141,35 +143,19 @@ def format_profiles(listed: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
-_METRIC_ROWS = [
-    ("perplexity", "perplexity", "{:.4f}"),
-    ("baseline_perplexity", "baseline perplexity", "{:.4f}"),
-    ("ppl_increase_pct", "perplexity increase", "{:+.2f} %"),
-    ("kld_mean", "KL divergence (mean)", "{:.6f}"),
-    ("kld_p99", "KL divergence (p99)", "{:.5f}"),
-    ("top1_agreement", "top-1 agreement", "{:.2%}"),
-    ("tokens_scored", "tokens scored", "{:,}"),
-    ("size_bytes", "size", None),
-    ("load_s", "load time", "{:.2f} s"),
-    ("peak_rss_mb", "peak RSS", "{:,.0f} MB"),
-    ("ttft_ms", "time to first token", "{:.1f} ms"),
-    ("prefill_tps", "prefill", "{:,.1f} tok/s"),
-    ("decode_tps", "decode", "{:,.1f} tok/s"),
-]
-
-
 def format_metrics(metrics: dict) -> str:
     lines = [f"{metrics['target']}  vs  {metrics['baseline']}"]
     intervals = metrics.get("ci95", {})
-    for key, label, fmt in _METRIC_ROWS:
-        if key in metrics:
-            value = _mb(metrics[key]) if fmt is None else fmt.format(metrics[key])
-            if key in intervals:
-                value += f"   95% interval [{fmt.format(intervals[key][0])}, {fmt.format(intervals[key][1])}]"
-            lines.append(f"  {label:<22} {value}")
+    for m in metric_table.TABLE:  # the figures as the bench table prints them, each with its interval
+        if metrics.get(m.key) is not None and not m.derived:
+            value = m.show(metrics[m.key])
+            if m.key in intervals:
+                value += f"   95% interval [{m.show(intervals[m.key][0])}, {m.show(intervals[m.key][1])}]"
+            lines.append(f"  {m.label:<16} {value}")
     if "model_rss_mb" in metrics:
-        lines.append(f"  {'model memory':<22} {metrics['model_rss_mb']:,.0f} MB (peak RSS less the "
-                     f"{metrics['interpreter_rss_mb']:,.0f} MB the process held before the engine loaded)")
+        lines.append(f"  model MB: peak RSS less the {metrics['interpreter_rss_mb']:,.0f} MB the process held before the engine loaded")
+    if "baseline_perplexity" in metrics:
+        lines.append(f"  baseline perplexity {metrics['baseline_perplexity']:.4f}, {metrics['tokens_scored']:,} tokens scored")
     for key in ("arithmetic", "caveat"):
         if key in metrics:
             lines.append(f"  {key}: {metrics[key]}")
@@ -179,8 +165,11 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-_RESULT_FIELDS = ("id", "run_id", "created", "model", "spec", "status", "size_bytes", "perplexity", "ppl_increase_pct",
-                  "kld_mean", "top1_agreement", "decode_tps", "ttft_ms", "peak_rss_mb", "error")
+def _result_fields() -> tuple[str, ...]:
+    """The results store's identifying columns, then each metric column the metric table declares."""
+    from edgequant.results import metric_columns
+
+    return ("id", "run_id", "created", "model", "spec", "status", *(c for c, _, end in metric_columns() if end is None), "error")
 
 
 def format_results(rows: list[dict], style: str) -> str:
@@ -193,7 +182,7 @@ def format_results(rows: list[dict], style: str) -> str:
         return json.dumps(rows, indent=2)
     if style == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=_RESULT_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(buffer, fieldnames=_result_fields(), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         return buffer.getvalue().rstrip("\n")

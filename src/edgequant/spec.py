@@ -166,11 +166,10 @@ def parse_spec(text: str, formats: Mapping[str, SpecTarget]) -> Spec:
     drops each value equal to the default its precision would use, so equal specs print (and
     cache) alike."""
     text = text.strip()
-    head, _, query = text.partition("?")
-    fmt, sep, precision = head.partition(":")
-    fmt, precision = fmt.strip().lower(), precision.strip().lower()
+    query = text.partition("?")[2]
+    fmt, precision = format_and_precision(text)
     known = ", ".join(sorted(formats))
-    if not sep or not fmt or not precision:
+    if ":" not in text.partition("?")[0] or not fmt or not precision:
         raise EdgequantError(f"spec {text!r} is not of the form FORMAT:PRECISION[?key=value&...]",
                              f"write e.g. FORMAT:PRECISION with FORMAT one of: {known}")
     target = formats.get(fmt)
@@ -185,6 +184,13 @@ def parse_spec(text: str, formats: Mapping[str, SpecTarget]) -> Spec:
         given[key] = _applicable_option(target, fmt, precision, key, text).parse(raw, text)
     target.validate(Spec(fmt, precision, given))
     return Spec(fmt, precision, {k: v for k, v in given.items() if v != target.options[k].default_for(precision)})
+
+
+def format_and_precision(text: str) -> tuple[str, str]:
+    """The format and precision a spec string names, lower-cased, not checked against any format:
+    how result rows (which may name a format no longer installed) are read back."""
+    fmt, _, precision = text.partition("?")[0].partition(":")
+    return fmt.strip().lower(), precision.strip().lower()
 
 
 def _query_items(query: str) -> list[tuple[str, str]]:

@@ -266,12 +266,12 @@ class HeldOutScorer:
         return float(np.mean(klds))
 
 
-def build_mix(source, intermediate: Path, importance: dict, opt: dict, target: Path) -> dict:
+def build_mix(source, intermediate: Path, importance: dict, opt, target: Path) -> dict:
     """`gguf:auto`: search the per-tensor mix for the spec's budget, write the winner to `target`,
     and return what the manifest keeps of the search."""
-    threads = opt["nthread"] or default_threads()
+    threads = opt.nthread or default_threads()
     n_elements = sum(t.numel for t in source.tensors)
-    budget = parse_size(opt["size"]) if opt["size"] else int(opt["bpw"] * n_elements / 8)
+    budget = parse_size(opt.size) if opt.size else int(opt.bpw * n_elements / 8)
     first = IMATRIX_TOKENS // WINDOW  # the imatrix's chunks come first; the held-out windows follow them
     windows = calibration_windows(source.hf_dir, first + HELD_OUT_WINDOWS, WINDOW)[first:]
 

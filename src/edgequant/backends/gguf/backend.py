@@ -101,17 +101,17 @@ class GGUFBackend(Backend):
 
     def validate(self, spec) -> None:
         opt = self.option_values(spec)
-        tensor_overrides(opt["tensor"])
-        if opt["size"]:
+        tensor_overrides(opt.tensor)
+        if opt.size:
             from edgequant.gates import parse_size
 
-            parse_size(opt["size"])
+            parse_size(opt.size)
             if "bpw" in spec.options:
                 raise EdgequantError("gguf:auto takes one budget, ?bpw= or ?size=, not both", "drop one of them")
-        if opt["imatrix"] not in ("", "auto") and not Path(opt["imatrix"]).expanduser().is_file():
-            raise EdgequantError(f"imatrix={opt['imatrix']}: no such file",
+        if opt.imatrix not in ("", "auto") and not Path(opt.imatrix).expanduser().is_file():
+            raise EdgequantError(f"imatrix={opt.imatrix}: no such file",
                                  "give the path of a .gguf/.dat importance matrix, or imatrix=auto")
-        if self.precisions[spec.precision].needs_imatrix and not opt["imatrix"]:
+        if self.precisions[spec.precision].needs_imatrix and not opt.imatrix:
             raise EdgequantError(f"gguf:{spec.precision} needs an importance matrix",
                                  "add ?imatrix=auto (computed from the calibration text) or ?imatrix=FILE")
 
@@ -122,12 +122,12 @@ class GGUFBackend(Backend):
         """A measured mix one budget step smaller and larger; a fixed type with the importance matrix."""
         if spec.precision == "auto":
             opt = self.option_values(spec)
-            if opt["size"]:
+            if opt.size:
                 from edgequant.gates import parse_size
 
-                size = parse_size(opt["size"])
+                size = parse_size(opt.size)
                 return [str(spec.with_options(size=f"{size * f / 1e6:.6g}MB")) for f in (0.9, 0.95)]
-            return [str(spec.with_options(bpw=b)) for b in (opt["bpw"] - 0.5, opt["bpw"] + 0.5) if 1.5 <= b <= 8.5]
+            return [str(spec.with_options(bpw=b)) for b in (opt.bpw - 0.5, opt.bpw + 0.5) if 1.5 <= b <= 8.5]
         if spec.precision in _FIXED and not spec.options.get("imatrix"):
             return [str(spec.with_options(imatrix="auto"))]
         return []
@@ -169,7 +169,7 @@ class GGUFBackend(Backend):
             shutil.copyfile(intermediate, target)
             log = "copied the float intermediate as is\n"
         else:
-            importance, info["imatrix"] = load_importance(source, opt["imatrix"] or ("auto" if spec.precision == "auto" else ""))
+            importance, info["imatrix"] = load_importance(source, opt.imatrix or ("auto" if spec.precision == "auto" else ""))
             if spec.precision == "auto":
                 info["auto"] = build_mix(source, intermediate, importance, opt, target)
                 log = "per-tensor types chosen by gguf:auto (see the manifest's details.auto)\n"
@@ -207,15 +207,15 @@ def tensor_overrides(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _quantize_fixed(intermediate: Path, target: Path, ftype: int, opt: dict, importance) -> str:
+def _quantize_fixed(intermediate: Path, target: Path, ftype: int, opt, importance) -> str:
     """llama.cpp's own recipe for `ftype`, with the spec's importance matrix and overrides."""
     from edgequant.backends.gguf import tools as gguf_tools
     from edgequant.runner import default_threads
 
     request = gguf_tools.QuantizeRequest(
-        ftype, threads=opt["nthread"] or default_threads(), pure=opt["pure"], importance=importance,
-        overrides=tuple((pattern, GGML_TYPES[name]) for pattern, name in tensor_overrides(opt["tensor"])),
-        embedding_type=GGML_TYPES.get(opt["embd"]), output_type=GGML_TYPES.get(opt["output"]))
+        ftype, threads=opt.nthread or default_threads(), pure=opt.pure, importance=importance,
+        overrides=tuple((pattern, GGML_TYPES[name]) for pattern, name in tensor_overrides(opt.tensor)),
+        embedding_type=GGML_TYPES.get(opt.embd), output_type=GGML_TYPES.get(opt.output))
     return gguf_tools.quantize(intermediate, target, request)
 
 

@@ -101,7 +101,7 @@ class MLXBackend(Backend):
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
         from edgequant.backends._shared.hf_tokenizer import write_tokenizer_json
 
-        plan = quant_plan(spec)
+        plan = quant_plan(spec, self.option_values(spec))
         started = time.perf_counter()
         _run_converter(source.hf_dir, out_dir, plan)
         write_tokenizer_json(source.hf_dir, out_dir)  # mlx-lm saves one for fast tokenizers only
@@ -158,11 +158,9 @@ def check_architecture(source) -> None:
                              "convert a model of a supported model_type: " + ", ".join(supported))
 
 
-def quant_plan(spec) -> dict:
+def quant_plan(spec, opt) -> dict:
     """Bits per layer class, validated before any work starts; recorded in the manifest."""
-    group = spec.options.get("group", DEFAULT_GROUP)
-    embed = spec.options.get("embed_bits", DEFAULT_EMBED_BITS)
-    grid = spec.options.get("grid", DEFAULT_GRID)
+    group, embed, grid = opt.group, opt.embed_bits, opt.grid
     if spec.precision == "fp16":
         return {"bits": 16, "group_size": None, "recipe": None, "embed_bits": 16}
     low, high = _MIXED.get(spec.precision, (_UNIFORM.get(spec.precision), None))

@@ -90,16 +90,16 @@ class OnnxBackend(Backend):
             return []
         opt = self.option_values(spec)
         found = self.adjacent_choices(spec, "block")
-        found.append(spec.with_options(head8=not opt["head8"]))
-        if opt["algo"] != "k_quant":
+        found.append(spec.with_options(head8=not opt.head8))
+        if opt.algo != "k_quant":
             found.append(spec.with_options(algo="k_quant", mixed=True))
         return [str(s) for s in found]
 
     def validate(self, spec) -> None:
         opt = self.option_values(spec)
-        if opt["mixed"] and opt["algo"] != "k_quant":
+        if opt.mixed and opt.algo != "k_quant":
             raise EdgequantError(f"option mixed=1 in {spec} needs algo=k_quant", "add algo=k_quant or drop mixed=1")
-        if opt["sym"] and opt["algo"] != "rtn":
+        if opt.sym and opt.algo != "rtn":
             # hqq is asymmetric by construction; the builder's k_quant with sym=1 was measured to export
             # wrong zero points (ppl x5 on the default model), so both are refused rather than run.
             raise EdgequantError(f"sym=1 in {spec} is supported with algo=rtn only", "drop sym=1, or add algo=rtn")
@@ -131,9 +131,9 @@ class OnnxBackend(Backend):
             if spec.precision == "fp16":
                 onnx_tools.drop_shape_annotations(out_dir / onnx_tools.MODEL_FILE)
                 info["post_processing"] = "shape annotations dropped (the builder mislabels repeat_kv for CPU fp16)"
-            if spec.precision == "int4" and opt["algo"] == "hqq":
-                folded = quantize_hqq(out_dir / onnx_tools.MODEL_FILE, opt["block"], opt["accuracy_level"])
-                info["post_quantization"] = (f"HQQ int4, block {opt['block']}, on every decoder-layer MatMul; "
+            if spec.precision == "int4" and opt.algo == "hqq":
+                folded = quantize_hqq(out_dir / onnx_tools.MODEL_FILE, opt.block, opt.accuracy_level)
+                info["post_quantization"] = (f"HQQ int4, block {opt.block}, on every decoder-layer MatMul; "
                                              f"float zero points folded into a block-sum correction on {folded}")
                 info["timings"]["total_quantize_s"] = round(time.perf_counter() - started, 3)
             return info
@@ -157,17 +157,17 @@ def int4_extra(precision: str, opt: dict[str, Any], config: dict) -> tuple[tuple
     """
     if precision != "int4":
         return ()
-    if opt["mixed"]:
+    if opt.mixed:
         algo = "k_quant_mixed"  # the builder's mix always keeps the LM head at 8 bit too
-    elif opt["algo"] == "hqq":
-        algo = "rtn_last" if opt["head8"] else "rtn"
-    elif opt["head8"]:
-        algo = opt["algo"] + "_last"
+    elif opt.algo == "hqq":
+        algo = "rtn_last" if opt.head8 else "rtn"
+    elif opt.head8:
+        algo = opt.algo + "_last"
     else:
-        algo = opt["algo"]
-    extra = [("int4_block_size", str(opt["block"])), ("int4_is_symmetric", "true" if opt["sym"] else "false"),
-             ("int4_accuracy_level", str(opt["accuracy_level"])), ("int4_algo_config", algo)]
-    if opt["algo"] == "hqq":
+        algo = opt.algo
+    extra = [("int4_block_size", str(opt.block)), ("int4_is_symmetric", "true" if opt.sym else "false"),
+             ("int4_accuracy_level", str(opt.accuracy_level)), ("int4_algo_config", algo)]
+    if opt.algo == "hqq":
         from edgequant.backends.onnx.tools import layer_matmul_names
 
         extra.append(("int4_nodes_to_exclude", ",".join(layer_matmul_names(config))))
@@ -198,20 +198,20 @@ def _convert_int8(source, precision: str, opt: dict[str, Any], out_dir: Path, st
         count = quantize_per_token_int8(fp32_model, target)
         info["post_quantization"] = f"int8 weights per channel, int8 activations per token, {count} MatMuls"
     else:
-        calib = onnx_tools.Calibration(samples=opt["samples"], tokens=opt["calib_tokens"])
+        calib = onnx_tools.Calibration(samples=opt.samples, tokens=opt.calib_tokens)
         windows = calibration_windows(scratch, calib.samples, calib.tokens + calib.decode_steps,
                                       fix="ask for fewer samples (samples<={fit}) or shorter ones (calib_tokens)")
         feeds = list(onnx_tools.calibration_feeds(fp32_model, windows, calib.decode_steps))
-        keep = () if opt["keep_float"] == "none" else tuple(p for p in opt["keep_float"].split(",") if p)
-        if opt["smooth"]:  # the feeds stay valid: smoothing changes no graph input
+        keep = () if opt.keep_float == "none" else tuple(p for p in opt.keep_float.split(",") if p)
+        if opt.smooth:  # the feeds stay valid: smoothing changes no graph input
             from edgequant.backends._shared import smoothquant
 
             smoothed = scratch / "smoothed.onnx"
-            info["smoothquant"] = {"alpha": opt["smooth"], "sites": smoothquant.apply_smoothing(
-                fp32_model, smoothed, smoothquant.smoothing_factors(fp32_model, feeds, opt["smooth"]))}
+            info["smoothquant"] = {"alpha": opt.smooth, "sites": smoothquant.apply_smoothing(
+                fp32_model, smoothed, smoothquant.smoothing_factors(fp32_model, feeds, opt.smooth))}
             fp32_model = smoothed
         floats = onnx_tools.quantize_static_qdq(fp32_model, target, feeds, keep)
-        info["post_quantization"] = f"QDQ int8, MinMax asymmetric uint8 activations; {floats} MatMuls kept float ({opt['keep_float']})"
+        info["post_quantization"] = f"QDQ int8, MinMax asymmetric uint8 activations; {floats} MatMuls kept float ({opt.keep_float})"
         info["calibration"] = {"text": "lee_background.cor (gensim)", "samples": calib.samples,
                                "prefill_tokens": calib.tokens, "decode_steps": calib.decode_steps}
     onnx_tools.copy_builder_side_files(scratch, out_dir)

@@ -83,7 +83,7 @@ class OpenVINOBackend(Backend):
             return []
         opt = self.option_values(spec)
         found = self.adjacent_choices(spec, "group")
-        found += [spec.with_options(ratio=round(r, 2)) for r in (opt["ratio"] - 0.2, opt["ratio"] + 0.2) if 0 <= r <= 1]
+        found += [spec.with_options(ratio=round(r, 2)) for r in (opt.ratio - 0.2, opt.ratio + 0.2) if 0 <= r <= 1]
         return [str(s) for s in found]
 
     def validate(self, spec) -> None:
@@ -132,15 +132,15 @@ class OpenVINOBackend(Backend):
         if spec.precision in ("fp32", "fp16"):
             return None
         opts = self.option_values(spec)
-        mode = f"{spec.precision}_{'sym' if opts['sym'] else 'asym'}"
+        mode = f"{spec.precision}_{'sym' if opts.sym else 'asym'}"
         if spec.precision == "int8":
             return CompressSettings(mode=mode)
         settings = CompressSettings(
-            mode=mode, group_size=opts["group"], ratio=opts["ratio"], all_layers=opts["all_layers"], awq=opts["awq"],
-            scale_estimation=opts["scale_estimation"], gptq=opts["gptq"],
-            sensitivity="" if opts["sensitivity"] == "auto" else opts["sensitivity"],
+            mode=mode, group_size=opts.group, ratio=opts.ratio, all_layers=opts.all_layers, awq=opts.awq,
+            scale_estimation=opts.scale_estimation, gptq=opts.gptq,
+            sensitivity="" if opts.sensitivity == "auto" else opts.sensitivity,
         )
-        return replace(settings, samples=opts["samples"] if settings.data_aware else 0)
+        return replace(settings, samples=opts.samples if settings.data_aware else 0)
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         """Default settings: int4 groups with an f16 scale (and a u4 zero point when asymmetric),
@@ -157,11 +157,11 @@ class OpenVINOBackend(Backend):
         return int(total / 8)
 
 
-def runtime_properties(opts: dict) -> dict:
+def runtime_properties(opts) -> dict:
     """CPU plugin properties the spec sets; what it leaves at auto keeps the plugin's default for
     this CPU (bf16 inference where it has AMX/AVX512-BF16, a u8 KV cache, dynamic quantization)."""
-    chosen = {"INFERENCE_PRECISION_HINT": opts["infer"], "KV_CACHE_PRECISION": opts["kv_cache"],
-              "DYNAMIC_QUANTIZATION_GROUP_SIZE": opts["dyn_quant"]}
+    chosen = {"INFERENCE_PRECISION_HINT": opts.infer, "KV_CACHE_PRECISION": opts.kv_cache,
+              "DYNAMIC_QUANTIZATION_GROUP_SIZE": opts.dyn_quant}
     return {k: v for k, v in chosen.items() if v not in ("auto", -1)}
 
 

@@ -127,16 +127,16 @@ class QnnBackend(Backend):
         from edgequant.backends.qnn.tools import parse_overrides
 
         opt = self.option_values(spec)
-        parse_overrides(opt["override"])
+        parse_overrides(opt.override)
         kv_only = [name for name in KV_ONLY if name in spec.options]
-        if opt["graphs"] == "fixed" and kv_only:
+        if opt.graphs == "fixed" and kv_only:
             raise EdgequantError(f"{', '.join(kv_only)} apply to graphs=kv only", "add graphs=kv, or drop them")
-        if opt["graphs"] == "kv":
+        if opt.graphs == "kv":
             if "seq" in spec.options:
                 raise EdgequantError("seq is the fixed graph's length; graphs=kv (the default) takes ar and ctx",
                                      "drop seq, or add graphs=fixed")
-            if opt["ar"] >= opt["ctx"]:
-                raise EdgequantError(f"ar={opt['ar']} must be below ctx={opt['ctx']}", "use a larger ctx or a smaller ar")
+            if opt.ar >= opt.ctx:
+                raise EdgequantError(f"ar={opt.ar} must be below ctx={opt.ctx}", "use a larger ctx or a smaller ar")
 
     def report_notes(self, spec_text: str, manifest: dict) -> list[str]:
         """The layout a spec fell back to, and the simulated-HTP agreement recorded at conversion
@@ -178,15 +178,15 @@ class QnnBackend(Backend):
 
         opt = self.option_values(spec)
         fallback = None
-        if opt["graphs"] == "kv":
+        if opt.graphs == "kv":
             fallback = _fixed_layout_reason(source, spec)
             if fallback is None:
                 return self._convert_kv(source, spec, opt, out_dir)
-        request = self._request(spec, opt, opt["seq"])
-        if opt["context"]:
+        request = self._request(spec, opt, opt.seq)
+        if opt.context:
             qnn_tools.require_htp()  # before any long step
         # the held-out window follows every window calibration and GPTQ read
-        read = max(request.samples, opt["gptq"])
+        read = max(request.samples, opt.gptq)
         inputs = qnn_tools.calibration_inputs(source.hf_dir, request.seq, read + _held_out_windows(spec, opt),
                                               option="samples (and gptq)")
         feeds, held_out_feeds = inputs[:request.samples], inputs[read:]
@@ -196,8 +196,8 @@ class QnnBackend(Backend):
         qnn_tools.export_fixed(source.hf_dir, request.seq, scratch / "model_fp32.onnx")
         exported = time.perf_counter()
         smoothing = _smooth(scratch, ["model_fp32.onnx"], feeds, opt) if spec.precision == "w8a8" else None
-        importance = weights.input_importance(scratch / "model_fp32.onnx", inputs[:opt["gptq"]] or feeds,
-                                              full=bool(opt["gptq"]))
+        importance = weights.input_importance(scratch / "model_fp32.onnx", inputs[:opt.gptq] or feeds,
+                                              full=bool(opt.gptq))
         solved: dict = {}
         choice: dict = {}
         if held_out_feeds:
@@ -216,7 +216,7 @@ class QnnBackend(Backend):
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
             info["htp"] = qnn_tools.htp_agreement(out_dir / qnn_tools.MODEL_FILE, feeds, _target(opt))
-        if opt["context"]:
+        if opt.context:
             qnn_tools.compile_context(out_dir / qnn_tools.MODEL_FILE, out_dir / "model_ctx.onnx", _target(opt))
             info["context_model"] = "model_ctx.onnx"
         info["timings"] = {"export_s": round(exported - started, 3), "quantize_s": round(time.perf_counter() - exported, 3)}
@@ -224,7 +224,7 @@ class QnnBackend(Backend):
             info["fallback"] = fallback
         return info
 
-    def _convert_kv(self, source, spec, opt: dict, out_dir: Path) -> dict[str, Any]:
+    def _convert_kv(self, source, spec, opt, out_dir: Path) -> dict[str, Any]:
         """Prompt and decode graphs: calibrated on the prompt graph, whose encodings (types, scales
         and zero points of every activation) the decode graph is then quantized with."""
         from edgequant.backends._shared.ort import cpu_session
@@ -233,22 +233,22 @@ class QnnBackend(Backend):
         from edgequant.backends.qnn import tools as qnn_tools
 
         kv.check_architecture(source.config)
-        request = self._request(spec, opt, opt["ar"])
-        if opt["kv"] == 8:
+        request = self._request(spec, opt, opt.ar)
+        if opt.kv == 8:
             request = replace(request, activations=kv.cache_types(source.config, "u8"))
-        if opt["context"]:
+        if opt.context:
             qnn_tools.require_htp()  # before any long step
         windows, statistics_windows, held_out_windows = _kv_windows(source.hf_dir, opt, _held_out_windows(spec, opt))
         clock = Stopwatch()
         scratch = out_dir / ".fp32"
         scratch.mkdir()
         with clock("export", "exporting the float prompt and decode graphs"):
-            layout = kv.export_graphs(source.hf_dir, scratch, opt["ar"], opt["ctx"])
+            layout = kv.export_graphs(source.hf_dir, scratch, opt.ar, opt.ctx)
         with clock("calibration_feeds", f"running {len(windows)} calibration windows through the float graphs"):
             prompt_feeds, decode_feeds = kv.calibration_feeds(scratch, windows, cpu_session)
             smoothing = _smooth(scratch, [kv.PROMPT_FILE, kv.DECODE_FILE], prompt_feeds, opt) if spec.precision == "w8a8" else None
         with clock("statistics", f"input statistics of every weight over {len(statistics_windows) or len(windows)} windows"):
-            if opt["gptq"]:
+            if opt.gptq:
                 statistics = weights.InputStatistics(scratch / kv.PROMPT_FILE, full=True)
                 kv.run_prompt_chunks(scratch, statistics_windows, statistics.run)
                 importance = statistics.result()
@@ -280,8 +280,8 @@ class QnnBackend(Backend):
         info: dict[str, Any] = {
             "model_file": kv.PROMPT_FILE, "graphs": "kv", "layout": layout, "scheme": qnn_tools.SCHEMES[spec.precision],
             "weights": {"block": request.block, "overrides": request.overrides, "stored_once": shared},
-            "kv_cache_bits": opt["kv"],
-            "calibration_samples": opt["samples"],
+            "kv_cache_bits": opt.kv,
+            "calibration_samples": opt.samples,
             "calibration": {"graph": "prompt", "prompt_feeds": len(prompt_feeds), "decode_feeds": len(decode_feeds)},
             "decode_encodings": kv.compare_encodings(*encodings.values()),
             "genai": {"config": genai.CONFIG_FILE, "files": genai.write_genai_config(out_dir, layout, source.config)}}
@@ -290,25 +290,25 @@ class QnnBackend(Backend):
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
             with clock("htp_check", "running both graphs on Qualcomm's HTP simulator"):
-                info["htp_pipeline"] = kv.htp_pipeline_check(out_dir, scratch, windows[0][:opt["ar"]],
-                                                             steps=opt["htp_steps"], target=_target(opt))
-        if opt["context"]:
+                info["htp_pipeline"] = kv.htp_pipeline_check(out_dir, scratch, windows[0][:opt.ar],
+                                                             steps=opt.htp_steps, target=_target(opt))
+        if opt.context:
             with clock("context", "compiling the QNN context binary"):
                 info["context"] = qnn_tools.compile_shared_contexts(out_dir, [kv.PROMPT_FILE, kv.DECODE_FILE], _target(opt))
         shutil.rmtree(scratch)
         info["timings"] = clock.seconds
         return info
 
-    def _request(self, spec, opt: dict, tokens: int):
+    def _request(self, spec, opt, tokens: int):
         """The quantization request both graph layouts share."""
         from edgequant.backends.qnn import tools as qnn_tools
 
-        overrides = qnn_tools.parse_overrides(opt["override"])
-        if spec.precision == "w4a16" and opt["head"] == 8:
-            overrides = {"lm_head": "i8" if opt["block"] else "u8", **overrides}
-        return qnn_tools.QnnRequest(spec.precision, tokens, opt["samples"], overrides,
-                                    act16=opt["act16"] if spec.precision == "w8a8" and opt["widen"] == "underflow" else 0.0,
-                                    block=opt["block"])
+        overrides = qnn_tools.parse_overrides(opt.override)
+        if spec.precision == "w4a16" and opt.head == 8:
+            overrides = {"lm_head": "i8" if opt.block else "u8", **overrides}
+        return qnn_tools.QnnRequest(spec.precision, tokens, opt.samples, overrides,
+                                    act16=opt.act16 if spec.precision == "w8a8" and opt.widen == "underflow" else 0.0,
+                                    block=opt.block)
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.qnn.runner import FixedShapeRunner, KVRunner
@@ -360,16 +360,16 @@ def _fixed_layout_reason(source, spec) -> str | None:
     return fallback
 
 
-def _smooth(folder: Path, files: list[str], feeds: list[dict], opt: dict) -> dict | None:
+def _smooth(folder: Path, files: list[str], feeds: list[dict], opt) -> dict | None:
     """SmoothQuant on the float graphs in `folder`, in place, with factors measured on the first
     (graphs sharing tensor names get the same factors, so they stay one model)."""
-    if not opt["smooth"]:
+    if not opt.smooth:
         return None
     from edgequant.backends._shared import smoothquant
 
-    factors = smoothquant.smoothing_factors(folder / files[0], feeds, opt["smooth"])
+    factors = smoothquant.smoothing_factors(folder / files[0], feeds, opt.smooth)
     sites = [smoothquant.apply_smoothing(folder / name, folder / name, factors) for name in files]
-    return {"alpha": opt["smooth"], "sites": sites[0]}
+    return {"alpha": opt.smooth, "sites": sites[0]}
 
 
 # Tokens of the held-out window precision choices are measured on: as long as an evaluation
@@ -379,24 +379,24 @@ def _smooth(folder: Path, files: list[str], feeds: list[dict], opt: dict) -> dic
 HELD_OUT_TOKENS = 512
 
 
-def _kv_windows(hf_dir: Path, opt: dict, held_out: int) -> tuple[list[list[int]], ...]:
+def _kv_windows(hf_dir: Path, opt, held_out: int) -> tuple[list[list[int]], ...]:
     """Windows of the calibration text for the kv graphs: for calibration (`samples` of 4 * ar
     tokens), for GPTQ's statistics (`gptq` of them, from the start too) and, after all of those,
     the `held_out` windows precision choices are measured on."""
     from edgequant.backends._shared.calibration import calibration_windows
 
-    length, held_length = min(4 * opt["ar"], opt["ctx"]), min(HELD_OUT_TOKENS, opt["ctx"])
-    read = max(opt["samples"], opt["gptq"]) * length
+    length, held_length = min(4 * opt.ar, opt.ctx), min(HELD_OUT_TOKENS, opt.ctx)
+    read = max(opt.samples, opt.gptq) * length
     ids = calibration_windows(hf_dir, 1, read + held_out * held_length,
                               fix="ask for fewer samples or gptq windows, or a smaller ar")[0]
 
     def windows(start: int, size: int, count: int) -> list[list[int]]:
         return [ids[start + i * size:start + (i + 1) * size] for i in range(count)]
 
-    return windows(0, length, opt["samples"]), windows(0, length, opt["gptq"]), windows(read, held_length, held_out)
+    return windows(0, length, opt.samples), windows(0, length, opt.gptq), windows(read, held_length, held_out)
 
 
-def _held_out_windows(spec, opt: dict) -> int:
+def _held_out_windows(spec, opt) -> int:
     """How many held-out windows the precision choices are measured on. w4a16's weight choices
     are few (one measurement per kind of matrix) but each gain is small beside the noise of one
     window: on the default model, one window of 512 tokens ranked q_proj above down_proj, which
@@ -407,12 +407,12 @@ def _held_out_windows(spec, opt: dict) -> int:
     return 4 if spec.precision == "w4a16" else 1
 
 
-def _measures_kld(spec, opt: dict) -> bool:
+def _measures_kld(spec, opt) -> bool:
     """Whether the conversion chooses precisions by measured KLD (w8a8's widen, w4a16's mix)."""
-    return (spec.precision == "w8a8" and opt["widen"] == "kld") or (spec.precision == "w4a16" and opt["mix"] > 0)
+    return (spec.precision == "w8a8" and opt.widen == "kld") or (spec.precision == "w4a16" and opt.mix > 0)
 
 
-def _choose_by_kld(spec, opt: dict, request, fp32_path: Path, feeds: list[dict], importance, logits_of,
+def _choose_by_kld(spec, opt, request, fp32_path: Path, feeds: list[dict], importance, logits_of,
                    layers: int, solved: dict):
     """w8a8: the activations that stay 16-bit; w4a16: the weights raised to int8. Both measured
     on held-out calibration windows (`logits_of`). Returns the request to build with and the choice."""
@@ -421,9 +421,9 @@ def _choose_by_kld(spec, opt: dict, request, fp32_path: Path, feeds: list[dict],
     kld_of = sensitivity.kld_meter(fp32_path, logits_of)
     work = fp32_path.parent / "choice"
     if spec.precision == "w8a8":
-        return request, sensitivity.widen_by_kld(fp32_path, work, request, feeds, importance, kld_of, layers, opt["budget"],
+        return request, sensitivity.widen_by_kld(fp32_path, work, request, feeds, importance, kld_of, layers, opt.budget,
                                                  solved)
-    choice = sensitivity.mix_int8_by_kld(fp32_path, work, request, feeds, importance, kld_of, opt["mix"], solved)
+    choice = sensitivity.mix_int8_by_kld(fp32_path, work, request, feeds, importance, kld_of, opt.mix, solved)
     return replace(request, weights={**dict.fromkeys(choice["int8"], "i8"), **request.weights}), choice
 
 
@@ -442,6 +442,6 @@ def _choice_details(request, widened: list[str], choice: dict) -> dict:
     return {}
 
 
-def _target(opt: dict) -> dict:
+def _target(opt) -> dict:
     """The HTP the simulator checks and context binaries are made for."""
-    return {"htp_arch": str(opt["htp_arch"]), "soc_model": str(opt["soc"])}
+    return {"htp_arch": str(opt.htp_arch), "soc_model": str(opt.soc)}
