@@ -125,6 +125,9 @@ def test_runner_tokenizes_scores_and_generates(fmt, converted):
         first = list(runner.generate(ids[:8], params))
         assert len(first) == 4 and all(isinstance(t, int) for t in first)
         assert list(runner.generate(ids[:8], params)) == first  # greedy is deterministic
+        filling = (ids * (runner.n_ctx // len(ids) + 1))[:runner.n_ctx - 2]
+        assert len(list(runner.generate(filling, GenerateParams(max_tokens=10, stop_at_eos=False)))) == 2  # the room left
+        assert list(runner.generate(filling + ids[:2], params)) == []  # a full context generates nothing
 
 
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if f != BASELINE_FORMAT])

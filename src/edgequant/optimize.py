@@ -30,7 +30,7 @@ from edgequant import metric_table
 from edgequant.benchmark import DEFAULT_EVAL, eval_config_for, tool_versions
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import EvalConfig
-from edgequant.gates import DEFAULT_GATES, Gate, check, derived_metrics, parse_gates, source_check, verdict_words
+from edgequant.gates import DEFAULT_GATES, Gate, check, derived_metrics, parse_gates, passes, source_check, verdict_words
 from edgequant.metric_table import Metric
 from edgequant.progress import note
 from edgequant.recommend import RUNTIME_OVERHEAD_MB
@@ -83,7 +83,7 @@ class Candidate:
 
     @property
     def passes(self) -> bool:
-        return self.status == "measured" and all(v["verdict"] in ("pass", "skipped") for v in self.verdicts)
+        return self.status == "measured" and passes(self.verdicts)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from edgequant import metric_table
 from edgequant.errors import EdgequantError
-from edgequant.gates import Gate, check, derived_metrics, parse_gate, source_check, verdict_words
+from edgequant.gates import Gate, check, derived_metrics, parse_gate, passes, source_check, verdict_words
 from edgequant.hardware import Profile, closest, detect, get_profile
 from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec
 
@@ -59,7 +59,7 @@ class Candidate:
 
     @property
     def passes(self) -> bool:
-        return all(v["verdict"] == "pass" for v in self.verdicts)
+        return passes(self.verdicts)
 
 
 def constraints(config: RecommendConfig) -> list[Gate]:

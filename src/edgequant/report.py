@@ -11,6 +11,7 @@ import html
 import json
 
 from edgequant import metric_table
+from edgequant.gates import derived_metrics
 from edgequant.metric_table import Metric
 from edgequant.registry import get_format
 from edgequant.spec import format_and_precision
@@ -58,11 +59,15 @@ def _row(row, base: dict) -> dict:
             "probe_imported": m.get("probe_imported", []), "ci95": m.get("ci95", {}),
             "decode_tps_range": m.get("decode_tps_range"), "arithmetic": m.get("arithmetic"),
             "size_reduction_pct": round(100 * (1 - m["size_bytes"] / base["size_bytes"]), 1),
-            "speedup": round(m["decode_tps"] / base["decode_tps"], 2) if m.get("decode_tps") and base.get("decode_tps") else None,
+            "speedup": _rounded(derived_metrics(m, base).get("speedup"), 2),
             "speed_representative": _speed_representative(fmt),
             "usable": m["ppl_increase_pct"] <= UNUSABLE_PPL_INCREASE_PCT,
         })
     return out
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _speed_representative(fmt: str) -> bool:

@@ -69,6 +69,23 @@ class Runner(ABC):
         """True for end-of-generation tokens (EOS, end-of-turn)."""
         return False
 
+    def generation_budget(self, prompt_ids: Sequence[int], params: GenerateParams) -> int:
+        """Tokens a request may generate: its max_tokens, within what the context has left."""
+        return max(0, min(params.max_tokens, self.n_ctx - len(prompt_ids)))
+
+    def bounded(self, prompt_ids: Sequence[int], params: GenerateParams, stream: Iterator[int]) -> Iterator[int]:
+        """The generation loop every runner shares: at most `max_tokens` of `stream`'s tokens, and no
+        more than the context has room for, up to and including the first end-of-generation token
+        when the request stops there. `stream` (an engine's own generator, unbounded) is not
+        started when there is no room, and never asked for a token past the last one yielded."""
+        budget = self.generation_budget(prompt_ids, params)
+        if budget == 0:
+            return
+        for count, token in enumerate(stream, start=1):
+            yield token
+            if count >= budget or (params.stop_at_eos and self.is_eos(token)):
+                return
+
     def chat_template(self) -> str | None:
         """The model's own Jinja chat template, when it has one."""
         return None

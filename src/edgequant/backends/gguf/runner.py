@@ -57,20 +57,14 @@ class LlamaRunner(Runner):
         return self._scorer
 
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
+        return self.bounded(prompt_ids, params, self._stream(prompt_ids, params))
+
+    def _stream(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         llm = self._llm
         llm.reset()  # no prefix reuse between calls: every request pays its own prefill
         llm.set_seed(params.seed)
-        budget = min(params.max_tokens, self.n_ctx - len(prompt_ids))
-        if budget <= 0:
-            return
-        tokens = llm.generate(
-            list(prompt_ids), temp=params.temperature, top_p=params.top_p, top_k=params.top_k,
-            min_p=0.0, repeat_penalty=1.0, reset=True,
-        )
-        for count, token in enumerate(tokens, start=1):
-            yield token
-            if count >= budget or (params.stop_at_eos and self.is_eos(token)):
-                break
+        yield from llm.generate(list(prompt_ids), temp=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                min_p=0.0, repeat_penalty=1.0, reset=True)
 
     def is_eos(self, token: int) -> bool:
         return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))

@@ -134,21 +134,19 @@ class MLXRunner(HFTokenizerMixin, Runner):
         return self._streams
 
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
+        return self.bounded(prompt_ids, params, self._stream(prompt_ids, params))
+
+    def _stream(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         """A KV-cached decode loop on the calling thread's default stream (MLX streams belong to
         the thread that made them, and the server decodes in a worker thread)."""
         mx = self._mx
-        budget = min(params.max_tokens, self.n_ctx - len(prompt_ids))
-        if budget <= 0:
-            return
         rng = np.random.default_rng(params.seed)
         cache = model_module("cache").make_prompt_cache(self._model)
         inputs = mx.array([list(prompt_ids)])
-        for _ in range(budget):
+        while True:
             row = self._model(inputs, cache=cache)[0, -1]
             token = sample_token(np.array(row.astype(mx.float32)), params, rng)
             yield token
-            if params.stop_at_eos and token in self._eos_ids:
-                return
             inputs = mx.array([[token]])
 
     def close(self) -> None:

@@ -62,13 +62,13 @@ class OnnxRunner(HFTokenizerMixin, Runner):
         return int(json.loads((self._folder / "genai_config.json").read_text())["model"]["vocab_size"])
 
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
+        return self.bounded(prompt_ids, params, self._stream(prompt_ids, params))
+
+    def _stream(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         import onnxruntime_genai as og
 
         model = self._ensure_genai()
-        budget = min(params.max_tokens, self.n_ctx - len(prompt_ids))
-        if budget <= 0:
-            return
-        search = {"max_length": len(prompt_ids) + budget, "do_sample": params.temperature > 0}
+        search = {"max_length": len(prompt_ids) + self.generation_budget(prompt_ids, params), "do_sample": params.temperature > 0}
         if params.temperature > 0:
             search.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0,
                           random_seed=params.seed)
@@ -76,14 +76,9 @@ class OnnxRunner(HFTokenizerMixin, Runner):
         gen_params.set_search_options(**search)
         generator = og.Generator(model, gen_params)
         generator.append_tokens(list(prompt_ids))
-        for _ in range(budget):
-            if generator.is_done():
-                break
+        while not generator.is_done():
             generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            yield token
-            if params.stop_at_eos and token in self._eos_ids:
-                break
+            yield int(generator.get_next_tokens()[0])
 
     def close(self) -> None:
         self._session = None

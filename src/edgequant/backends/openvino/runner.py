@@ -60,8 +60,8 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
         return int(self._logits_request().get_compiled_model().output("logits").get_partial_shape()[-1].get_length())
 
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
-        budget = min(params.max_tokens, self.n_ctx - len(prompt_ids))
-        if budget <= 0:
+        budget = self.generation_budget(prompt_ids, params)  # the engine stops itself (max_new_tokens, EOS)
+        if budget == 0:
             return
         tokens: queue.Queue = queue.Queue()
         worker = threading.Thread(target=self._generate_into, args=(list(prompt_ids), params, budget, tokens), daemon=True)

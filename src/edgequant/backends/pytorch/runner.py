@@ -43,20 +43,20 @@ class TorchRunner(HFTokenizerMixin, Runner):
         return out.logits[0].float().numpy()
 
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
+        return self.bounded(prompt_ids, params, self._stream(prompt_ids, params))
+
+    def _stream(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         torch = self._torch
         rng = np.random.default_rng(params.seed)
         inputs = torch.tensor([list(prompt_ids)], dtype=torch.long)
         past = None
-        budget = min(params.max_tokens, self.n_ctx - len(prompt_ids))
-        with torch.inference_mode():
-            for _ in range(max(budget, 0)):
+        while True:
+            with torch.inference_mode():
                 out = self.model(inputs, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                token = sample_token(out.logits[0, -1].float().numpy(), params, rng)
-                yield token
-                if params.stop_at_eos and token in self._eos_ids:
-                    return
-                inputs = torch.tensor([[token]], dtype=torch.long)
+            past = out.past_key_values
+            token = sample_token(out.logits[0, -1].float().numpy(), params, rng)
+            yield token
+            inputs = torch.tensor([[token]], dtype=torch.long)
 
     def close(self) -> None:
         self.model = None

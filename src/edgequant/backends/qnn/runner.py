@@ -43,14 +43,15 @@ class FixedShapeRunner(HFTokenizerMixin, Runner):
         return np.asarray(logits[0, : len(ids)], dtype=np.float32)
 
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
+        return self.bounded(prompt_ids, params, self._stream(prompt_ids, params))
+
+    def _stream(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         rng = np.random.default_rng(params.seed)
         ids = list(prompt_ids)
-        for _ in range(max(0, min(params.max_tokens, self.n_ctx - len(ids)))):
+        while True:
             token = sample_token(self.logits(ids)[-1], params, rng)
             ids.append(token)
             yield token
-            if params.stop_at_eos and token in self._eos_ids:
-                break
 
     def close(self) -> None:
         self._session = None
@@ -74,16 +75,14 @@ class KVRunner(HFTokenizerMixin, Runner):
         return self._cache.prefill(list(ids))
 
     def generate(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
+        return self.bounded(prompt_ids, params, self._stream(prompt_ids, params))
+
+    def _stream(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         rng = np.random.default_rng(params.seed)
-        budget = max(0, min(params.max_tokens, self.n_ctx - len(prompt_ids)))
-        if not budget:
-            return
         logits = self._cache.prefill(list(prompt_ids))[-1]
-        for produced in range(1, budget + 1):
+        while True:
             token = sample_token(logits, params, rng)
             yield token
-            if produced == budget or (params.stop_at_eos and token in self._eos_ids):
-                break
             logits = self._cache.step([token], "decode")[-1]
 
     def close(self) -> None:
