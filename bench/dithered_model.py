@@ -48,7 +48,7 @@ def main() -> int:
 
     from safetensors.numpy import load_file, save_file
 
-    from edgequant.source import load_source
+    from edgequant.sources.source import load_source
 
     source = load_source(None)
     rng = np.random.default_rng(args.seed)

@@ -70,7 +70,7 @@ def kld_pairs(models: dict[str, Path], config) -> dict:
                 except Exception as exc:  # one engine's failure must not hide the other rows
                     row[role] = {"spec": spec, "error": f"{type(exc).__name__}: {exc}"[:300]}
             if all("kld_ci95" in row.get(r, {}) for r in ("edgequant_default", "engine_default")):
-                from edgequant.intervals import compare
+                from edgequant.measurement.intervals import compare
 
                 verdict = compare(row["edgequant_default"]["kld_ci95"], row["engine_default"]["kld_ci95"])
                 row["edgequant_default_kld_is"] = verdict  # lower is better
@@ -84,7 +84,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from edgequant.atomic import write_text_atomic
-    from edgequant.evaluation import EvalConfig, machine_info
+    from edgequant.measurement.evaluation import EvalConfig, machine_info
     from tiny_archs import build
     from tiny_model import build_tiny_llama
 

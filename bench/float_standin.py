@@ -57,7 +57,7 @@ class ModelRun:
     def score(self, spec: str, force: bool = False):
         if spec not in self.scores:
             import edgequant
-            from edgequant.evaluation import evaluate_with_scores
+            from edgequant.measurement.evaluation import evaluate_with_scores
             from imatrix import summary
 
             artifact = edgequant.convert(self.model, spec, force=force)
@@ -122,7 +122,7 @@ def main() -> int:
 
     import edgequant
     from edgequant.atomic import write_text_atomic
-    from edgequant.evaluation import EvalConfig, machine_info
+    from edgequant.measurement.evaluation import EvalConfig, machine_info
 
     started = time.perf_counter()
     config = EvalConfig(ctx=512, windows=args.windows, speed=False)

@@ -38,9 +38,9 @@ def main() -> int:
 
     import edgequant
     from edgequant.atomic import write_text_atomic
-    from edgequant.evaluation import EvalConfig, evaluate_with_scores, machine_info
+    from edgequant.measurement.evaluation import EvalConfig, evaluate_with_scores, machine_info
     from edgequant.paths import cache_dir
-    from edgequant.source import DEFAULT_MODEL_CAVEAT, load_source
+    from edgequant.sources.source import DEFAULT_MODEL_CAVEAT, load_source
     from imatrix import paired_ratio, summary
 
     wall = time.perf_counter()

@@ -75,7 +75,7 @@ def main() -> int:
     os.environ.update(env)
     import edgequant
     from edgequant.backends.gguf.tools import converter_dir
-    from edgequant.evaluation import EvalConfig, machine_info
+    from edgequant.measurement.evaluation import EvalConfig, machine_info
 
     source = edgequant.load_source()
     source_dir, converter = source.hf_dir, converter_dir()  # import and tool fetch are not timed

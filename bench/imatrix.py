@@ -5,12 +5,12 @@ matrix comes from the first 32768 tokens of the calibration text, never the eval
 both are evaluated on the same windows of the evaluation text: perplexity increase, KLD (mean, 95%
 interval, p99) and top-1 agreement against the PyTorch baseline. The figure of interest is the
 ratio KLD(with) / KLD(without). Both artifacts are scored on the very same tokens, so its interval
-is a paired bootstrap: the same resampled blocks of 32 tokens (edgequant.intervals' blocks) feed
+is a paired bootstrap: the same resampled blocks of 32 tokens (edgequant.measurement.intervals' blocks) feed
 numerator and denominator, and the ratio of the drawn sums is taken (seeded, 2000 resamples). A
 coarser paired bootstrap over whole windows is given beside it.
 
-The per-token scores (edgequant.intervals.TokenScores) come from
-edgequant.evaluation.evaluate_with_scores, with the same figures evaluate() reports.
+The per-token scores (edgequant.measurement.intervals.TokenScores) come from
+edgequant.measurement.evaluation.evaluate_with_scores, with the same figures evaluate() reports.
 
 IQ3_XXS and IQ2_XS are reported with the imatrix; edgequant refuses both without one. To say what
 llama.cpp itself does, the script also calls llama_model_quantize on the float intermediate without
@@ -69,7 +69,7 @@ def summary(metrics: dict, artifact) -> dict:
 
 def _block_kld(scores, block: int) -> np.ndarray:
     """(blocks, 2): summed clipped KLD and token count of each block; blocks never straddle windows."""
-    from edgequant.intervals import block_sums
+    from edgequant.measurement.intervals import block_sums
 
     kld = np.maximum(scores.kld, 0)  # as quality_figures does
     sums = block_sums(type(scores)(scores.nll, scores.baseline_nll, kld, scores.top1, scores.window), block)
@@ -80,7 +80,7 @@ def paired_ratio(with_scores, without_scores) -> dict:
     """KLD(with)/KLD(without) on the same tokens, with paired bootstrap intervals."""
     if not np.array_equal(with_scores.baseline_nll, without_scores.baseline_nll):
         raise RuntimeError("the two evaluations did not score the same tokens")
-    from edgequant.intervals import BLOCK_TOKENS
+    from edgequant.measurement.intervals import BLOCK_TOKENS
 
     kw, ko = np.maximum(with_scores.kld, 0), np.maximum(without_scores.kld, 0)
     out = {"ratio": round(float(kw.mean() / ko.mean()), 4)}
@@ -126,7 +126,7 @@ def llama_cpp_without_imatrix(precision: str, into: Path) -> tuple[Path | None, 
     from edgequant.backends.gguf.backend import _TABLE
     from edgequant.backends.gguf.tools import float_intermediate
     from edgequant.runner import default_threads
-    from edgequant.source import load_source
+    from edgequant.sources.source import load_source
 
     target = into / "model.gguf"
     try:
@@ -192,9 +192,9 @@ def main() -> int:
     import edgequant
     from edgequant.atomic import write_text_atomic
     from edgequant.errors import EdgequantError
-    from edgequant.evaluation import EvalConfig, evaluate_with_scores, machine_info
-    from edgequant.intervals import method as interval_method
-    from edgequant.source import DEFAULT_MODEL_CAVEAT, load_source
+    from edgequant.measurement.evaluation import EvalConfig, evaluate_with_scores, machine_info
+    from edgequant.measurement.intervals import method as interval_method
+    from edgequant.sources.source import DEFAULT_MODEL_CAVEAT, load_source
 
     wall = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
@@ -221,7 +221,7 @@ def main() -> int:
         ratio["target"] = verdict(ratio["ci95_block_bootstrap"], target)
         ratio["point_within_target"] = ratio["ratio"] <= target
         pair["kld_ratio_with_over_without"] = ratio
-        from edgequant.intervals import compare
+        from edgequant.measurement.intervals import compare
 
         pair["unpaired_kld_intervals_with_vs_without"] = compare(pair["with_imatrix"]["ci95"]["kld_mean"],
                                                                  pair["without_imatrix"]["ci95"]["kld_mean"])
@@ -268,7 +268,7 @@ def main() -> int:
         "over to a true fp16 model. " + DEFAULT_MODEL_CAVEAT,
         "Artifacts found in the cache were not rebuilt (artifact_created says when each was made); the with-imatrix "
         "ones use the cached imatrix=auto matrix (details.imatrix), a separate computation from the timed one.",
-        "Per-token scores come from wrapping edgequant.evaluation.quality_figures during evaluate(); the point "
+        "Per-token scores come from evaluate_with_scores, on the tokens behind evaluate()'s own figures; the point "
         "figures are evaluate()'s own.",
         *data_notes(rows),
         "unpaired_kld_intervals_with_vs_without compares the two KLD intervals as independent; they are not (same "

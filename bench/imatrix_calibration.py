@@ -31,10 +31,10 @@ RECIPES = ("q4_k_m", "q3_k_m", "q2_k")
 def main() -> int:
     import edgequant
     from edgequant.atomic import write_text_atomic
-    from edgequant.evaldata import default_eval_text
-    from edgequant.evaluation import EvalConfig, evaluate_with_scores, machine_info
-    from edgequant.importance import ImatrixConfig, compute_imatrix
-    from edgequant.source import DEFAULT_MODEL_CAVEAT
+    from edgequant.measurement.evaldata import default_eval_text
+    from edgequant.measurement.evaluation import EvalConfig, evaluate_with_scores, machine_info
+    from edgequant.sources.importance import ImatrixConfig, compute_imatrix
+    from edgequant.sources.source import DEFAULT_MODEL_CAVEAT
     from imatrix import paired_ratio
 
     config = EvalConfig(ctx=512, windows=8, speed=False)

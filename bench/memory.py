@@ -98,8 +98,8 @@ def _spread(name: str, values: list[float]) -> dict:
 
 def measure(spec: str, prompt_text: str, gen: int, threads: int, repeats: int) -> dict:
     import edgequant
+    from edgequant.measurement.speed_probe import SpeedRequest, run_in_child
     from edgequant.registry import open_runner
-    from edgequant.speed_probe import SpeedRequest, run_in_child
 
     artifact = edgequant.convert(None, spec)
     with open_runner(artifact.path, n_ctx=512, need_logits=False, threads=threads) as runner:
@@ -142,8 +142,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from edgequant.atomic import write_text_atomic
-    from edgequant.evaldata import default_eval_text
-    from edgequant.evaluation import machine_info
+    from edgequant.measurement.evaldata import default_eval_text
+    from edgequant.measurement.evaluation import machine_info
 
     prompt_text = default_eval_text()[:2000]
     rows = []

@@ -62,7 +62,7 @@ def main() -> int:
     os.environ.setdefault("EDGEQUANT_QUIET", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import edgequant
-    from edgequant.evaluation import EvalConfig, machine_info
+    from edgequant.measurement.evaluation import EvalConfig, machine_info
 
     config = EvalConfig(windows=args.windows, repeats=args.repeats)
     baseline = edgequant.evaluate(None, config=config)

@@ -80,7 +80,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import edgequant
-    from edgequant.evaluation import EvalConfig, machine_info
+    from edgequant.measurement.evaluation import EvalConfig, machine_info
 
     config = EvalConfig(windows=args.windows, repeats=args.repeats, speed=not args.no_speed)
     baseline = edgequant.evaluate(None, config=config)

@@ -46,9 +46,9 @@ def main() -> int:
         os.environ["EDGEQUANT_HOME"] = tempfile.mkdtemp(prefix="edgequant-cold-home-")
 
     from edgequant.atomic import write_text_atomic
-    from edgequant.evaluation import machine_info
-    from edgequant.optimize import OptimizeConfig, optimize
-    from edgequant.source import DEFAULT_MODEL_CAVEAT
+    from edgequant.decisions.optimize import OptimizeConfig, optimize
+    from edgequant.measurement.evaluation import machine_info
+    from edgequant.sources.source import DEFAULT_MODEL_CAVEAT
 
     result: dict = {"machine": machine_info(), "caveat": DEFAULT_MODEL_CAVEAT,
                     "load_avg_1_5_15m": {"start": [round(x, 2) for x in os.getloadavg()]}, "runs": []}
@@ -113,10 +113,10 @@ def _brief(c: dict) -> dict:
 
 def _other_formats(found: dict, bound: int) -> list[dict]:
     """Built-in specs of formats x86-cpu does not list, from their cached evaluations (same settings)."""
-    from edgequant.benchmark import DEFAULT_EVAL, eval_config_for
     from edgequant.conversion import default_artifact_dir
-    from edgequant.evaluation import stored_evaluation
-    from edgequant.hardware import get_profile
+    from edgequant.decisions.hardware import get_profile
+    from edgequant.measurement.benchmark import DEFAULT_EVAL, eval_config_for
+    from edgequant.measurement.evaluation import stored_evaluation
     from edgequant.registry import backends, parse_spec
 
     listed = set(get_profile("x86-cpu").formats)

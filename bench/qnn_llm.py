@@ -47,8 +47,8 @@ def main() -> int:
 
     import edgequant
     from edgequant.atomic import write_text_atomic
-    from edgequant.evaluation import EvalConfig, machine_info
-    from edgequant.source import DEFAULT_MODEL_CAVEAT
+    from edgequant.measurement.evaluation import EvalConfig, machine_info
+    from edgequant.sources.source import DEFAULT_MODEL_CAVEAT
 
     config = EvalConfig(ctx=512, windows=args.windows, gen_tokens=GEN_TOKENS, repeats=REPEATS)
     result = {"machine": machine_info(), "model": args.model or "default",
@@ -96,7 +96,7 @@ def genai_reference(folder: Path) -> dict:
     token to close the prefill, then GEN_TOKENS timed, median of REPEATS."""
     import onnxruntime_genai as og
 
-    from edgequant.evaldata import default_eval_text
+    from edgequant.measurement.evaldata import default_eval_text
     from edgequant.registry import open_runner
     from edgequant.runner import GenerateParams
 
@@ -154,7 +154,7 @@ def targets(rows: dict) -> dict:
 
 def _verdict(value_ci: list[float], limit_ci: list[float]) -> str:
     """Whether a figure that should stay at or below a limit does, judged on both intervals."""
-    from edgequant.intervals import compare
+    from edgequant.measurement.intervals import compare
 
     return {"lower": "met: the whole interval lies below the limit's",
             "higher": "not met: the whole interval lies above the limit's",

@@ -56,7 +56,7 @@ SPECS = ("gguf:q4_k_m", "onnx:int4", "openvino:int4", "mlx:4bit", "qnn:w8a16")
 _BUILD = """
 import json, sys, torch, transformers
 from pathlib import Path
-from edgequant.source import load_source
+from edgequant.sources.source import load_source
 config_class, settings, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
 config = getattr(transformers, config_class)(max_position_embeddings=4096, bos_token_id=0, eos_token_id=0, **settings)
 torch.manual_seed(0)
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     from edgequant import __version__
-    from edgequant.evaluation import machine_info
+    from edgequant.measurement.evaluation import machine_info
 
     found = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
 

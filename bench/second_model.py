@@ -46,11 +46,11 @@ def baseline_against_llama_cpp(path: Path, windows: int) -> dict:
     """PyTorch on the imported folder and llama.cpp on the original file, on the same windows."""
     import llama_cpp
 
-    from edgequant.evaluation import EvalConfig, _eval_text, _make_windows
-    from edgequant.intervals import TokenScores, bootstrap
-    from edgequant.logprobs import kl_divergence, log_softmax
+    from edgequant.measurement.evaluation import EvalConfig, _eval_text, _make_windows
+    from edgequant.measurement.intervals import TokenScores, bootstrap
+    from edgequant.measurement.logprobs import kl_divergence, log_softmax
     from edgequant.registry import open_runner
-    from edgequant.source import load_source
+    from edgequant.sources.source import load_source
 
     source = load_source(path)
     config = EvalConfig(windows=windows)
@@ -82,8 +82,8 @@ def baseline_against_llama_cpp(path: Path, windows: int) -> dict:
 
 
 def bench_rows(path: Path, specs: str, windows: int) -> list[dict]:
-    from edgequant.benchmark import BenchConfig, run_bench
-    from edgequant.evaluation import EvalConfig
+    from edgequant.measurement.benchmark import BenchConfig, run_bench
+    from edgequant.measurement.evaluation import EvalConfig
 
     with tempfile.TemporaryDirectory() as scratch:
         result = run_bench(BenchConfig(path, specs, Path(scratch) / "results.sqlite", eval=EvalConfig(windows=windows)))
@@ -159,8 +159,8 @@ def optimize_check(path: Path, target: str, windows: int) -> dict:
     every candidate's figures (the certificate is written to a scratch folder and dropped)."""
     import time
 
-    from edgequant.evaluation import EvalConfig
-    from edgequant.optimize import OptimizeConfig, optimize
+    from edgequant.decisions.optimize import OptimizeConfig, optimize
+    from edgequant.measurement.evaluation import EvalConfig
 
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
@@ -197,35 +197,37 @@ def main() -> None:
     args = parser.parse_args()
     from edgequant import __version__
     from edgequant.atomic import write_text_atomic
-    from edgequant.evaluation import machine_info
+    from edgequant.measurement.evaluation import machine_info
 
     path = gemma_gguf()
+    stamp = {"measured": datetime.date.today().isoformat(), "edgequant": __version__}
     if args.serve:
-        found = json.loads(RESULTS.read_text())
-        found["serve"] = {"measured": datetime.date.today().isoformat(), "edgequant": __version__, **serve_check(path, args.serve)}
-        print(json.dumps(found["serve"], indent=2))
+        measured = {**stamp, **serve_check(path, args.serve)}
+        print(json.dumps(measured, indent=2))
     elif args.optimize:
-        found = json.loads(RESULTS.read_text())
-        found["optimize"] = {"measured": datetime.date.today().isoformat(), "edgequant": __version__,
-                             "machine": machine_info(), **optimize_check(path, args.optimize, args.bench_windows)}
-        print(json.dumps({k: found["optimize"][k] for k in ("winner", "why", "wall_s")}, indent=2))
-    elif args.section:  # rows of the same spec are replaced, others kept: a section grows run by run
-        found = json.loads(RESULTS.read_text())
-        rows = bench_rows(path, args.specs or FOUR_BIT_SPECS, args.bench_windows)
-        section = found.get(args.section, {})
-        kept = [row for row in section.get("rows", []) if row["spec"] not in {r["spec"] for r in rows}]
-        found[args.section] = {**section, "windows": args.bench_windows, "source_tensor_types": source_tensor_types(path),
-                               "rows": kept + rows,
-                               "runs": section.get("runs", []) + [{"measured": datetime.date.today().isoformat(),
-                                                                    "edgequant": __version__, "machine": machine_info(),
-                                                                    "specs": [r["spec"] for r in rows]}]}
+        measured = {**stamp, "machine": machine_info(), **optimize_check(path, args.optimize, args.bench_windows)}
+        print(json.dumps({k: measured[k] for k in ("winner", "why", "wall_s")}, indent=2))
+    elif args.section:
+        measured = bench_rows(path, args.specs or FOUR_BIT_SPECS, args.bench_windows)
     else:
-        found = {"measured": datetime.date.today().isoformat(), "edgequant": __version__, "model": path.name,
-                 "machine": machine_info(), "caveat": "weights dequantized from a Q4_K_M file, so low bits look better "
-                 "than on a true float model", "import_check": baseline_against_llama_cpp(path, args.windows)}
-        print(json.dumps(found["import_check"], indent=2), flush=True)
+        measured = {**stamp, "model": path.name, "machine": machine_info(), "caveat": "weights dequantized from a "
+                    "Q4_K_M file, so low bits look better than on a true float model",
+                    "import_check": baseline_against_llama_cpp(path, args.windows)}
+        print(json.dumps(measured["import_check"], indent=2), flush=True)
         if not args.skip_bench:
-            found["bench"] = {"windows": args.bench_windows, "rows": bench_rows(path, args.specs, args.bench_windows)}
+            measured["bench"] = {"windows": args.bench_windows, "rows": bench_rows(path, args.specs, args.bench_windows)}
+    # The file is read only now, so a section another run wrote meanwhile is kept.
+    found = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if args.serve or args.optimize:
+        found["serve" if args.serve else "optimize"] = measured
+    elif args.section:  # rows of the same spec are replaced, others kept: a section grows run by run
+        section = found.get(args.section, {})
+        kept = [row for row in section.get("rows", []) if row["spec"] not in {r["spec"] for r in measured}]
+        run = {**stamp, "machine": machine_info(), "specs": [r["spec"] for r in measured]}
+        found[args.section] = {**section, "windows": args.bench_windows, "source_tensor_types": source_tensor_types(path),
+                               "rows": kept + measured, "runs": section.get("runs", []) + [run]}
+    else:
+        found = measured
     write_text_atomic(RESULTS, json.dumps(found, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 

@@ -99,7 +99,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import edgequant
-    from edgequant.evaluation import machine_info
+    from edgequant.measurement.evaluation import machine_info
     from edgequant.runner import default_threads
 
     artifact = edgequant.convert(None, "gguf:q4_k_m")

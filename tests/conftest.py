@@ -45,21 +45,11 @@ def tiny_gguf_f32(tiny_model):
 def onnx_tiny(tiny_model, tmp_path_factory):
     """The tiny model's tokenizer with fresh random weights of a shape the ONNX genai builder takes
     (it mistakes an MLP projection of vocabulary width for the LM head)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_model import write_random_llama
 
     out = tmp_path_factory.mktemp("onnx-tiny") / "model"
     shutil.copytree(tiny_model, out, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0.0, 0.08)
-    model.save_pretrained(out, safe_serialization=True)
+    write_random_llama(out, seed=1, intermediate_size=768)
     return out
 
 

@@ -67,7 +67,7 @@ def _contract_spec(backend) -> str:
 def converted(request, tiny_model, onnx_tiny):
     """One artifact per format, from the first tiny model the format accepts."""
     import edgequant
-    from edgequant.source import load_source
+    from edgequant.sources.source import load_source
 
     cache = {}
 
@@ -110,7 +110,7 @@ def test_convert_writes_a_complete_manifest(fmt, converted):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_runner_tokenizes_scores_and_generates(fmt, converted):
-    from edgequant.evaldata import default_eval_text
+    from edgequant.measurement.evaldata import default_eval_text
     from edgequant.registry import open_runner
 
     artifact, source = converted(fmt)
@@ -133,7 +133,7 @@ def test_runner_tokenizes_scores_and_generates(fmt, converted):
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if f != BASELINE_FORMAT])
 def test_speed_probe_loads_the_engine_and_nothing_of_ours(fmt, converted):
     """The probe child measures what an app of that engine would hold: no torch, no transformers."""
-    from edgequant.speed_probe import SpeedRequest, run_in_child
+    from edgequant.measurement.speed_probe import SpeedRequest, run_in_child
 
     artifact, _ = converted(fmt)
     prompts = [list(range(10, 26)), list(range(30, 46))]

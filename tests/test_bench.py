@@ -8,12 +8,12 @@ import subprocess
 import pytest
 
 from edgequant.backend import Backend
-from edgequant.benchmark import BenchConfig, run_bench
 from edgequant.errors import EdgequantError
-from edgequant.evaluation import EvalConfig
+from edgequant.measurement.benchmark import BenchConfig, run_bench
+from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.results import ResultsDB
 from edgequant.registry import register, unregister
-from edgequant.report import pareto_front
-from edgequant.results import ResultsDB
+from edgequant.reporting.report import pareto_front
 from edgequant.spec import Precision
 
 pytest.importorskip("llama_cpp", reason="its extra is not installed")
@@ -47,7 +47,7 @@ def test_pareto_front_on_hand_made_points():
 
 @pytest.mark.unit
 def test_time_left_weighs_the_remaining_specs_by_backend():
-    from edgequant.benchmark import time_left
+    from edgequant.measurement.benchmark import time_left
 
     weights = [13, 13, 0, 350]  # two GGUF specs done, a skipped one, then QNN
     assert time_left(30.0, 2, weights) == pytest.approx(30.0 * 350 / 26)
@@ -55,8 +55,8 @@ def test_time_left_weighs_the_remaining_specs_by_backend():
 
 
 def test_a_broken_candidate_is_left_off_the_front_and_the_chart(tmp_path):
-    from edgequant.benchmark import BenchResult, BenchRow
-    from edgequant.report import build_report
+    from edgequant.measurement.benchmark import BenchResult, BenchRow
+    from edgequant.reporting.report import build_report
 
     def row(spec, mb, increase):
         metrics = {"size_bytes": mb * 1e6, "perplexity": 20 * (1 + increase / 100), "ppl_increase_pct": increase,
@@ -188,7 +188,7 @@ def test_bench_reads_the_spec_list_convert_reads(cli, tiny_model, tmp_path):
     done = cli("bench", str(tiny_model), "--to", "gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q8_0,gguf:q8_0",
                "--db", str(tmp_path / "db.sqlite"), "--report", str(blocker / "r.html"))
     assert done.returncode == 2 and "cannot" in done.stderr and "unknown" not in done.stderr, done.stderr
-    from edgequant.benchmark import _plan
+    from edgequant.measurement.benchmark import _plan
 
     planned = _plan(BenchConfig(tiny_model, "gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q8_0,gguf:q8_0"))
     assert [str(spec) for spec, _ in planned] == ["gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q8_0", "gguf:q8_0"]

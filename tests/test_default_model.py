@@ -5,7 +5,7 @@ import json
 import pytest
 
 import edgequant
-from edgequant.evaluation import EvalConfig
+from edgequant.measurement.evaluation import EvalConfig
 
 pytest.importorskip("gguf", reason="its extra is not installed")
 pytest.importorskip("llama_cpp", reason="its extra is not installed")
@@ -62,7 +62,7 @@ def test_import_keeps_the_original_tokenizer(ladder):
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from edgequant.evaldata import default_eval_text
+    from edgequant.measurement.evaldata import default_eval_text
 
     source = edgequant.load_source()
     text = default_eval_text()[:20000]

@@ -6,8 +6,8 @@ import pytest
 
 import edgequant
 from edgequant.errors import EdgequantError
-from edgequant.evaluation import EvalConfig
-from edgequant.results import ResultsDB
+from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.results import ResultsDB
 
 pytest.importorskip("torch", reason="its extra is not installed")
 pytest.importorskip("llama_cpp", reason="its extra is not installed")
@@ -122,7 +122,7 @@ def test_same_tokens_in_other_window_shapes_get_their_own_reference(tiny_gguf_f3
 def test_speed_prompts_differ_so_no_engine_reuses_a_cached_prefix():
     import numpy as np
 
-    from edgequant.evaluation import Windows, _speed_prompts
+    from edgequant.measurement.evaluation import Windows, _speed_prompts
 
     windows = Windows(np.arange(2 * 64).reshape(2, 64), "sha", "data")
     prompts = _speed_prompts(windows, 16, 4)

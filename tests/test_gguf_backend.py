@@ -125,7 +125,7 @@ def test_an_unknown_bpe_pre_tokenizer_is_refused_with_the_converters_log_kept(ti
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from edgequant.evaldata import default_eval_text
+    from edgequant.measurement.evaldata import default_eval_text
 
     model = tmp_path / "unknown-bpe"
     shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))

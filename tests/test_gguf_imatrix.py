@@ -173,7 +173,7 @@ def test_imatrix_changes_quantized_bytes_and_is_recorded(tiny_model):
 
 
 def test_types_that_need_an_imatrix_work_with_one(tiny_model):
-    from edgequant.evaluation import EvalConfig
+    from edgequant.measurement.evaluation import EvalConfig
 
     with pytest.raises(EdgequantError, match="needs an importance matrix") as err:
         edgequant.convert(tiny_model, "gguf:iq2_xs")
@@ -224,7 +224,7 @@ def edgequant_cli(*args: str) -> dict:
 
 @pytest.mark.slow
 def test_real_model_iq2_xs_with_an_imatrix_loads_and_scores():
-    from edgequant.evaluation import EvalConfig
+    from edgequant.measurement.evaluation import EvalConfig
 
     artifact = edgequant.convert(None, "gguf:iq2_xs?imatrix=auto")
     metrics = edgequant.evaluate(artifact.path, config=EvalConfig(ctx=512, windows=1, speed=False))
@@ -258,7 +258,7 @@ def test_allocation_fits_the_budget_and_spends_it_where_it_buys_most():
 
 @pytest.mark.unit
 def test_sizes_parse_in_decimal_and_binary_units():
-    from edgequant.gates import parse_size
+    from edgequant.decisions.gates import parse_size
 
     assert parse_size("120MB") == 120_000_000 and parse_size("0.5GiB") == 2**29 and parse_size("4096") == 4096
     with pytest.raises(EdgequantError, match="not a size"):
@@ -266,7 +266,7 @@ def test_sizes_parse_in_decimal_and_binary_units():
 
 
 def test_auto_meets_its_budget_and_beats_llama_cpp_recipe_at_that_size(tiny_model):
-    from edgequant.evaluation import EvalConfig
+    from edgequant.measurement.evaluation import EvalConfig
 
     recipe = edgequant.convert(tiny_model, "gguf:q4_k_m?imatrix=auto")
     budget = recipe.manifest["model_bytes"]
@@ -281,7 +281,9 @@ def test_auto_meets_its_budget_and_beats_llama_cpp_recipe_at_that_size(tiny_mode
     assert ours["ci95"]["kld_mean"][1] < theirs["ci95"]["kld_mean"][0], (ours, theirs)
     smaller = edgequant.convert(tiny_model, f"gguf:auto?size={budget * 3 // 4}")  # the ladder and role weights are reused
     searched = smaller.manifest["details"]["auto"]
-    assert searched["measurements"] == len(searched["candidates"]) < details["auto"]["measurements"]
+    # only the candidates were measured: the role weights came from the memo (the first search's, or
+    # an earlier test's on the same model when the order of tests differs)
+    assert searched["measurements"] == len(searched["candidates"])
     assert smaller.manifest["model_bytes"] <= budget * 3 // 4
 
 

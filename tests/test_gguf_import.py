@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import edgequant
-from edgequant.evaldata import default_eval_text
-from edgequant.logprobs import kl_divergence, log_softmax
+from edgequant.measurement.evaldata import default_eval_text
+from edgequant.measurement.logprobs import kl_divergence, log_softmax
 from edgequant.registry import open_runner
 
 pytest.importorskip("torch", reason="its extra is not installed")
@@ -69,7 +69,7 @@ def test_a_model_that_adds_bos_gets_it_in_evaluation_prompts_and_every_runner(ti
     config = edgequant.EvalConfig(ctx=64, windows=2, speed=False)
     metrics = edgequant.evaluate(model, config=config)
     assert metrics["tokens_scored"] == 2 * 63
-    from edgequant.evaluation import _eval_text, _make_windows
+    from edgequant.measurement.evaluation import _eval_text, _make_windows
 
     windows = _make_windows(edgequant.load_source(model), config, *_eval_text(config))
     assert list(windows.ids[:, 0]) == [1, 1]  # each window starts with BOS, as llama.cpp's perplexity does
@@ -96,7 +96,7 @@ def test_a_tied_output_layer_is_found_where_the_config_leaves_it_unsaid(tiny_mod
 def test_an_imported_folder_loads_without_transformers_false_regex_alarm(tiny_gemma3, tmp_path, capfd):
     """transformers 4.57.3+ tells every folder its own version saved that its tokenizer has "an
     incorrect regex pattern" (a check meant for Mistral's); users saw it on every Gemma run."""
-    from edgequant.auto_tokenizer import auto_tokenizer
+    from edgequant.sources.auto_tokenizer import auto_tokenizer
 
     source = _as_their_gguf(tiny_gemma3, tmp_path)
     capfd.readouterr()

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
+from edgequant.decisions.gates import DEFAULT_GATES, check, derived_metrics, parse_gate, parse_gates, passes, source_check
+from edgequant.decisions.hardware import Machine, closest, detect, get_profile, profiles
 from edgequant.errors import EdgequantError
-from edgequant.gates import DEFAULT_GATES, check, derived_metrics, parse_gate, parse_gates, passes, source_check
-from edgequant.hardware import Machine, closest, detect, get_profile, profiles
 from edgequant.registry import format_names, parse_spec
 
 pytestmark = pytest.mark.unit
@@ -97,7 +97,7 @@ def test_the_perplexity_change_interval_is_that_of_its_absolute_value():
 
 
 def test_a_suspect_candidate_is_never_certified():
-    from edgequant.optimize import Candidate, ranked
+    from edgequant.decisions.optimize import Candidate, ranked
 
     suspect = source_check({"ppl_increase_pct": -3.0, "ci95": {"ppl_increase_pct": [-4.0, -2.0]}})
     better_than_source = Candidate("suspect", "test", "measured", metrics={"size_bytes": 10, "kld_mean": 0.2},
@@ -140,7 +140,7 @@ def test_speed_and_memory_gates_compare_with_the_baseline():
 
 
 def test_the_pareto_front_keeps_what_nothing_beats_on_every_figure():
-    from edgequant.report import pareto_front
+    from edgequant.reporting.report import pareto_front
 
     # (kld, size, peak, -speed): b is beaten by a everywhere; c and d trade off; e ties a exactly
     points = [(0.01, 100, 200, -50), (0.02, 110, 210, -40), (0.005, 150, 250, -45), (0.05, 80, 190, -60),
@@ -150,7 +150,7 @@ def test_the_pareto_front_keeps_what_nothing_beats_on_every_figure():
 
 
 def test_optimize_ranks_passing_candidates_by_the_objective_then_the_closest_failures():
-    from edgequant.optimize import Candidate, ranked
+    from edgequant.decisions.optimize import Candidate, ranked
 
     def candidate(spec, size, kld, tps, verdicts):
         return Candidate(spec, "test", "measured", metrics={"size_bytes": size, "kld_mean": kld, "decode_tps": tps},
@@ -171,7 +171,7 @@ def test_optimize_ranks_passing_candidates_by_the_objective_then_the_closest_fai
 
 
 def test_optimize_says_when_the_winner_cannot_be_told_from_the_runner_up():
-    from edgequant.optimize import Candidate, _distinguishable
+    from edgequant.decisions.optimize import Candidate, _distinguishable
 
     def candidate(kld_ci, tps_range):
         return Candidate("c", "test", "measured", metrics={"ci95": {"kld_mean": kld_ci}, "decode_tps_range": tps_range})

@@ -17,22 +17,33 @@ import pytest
 pytestmark = pytest.mark.unit
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+# Folders group modules by what they are about (sources, measurement, decisions, reporting,
+# serving, backends); layers order them by what may import what. A folder spans layers where its
+# helpers sit below its verbs (measurement's intervals are a base helper, its evaluation a verb).
 LAYERS = {
     "base": ["edgequant", "edgequant.errors", "edgequant.atomic", "edgequant.paths", "edgequant.progress",
-             "edgequant.fingerprint", "edgequant.safetensors_info", "edgequant.logprobs", "edgequant.intervals", "edgequant.metric_table",
-             "edgequant.auto_tokenizer"],
-    "model": ["edgequant.spec", "edgequant.artifact", "edgequant.runner", "edgequant.backend", "edgequant.source",
-              "edgequant.gguf_import", "edgequant.evaldata", "edgequant.hardware", "edgequant.gates"],
+             "edgequant.fingerprint", "edgequant.sources.safetensors_info", "edgequant.sources.auto_tokenizer",
+             "edgequant.measurement.logprobs", "edgequant.measurement.intervals", "edgequant.measurement.metric_table",
+             "edgequant.sources", "edgequant.measurement", "edgequant.decisions", "edgequant.reporting"],
+    "model": ["edgequant.spec", "edgequant.artifact", "edgequant.runner", "edgequant.backend",
+              "edgequant.sources.source", "edgequant.sources.gguf_import", "edgequant.measurement.evaldata",
+              "edgequant.decisions.hardware", "edgequant.decisions.gates"],
     "formats": ["edgequant.backends"],
     "registry": ["edgequant.registry"],
-    "verbs": ["edgequant.conversion", "edgequant.evaluation", "edgequant.speed_probe", "edgequant.benchmark",
-              "edgequant.report", "edgequant.report_text", "edgequant.results", "edgequant.inspection", "edgequant.importance",
-              "edgequant.recommend",
-              "edgequant.optimize", "edgequant.certificate", "edgequant.recipe",
-              "edgequant.serving"],
+    "verbs": ["edgequant.conversion", "edgequant.sources.inspection", "edgequant.sources.importance",
+              "edgequant.measurement.evaluation", "edgequant.measurement.speed_probe", "edgequant.measurement.results",
+              "edgequant.measurement.benchmark", "edgequant.reporting.report", "edgequant.reporting.report_text",
+              "edgequant.decisions.recommend", "edgequant.decisions.optimize", "edgequant.decisions.certificate",
+              "edgequant.decisions.recipe", "edgequant.serving"],
     "cli": ["edgequant.cli", "edgequant.__main__"],
 }
 RANK = {name: i for i, name in enumerate(LAYERS)}
+FOLDERS = ("edgequant.sources", "edgequant.measurement", "edgequant.decisions", "edgequant.reporting")
+# What stays at the top of the package: the helpers and contracts every folder uses, and the
+# verbs that are one module each. Anything else belongs in a folder.
+TOP_LEVEL = {"edgequant", "edgequant.__main__", "edgequant.cli", "edgequant.errors", "edgequant.atomic", "edgequant.paths",
+             "edgequant.progress", "edgequant.fingerprint", "edgequant.spec", "edgequant.artifact", "edgequant.runner",
+             "edgequant.backend", "edgequant.registry", "edgequant.conversion"}
 
 
 def module_names() -> dict[str, Path]:
@@ -52,7 +63,7 @@ def layer_of(module: str) -> str:
         for prefix in prefixes:
             if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[1])):
                 best = (layer, prefix)
-    if best is None or (best[1] == "edgequant" and module != "edgequant"):
+    if best is None or (best[1] in ("edgequant", *FOLDERS) and module != best[1]):
         raise AssertionError(f"{module} is in no layer: add it to LAYERS in {Path(__file__).name}")
     return best[0]
 
@@ -89,6 +100,11 @@ def format_package(module: str) -> str | None:
 def test_every_module_has_a_layer(graph):
     for module in graph:
         layer_of(module)
+
+
+def test_the_top_level_holds_only_the_core_and_the_rest_is_in_folders(graph):
+    top = {m for m in graph if m.count(".") <= 1}
+    assert top - set(FOLDERS) - {"edgequant.backends", "edgequant.serving"} == TOP_LEVEL
 
 
 def test_no_module_imports_a_higher_layer(graph):

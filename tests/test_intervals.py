@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from edgequant.evaluation import quality_figures
-from edgequant.intervals import TokenScores, block_sums, bootstrap, compare
+from edgequant.measurement.evaluation import quality_figures
+from edgequant.measurement.intervals import TokenScores, block_sums, bootstrap, compare
 
 pytestmark = pytest.mark.unit
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgequant import metric_table
-from edgequant.metric_table import QUALITY, Metric
+from edgequant.measurement import metric_table
+from edgequant.measurement.metric_table import QUALITY, Metric
 
 pytestmark = pytest.mark.unit
 
@@ -23,7 +23,7 @@ def figures(cosine: float, low: float, high: float, size: int = 100) -> dict:
 
 
 def test_a_new_figure_gates_with_its_interval(with_cosine):
-    from edgequant.gates import check, parse_gate
+    from edgequant.decisions.gates import check, parse_gate
 
     gate = parse_gate("cosine>=0.99")
     assert check(gate, figures(0.995, 0.992, 0.997))["verdict"] == "pass"
@@ -32,7 +32,7 @@ def test_a_new_figure_gates_with_its_interval(with_cosine):
 
 
 def test_a_new_figure_is_a_column_of_new_and_existing_results_stores(tmp_path, monkeypatch):
-    from edgequant.results import ResultsDB
+    from edgequant.measurement.results import ResultsDB
 
     path = tmp_path / "results.sqlite"
     ResultsDB.open(path).close()  # written before the figure existed
@@ -46,7 +46,7 @@ def test_a_new_figure_is_a_column_of_new_and_existing_results_stores(tmp_path, m
 
 
 def test_a_new_figure_ranks_optimize_candidates_the_way_it_says_is_better(with_cosine):
-    from edgequant.optimize import Candidate, ranked
+    from edgequant.decisions.optimize import Candidate, ranked
 
     def candidate(spec, cosine, size):
         return Candidate(spec, "test", "measured", metrics=figures(cosine, cosine, cosine, size),
@@ -58,9 +58,9 @@ def test_a_new_figure_ranks_optimize_candidates_the_way_it_says_is_better(with_c
 
 
 def test_a_new_figure_prints_in_the_bench_report_and_the_eval_output(with_cosine, tmp_path):
-    from edgequant.benchmark import BenchResult, BenchRow
-    from edgequant.report import build_report, render_markdown
-    from edgequant.report_text import format_metrics
+    from edgequant.measurement.benchmark import BenchResult, BenchRow
+    from edgequant.reporting.report import build_report, render_markdown
+    from edgequant.reporting.report_text import format_metrics
 
     settings = {"windows": 1, "ctx": 8, "repeats": 1, "prompt_tokens": 4, "gen_tokens": 4, "threads": 0, "data": "text"}
 
@@ -79,7 +79,7 @@ def test_a_new_figure_prints_in_the_bench_report_and_the_eval_output(with_cosine
 
 
 def test_every_gate_name_and_column_is_declared_once():
-    from edgequant.results import metric_columns
+    from edgequant.measurement.results import metric_columns
 
     gates = [m.gate for m in metric_table.TABLE if m.gate]
     columns = [column for column, _, _ in metric_columns()]

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
+from edgequant.decisions.hardware import profiles
+from edgequant.decisions.optimize import OptimizeConfig, optimize, plan
 from edgequant.errors import EdgequantError
-from edgequant.evaluation import EvalConfig
-from edgequant.hardware import profiles
-from edgequant.optimize import OptimizeConfig, optimize, plan
+from edgequant.measurement.evaluation import EvalConfig
 
 pytest.importorskip("llama_cpp", reason="its extra is not installed")
 
@@ -125,7 +125,7 @@ def test_impossible_gates_exit_non_zero_and_name_the_closest_candidate_and_its_m
 
 
 def test_a_saved_recipe_reproduces_the_run_config(run, tmp_path):
-    from edgequant.recipe import load_recipe, optimize_config, save_recipe
+    from edgequant.decisions.recipe import load_recipe, optimize_config, save_recipe
 
     _, config, result = run
     save_recipe(config, tmp_path / "r.yaml", result["profile"]["name"])

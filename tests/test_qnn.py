@@ -9,8 +9,8 @@ import pytest
 import edgequant
 from edgequant.backends.onnx.tools import check_model, qdq_counts
 from edgequant.errors import EdgequantError
-from edgequant.evaldata import default_eval_text
-from edgequant.evaluation import EvalConfig
+from edgequant.measurement.evaldata import default_eval_text
+from edgequant.measurement.evaluation import EvalConfig
 
 pytest.importorskip("onnx", reason="its extra is not installed")
 pytest.importorskip("onnxruntime", reason="its extra is not installed")
@@ -229,7 +229,7 @@ def test_float_kv_graphs_equal_full_window_pytorch_at_every_position(tiny_model,
 def test_kv_decode_agrees_with_chunked_scoring_and_generation_uses_the_cache(kv_artifact):
     import numpy as np
 
-    from edgequant.logprobs import kl_divergence, log_softmax
+    from edgequant.measurement.logprobs import kl_divergence, log_softmax
     from edgequant.registry import open_runner
     from edgequant.runner import GenerateParams
 

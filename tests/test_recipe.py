@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from edgequant.decisions.recipe import load_recipe, optimize_config
 from edgequant.errors import EdgequantError
-from edgequant.recipe import load_recipe, optimize_config
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from edgequant.recommend import RecommendConfig, recommend
+from edgequant.decisions.recommend import RecommendConfig, recommend
 
 pytest.importorskip("llama_cpp", reason="its extra is not installed")
 

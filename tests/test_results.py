@@ -4,7 +4,7 @@ import sqlite3
 
 import pytest
 
-from edgequant.results import ResultsDB, metric_columns
+from edgequant.measurement.results import ResultsDB, metric_columns
 
 pytestmark = pytest.mark.unit
 

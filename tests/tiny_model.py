@@ -10,10 +10,9 @@ HIDDEN = 256  # a multiple of 256: K-quants apply to every matrix, no per-tensor
 
 def build_tiny_llama(out: Path, seed: int = 0) -> Path:
     import sentencepiece as spm
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+    from transformers import LlamaTokenizer
 
-    from edgequant.evaldata import default_eval_text
+    from edgequant.measurement.evaldata import default_eval_text
 
     corpus = out / "corpus.txt"
     corpus.write_text(default_eval_text()[:300_000])
@@ -25,16 +24,25 @@ def build_tiny_llama(out: Path, seed: int = 0) -> Path:
     model_dir = out / "model"
     tokenizer = LlamaTokenizer(vocab_file=str(out / "sp.model"), legacy=False, add_bos_token=False)
     tokenizer.save_pretrained(model_dir)
+    write_random_llama(model_dir, seed)
+    return model_dir
+
+
+def write_random_llama(model_dir: Path, seed: int, intermediate_size: int = 512) -> None:
+    """The tiny Llama's config and random weights, larger than the default init so the logits are
+    not flat, into `model_dir` (beside a tokenizer of VOCAB ids)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=512, num_hidden_layers=2,
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=intermediate_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     )
     model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # larger weights than the default init, so the logits are not flat
+    with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 0.08)
     model.save_pretrained(model_dir, safe_serialization=True)
-    return model_dir

@@ -15,15 +15,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 __version__ = "0.1.0"
 
 _API = {
-    "load_source": "edgequant.source",
-    "default_model_path": "edgequant.source",
-    "inspect_model": "edgequant.inspection",
+    "load_source": "edgequant.sources.source",
+    "default_model_path": "edgequant.sources.source",
+    "inspect_model": "edgequant.sources.inspection",
     "convert": "edgequant.conversion",
     "ConvertConfig": "edgequant.conversion",
     "open_artifact": "edgequant.artifact",
-    "evaluate": "edgequant.evaluation",
-    "evaluate_with_scores": "edgequant.evaluation",
-    "EvalConfig": "edgequant.evaluation",
+    "evaluate": "edgequant.measurement.evaluation",
+    "evaluate_with_scores": "edgequant.measurement.evaluation",
+    "EvalConfig": "edgequant.measurement.evaluation",
     "parse_spec": "edgequant.registry",
     "open_runner": "edgequant.registry",
     "EdgequantError": "edgequant.errors",

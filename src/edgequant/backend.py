@@ -28,7 +28,7 @@ from edgequant.spec import Option, Precision
 if TYPE_CHECKING:
     from edgequant.artifact import Artifact
     from edgequant.runner import Runner
-    from edgequant.source import Source
+    from edgequant.sources.source import Source
     from edgequant.spec import Spec
 
 

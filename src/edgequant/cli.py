@@ -129,7 +129,7 @@ def _add_eval_options(p) -> None:
 
 
 def _eval_config(args, windows: int, speed: bool = True):
-    from edgequant.evaluation import EvalConfig
+    from edgequant.measurement.evaluation import EvalConfig
 
     return EvalConfig(ctx=args.ctx, windows=windows, data=args.data, speed=speed, prompt_tokens=args.prompt_tokens,
                       gen_tokens=args.gen_tokens, repeats=args.repeats, threads=args.threads)
@@ -195,8 +195,8 @@ def _version() -> str:
 
 
 def _run_inspect(args) -> int:
-    from edgequant.inspection import inspect_model
-    from edgequant.report_text import format_inspect
+    from edgequant.reporting.report_text import format_inspect
+    from edgequant.sources.inspection import inspect_model
 
     info = inspect_model(args.model)
     print(json.dumps(info, indent=2) if args.json else format_inspect(info))
@@ -204,8 +204,8 @@ def _run_inspect(args) -> int:
 
 
 def _run_hardware(args) -> int:
-    from edgequant.hardware import closest, detect, profiles
-    from edgequant.report_text import format_hardware, format_profiles
+    from edgequant.decisions.hardware import closest, detect, profiles
+    from edgequant.reporting.report_text import format_hardware, format_profiles
 
     if args.profiles:
         listed = {name: vars(p) for name, p in profiles().items()}
@@ -219,8 +219,8 @@ def _run_hardware(args) -> int:
 
 
 def _run_recommend(args) -> int:
-    from edgequant.recommend import RecommendConfig, recommend
-    from edgequant.report_text import format_recommendation
+    from edgequant.decisions.recommend import RecommendConfig, recommend
+    from edgequant.reporting.report_text import format_recommendation
 
     ppl = args.max_ppl_increase.rstrip("%") if args.max_ppl_increase else None
     try:
@@ -235,19 +235,19 @@ def _run_recommend(args) -> int:
 
 
 def _run_optimize(args) -> int:
-    from edgequant.optimize import OptimizeConfig, optimize
-    from edgequant.report_text import format_optimize
+    from edgequant.decisions.optimize import OptimizeConfig, optimize
+    from edgequant.reporting.report_text import format_optimize
 
     config = OptimizeConfig(Path(args.model) if args.model else None, args.target, tuple(args.gate), args.objective,
                             args.budget, search=not args.no_search, eval=_eval_config(args, args.windows),
                             output=args.output, db=args.db)
     if args.save_recipe:
-        from edgequant.recipe import check_recipe_path
+        from edgequant.decisions.recipe import check_recipe_path
 
         check_recipe_path(args.save_recipe)
     result = optimize(config)
     if args.save_recipe:
-        from edgequant.recipe import save_recipe
+        from edgequant.decisions.recipe import save_recipe
 
         save_recipe(config, args.save_recipe, result["profile"]["name"])
     print(json.dumps(result, indent=2) if args.json else format_optimize(result))
@@ -255,9 +255,9 @@ def _run_optimize(args) -> int:
 
 
 def _run_recipe(args) -> int:
-    from edgequant.optimize import optimize, plan
-    from edgequant.recipe import load_recipe, optimize_config
-    from edgequant.report_text import format_optimize, format_plan
+    from edgequant.decisions.optimize import optimize, plan
+    from edgequant.decisions.recipe import load_recipe, optimize_config
+    from edgequant.reporting.report_text import format_optimize, format_plan
 
     config = optimize_config(load_recipe(args.recipe))
     if args.dry_run:
@@ -270,8 +270,8 @@ def _run_recipe(args) -> int:
 
 
 def _run_verify(args) -> int:
-    from edgequant.certificate import verify
-    from edgequant.report_text import format_verify
+    from edgequant.decisions.certificate import verify
+    from edgequant.reporting.report_text import format_verify
 
     found = verify(args.certificate, args.artifact)
     print(json.dumps(found, indent=2) if args.json else format_verify(found))
@@ -297,7 +297,7 @@ def _run_convert(args) -> int:
 
 
 def _run_imatrix(args) -> int:
-    from edgequant.importance import ImatrixConfig, compute_imatrix
+    from edgequant.sources.importance import ImatrixConfig, compute_imatrix
 
     facts = compute_imatrix(ImatrixConfig(args.output, Path(args.model) if args.model else None, args.calib, args.tokens))
     if args.json:
@@ -309,8 +309,8 @@ def _run_imatrix(args) -> int:
 
 
 def _run_eval(args) -> int:
-    from edgequant.evaluation import evaluate
-    from edgequant.report_text import format_metrics
+    from edgequant.measurement.evaluation import evaluate
+    from edgequant.reporting.report_text import format_metrics
 
     metrics = evaluate(args.target, args.baseline, _eval_config(args, args.windows, speed=not args.no_speed))
     print(json.dumps(metrics, indent=2) if args.json else format_metrics(metrics))
@@ -318,8 +318,8 @@ def _run_eval(args) -> int:
 
 
 def _run_bench(args) -> int:
-    from edgequant.benchmark import BenchConfig, run_bench
-    from edgequant.report import build_report, render_markdown
+    from edgequant.measurement.benchmark import BenchConfig, run_bench
+    from edgequant.reporting.report import build_report, render_markdown
 
     config = BenchConfig(Path(args.model) if args.model else None, args.to, args.db, args.report, args.markdown, args.json,
                          args.strict, args.force, _eval_config(args, args.windows))
@@ -334,8 +334,8 @@ def _run_bench(args) -> int:
 
 
 def _run_results(args) -> int:
-    from edgequant.report_text import format_results
-    from edgequant.results import ResultsDB
+    from edgequant.measurement.results import ResultsDB
+    from edgequant.reporting.report_text import format_results
 
     db = ResultsDB.open(args.db, create=False)
     rows = db.query(args.model)

@@ -37,7 +37,7 @@ def convert(model: str | Path | None = None, spec: str | Spec = "gguf:q4_k_m", o
 
 
 def run_convert(config: ConvertConfig) -> Artifact:
-    from edgequant.source import load_source
+    from edgequant.sources.source import load_source
 
     backend = get_backend(config.spec.format)
     missing = backend.missing_modules()
@@ -95,7 +95,7 @@ def available_memory() -> tuple[int, str]:
 
     limit = os.environ.get("EDGEQUANT_MEMORY_LIMIT")
     if limit:
-        from edgequant.gates import parse_size
+        from edgequant.decisions.gates import parse_size
 
         return parse_size(limit, "EDGEQUANT_MEMORY_LIMIT"), "EDGEQUANT_MEMORY_LIMIT"
     import psutil

@@ -115,6 +115,6 @@ def open_runner(path: str | Path | None, *, n_ctx: int = 2048, need_logits: bool
     if path is not None and is_artifact(Path(path)):
         artifact = open_artifact(path)
         return get_backend(artifact.spec.format).open(artifact, n_ctx=n_ctx, need_logits=need_logits, threads=threads)
-    from edgequant.source import load_source
+    from edgequant.sources.source import load_source
 
     return get_backend(BASELINE_FORMAT).open_source(load_source(path), n_ctx=n_ctx, threads=threads)

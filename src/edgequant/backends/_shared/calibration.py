@@ -13,8 +13,8 @@ def calibration_windows(tokenizer_dir: Path, count: int, length: int, text: str 
     """`count` windows of `length` tokens of `text` (default: the calibration text), tokenized by
     the model's own tokenizer. Too little text is an error; `fix` may use `{fit}`, the number of
     windows that would fit."""
-    from edgequant.auto_tokenizer import auto_tokenizer
-    from edgequant.evaldata import default_calibration_text
+    from edgequant.measurement.evaldata import default_calibration_text
+    from edgequant.sources.auto_tokenizer import auto_tokenizer
 
     text = text if text is not None else default_calibration_text()
     ids = auto_tokenizer(tokenizer_dir)(text, add_special_tokens=False, verbose=False).input_ids

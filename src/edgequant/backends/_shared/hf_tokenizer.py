@@ -85,7 +85,7 @@ def _tokenizer_definition(folder: Path) -> str:
     PyTorch baseline, where transformers is loaded anyway) gets it converted in memory."""
     if (folder / TOKENIZER_JSON).is_file():
         return (folder / TOKENIZER_JSON).read_text()
-    from edgequant.auto_tokenizer import auto_tokenizer
+    from edgequant.sources.auto_tokenizer import auto_tokenizer
 
     return auto_tokenizer(folder).backend_tokenizer.to_str()
 

@@ -38,8 +38,8 @@ from edgequant.backends._shared.calibration import calibration_windows
 from edgequant.backends.gguf import tools as gguf_tools
 from edgequant.backends.gguf.collect import IMATRIX_TOKENS
 from edgequant.backends.gguf.ggml import GGML_TYPES, LLAMA_FTYPE_MOSTLY_Q8_0
+from edgequant.decisions.gates import parse_size
 from edgequant.errors import EdgequantError
-from edgequant.gates import parse_size
 from edgequant.paths import cache_dir
 from edgequant.progress import step
 from edgequant.runner import default_threads
@@ -240,7 +240,7 @@ class HeldOutScorer:
     did not see, both run by llama.cpp (the float reference is computed once)."""
 
     def __init__(self, float_gguf: Path, windows: list[list[int]], threads: int):
-        from edgequant.logprobs import log_softmax
+        from edgequant.measurement.logprobs import log_softmax
 
         self.windows, self.threads = windows, threads
         self.reference = [log_softmax(x) for x in self._logits(float_gguf)]
@@ -257,7 +257,7 @@ class HeldOutScorer:
 
     def __call__(self, path: Path, windows: int | None = None) -> float:
         """Mean KLD over the first `windows` held-out windows (None: all)."""
-        from edgequant.logprobs import kl_divergence, log_softmax
+        from edgequant.measurement.logprobs import kl_divergence, log_softmax
 
         started = time.perf_counter()
         klds = [kl_divergence(ref, log_softmax(x)).mean() for ref, x in zip(self.reference, self._logits(path, windows))]

@@ -103,7 +103,7 @@ class GGUFBackend(Backend):
         opt = self.option_values(spec)
         tensor_overrides(opt.tensor)
         if opt.size:
-            from edgequant.gates import parse_size
+            from edgequant.decisions.gates import parse_size
 
             parse_size(opt.size)
             if "bpw" in spec.options:
@@ -123,7 +123,7 @@ class GGUFBackend(Backend):
         if spec.precision == "auto":
             opt = self.option_values(spec)
             if opt.size:
-                from edgequant.gates import parse_size
+                from edgequant.decisions.gates import parse_size
 
                 size = parse_size(opt.size)
                 return [str(spec.with_options(size=f"{size * f / 1e6:.6g}MB")) for f in (0.9, 0.95)]

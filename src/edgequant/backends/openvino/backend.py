@@ -167,7 +167,7 @@ def runtime_properties(opts) -> dict:
 
 def _calibration(source, spec, settings) -> list[dict]:
     from edgequant.backends.openvino.tools import calibration_samples
-    from edgequant.evaldata import read_text_file
+    from edgequant.measurement.evaldata import read_text_file
 
     if settings is None or settings.samples == 0:
         return []

@@ -102,7 +102,7 @@ def write_tokenizers(hf_dir: Path, out: Path) -> None:
     import openvino as ov
     from openvino_tokenizers import convert_tokenizer
 
-    from edgequant.auto_tokenizer import auto_tokenizer
+    from edgequant.sources.auto_tokenizer import auto_tokenizer
 
     tokenizer = auto_tokenizer(hf_dir)
     # The model's context as the IR's length bound: left unset, a tokenizer whose post-processor adds
@@ -119,8 +119,8 @@ def write_tokenizers(hf_dir: Path, out: Path) -> None:
 def _check_tokenizer_ir(compiled, tokenizer) -> None:
     """LLMPipeline tokenizes chat prompts with the IR while edgequant scores with the Hugging Face
     tokenizer: refuse an IR whose ids differ on real prose."""
-    from edgequant.evaldata import default_calibration_text
-    from edgequant.logprobs import first_difference
+    from edgequant.measurement.evaldata import default_calibration_text
+    from edgequant.measurement.logprobs import first_difference
 
     text = default_calibration_text()[:4000]
     expected = tokenizer(text, add_special_tokens=False, verbose=False).input_ids

@@ -339,7 +339,7 @@ def htp_pipeline_check(folder: Path, float_folder: Path, prompt_ids: list[int], 
 
     from edgequant.backends._shared.ort import cpu_session
     from edgequant.backends.qnn.tools import htp_options, htp_refusal, htp_session_options
-    from edgequant.logprobs import first_difference, kl_divergence, log_softmax
+    from edgequant.measurement.logprobs import first_difference, kl_divergence, log_softmax
 
     def pipeline(graph_folder: Path, session) -> KVCache:
         prompt, decode = session(graph_folder / PROMPT_FILE), session(graph_folder / DECODE_FILE)

@@ -198,7 +198,7 @@ def choose_eight_bit(splicer: EightBitSplicer, kld_of: Callable[[bytes], float],
 def kld_meter(fp32_path: Path, logits_of: Callable) -> Callable[[bytes], float]:
     """model bytes -> mean KLD of its logits to the float graph's, over what `logits_of(session)` runs."""
     from edgequant.backends._shared.ort import cpu_session
-    from edgequant.logprobs import kl_divergence, log_softmax
+    from edgequant.measurement.logprobs import kl_divergence, log_softmax
 
     reference = [log_softmax(x) for x in logits_of(cpu_session(fp32_path))]
 

@@ -451,7 +451,7 @@ def htp_agreement(model_path: Path, feeds: list[dict], target: dict | None = Non
     import onnxruntime as ort
 
     from edgequant.backends._shared.ort import cpu_session
-    from edgequant.logprobs import kl_divergence, log_softmax
+    from edgequant.measurement.logprobs import kl_divergence, log_softmax
 
     cpu = cpu_session(model_path)
     try:

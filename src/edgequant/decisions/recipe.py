@@ -125,9 +125,9 @@ def _type_error(path: Path, node, prefix: str, wanted: str, value: Any = None) -
 
 def _check_meaning(recipe: Recipe) -> None:
     """Specs, gates, profile, objective and files: everything that would fail later, found now."""
-    from edgequant.gates import parse_gate, parse_gates
-    from edgequant.hardware import get_profile
-    from edgequant.optimize import objective_metric
+    from edgequant.decisions.gates import parse_gate, parse_gates
+    from edgequant.decisions.hardware import get_profile
+    from edgequant.decisions.optimize import objective_metric
     from edgequant.registry import parse_specs
 
     data = recipe.data
@@ -165,9 +165,9 @@ def recipe_path(recipe: Recipe, value: str) -> Path:
 
 def optimize_config(recipe: Recipe):
     """The OptimizeConfig the recipe describes."""
-    from edgequant.benchmark import DEFAULT_EVAL
-    from edgequant.evaluation import EvalConfig
-    from edgequant.optimize import DEFAULT_BUDGET, OptimizeConfig
+    from edgequant.decisions.optimize import DEFAULT_BUDGET, OptimizeConfig
+    from edgequant.measurement.benchmark import DEFAULT_EVAL
+    from edgequant.measurement.evaluation import EvalConfig
 
     data = recipe.data
     search = data.get("search", {})
@@ -204,7 +204,7 @@ def save_recipe(config, path: Path, profile: str) -> None:
     import yaml
 
     from edgequant.atomic import write_text_atomic
-    from edgequant.gates import DEFAULT_GATES
+    from edgequant.decisions.gates import DEFAULT_GATES
 
     data: dict[str, Any] = {"version": VERSION, "source": str(config.model.resolve()) if config.model else "default"}
     data["target"] = profile

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgequant.errors import EdgequantError
-from edgequant.evaluation import EvalConfig
+from edgequant.measurement.evaluation import EvalConfig
 from edgequant.progress import note
 from edgequant.registry import BASELINE_SPEC, backends, bench_specs, get_backend, parse_specs
 from edgequant.spec import Spec
@@ -64,9 +64,9 @@ class BenchResult:
 
 
 def run_bench(config: BenchConfig) -> BenchResult:
-    from edgequant.evaluation import machine_info
-    from edgequant.results import ResultsDB
-    from edgequant.source import DEFAULT_MODEL_CAVEAT, load_source
+    from edgequant.measurement.evaluation import machine_info
+    from edgequant.measurement.results import ResultsDB
+    from edgequant.sources.source import DEFAULT_MODEL_CAVEAT, load_source
 
     specs = _plan(config)  # every spec is checked before any work starts
     for path in (config.report_html, config.report_markdown, config.report_json):
@@ -115,7 +115,7 @@ def _check_writable(path: Path) -> None:
 
 
 def _evaluate_baseline(config: BenchConfig, source) -> BenchRow:
-    from edgequant.evaluation import evaluate
+    from edgequant.measurement.evaluation import evaluate
 
     started = time.perf_counter()
     metrics = evaluate(source.path, config=config.eval)
@@ -125,7 +125,7 @@ def _evaluate_baseline(config: BenchConfig, source) -> BenchRow:
 
 def _bench_one(config: BenchConfig, source, spec: Spec) -> BenchRow:
     from edgequant.conversion import convert
-    from edgequant.evaluation import evaluate
+    from edgequant.measurement.evaluation import evaluate
 
     started = time.perf_counter()
     try:
@@ -199,7 +199,7 @@ def _write_reports(config: BenchConfig, result: BenchResult) -> None:
     import json
 
     from edgequant.atomic import write_text_atomic
-    from edgequant.report import build_report, render_html, render_markdown
+    from edgequant.reporting.report import build_report, render_html, render_markdown
 
     data = build_report(result)
 

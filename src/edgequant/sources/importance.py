@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgequant.atomic import ensure_writable_parent
 from edgequant.errors import EdgequantError
-from edgequant.evaldata import read_text_file
+from edgequant.measurement.evaldata import read_text_file
 from edgequant.progress import step
 from edgequant.registry import backends
 
@@ -26,7 +26,7 @@ class ImatrixConfig:
 def compute_imatrix(config: ImatrixConfig) -> dict:
     """Compute the importance matrix of `config.model` and write it to `config.output`; returns
     what was written (tensors, chunks, seconds)."""
-    from edgequant.source import load_source
+    from edgequant.sources.source import load_source
 
     if config.tokens < 1:
         raise EdgequantError(f"--tokens {config.tokens} must be positive", "pass e.g. --tokens 32768")

@@ -1,7 +1,7 @@
 """Speed and memory of one runner, measured in a fresh child process.
 
 Peak RSS only means something for a process that loaded nothing else, so the evaluation harness
-runs this module as `python -m edgequant.speed_probe` with a JSON request on stdin and reads one
+runs this module as `python -m edgequant.measurement.speed_probe` with a JSON request on stdin and reads one
 JSON line back. The timed path is the runner's `generate`, the same one the server uses.
 """
 
@@ -96,7 +96,7 @@ def run_in_child(request: SpeedRequest) -> dict:
     from edgequant.errors import EdgequantError
 
     env = {**os.environ, "EDGEQUANT_QUIET": "1"}
-    result = subprocess.run([sys.executable, "-m", "edgequant.speed_probe"], input=json.dumps(asdict(request)),
+    result = subprocess.run([sys.executable, "-m", "edgequant.measurement.speed_probe"], input=json.dumps(asdict(request)),
                             capture_output=True, text=True, env=env)
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:

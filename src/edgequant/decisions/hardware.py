@@ -22,7 +22,7 @@ from pathlib import Path
 
 from edgequant.errors import EdgequantError
 
-PROFILES_FILE = Path(__file__).resolve().parent / "data" / "hardware_profiles.toml"
+PROFILES_FILE = Path(__file__).resolve().parents[1] / "data" / "hardware_profiles.toml"
 # Instruction-set flags worth naming: they decide which kernels an engine uses.
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
              "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "asimdhp", "i8mm", "sve", "bf16")

@@ -251,8 +251,8 @@ def check_tokenizer_against_llama_cpp(path: Path, folder: Path, kind: str) -> No
     except ImportError:
         note("llama-cpp-python is not installed: the imported tokenizer was not checked against llama.cpp's")
         return
-    from edgequant.auto_tokenizer import auto_tokenizer
-    from edgequant.evaldata import default_calibration_text, default_eval_text
+    from edgequant.measurement.evaldata import default_calibration_text, default_eval_text
+    from edgequant.sources.auto_tokenizer import auto_tokenizer
 
     vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     ours = auto_tokenizer(folder)
@@ -261,7 +261,7 @@ def check_tokenizer_against_llama_cpp(path: Path, folder: Path, kind: str) -> No
         want = vocab.tokenize(sample.encode(), add_bos=False, special=False)
         got = ours(sample, add_special_tokens=False, verbose=False).input_ids
         if got != want:
-            from edgequant.logprobs import first_difference
+            from edgequant.measurement.logprobs import first_difference
 
             at = first_difference(got, want)
             raise EdgequantError(

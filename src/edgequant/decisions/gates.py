@@ -18,9 +18,9 @@ import operator
 import re
 from dataclasses import dataclass
 
-from edgequant import metric_table
 from edgequant.errors import EdgequantError
-from edgequant.metric_table import BYTE_UNITS, Metric
+from edgequant.measurement import metric_table
+from edgequant.measurement.metric_table import BYTE_UNITS, Metric
 
 # The production-readiness defaults: perplexity within 5% of the baseline's in either direction,
 # output distributions close to the baseline's, at least twice its decode speed, at least half its

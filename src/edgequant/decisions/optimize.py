@@ -26,14 +26,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgequant import metric_table
-from edgequant.benchmark import DEFAULT_EVAL, eval_config_for, tool_versions
+from edgequant.decisions.gates import DEFAULT_GATES, Gate, check, derived_metrics, parse_gates, passes, source_check, verdict_words
+from edgequant.decisions.recommend import RUNTIME_OVERHEAD_MB
 from edgequant.errors import EdgequantError
-from edgequant.evaluation import EvalConfig
-from edgequant.gates import DEFAULT_GATES, Gate, check, derived_metrics, parse_gates, passes, source_check, verdict_words
-from edgequant.metric_table import Metric
+from edgequant.measurement import metric_table
+from edgequant.measurement.benchmark import DEFAULT_EVAL, eval_config_for, tool_versions
+from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.metric_table import Metric
 from edgequant.progress import note
-from edgequant.recommend import RUNTIME_OVERHEAD_MB
 from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec, parse_specs
 
 # An objective is a gateable figure of the metric table (the best passing candidate by it wins),
@@ -101,15 +101,15 @@ class Context:
 
 
 def optimize(config: OptimizeConfig) -> dict:
-    from edgequant.evaluation import evaluate, machine_info
-    from edgequant.hardware import detect, runs_here
-    from edgequant.recommend import target_profile
-    from edgequant.results import ResultsDB
-    from edgequant.source import load_source
+    from edgequant.decisions.hardware import detect, runs_here
+    from edgequant.decisions.recommend import target_profile
+    from edgequant.measurement.evaluation import evaluate, machine_info
+    from edgequant.measurement.results import ResultsDB
+    from edgequant.sources.source import load_source
 
     started = time.perf_counter()
     if config.output is not None:
-        from edgequant.certificate import check_output
+        from edgequant.decisions.certificate import check_output
 
         check_output(config.output)  # before any work, not after it
     gates = parse_gates(config.gates or DEFAULT_GATES)
@@ -141,7 +141,7 @@ def optimize(config: OptimizeConfig) -> dict:
         db.close()
     result = _result(ctx, profile, candidates, winner, path, time.perf_counter() - started)
     if winner is not None and config.output is not None:
-        from edgequant.certificate import write_certificate
+        from edgequant.decisions.certificate import write_certificate
 
         result["certificate"] = str(write_certificate(result, winner.artifact, source, config.output))
     return result
@@ -152,9 +152,9 @@ def plan(config: OptimizeConfig) -> dict:
     estimate of the time (each backend's `bench_seconds` for what is not cached)."""
     from edgequant.artifact import is_artifact
     from edgequant.conversion import default_artifact_dir
-    from edgequant.evaluation import stored_evaluation
-    from edgequant.recommend import target_profile
-    from edgequant.source import load_source
+    from edgequant.decisions.recommend import target_profile
+    from edgequant.measurement.evaluation import stored_evaluation
+    from edgequant.sources.source import load_source
 
     gates = parse_gates(config.gates or DEFAULT_GATES)
     path, profile = target_profile(config.target)
@@ -242,7 +242,7 @@ def _measure(ctx: Context, candidate: Candidate) -> None:
     """Convert and evaluate one candidate (both cached), unless its engine is missing, it cannot
     fit a size gate, or the budget of evaluations is spent."""
     from edgequant.conversion import convert
-    from edgequant.evaluation import evaluate
+    from edgequant.measurement.evaluation import evaluate
 
     spec = parse_spec(candidate.spec)
     backend = get_backend(spec.format)
@@ -402,7 +402,7 @@ def _closed_loop(ctx: Context, candidates: list[Candidate]) -> None:
 def _certified_winner(ctx: Context, candidates: list[Candidate]) -> Candidate | None:
     """The best passing candidate, its figures measured in this run: a winner whose figures came
     from the cache is measured again, and the ranking redone if it no longer passes."""
-    from edgequant.evaluation import evaluate
+    from edgequant.measurement.evaluation import evaluate
 
     while True:
         best = next(iter(ranked(ctx.config.objective, candidates)), None)
@@ -418,7 +418,7 @@ def _certified_winner(ctx: Context, candidates: list[Candidate]) -> Candidate | 
 def _front(ctx: Context, candidates: list[Candidate]) -> list[Candidate]:
     """The Pareto front of the measured candidates: KLD, size, and (on the target itself) peak
     memory and decode speed, each minimised (speed negated)."""
-    from edgequant.report import pareto_front
+    from edgequant.reporting.report import pareto_front
 
     measured = [c for c in candidates if c.status == "measured"]
 
@@ -450,7 +450,7 @@ def _why(ctx: Context, winner: Candidate, candidates: list[Candidate], front: li
 def _distinguishable(objective: str, winner: Candidate, runner_up: Candidate) -> str:
     """Where the objective's figure has a 95% interval (quality) or a range over the timed repeats
     (decode speed), whether the winner's and the runner-up's overlap."""
-    from edgequant.intervals import compare
+    from edgequant.measurement.intervals import compare
 
     metric = objective_metric(objective)
     if metric.interval:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import html
 import json
 
-from edgequant import metric_table
-from edgequant.gates import derived_metrics
-from edgequant.metric_table import Metric
+from edgequant.decisions.gates import derived_metrics
+from edgequant.measurement import metric_table
+from edgequant.measurement.metric_table import Metric
 from edgequant.registry import get_format
 from edgequant.spec import format_and_precision
 
@@ -146,7 +146,7 @@ def _arithmetic_notes(rows: list[dict]) -> list[str]:
 
 def _indistinguishable_notes(rows: list[dict]) -> list[str]:
     """Candidates next to each other by KLD whose KLD intervals overlap."""
-    from edgequant.intervals import compare
+    from edgequant.measurement.intervals import compare
 
     ranked = sorted((r for r in rows if r["status"] == "ok" and not r["baseline"] and r["ci95"].get("kld_mean")),
                     key=lambda r: r["kld_mean"])

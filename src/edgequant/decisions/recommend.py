@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgequant import metric_table
+from edgequant.decisions.gates import Gate, check, derived_metrics, parse_gate, passes, source_check, verdict_words
+from edgequant.decisions.hardware import Profile, closest, detect, get_profile
 from edgequant.errors import EdgequantError
-from edgequant.gates import Gate, check, derived_metrics, parse_gate, passes, source_check, verdict_words
-from edgequant.hardware import Profile, closest, detect, get_profile
+from edgequant.measurement import metric_table
 from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec
 
 # Peak memory beyond the weights when nothing was measured: the runtime, tokenizer and KV cache of
@@ -75,7 +75,7 @@ def constraints(config: RecommendConfig) -> list[Gate]:
 
 
 def recommend(config: RecommendConfig) -> dict:
-    from edgequant.source import load_source
+    from edgequant.sources.source import load_source
 
     gates = constraints(config)
     path, profile = target_profile(config.target)
@@ -140,8 +140,8 @@ def _candidate(text: str, source) -> Candidate:
 
 def _measurements(db_path: Path | None, fingerprint: str) -> dict[str, dict]:
     """The latest successful metrics per spec for this source, measured on this machine."""
-    from edgequant.evaluation import machine_info
-    from edgequant.results import ResultsDB, default_db_path
+    from edgequant.measurement.evaluation import machine_info
+    from edgequant.measurement.results import ResultsDB, default_db_path
 
     path = Path(db_path or default_db_path()).expanduser()
     if not path.is_file():
@@ -162,7 +162,7 @@ def _measurements(db_path: Path | None, fingerprint: str) -> dict[str, dict]:
 
 def _measure_missing(config: RecommendConfig, candidates: list[Candidate], have: dict) -> bool:
     """Bench the installed candidates (and the fp32 baseline) `have` has no figures for; whether it ran."""
-    from edgequant.benchmark import BenchConfig, run_bench
+    from edgequant.measurement.benchmark import BenchConfig, run_bench
 
     wanted = tuple(c.spec for c in candidates if c.installed and not c.too_large_here and c.spec not in have)
     if wanted:

@@ -16,8 +16,8 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edgequant import metric_table
 from edgequant.errors import EdgequantError
+from edgequant.measurement import metric_table
 
 CERTIFICATE = "certificate.json"
 PAGE = "certificate.html"
@@ -64,9 +64,9 @@ def write_certificate(result: dict, artifact_path: str, source, out: Path) -> Pa
 def build_certificate(result: dict, model_dir: Path, source) -> dict:
     from edgequant import __version__
     from edgequant.artifact import open_artifact
-    from edgequant.benchmark import tool_versions
-    from edgequant.evaluation import machine_info
-    from edgequant.hardware import detect
+    from edgequant.decisions.hardware import detect
+    from edgequant.measurement.benchmark import tool_versions
+    from edgequant.measurement.evaluation import machine_info
 
     artifact = open_artifact(model_dir)
     winner = next(c for c in result["candidates"] if c["spec"] == result["winner"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgequant import metric_table
+from edgequant.measurement import metric_table
 
 
 def _mb(n: int) -> str:
@@ -167,7 +167,7 @@ def format_metrics(metrics: dict) -> str:
 
 def _result_fields() -> tuple[str, ...]:
     """The results store's identifying columns, then each metric column the metric table declares."""
-    from edgequant.results import metric_columns
+    from edgequant.measurement.results import metric_columns
 
     return ("id", "run_id", "created", "model", "spec", "status", *(c for c, _, end in metric_columns() if end is None), "error")
 

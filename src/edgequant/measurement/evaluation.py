@@ -4,7 +4,7 @@ Quality: the source model's tokenizer turns the evaluation text into ids once; e
 the same windows of ids. The PyTorch baseline's log-probabilities are computed once per
 (source, windows) and cached, so perplexity, KL divergence and top-1 agreement of any artifact are
 relative to the same reference. Speed and peak memory come from a child process (see
-`edgequant.speed_probe`).
+`edgequant.measurement.speed_probe`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 
 from edgequant.atomic import write_text_atomic
 from edgequant.errors import EdgequantError
-from edgequant.intervals import TokenScores, bootstrap
-from edgequant.intervals import method as interval_method
-from edgequant.logprobs import first_difference, kl_divergence, log_softmax
+from edgequant.measurement.intervals import TokenScores, bootstrap
+from edgequant.measurement.intervals import method as interval_method
+from edgequant.measurement.logprobs import first_difference, kl_divergence, log_softmax
 from edgequant.paths import cache_dir
 from edgequant.progress import note, step, track
 from edgequant.registry import BASELINE_SPEC, open_runner
@@ -92,7 +92,7 @@ def evaluate_with_scores(target: str | Path | None = None, baseline: str | Path 
 
 def _evaluate(target, baseline, config: EvalConfig | None, reuse: bool) -> tuple[dict, TokenScores | None]:
     from edgequant.runner import default_threads
-    from edgequant.source import load_source
+    from edgequant.sources.source import load_source
 
     config = config or EvalConfig()
     threads = config.threads or default_threads()
@@ -110,12 +110,12 @@ def _evaluate(target, baseline, config: EvalConfig | None, reuse: bool) -> tuple
     metrics = {"target": resolved.label, "baseline": str(source.path), **quality_figures(scores),
                **({"arithmetic": arithmetic} if arithmetic else {}), "size_bytes": resolved.size_bytes}
     if source.is_default_model:  # its quality figures always travel with why they flatter low bits
-        from edgequant.source import DEFAULT_MODEL_CAVEAT
+        from edgequant.sources.source import DEFAULT_MODEL_CAVEAT
 
         metrics["caveat"] = DEFAULT_MODEL_CAVEAT
     if config.speed:
         prompts = _speed_prompts(windows, min(config.prompt_tokens, config.ctx), config.repeats + 1)
-        from edgequant.speed_probe import SpeedRequest, run_in_child
+        from edgequant.measurement.speed_probe import SpeedRequest, run_in_child
 
         with step(f"measuring speed and peak memory of {resolved.label} in a child process"):
             request = SpeedRequest(str(resolved.path) if resolved.path else None, prompts, config.gen_tokens,
@@ -131,7 +131,7 @@ def _evaluate(target, baseline, config: EvalConfig | None, reuse: bool) -> tuple
 def stored_evaluation(target: str | Path, config: EvalConfig) -> dict | None:
     """The stored evaluation of the artifact's bytes with these settings, text and baseline, if any."""
     from edgequant.runner import default_threads
-    from edgequant.source import load_source
+    from edgequant.sources.source import load_source
 
     resolved = _resolve_target(target)
     if resolved.artifact is None:
@@ -153,7 +153,7 @@ def evaluation_key(metrics: dict) -> str:
 
 
 def _stored(resolved: Target, source, settings: dict) -> dict | None:
-    from edgequant.results import ResultsDB
+    from edgequant.measurement.results import ResultsDB
 
     if resolved.artifact is None:
         return None
@@ -168,7 +168,7 @@ def _stored(resolved: Target, source, settings: dict) -> dict | None:
 def _store(artifact, metrics: dict) -> str:
     """Add the evaluation to the results store under the artifact's content and the settings; the
     artifact folder itself is not touched. Returns the settings' key."""
-    from edgequant.results import ResultsDB
+    from edgequant.measurement.results import ResultsDB
 
     key = evaluation_key(metrics)
     db = ResultsDB.open()
@@ -190,7 +190,7 @@ def _speed_prompts(windows: Windows, length: int, count: int) -> list[list[int]]
 
 def _resolve_target(target) -> Target:
     from edgequant.artifact import is_artifact, open_artifact
-    from edgequant.source import load_source
+    from edgequant.sources.source import load_source
 
     if target is not None and is_artifact(Path(target)):
         artifact = open_artifact(target)
@@ -211,7 +211,7 @@ def _recorded_source(target: Target):
 
 def _eval_text(config: EvalConfig) -> tuple[str, str]:
     """The evaluation text and the name results give it."""
-    from edgequant.evaldata import default_eval_text, read_text_file
+    from edgequant.measurement.evaldata import default_eval_text, read_text_file
 
     if config.data:
         return read_text_file(config.data), str(config.data)
@@ -234,7 +234,7 @@ def _make_windows(source, config: EvalConfig, text: str, data_name: str) -> Wind
 
 
 def _tokenize_windows(source, config: EvalConfig, text: str, data_name: str) -> Windows:
-    from edgequant.auto_tokenizer import auto_tokenizer
+    from edgequant.sources.auto_tokenizer import auto_tokenizer
 
     tokenizer = auto_tokenizer(source.hf_dir)
     # A model whose tokenizer starts every sequence with BOS sees each window that way, as llama.cpp's
@@ -341,7 +341,7 @@ def _check_vocabulary(target: Target, source, logits: np.ndarray, reference: Pat
 
 
 def quality_figures(scores: TokenScores) -> dict:
-    """Point figures over every scored token, with their 95% intervals (see `edgequant.intervals`).
+    """Point figures over every scored token, with their 95% intervals (see `edgequant.measurement.intervals`).
     A negative per-token KLD is float rounding of a zero one: clipped to 0."""
     kld = np.maximum(scores.kld, 0)
     ppl, base_ppl = float(np.exp(scores.nll.mean())), float(np.exp(scores.baseline_nll.mean()))
