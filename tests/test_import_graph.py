@@ -32,6 +32,7 @@ LAYERS = {
     "registry": ["edgequant.registry"],
     "verbs": ["edgequant.conversion", "edgequant.sources.inspection", "edgequant.sources.importance",
               "edgequant.measurement.evaluation", "edgequant.measurement.speed_probe", "edgequant.measurement.results",
+              "edgequant.measurement.measure",
               "edgequant.measurement.benchmark", "edgequant.reporting.report", "edgequant.reporting.report_text",
               "edgequant.decisions.recommend", "edgequant.decisions.optimize", "edgequant.decisions.certificate",
               "edgequant.decisions.recipe", "edgequant.serving"],

@@ -30,8 +30,9 @@ from edgequant.decisions.gates import DEFAULT_GATES, Gate, check, derived_metric
 from edgequant.decisions.recommend import RUNTIME_OVERHEAD_MB
 from edgequant.errors import EdgequantError
 from edgequant.measurement import metric_table
-from edgequant.measurement.benchmark import DEFAULT_EVAL, eval_config_for, tool_versions
+from edgequant.measurement.benchmark import DEFAULT_EVAL, tool_versions
 from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.measure import eval_config_for, measure, store
 from edgequant.measurement.metric_table import Metric
 from edgequant.progress import note
 from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec, parse_specs
@@ -130,7 +131,7 @@ def optimize(config: OptimizeConfig) -> dict:
     try:
         note("measuring the fp32 baseline's speed and memory in this run")
         baseline = evaluate(source.path, config=config.eval)
-        db.add(run_id, source.name, source.fingerprint, BASELINE_SPEC, "ok", baseline, artifact_path=str(source.path))
+        store(db, run_id, source, BASELINE_SPEC, "ok", baseline, artifact=source.path, baseline=True)
         ctx = Context(config, source, gates, here, baseline, db, run_id)
         for candidate in candidates:
             _measure(ctx, candidate)
@@ -203,7 +204,7 @@ def _objective_words(objective: str) -> str:
 def _initial_candidates(config: OptimizeConfig, profile, source, gates: list[Gate]) -> list[Candidate]:
     if config.specs is not None:
         return [Candidate(str(spec), "listed") for spec in parse_specs(config.specs)]
-    size_bound = min((int(g.value) for g in gates if g.name == "size" and g.op in ("<=", "<")), default=None)
+    size_bound = _size_bound(gates)
     found: list[Candidate] = []
     for text in profile.precisions:
         found.append(Candidate(text, "the profile's"))
@@ -241,8 +242,6 @@ def _check_something_runs(candidates: list[Candidate], profile) -> None:
 def _measure(ctx: Context, candidate: Candidate) -> None:
     """Convert and evaluate one candidate (both cached), unless its engine is missing, it cannot
     fit a size gate, or the budget of evaluations is spent."""
-    from edgequant.conversion import convert
-    from edgequant.measurement.evaluation import evaluate
 
     spec = parse_spec(candidate.spec)
     backend = get_backend(spec.format)
@@ -262,24 +261,21 @@ def _measure(ctx: Context, candidate: Candidate) -> None:
         candidate.status, candidate.reason = "not built", f"the budget of {ctx.config.budget} evaluations was spent"
         return
     note(f"[{ctx.evaluations + 1}/{ctx.config.budget}] {candidate.spec} ({candidate.origin})")
-    try:
-        artifact = convert(ctx.source.path, spec)
-        candidate.artifact = str(artifact.path)
-        too_big = _over_size_gate(ctx.gates, artifact.size_bytes, 1.0)
-        if too_big:
-            candidate.status, candidate.reason = "too big", f"its size {artifact.size_bytes / 1e6:.1f} MB is over {too_big}"
-            candidate.figures = {"size_bytes": artifact.size_bytes}
-            candidate.verdicts = [check(g, candidate.figures) for g in ctx.gates]
-            return
+    found = measure(ctx.source, spec, ctx.config.eval, reuse=True, max_bytes=_size_bound(ctx.gates))
+    candidate.artifact = None if found.artifact is None else str(found.artifact)
+    if found.status == "too big":
+        candidate.status = "too big"
+        candidate.reason = f"its size {found.size_bytes / 1e6:.1f} MB is over {_over_size_gate(ctx.gates, found.size_bytes, 1.0)}"
+        candidate.figures = {"size_bytes": found.size_bytes}
+        candidate.verdicts = [check(g, candidate.figures) for g in ctx.gates]
+        return
+    if found.artifact is not None:  # an evaluation ran (a failed conversion costs no evaluation)
         ctx.evaluations += 1
-        metrics = evaluate(artifact.path, config=eval_config_for(ctx.config.eval, spec), reuse=True)
-    except EdgequantError as exc:
-        _failed(ctx, candidate, exc.problem)
+    if found.status == "failed":
+        candidate.status, candidate.reason = "failed", found.error
+        store(ctx.db, ctx.run_id, ctx.source, candidate.spec, "failed", error=found.error)
         return
-    except Exception as exc:  # an engine's own failure must not end the other candidates' runs
-        _failed(ctx, candidate, f"{type(exc).__name__}: {exc}"[:500])
-        return
-    _record(ctx, candidate, metrics)
+    _record(ctx, candidate, found.metrics)
 
 
 def _cannot_build_here(ctx: Context, backend, spec) -> str | None:
@@ -292,9 +288,9 @@ def _cannot_build_here(ctx: Context, backend, spec) -> str | None:
     return memory_shortfall(backend, ctx.source, spec)
 
 
-def _failed(ctx: Context, candidate: Candidate, reason: str) -> None:
-    candidate.status, candidate.reason = "failed", reason
-    ctx.db.add(ctx.run_id, ctx.source.name, ctx.source.fingerprint, candidate.spec, "failed", error=reason)
+def _size_bound(gates: list[Gate]) -> int | None:
+    """The tightest upper bound the size gates put on an artifact, if any."""
+    return min((int(g.value) for g in gates if g.name == "size" and g.op in ("<=", "<")), default=None)
 
 
 def _over_size_gate(gates: list[Gate], size: int, slack: float) -> str | None:
@@ -310,12 +306,7 @@ def _record(ctx: Context, candidate: Candidate, metrics: dict) -> None:
     candidate.verdicts = [_verdict(ctx, candidate.spec, g, candidate.figures) for g in ctx.gates]
     candidate.verdicts.append(source_check(candidate.figures))  # never certify a model "better" than its source
     if not candidate.cached:
-        from edgequant.artifact import open_artifact
-        from edgequant.fingerprint import file_sha256
-
-        fingerprint = file_sha256(open_artifact(candidate.artifact).model_path)
-        ctx.db.add(ctx.run_id, ctx.source.name, ctx.source.fingerprint, candidate.spec, "ok", metrics,
-                   artifact_path=candidate.artifact, artifact_fingerprint=fingerprint)
+        store(ctx.db, ctx.run_id, ctx.source, candidate.spec, "ok", metrics, artifact=candidate.artifact)
 
 
 def _speed_stands_in(ctx: Context, spec_text: str) -> bool:

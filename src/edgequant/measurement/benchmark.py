@@ -8,11 +8,12 @@ engine is not installed is skipped with the reason (or stops the run with `stric
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgequant.errors import EdgequantError
 from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.measure import SHORT_PROBE, measure, store
 from edgequant.progress import note
 from edgequant.registry import BASELINE_SPEC, backends, bench_specs, get_backend, parse_specs
 from edgequant.spec import Spec
@@ -124,46 +125,13 @@ def _evaluate_baseline(config: BenchConfig, source) -> BenchRow:
 
 
 def _bench_one(config: BenchConfig, source, spec: Spec) -> BenchRow:
-    from edgequant.conversion import convert
-    from edgequant.measurement.evaluation import evaluate
-
-    started = time.perf_counter()
-    try:
-        artifact = convert(source.path, spec, force=config.force)
-        metrics = evaluate(artifact.path, config=eval_config_for(config.eval, spec))
-    except EdgequantError as exc:
-        if config.strict:
-            raise
-        return BenchRow(str(spec), "failed", error=exc.problem, seconds=time.perf_counter() - started)
-    except Exception as exc:  # an engine's own failure must not end the other specs' runs
-        if config.strict:
-            raise
-        return BenchRow(str(spec), "failed", error=f"{type(exc).__name__}: {exc}"[:500], seconds=time.perf_counter() - started)
-    notes = get_backend(spec.format).report_notes(str(spec), artifact.manifest)
-    return BenchRow(str(spec), "ok", metrics, artifact=str(artifact.path), seconds=time.perf_counter() - started, notes=notes)
-
-
-# Formats whose speed here is only a stand-in's get a short speed probe: their figures are marked
-# "not representative" anyway, and the full probe of a fixed-shape QNN graph (which re-runs the
-# whole window per token) alone took 4.5 minutes of the main job.
-SHORT_PROBE = {"gen_tokens": 16, "repeats": 1}
-
-
-def eval_config_for(config: EvalConfig, spec: Spec) -> EvalConfig:
-    if not config.speed or get_backend(spec.format).speed_is_representative():
-        return config
-    return replace(config, gen_tokens=min(config.gen_tokens, SHORT_PROBE["gen_tokens"]), repeats=SHORT_PROBE["repeats"])
+    found = measure(source, spec, config.eval, force=config.force, strict=config.strict)
+    return BenchRow(found.spec, found.status, found.metrics, found.error, None if found.artifact is None else str(found.artifact),
+                    found.seconds, notes=found.notes)
 
 
 def _store(db, run_id: int, source, row: BenchRow) -> None:
-    from edgequant.fingerprint import file_sha256
-
-    fingerprint = None
-    if row.status == "ok" and not row.baseline:
-        from edgequant.artifact import open_artifact
-
-        fingerprint = file_sha256(open_artifact(row.artifact).model_path)
-    db.add(run_id, source.name, source.fingerprint, row.spec, row.status, row.metrics, row.error, row.artifact, fingerprint)
+    store(db, run_id, source, row.spec, row.status, row.metrics, row.error, row.artifact, baseline=row.baseline)
 
 
 def _progress(index: int, total: int, spec, elapsed: float, specs_elapsed: float, weights: list[float]) -> None:
