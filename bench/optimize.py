@@ -115,9 +115,9 @@ def _other_formats(found: dict, bound: int) -> list[dict]:
     """Built-in specs of formats x86-cpu does not list, from their cached evaluations (same settings)."""
     from edgequant.conversion import default_artifact_dir
     from edgequant.decisions.hardware import get_profile
-    from edgequant.measurement.benchmark import DEFAULT_EVAL
     from edgequant.measurement.evaluation import stored_evaluation
     from edgequant.measurement.measure import eval_config_for
+    from edgequant.measurement.settings import DEFAULT_EVAL
     from edgequant.registry import backends, parse_spec
 
     listed = set(get_profile("x86-cpu").formats)

@@ -83,7 +83,7 @@ def baseline_against_llama_cpp(path: Path, windows: int) -> dict:
 
 def bench_rows(path: Path, specs: str, windows: int) -> list[dict]:
     from edgequant.measurement.benchmark import BenchConfig, run_bench
-    from edgequant.measurement.evaluation import EvalConfig
+    from edgequant.measurement.settings import EvalConfig
 
     with tempfile.TemporaryDirectory() as scratch:
         result = run_bench(BenchConfig(path, specs, Path(scratch) / "results.sqlite", eval=EvalConfig(windows=windows)))
@@ -160,7 +160,7 @@ def optimize_check(path: Path, target: str, windows: int) -> dict:
     import time
 
     from edgequant.decisions.optimize import OptimizeConfig, optimize
-    from edgequant.measurement.evaluation import EvalConfig
+    from edgequant.measurement.settings import EvalConfig
 
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()

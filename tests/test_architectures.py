@@ -25,7 +25,7 @@ import pytest
 
 import edgequant
 from edgequant.errors import EdgequantError
-from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.settings import EvalConfig
 from edgequant.registry import get_backend
 from edgequant.runner import GenerateParams
 from tiny_archs import ARCHITECTURES, SLIDING, build

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import edgequant
-from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.settings import EvalConfig
 
 pytest.importorskip("gguf", reason="its extra is not installed")
 pytest.importorskip("llama_cpp", reason="its extra is not installed")

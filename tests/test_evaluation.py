@@ -6,8 +6,8 @@ import pytest
 
 import edgequant
 from edgequant.errors import EdgequantError
-from edgequant.measurement.evaluation import EvalConfig
 from edgequant.measurement.results import ResultsDB
+from edgequant.measurement.settings import EvalConfig
 
 pytest.importorskip("torch", reason="its extra is not installed")
 pytest.importorskip("llama_cpp", reason="its extra is not installed")

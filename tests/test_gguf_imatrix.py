@@ -173,7 +173,7 @@ def test_imatrix_changes_quantized_bytes_and_is_recorded(tiny_model):
 
 
 def test_types_that_need_an_imatrix_work_with_one(tiny_model):
-    from edgequant.measurement.evaluation import EvalConfig
+    from edgequant.measurement.settings import EvalConfig
 
     with pytest.raises(EdgequantError, match="needs an importance matrix") as err:
         edgequant.convert(tiny_model, "gguf:iq2_xs")
@@ -224,7 +224,7 @@ def edgequant_cli(*args: str) -> dict:
 
 @pytest.mark.slow
 def test_real_model_iq2_xs_with_an_imatrix_loads_and_scores():
-    from edgequant.measurement.evaluation import EvalConfig
+    from edgequant.measurement.settings import EvalConfig
 
     artifact = edgequant.convert(None, "gguf:iq2_xs?imatrix=auto")
     metrics = edgequant.evaluate(artifact.path, config=EvalConfig(ctx=512, windows=1, speed=False))
@@ -266,7 +266,7 @@ def test_sizes_parse_in_decimal_and_binary_units():
 
 
 def test_auto_meets_its_budget_and_beats_llama_cpp_recipe_at_that_size(tiny_model):
-    from edgequant.measurement.evaluation import EvalConfig
+    from edgequant.measurement.settings import EvalConfig
 
     recipe = edgequant.convert(tiny_model, "gguf:q4_k_m?imatrix=auto")
     budget = recipe.manifest["model_bytes"]

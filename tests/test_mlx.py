@@ -11,7 +11,7 @@ import pytest
 
 import edgequant
 from edgequant.errors import EdgequantError
-from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.settings import EvalConfig
 
 pytest.importorskip("mlx.core", reason="its extra is not installed")
 pytest.importorskip("mlx_lm", reason="its extra is not installed")

@@ -14,7 +14,7 @@ import pytest
 import edgequant
 from edgequant.backends.onnx.tools import check_model
 from edgequant.errors import EdgequantError
-from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.settings import EvalConfig
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
 

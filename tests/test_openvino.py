@@ -12,7 +12,7 @@ import pytest
 
 import edgequant
 from edgequant.errors import EdgequantError
-from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.settings import EvalConfig
 
 pytest.importorskip("openvino", reason="its extra is not installed")
 pytest.importorskip("nncf", reason="its extra is not installed")

@@ -12,7 +12,7 @@ import pytest
 from edgequant.decisions.hardware import profiles
 from edgequant.decisions.optimize import OptimizeConfig, optimize, plan
 from edgequant.errors import EdgequantError
-from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.settings import EvalConfig
 
 pytest.importorskip("llama_cpp", reason="its extra is not installed")
 

@@ -10,7 +10,7 @@ import edgequant
 from edgequant.backends.onnx.tools import check_model, qdq_counts
 from edgequant.errors import EdgequantError
 from edgequant.measurement.evaldata import default_eval_text
-from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.settings import EvalConfig
 
 pytest.importorskip("onnx", reason="its extra is not installed")
 pytest.importorskip("onnxruntime", reason="its extra is not installed")

@@ -23,7 +23,7 @@ _API = {
     "open_artifact": "edgequant.artifact",
     "evaluate": "edgequant.measurement.evaluation",
     "evaluate_with_scores": "edgequant.measurement.evaluation",
-    "EvalConfig": "edgequant.measurement.evaluation",
+    "EvalConfig": "edgequant.measurement.settings",
     "parse_spec": "edgequant.registry",
     "open_runner": "edgequant.registry",
     "EdgequantError": "edgequant.errors",

@@ -147,7 +147,7 @@ h1{font-size:1.5em}table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{bord
 th{background:#f3f3f3}.pass{color:#176f2c;font-weight:600}.fail,.uncertain{color:#a31515;font-weight:600}
 .skipped,.not{color:#8a6d00}.banner{padding:.8em 1em;border-radius:6px;font-size:1.2em;margin:1em 0}
 .banner.pass{background:#e3f4e7}.banner.fail{background:#fbe4e4}code{font-size:.9em}
-.front{fill:#1f6fb2}.point{fill:#bbb}.winner{fill:#d9480f}svg text{font-size:11px}"""
+.front{fill:#1f6fb2}.pareto-front{fill:none;stroke:#1f6fb2}.point{fill:#bbb}.winner{fill:#d9480f}svg text{font-size:11px}"""
 
 
 def render_html(c: dict) -> str:
@@ -209,29 +209,10 @@ def _value(v: dict) -> str:
 
 
 def _chart(candidates: list[dict], winner: str) -> str:
-    """Size against KLD (log scale), the front in blue, the winner in orange: static SVG."""
-    import math
+    """Size against KLD (log scale), the front in blue, the winner in orange."""
+    from edgequant.reporting.charts import Point, scatter
 
-    points = [c for c in candidates if c["size_mb"] and c["kld_mean"] is not None]
-    if not points:
-        return "<p>No measured candidates.</p>"
-    width, height, pad = 640, 320, 50
-    xs = [c["size_mb"] for c in points]
-    ys = [math.log10(max(c["kld_mean"], 1e-7)) for c in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return (pad + (x - x0) / (x1 - x0) * (width - 2 * pad), height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad))
-
-    dots = []
-    for c, x, y in zip(points, xs, ys):
-        cx, cy = at(x, y)
-        kind = "winner" if c["spec"] == winner else "front" if c["pareto"] else "point"
-        dots.append(f'<circle class="{kind}" cx="{cx:.1f}" cy="{cy:.1f}" r="5"><title>{html.escape(c["spec"])}: '
-                    f'{c["size_mb"]:.1f} MB, KLD {c["kld_mean"]:.3g}</title></circle>')
-    axes = (f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#444"/>'
-            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#444"/>'
-            f'<text x="{width / 2}" y="{height - 12}">size, MB ({x0:.0f} to {x1:.0f})</text>'
-            f'<text x="6" y="{pad - 12}">KLD, log scale (1e{y0:.1f} to 1e{y1:.1f})</text>')
-    return f'<svg id="front-chart" width="{width}" height="{height}" role="img" aria-label="size versus KLD">{axes}{"".join(dots)}</svg>'
+    points = [Point(c["size_mb"], c["kld_mean"], c["spec"], f"{c['spec']}: {c['size_mb']:.1f} MB, KLD {c['kld_mean']:.3g}",
+                    "winner" if c["spec"] == winner else "front" if c["pareto"] else "point", c["pareto"])
+              for c in candidates if c["size_mb"] and c["kld_mean"] is not None]
+    return scatter(points, "size (MB)", "KLD (log scale)", log_y=True, chart_id="front-chart", width=640, height=320)

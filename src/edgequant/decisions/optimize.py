@@ -30,10 +30,10 @@ from edgequant.decisions.gates import DEFAULT_GATES, Gate, check, derived_metric
 from edgequant.decisions.recommend import RUNTIME_OVERHEAD_MB
 from edgequant.errors import EdgequantError
 from edgequant.measurement import metric_table
-from edgequant.measurement.benchmark import DEFAULT_EVAL, tool_versions
-from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.benchmark import tool_versions
 from edgequant.measurement.measure import eval_config_for, measure, store
 from edgequant.measurement.metric_table import Metric
+from edgequant.measurement.settings import DEFAULT_EVAL, EvalConfig
 from edgequant.progress import note
 from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec, parse_specs
 

@@ -166,8 +166,7 @@ def recipe_path(recipe: Recipe, value: str) -> Path:
 def optimize_config(recipe: Recipe):
     """The OptimizeConfig the recipe describes."""
     from edgequant.decisions.optimize import DEFAULT_BUDGET, OptimizeConfig
-    from edgequant.measurement.benchmark import DEFAULT_EVAL
-    from edgequant.measurement.evaluation import EvalConfig
+    from edgequant.measurement.settings import DEFAULT_EVAL, EvalConfig
 
     data = recipe.data
     search = data.get("search", {})

@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgequant.errors import EdgequantError
-from edgequant.measurement.evaluation import EvalConfig
 from edgequant.measurement.measure import SHORT_PROBE, measure, store
+from edgequant.measurement.settings import DEFAULT_EVAL, EvalConfig
 from edgequant.progress import note
 from edgequant.registry import BASELINE_SPEC, backends, bench_specs, get_backend, parse_specs
 from edgequant.spec import Spec
 
 # 4 windows of 512 tokens: the main job (every default spec, from a cold cache) ran in 25.9 minutes
 # on the 2-core reference machine (2026-12-03; qnn:w8a16 13 of them); 8 windows would add ~4 more.
-DEFAULT_EVAL = EvalConfig(windows=4)
 
 
 @dataclass(frozen=True)

@@ -23,31 +23,12 @@ from edgequant.errors import EdgequantError
 from edgequant.measurement.intervals import TokenScores, bootstrap
 from edgequant.measurement.intervals import method as interval_method
 from edgequant.measurement.logprobs import first_difference, kl_divergence, log_softmax
+from edgequant.measurement.settings import EvalConfig  # noqa: F401  (edgequant.EvalConfig, and older imports)
 from edgequant.paths import cache_dir
 from edgequant.progress import note, step, track
 from edgequant.registry import BASELINE_SPEC, open_runner
 
 _TOKENIZER_CHECK_CHARS = 4000
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    ctx: int = 512  # tokens per window
-    windows: int = 8  # number of windows scored
-    data: Path | None = None  # None: the default Wikipedia prose
-    speed: bool = True
-    prompt_tokens: int = 128
-    gen_tokens: int = 64
-    repeats: int = 3
-    threads: int = 0  # 0: all cores
-
-    def __post_init__(self):
-        for name in ("ctx", "windows", "prompt_tokens", "gen_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise EdgequantError(f"eval setting {name}={getattr(self, name)} must be at least 1",
-                                     f"pass a positive --{name.replace('_', '-')}")
-        if self.ctx < 16:
-            raise EdgequantError(f"eval context {self.ctx} is too short to score", "use --ctx 16 or more (512 is the default)")
 
 
 @dataclass

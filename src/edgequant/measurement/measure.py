@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgequant.errors import EdgequantError
-from edgequant.measurement.evaluation import EvalConfig
+from edgequant.measurement.settings import EvalConfig
 from edgequant.registry import get_backend
 from edgequant.spec import Spec
 

@@ -1,8 +1,8 @@
 """Reports of a benchmark run: one data dict, rendered as JSON, Markdown or a self-contained HTML page.
 
-The HTML page needs no network: styles, data and the small script that draws its SVG charts are
-all inline. The Pareto front is over (size, perplexity increase): the candidates no other
-candidate beats on both.
+The HTML page needs no network and no script: styles and the SVG charts (reporting.charts, the
+certificate's too) are inline, and the report data travels with it as JSON. The Pareto front is
+over (size, perplexity increase): the candidates no other candidate beats on both.
 """
 
 from __future__ import annotations
@@ -218,58 +218,24 @@ tr.failed td,tr.skipped td{color:#999}.charts{display:flex;flex-wrap:wrap;gap:20
 .notes li{margin:4px 0}
 """
 
-_SCRIPT = r"""
-const data = JSON.parse(document.getElementById('report-data').textContent);
-const NS = 'http://www.w3.org/2000/svg';
-function el(tag, attrs, parent, text) {
-  const e = document.createElementNS(NS, tag);
-  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-  if (text !== undefined) e.textContent = text;
-  parent.appendChild(e); return e;
-}
-const ok = data.rows.filter(r => r.status === 'ok');
-function scatter(svg) {
-  const W = 520, H = 340, L = 60, B = 40, T = 16, R = 16;
-  const pts = ok.filter(r => r.usable);  // one broken candidate would flatten every other point
-  const xs = pts.map(r => r.size_mb), ys = pts.map(r => Math.max(r.ppl_increase_pct, 0));
-  const xmax = Math.max(...xs) * 1.05, ymax = Math.max(...ys, 1) * 1.1;
-  const X = v => L + v / xmax * (W - L - R), Y = v => H - B - v / ymax * (H - B - T);
-  el('line', {x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: '#999'}, svg);
-  el('line', {x1: L, y1: T, x2: L, y2: H - B, stroke: '#999'}, svg);
-  el('text', {x: (W + L) / 2, y: H - 8, 'text-anchor': 'middle'}, svg, 'file size (MB)');
-  el('text', {x: 14, y: (H - B) / 2, transform: `rotate(-90 14 ${(H - B) / 2})`, 'text-anchor': 'middle'}, svg, 'perplexity increase (%)');
-  for (let i = 0; i <= 4; i++) {
-    el('text', {x: L - 6, y: Y(ymax * i / 4) + 4, 'text-anchor': 'end'}, svg, (ymax * i / 4).toFixed(1));
-    el('text', {x: X(xmax * i / 4), y: H - B + 14, 'text-anchor': 'middle'}, svg, (xmax * i / 4).toFixed(0));
-  }
-  const front = pts.filter(r => r.pareto).sort((a, b) => a.size_mb - b.size_mb);
-  const corner = (r, i) => `${i ? 'L' : 'M'}${X(r.size_mb)},${Y(Math.max(r.ppl_increase_pct, 0))}`;
-  el('path', {class: 'pareto-front', d: front.map(corner).join(' ')}, svg);
-  for (const r of pts) {
-    const cls = 'point' + (r.baseline ? ' baseline' : '') + (r.pareto ? ' pareto' : '');
-    const c = el('circle', {class: cls, cx: X(r.size_mb), cy: Y(Math.max(r.ppl_increase_pct, 0)), r: 5}, svg);
-    el('title', {}, c, `${r.spec}: ${r.size_mb} MB, ${r.ppl_increase_pct}%`);
-    el('text', {x: X(r.size_mb) + 7, y: Y(Math.max(r.ppl_increase_pct, 0)) - 5}, svg, r.spec);
-  }
-}
-function bars(svg, key, label) {
-  const rows = ok.filter(r => r[key] != null), W = 520, rowH = 20, L = 130, R = 70;
-  svg.setAttribute('height', rows.length * rowH + 30);
-  const max = Math.max(...rows.map(r => r[key]));
-  el('text', {x: L, y: 12}, svg, label);
-  rows.forEach((r, i) => {
-    const y = 20 + i * rowH, w = (W - L - R) * r[key] / max;
-    el('text', {x: L - 6, y: y + 13, 'text-anchor': 'end'}, svg, r.spec);
-    const cls = 'bar' + (r.baseline ? ' baseline' : '') + (r.speed_representative === false ? ' unrepresentative' : '');
-    el('rect', {class: cls, x: L, y: y + 2, width: Math.max(w, 1), height: rowH - 6}, svg);
-    el('text', {x: L + w + 4, y: y + 13}, svg, r[key].toFixed(1));
-  });
-}
-scatter(document.getElementById('chart-pareto'));
-bars(document.getElementById('chart-speed'), 'decode_tps', 'decode tokens/s (grey: speed not representative here)');
-bars(document.getElementById('chart-memory'), 'peak_rss_mb', 'peak RSS (MB)');
-document.body.setAttribute('data-rendered', 'yes');
-"""
+def _charts(rows: list[dict]) -> str:
+    """Size against perplexity increase with the Pareto front, decode speed and peak memory."""
+    from edgequant.reporting.charts import Point, bars, scatter
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    points = [Point(r["size_mb"], max(r["ppl_increase_pct"], 0.0), r["spec"], f"{r['spec']}: {r['size_mb']} MB, "
+                    f"{r['ppl_increase_pct']}%", "point" + (" baseline" if r["baseline"] else "") + (" pareto" if r["pareto"] else ""),
+                    r["pareto"])
+              for r in ok if r["usable"]]  # one broken candidate would flatten every other point
+
+    def bar_rows(key: str) -> list[tuple[str, float, str]]:
+        return [(r["spec"], r[key], "bar" + (" baseline" if r["baseline"] else "")
+                 + ("" if r["speed_representative"] is not False else " unrepresentative")) for r in ok if r.get(key) is not None]
+
+    charts = [scatter(points, "file size (MB)", "perplexity increase (%)", chart_id="chart-pareto"),
+              bars(bar_rows("decode_tps"), "decode tokens/s (grey: speed not representative here)", chart_id="chart-speed"),
+              bars(bar_rows("peak_rss_mb"), "peak RSS (MB)", chart_id="chart-memory")]
+    return "".join(f'<div class="chart">{chart}</div>' for chart in charts)
 
 
 def render_html(data: dict) -> str:
@@ -299,16 +265,11 @@ Bold specs are on the size/quality Pareto front; the blue row is the PyTorch fp3
 <table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <ul class="failures">{failures}</ul>
 <h2>Charts</h2>
-<div class="charts">
-<div class="chart"><svg id="chart-pareto" width="520" height="340" role="img" aria-label="size versus perplexity increase"></svg></div>
-<div class="chart"><svg id="chart-speed" width="520" height="300" role="img" aria-label="decode tokens per second"></svg></div>
-<div class="chart"><svg id="chart-memory" width="520" height="300" role="img" aria-label="peak memory"></svg></div>
-</div>
+<div class="charts">{_charts(data["rows"])}</div>
 <h2>Summary by framework</h2>
 <table id="summary"><thead><tr><th>framework</th><th>quantization</th><th>memory use</th><th>size reduction vs fp32</th>
 <th>speed-up vs fp32</th><th>use case</th></tr></thead><tbody>{summary}</tbody></table>
 <h2>Notes</h2><ul class="notes">{notes}</ul>
 <script id="report-data" type="application/json">{payload}</script>
-<script>{_SCRIPT}</script>
 </body></html>
 """

@@ -12,7 +12,6 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -21,25 +20,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from edgequant.runner import GenerateParams
 from edgequant.serving.chat import render_chat
+from edgequant.serving.config import ServeConfig
 from edgequant.serving.errors import ApiError
 from edgequant.serving.metrics import LATENCY_BUCKETS, RATE_BUCKETS, TTFT_BUCKETS, Metrics
 from edgequant.serving.scheduling import Delta, Job, ModelWorker, QueueFull
 from edgequant.serving.schemas import ChatRequest, CompletionRequest
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    models: tuple[Path | None, ...]  # artifact folders or source models; None is the default model
-    host: str = "127.0.0.1"
-    port: int = 8080
-    api_key: str | None = None
-    n_ctx: int = 2048
-    max_queue: int = 64  # waiting requests per model beyond the running one
-    max_tokens_cap: int = 1024
-    max_body_bytes: int = 1_000_000
-    request_timeout_s: float = 300.0
-    threads: int = 0
-    batch: int = 4  # requests decoded together where the engine can batch (llama.cpp); 1 = one at a time
 
 
 def model_name(path: Path | None) -> str:
