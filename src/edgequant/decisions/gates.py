@@ -160,6 +160,11 @@ def verdict_words(v: dict, not_measured: str = "not measured") -> str:
     return f"{v['gate']}: missed by {missed}"
 
 
+def missed_words(verdicts: list[dict], not_measured: str = "not measured") -> str:
+    """Every verdict that did not pass, in one line: what bench, recommend and optimize print."""
+    return "; ".join(verdict_words(v, not_measured) for v in verdicts if v["verdict"] not in ("pass", "skipped"))
+
+
 def check_all(gates: list[Gate], metrics: dict) -> list[dict]:
     return [check(g, metrics) for g in gates]
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgequant.decisions.gates import DEFAULT_GATES, Gate, check, derived_metrics, parse_gates, passes, source_check, verdict_words
+from edgequant.decisions.gates import DEFAULT_GATES, Gate, check, derived_metrics, missed_words, parse_gates, passes, source_check
 from edgequant.decisions.recommend import RUNTIME_OVERHEAD_MB
 from edgequant.errors import EdgequantError
 from edgequant.measurement import metric_table
@@ -488,10 +488,6 @@ def _result(ctx: Context, profile, candidates: list[Candidate], winner: Candidat
         "eval_settings": (winner.metrics if winner else ctx.baseline).get("settings"),
         "seconds": round(seconds, 1), "run_id": ctx.run_id, "db": str(ctx.db.path),
     }
-
-
-def missed_words(verdicts: list[dict]) -> str:
-    return "; ".join(verdict_words(v) for v in verdicts if v["verdict"] not in ("pass", "skipped"))
 
 
 def _figures_json(m: dict) -> dict:

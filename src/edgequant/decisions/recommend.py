@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgequant.decisions.gates import Gate, check, derived_metrics, parse_gate, passes, source_check, verdict_words
+from edgequant.decisions.gates import Gate, check, derived_metrics, missed_words, parse_gate, passes, source_check
 from edgequant.decisions.hardware import Profile, closest, detect, get_profile
 from edgequant.errors import EdgequantError
 from edgequant.measurement import metric_table
@@ -173,7 +173,7 @@ def _measure_missing(config: RecommendConfig, candidates: list[Candidate], have:
 def _why_lost(candidate: Candidate, winner: Candidate | None, rank: int) -> str:
     failed = [v for v in candidate.verdicts if v["verdict"] != "pass"]
     if failed:
-        return "; ".join(verdict_words(v, "not measured here (--measured measures it)") for v in failed)
+        return missed_words(failed, "not measured here (--measured measures it)")
     return f"meets every constraint but comes after {winner.spec} in the profile's order" if winner else ""
 
 
