@@ -10,18 +10,22 @@ from edgequant.measurement.settings import EvalConfig
 MODEL_HELP = "Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
 
 
+def option(p, flag: str, default, words: str, kind: type | None = None) -> None:
+    """An option whose default comes from a config (given here, never typed twice) and is named
+    at the end of its help."""
+    kind = kind or type(default)
+    p.add_argument(flag, type=kind, default=default, help=f"{words} (default {default})")
+
+
 def add_eval_options(p, defaults: EvalConfig = EvalConfig()) -> None:
     """The evaluation options, at `defaults` (the verb's own: `eval` scores 8 windows, bench and
     optimize 4 per candidate)."""
-    p.add_argument("--windows", type=int, default=defaults.windows, help=f"windows scored (default {defaults.windows})")
+    option(p, "--windows", defaults.windows, "windows scored")
     p.add_argument("--data", type=Path, help="UTF-8 text to score (default: English Wikipedia prose from gensim)")
-    p.add_argument("--ctx", type=int, default=defaults.ctx, help=f"tokens per window (default {defaults.ctx})")
-    p.add_argument("--prompt-tokens", type=int, default=defaults.prompt_tokens,
-                   help=f"prompt length for the speed test (default {defaults.prompt_tokens})")
-    p.add_argument("--gen-tokens", type=int, default=defaults.gen_tokens,
-                   help=f"tokens generated per speed run (default {defaults.gen_tokens})")
-    p.add_argument("--repeats", type=int, default=defaults.repeats,
-                   help=f"timed speed runs; the median is reported (default {defaults.repeats})")
+    option(p, "--ctx", defaults.ctx, "tokens per window")
+    option(p, "--prompt-tokens", defaults.prompt_tokens, "prompt length for the speed test")
+    option(p, "--gen-tokens", defaults.gen_tokens, "tokens generated per speed run")
+    option(p, "--repeats", defaults.repeats, "timed speed runs; the median is reported")
     p.add_argument("--threads", type=int, default=defaults.threads, help="inference threads (default: all cores)")
 
 

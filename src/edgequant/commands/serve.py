@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from edgequant.commands.common import option
 from edgequant.errors import EdgequantError
 from edgequant.serving.config import ServeConfig
 
@@ -13,22 +14,17 @@ from edgequant.serving.config import ServeConfig
 def add(sub) -> None:
     p = sub.add_parser("serve", help="serve artifacts over an OpenAI-compatible REST API")
     p.add_argument("models", nargs="*", help="artifact folders or models (default: the embedded model, run by PyTorch)")
-    p.add_argument("--host", default=ServeConfig.host, help=f"address to bind (default {ServeConfig.host}: this machine only)")
-    p.add_argument("--port", type=int, default=ServeConfig.port, help=f"(default {ServeConfig.port})")
+    option(p, "--host", ServeConfig.host, "address to bind (127.0.0.1: this machine only)")
+    option(p, "--port", ServeConfig.port, "port")
     p.add_argument("--api-key", default=os.environ.get("EDGEQUANT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (or set EDGEQUANT_API_KEY)")
-    p.add_argument("--ctx", type=int, default=ServeConfig.n_ctx, help=f"context length per model (default {ServeConfig.n_ctx})")
-    p.add_argument("--max-queue", type=int, default=ServeConfig.max_queue,
-                   help=f"waiting requests per model before answering 429 (default {ServeConfig.max_queue})")
-    p.add_argument("--max-tokens-cap", type=int, default=ServeConfig.max_tokens_cap,
-                   help=f"largest max_tokens a request may ask for (default {ServeConfig.max_tokens_cap})")
-    p.add_argument("--max-body-bytes", type=int, default=ServeConfig.max_body_bytes,
-                   help=f"(default {ServeConfig.max_body_bytes:,})")
-    p.add_argument("--request-timeout", type=float, default=ServeConfig.request_timeout_s,
-                   help=f"seconds before a request is cancelled (default {ServeConfig.request_timeout_s:g})")
+    option(p, "--ctx", ServeConfig.n_ctx, "context length per model")
+    option(p, "--max-queue", ServeConfig.max_queue, "waiting requests per model before answering 429")
+    option(p, "--max-tokens-cap", ServeConfig.max_tokens_cap, "largest max_tokens a request may ask for")
+    option(p, "--max-body-bytes", ServeConfig.max_body_bytes, "largest request body")
+    option(p, "--request-timeout", ServeConfig.request_timeout_s, "seconds before a request is cancelled")
     p.add_argument("--threads", type=int, default=ServeConfig.threads, help="inference threads (default: all cores)")
-    p.add_argument("--batch", type=int, default=ServeConfig.batch,
-                   help=f"requests decoded together where the engine supports it (1: one at a time; default {ServeConfig.batch})")
+    option(p, "--batch", ServeConfig.batch, "requests decoded together where the engine supports it (1: one at a time)")
     p.set_defaults(run=run)
 
 
