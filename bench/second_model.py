@@ -222,10 +222,11 @@ def main() -> None:
         found["serve" if args.serve else "optimize"] = measured
     elif args.section:  # rows of the same spec are replaced, others kept: a section grows run by run
         section = found.get(args.section, {})
-        kept = [row for row in section.get("rows", []) if row["spec"] not in {r["spec"] for r in measured}]
+        new = {r["spec"]: r for r in measured}
+        rows = [new.pop(row["spec"], row) for row in section.get("rows", [])] + list(new.values())  # in place, or appended
         run = {**stamp, "machine": machine_info(), "specs": [r["spec"] for r in measured]}
         found[args.section] = {**section, "windows": args.bench_windows, "source_tensor_types": source_tensor_types(path),
-                               "rows": kept + measured, "runs": section.get("runs", []) + [run]}
+                               "rows": rows, "runs": section.get("runs", []) + [run]}
     else:
         found = measured
     write_text_atomic(RESULTS, json.dumps(found, indent=2) + "\n")
