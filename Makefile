@@ -18,7 +18,7 @@ test: setup lint
 	$(VENV)/python -m pytest -q
 
 lint: setup
-	$(VENV)/ruff check src tests bench
+	$(VENV)/ruff check src tests bench scripts
 
 test-fast: setup
 	$(VENV)/python -m pytest -q -m "not slow"
