@@ -171,6 +171,8 @@ def _create_or_check(conn: sqlite3.Connection, path: Path) -> None:
                 raise EdgequantError(f"{path} uses results schema {meta.get('schema')}, this edgequant reads {SCHEMA_VERSION}",
                                      "use a newer edgequant, or start a new database with --db")
             _add_missing_columns(conn)
+            if meta["schema"] != str(SCHEMA_VERSION):
+                conn.execute("UPDATE edgequant_meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -186,7 +188,6 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE evaluations ADD COLUMN {column} REAL")
     for statement in _STORED_EVALUATIONS:
         conn.execute(statement)
-    conn.execute("UPDATE edgequant_meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
 
 
 def _now() -> str:
