@@ -23,7 +23,7 @@ from edgequant.errors import EdgequantError
 from edgequant.measurement.intervals import TokenScores, bootstrap
 from edgequant.measurement.intervals import method as interval_method
 from edgequant.measurement.logprobs import first_difference, kl_divergence, log_softmax
-from edgequant.measurement.settings import EvalConfig  # noqa: F401  (edgequant.EvalConfig, and older imports)
+from edgequant.measurement.settings import EvalConfig
 from edgequant.paths import cache_dir
 from edgequant.progress import note, step, track
 from edgequant.registry import BASELINE_SPEC, open_runner
