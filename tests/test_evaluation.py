@@ -31,7 +31,7 @@ def test_quantized_artifact_gets_every_metric_and_stores_them(tiny_model):
         assert metrics[key] > 0, key
     assert metrics["peak_rss_mb"] < 1000  # measured in a fresh child process, not this test process
     db = ResultsDB.open()
-    stored = db.find_evaluation(artifact.content_sha256(), metrics["evaluation_key"])
+    stored = db.find_evaluation(artifact.content_sha256, metrics["evaluation_key"])
     db.close()
     assert stored["perplexity"] == metrics["perplexity"]
     assert stored["settings"]["ctx"] == 128 and stored["machine"]["cores"] >= 1
@@ -164,7 +164,7 @@ def test_two_processes_evaluating_one_artifact_both_keep_their_result(tiny_model
     keys = {json.loads(out)["evaluation_key"] for out, _ in outputs}
     db = ResultsDB.open()
     stored = db.conn.execute("SELECT COUNT(*) FROM stored_evaluations WHERE artifact_sha256 = ? AND settings_key = ?",
-                             (artifact.content_sha256(), keys.pop())).fetchone()[0]
+                             (artifact.content_sha256, keys.pop())).fetchone()[0]
     db.close()
     assert stored == 2 and not keys
     assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in artifact.path.rglob("*") if p.is_file()}

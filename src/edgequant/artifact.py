@@ -7,6 +7,8 @@ into place: its evaluations live in the results store, keyed by `content_sha256`
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,16 +42,17 @@ class Artifact:
     def size_bytes(self) -> int:
         return int(self.manifest["size_bytes"])
 
+    @functools.cached_property
     def content_sha256(self) -> str:
-        """One hash of every file's path in the folder and its bytes (each file's hash is remembered
-        by path, size and mtime, so this is instant the second time)."""
-        import hashlib
+        """One hash of every file's path in the folder and its bytes, taken once per opened
+        artifact (it is never written again; each file's hash is also remembered by path, size
+        and mtime, so another process gets it without reading the bytes)."""
+        from edgequant.fingerprint import sha256_of_files
 
-        from edgequant.fingerprint import file_sha256
-
+        hashes = sha256_of_files(sorted(p for p in self.path.rglob("*") if p.is_file()))
         digest = hashlib.sha256()
-        for path in sorted(p for p in self.path.rglob("*") if p.is_file()):
-            digest.update(f"{path.relative_to(self.path).as_posix()}\0{file_sha256(path)}\n".encode())
+        for path, sha in hashes.items():
+            digest.update(f"{path.relative_to(self.path).as_posix()}\0{sha}\n".encode())
         return digest.hexdigest()
 
 

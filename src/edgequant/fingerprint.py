@@ -11,17 +11,26 @@ from edgequant.paths import cache_dir
 
 
 def file_sha256(path: Path) -> str:
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return sha256_of_files([path])[path]
+
+
+def sha256_of_files(paths: list[Path]) -> dict[Path, str]:
+    """Each file's sha256, the memo read once and written once for the whole set (an artifact
+    folder holds many files; reading and rewriting the memo per file grew with every artifact)."""
     memo_path = cache_dir() / "fingerprints.json"
     memo = _read_memo(memo_path)
-    if key in memo:
-        return memo[key]
-    memo[key] = fresh_sha256(path)
-    tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_path)
-    return memo[key]
+    found, added = {}, False
+    for path in paths:
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in memo:
+            memo[key], added = fresh_sha256(path), True
+        found[path] = memo[key]
+    if added:
+        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    return found
 
 
 def fresh_sha256(path: Path) -> str:
@@ -35,9 +44,9 @@ def fresh_sha256(path: Path) -> str:
 
 def files_sha256(paths: list[Path]) -> str:
     """One fingerprint for a set of files: names and contents, order independent."""
-    digest = hashlib.sha256()
+    digest, hashes = hashlib.sha256(), sha256_of_files(paths)
     for path in sorted(paths, key=lambda p: p.name):
-        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
+        digest.update(path.name.encode() + b"\0" + hashes[path].encode())
     return digest.hexdigest()
 
 

@@ -182,6 +182,7 @@ def plan(config: OptimizeConfig) -> dict:
             "estimated_s": round(seconds + extra * average), "estimate_basis": "each backend's bench_seconds for what is not "
             "cached, the neighbours at their average (a gguf:auto mix's first search takes ~3 minutes more)"}
 
+
 def objective_metric(objective: str) -> Metric:
     """The figure an objective ranks by: `size`, `speed` (decode tokens/s), `quality` (KLD), or a
     gate's name from the metric table (`top1`, `ttft`, ...)."""
@@ -242,7 +243,6 @@ def _check_something_runs(candidates: list[Candidate], profile) -> None:
 def _measure(ctx: Context, candidate: Candidate) -> None:
     """Convert and evaluate one candidate (both cached), unless its engine is missing, it cannot
     fit a size gate, or the budget of evaluations is spent."""
-
     spec = parse_spec(candidate.spec)
     backend = get_backend(spec.format)
     if backend.missing_engine():

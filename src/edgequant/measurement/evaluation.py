@@ -140,7 +140,7 @@ def _stored(resolved: Target, source, settings: dict) -> dict | None:
         return None
     db = ResultsDB.open()
     try:
-        return db.find_evaluation(resolved.artifact.content_sha256(),
+        return db.find_evaluation(resolved.artifact.content_sha256,
                                   evaluation_key({"settings": settings, "baseline": str(source.path)}))
     finally:
         db.close()
@@ -154,7 +154,7 @@ def _store(artifact, metrics: dict) -> str:
     key = evaluation_key(metrics)
     db = ResultsDB.open()
     try:
-        db.save_evaluation(artifact.content_sha256(), key, artifact.manifest.get("spec_text", ""), str(artifact.path),
+        db.save_evaluation(artifact.content_sha256, key, artifact.manifest.get("spec_text", ""), str(artifact.path),
                            {**metrics, "evaluation_key": key})
     finally:
         db.close()
