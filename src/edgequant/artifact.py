@@ -39,6 +39,11 @@ class Artifact:
         return self.manifest["source"]["fingerprint"]
 
     @property
+    def task(self) -> str:
+        """What the model does; artifacts written before tasks existed are causal LMs."""
+        return self.manifest["source"].get("task", "text-generation")
+
+    @property
     def size_bytes(self) -> int:
         return int(self.manifest["size_bytes"])
 

@@ -27,7 +27,7 @@ from edgequant.spec import Option, Precision
 
 if TYPE_CHECKING:
     from edgequant.artifact import Artifact
-    from edgequant.runner import Runner
+    from edgequant.runner import Runner, TaskRunner
     from edgequant.sources.source import Source
     from edgequant.spec import Spec
 
@@ -57,6 +57,9 @@ class Backend:
     # 16 bits, fixed GB), fitted to the default spec's conversions of several model sizes on this
     # kind of machine (bench/scale.py); None: not yet measured, so never refused up front.
     conversion_peak: tuple[float, float] | None = None
+    # Tasks besides text generation (see edgequant.sources.tasks) this format takes, each with the
+    # precisions that mean something for it; `convert_task` and `open_task` serve them.
+    task_precisions: dict[str, tuple[str, ...]] = {}
 
     # -- the two hooks ------------------------------------------------------------------------
 
@@ -65,6 +68,20 @@ class Backend:
 
     def open(self, artifact: "Artifact", *, n_ctx: int, need_logits: bool, threads: int) -> "Runner":
         raise NotImplementedError
+
+    def convert_task(self, source: "Source", spec: "Spec", out_dir: Path) -> dict[str, Any]:
+        """`convert` for a source of another task (a sentence encoder, an image classifier)."""
+        raise NotImplementedError
+
+    def open_task(self, artifact: "Artifact", *, threads: int) -> "TaskRunner":
+        """`open` for an artifact of another task: a runner mapping a batch of inputs to outputs."""
+        raise NotImplementedError
+
+    def precisions_for(self, task: str) -> tuple[str, ...]:
+        """The precisions this format offers for models of `task` (none: it does not take them)."""
+        from edgequant.sources.tasks import TEXT_GENERATION
+
+        return tuple(self.precisions) if task == TEXT_GENERATION else self.task_precisions.get(task, ())
 
     # -- defaults a backend may override --------------------------------------------------------
 

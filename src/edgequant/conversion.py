@@ -16,7 +16,8 @@ from edgequant.errors import EdgequantError
 from edgequant.fingerprint import file_sha256
 from edgequant.paths import cache_dir
 from edgequant.progress import note, step
-from edgequant.registry import get_backend, parse_spec
+from edgequant.registry import BASELINE_FORMAT, backends, get_backend, parse_spec
+from edgequant.sources.tasks import TEXT_GENERATION
 from edgequant.spec import Spec
 
 
@@ -60,16 +61,32 @@ def run_convert(config: ConvertConfig) -> Artifact:
         note(f"rebuilding {out}" + (f": {stale[0]}" if stale else ""))
     elif out.exists() and any(out.iterdir()) and not config.force:
         raise EdgequantError(f"{out} exists and holds something else", "choose another -o folder, or pass --force to replace it")
-    backend.check_source(source)  # an unsupported architecture is refused before any long step
+    check_task(backend, source, config.spec)
+    if source.task == TEXT_GENERATION:
+        backend.check_source(source)  # an unsupported architecture is refused before any long step
     shortfall = memory_shortfall(backend, source, config.spec)
     if shortfall and not config.force:
         raise EdgequantError(shortfall, "free memory or use a machine with more; --force converts anyway")
     started = time.perf_counter()
     with step(f"converting {source.name} to {config.spec}"), atomic_dir(out, replace=True) as tmp:
-        info = backend.convert(source, config.spec, tmp)
+        convert_hook = backend.convert if source.task == TEXT_GENERATION else backend.convert_task
+        info = convert_hook(source, config.spec, tmp)
         manifest = _manifest(source, config.spec, backend, info, tmp, time.perf_counter() - started, inputs)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return open_artifact(out)
+
+
+def check_task(backend, source, spec: Spec) -> None:
+    """Refuse a format or precision that does not apply to what the source model does."""
+    offered = backend.precisions_for(source.task)
+    if spec.precision in offered:
+        return
+    if offered:
+        raise EdgequantError(f"{spec} does not apply to {source.task} models such as {source.name}",
+                             f"use {backend.name}:{'|'.join(offered)}")
+    others = [name for name, other in backends().items() if other.precisions_for(source.task) and name != BASELINE_FORMAT]
+    raise EdgequantError(f"the {backend.name} format does not take {source.task} models such as {source.name}",
+                         f"use one of: {', '.join(others)}" if others else "no installed format takes them")
 
 
 def memory_shortfall(backend, source, spec: Spec) -> str | None:

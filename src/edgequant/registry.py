@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Iterable
 
 from edgequant.backend import Backend
 from edgequant.errors import EdgequantError
+from edgequant.sources.tasks import TEXT_GENERATION
 from edgequant.spec import Spec
 from edgequant.spec import parse_spec as _parse_spec
 from edgequant.spec import parse_specs as _parse_specs
 
 if TYPE_CHECKING:
-    from edgequant.runner import Runner
+    from edgequant.runner import Runner, TaskRunner
 
 ENTRY_POINT_GROUP = "edgequant.backends"
 # The format every figure is relative to: the source model run by PyTorch in float32.
@@ -101,8 +102,12 @@ def parse_specs(specs: "str | Spec | Iterable[str | Spec]") -> list[Spec]:
     return _parse_specs(specs, backends())
 
 
-def bench_specs() -> list[str]:
-    """The representative specs of every registered format except the baseline, by format name."""
+def bench_specs(task: str = TEXT_GENERATION) -> list[str]:
+    """The representative specs of every registered format except the baseline, by format name; for
+    a model of another task, every precision each format offers for it."""
+    if task != TEXT_GENERATION:
+        return [f"{name}:{p}" for name, backend in backends().items() if name != BASELINE_FORMAT
+                for p in backend.precisions_for(task)]
     return [spec for name, backend in backends().items() if name != BASELINE_FORMAT for spec in backend.bench_specs]
 
 
@@ -118,3 +123,18 @@ def open_runner(path: str | Path | None, *, n_ctx: int = 2048, need_logits: bool
     from edgequant.sources.source import load_source
 
     return get_backend(BASELINE_FORMAT).open_source(load_source(path), n_ctx=n_ctx, threads=threads)
+
+
+def open_task_runner(path: str | Path | None, *, threads: int = 0) -> "TaskRunner":
+    """`open_runner` for a model of another task: an artifact through its backend's `open_task`, a
+    source model through the PyTorch baseline."""
+    from edgequant.artifact import is_artifact, open_artifact
+    from edgequant.runner import default_threads
+
+    threads = threads or default_threads()
+    if path is not None and is_artifact(Path(path)):
+        artifact = open_artifact(path)
+        return get_backend(artifact.spec.format).open_task(artifact, threads=threads)
+    from edgequant.sources.source import load_source
+
+    return get_backend(BASELINE_FORMAT).open_task_source(load_source(path), threads=threads)

@@ -114,3 +114,29 @@ def default_threads() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class TaskRunner(ABC):
+    """A loaded model of a task other than text generation (see `edgequant.sources.tasks`): one
+    call maps a batch of inputs to one output row per input. A sentence encoder takes texts and
+    returns embeddings (n, dim) as its source would (pooled, unit length where it normalizes); an
+    image classifier takes preprocessed images (n, 3, h, w) float32 and returns logits (n, classes)."""
+
+    name: str = ""
+    task: str = ""
+
+    @abstractmethod
+    def run(self, batch) -> np.ndarray: ...
+
+    def arithmetic(self) -> str | None:
+        """As `Runner.arithmetic`: what the outputs are computed in, where a stand-in computes them."""
+        return None
+
+    def close(self) -> None:
+        """Release engine memory; the runner is unusable afterwards."""
+
+    def __enter__(self) -> "TaskRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

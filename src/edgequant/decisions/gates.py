@@ -97,8 +97,9 @@ def derived_metrics(metrics: dict, baseline: dict | None) -> dict:
         interval = (metrics.get("ci95") or {}).get("ppl_increase_pct")
         if interval:
             out["ci95"] = {**metrics["ci95"], "ppl_change_pct": _absolute(interval)}
-    if baseline and metrics.get("decode_tps") and baseline.get("decode_tps"):
-        out["speedup"] = metrics["decode_tps"] / baseline["decode_tps"]
+    speed = next((key for key in metric_table.HEADLINE_SPEED if metrics.get(key)), None)
+    if baseline and speed and baseline.get(speed):
+        out["speedup"] = metrics[speed] / baseline[speed]
     if baseline and metrics.get("peak_rss_mb") and baseline.get("peak_rss_mb"):
         out["memory_reduction_pct"] = 100 * (1 - metrics["peak_rss_mb"] / baseline["peak_rss_mb"])
     return out

@@ -68,12 +68,12 @@ def run_bench(config: BenchConfig) -> BenchResult:
     from edgequant.measurement.results import ResultsDB
     from edgequant.sources.source import DEFAULT_MODEL_CAVEAT, load_source
 
-    specs = _plan(config)  # every spec is checked before any work starts
+    source = load_source(config.model)
+    specs = _plan(config, source)  # every spec is checked before any work starts
     for path in (config.report_html, config.report_markdown, config.report_json):
         if path is not None:
             _check_writable(path)
     db = ResultsDB.open(config.db)
-    source = load_source(config.model)
     machine = machine_info()
     settings = {"eval": _eval_settings(config.eval), "specs": [str(s) for s, _ in specs],
                 "eval_is_bench_default": config.eval == DEFAULT_EVAL, "short_probe": SHORT_PROBE}
@@ -97,10 +97,13 @@ def run_bench(config: BenchConfig) -> BenchResult:
     return result
 
 
-def _plan(config: BenchConfig) -> list[tuple[Spec, str | None]]:
-    """(spec, reason to skip or None) for every spec, validated before any work."""
+def _plan(config: BenchConfig, source) -> list[tuple[Spec, str | None]]:
+    """(spec, reason to skip or None) for every spec, validated against the source's task before any work."""
+    from edgequant.conversion import check_task
+
     plan = []
-    for spec in parse_specs(config.specs if config.specs is not None else bench_specs()):
+    for spec in parse_specs(config.specs if config.specs is not None else bench_specs(source.task)):
+        check_task(get_backend(spec.format), source, spec)
         reason = get_backend(spec.format).missing_engine()
         if reason and config.strict:
             raise EdgequantError(f"cannot run {spec}: {reason}", "install the engine, or drop --strict to skip it")

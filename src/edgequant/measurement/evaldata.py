@@ -21,7 +21,7 @@ CALIBRATION_FILE = "lee_background.cor"
 _MIN_PARAGRAPH_CHARS = 200  # shorter lines are mostly headings, list stubs or markup leftovers
 
 
-def _gensim_test_data() -> Path:
+def gensim_test_data() -> Path:
     import importlib.util
 
     spec = importlib.util.find_spec("gensim")
@@ -34,12 +34,12 @@ def _gensim_test_data() -> Path:
 def default_eval_text() -> str:
     cached = cache_dir("data") / "enwiki-prose.txt"
     if not cached.is_file():
-        write_text_atomic(cached, _extract_wiki_prose(_gensim_test_data() / WIKI_DUMP))
+        write_text_atomic(cached, _extract_wiki_prose(gensim_test_data() / WIKI_DUMP))
     return cached.read_text()
 
 
 def default_calibration_text() -> str:
-    return (_gensim_test_data() / CALIBRATION_FILE).read_text()
+    return (gensim_test_data() / CALIBRATION_FILE).read_text()
 
 
 def read_text_file(path: str | Path) -> str:

@@ -24,9 +24,11 @@ from edgequant.measurement.intervals import TokenScores, bootstrap
 from edgequant.measurement.intervals import method as interval_method
 from edgequant.measurement.logprobs import first_difference, kl_divergence, log_softmax
 from edgequant.measurement.settings import EvalConfig
+from edgequant.measurement.task_evaluation import evaluate_task, task_inputs_identity
 from edgequant.paths import cache_dir
 from edgequant.progress import note, step, track
 from edgequant.registry import BASELINE_SPEC, open_runner
+from edgequant.sources.tasks import TEXT_GENERATION
 
 _TOKENIZER_CHECK_CHARS = 4000
 
@@ -79,12 +81,14 @@ def _evaluate(target, baseline, config: EvalConfig | None, reuse: bool) -> tuple
     threads = config.threads or default_threads()
     resolved = _resolve_target(target)
     source = load_source(baseline if baseline is not None else _recorded_source(resolved))
-    text, data_name = _eval_text(config)
+    text, data_name = _inputs_of(source, config)
     settings = _settings(config, threads, text, data_name)
     found = _stored(resolved, source, settings) if reuse else None
     if found is not None:
         note(f"cached evaluation: {resolved.label} was measured with these settings, text and baseline before")
         return {**found, "cached": True}, None
+    if source.task != TEXT_GENERATION:
+        return _finish(resolved, evaluate_task(resolved, source, config, threads), settings), None
     windows = _make_windows(source, config, text, data_name)
     reference = _reference_logprobs(source, windows, threads)
     scores, arithmetic = _quality(resolved, source, windows, reference, threads)
@@ -102,11 +106,16 @@ def _evaluate(target, baseline, config: EvalConfig | None, reuse: bool) -> tuple
             request = SpeedRequest(str(resolved.path) if resolved.path else None, prompts, config.gen_tokens,
                                    config.repeats, threads, config.prompt_tokens + config.gen_tokens + 8)
             metrics.update(run_in_child(request))
+    return _finish(resolved, metrics, settings), scores
+
+
+def _finish(resolved: Target, metrics: dict, settings: dict) -> dict:
+    """The settings and machine added to the figures, and an artifact's evaluation stored."""
     metrics["settings"] = settings
     metrics["machine"] = machine_info()
     if resolved.artifact is not None:
         metrics["evaluation_key"] = _store(resolved.artifact, metrics)
-    return metrics, scores
+    return metrics
 
 
 def stored_evaluation(target: str | Path, config: EvalConfig) -> dict | None:
@@ -117,8 +126,8 @@ def stored_evaluation(target: str | Path, config: EvalConfig) -> dict | None:
     resolved = _resolve_target(target)
     if resolved.artifact is None:
         return None
-    text, data_name = _eval_text(config)
     source = load_source(_recorded_source(resolved))
+    text, data_name = _inputs_of(source, config)
     return _stored(resolved, source, _settings(config, config.threads or default_threads(), text, data_name))
 
 
@@ -188,6 +197,11 @@ def _recorded_source(target: Target):
     if not recorded.exists():
         raise EdgequantError(f"the artifact's source {recorded} no longer exists", "pass --baseline MODEL")
     return recorded
+
+
+def _inputs_of(source, config: EvalConfig) -> tuple[str, str]:
+    """What the source is scored on, as a text (hashed into the settings) and a name."""
+    return _eval_text(config) if source.task == TEXT_GENERATION else task_inputs_identity(source.task)
 
 
 def _eval_text(config: EvalConfig) -> tuple[str, str]:

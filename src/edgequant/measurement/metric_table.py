@@ -67,15 +67,31 @@ TABLE: tuple[Metric, ...] = (
            what="99th percentile of the per-token KL divergence"),
     Metric("top1_agreement", "top-1", QUALITY, "higher", "{:.1%}", gate="top1", interval=True, column="top1_agreement",
            interval_column="top1", what="top-1 agreement with the baseline"),
+    # Sentence encoders: embeddings against the float32 baseline's on the same texts.
+    Metric("cosine_mean", "cosine", QUALITY, "higher", "{:.4f}", gate="cosine", interval=True, column="cosine_mean",
+           interval_column="cosine_mean", what="mean cosine similarity of the embeddings to the baseline's"),
+    Metric("cosine_p1", "cosine p1", QUALITY, "higher", "{:.4f}", gate="cosine_p1", interval=True, column="cosine_p1",
+           interval_column="cosine_p1", what="1st percentile of the per-text cosine similarity to the baseline"),
+    Metric("probe_accuracy", "probe acc", QUALITY, "higher", "{:.1%}", gate="accuracy", interval=True,
+           column="probe_accuracy", interval_column="probe_accuracy",
+           what="polarity accuracy of a cross-validated linear probe on the embeddings"),
     Metric("decode_tps", "decode tok/s", SPEED, "higher", "{:.1f}", "tokens/s", spread="decode_tps_range", column="decode_tps",
            what="decode speed (median of the timed repeats)"),
     Metric("prefill_tps", "prefill tok/s", SPEED, "higher", "{:.1f}", "tokens/s", column="prefill_tps", in_report=False,
            what="prompt processing speed"),
     Metric("ttft_ms", "TTFT ms", SPEED, "lower", "{:.0f}", "ms", gate="ttft", gate_units={"": 1, "ms": 1, "s": 1000},
            column="ttft_ms", what="time to first token (median)"),
+    Metric("latency_p50_ms", "latency ms", SPEED, "lower", "{:.2f}", "ms", gate="latency", gate_units={"": 1, "ms": 1, "s": 1000},
+           column="latency_p50_ms", what="median time to run one input alone (a short sentence)"),
+    Metric("latency_p95_ms", "p95 ms", SPEED, "lower", "{:.2f}", "ms", column="latency_p95_ms", in_report=False,
+           what="95th percentile of the time to run one input alone"),
+    Metric("inputs_per_s_b1", "inputs/s b1", SPEED, "higher", "{:.1f}", "inputs/s", spread="inputs_per_s_b1_range",
+           column="inputs_per_s_b1", what="inputs per second, one at a time (median of the timed repeats)"),
+    Metric("inputs_per_s_b8", "inputs/s b8", SPEED, "higher", "{:.1f}", "inputs/s", spread="inputs_per_s_b8_range",
+           column="inputs_per_s_b8", what="inputs per second in batches of 8 (median of the timed repeats)"),
     Metric("load_s", "load s", SPEED, "lower", "{:.2f}", "s", column="load_s", in_report=False, what="time to load the model"),
     Metric("speedup", "speed-up", SPEED, "higher", "{:.2f}", "x", gate="speedup", gate_units={"": 1, "x": 1}, derived=True,
-           in_report=False, what="decode tokens/s over the fp32 baseline's, same run"),
+           in_report=False, what="decode tokens/s (other tasks: inputs/s at batch 8) over the fp32 baseline's, same run"),
     Metric("peak_rss_mb", "peak RSS MB", MEMORY, "lower", "{:.0f}", "MB", gate="peak_rss",
            gate_units={"": 1, "mb": 1, "gb": 1000}, column="peak_rss_mb", what="peak resident memory while generating"),
     Metric("model_rss_mb", "model MB", MEMORY, "lower", "{:.0f}", "MB",
@@ -83,6 +99,28 @@ TABLE: tuple[Metric, ...] = (
     Metric("memory_reduction_pct", "memory saved %", MEMORY, "higher", "{:.1f}", "%", gate="memory_reduction",
            gate_units=_PERCENT, derived=True, in_report=False, what="peak memory saved against the fp32 baseline"),
 )
+
+
+# The speed figure `speedup` compares with the baseline's: the first one a row has.
+HEADLINE_SPEED = ("decode_tps", "inputs_per_s_b8")
+
+
+@dataclass(frozen=True)
+class TaskFigures:
+    """Which figures speak for a task's quality and speed in reports."""
+
+    quality: str  # the quality figure of the size/quality Pareto front and chart
+    loss_label: str  # the chart's axis: how far `quality` is from the baseline's
+    rank: str  # the figure whose intervals tell neighbouring candidates apart
+    unusable_beyond: float  # past this `quality` a candidate is broken, not a trade-off
+    speed: str  # the speed figure charted
+
+
+TASK_FIGURES = {
+    "text-generation": TaskFigures("ppl_increase_pct", "perplexity increase (%)", "kld_mean", 100.0, "decode_tps"),
+    # An encoder whose embeddings average below 0.9 cosine to the float model's ranks neighbours differently.
+    "sentence-embedding": TaskFigures("cosine_mean", "1 - mean cosine to fp32", "cosine_mean", 0.9, "inputs_per_s_b8"),
+}
 
 
 def by_key(key: str) -> Metric:

@@ -60,6 +60,65 @@ def measure(request: SpeedRequest) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class TaskSpeedRequest:
+    """Speed of a model of another task: latency per input at batch 1, throughput at batch 1 and 8."""
+
+    target: str | None
+    inputs_file: str  # what `measurement.taskdata.load_inputs` reads: a JSON list of texts
+    repeats: int = 3
+    threads: int = 0
+    single: int = 32  # inputs timed one at a time
+    batched: int = 64  # inputs timed in batches of BATCH
+
+
+BATCH = 8
+
+
+def measure_task(request: TaskSpeedRequest) -> dict:
+    from edgequant.measurement.taskdata import load_inputs
+    from edgequant.registry import open_task_runner
+
+    inputs = load_inputs(request.inputs_file)
+    rss_before = _peak_rss_mb()
+    started = time.perf_counter()
+    runner = open_task_runner(request.target, threads=request.threads)
+    load_s = time.perf_counter() - started
+    runner.run(inputs[:BATCH])  # warm-up: first-call allocations and kernel choices
+    latencies, single_rates, batch_rates = [], [], []
+    for _ in range(request.repeats):
+        times = [_timed(runner.run, inputs[i % len(inputs):i % len(inputs) + 1]) for i in range(request.single)]
+        latencies += times
+        single_rates.append(len(times) / sum(times))
+        batches = [inputs[(i * BATCH) % len(inputs):][:BATCH] for i in range(request.batched // BATCH)]
+        batch_rates.append(sum(len(b) for b in batches) / sum(_timed(runner.run, b) for b in batches))
+    runner.close()
+    peak = _peak_rss_mb()
+    return {
+        "load_s": round(load_s, 3),
+        "latency_p50_ms": round(1000 * statistics.median(latencies), 3),
+        "latency_p95_ms": round(1000 * _percentile(latencies, 95), 3),
+        **_spread("inputs_per_s_b1", single_rates),
+        **_spread("inputs_per_s_b8", batch_rates),
+        "peak_rss_mb": round(peak, 1),
+        "interpreter_rss_mb": round(rss_before, 1),
+        "model_rss_mb": round(peak - rss_before, 1),
+        "repeats": request.repeats,
+        "probe_imported": [m for m in ("torch", "transformers") if m in sys.modules],
+    }
+
+
+def _timed(call, batch) -> float:
+    start = time.perf_counter()
+    call(batch)
+    return time.perf_counter() - start
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
 def _spread(name: str, values: list[float]) -> dict:
     """The median of the repeats, and their [min, max]."""
     return {name: round(statistics.median(values), 2), f"{name}_range": [round(min(values), 2), round(max(values), 2)]}
@@ -89,14 +148,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_in_child(request: SpeedRequest) -> dict:
+def run_in_child(request: SpeedRequest | TaskSpeedRequest) -> dict:
     import os
     import subprocess
 
     from edgequant.errors import EdgequantError
 
     env = {**os.environ, "EDGEQUANT_QUIET": "1"}
-    result = subprocess.run([sys.executable, "-m", "edgequant.measurement.speed_probe"], input=json.dumps(asdict(request)),
+    payload = {"kind": type(request).__name__, **asdict(request)}
+    result = subprocess.run([sys.executable, "-m", "edgequant.measurement.speed_probe"], input=json.dumps(payload),
                             capture_output=True, text=True, env=env)
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
@@ -107,9 +167,11 @@ def run_in_child(request: SpeedRequest) -> dict:
 def main() -> int:
     from edgequant.errors import EdgequantError
 
-    request = SpeedRequest(**json.loads(sys.stdin.read()))
+    payload = json.loads(sys.stdin.read())
+    kind = payload.pop("kind")
     try:
-        print(json.dumps(measure(request)), flush=True)
+        found = measure_task(TaskSpeedRequest(**payload)) if kind == "TaskSpeedRequest" else measure(SpeedRequest(**payload))
+        print(json.dumps(found), flush=True)
     except EdgequantError as exc:
         print(str(exc), file=sys.stderr)
         return 2

@@ -14,10 +14,8 @@ from edgequant.decisions.gates import derived_metrics
 from edgequant.measurement import metric_table
 from edgequant.measurement.metric_table import Metric
 from edgequant.registry import get_format
+from edgequant.sources.tasks import TEXT_GENERATION
 from edgequant.spec import format_and_precision
-
-# A candidate that more than doubles the baseline's perplexity is broken, not a trade-off.
-UNUSABLE_PPL_INCREASE_PCT = 100.0
 
 
 def pareto_front(points: list[tuple[float, ...]]) -> list[int]:
@@ -32,22 +30,29 @@ def pareto_front(points: list[tuple[float, ...]]) -> list[int]:
 
 def build_report(result) -> dict:
     base = result.baseline.metrics
-    rows = [_row(result.baseline, base)] + [_row(r, base) for r in result.rows]
+    task = base.get("task", TEXT_GENERATION)
+    figures = metric_table.TASK_FIGURES[task]
+    rows = [_row(result.baseline, base, figures)] + [_row(r, base, figures) for r in result.rows]
     usable = [r for r in rows if r["status"] == "ok" and r["usable"]]
-    front = pareto_front([(r["size_mb"], max(r["ppl_increase_pct"], 0.0)) for r in usable])
+    front = pareto_front([(r["size_mb"], r["quality_loss"]) for r in usable])
     for i in front:
         usable[i]["pareto"] = True
     ok = [r for r in rows if r["status"] == "ok"]
     return {
-        "title": f"edgequant benchmark: {result.model}",
+        "title": f"edgequant benchmark: {result.model}", "task": task,
         "model": result.model, "fingerprint": result.fingerprint, "run_id": result.run_id, "db": str(result.db_path),
         "machine": result.machine, "settings": result.settings, "wall_s": round(result.wall_s, 1), "rows": rows,
         "summary": [_summary(r) for r in ok],
-        "notes": _notes(result, rows),
+        "notes": _notes(result, rows, task),
     }
 
 
-def _row(row, base: dict) -> dict:
+def _quality_loss(value: float, base_value: float, metric: Metric) -> float:
+    """How far a quality figure is from the baseline's, in its worse direction (0: as good or better)."""
+    return max(metric.order(value) - metric.order(base_value), 0.0)
+
+
+def _row(row, base: dict, figures: metric_table.TaskFigures) -> dict:
     m = row.metrics or {}
     fmt = format_and_precision(row.spec)[0]
     out = {"spec": row.spec, "format": fmt, "status": row.status, "error": row.error, "baseline": row.baseline,
@@ -58,11 +63,14 @@ def _row(row, base: dict) -> dict:
             "size_mb": round(m["size_bytes"] / 1e6, 2), "interpreter_rss_mb": m.get("interpreter_rss_mb"),
             "probe_imported": m.get("probe_imported", []), "ci95": m.get("ci95", {}),
             "decode_tps_range": m.get("decode_tps_range"), "arithmetic": m.get("arithmetic"),
+            "data": (m.get("settings") or {}).get("data"),
             "size_reduction_pct": round(100 * (1 - m["size_bytes"] / base["size_bytes"]), 1),
             "speedup": _rounded(derived_metrics(m, base).get("speedup"), 2),
             "speed_representative": _speed_representative(fmt),
-            "usable": m["ppl_increase_pct"] <= UNUSABLE_PPL_INCREASE_PCT,
         })
+        quality = metric_table.by_key(figures.quality)
+        out["quality_loss"] = _quality_loss(m[quality.key], base[quality.key], quality)
+        out["usable"] = quality.order(m[quality.key]) <= quality.order(figures.unusable_beyond)
     return out
 
 
@@ -90,23 +98,17 @@ def _summary(row: dict) -> dict:
             "speedup_vs_fp32": row["speedup"], "speed_representative": row["speed_representative"], "use_case": use_case}
 
 
-def _notes(result, rows: list[dict]) -> list[str]:
+def _notes(result, rows: list[dict], task: str) -> list[str]:
     m, s = result.machine, result.settings["eval"]
+    quality, speed, intervals = (_method_notes(result, s) if task == TEXT_GENERATION else _task_method_notes(rows, s))
     notes = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, {m['os']}, Python {m['python']} "
              f"(1-minute load average {m['load_avg_1m']} at the start).",
-             f"Quality: {s['windows']} windows of {s['ctx']} tokens of the evaluation text, identical for every candidate; "
-             f"perplexity increase and KL divergence are relative to the PyTorch fp32 baseline on the source"
-             + (" (the bench default)." if result.settings.get("eval_is_bench_default") else "."),
-             _duration(result, rows),
-             f"Speed: median of {s['repeats']} runs after a warm-up, a different {s['prompt_tokens']}-token prompt each "
-             f"(so no engine reuses a cached prefix), {s['gen_tokens']} tokens generated, {s['threads'] or 'all'} threads; "
-             "peak memory is the RSS of a fresh process that loaded the model.",
+             quality, _duration(result, rows), speed,
              "Size reduction is the file size against the fp32 source; memory use is measured peak RSS (optimize's "
              "memory_reduction gate compares peak RSS). "
              "'model MB' is that peak less the RSS of the same process before the engine loaded "
              f"({_interpreter_mb(rows)}): what the model and its engine cost.",
-             "Intervals are 95% block-bootstrap intervals over the scored tokens (blocks of 32 tokens, seeded); "
-             "where two candidates' intervals overlap, the data cannot tell them apart on that figure."]
+             intervals]
     stand_ins = [get_format(f) for f in sorted({r["format"] for r in rows if r["status"] == "ok"})
                  if not _speed_representative(f)]
     notes.extend(b.speed_note for b in stand_ins if b.speed_note)
@@ -116,18 +118,45 @@ def _notes(result, rows: list[dict]) -> list[str]:
                      f"({probe['gen_tokens']} tokens, {probe['repeats']} run).")
     notes.extend(n for r in rows for n in r["notes"])
     notes.extend(_arithmetic_notes(rows))
-    notes.extend(_indistinguishable_notes(rows))
+    notes.extend(_indistinguishable_notes(rows, task))
     heavy = [f"{r['spec']} ({', '.join(r['probe_imported'])})" for r in rows
              if r["status"] == "ok" and not r["baseline"] and r.get("probe_imported")]
     if heavy:
         notes.append(f"Warning: the speed probe of {', '.join(heavy)} loaded more than its engine; its memory is overstated.")
-    broken = [f"{r['spec']} ({r['ppl_increase_pct']:+.0f}%)" for r in rows if r["status"] == "ok" and not r["usable"]]
+    figures = metric_table.TASK_FIGURES[task]
+    quality = metric_table.by_key(figures.quality)
+    broken = [f"{r['spec']} ({quality.label} {quality.show(r[quality.key])})" for r in rows if r["status"] == "ok" and not r["usable"]]
     if broken:
-        notes.append(f"Unusable (perplexity more than {UNUSABLE_PPL_INCREASE_PCT / 100 + 1:.0f}x the baseline's), left off the "
+        notes.append(f"Unusable ({quality.label} past {quality.show(figures.unusable_beyond)}), left off the "
                      f"Pareto front and the size/quality chart: {', '.join(broken)}.")
     if result.caveat:
         notes.append(f"Model caveat: {result.caveat}.")
     return notes
+
+
+def _method_notes(result, s: dict) -> tuple[str, str, str]:
+    """How a causal LM's quality, speed and intervals were measured."""
+    return (f"Quality: {s['windows']} windows of {s['ctx']} tokens of the evaluation text, identical for every candidate; "
+            f"perplexity increase and KL divergence are relative to the PyTorch fp32 baseline on the source"
+            + (" (the bench default)." if result.settings.get("eval_is_bench_default") else "."),
+            f"Speed: median of {s['repeats']} runs after a warm-up, a different {s['prompt_tokens']}-token prompt each "
+            f"(so no engine reuses a cached prefix), {s['gen_tokens']} tokens generated, {s['threads'] or 'all'} threads; "
+            "peak memory is the RSS of a fresh process that loaded the model.",
+            "Intervals are 95% block-bootstrap intervals over the scored tokens (blocks of 32 tokens, seeded); "
+            "where two candidates' intervals overlap, the data cannot tell them apart on that figure.")
+
+
+def _task_method_notes(rows: list[dict], s: dict) -> tuple[str, str, str]:
+    """How a model of another task (a sentence encoder) was measured."""
+    data = next((r.get("data") for r in rows if r.get("data")), "the task's inputs")
+    return (f"Quality: every candidate embeds the same texts ({data}); cosine similarity per text to the PyTorch fp32 "
+            "baseline's embedding (mean and 1st percentile), and polarity accuracy of a linear probe trained on each "
+            "candidate's own embeddings by 10-fold cross-validation.",
+            f"Speed: latency of one short sentence at a time (median and 95th percentile over 32 sentences x {s['repeats']} "
+            f"repeats) and inputs per second at batch 1 and batch 8 (median of {s['repeats']} repeats), after a warm-up, "
+            f"{s['threads'] or 'all'} threads; peak memory is the RSS of a fresh process that loaded the model.",
+            "Intervals are 95% bootstrap intervals over the texts (seeded); where two candidates' intervals overlap, "
+            "the data cannot tell them apart on that figure.")
 
 
 def _interpreter_mb(rows: list[dict]) -> str:
@@ -144,15 +173,16 @@ def _arithmetic_notes(rows: list[dict]) -> list[str]:
     return [f"Quality of {', '.join(specs)}: {text}." for text, specs in seen.values()]
 
 
-def _indistinguishable_notes(rows: list[dict]) -> list[str]:
-    """Candidates next to each other by KLD whose KLD intervals overlap."""
+def _indistinguishable_notes(rows: list[dict], task: str) -> list[str]:
+    """Candidates next to each other by the task's ranking figure whose intervals overlap."""
     from edgequant.measurement.intervals import compare
 
-    ranked = sorted((r for r in rows if r["status"] == "ok" and not r["baseline"] and r["ci95"].get("kld_mean")),
-                    key=lambda r: r["kld_mean"])
+    metric = metric_table.by_key(metric_table.TASK_FIGURES[task].rank)
+    ranked = sorted((r for r in rows if r["status"] == "ok" and not r["baseline"] and r["ci95"].get(metric.key)),
+                    key=lambda r: metric.order(r[metric.key]))
     ties = [f"{a['spec']} ~ {b['spec']}" for a, b in zip(ranked, ranked[1:])
-            if compare(a["ci95"]["kld_mean"], b["ci95"]["kld_mean"]) == "not distinguishable"]
-    return [f"Not distinguishable by KLD (95% intervals overlap): {', '.join(ties)}."] if ties else []
+            if compare(a["ci95"][metric.key], b["ci95"][metric.key]) == "not distinguishable"]
+    return [f"Not distinguishable by {metric.label} (95% intervals overlap): {', '.join(ties)}."] if ties else []
 
 
 # ----------------------------------------------------------------------------------------- text
@@ -218,22 +248,24 @@ tr.failed td,tr.skipped td{color:#999}.charts{display:flex;flex-wrap:wrap;gap:20
 .notes li{margin:4px 0}
 """
 
-def _charts(rows: list[dict]) -> str:
-    """Size against perplexity increase with the Pareto front, decode speed and peak memory."""
+def _charts(rows: list[dict], task: str) -> str:
+    """Size against the quality loss with the Pareto front, the task's speed figure and peak memory."""
     from edgequant.reporting.charts import Point, bars, scatter
 
+    figures = metric_table.TASK_FIGURES[task]
+    quality, speed = metric_table.by_key(figures.quality), metric_table.by_key(figures.speed)
     ok = [r for r in rows if r["status"] == "ok"]
-    points = [Point(r["size_mb"], max(r["ppl_increase_pct"], 0.0), r["spec"], f"{r['spec']}: {r['size_mb']} MB, "
-                    f"{r['ppl_increase_pct']}%", "point" + (" baseline" if r["baseline"] else "") + (" pareto" if r["pareto"] else ""),
-                    r["pareto"])
+    points = [Point(r["size_mb"], r["quality_loss"], r["spec"], f"{r['spec']}: {r['size_mb']} MB, "
+                    f"{quality.label} {quality.show(r[quality.key])}",
+                    "point" + (" baseline" if r["baseline"] else "") + (" pareto" if r["pareto"] else ""), r["pareto"])
               for r in ok if r["usable"]]  # one broken candidate would flatten every other point
 
     def bar_rows(key: str) -> list[tuple[str, float, str]]:
         return [(r["spec"], r[key], "bar" + (" baseline" if r["baseline"] else "")
                  + ("" if r["speed_representative"] is not False else " unrepresentative")) for r in ok if r.get(key) is not None]
 
-    charts = [scatter(points, "file size (MB)", "perplexity increase (%)", chart_id="chart-pareto"),
-              bars(bar_rows("decode_tps"), "decode tokens/s (grey: speed not representative here)", chart_id="chart-speed"),
+    charts = [scatter(points, "file size (MB)", figures.loss_label, chart_id="chart-pareto"),
+              bars(bar_rows(speed.key), f"{speed.label} (grey: speed not representative here)", chart_id="chart-speed"),
               bars(bar_rows("peak_rss_mb"), "peak RSS (MB)", chart_id="chart-memory")]
     return "".join(f'<div class="chart">{chart}</div>' for chart in charts)
 
@@ -265,7 +297,7 @@ Bold specs are on the size/quality Pareto front; the blue row is the PyTorch fp3
 <table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <ul class="failures">{failures}</ul>
 <h2>Charts</h2>
-<div class="charts">{_charts(data["rows"])}</div>
+<div class="charts">{_charts(data["rows"], data.get("task", TEXT_GENERATION))}</div>
 <h2>Summary by framework</h2>
 <table id="summary"><thead><tr><th>framework</th><th>quantization</th><th>memory use</th><th>size reduction vs fp32</th>
 <th>speed-up vs fp32</th><th>use case</th></tr></thead><tbody>{summary}</tbody></table>

@@ -13,6 +13,9 @@ def format_inspect(info: dict) -> str:
     lines = [
         f"model           {info['model']}",
         f"architecture    {info['architecture']} ({info['model_type']})",
+        f"task            {info['task']}" + (f" (pooling {info['encoder']['pooling']}, unit length "
+                                             f"{info['encoder']['normalize']}, at most {info['encoder']['max_tokens']} tokens)"
+                                             if "encoder" in info else ""),
         f"layers          {info['layers']}",
         f"hidden size     {info['hidden_size']}",
         f"heads / kv      {info['heads']} / {info['kv_heads']}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 _EMBEDDING_MARKERS = ("embed_tokens", "wte", "word_embeddings", "lm_head", "embed_out")
@@ -23,6 +24,7 @@ def inspect_model(model: str | Path | None = None) -> dict:
     """Describe a source model; the estimated sizes cover every precision of every backend."""
     from edgequant.registry import backends
     from edgequant.sources.source import DEFAULT_MODEL_CAVEAT, load_source
+    from edgequant.sources.tasks import TEXT_GENERATION
 
     source = load_source(model)
     config, tensors = source.config, source.tensors
@@ -33,6 +35,7 @@ def inspect_model(model: str | Path | None = None) -> dict:
     info = {
         "model": str(source.path),
         "kind": source.kind,
+        "task": source.task,
         "fingerprint": source.fingerprint,
         "architecture": source.architecture,
         "model_type": config.get("model_type"),
@@ -55,8 +58,11 @@ def inspect_model(model: str | Path | None = None) -> dict:
         info["gguf_tensor_types"] = json.loads((source.hf_dir / "edgequant-import.json").read_text())["gguf_tensor_types"]
     if source.is_default_model:
         info["caveat"] = DEFAULT_MODEL_CAVEAT
+    if source.task != TEXT_GENERATION:
+        info["encoder"] = asdict(source.encoder)
     for fmt, backend in backends().items():
-        for name, precision in backend.precisions.items():
+        for name in backend.precisions_for(source.task):
+            precision = backend.precisions[name]
             info["estimated_bytes"][f"{fmt}:{name}"] = backend.estimated_bytes(name, tensors, info["tied_embeddings"])
             info["precisions"][f"{fmt}:{name}"] = {"class": precision.klass.value, "bpw": precision.bpw,
                                                    "needs_imatrix": precision.needs_imatrix}

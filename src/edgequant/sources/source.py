@@ -23,7 +23,12 @@ DEFAULT_MODEL_CAVEAT = (
     "dequantized from a Q4_1 GGUF, so low-bit results lose less than they would from a true fp16 source"
 )
 # Files of a Hugging Face folder that define the model and so enter its fingerprint.
-_FINGERPRINT_GLOBS = ("config.json", "*.safetensors", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_FINGERPRINT_GLOBS = ("config.json", "*.safetensors", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                      # a sentence encoder's pooling and length limit change its output
+                      "modules.json", "sentence_bert_config.json", "*_Pooling/config.json")
+
+
+_GENERIC_FOLDER_NAMES = {"model", "models", "weights", "checkpoint", "hf"}
 
 
 def default_model_path() -> Path:
@@ -44,7 +49,11 @@ class Source:
 
     @property
     def name(self) -> str:
-        return self.path.stem if self.kind == "gguf" else self.path.name
+        """The file's stem, or the folder's name; a folder with a generic name (a package's
+        `model/`) is named by the folder holding it."""
+        if self.kind == "gguf":
+            return self.path.stem
+        return self.path.parent.name if self.path.name.lower() in _GENERIC_FOLDER_NAMES else self.path.name
 
     @property
     def is_default_model(self) -> bool:
@@ -81,12 +90,27 @@ class Source:
             return bool(self.config["tie_word_embeddings"])
         return not any("lm_head" in t.name for t in self.tensors)
 
+    @cached_property
+    def task(self) -> str:
+        """What the model does (see `edgequant.sources.tasks`); a GGUF file is a causal LM."""
+        from edgequant.sources.tasks import TEXT_GENERATION, task_of_folder
+
+        return TEXT_GENERATION if self.kind == "gguf" else task_of_folder(self.hf_dir, self.config)
+
+    @cached_property
+    def encoder(self):
+        """A sentence encoder's pooling and length limit (`tasks.EncoderSettings`)."""
+        from edgequant.sources.tasks import encoder_settings
+
+        return encoder_settings(self.hf_dir, self.config)
+
     @property
     def architecture(self) -> str:
         return (self.config.get("architectures") or [self.config.get("model_type", "unknown")])[0]
 
     def to_json(self) -> dict:
-        return {"path": str(self.path), "kind": self.kind, "fingerprint": self.fingerprint, "name": self.name}
+        return {"path": str(self.path), "kind": self.kind, "fingerprint": self.fingerprint, "name": self.name,
+                "task": self.task}
 
 
 def load_source(path: str | Path | None = None) -> Source:

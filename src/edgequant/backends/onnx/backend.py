@@ -31,6 +31,7 @@ from typing import Any
 from edgequant.backend import Backend
 from edgequant.backends._shared.sliding_window import window_ignored
 from edgequant.errors import EdgequantError
+from edgequant.sources.tasks import SENTENCE_EMBEDDING
 from edgequant.spec import Option, Precision
 
 # The builder's own -p for each precision; int8 variants start from its fp32 export.
@@ -56,6 +57,8 @@ class OnnxBackend(Backend):
     # (transformers' default when given no dtype) and serializes all of it again for its int4 pass,
     # then the HQQ pass loads the float32 decoder weights whole (6 GB at 1.17B).
     conversion_peak = (4.76, 0.59)
+    # A sentence encoder: the shared float32 export, then onnxruntime's own conversions (encoder.py).
+    task_precisions = {SENTENCE_EMBEDDING: ("fp32", "fp16", "int8", "int8-static")}
     precisions = {
         "fp32": Precision("fp32", 32, 32.0, "float32 export by the onnxruntime-genai builder"),
         "fp16": Precision("fp16", 16, 16.0, "float16 export by the onnxruntime-genai builder"),
@@ -74,11 +77,13 @@ class OnnxBackend(Backend):
         "head8": Option("head8", bool, True, "keep the LM head (and a tied embedding) at 8 bit", applies_to=_INT4),
         "mixed": Option("mixed", bool, False, "k_quant only: also keep qkv/v/down projections of sensitive layers at 8 bit",
                         applies_to=_INT4),
-        "samples": Option("samples", int, 8, "int8-static: calibration sequences", minimum=1, maximum=512, applies_to=_STATIC),
+        "samples": Option("samples", int, 8, "int8-static: calibration sequences (a sentence encoder: batches of 16 sentences)",
+                          minimum=1, maximum=512, applies_to=_STATIC),
         "calib_tokens": Option("calib_tokens", int, 128, "int8-static: tokens per calibration sequence", minimum=8, maximum=4096,
                                applies_to=_STATIC),
         "keep_float": Option("keep_float", str, "down_proj,lm_head",
-                             "int8-static: MatMuls kept float, by node-name part, comma-separated (none: quantize all)",
+                             "int8-static: MatMuls kept float, by node-name part, comma-separated (none: quantize all); "
+                             "a sentence encoder's default is ffn_out, its feed-forward output projections",
                              applies_to=_STATIC),
         "smooth": Option("smooth", float, 0.5, "int8-static: SmoothQuant migration strength alpha, activation outliers "
                          "moved into the weights before calibration (0: off)", minimum=0.0, maximum=1.0, applies_to=_STATIC),
@@ -138,6 +143,16 @@ class OnnxBackend(Backend):
                 info["timings"]["total_quantize_s"] = round(time.perf_counter() - started, 3)
             return info
         return _convert_int8(source, spec.precision, opt, out_dir, started)
+
+    def convert_task(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        from edgequant.backends.onnx.encoder import convert_encoder
+
+        return convert_encoder(source, spec, self.option_values(spec), out_dir)
+
+    def open_task(self, artifact, *, threads: int):
+        from edgequant.backends.onnx.encoder import OnnxEncoderRunner
+
+        return OnnxEncoderRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), threads=threads)
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.onnx.runner import OnnxRunner

@@ -13,6 +13,7 @@ from typing import Any
 
 from edgequant.backend import Backend
 from edgequant.errors import EdgequantError
+from edgequant.sources.tasks import SENTENCE_EMBEDDING
 from edgequant.spec import Option, Precision
 
 SENSITIVITY = ("auto", "weight_quantization_error", "hessian_input_activation", "mean_activation_variance",
@@ -49,6 +50,9 @@ class OpenVINOBackend(Backend):
     # (bf16), process-tree PSS; 5.34 GB at 1.17B, most of it NNCF's data-aware statistics, which run
     # the model on the CPU plugin (data-free compression of the 0.5B peaked at 2.19 GB, not 3.02).
     conversion_peak = (1.89, 0.91)
+    # A sentence encoder: the shared float32 ONNX export read by OpenVINO; its int8 is NNCF's
+    # post-training quantization of weights and activations (encoder.py), not weight-only.
+    task_precisions = {SENTENCE_EMBEDDING: ("fp32", "fp16", "int8")}
     precisions = {
         "fp32": Precision("fp32", 32, 32.0, "float32 weights, inference in the plugin's precision"),
         "fp16": Precision("fp16", 16, 16.0, "float16 weights, inference in the plugin's precision"),
@@ -118,6 +122,16 @@ class OpenVINOBackend(Backend):
             **({"inference_precision": spec.options["infer"]} if "infer" in spec.options else {}),
             "timings": {"export_s": round(exported - started, 3), "compress_s": round(time.perf_counter() - exported, 3)},
         }
+
+    def convert_task(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        from edgequant.backends.openvino.encoder import convert_encoder
+
+        return convert_encoder(source, spec, out_dir)
+
+    def open_task(self, artifact, *, threads: int):
+        from edgequant.backends.openvino.encoder import OpenVINOEncoderRunner
+
+        return OpenVINOEncoderRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), threads=threads)
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.openvino.runner import OpenVINORunner

@@ -49,3 +49,15 @@ class PyTorchBackend(Backend):
         stored = {"BF16": "bfloat16", "F16": "float16"}.get(source.weight_dtype)
         return TorchRunner(source.hf_dir, name=f"pytorch:fp32 ({source.name})", n_ctx=n_ctx, threads=threads,
                            stored_dtype=stored)
+
+    def open_task_source(self, source, *, threads: int):
+        """The baseline of a model of another task (a sentence encoder), in float32."""
+        from edgequant.errors import EdgequantError
+        from edgequant.sources.tasks import SENTENCE_EMBEDDING
+
+        if source.task != SENTENCE_EMBEDDING:
+            raise EdgequantError(f"{source.name} is a {source.task} model, which has no PyTorch baseline yet",
+                                 "pass a causal LM or a sentence encoder")
+        from edgequant.backends.pytorch.encoder import TorchEncoderRunner
+
+        return TorchEncoderRunner(source, threads=threads)

