@@ -119,3 +119,36 @@ def test_probe_and_cosine_figures():
     assert noisy["ci95"]["cosine_p1"][0] <= noisy["cosine_p1"] <= noisy["ci95"]["cosine_p1"][1]
     shuffled = embedding_figures(reference, reference, rng.permutation(labels))
     assert shuffled["probe_accuracy"] < 0.75  # no signal: about chance
+
+
+def test_v1_embeddings_answers_the_openai_client_with_the_runners_vectors(minilm):
+    import httpx
+    import openai
+    from serve_helpers import running_server
+
+    from edgequant.registry import open_task_runner
+
+    artifact = edgequant.convert(minilm, "onnx:int8")
+    texts = ["the film is a quiet triumph", "a tedious, overlong mess", "Stocks fell on Monday."]
+    with open_task_runner(artifact.path) as runner:
+        # quantize_dynamic scales activations per tensor over the whole batch: a text's embedding
+        # depends on the batch it runs in (cosine 0.991 alone vs beside two others), so compare alike.
+        expected, alone = runner.run(texts), runner.run(texts[:1])
+    with running_server(str(artifact.path), "--api-key", "k") as (base, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0, timeout=60)
+        name = client.models.list().data[0].id
+        got = client.embeddings.create(model=name, input=texts)  # the client asks for base64 and decodes it
+        vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
+        assert [d.index for d in got.data] == [0, 1, 2] and got.usage.prompt_tokens > len(texts)
+        assert (np.sum(vectors * expected, axis=1) > 0.999).all()
+        floats = client.embeddings.create(model=name, input=texts[0], encoding_format="float")
+        assert np.dot(np.array(floats.data[0].embedding), alone[0]) > 0.999
+        auth = {"Authorization": "Bearer k"}
+        wrong = httpx.post(f"{base}/v1/completions", json={"model": name, "prompt": "hi"}, headers=auth)
+        assert wrong.status_code == 400 and "/v1/embeddings" in wrong.json()["error"]["message"]
+        ids = httpx.post(f"{base}/v1/embeddings", json={"model": name, "input": [[101, 102]]}, headers=auth)
+        assert ids.status_code == 400 and "token ids" in ids.json()["error"]["message"]
+        dims = httpx.post(f"{base}/v1/embeddings", json={"model": name, "input": "x", "dimensions": 64}, headers=auth)
+        assert dims.status_code == 400 and "384" in dims.json()["error"]["message"]
+        metrics = httpx.get(f"{base}/metrics", headers=auth).text
+        assert 'edgequant_requests_total{path="/v1/embeddings",status="200"} 2' in metrics

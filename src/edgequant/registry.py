@@ -138,3 +138,14 @@ def open_task_runner(path: str | Path | None, *, threads: int = 0) -> "TaskRunne
     from edgequant.sources.source import load_source
 
     return get_backend(BASELINE_FORMAT).open_task_source(load_source(path), threads=threads)
+
+
+def model_task(path: str | Path | None) -> str:
+    """What the model at `path` does: an artifact's recorded task, or its source's."""
+    from edgequant.artifact import is_artifact, open_artifact
+
+    if path is not None and is_artifact(Path(path)):
+        return open_artifact(path).task
+    from edgequant.sources.source import load_source
+
+    return load_source(path).task

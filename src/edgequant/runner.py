@@ -128,6 +128,10 @@ class TaskRunner(ABC):
     @abstractmethod
     def run(self, batch) -> np.ndarray: ...
 
+    def token_count(self, batch) -> int:
+        """Tokens the batch's texts make (the server's usage figure); 0 where inputs are not text."""
+        return 0
+
     def arithmetic(self) -> str | None:
         """As `Runner.arithmetic`: what the outputs are computed in, where a stand-in computes them."""
         return None

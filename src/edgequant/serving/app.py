@@ -1,4 +1,4 @@
-"""The FastAPI application: OpenAI-compatible completions and chat, health, metrics, auth.
+"""The FastAPI application: OpenAI-compatible completions, chat and embeddings, health, metrics, auth.
 
 Every error answers in OpenAI's error shape; nothing leaks a traceback or a file path. Admission
 is decided before any work: a full queue is a 429 at once, never a hang.
@@ -21,6 +21,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from edgequant.runner import GenerateParams
 from edgequant.serving.chat import render_chat
 from edgequant.serving.config import ServeConfig
+from edgequant.serving.embeddings import EmbeddingRequest, EmbeddingWorker, texts_of
+from edgequant.serving.embeddings import response as embedding_response
 from edgequant.serving.errors import ApiError
 from edgequant.serving.metrics import LATENCY_BUCKETS, RATE_BUCKETS, TTFT_BUCKETS, Metrics
 from edgequant.serving.scheduling import Delta, Job, ModelWorker, QueueFull
@@ -44,7 +46,7 @@ def create_app(config: ServeConfig, workers: dict[str, ModelWorker] | None = Non
             await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="edgequant", version="1", lifespan=lifespan,
-                  description="OpenAI-compatible completions and chat over edgequant artifacts.")
+                  description="OpenAI-compatible completions, chat and embeddings over edgequant artifacts.")
     app.state.metrics, app.state.workers = metrics, state
     metrics.gauge("edgequant_in_flight_requests", "Requests running or queued, per model",
                   lambda: {(("model", n),): w.in_flight for n, w in state.items()})
@@ -70,6 +72,14 @@ def create_app(config: ServeConfig, workers: dict[str, ModelWorker] | None = Non
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+    async def embeddings(request: Request):
+        body = _validate(EmbeddingRequest, await _json(request, config))
+        worker = _worker(state, body.model, EmbeddingWorker)
+        vectors, tokens = await worker.embed(texts_of(body))
+        metrics.inc("edgequant_prompt_tokens_total", tokens, model=worker.name)
+        return embedding_response(worker.name, vectors, tokens, body.encoding_format, body.dimensions)
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request):
@@ -141,10 +151,15 @@ def _single(prompts: list[str]) -> str:
     return prompts[0]
 
 
-def _worker(state: dict, name: str) -> ModelWorker:
+def _worker(state: dict, name: str, kind: type = ModelWorker):
+    """The worker serving `name`, of the kind the endpoint needs (a generator or an encoder)."""
     worker = state.get(name)
     if worker is None:
         raise ApiError(404, f"model {name!r} is not served here; see GET /v1/models", param="model", code="model_not_found")
+    if not isinstance(worker, kind):
+        what, use = (("a sentence encoder", "POST /v1/embeddings") if isinstance(worker, EmbeddingWorker)
+                     else ("a text generator", "/v1/completions or /v1/chat/completions"))
+        raise ApiError(400, f"model {name!r} is {what}: use {use}", param="model", code="wrong_endpoint")
     return worker
 
 
@@ -274,14 +289,18 @@ def _make_metrics() -> Metrics:
     return m
 
 
-def _load_workers(config: ServeConfig, metrics: Metrics) -> dict[str, ModelWorker]:
-    from edgequant.registry import open_runner
+def _load_workers(config: ServeConfig, metrics: Metrics) -> dict:
+    from edgequant.registry import model_task, open_runner, open_task_runner
+    from edgequant.sources.tasks import TEXT_GENERATION
 
     workers = {}
     for path in config.models:
-        runner = open_runner(path, n_ctx=config.n_ctx, need_logits=False, threads=config.threads)
         name = model_name(path)
-        workers[name] = ModelWorker(name, runner, config.max_queue, metrics, batch=config.batch)
+        if model_task(path) == TEXT_GENERATION:
+            runner = open_runner(path, n_ctx=config.n_ctx, need_logits=False, threads=config.threads)
+            workers[name] = ModelWorker(name, runner, config.max_queue, metrics, batch=config.batch)
+        else:
+            workers[name] = EmbeddingWorker(name, open_task_runner(path, threads=config.threads), config.max_queue)
     return workers
 
 
@@ -328,7 +347,7 @@ class _Guard:
 
 
 def _metric_path(path: str) -> str:
-    known = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+    known = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics")
     return path if path in known else "other"  # bounded label values, whatever clients request
 
 

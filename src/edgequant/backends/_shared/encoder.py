@@ -59,6 +59,10 @@ class EncoderTokenizer:
         """The tokenizer an exported encoder carries, with the limit its `encoder.json` states."""
         return cls(folder / "tokenizer.json", int(json.loads((folder / SETTINGS_FILE).read_text())["max_tokens"]))
 
+    def count(self, texts) -> int:
+        """Tokens of the texts as the encoder sees them (truncated, with its special tokens)."""
+        return sum(len(e.ids) for e in self._tokenizer.encode_batch(list(texts)))
+
     def __call__(self, texts) -> dict:
         import numpy as np
 

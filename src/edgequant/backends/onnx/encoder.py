@@ -105,6 +105,9 @@ class OnnxEncoderRunner(TaskRunner):
         self._session = cpu_session(folder / model_file, threads)
         self._output = OUTPUT
 
+    def token_count(self, batch) -> int:
+        return self._tokenizer.count(batch)
+
     def run(self, batch) -> np.ndarray:
         return self._session.run([self._output], self._tokenizer(batch))[0].astype(np.float32, copy=False)
 

@@ -61,6 +61,9 @@ class OpenVINOEncoderRunner(TaskRunner):
         self._model = ov.Core().compile_model(folder / model_file, "CPU", {"INFERENCE_NUM_THREADS": threads})
         self._request = self._model.create_infer_request()
 
+    def token_count(self, batch) -> int:
+        return self._tokenizer.count(batch)
+
     def run(self, batch) -> np.ndarray:
         result = self._request.infer(self._tokenizer(batch))
         return np.asarray(result[self._model.output(0)], dtype=np.float32)

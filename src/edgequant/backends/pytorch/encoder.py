@@ -23,6 +23,9 @@ class TorchEncoderRunner(TaskRunner):
         self._tokenizer = EncoderTokenizer(source.hf_dir / "tokenizer.json", source.encoder.max_tokens)
         self._model = pooled_encoder(source.hf_dir, source.encoder)
 
+    def token_count(self, batch) -> int:
+        return self._tokenizer.count(batch)
+
     def run(self, batch) -> np.ndarray:
         torch = self._torch
         feeds = {name: torch.from_numpy(values) for name, values in self._tokenizer(batch).items()}
