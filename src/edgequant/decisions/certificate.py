@@ -73,7 +73,7 @@ def build_certificate(result: dict, model_dir: Path, source) -> dict:
     return {
         "kind": KIND, "version": VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "verdict": "pass" if winner["passes"] else "fail",
-        "spec": result["winner"], "model": result["model"],
+        "spec": result["winner"], "model": result["model"], "task": result.get("task", "text-generation"),
         "artifact": {"folder": MODEL_FOLDER, "files": hash_folder(model_dir), "not_certified": [],
                      "built": artifact.manifest.get("created"), "details": artifact.manifest.get("details", {}),
                      "limitations": artifact.manifest.get("limitations", [])},
@@ -183,7 +183,7 @@ def render_html(c: dict) -> str:
 <table id="gates"><thead><tr><th>gate</th><th>measured</th><th>95% interval</th><th>verdict</th><th>stand-in</th></tr></thead>
 <tbody>{gates}</tbody></table>
 <h2>Pareto front</h2>
-{_chart(c['candidates'], c['spec'])}
+{_chart(c['candidates'], c['spec'], c.get('task', 'text-generation'))}
 <table id="candidates"><thead><tr><th>spec</th><th>origin</th><th>status</th>{candidate_head}
 <th>passes</th><th>front</th><th>note</th></tr></thead><tbody>{candidates}</tbody></table>
 <h2>Figures of the winner</h2><table id="figures"><tbody>{figures}</tbody></table>
@@ -208,11 +208,19 @@ def _value(v: dict) -> str:
     return f"{value / 1e6:.2f} MB" if v["gate"].startswith("size") else f"{value:.4g}"
 
 
-def _chart(candidates: list[dict], winner: str) -> str:
-    """Size against KLD (log scale), the front in blue, the winner in orange."""
+def _chart(candidates: list[dict], winner: str, task: str) -> str:
+    """Size against the task's quality figure (KLD on a log scale; a sentence encoder's 1 - cosine),
+    the front in blue, the winner in orange."""
     from edgequant.reporting.charts import Point, scatter
 
-    points = [Point(c["size_mb"], c["kld_mean"], c["spec"], f"{c['spec']}: {c['size_mb']:.1f} MB, KLD {c['kld_mean']:.3g}",
+    metric = metric_table.by_key(metric_table.TASK_FIGURES[task].rank)
+    lower = metric.lower_is_better
+
+    def y(c):  # how far from the baseline, whichever way the figure improves
+        return c[metric.key] if lower else 1.0 - c[metric.key]
+
+    points = [Point(c["size_mb"], y(c), c["spec"], f"{c['spec']}: {c['size_mb']:.1f} MB, {metric.label} {metric.show(c[metric.key])}",
                     "winner" if c["spec"] == winner else "front" if c["pareto"] else "point", c["pareto"])
-              for c in candidates if c["size_mb"] and c["kld_mean"] is not None]
-    return scatter(points, "size (MB)", "KLD (log scale)", log_y=True, chart_id="front-chart", width=640, height=320)
+              for c in candidates if c["size_mb"] and c.get(metric.key) is not None]
+    label = f"{metric.label} (log scale)" if lower else f"1 - {metric.label} (log scale)"
+    return scatter(points, "size (MB)", label, log_y=True, chart_id="front-chart", width=640, height=320)

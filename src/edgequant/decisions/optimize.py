@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgequant.decisions.gates import DEFAULT_GATES, Gate, check, derived_metrics, missed_words, parse_gates, passes, source_check
+from edgequant.decisions.gates import Gate, check, default_gates, derived_metrics, missed_words, parse_gates, passes, source_check
 from edgequant.decisions.recommend import RUNTIME_OVERHEAD_MB
 from edgequant.errors import EdgequantError
 from edgequant.measurement import metric_table
@@ -36,10 +36,11 @@ from edgequant.measurement.metric_table import Metric
 from edgequant.measurement.settings import DEFAULT_EVAL, EvalConfig
 from edgequant.progress import note
 from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec, parse_specs
+from edgequant.sources.tasks import TEXT_GENERATION
 
 # An objective is a gateable figure of the metric table (the best passing candidate by it wins),
-# or one of these names for the usual three.
-OBJECTIVE_NAMES = {"size": "size", "speed": "decode_tps", "quality": "kld"}
+# or one of these names for the usual three (which figure each is depends on the task).
+OBJECTIVE_NAMES = ("size", "speed", "quality")
 DEFAULT_BUDGET = 20  # evaluations, neighbours included
 EXPANDED_PER_ROUND = 2  # how many of the best candidates have their neighbours tried each round
 # A candidate is built only if its expected size is within this factor of a size gate: the
@@ -54,7 +55,7 @@ CACHED_SECONDS = 3.0
 class OptimizeConfig:
     model: Path | None = None
     target: str | None = None  # a profile name; None: the one closest to this machine
-    gates: tuple[str, ...] = ()  # empty: DEFAULT_GATES
+    gates: tuple[str, ...] = ()  # empty: the task's default gates (gates.default_gates)
     objective: str = "size"
     budget: int = DEFAULT_BUDGET
     specs: str | tuple[str, ...] | None = None  # exactly these candidates instead of the profile's (registry.parse_specs)
@@ -99,6 +100,7 @@ class Context:
     db: object
     run_id: int
     evaluations: int = 0
+    task: str = TEXT_GENERATION
 
 
 def optimize(config: OptimizeConfig) -> dict:
@@ -113,15 +115,14 @@ def optimize(config: OptimizeConfig) -> dict:
         from edgequant.decisions.certificate import check_output
 
         check_output(config.output)  # before any work, not after it
-    gates = parse_gates(config.gates or DEFAULT_GATES)
+    source = load_source(config.model)
+    gates = parse_gates(config.gates or default_gates(source.task))
     path, profile = target_profile(config.target)
     here = runs_here(profile, detect())
-    source = load_source(config.model)
     candidates = _initial_candidates(config, profile, source, gates)
     _check_something_runs(candidates, profile)
-    path.append(f"gates: {', '.join(g.text for g in gates)}" + ("" if config.gates else " (the defaults: perplexity within 5% of "
-                "the baseline's either way and KLD at most 0.1, at least 2x its decode speed, at least 50% less memory)"))
-    path.append(f"objective: {config.objective} ({_objective_words(config.objective)})")
+    path.append(f"gates: {', '.join(g.text for g in gates)}" + ("" if config.gates else f" (the defaults for {source.task} models)"))
+    path.append(f"objective: {config.objective} ({_objective_words(config.objective, source.task)})")
     if not here:
         path.append(f"{profile.name} is not this machine: quality is measured here for real; speed gates are skipped and "
                     f"peak memory is estimated as artifact size + {RUNTIME_OVERHEAD_MB:.0f} MB (stand-ins)")
@@ -132,7 +133,7 @@ def optimize(config: OptimizeConfig) -> dict:
         note("measuring the fp32 baseline's speed and memory in this run")
         baseline = evaluate(source.path, config=config.eval)
         store(db, run_id, source, BASELINE_SPEC, "ok", baseline, artifact=source.path, baseline=True)
-        ctx = Context(config, source, gates, here, baseline, db, run_id)
+        ctx = Context(config, source, gates, here, baseline, db, run_id, task=source.task)
         for candidate in candidates:
             _measure(ctx, candidate)
         if config.search:
@@ -157,9 +158,9 @@ def plan(config: OptimizeConfig) -> dict:
     from edgequant.measurement.evaluation import stored_evaluation
     from edgequant.sources.source import load_source
 
-    gates = parse_gates(config.gates or DEFAULT_GATES)
-    path, profile = target_profile(config.target)
     source = load_source(config.model)
+    gates = parse_gates(config.gates or default_gates(source.task))
+    path, profile = target_profile(config.target)
     rows, seconds = [], BASELINE_SECONDS
     for candidate in _initial_candidates(config, profile, source, gates):
         spec = parse_spec(candidate.spec)
@@ -183,11 +184,14 @@ def plan(config: OptimizeConfig) -> dict:
             "cached, the neighbours at their average (a gguf:auto mix's first search takes ~3 minutes more)"}
 
 
-def objective_metric(objective: str) -> Metric:
-    """The figure an objective ranks by: `size`, `speed` (decode tokens/s), `quality` (KLD), or a
-    gate's name from the metric table (`top1`, `ttft`, ...)."""
+def objective_metric(objective: str, task: str = TEXT_GENERATION) -> Metric:
+    """The figure an objective ranks by: `size`, `speed` (decode tokens/s; other tasks: inputs/s at
+    batch 8), `quality` (KLD; a sentence encoder: mean cosine), or a gate's name from the metric
+    table (`top1`, `ttft`, ...)."""
     known = {m.gate: m for m in metric_table.TABLE if m.gate} | {m.key: m for m in metric_table.TABLE}
-    found = known.get(OBJECTIVE_NAMES.get(objective, objective))
+    figures = metric_table.TASK_FIGURES[task]
+    named = {"size": "size", "speed": figures.speed, "quality": figures.rank}
+    found = known.get(named.get(objective, objective))
     if found is None:
         names = [*OBJECTIVE_NAMES, *(m.gate for m in metric_table.TABLE if m.gate and not m.derived)]
         raise EdgequantError(f"unknown objective {objective!r}", f"use one of: {', '.join(dict.fromkeys(names))}")
@@ -197,14 +201,22 @@ def objective_metric(objective: str) -> Metric:
     return found
 
 
-def _objective_words(objective: str) -> str:
-    metric = objective_metric(objective)
+def _objective_words(objective: str, task: str) -> str:
+    metric = objective_metric(objective, task)
     return f"the {'lowest' if metric.lower_is_better else 'highest'} {metric.what} among those that pass every gate"
 
 
 def _initial_candidates(config: OptimizeConfig, profile, source, gates: list[Gate]) -> list[Candidate]:
+    from edgequant.conversion import check_task
+
     if config.specs is not None:
-        return [Candidate(str(spec), "listed") for spec in parse_specs(config.specs)]
+        listed = parse_specs(config.specs)
+        for spec in listed:
+            check_task(get_backend(spec.format), source, spec)
+        return [Candidate(str(spec), "listed") for spec in listed]
+    if source.task != TEXT_GENERATION:  # the profile's specs are for causal LMs: every precision its formats offer
+        return [Candidate(f"{fmt}:{p}", "offered for the task") for fmt in profile.formats
+                for p in get_backend(fmt).precisions_for(source.task)]
     size_bound = _size_bound(gates)
     found: list[Candidate] = []
     for text in profile.precisions:
@@ -304,7 +316,8 @@ def _record(ctx: Context, candidate: Candidate, metrics: dict) -> None:
     candidate.status, candidate.metrics, candidate.cached = "measured", metrics, bool(metrics.get("cached"))
     candidate.figures = _figures(ctx, metrics)
     candidate.verdicts = [_verdict(ctx, candidate.spec, g, candidate.figures) for g in ctx.gates]
-    candidate.verdicts.append(source_check(candidate.figures))  # never certify a model "better" than its source
+    if ctx.task == TEXT_GENERATION:  # never certify a model "better" than its source (by perplexity)
+        candidate.verdicts.append(source_check(candidate.figures))
     if not candidate.cached:
         store(ctx.db, ctx.run_id, ctx.source, candidate.spec, "ok", metrics, artifact=candidate.artifact)
 
@@ -336,11 +349,12 @@ def _verdict(ctx: Context, spec_text: str, gate: Gate, figures: dict) -> dict:
 
 # -- ranking and the closed loop ---------------------------------------------------------------
 
-def _objective_key(objective: str, c: Candidate) -> tuple:
-    """The objective's figure, best first; ties go to the lower KLD, then the smaller artifact."""
+def _objective_key(objective: str, c: Candidate, task: str) -> tuple:
+    """The objective's figure, best first; ties go to the task's quality figure (KLD), then the smaller artifact."""
     m = c.metrics or c.figures  # a candidate too big to evaluate has only its size
+    quality = metric_table.by_key(metric_table.TASK_FIGURES[task].rank)
     return tuple(metric.order(m.get(metric.key)) for metric in
-                 (objective_metric(objective), metric_table.by_key("kld_mean"), metric_table.by_key("size_bytes")))
+                 (objective_metric(objective, task), quality, metric_table.by_key("size_bytes")))
 
 
 def _shortfall(c: Candidate) -> tuple[int, float]:
@@ -350,12 +364,12 @@ def _shortfall(c: Candidate) -> tuple[int, float]:
     return len(misses), relative
 
 
-def ranked(objective: str, candidates: list[Candidate]) -> list[Candidate]:
+def ranked(objective: str, candidates: list[Candidate], task: str = TEXT_GENERATION) -> list[Candidate]:
     """Measured candidates, best first: those that pass by the objective, then the rest (those
     too big to evaluate included) by how close they come to passing."""
     measured = [c for c in candidates if c.status in ("measured", "too big")]
-    passing = sorted((c for c in measured if c.passes), key=lambda c: _objective_key(objective, c))
-    failing = sorted((c for c in measured if not c.passes), key=lambda c: (_shortfall(c), _objective_key(objective, c)))
+    passing = sorted((c for c in measured if c.passes), key=lambda c: _objective_key(objective, c, task))
+    failing = sorted((c for c in measured if not c.passes), key=lambda c: (_shortfall(c), _objective_key(objective, c, task)))
     return passing + failing
 
 
@@ -367,7 +381,7 @@ def _closed_loop(ctx: Context, candidates: list[Candidate]) -> None:
     expanded: set[tuple] = set()
     known = {spec_key(c.spec) for c in candidates}
     while ctx.evaluations < ctx.config.budget:
-        order = ranked(ctx.config.objective, candidates)
+        order = ranked(ctx.config.objective, candidates, ctx.task)
         best_of_format = {}
         for c in order:
             best_of_format.setdefault(parse_spec(c.spec).format, c)
@@ -387,7 +401,7 @@ def _closed_loop(ctx: Context, candidates: list[Candidate]) -> None:
                 candidates.append(neighbour)
                 _measure(ctx, neighbour)
                 if neighbour.status in ("measured", "too big"):
-                    neighbour.better_than_parent = ranked(ctx.config.objective, [parent, neighbour])[0] is neighbour
+                    neighbour.better_than_parent = ranked(ctx.config.objective, [parent, neighbour], ctx.task)[0] is neighbour
 
 
 def _certified_winner(ctx: Context, candidates: list[Candidate]) -> Candidate | None:
@@ -396,7 +410,7 @@ def _certified_winner(ctx: Context, candidates: list[Candidate]) -> Candidate | 
     from edgequant.measurement.evaluation import evaluate
 
     while True:
-        best = next(iter(ranked(ctx.config.objective, candidates)), None)
+        best = next(iter(ranked(ctx.config.objective, candidates, ctx.task)), None)
         if best is None or not best.passes or not best.cached:
             return best if best is not None and best.passes else None
         note(f"measuring {best.spec} again in this run: its figures came from the cache")
@@ -407,43 +421,46 @@ def _certified_winner(ctx: Context, candidates: list[Candidate]) -> Candidate | 
 # -- the result --------------------------------------------------------------------------------
 
 def _front(ctx: Context, candidates: list[Candidate]) -> list[Candidate]:
-    """The Pareto front of the measured candidates: KLD, size, and (on the target itself) peak
-    memory and decode speed, each minimised (speed negated)."""
+    """The Pareto front of the measured candidates: the task's quality figure (KLD), size, and (on
+    the target itself) peak memory and its speed figure, each in its better direction."""
     from edgequant.reporting.report import pareto_front
 
     measured = [c for c in candidates if c.status == "measured"]
 
+    figures = metric_table.TASK_FIGURES[ctx.task]
+    quality, speed = metric_table.by_key(figures.rank), metric_table.by_key(figures.speed)
+
     def point(c: Candidate) -> tuple:
         m = c.metrics
         if not ctx.runs_here:
-            return m["kld_mean"], m["size_bytes"]
-        return m["kld_mean"], m["size_bytes"], m.get("peak_rss_mb") or 0.0, -(m.get("decode_tps") or 0.0)
+            return quality.order(m[quality.key]), m["size_bytes"]
+        return quality.order(m[quality.key]), m["size_bytes"], m.get("peak_rss_mb") or 0.0, speed.order(m.get(speed.key) or 0.0)
 
     return [measured[i] for i in pareto_front([point(c) for c in measured])]
 
 
 def _why(ctx: Context, winner: Candidate, candidates: list[Candidate], front: list[Candidate]) -> list[str]:
-    passing = [c for c in ranked(ctx.config.objective, candidates) if c.passes]
+    passing = [c for c in ranked(ctx.config.objective, candidates, ctx.task) if c.passes]
     words = [f"it passes every gate ({', '.join(v['gate'] for v in winner.verdicts if v['verdict'] == 'pass')})"
              + (f"; skipped as stand-ins: {', '.join(v['gate'] for v in winner.verdicts if v['verdict'] == 'skipped')}"
                 if any(v["verdict"] == "skipped" for v in winner.verdicts) else "")]
-    words.append(f"of the {len(passing)} candidates that pass, it is the best by {objective_metric(ctx.config.objective).what} "
-                 f"({_objective_figure(ctx.config.objective, winner)})")
+    words.append(f"of the {len(passing)} candidates that pass, it is the best by {objective_metric(ctx.config.objective, ctx.task).what} "
+                 f"({_objective_figure(ctx.config.objective, winner, ctx.task)})")
     if len(passing) > 1:
         runner_up = passing[1]
-        words.append(f"the runner-up {runner_up.spec} has {_objective_figure(ctx.config.objective, runner_up)}"
-                     + _distinguishable(ctx.config.objective, winner, runner_up))
+        words.append(f"the runner-up {runner_up.spec} has {_objective_figure(ctx.config.objective, runner_up, ctx.task)}"
+                     + _distinguishable(ctx.config.objective, winner, runner_up, ctx.task))
     words.append("it is on the Pareto front" if winner in front else
                  "it is not on the Pareto front: a candidate that fails a gate beats it on every figure")
     return words
 
 
-def _distinguishable(objective: str, winner: Candidate, runner_up: Candidate) -> str:
+def _distinguishable(objective: str, winner: Candidate, runner_up: Candidate, task: str) -> str:
     """Where the objective's figure has a 95% interval (quality) or a range over the timed repeats
     (decode speed), whether the winner's and the runner-up's overlap."""
     from edgequant.measurement.intervals import compare
 
-    metric = objective_metric(objective)
+    metric = objective_metric(objective, task)
     if metric.interval:
         what, pick = "95% intervals", lambda m: (m.get("ci95") or {}).get(metric.key)
     elif metric.spread:
@@ -457,8 +474,8 @@ def _distinguishable(objective: str, winner: Candidate, runner_up: Candidate) ->
             else f"; the {what} do not overlap")
 
 
-def _objective_figure(objective: str, c: Candidate) -> str:
-    metric = objective_metric(objective)
+def _objective_figure(objective: str, c: Candidate, task: str) -> str:
+    metric = objective_metric(objective, task)
     value = (c.metrics or {}).get(metric.key)
     return f"{metric.label} {metric.show(value)}" if value is not None else f"{metric.label} not measured"
 
@@ -466,16 +483,16 @@ def _objective_figure(objective: str, c: Candidate) -> str:
 def _result(ctx: Context, profile, candidates: list[Candidate], winner: Candidate | None, path: list[str],
             seconds: float) -> dict:
     front = _front(ctx, candidates)
-    order = ranked(ctx.config.objective, candidates)
+    order = ranked(ctx.config.objective, candidates, ctx.task)
     if winner is not None:
-        path.append(f"chosen: {winner.spec}, {_objective_words(ctx.config.objective)}")
+        path.append(f"chosen: {winner.spec}, {_objective_words(ctx.config.objective, ctx.task)}")
     elif order:
         closest = order[0]
         path.append(f"no candidate passes every gate; the closest is {closest.spec}: {missed_words(closest.verdicts)}")
     else:
         path.append("no candidate could be measured")
     return {
-        "model": ctx.source.name, "source": str(ctx.source.path), "source_fingerprint": ctx.source.fingerprint,
+        "model": ctx.source.name, "task": ctx.task, "source": str(ctx.source.path), "source_fingerprint": ctx.source.fingerprint,
         "profile": {"name": profile.name, "title": profile.title, "runs_here": ctx.runs_here},
         "objective": ctx.config.objective, "gates": [g.text for g in ctx.gates], "default_gates": not ctx.config.gates,
         "budget": ctx.config.budget, "evaluations": ctx.evaluations, "decision_path": path,
@@ -491,7 +508,7 @@ def _result(ctx: Context, profile, candidates: list[Candidate], winner: Candidat
 
 
 def _figures_json(m: dict) -> dict:
-    return metric_table.figures(m, extra=("decode_tps_range", "arithmetic"))
+    return metric_table.figures(m, extra=("decode_tps_range", "inputs_per_s_b8_range", "arithmetic", "task"))
 
 
 def _candidate_json(c: Candidate, on_front: bool) -> dict:

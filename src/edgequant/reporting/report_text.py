@@ -86,6 +86,19 @@ def format_recommendation(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _task_figures_line(f: dict) -> str:
+    """Size, the task's quality figure with its interval, its speed figure and peak memory."""
+    figures = metric_table.TASK_FIGURES[f["task"]]
+    quality, speed = metric_table.by_key(figures.rank), metric_table.by_key(figures.speed)
+    interval = (f.get("ci95") or {}).get(quality.key)
+    words = [f"{f['size_bytes'] / 1e6:7.1f} MB",
+             f"{quality.label} {quality.show(f[quality.key])}" + (f" [{quality.show(interval[0])}, {quality.show(interval[1])}]"
+                                                                  if interval else "")]
+    if f.get(speed.key):
+        words.append(f"{speed.show(f[speed.key])} {speed.unit}")
+    return ", ".join(words + [f"peak {f.get('peak_rss_mb', 0):.0f} MB"])
+
+
 def format_optimize(r: dict) -> str:
     profile = r["profile"]
     lines = [f"optimize {r['model']} for {profile['name']} ({profile['title']}): "
@@ -101,6 +114,8 @@ def format_optimize(r: dict) -> str:
             text = (f"{f['size_bytes'] / 1e6:7.1f} MB, KLD {f['kld_mean']:.4g} {f['ci95'].get('kld_mean')}, "
                     f"ppl {f['ppl_increase_pct']:+.2f}%{speed}, peak {f.get('peak_rss_mb', 0):.0f} MB"
                     + (" (cached)" if c["cached"] else ""))
+        elif f.get("task") in metric_table.TASK_FIGURES:
+            text = _task_figures_line(f) + (" (cached)" if c["cached"] else "")
         else:
             text = f"{c['status']}: {c['reason']}"
         lines.append(f" {mark} {c['spec']:<34} {text}")

@@ -40,10 +40,10 @@ def _quantize(model, exported: Path):
     import nncf
 
     from edgequant.backends._shared.encoder import calibration_feeds
-    from edgequant.progress import engine_warnings_hidden
+    from edgequant.progress import engine_stdout_to_stderr, engine_warnings_hidden
 
     feeds = calibration_feeds(exported, CALIBRATION_BATCHES)
-    with engine_warnings_hidden():
+    with engine_warnings_hidden(), engine_stdout_to_stderr():
         return nncf.quantize(model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
                              subset_size=len(feeds))
 

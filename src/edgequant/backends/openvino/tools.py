@@ -160,6 +160,8 @@ def compress(model, settings: CompressSettings, samples: list[dict] | None):
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
 
+    from edgequant.progress import engine_stdout_to_stderr
+
     kwargs = {"mode": nncf.CompressWeightsMode(settings.mode)}
     if settings.mode.startswith("int4"):
         kwargs.update(group_size=settings.group_size, ratio=settings.ratio, all_layers=settings.all_layers,
@@ -172,7 +174,8 @@ def compress(model, settings: CompressSettings, samples: list[dict] | None):
         kwargs["advanced_parameters"] = AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST)
     if samples:
         kwargs.update(dataset=nncf.Dataset(samples), subset_size=len(samples))
-    return nncf.compress_weights(model, **kwargs)
+    with engine_stdout_to_stderr():
+        return nncf.compress_weights(model, **kwargs)
 
 
 def weight_constant_types(xml: Path) -> dict[str, int]:
