@@ -170,3 +170,14 @@ def test_optimize_with_a_cosine_gate_certifies_an_encoder_that_verify_accepts(mi
     assert certificate["task"] == "sentence-embedding" and certificate["figures"]["cosine_mean"] >= 0.99
     verified = cli("verify", str(out / "certificate.json"), str(out / "model"))
     assert verified.returncode == 0 and "matches the certificate" in verified.stdout
+
+
+def test_recommend_offers_an_encoder_only_the_specs_that_apply(minilm, tmp_path):
+    from edgequant.decisions.recommend import RecommendConfig, recommend
+
+    found = recommend(RecommendConfig(minilm, "x86-cpu", gates=("cosine>=0.99",), db=tmp_path / "empty.sqlite"))
+    specs = [c["spec"] for c in found["candidates"]]
+    assert specs[:2] == ["gguf:q4_k_m", "gguf:q8_0"]  # the profile's own order first
+    assert "onnx:int4" not in specs and "openvino:int4" not in specs and "onnx:int8-static" in specs
+    assert found["recommendation"] is None  # nothing measured in this store: a quality bound cannot pass
+    assert "cosine>=0.99: not measured here" in found["candidates"][0]["lost_because"]

@@ -19,6 +19,8 @@ def add(sub) -> None:
     p.add_argument("--min-speedup", type=float, metavar="X", help="decode speed-up over the fp32 baseline (measured)")
     p.add_argument("--max-kld", type=float, help="mean KLD bound (its whole 95%% interval must pass)")
     p.add_argument("--max-ppl-increase", metavar="PCT", help="perplexity increase bound in percent, e.g. 5%%")
+    p.add_argument("--gate", action="append", default=[], metavar="EXPR",
+                   help="any other bound, as optimize takes it, e.g. cosine>=0.99 for a sentence encoder; repeat it")
     p.add_argument("--measured", action="store_true", help="measure the installed candidates the database lacks first")
     p.add_argument("--db", type=Path, help="results database (default: the cache's)")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
@@ -35,7 +37,7 @@ def run(args) -> int:
     except ValueError:
         raise EdgequantError(f"--max-ppl-increase {args.max_ppl_increase!r} is not a percentage", "write e.g. 5%") from None
     config = RecommendConfig(common.model_path(args), args.target, args.max_memory, args.max_size,
-                             args.min_speedup, args.max_kld, ppl, args.measured, args.db)
+                             args.min_speedup, args.max_kld, ppl, args.measured, args.db, tuple(args.gate))
     result = recommend(config)
     print(json.dumps(result, indent=2) if args.json else format_recommendation(result))
     return 0 if result["recommendation"] else 1

@@ -26,6 +26,7 @@ from edgequant.decisions.hardware import Profile, closest, detect, get_profile
 from edgequant.errors import EdgequantError
 from edgequant.measurement import metric_table
 from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec
+from edgequant.sources.tasks import TEXT_GENERATION
 
 # Peak memory beyond the weights when nothing was measured: the runtime, tokenizer and KV cache of
 # a small model, from bench/results/memory.json (engine-only peak RSS minus model file, ~80-180 MB).
@@ -43,6 +44,7 @@ class RecommendConfig:
     max_ppl_increase: float | None = None  # percent
     measured: bool = False
     db: Path | None = None
+    gates: tuple[str, ...] = ()  # any other bound, as optimize's gates: e.g. cosine>=0.99 for an encoder
 
 
 @dataclass
@@ -70,7 +72,8 @@ def constraints(config: RecommendConfig) -> list[Gate]:
              f"peak_rss<={config.max_memory}" if config.max_memory else None,
              f"speedup>={config.min_speedup}" if config.min_speedup is not None else None,
              f"kld<={config.max_kld}" if config.max_kld is not None else None,
-             f"ppl_increase<={config.max_ppl_increase}%" if config.max_ppl_increase is not None else None]
+             f"ppl_increase<={config.max_ppl_increase}%" if config.max_ppl_increase is not None else None,
+             *config.gates]
     return [parse_gate(t) for t in texts if t]
 
 
@@ -80,8 +83,10 @@ def recommend(config: RecommendConfig) -> dict:
     gates = constraints(config)
     path, profile = target_profile(config.target)
     source = load_source(config.model)
-    candidates = [_candidate(text, source) for text in profile.precisions]
-    path.append(f"candidates: {', '.join(c.spec for c in candidates)} (the profile's specs, in its order)")
+    candidates = [_candidate(text, source) for text in _specs_for(profile, source)]
+    path.append(f"candidates: {', '.join(c.spec for c in candidates)} (the profile's specs, in its order"
+                + (")" if source.task == TEXT_GENERATION else f", that apply to {source.task} models, then the "
+                   "other precisions its formats offer them)"))
     missing = sorted({c.format for c in candidates if not c.installed})
     if missing:
         hints = "; ".join(f"{f}: {get_backend(f).install_hint()}" for f in missing)
@@ -98,7 +103,9 @@ def recommend(config: RecommendConfig) -> dict:
         candidate.measured = measurements.get(candidate.spec)
         expected = {"size_bytes": candidate.expected_size_bytes, "peak_rss_mb": candidate.expected_peak_mb}
         figures = derived_metrics({**expected, **(candidate.measured or {})}, baseline)  # measured figures win
-        candidate.verdicts = [check(g, figures) for g in gates] + [source_check(figures)]
+        candidate.verdicts = [check(g, figures) for g in gates]
+        if source.task == TEXT_GENERATION:
+            candidate.verdicts.append(source_check(figures))
     winner = next((c for c in candidates if c.passes), None)
     for rank, candidate in enumerate(candidates):
         if candidate is not winner:
@@ -115,6 +122,16 @@ def recommend(config: RecommendConfig) -> dict:
             "source_fingerprint": source.fingerprint, "decision_path": path,
             "recommendation": winner.spec if winner else None,
             "candidates": [_as_json(c) for c in candidates], "speed_here": profile.speed}
+
+
+def _specs_for(profile: Profile, source) -> list[str]:
+    """The profile's specs; for a model of another task, those that apply to it, then every other
+    precision the profile's formats offer it."""
+    if source.task == TEXT_GENERATION:
+        return list(profile.precisions)
+    offered = [f"{fmt}:{p}" for fmt in profile.formats for p in get_backend(fmt).precisions_for(source.task)]
+    listed = [text for text in profile.precisions if text in offered]
+    return listed + [text for text in offered if text not in listed]
 
 
 def target_profile(target: str | None) -> tuple[list[str], Profile]:
@@ -183,7 +200,7 @@ def _closest(candidates: list[Candidate]) -> Candidate:
 
 
 def _as_json(c: Candidate) -> dict:
-    figures = metric_table.figures(c.measured) if c.measured else None
+    figures = metric_table.figures(c.measured, extra=("task",)) if c.measured else None
     size = (c.measured or {}).get("size_bytes") or c.expected_size_bytes
     return {"spec": c.spec, "format": c.format, "installed_here": c.installed, "too_large_here": c.too_large_here or None,
             "size_mb": round(size / 1e6, 1),

@@ -72,8 +72,12 @@ def format_recommendation(r: dict) -> str:
              "decision path:"] + [f"  {i}. {step}" for i, step in enumerate(r["decision_path"], 1)] + ["", "candidates:"]
     for c in r["candidates"]:
         m = c["measured"]
-        figures = (f"KLD {m['kld_mean']:.4f} {m['ci95'].get('kld_mean')}, ppl +{m['ppl_increase_pct']:.2f}%"
-                   if m and m.get("kld_mean") is not None else "not measured here")
+        if m and m.get("kld_mean") is not None:
+            figures = f"KLD {m['kld_mean']:.4f} {m['ci95'].get('kld_mean')}, ppl +{m['ppl_increase_pct']:.2f}%"
+        elif m and m.get("task") in metric_table.TASK_FIGURES:
+            figures = _task_quality_words(m)
+        else:
+            figures = "not measured here"
         mark = "*" if c["spec"] == r["recommendation"] else " "
         size = f"{c['size_mb']:>7.1f} MB" if c["size_measured"] else f"~{c['size_mb']:>6.1f} MB"
         peak = f"peak {m['peak_rss_mb']:.0f} MB" if m and m.get("peak_rss_mb") else f"peak ~{c['expected_peak_mb']:.0f} MB"
@@ -86,14 +90,18 @@ def format_recommendation(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _task_quality_words(f: dict) -> str:
+    """The task's quality figure with its interval, e.g. `cosine 0.9920 [0.9917, 0.9922]`."""
+    quality = metric_table.by_key(metric_table.TASK_FIGURES[f["task"]].rank)
+    interval = (f.get("ci95") or {}).get(quality.key)
+    return f"{quality.label} {quality.show(f[quality.key])}" + (f" [{quality.show(interval[0])}, {quality.show(interval[1])}]"
+                                                                if interval else "")
+
+
 def _task_figures_line(f: dict) -> str:
     """Size, the task's quality figure with its interval, its speed figure and peak memory."""
-    figures = metric_table.TASK_FIGURES[f["task"]]
-    quality, speed = metric_table.by_key(figures.rank), metric_table.by_key(figures.speed)
-    interval = (f.get("ci95") or {}).get(quality.key)
-    words = [f"{f['size_bytes'] / 1e6:7.1f} MB",
-             f"{quality.label} {quality.show(f[quality.key])}" + (f" [{quality.show(interval[0])}, {quality.show(interval[1])}]"
-                                                                  if interval else "")]
+    speed = metric_table.by_key(metric_table.TASK_FIGURES[f["task"]].speed)
+    words = [f"{f['size_bytes'] / 1e6:7.1f} MB", _task_quality_words(f)]
     if f.get(speed.key):
         words.append(f"{speed.show(f[speed.key])} {speed.unit}")
     return ", ".join(words + [f"peak {f.get('peak_rss_mb', 0):.0f} MB"])
