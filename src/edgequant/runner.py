@@ -23,7 +23,20 @@ class GenerateParams:
     stop_at_eos: bool = True  # speed benchmarks turn this off to decode a fixed number of tokens
 
 
-class Runner(ABC):
+class _Loaded:
+    """A loaded engine: `close` releases its memory (the object is unusable afterwards); usable in `with`."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Runner(_Loaded, ABC):
     """A loaded model. Subclasses keep engine objects private; callers only see ids and arrays."""
 
     name: str = ""
@@ -100,15 +113,6 @@ class Runner(ABC):
         None when this engine has none; the server then runs one request at a time."""
         return None
 
-    def close(self) -> None:
-        """Release engine memory; the runner is unusable afterwards."""
-
-    def __enter__(self) -> "Runner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def default_threads() -> int:
     import os
@@ -116,7 +120,7 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-class TaskRunner(ABC):
+class TaskRunner(_Loaded, ABC):
     """A loaded model of a task other than text generation (see `edgequant.sources.tasks`): one
     call maps a batch of inputs to one output row per input. A sentence encoder takes texts and
     returns embeddings (n, dim) as its source would (pooled, unit length where it normalizes); an
@@ -135,12 +139,3 @@ class TaskRunner(ABC):
     def arithmetic(self) -> str | None:
         """As `Runner.arithmetic`: what the outputs are computed in, where a stand-in computes them."""
         return None
-
-    def close(self) -> None:
-        """Release engine memory; the runner is unusable afterwards."""
-
-    def __enter__(self) -> "TaskRunner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
