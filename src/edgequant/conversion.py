@@ -151,6 +151,7 @@ def _manifest(source, spec: Spec, backend, info: dict, folder: Path, seconds: fl
                   **backend.tool_versions()},
         "timings": {"total_s": round(seconds, 3), **info.get("timings", {})},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "details": {k: v for k, v in info.items() if k not in ("model_file", "timings")},
-        "limitations": backend.limitations(source),
+        "details": {k: v for k, v in info.items() if k not in ("model_file", "timings", "limitations")},
+        # the backend's on this source, and what this conversion found (`info["limitations"]`)
+        "limitations": backend.limitations(source) + info.get("limitations", []),
     }
