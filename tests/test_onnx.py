@@ -111,7 +111,7 @@ def test_default_int4_has_no_float_zero_points(onnx_tiny):
 
 
 def test_int8_static_is_qdq_with_int8_weights_and_uint8_activations(onnx_tiny):
-    from edgequant.backends.onnx.tools import qdq_counts
+    from edgequant.backends._shared.ort import qdq_counts
 
     artifact = edgequant.convert(onnx_tiny, "onnx:int8-static?samples=4&keep_float=none")
     check_model(artifact.model_path)
@@ -198,7 +198,7 @@ def test_default_model_int8_is_within_3_percent():
 def test_default_model_int8_static_is_sane():
     """Static per-tensor activation ranges cannot follow the model's massive first-token
     activations, so the sensitive MatMuls stay float; the rest must stay close to the baseline."""
-    from edgequant.backends.onnx.tools import qdq_counts
+    from edgequant.backends._shared.ort import qdq_counts
 
     artifact = edgequant.convert(None, "onnx:int8-static")
     check_model(artifact.model_path)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import edgequant
-from edgequant.backends.onnx.tools import check_model, qdq_counts
+from edgequant.backends._shared.ort import qdq_counts
+from edgequant.backends.onnx.tools import check_model
 from edgequant.errors import EdgequantError
 from edgequant.measurement.evaldata import default_eval_text
 from edgequant.measurement.settings import EvalConfig

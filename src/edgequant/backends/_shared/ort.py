@@ -30,3 +30,19 @@ class FeedReader:
 
     def rewind(self):  # the calibrator reads once; nothing to rewind
         pass
+
+
+def qdq_counts(model_path: Path) -> dict[str, int]:
+    """QuantizeLinear / DequantizeLinear counts by integer type (a golden structure check)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    types = {}
+    for init in model.graph.initializer:
+        types[init.name] = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
+            key = f"{node.op_type}:{types.get(node.input[2], 'unknown')}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts

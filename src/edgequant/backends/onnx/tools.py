@@ -237,19 +237,3 @@ def check_model(model_path: Path) -> None:
     # The in-memory checker resolves external data paths against the working directory.
     with contextlib.chdir(model_path.parent):
         onnx.checker.check_model(model)
-
-
-def qdq_counts(model_path: Path) -> dict[str, int]:
-    """QuantizeLinear / DequantizeLinear counts by integer type (a golden structure check)."""
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    types = {}
-    for init in model.graph.initializer:
-        types[init.name] = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
-            key = f"{node.op_type}:{types.get(node.input[2], 'unknown')}"
-            counts[key] = counts.get(key, 0) + 1
-    return counts

@@ -25,6 +25,7 @@ from edgequant.backend import Backend
 from edgequant.backends._shared.sliding_window import window_ignored
 from edgequant.errors import EdgequantError
 from edgequant.progress import Stopwatch
+from edgequant.sources.tasks import SENTENCE_EMBEDDING
 from edgequant.spec import Option, Precision
 
 # w4a16's int4 blocks: on the default model's prompt graph (4 evaluation windows, GPTQ, the int8
@@ -116,6 +117,9 @@ class QnnBackend(Backend):
                         applies_to=("w8a8",)),
     }
 
+    # A sentence encoder: the shared float32 export at a fixed shape, QDQ with the same helpers (encoder.py).
+    task_precisions = {SENTENCE_EMBEDDING: ("w8a8", "w8a16")}
+
     def speed_is_representative(self) -> bool:
         return False  # the CPU execution provider stands in for the NPU
 
@@ -145,6 +149,15 @@ class QnnBackend(Backend):
         fallback = (manifest.get("details") or {}).get("fallback")
         if fallback:
             notes.append(f"{spec_text}: {fallback}")
+        embeddings = (manifest.get("details") or {}).get("htp_embeddings")
+        if embeddings:  # a sentence encoder's check
+            if "error" in embeddings:
+                return notes + [f"{spec_text}: Qualcomm's HTP simulator could not run the graph with CPU fallback off "
+                                f"({embeddings['error']}); the figures are the CPU execution provider's."]
+            agree, to_float = embeddings["cosine_htp_vs_cpu"], embeddings["cosine_vs_float"]
+            return notes + [f"{spec_text} on Qualcomm's HTP simulator ({embeddings['texts']} sentences, wholly on the HTP): "
+                            f"cosine to the CPU run's embeddings {agree['mean']:.4f} (min {agree['min']:.4f}), to the float "
+                            f"graph's {to_float['htp']:.4f} (CPU run {to_float['cpu']:.4f})"]
         check = (manifest.get("details") or {}).get("htp_pipeline")
         if check:
             if "error" in check:
@@ -319,6 +332,16 @@ class QnnBackend(Backend):
         seq = int(artifact.manifest["details"]["seq"])
         return FixedShapeRunner(artifact.path, artifact.manifest["model_file"], seq=seq, name=str(artifact.spec),
                                 n_ctx=min(n_ctx, seq), threads=threads)
+
+    def convert_task(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        from edgequant.backends.qnn.encoder import convert_encoder
+
+        return convert_encoder(source, spec, self.option_values(spec), out_dir)
+
+    def open_task(self, artifact, *, threads: int):
+        from edgequant.backends.qnn.encoder import QnnEncoderRunner
+
+        return QnnEncoderRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), threads=threads)
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         """Weights once (the graphs share them): the embedding Gather at the activations' bits (it is
