@@ -190,7 +190,9 @@ def test_bench_reads_the_spec_list_convert_reads(cli, tiny_model, tmp_path):
     assert done.returncode == 2 and "cannot" in done.stderr and "unknown" not in done.stderr, done.stderr
     from edgequant.measurement.benchmark import _plan
 
-    planned = _plan(BenchConfig(tiny_model, "gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q8_0,gguf:q8_0"))
+    from edgequant.sources.source import load_source
+
+    planned = _plan(BenchConfig(tiny_model, "gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q8_0,gguf:q8_0"), load_source(tiny_model))
     assert [str(spec) for spec, _ in planned] == ["gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q8_0", "gguf:q8_0"]
 
 
@@ -221,7 +223,7 @@ def test_results_command_prints_json_and_csv(cli, bench_runs):
     db = str(bench_runs[0] / "results.sqlite")
     as_json = cli("results", "--db", db, "--json")
     assert as_json.returncode == 0 and len(json.loads(as_json.stdout)) == 2 * (len(SPECS) + 2)
-    as_csv = cli("results", "--db", db, "--csv", "--model", "model")
+    as_csv = cli("results", "--db", db, "--csv", "--model", bench_runs[2].model)  # the folder holding `model/`
     assert as_csv.stdout.splitlines()[0].startswith("id,run_id") and len(as_csv.stdout.splitlines()) == 1 + 2 * (len(SPECS) + 2)
     table = cli("results", "--db", db)
     assert "gguf:q4_0" in table.stdout
