@@ -107,7 +107,7 @@ def test_a_suspect_candidate_is_never_certified():
     assert not better_than_source.passes and ranked("size", [better_than_source, honest])[0] is honest
 
 
-@pytest.mark.parametrize("text, message", [("kld=<0.05", "does not parse"), ("latency<=3", "unknown metric"),
+@pytest.mark.parametrize("text, message", [("kld=<0.05", "does not parse"), ("recall<=3", "unknown metric"),
                                            ("size<=12MW", "not a unit of size"), ("kld<=", "does not parse")])
 def test_bad_gates_say_what_is_wrong(text, message):
     with pytest.raises(EdgequantError, match=message):

@@ -455,7 +455,7 @@ def _why(ctx: Context, winner: Candidate, candidates: list[Candidate], front: li
     return words
 
 
-def _distinguishable(objective: str, winner: Candidate, runner_up: Candidate, task: str) -> str:
+def _distinguishable(objective: str, winner: Candidate, runner_up: Candidate, task: str = TEXT_GENERATION) -> str:
     """Where the objective's figure has a 95% interval (quality) or a range over the timed repeats
     (decode speed), whether the winner's and the runner-up's overlap."""
     from edgequant.measurement.intervals import compare
