@@ -40,22 +40,22 @@ def engine_alone(artifact, texts: list[str]) -> dict:
     from edgequant.backends._shared.encoder import OUTPUT, EncoderTokenizer
     from edgequant.registry import open_task_runner
 
+    fmt = artifact.spec.format
+    if fmt not in ("onnx", "openvino"):
+        return {}  # llama.cpp tokenizes itself; QNN's graph is a fixed-shape stand-in
     tokenizer = EncoderTokenizer.of_artifact(artifact.path)
     batches = [texts[i * BATCH:(i + 1) * BATCH] for i in range(BATCHES)]
     feeds = [tokenizer(b) for b in batches]
-    fmt = artifact.spec.format
     if fmt == "onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(artifact.model_path), providers=["CPUExecutionProvider"])
         engine = lambda f: session.run([OUTPUT], f)  # noqa: E731
-    elif fmt == "openvino":
+    else:
         import openvino as ov
 
         request = ov.Core().compile_model(artifact.model_path, "CPU").create_infer_request()
         engine = request.infer
-    else:
-        return {}
     runner = open_task_runner(artifact.path)
     engine(feeds[0]), runner.run(batches[0])  # warm-up
     engine_rates, runner_rates = [], []
