@@ -189,7 +189,6 @@ def test_bench_reads_the_spec_list_convert_reads(cli, tiny_model, tmp_path):
                "--db", str(tmp_path / "db.sqlite"), "--report", str(blocker / "r.html"))
     assert done.returncode == 2 and "cannot" in done.stderr and "unknown" not in done.stderr, done.stderr
     from edgequant.measurement.benchmark import _plan
-
     from edgequant.sources.source import load_source
 
     planned = _plan(BenchConfig(tiny_model, "gguf:q4_k_m?tensor=ffn_down:q6_k,attn_v:q8_0,gguf:q8_0"), load_source(tiny_model))
