@@ -56,6 +56,7 @@ def test_llama_cpp_tokenizes_and_cuts_as_tokenizer_json(gguf_f16):
             expected = reference([text])["input_ids"][0].tolist()
             assert runner.ids(text) == expected, text
         assert len(runner.ids(LONG_TEXT)) == 256
+        assert runner.token_count(texts) == reference.count(texts)  # the server's usage figure
 
 
 def test_a_text_of_max_tokens_equals_pytorch(gguf_f16, minilm):

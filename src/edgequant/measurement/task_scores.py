@@ -18,7 +18,7 @@ PROBE_RIDGE = 1.0  # L2 penalty of the probe's least-squares fit on unit-length 
 
 def embedding_figures(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict:
     """Figures of `outputs` against `reference` (rows are texts; the first len(labels) are labelled)."""
-    cosine = _cosine(outputs, reference)
+    cosine = row_cosines(outputs, reference)
     correct = probe_correct(outputs[:len(labels)], labels)
     baseline_correct = probe_correct(reference[:len(labels)], labels)
     ci = _bootstrap({"cosine_mean": (cosine, np.mean), "cosine_p1": (cosine, lambda c: np.percentile(c, 1)),
@@ -55,7 +55,8 @@ def method() -> dict:
             "probe": f"ridge least squares (alpha {PROBE_RIDGE}), {PROBE_FOLDS}-fold stratified cross-validation"}
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The cosine similarity of each row of `a` to the same row of `b` (float64)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
 

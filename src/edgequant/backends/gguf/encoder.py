@@ -118,6 +118,9 @@ class LlamaEncoderRunner(TaskRunner):
             return ids
         return ids[:self._max_tokens - 1] + ids[-1:] if ids[-1] in self._ends else ids[:self._max_tokens]
 
+    def token_count(self, batch) -> int:
+        return sum(len(self.ids(text)) for text in batch)
+
     def run(self, batch) -> np.ndarray:
         out = np.zeros((len(batch), self._dim), dtype=np.float32)
         for row, text in enumerate(batch):

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from edgequant.errors import EdgequantError
+from edgequant.measurement.task_scores import row_cosines as cosines
 from edgequant.runner import TaskRunner
 from edgequant.sources.tasks import SENTENCE_EMBEDDING
 
@@ -205,7 +206,7 @@ def widen_by_cosine(fp32: Path, work: Path, request, feeds: list[dict], held_out
     quantized = tools.quantize_qdq(fp32, all_16bit, replace(request, precision="w8a16"), feeds,
                                    importance=importance, solved=solved)  # the same int8 weights as w8a8's
     splicer = sensitivity.EightBitSplicer(all_16bit, layers)
-    splicer.groups = sensitivity._tie(_by_role(splicer.groups), _one_width_pairs(all_16bit))
+    splicer.groups = sensitivity.tie(_by_role(splicer.groups), _one_width_pairs(all_16bit))
     chosen = sensitivity.choose_eight_bit(splicer, cosine_loss_meter(fp32, held_out), COSINE_BUDGET)
     model = work / "chosen.onnx"
     model.write_bytes(splicer.model_bytes(chosen["eight_bit"]))
@@ -283,10 +284,6 @@ def _embed(session, feeds: list[dict]) -> np.ndarray:
     from edgequant.backends._shared.encoder import OUTPUT
 
     return np.concatenate([session.run([OUTPUT], feed)[0] for feed in feeds]).astype(np.float32, copy=False)
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 def _target(opt) -> dict:

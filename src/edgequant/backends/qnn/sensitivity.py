@@ -67,7 +67,7 @@ class EightBitSplicer:
         for tensor, (scale_name, _) in self.encodings.items():
             sharing.setdefault(scale_name, []).append(tensor)
         tied += [(tensors[0], other) for tensors in sharing.values() for other in tensors[1:]]
-        self.groups = _tie(_group_by_role(self.encodings, producers, graph.node, layers), tied)
+        self.groups = tie(_group_by_role(self.encodings, producers, graph.node, layers), tied)
 
     def model_bytes(self, eight_bit=()) -> bytes:
         from onnx import numpy_helper
@@ -123,7 +123,7 @@ def _weight_matmul_activations(graph, producers: dict, initializers: set) -> tup
     return blocked, tied
 
 
-def _tie(groups: dict[str, list[str]], pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+def tie(groups: dict[str, list[str]], pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
     """Merge the groups holding the two tensors of each pair, so they change width together."""
     role_of = {t: role for role, tensors in groups.items() for t in tensors}
     parent = {role: role for role in groups}
