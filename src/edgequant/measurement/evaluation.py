@@ -201,7 +201,7 @@ def _recorded_source(target: Target):
 
 def _inputs_of(source, config: EvalConfig) -> tuple[str, str]:
     """What the source is scored on, as a text (hashed into the settings) and a name."""
-    return _eval_text(config) if source.task == TEXT_GENERATION else task_inputs_identity(source.task)
+    return _eval_text(config) if source.task == TEXT_GENERATION else task_inputs_identity(source)
 
 
 def _eval_text(config: EvalConfig) -> tuple[str, str]:

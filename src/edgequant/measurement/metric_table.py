@@ -67,6 +67,9 @@ TABLE: tuple[Metric, ...] = (
            what="99th percentile of the per-token KL divergence"),
     Metric("top1_agreement", "top-1", QUALITY, "higher", "{:.1%}", gate="top1", interval=True, column="top1_agreement",
            interval_column="top1", what="top-1 agreement with the baseline"),
+    # Image classifiers: class scores against the float32 baseline's on the same images (also top-1 and KLD).
+    Metric("top5_agreement", "top-5", QUALITY, "higher", "{:.1%}", gate="top5", interval=True, column="top5_agreement",
+           interval_column="top5", what="the baseline's first class among the target's five"),
     # Sentence encoders: embeddings against the float32 baseline's on the same texts.
     Metric("cosine_mean", "cosine", QUALITY, "higher", "{:.4f}", gate="cosine", interval=True, column="cosine_mean",
            interval_column="cosine_mean", what="mean cosine similarity of the embeddings to the baseline's"),
@@ -82,7 +85,7 @@ TABLE: tuple[Metric, ...] = (
     Metric("ttft_ms", "TTFT ms", SPEED, "lower", "{:.0f}", "ms", gate="ttft", gate_units={"": 1, "ms": 1, "s": 1000},
            column="ttft_ms", what="time to first token (median)"),
     Metric("latency_p50_ms", "latency ms", SPEED, "lower", "{:.2f}", "ms", gate="latency", gate_units={"": 1, "ms": 1, "s": 1000},
-           column="latency_p50_ms", what="median time to run one input alone (a short sentence)"),
+           column="latency_p50_ms", what="median time to run one input alone (a sentence, an image)"),
     Metric("latency_p95_ms", "p95 ms", SPEED, "lower", "{:.2f}", "ms", column="latency_p95_ms", in_report=False,
            what="95th percentile of the time to run one input alone"),
     Metric("inputs_per_s_b1", "inputs/s b1", SPEED, "higher", "{:.1f}", "inputs/s", spread="inputs_per_s_b1_range",
@@ -120,6 +123,9 @@ TASK_FIGURES = {
     "text-generation": TaskFigures("ppl_increase_pct", "perplexity increase (%)", "kld_mean", 100.0, "decode_tps"),
     # An encoder whose embeddings average below 0.9 cosine to the float model's ranks neighbours differently.
     "sentence-embedding": TaskFigures("cosine_mean", "1 - mean cosine to fp32", "cosine_mean", 0.9, "inputs_per_s_b8"),
+    # A classifier that picks the float model's class on fewer than half the images is broken.
+    "image-classification": TaskFigures("top1_agreement", "1 - top-1 agreement with fp32", "top1_agreement", 0.5,
+                                        "inputs_per_s_b8"),
 }
 
 

@@ -65,7 +65,7 @@ class TaskSpeedRequest:
     """Speed of a model of another task: latency per input at batch 1, throughput at batch 1 and 8."""
 
     target: str | None
-    inputs_file: str  # what `measurement.taskdata.load_inputs` reads: a JSON list of texts
+    inputs_file: str  # what `measurement.taskdata.load_inputs` reads: texts (.json) or images (.npy)
     repeats: int = 3
     threads: int = 0
     single: int = 32  # inputs timed one at a time

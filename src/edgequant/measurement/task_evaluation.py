@@ -12,46 +12,64 @@ from pathlib import Path
 import numpy as np
 
 from edgequant.errors import EdgequantError
-from edgequant.measurement.taskdata import encoder_eval_texts
 from edgequant.paths import cache_dir
 from edgequant.progress import step, track
 from edgequant.registry import open_task_runner
-from edgequant.sources.tasks import SENTENCE_EMBEDDING
+from edgequant.sources.tasks import IMAGE_CLASSIFICATION, SENTENCE_EMBEDDING
 
 QUALITY_BATCH = 16  # inputs per call while scoring (padding to the longest text in each)
 
 
-def task_inputs_identity(task: str) -> tuple[str, str]:
+def task_inputs_identity(source) -> tuple[str, str]:
     """(a text whose hash names the inputs, their name) for an evaluation's settings."""
-    data = _inputs(task)
-    return "\n".join(data.texts), data.name
+    data = _inputs(source)
+    return data.sha256, data.name
 
 
 def evaluate_task(target, source, config, threads: int) -> dict:
     """Quality of `target` (an artifact or the source itself) against the source's float32 outputs,
     and, with `config.speed`, its speed in a child process."""
-    from edgequant.measurement.task_scores import embedding_figures
-
     if config.data is not None:
         raise EdgequantError(f"--data sets the text of causal LM evaluations; {source.name} is a {source.task} model, "
-                             "scored on fixed labelled inputs", "drop --data")
-    data = _inputs(source.task)
+                             "scored on fixed inputs that ship in packages", "drop --data")
+    data = _inputs(source)
+    rows = _rows(data)
     reference = _reference_outputs(source, data, threads)
-    with step(f"scoring {target.label} on {len(data.texts)} inputs"), open_task_runner(target.path, threads=threads) as runner:
-        outputs = _run_all(runner, data.texts, f"scoring {target.label}")
+    with step(f"scoring {target.label} on {len(rows)} inputs"), open_task_runner(target.path, threads=threads) as runner:
+        outputs = _run_all(runner, rows, f"scoring {target.label}")
         arithmetic = runner.arithmetic()
     metrics = {"target": target.label, "baseline": str(source.path), "task": source.task,
-               **embedding_figures(outputs, reference, data.labels), "size_bytes": target.size_bytes,
+               **_figures(data, outputs, reference), "size_bytes": target.size_bytes,
                **({"arithmetic": arithmetic} if arithmetic else {})}
     if config.speed:
-        metrics.update(_speed(target, data.texts, config, threads))
+        metrics.update(_speed(target, rows, config, threads))
     return metrics
 
 
-def _inputs(task: str):
-    if task != SENTENCE_EMBEDDING:
-        raise EdgequantError(f"{task} models cannot be evaluated yet", "evaluate a causal LM or a sentence encoder")
-    return encoder_eval_texts()
+def _inputs(source):
+    """The fixed evaluation inputs of the source's task."""
+    if source.task == SENTENCE_EMBEDDING:
+        from edgequant.measurement.taskdata import encoder_eval_texts
+
+        return encoder_eval_texts()
+    if source.task == IMAGE_CLASSIFICATION:
+        from edgequant.measurement.imagedata import eval_images
+
+        return eval_images(source.image)
+    raise EdgequantError(f"{source.task} models cannot be evaluated", "evaluate a causal LM, a sentence encoder or an image classifier")
+
+
+def _rows(data):
+    """What a runner takes, one entry per input: texts, or preprocessed images."""
+    return data.images if hasattr(data, "images") else data.texts
+
+
+def _figures(data, outputs: np.ndarray, reference: np.ndarray) -> dict:
+    from edgequant.measurement import task_scores
+
+    if hasattr(data, "images"):
+        return {**task_scores.classification_figures(outputs, reference), "photos": data.photos}
+    return task_scores.embedding_figures(outputs, reference, data.labels)
 
 
 def _run_all(runner, inputs, label: str) -> np.ndarray:
@@ -64,9 +82,10 @@ def _reference_outputs(source, data, threads: int) -> np.ndarray:
     key = hashlib.sha256(f"{source.fingerprint}:{data.sha256}".encode()).hexdigest()[:16]
     path = cache_dir("reference") / f"{source.fingerprint[:16]}-{key}-{source.task}.npy"
     if not path.is_file():
-        with step(f"computing the PyTorch baseline on {len(data.texts)} inputs (cached)"):
+        rows = _rows(data)
+        with step(f"computing the float baseline on {len(rows)} inputs (cached)"):
             with open_task_runner(source.path, threads=threads) as runner:
-                outputs = _run_all(runner, data.texts, "baseline")
+                outputs = _run_all(runner, rows, "baseline")
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, outputs.astype(np.float32))
         tmp.rename(path)
@@ -79,7 +98,6 @@ def _speed(target, inputs, config, threads: int) -> dict:
 
     with step(f"measuring speed and peak memory of {target.label} in a child process"), \
             tempfile.TemporaryDirectory(prefix="edgequant-inputs-") as tmp:
-        inputs_file = Path(tmp) / "inputs.json"
-        write_inputs(inputs, inputs_file)
+        inputs_file = write_inputs(inputs, Path(tmp) / "inputs")
         request = TaskSpeedRequest(str(target.path) if target.path else None, str(inputs_file), config.repeats, threads)
         return run_in_child(request)

@@ -3,12 +3,18 @@
 A sentence encoder's embeddings are compared with the float baseline's on the same texts: cosine
 similarity per text (its mean and 1st percentile), and the accuracy of a linear polarity probe
 trained on its own embeddings by 10-fold cross-validation, beside the same probe on the baseline's.
-Intervals come from a seeded bootstrap over texts (texts, unlike tokens, are independent).
+An image classifier's class scores are compared with the float baseline's on the same images: top-1
+agreement (the same class first), top-5 agreement (the baseline's first class among the target's
+five), and the KL divergence of the target's class probabilities from the baseline's.
+Intervals come from a seeded bootstrap over inputs (texts or images, unlike tokens, are independent).
+Views of one photo are not independent of each other, so an image interval is somewhat narrow.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from edgequant.measurement.logprobs import kl_divergence, log_softmax
 
 RESAMPLES = 2000
 SEED = 0
@@ -30,6 +36,23 @@ def embedding_figures(outputs: np.ndarray, reference: np.ndarray, labels: np.nda
         "probe_accuracy": round(float(correct.mean()), 4),
         "baseline_probe_accuracy": round(float(baseline_correct.mean()), 4),
         "inputs_scored": int(len(cosine)),
+        "ci95": {k: [round(v, 6) for v in interval] for k, interval in ci.items()},
+        "ci_method": method(),
+    }
+
+
+def classification_figures(outputs: np.ndarray, reference: np.ndarray) -> dict:
+    """Figures of class scores `outputs` against `reference` (rows are images)."""
+    first = reference.argmax(-1)
+    top1 = (outputs.argmax(-1) == first).astype(np.float64)
+    top5 = (np.argsort(-outputs, axis=-1)[:, :5] == first[:, None]).any(-1).astype(np.float64)
+    kld = np.maximum(kl_divergence(log_softmax(reference.astype(np.float64)), log_softmax(outputs.astype(np.float64))), 0.0)
+    ci = _bootstrap({"top1_agreement": (top1, np.mean), "top5_agreement": (top5, np.mean), "kld_mean": (kld, np.mean)})
+    return {
+        "top1_agreement": round(float(top1.mean()), 4),
+        "top5_agreement": round(float(top5.mean()), 4),
+        "kld_mean": round(float(kld.mean()), 6),
+        "inputs_scored": int(len(top1)),
         "ci95": {k: [round(v, 6) for v in interval] for k, interval in ci.items()},
         "ci_method": method(),
     }

@@ -48,15 +48,22 @@ def calibration_sentences(count: int) -> list[str]:
     return sentences[:count]
 
 
-def write_inputs(inputs, path) -> None:
-    """Inputs for a child process (the speed probe): texts as a JSON list."""
+def write_inputs(inputs, stem):
+    """Inputs for a child process (the speed probe): texts as a JSON list, images (an array) as an
+    .npy; returns the file written (`stem` with its suffix)."""
     import json
 
-    path.write_text(json.dumps(list(inputs)))
+    if isinstance(inputs, np.ndarray):
+        path = stem.with_suffix(".npy")
+        np.save(path, inputs)
+    else:
+        path = stem.with_suffix(".json")
+        path.write_text(json.dumps(list(inputs)))
+    return path
 
 
 def load_inputs(path: str):
     import json
     from pathlib import Path
 
-    return json.loads(Path(path).read_text())
+    return np.load(path) if path.endswith(".npy") else json.loads(Path(path).read_text())

@@ -1,4 +1,6 @@
-"""Sources: what the user hands us (a Hugging Face folder or a GGUF file), validated and fingerprinted.
+"""Sources: what the user hands us, validated and fingerprinted: a Hugging Face folder, a GGUF
+file, an image classifier's description (a PyTorch module and its state dict, see
+`edgequant.sources.vision`) or an `.onnx` image classifier.
 
 A GGUF source is imported once to a Hugging Face folder (dequantized) under the cache, keyed by
 the file's sha256, because every backend and the PyTorch baseline start from that folder.
@@ -44,14 +46,14 @@ def default_model_path() -> Path:
 @dataclass(frozen=True)
 class Source:
     path: Path
-    kind: str  # "hf" or "gguf"
+    kind: str  # "hf", "gguf", "module" (a description of a PyTorch module) or "onnx"
     fingerprint: str
 
     @property
     def name(self) -> str:
         """The file's stem, or the folder's name; a folder with a generic name (a package's
         `model/`) is named by the folder holding it."""
-        if self.kind == "gguf":
+        if self.kind != "hf":
             return self.path.stem
         return self.path.parent.name if self.path.name.lower() in _GENERIC_FOLDER_NAMES else self.path.name
 
@@ -62,6 +64,9 @@ class Source:
     @cached_property
     def hf_dir(self) -> Path:
         """The Hugging Face folder: the path itself, or the cached import of a GGUF file."""
+        if self.kind in ("module", "onnx"):
+            raise EdgequantError(f"{self.name} is a {self.task} model with no Hugging Face folder",
+                                 "use a format that takes image classifiers (onnx, openvino, qnn)")
         if self.kind == "hf":
             return self.path
         from edgequant.sources.gguf_import import import_gguf
@@ -70,12 +75,39 @@ class Source:
 
     @cached_property
     def config(self) -> dict:
-        return json.loads((self.hf_dir / "config.json").read_text())
+        """config.json of a Hugging Face folder; a module's description; nothing for an ONNX file."""
+        if self.kind == "module":
+            from edgequant.sources.vision import read_description
+
+            return read_description(self.path)
+        return {} if self.kind == "onnx" else json.loads((self.hf_dir / "config.json").read_text())
 
     @cached_property
     def tensors(self) -> list[TensorInfo]:
-        """The weights' names, shapes and dtypes, read from the safetensors headers once."""
+        """The weights' names, shapes and dtypes, read from the file headers once."""
+        from edgequant.sources import vision
+
+        if self.kind == "module":
+            return vision.module_tensors(self.config, self.path)
+        if self.kind == "onnx":
+            return self.onnx_graph.tensors
         return folder_tensors(self.hf_dir)
+
+    @cached_property
+    def onnx_graph(self):
+        """An ONNX source's inputs, outputs and op counts (`vision.OnnxGraphInfo`)."""
+        from edgequant.sources.vision import read_onnx
+
+        return read_onnx(self.path)
+
+    @cached_property
+    def image(self):
+        """An image classifier's preprocessing (`vision.ImageSettings`)."""
+        from edgequant.sources.vision import ImageSettings, onnx_image_settings
+
+        if self.kind == "onnx":
+            return onnx_image_settings(self.path, self.onnx_graph)
+        return ImageSettings.from_json(self.config["image"], str(self.path))
 
     @cached_property
     def weight_dtype(self) -> str:
@@ -93,8 +125,10 @@ class Source:
     @cached_property
     def task(self) -> str:
         """What the model does (see `edgequant.sources.tasks`); a GGUF file is a causal LM."""
-        from edgequant.sources.tasks import TEXT_GENERATION, task_of_folder
+        from edgequant.sources.tasks import IMAGE_CLASSIFICATION, TEXT_GENERATION, task_of_folder
 
+        if self.kind in ("module", "onnx"):
+            return IMAGE_CLASSIFICATION
         return TEXT_GENERATION if self.kind == "gguf" else task_of_folder(self.hf_dir, self.config)
 
     @cached_property
@@ -106,6 +140,8 @@ class Source:
 
     @property
     def architecture(self) -> str:
+        if self.kind in ("module", "onnx"):
+            return self.config.get("architecture") or f"{self.name} ({self.kind})"
         return (self.config.get("architectures") or [self.config.get("model_type", "unknown")])[0]
 
     def to_json(self) -> dict:
@@ -114,13 +150,26 @@ class Source:
 
 
 def load_source(path: str | Path | None = None) -> Source:
-    """Validate and fingerprint a model; `None` means the embedded default model."""
-    path = default_model_path() if path is None else Path(path).expanduser()
+    """Validate and fingerprint a model; `None` means the embedded default model, and the name of a
+    description edgequant ships (`efficientnet-lite0`) means that model."""
+    from edgequant.sources import vision
+
+    packaged = vision.packaged_models()
+    path = default_model_path() if path is None else packaged.get(str(path)) or Path(path).expanduser()
     if not path.exists():
-        raise EdgequantError(f"no such file or folder: {path}", "check the path, or omit MODEL to use the default model")
+        raise EdgequantError(f"no such file or folder: {path}", "check the path, omit MODEL to use the default model, "
+                             f"or name a packaged model ({', '.join(packaged)})")
     path = path.resolve()
     if path.is_dir():
         return Source(path, "hf", _check_hf_folder(path))
+    if vision.is_description(path):
+        description = vision.read_description(path)
+        return Source(path, "module", files_sha256([path, vision.weights_path(description, path)]))
+    if path.suffix.lower() == ".onnx":
+        sidecar = path.with_suffix(".onnx.json")
+        source = Source(path, "onnx", files_sha256([path] + ([sidecar] if sidecar.is_file() else [])))
+        source.image  # checks the graph is an image classifier
+        return source
     if path.suffix.lower() == ".gguf":
         from edgequant.sources.gguf_import import check_gguf, is_imported
 
@@ -129,8 +178,9 @@ def load_source(path: str | Path | None = None) -> Source:
             check_gguf(path)
         return Source(path, "gguf", fingerprint)
     raise EdgequantError(
-        f"{path} is neither a Hugging Face model folder nor a .gguf file",
-        "pass a folder holding config.json and *.safetensors, or a .gguf file",
+        f"{path} is not a model edgequant reads",
+        "pass a Hugging Face folder (config.json and *.safetensors), a .gguf file, an image classifier's .json "
+        "description or an .onnx image classifier",
     )
 
 

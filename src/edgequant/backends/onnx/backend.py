@@ -31,7 +31,7 @@ from typing import Any
 from edgequant.backend import Backend
 from edgequant.backends._shared.sliding_window import window_ignored
 from edgequant.errors import EdgequantError
-from edgequant.sources.tasks import SENTENCE_EMBEDDING
+from edgequant.sources.tasks import IMAGE_CLASSIFICATION, SENTENCE_EMBEDDING
 from edgequant.spec import Option, Precision
 
 # The builder's own -p for each precision; int8 variants start from its fp32 export.
@@ -57,8 +57,10 @@ class OnnxBackend(Backend):
     # (transformers' default when given no dtype) and serializes all of it again for its int4 pass,
     # then the HQQ pass loads the float32 decoder weights whole (6 GB at 1.17B).
     conversion_peak = (4.76, 0.59)
-    # A sentence encoder: the shared float32 export, then onnxruntime's own conversions (encoder.py).
-    task_precisions = {SENTENCE_EMBEDDING: ("fp32", "fp16", "int8", "int8-static")}
+    # A sentence encoder or an image classifier: the shared float32 export, then onnxruntime's own
+    # conversions (encoder.py, vision.py).
+    task_precisions = {SENTENCE_EMBEDDING: ("fp32", "fp16", "int8", "int8-static"),
+                       IMAGE_CLASSIFICATION: ("fp32", "fp16", "int8", "int8-static")}
     precisions = {
         "fp32": Precision("fp32", 32, 32.0, "float32 export by the onnxruntime-genai builder"),
         "fp16": Precision("fp16", 16, 16.0, "float16 export by the onnxruntime-genai builder"),
@@ -145,14 +147,20 @@ class OnnxBackend(Backend):
         return _convert_int8(source, spec.precision, opt, out_dir, started)
 
     def convert_task(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        if source.task == IMAGE_CLASSIFICATION:
+            from edgequant.backends.onnx.vision import convert_vision
+
+            return convert_vision(source, spec, self.option_values(spec), out_dir)
         from edgequant.backends.onnx.encoder import convert_encoder
 
         return convert_encoder(source, spec, self.option_values(spec), out_dir)
 
     def open_task(self, artifact, *, threads: int):
-        from edgequant.backends.onnx.encoder import OnnxEncoderRunner
-
-        return OnnxEncoderRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), threads=threads)
+        if artifact.task == IMAGE_CLASSIFICATION:
+            from edgequant.backends._shared.vision import OrtVisionRunner as runner_class
+        else:
+            from edgequant.backends.onnx.encoder import OnnxEncoderRunner as runner_class
+        return runner_class(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), threads=threads)
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.onnx.runner import OnnxRunner

@@ -38,10 +38,10 @@ def convert_encoder(source, spec, opt, out_dir: Path) -> dict:
     if spec.precision == "fp32":
         shutil.copyfile(fp32, target)
     elif spec.precision == "fp16":
-        _to_float16(fp32, target)
+        to_float16(fp32, target)
         info["post_processing"] = "onnxruntime float16 conversion, inputs and output kept in their types"
     elif spec.precision == "int8":
-        _quantize_dynamic(fp32, target)
+        quantize_dynamic_int8(fp32, target)
         info["post_quantization"] = "onnxruntime quantize_dynamic: int8 weights per channel, activations per tensor at run time"
         info["limitations"] = ["activations are scaled per tensor over the whole batch, padding included, so a text's "
                                "embedding depends on the batch it runs in (all-MiniLM-L6-v2: cosine 0.991 between a text "
@@ -58,7 +58,7 @@ def convert_encoder(source, spec, opt, out_dir: Path) -> dict:
     return info
 
 
-def _to_float16(fp32: Path, target: Path) -> None:
+def to_float16(fp32: Path, target: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -66,7 +66,7 @@ def _to_float16(fp32: Path, target: Path) -> None:
         onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(target))
 
 
-def _quantize_dynamic(fp32: Path, target: Path) -> None:
+def quantize_dynamic_int8(fp32: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with engine_warnings_hidden():

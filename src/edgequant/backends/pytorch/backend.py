@@ -51,13 +51,13 @@ class PyTorchBackend(Backend):
                            stored_dtype=stored)
 
     def open_task_source(self, source, *, threads: int):
-        """The baseline of a model of another task (a sentence encoder), in float32."""
-        from edgequant.errors import EdgequantError
-        from edgequant.sources.tasks import SENTENCE_EMBEDDING
+        """The baseline of a model of another task (a sentence encoder, an image classifier), in float32."""
+        from edgequant.sources.tasks import IMAGE_CLASSIFICATION
 
-        if source.task != SENTENCE_EMBEDDING:
-            raise EdgequantError(f"{source.name} is a {source.task} model, which has no PyTorch baseline yet",
-                                 "pass a causal LM or a sentence encoder")
+        if source.task == IMAGE_CLASSIFICATION:
+            from edgequant.backends.pytorch.vision import open_vision_source
+
+            return open_vision_source(source, threads=threads)
         from edgequant.backends.pytorch.encoder import TorchEncoderRunner
 
         return TorchEncoderRunner(source, threads=threads)
