@@ -29,7 +29,7 @@ LAYERS = {
              "edgequant.sources", "edgequant.measurement", "edgequant.decisions", "edgequant.reporting"],
     "model": ["edgequant.spec", "edgequant.artifact", "edgequant.runner", "edgequant.backend",
               "edgequant.sources.source", "edgequant.sources.gguf_import", "edgequant.measurement.evaldata",
-              "edgequant.measurement.taskdata",
+              "edgequant.measurement.taskdata", "edgequant.sources.vision", "edgequant.measurement.imagedata",
               "edgequant.decisions.hardware", "edgequant.decisions.gates"],
     "formats": ["edgequant.backends"],
     "registry": ["edgequant.registry"],

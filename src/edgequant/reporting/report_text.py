@@ -10,6 +10,8 @@ def _mb(n: int) -> str:
 
 
 def format_inspect(info: dict) -> str:
+    if "image" in info:
+        return _format_graph_model(info)
     lines = [
         f"model           {info['model']}",
         f"architecture    {info['architecture']} ({info['model_type']})",
@@ -32,12 +34,40 @@ def format_inspect(info: dict) -> str:
         lines.append(f"GGUF types      {', '.join(info['gguf_tensor_types'])} (imported by dequantizing)")
     if "caveat" in info:
         lines.append(f"note            {info['caveat']}")
-    lines += ["", "estimated size per precision:"]
+    return "\n".join(lines + _estimate_lines(info))
+
+
+def _format_graph_model(info: dict) -> str:
+    """`inspect` of an image classifier: its graph's inputs, outputs and operators."""
+    image = info["image"]
+    ops = ", ".join(f"{op} {count}" for op, count in info.get("ops", {}).items())
+    lines = [
+        f"model           {info['model']}",
+        f"architecture    {info['architecture']} ({info['kind']})",
+        f"task            {info['task']} ({image['size']} x {image['size']} images, shorter side scaled to {image['resize']}, "
+        f"mean {image['mean']}, std {image['std']})",
+        f"inputs          {_shapes(info['inputs'])}",
+        f"outputs         {_shapes(info['outputs'])}",
+        *([f"operators       {ops} (opset {info['opset']})"] if ops else []),
+        f"parameters      {info['parameters']:,}",
+        f"dtype           {info['dtype']}",
+        f"size on disk    {_mb(info['size_bytes'])}",
+        f"fingerprint     {info['fingerprint'][:16]}",
+    ]
+    return "\n".join(lines + _estimate_lines(info))
+
+
+def _shapes(values: dict) -> str:
+    return ", ".join(f"{name} [{' x '.join(str(d) for d in dims)}]" for name, dims in values.items())
+
+
+def _estimate_lines(info: dict) -> list[str]:
+    lines = ["", "estimated size per precision:"]
     for spec_text, size in info["estimated_bytes"].items():
         precision = info["precisions"][spec_text]
         flag = "  (needs an importance matrix)" if precision["needs_imatrix"] else ""
         lines.append(f"  {spec_text:<16} {precision['class']:<10} {precision['bpw']:>6.2f} bpw  {_mb(size):>12}{flag}")
-    return "\n".join(lines)
+    return lines
 
 
 def format_hardware(found: dict, profile: dict) -> str:
@@ -186,8 +216,12 @@ def format_metrics(metrics: dict) -> str:
         if key in metrics:
             lines.append(f"  {key}: {metrics[key]}")
     s = metrics["settings"]
-    lines.append(f"  windows: {s['windows']} x {s['ctx']} tokens of {s['data']}; {s['threads']} threads; "
-                 f"speed: median of {s['repeats']} runs, a different {s['prompt_tokens']}-token prompt each, {s['gen_tokens']} generated")
+    if metrics.get("task", "text-generation") != "text-generation":
+        lines.append(f"  inputs: {metrics.get('inputs_scored')} of {s['data']}; {s['threads']} threads; "
+                     f"speed: median of {s['repeats']} runs")
+    else:
+        lines.append(f"  windows: {s['windows']} x {s['ctx']} tokens of {s['data']}; {s['threads']} threads; "
+                     f"speed: median of {s['repeats']} runs, a different {s['prompt_tokens']}-token prompt each, {s['gen_tokens']} generated")
     return "\n".join(lines)
 
 

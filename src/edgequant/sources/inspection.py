@@ -22,11 +22,12 @@ def tokenizer_kind(hf_dir: Path) -> str:
 
 def inspect_model(model: str | Path | None = None) -> dict:
     """Describe a source model; the estimated sizes cover every precision of every backend."""
-    from edgequant.registry import backends
     from edgequant.sources.source import DEFAULT_MODEL_CAVEAT, load_source
     from edgequant.sources.tasks import TEXT_GENERATION
 
     source = load_source(model)
+    if source.kind in ("module", "onnx"):
+        return _inspect_graph_model(source)
     config, tensors = source.config, source.tensors
     total = sum(t.numel for t in tensors)
     embedding = sum(t.numel for t in tensors if any(m in t.name for m in _EMBEDDING_MARKERS))
@@ -60,10 +61,39 @@ def inspect_model(model: str | Path | None = None) -> dict:
         info["caveat"] = DEFAULT_MODEL_CAVEAT
     if source.task != TEXT_GENERATION:
         info["encoder"] = asdict(source.encoder)
+    _estimates(info, source, tensors, info["tied_embeddings"])
+    return info
+
+
+def _estimates(info: dict, source, tensors, tied: bool) -> None:
+    """The estimated size and class of every precision every format offers for the source's task."""
+    from edgequant.registry import backends
+
     for fmt, backend in backends().items():
         for name in backend.precisions_for(source.task):
             precision = backend.precisions[name]
-            info["estimated_bytes"][f"{fmt}:{name}"] = backend.estimated_bytes(name, tensors, info["tied_embeddings"])
+            info["estimated_bytes"][f"{fmt}:{name}"] = backend.estimated_bytes(name, tensors, tied)
             info["precisions"][f"{fmt}:{name}"] = {"class": precision.klass.value, "bpw": precision.bpw,
                                                    "needs_imatrix": precision.needs_imatrix}
+
+
+def _inspect_graph_model(source) -> dict:
+    """An image classifier: an .onnx file's inputs, outputs and op counts as its graph declares
+    them; a module's as its description and state dict imply (nothing is exported or run)."""
+    from edgequant.sources.vision import weights_path
+
+    tensors = source.tensors
+    info = {"model": str(source.path), "kind": source.kind, "task": source.task, "fingerprint": source.fingerprint,
+            "architecture": source.architecture, "image": source.image.to_json(), "parameters": sum(t.numel for t in tensors),
+            "dtype": source.weight_dtype, "estimated_bytes": {}, "precisions": {}}
+    if source.kind == "onnx":
+        graph = source.onnx_graph
+        info.update(inputs=graph.inputs, outputs=graph.outputs, ops=graph.ops, opset=graph.opset,
+                    size_bytes=source.path.stat().st_size)
+    else:
+        size, classes = source.image.size, next(t.shape[0] for t in reversed(tensors) if len(t.shape) == 2)
+        weights = weights_path(source.config, source.path)
+        info.update(inputs={"pixel_values": ["batch", 3, size, size]}, outputs={"logits": ["batch", classes]},
+                    weights=str(weights), size_bytes=weights.stat().st_size)
+    _estimates(info, source, tensors, False)
     return info

@@ -130,7 +130,8 @@ def module_tensors(description: dict, where: Path) -> list[TensorInfo]:
 
     state = torch.load(weights_path(description, where), map_location="cpu", weights_only=True)
     return [TensorInfo(name, _TORCH_DTYPES.get(str(t.dtype), str(t.dtype)), tuple(t.shape))
-            for name, t in state.items() if hasattr(t, "shape") and t.is_floating_point()]
+            for name, t in state.items() if hasattr(t, "shape") and t.is_floating_point()
+            and not name.endswith(("running_mean", "running_var"))]  # batch-norm statistics, not parameters
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from edgequant.backend import Backend
 from edgequant.errors import EdgequantError
-from edgequant.sources.tasks import SENTENCE_EMBEDDING
+from edgequant.sources.tasks import IMAGE_CLASSIFICATION, SENTENCE_EMBEDDING
 from edgequant.spec import Option, Precision
 
 SENSITIVITY = ("auto", "weight_quantization_error", "hessian_input_activation", "mean_activation_variance",
@@ -52,7 +52,8 @@ class OpenVINOBackend(Backend):
     conversion_peak = (1.89, 0.91)
     # A sentence encoder: the shared float32 ONNX export read by OpenVINO; its int8 is NNCF's
     # post-training quantization of weights and activations (encoder.py), not weight-only.
-    task_precisions = {SENTENCE_EMBEDDING: ("fp32", "fp16", "int8")}
+    # An image classifier the same way, with NNCF's accuracy-controlled variant as an option (vision.py).
+    task_precisions = {SENTENCE_EMBEDDING: ("fp32", "fp16", "int8"), IMAGE_CLASSIFICATION: ("fp32", "fp16", "int8")}
     precisions = {
         "fp32": Precision("fp32", 32, 32.0, "float32 weights, inference in the plugin's precision"),
         "fp16": Precision("fp16", 16, 16.0, "float16 weights, inference in the plugin's precision"),
@@ -77,6 +78,9 @@ class OpenVINOBackend(Backend):
         "infer": Option("infer", str, "auto", "CPU inference precision hint", choices=("auto", "f32", "bf16")),
         "kv_cache": Option("kv_cache", str, "auto", "KV cache precision (auto: the plugin's, u8 on CPUs today)",
                            choices=("auto", "f32", "f16", "u8")),
+        "max_drop": Option("max_drop", float, 0.01, "int8 of an image classifier: NNCF's accuracy-controlled quantization, "
+                           "layers back to float until top-1 agreement with fp32 on held-out views drops by at most this",
+                           minimum=0.0, maximum=1.0, applies_to=("int8",)),
         "dyn_quant": Option("dyn_quant", int, -1, "dynamic activation quantization group size (-1: the plugin's, 0: off)",
                             minimum=-1, maximum=4096),
     }
@@ -104,6 +108,10 @@ class OpenVINOBackend(Backend):
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
         from edgequant.backends.openvino import tools
 
+        if "max_drop" in spec.options:
+            raise EdgequantError(f"max_drop= of {spec} applies to image classifiers, not to the causal LM {source.name}",
+                                 "drop max_drop=")
+
         settings = self.compress_settings(spec)
         samples = _calibration(source, spec, settings)  # a short text fails here, before the export
         started = time.perf_counter()
@@ -124,11 +132,20 @@ class OpenVINOBackend(Backend):
         }
 
     def convert_task(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        if source.task == IMAGE_CLASSIFICATION:
+            from edgequant.backends.openvino.vision import convert_vision
+
+            return convert_vision(source, spec, out_dir)
         from edgequant.backends.openvino.encoder import convert_encoder
 
         return convert_encoder(source, spec, out_dir)
 
     def open_task(self, artifact, *, threads: int):
+        if artifact.task == IMAGE_CLASSIFICATION:
+            from edgequant.backends.openvino.vision import OpenVINOVisionRunner
+
+            return OpenVINOVisionRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), threads=threads,
+                                        infer=self.option_values(artifact.spec).infer)
         from edgequant.backends.openvino.encoder import OpenVINOEncoderRunner
 
         return OpenVINOEncoderRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), threads=threads)
