@@ -220,8 +220,8 @@ def format_metrics(metrics: dict) -> str:
         lines.append(f"  inputs: {metrics.get('inputs_scored')} of {s['data']}; {s['threads']} threads; "
                      f"speed: median of {s['repeats']} runs")
     else:
-        lines.append(f"  windows: {s['windows']} x {s['ctx']} tokens of {s['data']}; {s['threads']} threads; "
-                     f"speed: median of {s['repeats']} runs, a different {s['prompt_tokens']}-token prompt each, {s['gen_tokens']} generated")
+        lines.append(f"  windows: {s['windows']} x {s['ctx']} tokens of {s['data']}; {s['threads']} threads; speed: median of "
+                     f"{s['repeats']} runs, a different {s['prompt_tokens']}-token prompt each, {s['gen_tokens']} generated")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from edgequant.backend import Backend
 from edgequant.backends._shared.sliding_window import window_ignored
 from edgequant.errors import EdgequantError
 from edgequant.progress import Stopwatch
-from edgequant.sources.tasks import SENTENCE_EMBEDDING
+from edgequant.sources.tasks import IMAGE_CLASSIFICATION, SENTENCE_EMBEDDING
 from edgequant.spec import Option, Precision
 
 # w4a16's int4 blocks: on the default model's prompt graph (4 evaluation windows, GPTQ, the int8
@@ -117,8 +117,9 @@ class QnnBackend(Backend):
                         applies_to=("w8a8",)),
     }
 
-    # A sentence encoder: the shared float32 export at a fixed shape, QDQ with the same helpers (encoder.py).
-    task_precisions = {SENTENCE_EMBEDDING: ("w8a8", "w8a16")}
+    # A sentence encoder or an image classifier: the shared float32 export at a fixed shape, QDQ with
+    # the same helpers (encoder.py, vision.py).
+    task_precisions = {SENTENCE_EMBEDDING: ("w8a8", "w8a16"), IMAGE_CLASSIFICATION: ("w8a8", "w8a16")}
 
     def speed_is_representative(self) -> bool:
         return False  # the CPU execution provider stands in for the NPU
@@ -334,14 +335,18 @@ class QnnBackend(Backend):
                                 n_ctx=min(n_ctx, seq), threads=threads)
 
     def convert_task(self, source, spec, out_dir: Path) -> dict[str, Any]:
-        from edgequant.backends.qnn.encoder import convert_encoder
-
-        return convert_encoder(source, spec, self.option_values(spec), out_dir)
+        if source.task == IMAGE_CLASSIFICATION:
+            from edgequant.backends.qnn.vision import convert_vision as convert
+        else:
+            from edgequant.backends.qnn.encoder import convert_encoder as convert
+        return convert(source, spec, self.option_values(spec), out_dir)
 
     def open_task(self, artifact, *, threads: int):
-        from edgequant.backends.qnn.encoder import QnnEncoderRunner
-
-        return QnnEncoderRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), threads=threads)
+        if artifact.task == IMAGE_CLASSIFICATION:
+            from edgequant.backends.qnn.vision import QnnVisionRunner as runner_class
+        else:
+            from edgequant.backends.qnn.encoder import QnnEncoderRunner as runner_class
+        return runner_class(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), threads=threads)
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         """Weights once (the graphs share them): the embedding Gather at the activations' bits (it is
