@@ -100,7 +100,7 @@ def _summary(row: dict) -> dict:
 
 def _notes(result, rows: list[dict], task: str) -> list[str]:
     m, s = result.machine, result.settings["eval"]
-    quality, speed, intervals = (_method_notes(result, s) if task == TEXT_GENERATION else _task_method_notes(rows, s))
+    quality, speed, intervals = (_method_notes(result, s) if task == TEXT_GENERATION else _task_method_notes(rows, s, task))
     notes = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM, {m['os']}, Python {m['python']} "
              f"(1-minute load average {m['load_avg_1m']} at the start).",
              quality, _duration(result, rows), speed,
@@ -146,16 +146,25 @@ def _method_notes(result, s: dict) -> tuple[str, str, str]:
             "where two candidates' intervals overlap, the data cannot tell them apart on that figure.")
 
 
-def _task_method_notes(rows: list[dict], s: dict) -> tuple[str, str, str]:
-    """How a model of another task (a sentence encoder) was measured."""
+def _task_method_notes(rows: list[dict], s: dict, task: str) -> tuple[str, str, str]:
+    """How a model of another task (a sentence encoder, an image classifier) was measured."""
     data = next((r.get("data") for r in rows if r.get("data")), "the task's inputs")
-    return (f"Quality: every candidate embeds the same texts ({data}); cosine similarity per text to the PyTorch fp32 "
-            "baseline's embedding (mean and 1st percentile), and polarity accuracy of a linear probe trained on each "
-            "candidate's own embeddings by 10-fold cross-validation.",
-            f"Speed: latency of one short sentence at a time (median and 95th percentile over 32 sentences x {s['repeats']} "
+    if task == "image-classification":
+        quality = (f"Quality: every candidate classifies the same images ({data}); top-1 agreement (the float32 "
+                   "baseline's first class first), top-5 agreement (its first class among the candidate's five) and the "
+                   "KL divergence of the class probabilities. Many views are of things no ImageNet class names (textures, "
+                   "cells, text), where the float model is itself unsure and near-ties flip under any rounding.")
+        unit = "image"
+    else:
+        quality = (f"Quality: every candidate embeds the same texts ({data}); cosine similarity per text to the PyTorch fp32 "
+                   "baseline's embedding (mean and 1st percentile), and polarity accuracy of a linear probe trained on each "
+                   "candidate's own embeddings by 10-fold cross-validation.")
+        unit = "short sentence"
+    return (quality,
+            f"Speed: latency of one {unit} at a time (median and 95th percentile over 32 inputs x {s['repeats']} "
             f"repeats) and inputs per second at batch 1 and batch 8 (median of {s['repeats']} repeats), after a warm-up, "
             f"{s['threads'] or 'all'} threads; peak memory is the RSS of a fresh process that loaded the model.",
-            "Intervals are 95% bootstrap intervals over the texts (seeded); where two candidates' intervals overlap, "
+            "Intervals are 95% bootstrap intervals over the inputs (seeded); where two candidates' intervals overlap, "
             "the data cannot tell them apart on that figure.")
 
 

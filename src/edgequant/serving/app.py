@@ -18,6 +18,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from edgequant.errors import EdgequantError
 from edgequant.runner import GenerateParams
 from edgequant.serving.chat import render_chat
 from edgequant.serving.config import ServeConfig
@@ -291,16 +292,19 @@ def _make_metrics() -> Metrics:
 
 def _load_workers(config: ServeConfig, metrics: Metrics) -> dict:
     from edgequant.registry import model_task, open_runner, open_task_runner
-    from edgequant.sources.tasks import TEXT_GENERATION
+    from edgequant.sources.tasks import SENTENCE_EMBEDDING, TEXT_GENERATION
 
     workers = {}
     for path in config.models:
-        name = model_name(path)
-        if model_task(path) == TEXT_GENERATION:
+        name, task = model_name(path), model_task(path)
+        if task == TEXT_GENERATION:
             runner = open_runner(path, n_ctx=config.n_ctx, need_logits=False, threads=config.threads)
             workers[name] = ModelWorker(name, runner, config.max_queue, metrics, batch=config.batch)
-        else:
+        elif task == SENTENCE_EMBEDDING:
             workers[name] = EmbeddingWorker(name, open_task_runner(path, threads=config.threads), config.max_queue)
+        else:
+            raise EdgequantError(f"{path} is a {task} model; the server answers completions, chat and embeddings",
+                                 "serve a causal LM or a sentence encoder; run an image classifier with `edgequant eval`")
     return workers
 
 

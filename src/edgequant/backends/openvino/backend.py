@@ -78,9 +78,9 @@ class OpenVINOBackend(Backend):
         "infer": Option("infer", str, "auto", "CPU inference precision hint", choices=("auto", "f32", "bf16")),
         "kv_cache": Option("kv_cache", str, "auto", "KV cache precision (auto: the plugin's, u8 on CPUs today)",
                            choices=("auto", "f32", "f16", "u8")),
-        "max_drop": Option("max_drop", float, 0.01, "int8 of an image classifier: NNCF's accuracy-controlled quantization, "
-                           "layers back to float until top-1 agreement with fp32 on held-out views drops by at most this",
-                           minimum=0.0, maximum=1.0, applies_to=("int8",)),
+        "max_drop": Option("max_drop", float, 0.0, "int8 of an image classifier: NNCF's accuracy-controlled quantization, "
+                           "layers back to float until top-1 agreement with fp32 on held-out views drops by at most this "
+                           "(0: off, plain quantize)", minimum=0.0, maximum=1.0, applies_to=("int8",)),
         "dyn_quant": Option("dyn_quant", int, -1, "dynamic activation quantization group size (-1: the plugin's, 0: off)",
                             minimum=-1, maximum=4096),
     }
