@@ -186,8 +186,7 @@ def _resolve_target(target) -> Target:
         artifact = open_artifact(target)
         return Target(artifact.path, artifact, artifact.size_bytes, str(artifact.spec))
     source = load_source(target)
-    size = sum(f.stat().st_size for f in source.hf_dir.glob("*.safetensors"))
-    return Target(source.path, None, size, f"{BASELINE_SPEC} ({source.name})")
+    return Target(source.path, None, source.weights_bytes, f"{BASELINE_SPEC} ({source.name})")
 
 
 def _recorded_source(target: Target):

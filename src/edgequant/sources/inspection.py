@@ -31,8 +31,7 @@ def inspect_model(model: str | Path | None = None) -> dict:
     config, tensors = source.config, source.tensors
     total = sum(t.numel for t in tensors)
     embedding = sum(t.numel for t in tensors if any(m in t.name for m in _EMBEDDING_MARKERS))
-    size_on_disk = (source.path.stat().st_size if source.kind == "gguf"
-                    else sum(f.stat().st_size for f in source.hf_dir.glob("*.safetensors")))
+    size_on_disk = source.path.stat().st_size if source.kind == "gguf" else source.weights_bytes
     info = {
         "model": str(source.path),
         "kind": source.kind,
@@ -86,14 +85,13 @@ def _inspect_graph_model(source) -> dict:
     info = {"model": str(source.path), "kind": source.kind, "task": source.task, "fingerprint": source.fingerprint,
             "architecture": source.architecture, "image": source.image.to_json(), "parameters": sum(t.numel for t in tensors),
             "dtype": source.weight_dtype, "estimated_bytes": {}, "precisions": {}}
+    info["size_bytes"] = source.weights_bytes
     if source.kind == "onnx":
         graph = source.onnx_graph
-        info.update(inputs=graph.inputs, outputs=graph.outputs, ops=graph.ops, opset=graph.opset,
-                    size_bytes=source.path.stat().st_size)
+        info.update(inputs=graph.inputs, outputs=graph.outputs, ops=graph.ops, opset=graph.opset)
     else:
         size, classes = source.image.size, next(t.shape[0] for t in reversed(tensors) if len(t.shape) == 2)
-        weights = weights_path(source.config, source.path)
         info.update(inputs={"pixel_values": ["batch", 3, size, size]}, outputs={"logits": ["batch", classes]},
-                    weights=str(weights), size_bytes=weights.stat().st_size)
+                    weights=str(weights_path(source.config, source.path)))
     _estimates(info, source, tensors, False)
     return info

@@ -93,6 +93,18 @@ class Source:
             return self.onnx_graph.tensors
         return folder_tensors(self.hf_dir)
 
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of the weights the baseline runs: the safetensors files (of a GGUF file, its float
+        import), an image classifier's state dict or .onnx file."""
+        if self.kind == "onnx":
+            return self.path.stat().st_size
+        if self.kind == "module":
+            from edgequant.sources.vision import weights_path
+
+            return weights_path(self.config, self.path).stat().st_size
+        return sum(f.stat().st_size for f in self.hf_dir.glob("*.safetensors"))
+
     @cached_property
     def onnx_graph(self):
         """An ONNX source's inputs, outputs and op counts (`vision.OnnxGraphInfo`)."""
