@@ -135,11 +135,25 @@ def bench_model(task: str, specs: list[str], repeats: int) -> dict:
         rows.append(row)
         print(json.dumps({k: row.get(k) for k in ("spec", "size_mb", MODELS[task]["quality"], "inputs_per_s_b8",
                                                   "throughput_b8_vs_fp32", "runner_over_engine")}), flush=True)
+    _vs_float_of_engine(rows)
     return {"model": MODELS[task]["name"], "task": task, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "edgequant": edgequant.__version__, "machine": machine_info(), "load_avg_1m_before": round(load_before, 2),
             "load_avg_1m_after": round(os.getloadavg()[0], 2),
             "settings": {"repeats": repeats, "engine_alone": {"batch": BATCH, "batches": BATCHES, "repeats": REPEATS}},
             "data": baseline["settings"]["data"], **({"photos": baseline["photos"]} if "photos" in baseline else {}), "rows": rows}
+
+
+def _vs_float_of_engine(rows: list[dict]) -> None:
+    """Each row's batch-8 throughput over its own engine's float row in the same run (onnx:fp32 for
+    QNN's stand-in, which runs on onnxruntime's CPU provider): what quantizing bought on that engine,
+    apart from what leaving PyTorch did."""
+    rates = {r["spec"]: r.get("inputs_per_s_b8") for r in rows if r.get("status") == "ok"}
+    for row in rows:
+        fmt = row["spec"].split(":")[0]
+        float_spec = next((s for s in (f"{fmt}:fp32", f"{fmt}:f32", f"{fmt}:f16", "onnx:fp32") if rates.get(s)), None)
+        if row.get("status") == "ok" and float_spec and row["spec"] != float_spec:
+            row["throughput_b8_vs_engine_float"] = {"float": float_spec,
+                                                    "ratio": round(row["inputs_per_s_b8"] / rates[float_spec], 2)}
 
 
 def _speed_inputs(task: str, model):
