@@ -105,8 +105,12 @@ def test_what_cannot_hold_an_image_classifier_is_refused(tmp_path):
     text_model.write_text("not a graph")
     with pytest.raises(EdgequantError, match="not a readable ONNX model"):
         edgequant.inspect_model(text_model)
+    other = _matmul_graph(tmp_path / "matmul.onnx")
+    described = edgequant.inspect_model(other)  # any ONNX graph is described, with why no format takes it
+    assert described["ops"] == {"MatMul": 1} and described["inputs"] == {"x": [1, 4]} and described["task"] is None
+    assert "not a float32 batch of images" in described["not_convertible"]
     with pytest.raises(EdgequantError, match="not an image classifier edgequant takes"):
-        edgequant.inspect_model(_matmul_graph(tmp_path / "matmul.onnx"))
+        edgequant.convert(other, "onnx:fp16")
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps({"task": "image-classification", "module": "efficientnet_lite_pytorch:EfficientNet.from_name",
                                   "arguments": {"model_name": "efficientnet-lite0"}, "weights": "missing.pth",

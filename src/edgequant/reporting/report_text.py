@@ -10,7 +10,7 @@ def _mb(n: int) -> str:
 
 
 def format_inspect(info: dict) -> str:
-    if "image" in info:
+    if "image" in info or "not_convertible" in info:
         return _format_graph_model(info)
     lines = [
         f"model           {info['model']}",
@@ -39,13 +39,14 @@ def format_inspect(info: dict) -> str:
 
 def _format_graph_model(info: dict) -> str:
     """`inspect` of an image classifier: its graph's inputs, outputs and operators."""
-    image = info["image"]
+    image = info.get("image")
     ops = ", ".join(f"{op} {count}" for op, count in info.get("ops", {}).items())
+    task = (f"{info['task']} ({image['size']} x {image['size']} images, shorter side scaled to {image['resize']}, "
+            f"mean {image['mean']}, std {image['std']})" if image else f"none edgequant converts: {info['not_convertible']}")
     lines = [
         f"model           {info['model']}",
         f"architecture    {info['architecture']} ({info['kind']})",
-        f"task            {info['task']} ({image['size']} x {image['size']} images, shorter side scaled to {image['resize']}, "
-        f"mean {image['mean']}, std {image['std']})",
+        f"task            {task}",
         f"inputs          {_shapes(info['inputs'])}",
         f"outputs         {_shapes(info['outputs'])}",
         *([f"operators       {ops} (opset {info['opset']})"] if ops else []),
@@ -54,7 +55,7 @@ def _format_graph_model(info: dict) -> str:
         f"size on disk    {_mb(info['size_bytes'])}",
         f"fingerprint     {info['fingerprint'][:16]}",
     ]
-    return "\n".join(lines + _estimate_lines(info))
+    return "\n".join(lines + (_estimate_lines(info) if image else []))
 
 
 def _shapes(values: dict) -> str:

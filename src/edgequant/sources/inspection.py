@@ -78,10 +78,19 @@ def _estimates(info: dict, source, tensors, tied: bool) -> None:
 
 def _inspect_graph_model(source) -> dict:
     """An image classifier: an .onnx file's inputs, outputs and op counts as its graph declares
-    them; a module's as its description and state dict imply (nothing is exported or run)."""
-    from edgequant.sources.vision import weights_path
+    them; a module's as its description and state dict imply (nothing is exported or run). Any
+    other ONNX graph is described too, with the reason no format takes it."""
+    from edgequant.sources.vision import image_input_problem, weights_path
 
     tensors = source.tensors
+    problem = image_input_problem(source.onnx_graph) if source.kind == "onnx" else None
+    if problem:
+        graph = source.onnx_graph
+        return {"model": str(source.path), "kind": source.kind, "task": None, "not_convertible": problem,
+                "fingerprint": source.fingerprint, "architecture": source.architecture, "inputs": graph.inputs,
+                "outputs": graph.outputs, "ops": graph.ops, "opset": graph.opset, "parameters": sum(t.numel for t in tensors),
+                "dtype": source.weight_dtype if tensors else None, "size_bytes": source.weights_bytes,
+                "estimated_bytes": {}, "precisions": {}}
     info = {"model": str(source.path), "kind": source.kind, "task": source.task, "fingerprint": source.fingerprint,
             "architecture": source.architecture, "image": source.image.to_json(), "parameters": sum(t.numel for t in tensors),
             "dtype": source.weight_dtype, "estimated_bytes": {}, "precisions": {}}

@@ -139,6 +139,13 @@ class Source:
         """What the model does (see `edgequant.sources.tasks`); a GGUF file is a causal LM."""
         from edgequant.sources.tasks import IMAGE_CLASSIFICATION, TEXT_GENERATION, task_of_folder
 
+        if self.kind == "onnx":
+            from edgequant.sources.vision import image_input_problem
+
+            problem = image_input_problem(self.onnx_graph)
+            if problem:
+                raise EdgequantError(f"{self.path} is not an image classifier edgequant takes: {problem}",
+                                     "an .onnx source needs one float32 input N x 3 x H x W and one output of class scores")
         if self.kind in ("module", "onnx"):
             return IMAGE_CLASSIFICATION
         return TEXT_GENERATION if self.kind == "gguf" else task_of_folder(self.hf_dir, self.config)
@@ -153,7 +160,7 @@ class Source:
     @property
     def architecture(self) -> str:
         if self.kind in ("module", "onnx"):
-            return self.config.get("architecture") or f"{self.name} ({self.kind})"
+            return self.config.get("architecture") or ("ONNX graph" if self.kind == "onnx" else self.config["module"])
         return (self.config.get("architectures") or [self.config.get("model_type", "unknown")])[0]
 
     def to_json(self) -> dict:
@@ -180,7 +187,7 @@ def load_source(path: str | Path | None = None) -> Source:
     if path.suffix.lower() == ".onnx":
         sidecar = path.with_suffix(".onnx.json")
         source = Source(path, "onnx", files_sha256([path] + ([sidecar] if sidecar.is_file() else [])))
-        source.image  # checks the graph is an image classifier
+        source.onnx_graph  # a file that is not ONNX is refused here; `inspect` describes any graph
         return source
     if path.suffix.lower() == ".gguf":
         from edgequant.sources.gguf_import import check_gguf, is_imported

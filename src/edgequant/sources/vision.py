@@ -174,19 +174,25 @@ def read_onnx(path: Path) -> OnnxGraphInfo:
                          opset)
 
 
-def onnx_image_settings(path: Path, info: OnnxGraphInfo) -> ImageSettings:
-    """An ONNX file's input must be one float batch of images (N x 3 x H x W, H = W, fixed); its
-    preprocessing comes from `<file>.json` beside it, else ImageNet's usual mean and std."""
-    name, dims = next(iter(info.inputs.items())) if len(info.inputs) == 1 else (None, [])
-    if name is None or len(dims) != 4 or dims[1] != 3 or info.input_types[name] != 1 or len(info.outputs) != 1:
-        raise EdgequantError(f"{path} is not an image classifier edgequant takes: inputs {info.inputs}, outputs {list(info.outputs)}",
-                             "an .onnx source needs one float32 input N x 3 x H x W and one output of class scores")
+def image_input_problem(info: OnnxGraphInfo) -> str | None:
+    """Why an ONNX graph is not an image classifier edgequant takes (one float32 input
+    N x 3 x H x W with H = W fixed, one output), or None when it is one."""
+    if len(info.inputs) != 1 or len(info.outputs) != 1:
+        return f"it has {len(info.inputs)} inputs and {len(info.outputs)} outputs, not one image input and one output of class scores"
+    name, dims = next(iter(info.inputs.items()))
+    if len(dims) != 4 or dims[1] != 3 or info.input_types[name] != 1:
+        return f"its input {name} {dims} is not a float32 batch of images N x 3 x H x W"
     if not (isinstance(dims[2], int) and dims[2] > 0 and dims[2] == dims[3]):
-        raise EdgequantError(f"{path}: the image input's height and width are {dims[2]} x {dims[3]}",
-                             "export the model with a fixed square image size")
+        return f"its image input is {dims[2]} x {dims[3]}, not a fixed square size"
+    return None
+
+
+def onnx_image_settings(path: Path, info: OnnxGraphInfo) -> ImageSettings:
+    """An image classifier's preprocessing from `<file>.json` beside it, else ImageNet's usual mean and std."""
+    size = next(iter(info.inputs.values()))[2]
     sidecar = path.with_suffix(path.suffix + ".json")
     try:
         image = json.loads(sidecar.read_text()).get("image", {}) if sidecar.is_file() else {}
     except (ValueError, AttributeError) as exc:
         raise EdgequantError(f"{sidecar} is not a JSON object with an \"image\" entry ({exc})", "repair or remove it") from None
-    return ImageSettings.from_json({"size": dims[2], **image}, str(sidecar if sidecar.is_file() else path))
+    return ImageSettings.from_json({"size": size, **image}, str(sidecar if sidecar.is_file() else path))
