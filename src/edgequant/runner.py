@@ -132,6 +132,12 @@ class TaskRunner(_Loaded, ABC):
     @abstractmethod
     def run(self, batch) -> np.ndarray: ...
 
+    def run_in_batches(self, inputs, batch: int, progress=lambda batches: batches) -> np.ndarray:
+        """`run` over any number of inputs, `batch` at a time, rows in input order; `progress`
+        wraps the list of batches (a progress bar)."""
+        batches = [inputs[i:i + batch] for i in range(0, len(inputs), batch)]
+        return np.concatenate([self.run(b) for b in progress(batches)])
+
     def token_count(self, batch) -> int:
         """Tokens the batch's texts make (the server's usage figure); 0 where inputs are not text."""
         return 0

@@ -73,8 +73,7 @@ def _figures(data, outputs: np.ndarray, reference: np.ndarray) -> dict:
 
 
 def _run_all(runner, inputs, label: str) -> np.ndarray:
-    batches = [inputs[i:i + QUALITY_BATCH] for i in range(0, len(inputs), QUALITY_BATCH)]
-    return np.concatenate([runner.run(batch) for batch in track(batches, label)])
+    return runner.run_in_batches(inputs, QUALITY_BATCH, lambda batches: track(batches, label))
 
 
 def _reference_outputs(source, data, threads: int) -> np.ndarray:

@@ -62,8 +62,7 @@ class EmbeddingWorker:
 
     def _run(self, texts: list[str]) -> tuple[np.ndarray, int]:
         with self._lock:
-            vectors = np.concatenate([self.runner.run(texts[i:i + RUN_BATCH]) for i in range(0, len(texts), RUN_BATCH)])
-            return vectors, self.runner.token_count(texts)
+            return self.runner.run_in_batches(texts, RUN_BATCH), self.runner.token_count(texts)
 
     def stop(self) -> None:
         with self._lock:
