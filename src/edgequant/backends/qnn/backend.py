@@ -159,6 +159,16 @@ class QnnBackend(Backend):
             return notes + [f"{spec_text} on Qualcomm's HTP simulator ({embeddings['texts']} sentences, wholly on the HTP): "
                             f"cosine to the CPU run's embeddings {agree['mean']:.4f} (min {agree['min']:.4f}), to the float "
                             f"graph's {to_float['htp']:.4f} (CPU run {to_float['cpu']:.4f})"]
+        classes = (manifest.get("details") or {}).get("htp_logits")
+        if classes:  # an image classifier's check
+            if "error" in classes:
+                return notes + [f"{spec_text}: Qualcomm's HTP simulator could not run the graph with CPU fallback off "
+                                f"({classes['error']}); the figures are the CPU execution provider's."]
+            to_float = classes["kld_vs_float"]
+            return notes + [f"{spec_text} on Qualcomm's HTP simulator ({classes['images']} calibration images, wholly on the "
+                            f"HTP): top-1 class the CPU run's on {100 * classes['top1_htp_vs_cpu']:.0f}% of them (KLD "
+                            f"{classes['kld_htp_vs_cpu']:.4f}), KLD to the float graph {to_float['htp']:.4f} (CPU run "
+                            f"{to_float['cpu']:.4f})"]
         check = (manifest.get("details") or {}).get("htp_pipeline")
         if check:
             if "error" in check:
