@@ -50,7 +50,8 @@ class OnnxBackend(Backend):
     bench_specs = ("onnx:int8", "onnx:int4")
     # 2: int8 per-token activations (was quantize_dynamic), int8-static keeps down_proj/lm_head
     # float, fp16 drops the builder's wrong shape annotations
-    recipe_version = 4  # 3: HQQ zero points folded (fast kernels); 4: int8-static smoothed (SmoothQuant alpha 0.5)
+    recipe_version = 5  # 3: HQQ zero points folded (fast kernels); 4: int8-static smoothed (SmoothQuant alpha 0.5);
+    # 5: an image classifier's int8-static has its biases corrected
     bench_seconds = 28
     # bench/scale.py, 2026-12-04: onnx:int4 of random-initialised Llamas of 135M-1.17B parameters
     # (bf16), process-tree PSS; 11.9 GB at 1.17B: the genai builder loads the model in float32
