@@ -70,7 +70,9 @@ def engine_alone(artifact, inputs) -> dict:
     else:
         import openvino as ov
 
-        request = ov.Core().compile_model(artifact.model_path, "CPU").create_infer_request()
+        infer = artifact.spec.options.get("infer")  # the runner compiles with the same hint
+        config = {"INFERENCE_PRECISION_HINT": infer} if infer else {}
+        request = ov.Core().compile_model(artifact.model_path, "CPU", config).create_infer_request()
         engine = request.infer
     runner = open_task_runner(artifact.path)
     engine(feeds[0]), runner.run(batches[0])  # warm-up
