@@ -155,3 +155,16 @@ def test_openvino_accuracy_control_returns_layers_to_float():
     # Measured 2026-12-04: KLD 0.0135 against plain int8's 0.052, top-1 0.90 against 0.81, 5.9 MB against 5.2.
     assert metrics["kld_mean"] < 0.6 * plain["kld_mean"], (metrics, plain)
     assert metrics["ci95"]["kld_mean"][1] < plain["ci95"]["kld_mean"][0]
+
+
+def test_recommend_offers_an_image_classifier_only_the_specs_that_apply(tmp_path):
+    from edgequant.decisions.recommend import RecommendConfig, recommend
+    from edgequant.reporting.report_text import format_recommendation
+
+    found = recommend(RecommendConfig(MODEL, "x86-cpu", gates=("top5>=0.95",), db=tmp_path / "empty.sqlite"))
+    specs = [c["spec"] for c in found["candidates"]]
+    assert specs[:2] == ["openvino:int8", "onnx:int8"]  # the profile's own order first
+    assert "onnx:int8-static" in specs and not any(s.startswith(("gguf:", "mlx:")) for s in specs)
+    assert found["recommendation"] is None  # nothing measured in this store: a quality bound cannot pass
+    assert "top5>=0.95: not measured here" in found["candidates"][0]["lost_because"]
+    assert "image-classification" in format_recommendation(found)

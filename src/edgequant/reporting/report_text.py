@@ -103,10 +103,10 @@ def format_recommendation(r: dict) -> str:
              "decision path:"] + [f"  {i}. {step}" for i, step in enumerate(r["decision_path"], 1)] + ["", "candidates:"]
     for c in r["candidates"]:
         m = c["measured"]
-        if m and m.get("kld_mean") is not None:
-            figures = f"KLD {m['kld_mean']:.4f} {m['ci95'].get('kld_mean')}, ppl +{m['ppl_increase_pct']:.2f}%"
-        elif m and m.get("task") in metric_table.TASK_FIGURES:
+        if m and _other_task(m):
             figures = _task_quality_words(m)
+        elif m and m.get("kld_mean") is not None:
+            figures = f"KLD {m['kld_mean']:.4f} {m['ci95'].get('kld_mean')}, ppl +{m['ppl_increase_pct']:.2f}%"
         else:
             figures = "not measured here"
         mark = "*" if c["spec"] == r["recommendation"] else " "
@@ -119,6 +119,11 @@ def format_recommendation(r: dict) -> str:
     if r["speed_here"] == "stand-in":
         lines.append("\nspeed on this machine is a stand-in for the target's (see `edgequant hardware --profiles`)")
     return "\n".join(lines)
+
+
+def _other_task(figures: dict) -> bool:
+    """Figures of a model of another task than text generation (they may hold a KLD too)."""
+    return figures.get("task", "text-generation") != "text-generation" and figures.get("task") in metric_table.TASK_FIGURES
 
 
 def _task_quality_words(f: dict) -> str:
@@ -148,13 +153,13 @@ def format_optimize(r: dict) -> str:
     for c in r["candidates"]:
         f = c.get("figures") or {}
         mark = "*" if c["spec"] == r["winner"] else "+" if c["pareto"] else " "
-        if f.get("kld_mean") is not None:
+        if _other_task(f):
+            text = _task_figures_line(f) + (" (cached)" if c["cached"] else "")
+        elif f.get("kld_mean") is not None:
             speed = f", {f['decode_tps']:.0f} tok/s" if f.get("decode_tps") else ""
             text = (f"{f['size_bytes'] / 1e6:7.1f} MB, KLD {f['kld_mean']:.4g} {f['ci95'].get('kld_mean')}, "
                     f"ppl {f['ppl_increase_pct']:+.2f}%{speed}, peak {f.get('peak_rss_mb', 0):.0f} MB"
                     + (" (cached)" if c["cached"] else ""))
-        elif f.get("task") in metric_table.TASK_FIGURES:
-            text = _task_figures_line(f) + (" (cached)" if c["cached"] else "")
         else:
             text = f"{c['status']}: {c['reason']}"
         lines.append(f" {mark} {c['spec']:<34} {text}")
