@@ -301,16 +301,9 @@ class QnnEncoderRunner(TaskRunner):
 
         self.name, self._htp = name, htp
         self._tokenizer = EncoderTokenizer.of_artifact(folder)
-        if htp:
-            import onnxruntime as ort
+        from edgequant.backends.qnn.tools import qdq_session
 
-            from edgequant.backends.qnn.tools import htp_session_options
-
-            self._session = ort.InferenceSession(str(folder / model_file), htp_session_options(threads))
-        else:
-            from edgequant.backends._shared.ort import cpu_session
-
-            self._session = cpu_session(folder / model_file, threads)
+        self._session = qdq_session(folder / model_file, threads, htp)
         self._tokens = int(self._session.get_inputs()[0].shape[1])
 
     def token_count(self, batch) -> int:
@@ -320,10 +313,9 @@ class QnnEncoderRunner(TaskRunner):
         return _embed(self._session, fixed_feeds(self._tokenizer(batch), self._tokens))
 
     def arithmetic(self) -> str | None:
-        if self._htp:
-            return "Qualcomm's HTP simulator (x86-64), fixed point"
-        return ("the QDQ graph on ONNX Runtime's CPU execution provider (dequantized to float32), a stand-in for "
-                "the Snapdragon HTP's fixed-point arithmetic")
+        from edgequant.backends.qnn.tools import qdq_arithmetic
+
+        return qdq_arithmetic(self._htp)
 
     def close(self) -> None:
         self._session = None

@@ -90,6 +90,26 @@ def htp_session_options(threads: int = 0, target: dict | None = None):
     return options
 
 
+def qdq_session(model_path: Path, threads: int, htp: bool):
+    """A session on a QDQ graph: the CPU execution provider (the HTP's stand-in), or with `htp`
+    the simulated HTP itself."""
+    if htp:
+        import onnxruntime as ort
+
+        return ort.InferenceSession(str(model_path), htp_session_options(threads))
+    from edgequant.backends._shared.ort import cpu_session
+
+    return cpu_session(model_path, threads)
+
+
+def qdq_arithmetic(htp: bool) -> str:
+    """What a task runner's outputs are computed in (`TaskRunner.arithmetic`)."""
+    if htp:
+        return "Qualcomm's HTP simulator (x86-64), fixed point"
+    return ("the QDQ graph on ONNX Runtime's CPU execution provider (dequantized to float32), a stand-in for "
+            "the Snapdragon HTP's fixed-point arithmetic")
+
+
 def require_htp() -> None:
     if not htp_available():
         raise EdgequantError("context=1 needs onnxruntime-qnn (the QNN execution provider), which is not installed",

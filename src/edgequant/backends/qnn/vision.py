@@ -177,26 +177,18 @@ class QnnVisionRunner(ArrayRunner):
         self.name, self._htp = name, htp
         found = settings(folder)
         self._input, self._output = found["input"], found["output"]
-        if htp:
-            import onnxruntime as ort
+        from edgequant.backends.qnn.tools import qdq_session
 
-            from edgequant.backends.qnn.tools import htp_session_options
-
-            self._session = ort.InferenceSession(str(folder / model_file), htp_session_options(threads))
-        else:
-            from edgequant.backends._shared.ort import cpu_session
-
-            self._session = cpu_session(folder / model_file, threads)
+        self._session = qdq_session(folder / model_file, threads, htp)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         rows = [self._session.run([self._output], {self._input: batch[i:i + 1]})[0] for i in range(len(batch))]
         return np.concatenate(rows)
 
     def arithmetic(self) -> str | None:
-        if self._htp:
-            return "Qualcomm's HTP simulator (x86-64), fixed point"
-        return ("the QDQ graph on ONNX Runtime's CPU execution provider (dequantized to float32), a stand-in for "
-                "the Snapdragon HTP's fixed-point arithmetic")
+        from edgequant.backends.qnn.tools import qdq_arithmetic
+
+        return qdq_arithmetic(self._htp)
 
     def close(self) -> None:
         self._session = None
