@@ -125,8 +125,10 @@ def test_metrics_count_requests_and_tokens(server, client):
     ok = [line for line in text.splitlines() if line.startswith('edgequant_requests_total{path="/v1/completions",status="200"}')]
     assert ok and float(ok[0].split()[-1]) >= 1
     for name in ("edgequant_generated_tokens_total", "edgequant_time_to_first_token_seconds_count", "edgequant_queue_depth",
-                 "edgequant_in_flight_requests", "edgequant_request_latency_seconds_bucket", "edgequant_tokens_per_second_count"):
+                 "edgequant_in_flight_requests", "edgequant_request_latency_seconds_bucket", "edgequant_tokens_per_second_count",
+                 "edgequant_queue_seconds_count", "edgequant_batch_occupancy_count", "edgequant_cache_use_ratio"):
         assert name in text, name
+    assert f'edgequant_batch_slots{{model="{MODEL}"}} 4' in text  # GGUF decodes --batch (default 4) requests together
 
 
 def test_openapi_description_is_served(server):

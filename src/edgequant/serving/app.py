@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from edgequant.errors import EdgequantError
+from edgequant.progress import note
 from edgequant.runner import GenerateParams
 from edgequant.serving.chat import render_chat
 from edgequant.serving.config import ServeConfig
@@ -26,7 +27,7 @@ from edgequant.serving.embeddings import EmbeddingRequest, EmbeddingWorker, text
 from edgequant.serving.embeddings import response as embedding_response
 from edgequant.serving.errors import ApiError
 from edgequant.serving.metrics import LATENCY_BUCKETS, RATE_BUCKETS, TTFT_BUCKETS, Metrics
-from edgequant.serving.scheduling import Delta, Job, ModelWorker, QueueFull
+from edgequant.serving.scheduling import Delta, Job, ModelWorker, QueueFull, declare_worker_metrics
 from edgequant.serving.schemas import ChatRequest, CompletionRequest
 
 
@@ -53,6 +54,10 @@ def create_app(config: ServeConfig, workers: dict[str, ModelWorker] | None = Non
                   lambda: {(("model", n),): w.in_flight for n, w in state.items()})
     metrics.gauge("edgequant_queue_depth", "Requests waiting in the queue, per model",
                   lambda: {(("model", n),): w.queue_depth for n, w in state.items()})
+    metrics.gauge("edgequant_batch_slots", "Requests a model decodes together (1: one at a time)",
+                  lambda: {(("model", n),): w.slots for n, w in state.items() if hasattr(w, "slots")})
+    metrics.gauge("edgequant_cache_use_ratio", "Share of the model's cache reserved by running requests (prompt plus budget)",
+                  lambda: {(("model", n),): round(w.cache_use, 4) for n, w in state.items() if hasattr(w, "cache_use")})
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -283,10 +288,9 @@ def _make_metrics() -> Metrics:
     m.counter("edgequant_requests_total", "HTTP requests by path and status code")
     m.histogram("edgequant_request_latency_seconds", "Time from request to the last response byte", LATENCY_BUCKETS)
     m.histogram("edgequant_time_to_first_token_seconds", "Time from admission to the first generated token", TTFT_BUCKETS)
-    m.counter("edgequant_generated_tokens_total", "Tokens generated, including those of cancelled requests")
-    m.counter("edgequant_cancelled_requests_total", "Generations stopped early: client gone, timeout or shutdown")
     m.counter("edgequant_prompt_tokens_total", "Prompt tokens processed")
     m.histogram("edgequant_tokens_per_second", "Decode rate of each request", RATE_BUCKETS)
+    declare_worker_metrics(m)
     return m
 
 
@@ -300,6 +304,7 @@ def _load_workers(config: ServeConfig, metrics: Metrics) -> dict:
         if task == TEXT_GENERATION:
             runner = open_runner(path, n_ctx=config.n_ctx, need_logits=False, threads=config.threads)
             workers[name] = ModelWorker(name, runner, config.max_queue, metrics, batch=config.batch)
+            note(f"edgequant: {workers[name].describe()}")
         elif task == SENTENCE_EMBEDDING:
             workers[name] = EmbeddingWorker(name, open_task_runner(path, threads=config.threads), config.max_queue)
         else:

@@ -8,6 +8,7 @@ from typing import Callable
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 400, 800)
+OCCUPANCY_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 
 def _labels(labels: dict) -> str:
@@ -24,6 +25,9 @@ class Metrics:
         self._histograms: dict[str, tuple[tuple, dict[tuple, list]]] = {}
         self._gauges: dict[str, Callable[[], dict[tuple, float]]] = {}
         self._help: dict[str, tuple[str, str]] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self._help
 
     def counter(self, name: str, help_text: str) -> None:
         self._help[name] = ("counter", help_text)

@@ -94,12 +94,29 @@ class JobStream:
             self.sent = text
 
 
+def declare_worker_metrics(metrics) -> None:
+    """The figures a worker records, declared in `metrics` unless they already are."""
+    from edgequant.serving.metrics import OCCUPANCY_BUCKETS, TTFT_BUCKETS
+
+    for name, text in (("edgequant_generated_tokens_total", "Tokens generated, including those of cancelled requests"),
+                       ("edgequant_cancelled_requests_total", "Generations stopped early: client gone, timeout or shutdown")):
+        if not metrics.has(name):
+            metrics.counter(name, text)
+    for name, text, buckets in (
+            ("edgequant_queue_seconds", "Time from admission to the engine starting the request", TTFT_BUCKETS),
+            ("edgequant_batch_occupancy", "Requests advanced by each batched decode step", OCCUPANCY_BUCKETS)):
+        if not metrics.has(name):
+            metrics.histogram(name, text, buckets)
+
+
 class ModelWorker:
     def __init__(self, name: str, runner: Runner, max_queue: int, metrics, batch: int = 1, batch_ctx: int = 0):
         self.name, self.runner, self.metrics = name, runner, metrics
+        declare_worker_metrics(metrics)
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._running = 0
         self._decoder = runner.batch_decoder(batch, batch_ctx or batch * runner.n_ctx) if batch > 1 else None
+        self._reserved_tokens = 0  # prompt + budget of every running request: the cache they may fill
         loop = self._batched_loop if self._decoder is not None else self._serial_loop
         self._thread = threading.Thread(target=loop, name=f"edgequant-worker-{name}", daemon=True)
         self._thread.start()
@@ -107,6 +124,27 @@ class ModelWorker:
     @property
     def queue_depth(self) -> int:
         return self._jobs.qsize()
+
+    @property
+    def slots(self) -> int:
+        """Requests decoded together: the batch decoder's sequences, or 1."""
+        return self._decoder.n_seq if self._decoder is not None else 1
+
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens the cache holds for all running requests together."""
+        return self._decoder.n_ctx if self._decoder is not None else self.runner.n_ctx
+
+    @property
+    def cache_use(self) -> float:
+        """Share of the cache the running requests have reserved (prompt plus token budget each)."""
+        return self._reserved_tokens / self.cache_tokens if self.cache_tokens else 0.0
+
+    def describe(self) -> str:
+        """One line for the server's start-up: how many requests run together in how much cache."""
+        how = (f"{self.slots} requests decoded together ({type(self._decoder).__module__})"
+               if self._decoder is not None else "one request at a time (this engine has no batch decoder)")
+        return f"{self.name}: {how}, cache of {self.cache_tokens} tokens, queue of {self._jobs.maxsize}"
 
     @property
     def in_flight(self) -> int:
@@ -151,6 +189,7 @@ class ModelWorker:
                 self._retire(job)
                 continue
             stream = JobStream(job, self.runner)
+            self._started(job)
             self._running = 1
             try:
                 self._run_one(stream)
@@ -158,7 +197,7 @@ class ModelWorker:
                 job.emit(Delta(finish_reason="stop", error=f"generation failed: {type(exc).__name__}"))
             finally:
                 self._retire(job, stream.generated)  # before the worker counts as idle, so idle means accounted for
-                self._running = 0
+                self._running, self._reserved_tokens = 0, 0
 
     def _run_one(self, stream: JobStream) -> None:
         job, done = stream.job, False
@@ -181,6 +220,8 @@ class ModelWorker:
                     self._shut_down(active[slot].job)
                     self._release(active, free_slots, slot)
                 return
+            if active:
+                self.metrics.observe("edgequant_batch_occupancy", len(active), model=self.name)
             try:
                 sampled = decoder.step()
             except Exception as exc:  # fail the requests in this step, keep serving
@@ -213,9 +254,10 @@ class ModelWorker:
                 break  # wait for a running request to finish and free cache
             waiting.popleft()
             slot = free_slots.pop()
+            self._started(job)
             self._decoder.start(slot, job.prompt_ids, job.params)
             active[slot] = JobStream(job, self.runner)
-        self._running = len(active)
+        self._running, self._reserved_tokens = len(active), self._reserved(active)
         return True
 
     @staticmethod
@@ -227,7 +269,13 @@ class ModelWorker:
         free_slots.append(slot)
         stream = active.pop(slot)
         self._retire(stream.job, stream.generated)
-        self._running = len(active)
+        self._running, self._reserved_tokens = len(active), self._reserved(active)
+
+    def _started(self, job: Job) -> None:
+        """A job leaves the queue for the engine: its wait is a queue-time sample."""
+        self.metrics.observe("edgequant_queue_seconds", time.perf_counter() - job.enqueued, model=self.name)
+        if self._decoder is None:
+            self._reserved_tokens = len(job.prompt_ids) + job.params.max_tokens
 
     def _retire(self, job: Job, generated: int = 0) -> None:
         """Account for a job the worker is done with; called exactly once per job taken off the queue."""
