@@ -31,6 +31,7 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
         self._load_hf_tokenizer(folder)  # the tokenizer IRs are checked against it at conversion
         self._request = None
         self._pipeline = None
+        self._decoders: list = []
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         return next(self._slices(ids, len(ids))).copy()
@@ -78,7 +79,23 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
 
         return short_type_name(request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT"))
 
+    def batch_decoder(self, n_seq: int, n_ctx: int):
+        """A decoder that advances up to `n_seq` requests per step on GenAI's continuous-batching
+        pipeline, its KV cache bounded to `n_ctx` tokens in all; built now, so the server's start
+        pays for compiling it, not its first request. It holds its own copy of the weights (not
+        the one `generate` loads)."""
+        from edgequant.backends.openvino.batch import OpenVINOBatchDecoder
+
+        eos = min(self._eos_ids) if self._eos_ids else None  # any of them makes is_eos end the request
+        decoder = OpenVINOBatchDecoder(self._folder, n_seq=n_seq, n_ctx=n_ctx, properties=self._properties, eos_id=eos,
+                                      generation_config=generation_config)
+        self._decoders.append(decoder)
+        return decoder
+
     def close(self) -> None:
+        for decoder in self._decoders:
+            decoder.close()
+        self._decoders.clear()
         self._request = self._pipeline = None
 
     def _logits_request(self):
@@ -104,7 +121,7 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
         try:
             ids = np.asarray([prompt], dtype=np.int64)
             inputs = genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
-            self._llm_pipeline().generate(inputs, _generation_config(params, budget), Streamer())
+            self._llm_pipeline().generate(inputs, generation_config(params, budget), Streamer())
         except BaseException as exc:  # surfaced to the caller's thread by generate()
             out.put(exc)
         finally:
@@ -118,7 +135,10 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
         return self._pipeline
 
 
-def _generation_config(params: GenerateParams, budget: int):
+def generation_config(params: GenerateParams, budget: int):
+    """GenAI's settings for one request, shared by `generate` and the batch decoder: greedy at
+    temperature 0, else seeded sampling; at most `budget` tokens; EOS ends it unless the caller
+    decodes a fixed number of tokens."""
     import openvino_genai as genai
 
     config = genai.GenerationConfig()

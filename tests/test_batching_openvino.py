@@ -1,0 +1,153 @@
+"""OpenVINO artifacts decode several requests together (GenAI's continuous-batching pipeline).
+
+The real engine on the tiny Llama at openvino:int8: the worker itself checks that batched text is
+the text each request gets alone, and the real server checks that a stream cut off midway frees
+its slot and that a burst past the queue's bound is refused with 429.
+"""
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+import edgequant
+from edgequant.registry import open_runner
+from edgequant.runner import GenerateParams
+from edgequant.serving.metrics import Metrics
+from edgequant.serving.scheduling import Job, ModelWorker
+from serve_helpers import running_server, scrape, wait_until
+
+pytest.importorskip("openvino_genai", reason="its extra is not installed")
+pytest.importorskip("fastapi", reason="its extra is not installed")
+pytest.importorskip("uvicorn", reason="its extra is not installed")
+
+CTX = 1024
+PROMPTS = [
+    "The history of the river",
+    "Once upon a time",
+    "Rain falls on the hills and " * 40,  # over one step's 256 prompt tokens: prefilled in chunks beside the others
+    "A",
+]
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_model):
+    return edgequant.convert(tiny_model, "openvino:int8")
+
+
+@pytest.fixture(scope="module")
+def batched(artifact):
+    worker = _worker(artifact, batch=4)
+    yield worker
+    worker.stop()
+
+
+def _worker(artifact, batch: int) -> ModelWorker:
+    metrics = Metrics()
+    metrics.counter("edgequant_generated_tokens_total", "")
+    metrics.counter("edgequant_cancelled_requests_total", "")
+    return ModelWorker("openvino-int8", open_runner(artifact.path, n_ctx=CTX, need_logits=False), 8, metrics, batch=batch)
+
+
+def test_requests_decoded_together_get_the_text_each_gets_alone(artifact, batched):
+    params = [GenerateParams(max_tokens=n) for n in (40, 24, 32, 40)]  # different lengths: slots free at different steps
+    together = asyncio.run(_run(batched, PROMPTS, params))
+    alone_worker = _worker(artifact, batch=1)  # what `serve --batch 1` runs: LLMPipeline, one request at a time
+    try:
+        alone = [asyncio.run(_run(alone_worker, [p], [q]))[0] for p, q in zip(PROMPTS, params)]
+    finally:
+        alone_worker.stop()
+    # Exact: GenAI's paged attention gives a sequence the same arithmetic whatever shares its step
+    # (checked token for token, chunked prefill included), so there is no tolerance to allow for.
+    assert [text for text, _, _ in together] == [text for text, _, _ in alone]
+    assert all(text for text, _, _ in together)
+    first_tokens, finished = max(t for _, t, _ in together), min(t for _, _, t in together)
+    assert first_tokens < finished, "the four requests did not overlap: nothing was batched"
+
+
+def test_a_seeded_sampled_request_draws_the_same_tokens_with_or_without_company(batched):
+    sampled = GenerateParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=42)
+    alone = asyncio.run(_run(batched, PROMPTS[:1], [sampled]))[0][0]
+    with_company = asyncio.run(_run(batched, PROMPTS, [sampled] + [GenerateParams(max_tokens=24)] * 3))[0][0]
+    assert alone == with_company and alone
+
+
+def test_finish_takes_a_running_request_out_of_the_pipeline(artifact):
+    """The worker's bookkeeping frees a slot whatever the decoder does; this checks the engine side:
+    a sequence finished midway stops costing the pipeline work and cache, and its slot starts clean."""
+    with open_runner(artifact.path, n_ctx=CTX, need_logits=False) as runner:
+        decoder = runner.batch_decoder(2, 2 * CTX)
+        ids = runner.prompt_ids(PROMPTS[0])
+        decoder.start(0, ids, GenerateParams(max_tokens=500))
+        decoder.start(1, ids, GenerateParams(max_tokens=500))
+        first = [decoder.step() for _ in range(2)]
+        assert all(set(tokens) == {0, 1} for tokens in first)
+        decoder.finish(0)  # mid-generation, as for a cancelled request
+        assert [set(decoder.step()) for _ in range(2)] == [{1}, {1}]
+        engine = decoder._pipeline.get_metrics()  # the pipeline's own count of what its last step held
+        assert (engine.requests, engine.scheduled_requests) == (1, 1)
+        decoder.finish(1)
+        decoder.start(0, ids, GenerateParams(max_tokens=2))  # the slot again: same text as the first time
+        assert [decoder.step()[0] for _ in range(2)] == [tokens[0] for tokens in first]
+
+
+async def _run(worker: ModelWorker, prompts: list[str], params: list[GenerateParams]) -> list[tuple[str, float, float]]:
+    """Submit every prompt at once; each job's text, first-token time and the time its last delta arrived."""
+    loop = asyncio.get_running_loop()
+    jobs = [Job(worker.runner.prompt_ids(p), q, [], loop, asyncio.Queue()) for p, q in zip(prompts, params)]
+    for job in jobs:
+        worker.submit(job)
+    return [await _collect(job) for job in jobs]
+
+
+async def _collect(job: Job) -> tuple[str, float, float]:
+    text = ""
+    while True:
+        delta = await asyncio.wait_for(job.out.get(), timeout=60)
+        assert delta.error is None, delta.error
+        text += delta.text
+        if delta.finish_reason:
+            return text, job.first_token_at, time.perf_counter()
+
+
+# -- the real server -------------------------------------------------------------------------------
+
+MODEL = "openvino-int8"
+IN_FLIGHT = f'edgequant_in_flight_requests{{model="{MODEL}"}}'
+CANCELLED = f'edgequant_cancelled_requests_total{{model="{MODEL}"}}'
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
+    # ctx 4096: a request long enough (thousands of tokens, an O(n) detokenization each) that a
+    # client hangs up while it is still running, even on this tiny fast model
+    with running_server(str(artifact.path), "--batch", "4", "--max-queue", "2", "--ctx", "4096",
+                        "--max-tokens-cap", "4000") as (base, _proc):
+        assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == MODEL
+        yield base
+
+
+def test_a_stream_cut_off_midway_frees_its_slot(server):
+    body = {"model": MODEL, "prompt": "Write a very long story:", "max_tokens": 4000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
+        for _ in zip(range(5), response.iter_lines()):
+            pass  # a few events, then hang up
+    wait_until(lambda: scrape(server, IN_FLIGHT) == 0, 60, "the worker to drop the disconnected request")
+    assert scrape(server, CANCELLED) == 1
+    after = httpx.post(f"{server}/v1/completions", timeout=60,
+                       json={"model": MODEL, "prompt": "Still there", "max_tokens": 8, "temperature": 0})
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 8
+
+
+def test_a_burst_past_the_queue_gets_429_and_the_rest_complete(server):
+    def one(i: int) -> int:
+        return httpx.post(f"{server}/v1/completions", timeout=120,
+                          json={"model": MODEL, "prompt": f"Request {i} is about", "max_tokens": 400, "temperature": 0}).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(one, range(16)))
+    # 4 decoding + 2 queued (+1 the worker holds while the cache is full) fit; the rest are refused at once
+    assert set(codes) == {200, 429} and codes.count(200) >= 4, codes
+    wait_until(lambda: scrape(server, IN_FLIGHT) == 0, 60, "every accepted request to finish")
