@@ -59,6 +59,12 @@ class ImageInputs:
     def sha256(self) -> str:
         return hashlib.sha256(self.images.tobytes()).hexdigest()
 
+    @property
+    def groups(self) -> np.ndarray:
+        """The photo each row was cut from, numbered: a bootstrap draws a photo's views together."""
+        order = {photo: i for i, photo in enumerate(self.photos)}
+        return np.array([order[view.split("#")[0]] for view in self.views])
+
 
 def photos() -> list[Photo]:
     """Every photo in PHOTOS, decoded to RGB; a missing package is named with its install line."""

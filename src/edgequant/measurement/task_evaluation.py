@@ -23,7 +23,8 @@ QUALITY_BATCH = 16  # inputs per call while scoring (padding to the longest text
 def task_inputs_identity(source) -> tuple[str, str]:
     """(a text whose hash names the inputs, their name) for an evaluation's settings."""
     data = _inputs(source)
-    return data.sha256, data.name
+    # The interval method is part of what a stored evaluation means: photos resampled whole since 2026-12-04.
+    return data.sha256 + (":photo-bootstrap" if hasattr(data, "groups") else ""), data.name
 
 
 def evaluate_task(target, source, config, threads: int) -> dict:
@@ -68,7 +69,7 @@ def _figures(data, outputs: np.ndarray, reference: np.ndarray) -> dict:
     from edgequant.measurement import task_scores
 
     if hasattr(data, "images"):
-        return {**task_scores.classification_figures(outputs, reference), "photos": data.photos}
+        return {**task_scores.classification_figures(outputs, reference, data.groups), "photos": data.photos}
     return task_scores.embedding_figures(outputs, reference, data.labels)
 
 

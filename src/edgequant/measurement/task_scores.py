@@ -6,8 +6,8 @@ trained on its own embeddings by 10-fold cross-validation, beside the same probe
 An image classifier's class scores are compared with the float baseline's on the same images: top-1
 agreement (the same class first), top-5 agreement (the baseline's first class among the target's
 five), and the KL divergence of the target's class probabilities from the baseline's.
-Intervals come from a seeded bootstrap over inputs (texts or images, unlike tokens, are independent).
-Views of one photo are not independent of each other, so an image interval is somewhat narrow.
+Intervals come from a seeded bootstrap over inputs: texts are independent of each other; the views
+of one photo are not, so an image classifier's bootstrap draws whole photos (all their views together).
 """
 
 from __future__ import annotations
@@ -41,20 +41,24 @@ def embedding_figures(outputs: np.ndarray, reference: np.ndarray, labels: np.nda
     }
 
 
-def classification_figures(outputs: np.ndarray, reference: np.ndarray) -> dict:
-    """Figures of class scores `outputs` against `reference` (rows are images)."""
+def classification_figures(outputs: np.ndarray, reference: np.ndarray, groups: np.ndarray | None = None) -> dict:
+    """Figures of class scores `outputs` against `reference` (rows are images; `groups` numbers the
+    photo each row was cut from, resampled together)."""
     first = reference.argmax(-1)
     top1 = (outputs.argmax(-1) == first).astype(np.float64)
     top5 = (np.argsort(-outputs, axis=-1)[:, :5] == first[:, None]).any(-1).astype(np.float64)
     kld = np.maximum(kl_divergence(log_softmax(reference.astype(np.float64)), log_softmax(outputs.astype(np.float64))), 0.0)
-    ci = _bootstrap({"top1_agreement": (top1, np.mean), "top5_agreement": (top5, np.mean), "kld_mean": (kld, np.mean)})
+    ci = _bootstrap({"top1_agreement": (top1, np.mean), "top5_agreement": (top5, np.mean), "kld_mean": (kld, np.mean)},
+                    groups)
     return {
         "top1_agreement": round(float(top1.mean()), 4),
         "top5_agreement": round(float(top5.mean()), 4),
         "kld_mean": round(float(kld.mean()), 6),
         "inputs_scored": int(len(top1)),
         "ci95": {k: [round(v, 6) for v in interval] for k, interval in ci.items()},
-        "ci_method": method(),
+        "ci_method": {"method": "bootstrap over inputs", "resamples": RESAMPLES, "seed": SEED, "level": 0.95,
+                      **({"method": "bootstrap over photos (each photo's views drawn together)",
+                          "photos": int(len(np.unique(groups)))} if groups is not None else {})},
     }
 
 
@@ -94,12 +98,21 @@ def _stratified_folds(labels: np.ndarray) -> np.ndarray:
     return folds
 
 
-def _bootstrap(figures: dict) -> dict[str, list[float]]:
-    """[low, high] of each figure, recomputed on resamples of its own per-input values."""
+def _bootstrap(figures: dict, groups: np.ndarray | None = None) -> dict[str, list[float]]:
+    """[low, high] of each figure, recomputed on resamples of its own per-input values; with
+    `groups`, each resample draws whole groups (with replacement), every member of a drawn group."""
     rng = np.random.default_rng(SEED)
     out = {}
     for name, (values, statistic) in figures.items():
-        picks = rng.integers(0, len(values), size=(RESAMPLES, len(values)))
+        picks = _resamples(rng, len(values), groups)
         drawn = np.array([statistic(values[p]) for p in picks])
         out[name] = [float(np.percentile(drawn, 2.5)), float(np.percentile(drawn, 97.5))]
     return out
+
+
+def _resamples(rng, count: int, groups: np.ndarray | None) -> list[np.ndarray]:
+    if groups is None:
+        return list(rng.integers(0, count, size=(RESAMPLES, count)))
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    draws = rng.integers(0, len(members), size=(RESAMPLES, len(members)))
+    return [np.concatenate([members[j] for j in draw]) for draw in draws]
