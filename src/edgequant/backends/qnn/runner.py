@@ -53,6 +53,13 @@ class FixedShapeRunner(HFTokenizerMixin, Runner):
             ids.append(token)
             yield token
 
+    def batch_decoder(self, n_seq: int, n_ctx: int):
+        """Fair interleaving of the batch-1 window graph: one window run per sequence per step."""
+        from edgequant.backends.qnn.interleave import InterleavedWindowDecoder
+
+        return InterleavedWindowDecoder(self.logits, n_seq=n_seq, n_ctx=n_ctx, seq_ctx=self.n_ctx,
+                                        window=self.seq, eos_id=_eos_id(self))
+
     def close(self) -> None:
         self._session = None
 
@@ -63,13 +70,21 @@ class KVRunner(HFTokenizerMixin, Runner):
 
     def __init__(self, folder: Path, *, name: str, n_ctx: int, threads: int):
         from edgequant.backends._shared.ort import cpu_session
-        from edgequant.backends.qnn.kv import DECODE_FILE, PROMPT_FILE, KVCache
+        from edgequant.backends.qnn.kv import DECODE_FILE, PROMPT_FILE
 
-        self.name = name
+        self.name, self._folder = name, folder
         self._load_hf_tokenizer(folder)
         prompt, decode = cpu_session(folder / PROMPT_FILE, threads), cpu_session(folder / DECODE_FILE, threads)
-        self._cache = KVCache(folder, lambda feed: prompt.run(None, feed), lambda feed: decode.run(None, feed))
+        # Held as plain callables: a graph call carries its whole state in its feed, so every
+        # KVCache over them (the batch decoder makes one per sequence) shares the two sessions.
+        self._graphs = (lambda feed: prompt.run(None, feed), lambda feed: decode.run(None, feed))
+        self._cache = self._new_cache()
         self.n_ctx = min(n_ctx, self._cache.layout["ctx"])
+
+    def _new_cache(self):
+        from edgequant.backends.qnn.kv import KVCache
+
+        return KVCache(self._folder, *self._graphs)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         return self._cache.prefill(list(ids))
@@ -85,5 +100,17 @@ class KVRunner(HFTokenizerMixin, Runner):
             yield token
             logits = self._cache.step([token], "decode")[-1]
 
+    def batch_decoder(self, n_seq: int, n_ctx: int):
+        """Fair interleaving over the batch-1 graphs (interleave.py): each sequence its own cache,
+        one prompt chunk or one decode step per sequence per step."""
+        from edgequant.backends.qnn.interleave import InterleavedKVDecoder
+
+        return InterleavedKVDecoder(self._new_cache, n_seq=n_seq, n_ctx=n_ctx, seq_ctx=self.n_ctx, eos_id=_eos_id(self))
+
     def close(self) -> None:
-        self._cache = None
+        self._cache = self._graphs = None
+
+
+def _eos_id(runner: HFTokenizerMixin) -> int | None:
+    """One end-of-generation id, handed to a sequence that runs out of context so the worker ends it."""
+    return min(runner._eos_ids) if runner._eos_ids else None
