@@ -80,6 +80,14 @@ class OnnxRunner(HFTokenizerMixin, Runner):
             generator.generate_next_token()
             yield int(generator.get_next_tokens()[0])
 
+    def batch_decoder(self, n_seq: int, n_ctx: int):
+        """Micro-batches of requests on this runner's genai model (see backends/onnx/batch.py)."""
+        from edgequant.backends.onnx.batch import GenaiLimits, MicroBatchDecoder
+
+        config = json.loads((self._folder / "genai_config.json").read_text())["model"]
+        limits = GenaiLimits.from_config(config, end_token=min(self._eos_ids, default=None))
+        return MicroBatchDecoder(self._ensure_genai(), n_seq=n_seq, n_ctx=n_ctx, limits=limits)
+
     def close(self) -> None:
         self._session = None
         self._genai = None
