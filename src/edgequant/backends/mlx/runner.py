@@ -149,6 +149,15 @@ class MLXRunner(HFTokenizerMixin, Runner):
             yield token
             inputs = mx.array([[token]])
 
+    def batch_decoder(self, n_seq: int, n_ctx: int):
+        """mlx-lm's BatchGenerator for greedy requests (batch.py); None where its batched caches would
+        not be exact for this model, which the server then serves one request at a time."""
+        from edgequant.backends.mlx.batch import MLXBatchDecoder, batchable
+
+        if not batchable(self._model):
+            return None
+        return MLXBatchDecoder(self._model, n_seq=n_seq, n_ctx=n_ctx, stop_tokens=self._eos_ids, solo=self._stream)
+
     def close(self) -> None:
         self._model = None
 
