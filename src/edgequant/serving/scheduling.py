@@ -15,6 +15,7 @@ shutdown. Retiring is the one place that counts tokens and cancellations.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -231,7 +232,12 @@ class ModelWorker:
                 continue
             for slot, token in sampled.items():
                 stream = active[slot]
-                if stream.job.cancelled.is_set() or stream.feed(token):
+                try:
+                    done = stream.job.cancelled.is_set() or stream.feed(token)
+                except Exception:  # its client's loop is gone: drop this request, keep the others
+                    stream.job.cancelled.set()
+                    done = True
+                if done:
                     self._release(active, free_slots, slot)
 
     def _admit(self, active: dict, waiting: deque, free_slots: list) -> bool:
@@ -255,7 +261,15 @@ class ModelWorker:
             waiting.popleft()
             slot = free_slots.pop()
             self._started(job)
-            self._decoder.start(slot, job.prompt_ids, job.params)
+            try:
+                self._decoder.start(slot, job.prompt_ids, job.params)
+            except Exception as exc:  # an engine that refuses one request must not take the worker down
+                job.emit(Delta(finish_reason="stop", error=f"generation failed: {type(exc).__name__}"))
+                with contextlib.suppress(Exception):  # whatever part of the sequence the engine made
+                    self._decoder.finish(slot)
+                free_slots.append(slot)
+                self._retire(job)
+                continue
             active[slot] = JobStream(job, self.runner)
         self._running, self._reserved_tokens = len(active), self._reserved(active)
         return True
