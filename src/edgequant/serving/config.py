@@ -19,4 +19,4 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     request_timeout_s: float = 300.0
     threads: int = 0
-    batch: int = 4  # requests decoded together where the engine can batch (llama.cpp); 1 = one at a time
+    batch: int = 4  # requests in flight together through the engine's batch decoder; 1 = one at a time

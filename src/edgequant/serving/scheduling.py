@@ -2,8 +2,9 @@
 
 A runner is not thread-safe and the CPU is the bottleneck, so each model has one worker thread.
 Requests wait in a bounded queue and are refused at once when it is full. When the runner offers
-a batch decoder (llama.cpp), the worker advances up to `batch` requests together, one engine call
-per step for all of them; otherwise it runs one request at a time. Either way text deltas go back
+a batch decoder (every built-in format: each engine's own batched path, or QNN's fair
+interleaving), the worker advances up to `batch` requests together, one `step` for all of them;
+otherwise, or with `batch` 1, it runs one request at a time. Either way text deltas go back
 to the asyncio side through `loop.call_soon_threadsafe`, and a cancel flag is checked between
 tokens, so a client that disconnects or times out stops its generation within one step.
 
