@@ -185,3 +185,16 @@ async def _final_delta(job: Job) -> None:
 
 def _cancelled(metrics: Metrics) -> float:
     return metric_value(metrics.render(), f'edgequant_cancelled_requests_total{{model="{MODEL}"}}')
+
+
+def test_cache_tokens_bound_the_batched_cache(artifact, cli):
+    metrics = Metrics()
+    runner = open_runner(artifact.path, n_ctx=256, need_logits=False)
+    worker = ModelWorker(MODEL, runner, 4, metrics, batch=4, batch_ctx=512)
+    try:
+        assert (worker.slots, worker.cache_tokens, worker.cache_use) == (4, 512, 0.0)
+        assert "4 requests decoded together" in worker.describe() and "cache of 512 tokens" in worker.describe()
+    finally:
+        worker.stop()
+    refused = cli("serve", str(artifact.path), "--ctx", "256", "--cache-tokens", "100")
+    assert refused.returncode != 0 and "--cache-tokens 100 is less than one request's context" in refused.stderr

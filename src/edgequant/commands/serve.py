@@ -25,6 +25,9 @@ def add(sub) -> None:
     option(p, "--request-timeout", ServeConfig.request_timeout_s, "seconds before a request is cancelled")
     p.add_argument("--threads", type=int, default=ServeConfig.threads, help="inference threads (default: all cores)")
     option(p, "--batch", ServeConfig.batch, "requests decoded together where the engine supports it (1: one at a time)")
+    p.add_argument("--cache-tokens", type=int, default=ServeConfig.cache_tokens,
+                   help="tokens the batched cache holds for all running requests together, the bound on its memory "
+                        "(default: batch x ctx); a request waits while the running ones have reserved too much of it")
     p.set_defaults(run=run)
 
 
@@ -34,11 +37,14 @@ def run(args) -> int:
     models = tuple(Path(m) for m in args.models) or (None,)
     if args.batch < 1:
         raise EdgequantError(f"--batch {args.batch} must be at least 1", "use --batch 1 to serve one request at a time")
+    if args.cache_tokens and args.cache_tokens < args.ctx:
+        raise EdgequantError(f"--cache-tokens {args.cache_tokens} is less than one request's context (--ctx {args.ctx})",
+                             f"give --cache-tokens {args.ctx} or more, or a smaller --ctx")
     for model in models:
         if model is not None and not model.exists():
             raise EdgequantError(f"no such artifact or model: {model}", "pass folders written by `edgequant convert`")
     config = ServeConfig(models, args.host, args.port, args.api_key, args.ctx, args.max_queue, args.max_tokens_cap,
-                         args.max_body_bytes, args.request_timeout, args.threads, args.batch)
+                         args.max_body_bytes, args.request_timeout, args.threads, args.batch, args.cache_tokens)
     print(f"edgequant: serving {', '.join(m.name if m else 'default' for m in models)} on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
     serve(config)

@@ -303,7 +303,8 @@ def _load_workers(config: ServeConfig, metrics: Metrics) -> dict:
         name, task = model_name(path), model_task(path)
         if task == TEXT_GENERATION:
             runner = open_runner(path, n_ctx=config.n_ctx, need_logits=False, threads=config.threads)
-            workers[name] = ModelWorker(name, runner, config.max_queue, metrics, batch=config.batch)
+            workers[name] = ModelWorker(name, runner, config.max_queue, metrics, batch=config.batch,
+                                        batch_ctx=config.cache_tokens)
             note(f"edgequant: {workers[name].describe()}")
         elif task == SENTENCE_EMBEDDING:
             workers[name] = EmbeddingWorker(name, open_task_runner(path, threads=config.threads), config.max_queue)

@@ -20,3 +20,4 @@ class ServeConfig:
     request_timeout_s: float = 300.0
     threads: int = 0
     batch: int = 4  # requests in flight together through the engine's batch decoder; 1 = one at a time
+    cache_tokens: int = 0  # tokens the batch's cache holds in all (prompt plus budget of every running request); 0: batch x ctx
