@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import httpx
 
@@ -71,3 +71,39 @@ def _answers_health(base: str, proc: subprocess.Popen) -> bool:
         return httpx.get(f"{base}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# -- driving a ModelWorker directly (no HTTP timing decides what a test sees) ------------------------
+
+class Collected(NamedTuple):
+    text: str
+    first: float  # when the first token was sampled (perf_counter)
+    last: float  # when the final delta arrived
+
+
+async def collect(job) -> Collected:
+    """Read one job's deltas to its final one; an error delta fails the test."""
+    import asyncio
+
+    text = ""
+    while True:
+        delta = await asyncio.wait_for(job.out.get(), timeout=60)
+        assert delta.error is None, delta.error
+        text += delta.text
+        if delta.finish_reason:
+            return Collected(text, job.first_token_at, time.perf_counter())
+
+
+async def submit_all(worker, prompts: list[str], params: list, make_job=None) -> list[Collected]:
+    """Submit every prompt at once (`make_job(ids, params)` builds each job; default a plain Job) and
+    collect each job's answer."""
+    import asyncio
+
+    from edgequant.serving.scheduling import Job
+
+    loop = asyncio.get_running_loop()
+    build = make_job or (lambda ids, p: Job(ids, p, [], loop, asyncio.Queue()))
+    jobs = [build(worker.runner.prompt_ids(prompt), p) for prompt, p in zip(prompts, params)]
+    for job in jobs:
+        worker.submit(job)
+    return [await collect(job) for job in jobs]

@@ -7,7 +7,6 @@ request frees its slot.
 """
 
 import asyncio
-import time
 
 import pytest
 
@@ -16,7 +15,7 @@ from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
 from edgequant.serving.metrics import Metrics
 from edgequant.serving.scheduling import Job, ModelWorker
-from serve_helpers import metric_value, wait_until
+from serve_helpers import collect, metric_value, submit_all, wait_until
 
 pytest.importorskip("mlx_lm", reason="its extra is not installed")
 
@@ -51,10 +50,10 @@ def test_the_worker_batches_mlx(batched):
 
 def test_greedy_requests_decoded_together_get_the_text_each_gets_alone(artifact, batched):
     params = [GenerateParams(max_tokens=n) for n in (40, 24, 32, 40)]  # different lengths: slots free at different steps
-    together = asyncio.run(_run(batched, PROMPTS, params))
+    together = asyncio.run(submit_all(batched, PROMPTS, params))
     alone_worker = _worker(artifact, batch=1)  # what `serve --batch 1` runs: the runner's own decode loop
     try:
-        alone = [asyncio.run(_run(alone_worker, [p], [q]))[0] for p, q in zip(PROMPTS, params)]
+        alone = [asyncio.run(submit_all(alone_worker, [p], [q]))[0] for p, q in zip(PROMPTS, params)]
     finally:
         alone_worker.stop()
     # Exact on this model: each prompt is prefilled on its own (never padded beside another), and
@@ -67,8 +66,8 @@ def test_greedy_requests_decoded_together_get_the_text_each_gets_alone(artifact,
 
 def test_a_seeded_sampled_request_draws_the_same_tokens_with_or_without_company(batched):
     sampled = GenerateParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=42)
-    alone = asyncio.run(_run(batched, PROMPTS[:1], [sampled]))[0][0]
-    with_company = asyncio.run(_run(batched, PROMPTS, [sampled] + [GenerateParams(max_tokens=24)] * 3))[0][0]
+    alone = asyncio.run(submit_all(batched, PROMPTS[:1], [sampled]))[0][0]
+    with_company = asyncio.run(submit_all(batched, PROMPTS, [sampled] + [GenerateParams(max_tokens=24)] * 3))[0][0]
     assert alone == with_company and alone
 
 
@@ -106,7 +105,7 @@ def test_a_cancelled_request_frees_its_slot(artifact):
             # Both slots were taken: this request can start only in the one the cancel frees.
             after = Job(worker.runner.prompt_ids("Still there"), GenerateParams(max_tokens=4), [], loop, asyncio.Queue())
             worker.submit(after)
-            return await asyncio.gather(_collect(after), _collect(running)), cancelled
+            return await asyncio.gather(collect(after), collect(running)), cancelled
 
         ((text, _, after_done), (_, _, running_done)), cancelled = asyncio.run(scenario())
         wait_until(lambda: worker.in_flight == 0, 60, "the worker to retire every request")
@@ -117,20 +116,3 @@ def test_a_cancelled_request_frees_its_slot(artifact):
     assert text and after_done < running_done, "the new request waited for the running one"
 
 
-async def _run(worker: ModelWorker, prompts: list[str], params: list[GenerateParams]) -> list[tuple[str, float, float]]:
-    """Submit every prompt at once; each job's text, first-token time and the time its last delta arrived."""
-    loop = asyncio.get_running_loop()
-    jobs = [Job(worker.runner.prompt_ids(p), q, [], loop, asyncio.Queue()) for p, q in zip(prompts, params)]
-    for job in jobs:
-        worker.submit(job)
-    return [await _collect(job) for job in jobs]
-
-
-async def _collect(job: Job) -> tuple[str, float, float]:
-    text = ""
-    while True:
-        delta = await asyncio.wait_for(job.out.get(), timeout=60)
-        assert delta.error is None, delta.error
-        text += delta.text
-        if delta.finish_reason:
-            return text, job.first_token_at, time.perf_counter()

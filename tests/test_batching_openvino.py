@@ -6,7 +6,6 @@ its slot and that a burst past the queue's bound is refused with 429.
 """
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,8 +15,8 @@ import edgequant
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
 from edgequant.serving.metrics import Metrics
-from edgequant.serving.scheduling import Job, ModelWorker
-from serve_helpers import running_server, scrape, wait_until
+from edgequant.serving.scheduling import ModelWorker
+from serve_helpers import running_server, scrape, submit_all, wait_until
 
 pytest.importorskip("openvino_genai", reason="its extra is not installed")
 pytest.importorskip("fastapi", reason="its extra is not installed")
@@ -53,10 +52,10 @@ def _worker(artifact, batch: int) -> ModelWorker:
 
 def test_requests_decoded_together_get_the_text_each_gets_alone(artifact, batched):
     params = [GenerateParams(max_tokens=n) for n in (40, 24, 32, 40)]  # different lengths: slots free at different steps
-    together = asyncio.run(_run(batched, PROMPTS, params))
+    together = asyncio.run(submit_all(batched, PROMPTS, params))
     alone_worker = _worker(artifact, batch=1)  # what `serve --batch 1` runs: LLMPipeline, one request at a time
     try:
-        alone = [asyncio.run(_run(alone_worker, [p], [q]))[0] for p, q in zip(PROMPTS, params)]
+        alone = [asyncio.run(submit_all(alone_worker, [p], [q]))[0] for p, q in zip(PROMPTS, params)]
     finally:
         alone_worker.stop()
     # Exact: GenAI's paged attention gives a sequence the same arithmetic whatever shares its step
@@ -69,8 +68,8 @@ def test_requests_decoded_together_get_the_text_each_gets_alone(artifact, batche
 
 def test_a_seeded_sampled_request_draws_the_same_tokens_with_or_without_company(batched):
     sampled = GenerateParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=42)
-    alone = asyncio.run(_run(batched, PROMPTS[:1], [sampled]))[0][0]
-    with_company = asyncio.run(_run(batched, PROMPTS, [sampled] + [GenerateParams(max_tokens=24)] * 3))[0][0]
+    alone = asyncio.run(submit_all(batched, PROMPTS[:1], [sampled]))[0][0]
+    with_company = asyncio.run(submit_all(batched, PROMPTS, [sampled] + [GenerateParams(max_tokens=24)] * 3))[0][0]
     assert alone == with_company and alone
 
 
@@ -93,23 +92,6 @@ def test_finish_takes_a_running_request_out_of_the_pipeline(artifact):
         assert [decoder.step()[0] for _ in range(2)] == [tokens[0] for tokens in first]
 
 
-async def _run(worker: ModelWorker, prompts: list[str], params: list[GenerateParams]) -> list[tuple[str, float, float]]:
-    """Submit every prompt at once; each job's text, first-token time and the time its last delta arrived."""
-    loop = asyncio.get_running_loop()
-    jobs = [Job(worker.runner.prompt_ids(p), q, [], loop, asyncio.Queue()) for p, q in zip(prompts, params)]
-    for job in jobs:
-        worker.submit(job)
-    return [await _collect(job) for job in jobs]
-
-
-async def _collect(job: Job) -> tuple[str, float, float]:
-    text = ""
-    while True:
-        delta = await asyncio.wait_for(job.out.get(), timeout=60)
-        assert delta.error is None, delta.error
-        text += delta.text
-        if delta.finish_reason:
-            return text, job.first_token_at, time.perf_counter()
 
 
 # -- the real server -------------------------------------------------------------------------------

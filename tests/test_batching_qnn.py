@@ -17,7 +17,7 @@ from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
 from edgequant.serving.metrics import Metrics
 from edgequant.serving.scheduling import Delta, Job, ModelWorker
-from serve_helpers import metric_value, wait_until
+from serve_helpers import Collected, collect, metric_value, wait_until
 
 CHUNK, CTX = 16, 128
 SPEC = f"qnn:w8a16?ar={CHUNK}&ctx={CTX}&samples=2"
@@ -75,7 +75,7 @@ def test_a_short_request_overtakes_a_long_prompt_being_prefilled(artifact):
         async def scenario():
             long = _job(worker, "long", long_prompt, GenerateParams(max_tokens=4), events)
             short = _job(worker, "short", worker.runner.prompt_ids(NO_EOS), GenerateParams(max_tokens=4), events)
-            return await asyncio.gather(_collect(long), _collect(short))
+            return await asyncio.gather(collect(long), collect(short))
 
         asyncio.run(scenario())
     finally:
@@ -115,7 +115,7 @@ def test_a_cancelled_stream_frees_its_slot(artifact):
             cancelled.cancelled.set()  # as the app does when a client goes away
             # Both slots were taken: this request can start only in the one the cancel frees.
             after = _job(worker, "after", worker.runner.prompt_ids("Still there"), GenerateParams(max_tokens=4), events)
-            return await asyncio.gather(_collect(running), _collect(after)), cancelled
+            return await asyncio.gather(collect(running), collect(after)), cancelled
 
         (_, after), cancelled = asyncio.run(scenario())
         wait_until(lambda: worker.in_flight == 0, 30, "the worker to retire every request")
@@ -126,13 +126,6 @@ def test_a_cancelled_stream_frees_its_slot(artifact):
     names = [name for name, _ in events]
     assert names.index("after") < len(names) - 1 - names[::-1].index("running"), "the new request waited for the running one"
     assert after.text
-
-
-@dataclass
-class _Result:
-    text: str
-    first: float
-    last: float
 
 
 @dataclass
@@ -156,19 +149,7 @@ def _job(worker: ModelWorker, tag: str, ids: list[int], params: GenerateParams, 
     return job
 
 
-async def _run(worker: ModelWorker, prompts: list[str], params: list[GenerateParams]) -> list[_Result]:
+async def _run(worker: ModelWorker, prompts: list[str], params: list[GenerateParams]) -> list[Collected]:
     """Submit every prompt at once; each job's text, first-token time and the time its last delta arrived."""
     jobs = [_job(worker, str(i), worker.runner.prompt_ids(p), q, []) for i, (p, q) in enumerate(zip(prompts, params))]
-    return [await _collect(job) for job in jobs]
-
-
-async def _collect(job: Job) -> _Result:
-    import time
-
-    text = ""
-    while True:
-        delta = await asyncio.wait_for(job.out.get(), timeout=60)
-        assert delta.error is None, delta.error
-        text += delta.text
-        if delta.finish_reason:
-            return _Result(text, job.first_token_at, time.perf_counter())
+    return [await collect(job) for job in jobs]

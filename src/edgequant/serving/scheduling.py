@@ -106,7 +106,7 @@ def declare_worker_metrics(metrics) -> None:
             metrics.counter(name, text)
     for name, text, buckets in (
             ("edgequant_queue_seconds", "Time from admission to the engine starting the request", TTFT_BUCKETS),
-            ("edgequant_batch_occupancy", "Requests advanced by each batched decode step", OCCUPANCY_BUCKETS)):
+            ("edgequant_batch_occupancy", "Requests given a token by each batched decode step", OCCUPANCY_BUCKETS)):
         if not metrics.has(name):
             metrics.histogram(name, text, buckets)
 
@@ -222,8 +222,6 @@ class ModelWorker:
                     self._shut_down(active[slot].job)
                     self._release(active, free_slots, slot)
                 return
-            if active:
-                self.metrics.observe("edgequant_batch_occupancy", len(active), model=self.name)
             try:
                 sampled = decoder.step()
             except Exception as exc:  # fail the requests in this step, keep serving
@@ -231,6 +229,8 @@ class ModelWorker:
                     active[slot].job.emit(Delta(finish_reason="stop", error=f"generation failed: {type(exc).__name__}"))
                     self._release(active, free_slots, slot)
                 continue
+            if sampled:  # a step that gave tokens (a gathering or prefill step gives none)
+                self.metrics.observe("edgequant_batch_occupancy", len(sampled), model=self.name)
             for slot, token in sampled.items():
                 stream = active[slot]
                 try:
