@@ -7,7 +7,8 @@ from pathlib import Path
 
 from edgequant.measurement.settings import EvalConfig
 
-MODEL_HELP = "Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
+MODEL_HELP = ("Hugging Face folder, .gguf file, image classifier (.json description, .onnx, or efficientnet-lite0) "
+              "(default: the embedded SmolLM2-135M-Instruct)")
 
 
 def option(p, flag: str, default, words: str, kind: type | None = None) -> None:
