@@ -50,6 +50,9 @@ def test_client_disconnect_stops_generation(server):
     assert short.status_code == 200
     spent = scrape(server, GENERATED) - before
     assert spent < 500, spent
+    # a stream the client hung up on is counted under nginx's 499, never lost from the request counts
+    assert wait_until(lambda: scrape(server, 'edgequant_requests_total{path="/v1/completions",status="499"}') >= 1, 10,
+                      "the dropped stream to be counted")
 
 
 def test_request_past_the_timeout_gets_504_and_is_cancelled():

@@ -305,7 +305,7 @@ def _load_workers(config: ServeConfig, metrics: Metrics) -> dict:
             runner = open_runner(path, n_ctx=config.n_ctx, need_logits=False, threads=config.threads)
             workers[name] = ModelWorker(name, runner, config.max_queue, metrics, batch=config.batch,
                                         batch_ctx=config.cache_tokens)
-            note(f"edgequant: {workers[name].describe()}")
+            note(workers[name].describe())
         elif task == SENTENCE_EMBEDDING:
             workers[name] = EmbeddingWorker(name, open_task_runner(path, threads=config.threads), config.max_queue)
         else:
@@ -327,20 +327,28 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, path = time.perf_counter(), _metric_path(scope["path"])
-        status = {"code": 500}
+        status = {"code": 500, "counted": False}
+
+        def count(code: str) -> None:
+            status["counted"] = True
+            self.metrics.inc("edgequant_requests_total", path=path, status=code)
+            self.metrics.observe("edgequant_request_latency_seconds", time.perf_counter() - started, path=path)
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                self.metrics.inc("edgequant_requests_total", path=path, status=str(status["code"]))
-                self.metrics.observe("edgequant_request_latency_seconds", time.perf_counter() - started, path=path)
+                count(str(status["code"]))
             await send(message)
 
         refusal = self._refuse(scope)
         if refusal is not None:
             return await _send_error(counting_send, refusal)
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            if not status["counted"]:  # the client went away before the last byte (nginx's 499)
+                count("499")
 
     def _refuse(self, scope) -> ApiError | None:
         headers = dict(scope.get("headers") or [])
