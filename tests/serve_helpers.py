@@ -107,3 +107,18 @@ async def submit_all(worker, prompts: list[str], params: list, make_job=None) ->
     for job in jobs:
         worker.submit(job)
     return [await collect(job) for job in jobs]
+
+
+def assert_batched_as_alone(batched, alone_worker, prompts: list[str], params: list) -> None:
+    """Requests submitted together to `batched` get, each, the text `alone_worker` (a `--batch 1`
+    worker, stopped here) gives it alone, and they really overlapped."""
+    import asyncio
+
+    together = asyncio.run(submit_all(batched, prompts, params))
+    try:
+        alone = [asyncio.run(submit_all(alone_worker, [p], [q]))[0] for p, q in zip(prompts, params)]
+    finally:
+        alone_worker.stop()
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert all(c.text for c in together)
+    assert max(c.first for c in together) < min(c.last for c in together), "the requests did not overlap: nothing was batched"

@@ -15,7 +15,7 @@ from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
 from edgequant.serving.metrics import Metrics
 from edgequant.serving.scheduling import Job, ModelWorker
-from serve_helpers import collect, metric_value, submit_all, wait_until
+from serve_helpers import assert_batched_as_alone, collect, metric_value, submit_all, wait_until
 
 pytest.importorskip("mlx_lm", reason="its extra is not installed")
 
@@ -50,18 +50,10 @@ def test_the_worker_batches_mlx(batched):
 
 def test_greedy_requests_decoded_together_get_the_text_each_gets_alone(artifact, batched):
     params = [GenerateParams(max_tokens=n) for n in (40, 24, 32, 40)]  # different lengths: slots free at different steps
-    together = asyncio.run(submit_all(batched, PROMPTS, params))
-    alone_worker = _worker(artifact, batch=1)  # what `serve --batch 1` runs: the runner's own decode loop
-    try:
-        alone = [asyncio.run(submit_all(alone_worker, [p], [q]))[0] for p, q in zip(PROMPTS, params)]
-    finally:
-        alone_worker.stop()
     # Exact on this model: each prompt is prefilled on its own (never padded beside another), and
     # float32 decode rows of one batch came out as alone; a model where a batched matmul rounds
     # otherwise could part ways at a near tie, which this test would then report.
-    assert [text for text, _, _ in together] == [text for text, _, _ in alone]
-    assert all(text for text, _, _ in together)
-    assert max(t for _, t, _ in together) < min(t for _, _, t in together), "the requests did not overlap"
+    assert_batched_as_alone(batched, _worker(artifact, batch=1), PROMPTS, params)  # batch 1: the runner's own loop
 
 
 def test_a_seeded_sampled_request_draws_the_same_tokens_with_or_without_company(batched):

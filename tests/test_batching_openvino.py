@@ -16,7 +16,7 @@ from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
 from edgequant.serving.metrics import Metrics
 from edgequant.serving.scheduling import ModelWorker
-from serve_helpers import running_server, scrape, submit_all, wait_until
+from serve_helpers import assert_batched_as_alone, running_server, scrape, submit_all, wait_until
 
 pytest.importorskip("openvino_genai", reason="its extra is not installed")
 pytest.importorskip("fastapi", reason="its extra is not installed")
@@ -52,18 +52,9 @@ def _worker(artifact, batch: int) -> ModelWorker:
 
 def test_requests_decoded_together_get_the_text_each_gets_alone(artifact, batched):
     params = [GenerateParams(max_tokens=n) for n in (40, 24, 32, 40)]  # different lengths: slots free at different steps
-    together = asyncio.run(submit_all(batched, PROMPTS, params))
-    alone_worker = _worker(artifact, batch=1)  # what `serve --batch 1` runs: LLMPipeline, one request at a time
-    try:
-        alone = [asyncio.run(submit_all(alone_worker, [p], [q]))[0] for p, q in zip(PROMPTS, params)]
-    finally:
-        alone_worker.stop()
     # Exact: GenAI's paged attention gives a sequence the same arithmetic whatever shares its step
     # (checked token for token, chunked prefill included), so there is no tolerance to allow for.
-    assert [text for text, _, _ in together] == [text for text, _, _ in alone]
-    assert all(text for text, _, _ in together)
-    first_tokens, finished = max(t for _, t, _ in together), min(t for _, _, t in together)
-    assert first_tokens < finished, "the four requests did not overlap: nothing was batched"
+    assert_batched_as_alone(batched, _worker(artifact, batch=1), PROMPTS, params)  # batch 1: LLMPipeline alone
 
 
 def test_a_seeded_sampled_request_draws_the_same_tokens_with_or_without_company(batched):
