@@ -239,9 +239,9 @@ class QnnBackend(Backend):
         if smoothing:
             info["smoothquant"] = smoothing
         if qnn_tools.htp_available():
-            info["htp"] = qnn_tools.htp_agreement(out_dir / qnn_tools.MODEL_FILE, feeds, _target(opt))
+            info["htp"] = qnn_tools.htp_agreement(out_dir / qnn_tools.MODEL_FILE, feeds, qnn_tools.htp_target(opt))
         if opt.context:
-            qnn_tools.compile_context(out_dir / qnn_tools.MODEL_FILE, out_dir / "model_ctx.onnx", _target(opt))
+            qnn_tools.compile_context(out_dir / qnn_tools.MODEL_FILE, out_dir / "model_ctx.onnx", qnn_tools.htp_target(opt))
             info["context_model"] = "model_ctx.onnx"
         info["timings"] = {"export_s": round(exported - started, 3), "quantize_s": round(time.perf_counter() - exported, 3)}
         if fallback:
@@ -315,10 +315,10 @@ class QnnBackend(Backend):
         if qnn_tools.htp_available():
             with clock("htp_check", "running both graphs on Qualcomm's HTP simulator"):
                 info["htp_pipeline"] = kv.htp_pipeline_check(out_dir, scratch, windows[0][:opt.ar],
-                                                             steps=opt.htp_steps, target=_target(opt))
+                                                             steps=opt.htp_steps, target=qnn_tools.htp_target(opt))
         if opt.context:
             with clock("context", "compiling the QNN context binary"):
-                info["context"] = qnn_tools.compile_shared_contexts(out_dir, [kv.PROMPT_FILE, kv.DECODE_FILE], _target(opt))
+                info["context"] = qnn_tools.compile_shared_contexts(out_dir, [kv.PROMPT_FILE, kv.DECODE_FILE], qnn_tools.htp_target(opt))
         shutil.rmtree(scratch)
         info["timings"] = clock.seconds
         return info
@@ -479,7 +479,3 @@ def _choice_details(request, widened: list[str], choice: dict) -> dict:
                                       "tensors": widened}}
     return {}
 
-
-def _target(opt) -> dict:
-    """The HTP the simulator checks and context binaries are made for."""
-    return {"htp_arch": str(opt.htp_arch), "soc_model": str(opt.soc)}

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -101,7 +100,7 @@ def convert_encoder(source, spec, opt, out_dir: Path) -> dict:
         info["activations_16bit"] = choice
     if qnn_tools.htp_available():
         with clock("htp_check", f"running {HTP_TEXTS} sentences on Qualcomm's HTP simulator"):
-            info["htp_embeddings"] = htp_agreement(out_dir, fp32, held_out[:HTP_TEXTS], _target(opt))
+            info["htp_embeddings"] = htp_agreement(out_dir, fp32, held_out[:HTP_TEXTS], qnn_tools.htp_target(opt))
     shutil.rmtree(scratch)
     info["timings"] = clock.seconds
     return info
@@ -112,23 +111,18 @@ def static_graph(dynamic: Path, out: Path, tokens: int) -> dict:
     the shape arithmetic folded away (onnxruntime's basic optimizations, as qnn_preprocess_model
     runs them), written to `out`."""
     import onnx
-    from onnxruntime.quantization.quant_utils import optimize_model
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+    from onnxruntime.tools.onnx_model_utils import make_input_shape_fixed
 
-    from edgequant.backends.qnn.tools import MASK_VALUE
+    from edgequant.backends.qnn.tools import MASK_VALUE, save_static
 
     model = onnx.load(str(dynamic))
     for graph_input in model.graph.input:
         make_input_shape_fixed(model.graph, graph_input.name, [1, tokens])
-    fix_output_shapes(model)
     replaced = _finite_mask_fill(model, MASK_VALUE)
     if not replaced:
         raise EdgequantError(f"{dynamic} has no attention-mask fill constant (float32's minimum) to make finite",
                              "report this encoder: its export masks padding otherwise than by adding that minimum")
-    fixed = out.with_name("fixed.onnx")
-    onnx.save(model, str(fixed))
-    optimize_model(fixed, out)
-    fixed.unlink()
+    save_static(model, out)
     return {"batch": 1, "tokens": tokens, "mask_value": MASK_VALUE}
 
 
@@ -256,28 +250,18 @@ def cosine_loss_meter(fp32: Path, feeds: list[dict]):
 def htp_agreement(folder: Path, fp32: Path, feeds: list[dict], target: dict) -> dict:
     """The QDQ graph on the simulated HTP (CPU fallback off) and on the CPU EP, a few sentences: how
     their embeddings agree, and each one's cosine to the float graph."""
-    import onnxruntime as ort
-
     from edgequant.backends._shared.encoder import MODEL_FILE
-    from edgequant.backends._shared.ort import cpu_session
-    from edgequant.backends.qnn.tools import htp_options, htp_refusal, htp_session_options
+    from edgequant.backends.qnn.tools import outputs_on_htp
 
-    record: dict = {"backend": "QNN HTP simulator (x86-64)", **htp_options(target), "texts": len(feeds),
-                    "tokens": int(feeds[0]["input_ids"].shape[1])}
-    started = time.perf_counter()
-    try:
-        htp = ort.InferenceSession(str(folder / MODEL_FILE), htp_session_options(target=target))
-    except Exception as exc:  # the graph still runs on the CPU EP; the HTP's refusal is the finding
-        return {**record, "error": htp_refusal(exc)}
-    loaded = time.perf_counter()
-    on_htp = _embed(htp, feeds)
-    ran = time.perf_counter()
-    on_cpu, on_float = _embed(cpu_session(folder / MODEL_FILE), feeds), _embed(cpu_session(fp32), feeds)
+    record, outputs = outputs_on_htp(folder / MODEL_FILE, fp32, lambda session: _embed(session, feeds), target,
+                                     {"texts": len(feeds), "tokens": int(feeds[0]["input_ids"].shape[1])})
+    if outputs is None:
+        return record
+    on_htp, on_cpu, on_float = outputs
     agreement = cosines(on_htp, on_cpu)
     return {**record, "cosine_htp_vs_cpu": {"mean": round(float(agreement.mean()), 5), "min": round(float(agreement.min()), 5)},
             "cosine_vs_float": {"htp": round(float(cosines(on_htp, on_float).mean()), 5),
-                                "cpu": round(float(cosines(on_cpu, on_float).mean()), 5)},
-            "seconds": {"htp_load": round(loaded - started, 3), "htp_run": round(ran - loaded, 3)}}
+                                "cpu": round(float(cosines(on_cpu, on_float).mean()), 5)}}
 
 
 def _embed(session, feeds: list[dict]) -> np.ndarray:
@@ -285,9 +269,6 @@ def _embed(session, feeds: list[dict]) -> np.ndarray:
 
     return np.concatenate([session.run([OUTPUT], feed)[0] for feed in feeds]).astype(np.float32, copy=False)
 
-
-def _target(opt) -> dict:
-    return {"htp_arch": str(opt.htp_arch), "soc_model": str(opt.soc)}
 
 
 class QnnEncoderRunner(TaskRunner):

@@ -487,6 +487,49 @@ def htp_agreement(model_path: Path, feeds: list[dict], target: dict | None = Non
             "max_abs_logit_diff": round(float(np.abs(a - b).max()), 4)}
 
 
+def htp_target(opt) -> dict:
+    """The HTP the simulator checks and context binaries are made for (the htp_arch and soc options)."""
+    return {"htp_arch": str(opt.htp_arch), "soc_model": str(opt.soc)}
+
+
+def outputs_on_htp(model_path: Path, float_path: Path, run, target: dict, record: dict):
+    """`run(session) -> outputs` of the QDQ graph on the simulated HTP (CPU fallback off) and on the
+    CPU EP, and of the float graph on the CPU EP, for a task's HTP check. Returns `record` (what was
+    run) with the simulator's settings and load and run seconds plus the three outputs, or, where
+    the HTP refuses the graph, `record` with its reason and no outputs."""
+    import time
+
+    import onnxruntime as ort
+
+    from edgequant.backends._shared.ort import cpu_session
+
+    record = {"backend": "QNN HTP simulator (x86-64)", **htp_options(target), **record}
+    started = time.perf_counter()
+    try:
+        htp = ort.InferenceSession(str(model_path), htp_session_options(target=target))
+    except Exception as exc:  # the graph still runs on the CPU EP; the HTP's refusal is the finding
+        return {**record, "error": htp_refusal(exc)}, None
+    loaded = time.perf_counter()
+    on_htp = run(htp)
+    ran = time.perf_counter()
+    record["seconds"] = {"htp_load": round(loaded - started, 3), "htp_run": round(ran - loaded, 3)}
+    return record, (on_htp, run(cpu_session(model_path)), run(cpu_session(float_path)))
+
+
+def save_static(model, out: Path) -> None:
+    """A graph whose inputs were fixed: its output shapes fixed too and the shape arithmetic folded
+    away (onnxruntime's basic optimizations, as qnn_preprocess_model runs them), written to `out`."""
+    import onnx
+    from onnxruntime.quantization.quant_utils import optimize_model
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes
+
+    fix_output_shapes(model)
+    fixed = out.with_name("fixed.onnx")
+    onnx.save(model, str(fixed))
+    optimize_model(fixed, out)
+    fixed.unlink()
+
+
 def htp_options(target: dict | None = None) -> dict:
     # The x86-64 simulator needs an explicit architecture and SoC (see shared/ENGINES.md).
     return {"backend_type": "htp", **(target or DEFAULT_TARGET)}

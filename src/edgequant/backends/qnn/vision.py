@@ -39,7 +39,6 @@ tensors to buy much.
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +86,7 @@ def convert_vision(source, spec, opt, out_dir: Path) -> dict:
                   "qdq_nodes": qdq_counts(out_dir / vision.MODEL_FILE)}
     if qnn_tools.htp_available():
         with clock("htp_check", f"running {HTP_IMAGES} images on Qualcomm's HTP simulator"):
-            info["htp_logits"] = htp_agreement(out_dir, fp32, found, feeds[:HTP_IMAGES], _target(opt))
+            info["htp_logits"] = htp_agreement(out_dir, fp32, found, feeds[:HTP_IMAGES], qnn_tools.htp_target(opt))
     shutil.rmtree(scratch)
     info["timings"] = clock.seconds
     return info
@@ -99,17 +98,14 @@ def static_graph(dynamic: Path, out: Path, input_name: str, size: int) -> list[i
     input's shape. Every dimension is fixed, not only the batch: an `.onnx` source may leave the
     image's sides symbolic too."""
     import onnx
-    from onnxruntime.quantization.quant_utils import optimize_model
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+    from onnxruntime.tools.onnx_model_utils import make_input_shape_fixed
+
+    from edgequant.backends.qnn.tools import save_static
 
     model = onnx.load(str(dynamic))
     shape = [1, 3, size, size]  # the layout every image runner feeds (backends/_shared/vision.py)
     make_input_shape_fixed(model.graph, input_name, shape)
-    fix_output_shapes(model)
-    fixed = out.with_name("fixed.onnx")
-    onnx.save(model, str(fixed))
-    optimize_model(fixed, out)
-    fixed.unlink()
+    save_static(model, out)
     return shape
 
 
@@ -124,28 +120,18 @@ def htp_agreement(folder: Path, fp32: Path, found: dict, feeds: list[dict], targ
     """The QDQ graph on the simulated HTP (CPU fallback off) and on the CPU EP, a few images: how
     often their top classes agree and how far apart their distributions are, and each one's
     distance to the float graph."""
-    import onnxruntime as ort
-
-    from edgequant.backends._shared.ort import cpu_session
     from edgequant.backends._shared.vision import MODEL_FILE
-    from edgequant.backends.qnn.tools import htp_options, htp_refusal, htp_session_options
+    from edgequant.backends.qnn.tools import outputs_on_htp
 
-    record: dict = {"backend": "QNN HTP simulator (x86-64)", **htp_options(target), "images": len(feeds)}
-    started = time.perf_counter()
-    try:
-        htp = ort.InferenceSession(str(folder / MODEL_FILE), htp_session_options(target=target))
-    except Exception as exc:  # the graph still runs on the CPU EP; the HTP's refusal is the finding
-        return {**record, "error": htp_refusal(exc)}
-    loaded = time.perf_counter()
-    output = found["output"]
-    on_htp = _logits(htp, output, feeds)
-    ran = time.perf_counter()
-    on_cpu, on_float = (_logits(cpu_session(path), output, feeds) for path in (folder / MODEL_FILE, fp32))
+    record, outputs = outputs_on_htp(folder / MODEL_FILE, fp32, lambda session: _logits(session, found["output"], feeds),
+                                     target, {"images": len(feeds)})
+    if outputs is None:
+        return record
+    on_htp, on_cpu, on_float = outputs
     return {**record, "top1_htp_vs_cpu": _top1(on_htp, on_cpu), "kld_htp_vs_cpu": _kld(on_cpu, on_htp),
             "top1_vs_float": {"htp": _top1(on_htp, on_float), "cpu": _top1(on_cpu, on_float)},
             "kld_vs_float": {"htp": _kld(on_float, on_htp), "cpu": _kld(on_float, on_cpu)},
-            "max_abs_logit_diff": round(float(np.abs(on_htp - on_cpu).max()), 4),
-            "seconds": {"htp_load": round(loaded - started, 3), "htp_run": round(ran - loaded, 3)}}
+            "max_abs_logit_diff": round(float(np.abs(on_htp - on_cpu).max()), 4)}
 
 
 def _logits(session, output: str, feeds: list[dict]) -> np.ndarray:
@@ -161,10 +147,6 @@ def _kld(reference: np.ndarray, other: np.ndarray) -> float:
 
     return round(float(np.maximum(kl_divergence(log_softmax(reference), log_softmax(other)), 0.0).mean()), 6)
 
-
-def _target(opt) -> dict:
-    """The HTP the simulator check is made for (the backend's htp_arch and soc options)."""
-    return {"htp_arch": str(opt.htp_arch), "soc_model": str(opt.soc)}
 
 
 class QnnVisionRunner(ArrayRunner):
