@@ -122,7 +122,7 @@ def serve_check(path: Path, spec: str) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     import httpx
 
-    from serve import start
+    from serve import start_server as start
 
     chat = "tokenizer.chat_template" in GGUFReader(path).fields
     artifact = edgequant.convert(path, spec)

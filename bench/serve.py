@@ -1,14 +1,32 @@
-"""Serving benchmark: edgequant's server against llama.cpp's own (`python -m llama_cpp.server`).
+"""Serving benchmark for every format: `edgequant serve` at 1, 4 and 8 concurrent clients, beside
+each engine driven without our server, in the same run.
 
-Both serve the same GGUF file (the default model at q4_k_m) on 127.0.0.1 in turn, and the same
-bounded load is sent to each: 1, 4 and 16 concurrent clients, each sending a fixed number of
-greedy completion requests. Writes bench/results/serve.json: generated tokens/s and p50/p95/p99
-request latency per level, failures, and the ratios the issue asks for.
+For each format one artifact of the default model is served (`edgequant serve ART --batch 8`)
+and the same bounded load is sent: `clients` threads, each sending a fixed number of streamed
+greedy completion requests for bench/serve.py's prompts, max_tokens 64 (answers end at EOS: on
+these prompts about 6, 26, 61 and 64 tokens). Per level: total generated tokens/s, time to first
+token p50/p95, request latency p50/p95/p99, failures.
+
+The reference, per format, run on the same prompt ids with the same settings and threads:
+- gguf: `python -m llama_cpp.server` on the same file, through the same streamed HTTP load;
+- openvino: OpenVINO GenAI's `ContinuousBatchingPipeline` in this process, the clients' prompts of
+  each round in one `generate` call;
+- onnx: onnxruntime-genai in this process, the clients' prompts of each round in one generator;
+- mlx, qnn: the runner's own `generate` in this process, one request after another (neither
+  engine offers a batched LLM loop of its own to compare with), so the ratio is the server's
+  overhead at 1 client and its batching gain above that.
+The in-process references give no time to first token. Every round runs each level on our
+server and then on the reference, back to back; ratios are medians of within-round ratios (load
+that comes and goes falls on both sides alike) with their min and max over the rounds.
+
+Writes bench/results/serve.json: per format and level, both sides' rounds, the ratios the issue
+asks for (>= 1.5x at 4 clients over 1; >= 0.95x the reference at 1 client), date, load, settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -30,12 +48,16 @@ PROMPTS = [
     "The history of the printing press began when",
     "List the reasons why people enjoy walking in forests, because",
 ]
-LEVELS = {1: 8, 4: 4, 16: 2}  # concurrent clients -> requests per client
+LEVELS = {1: 6, 4: 3, 8: 2}  # concurrent clients -> requests per client
+SPECS = {"gguf": "gguf:q4_k_m", "onnx": "onnx:int4", "openvino": "openvino:int8", "mlx": "mlx:4bit", "qnn": "qnn:w4a16"}
+BATCH, CTX = 8, 2048
 
 
-def start(command: list[str], port: int) -> subprocess.Popen:
+# -- the streamed HTTP load ------------------------------------------------------------------------
+
+def start_server(command: list[str], port: int) -> subprocess.Popen:
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "EDGEQUANT_QUIET": "1"})
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
@@ -46,55 +68,250 @@ def start(command: list[str], port: int) -> subprocess.Popen:
     raise RuntimeError(f"{command[:4]} did not start")
 
 
-def one_request(base: str, model: str, prompt: str, max_tokens: int) -> dict:
-    started = time.perf_counter()
+def streamed_request(base: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed greedy completion: tokens (the usage figure, else one per text chunk), time to
+    the first text chunk, latency."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    started, first, chunks, usage = time.perf_counter(), None, 0, None
     try:
-        response = httpx.post(f"{base}/v1/completions", timeout=300,
-                              json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=300) as response:
+            if response.status_code != 200:
+                return {"ok": False, "error": str(response.status_code), "latency_s": time.perf_counter() - started}
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line[6:].strip() == "[DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("choices") and event["choices"][0].get("text"):
+                    chunks += 1
+                    first = first or time.perf_counter()
+                usage = event.get("usage") or usage
     except httpx.HTTPError as exc:
         return {"ok": False, "error": type(exc).__name__, "latency_s": time.perf_counter() - started}
-    latency = time.perf_counter() - started
-    if response.status_code != 200:
-        return {"ok": False, "error": str(response.status_code), "latency_s": latency}
-    return {"ok": True, "tokens": response.json()["usage"]["completion_tokens"], "latency_s": latency}
+    tokens = usage["completion_tokens"] if usage else chunks
+    return {"ok": True, "tokens": tokens, "ttft_s": (first or time.perf_counter()) - started,
+            "latency_s": time.perf_counter() - started}
 
 
-def run_level(base: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
+def _pct(values: list[float], p: float) -> float | None:
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(p * len(values)))], 3) if values else None
+
+
+def http_level(base: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
     def client(index: int) -> list[dict]:
-        return [one_request(base, model, PROMPTS[(index + i) % len(PROMPTS)], max_tokens) for i in range(per_client)]
+        return [streamed_request(base, model, PROMPTS[(index + i) % len(PROMPTS)], max_tokens) for i in range(per_client)]
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [r for batch in pool.map(client, range(clients)) for r in batch]
     wall = time.perf_counter() - started
-    latencies = sorted(r["latency_s"] for r in results if r["ok"])
-    tokens = sum(r.get("tokens", 0) for r in results)
-
-    def pct(p: float) -> float:
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 3) if latencies else None
-
-    return {"clients": clients, "requests": len(results), "failed": sum(not r["ok"] for r in results),
-            "errors": sorted({r["error"] for r in results if not r["ok"]}), "generated_tokens": tokens,
-            "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
-            "latency_p50_s": pct(0.5), "latency_p95_s": pct(0.95), "latency_p99_s": pct(0.99),
-            "latency_mean_s": round(statistics.mean(latencies), 3) if latencies else None}
+    ok = [r for r in results if r["ok"]]
+    tokens = sum(r["tokens"] for r in ok)
+    return {"requests": len(results), "failed": len(results) - len(ok), "errors": sorted({r["error"] for r in results if not r["ok"]}),
+            "generated_tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "ttft_p50_s": _pct([r["ttft_s"] for r in ok], 0.5), "ttft_p95_s": _pct([r["ttft_s"] for r in ok], 0.95),
+            "latency_p50_s": _pct([r["latency_s"] for r in ok], 0.5), "latency_p95_s": _pct([r["latency_s"] for r in ok], 0.95),
+            "latency_p99_s": _pct([r["latency_s"] for r in ok], 0.99)}
 
 
-def bench_server(name: str, command: list[str], port: int, max_tokens: int) -> dict:
-    proc = start(command, port)
-    base = f"http://127.0.0.1:{port}"
+class HttpSide:
+    """A server under the streamed load: ours, or llama.cpp's own."""
+
+    def __init__(self, command: list[str], port: int):
+        self.proc = start_server(command, port)
+        self.base = f"http://127.0.0.1:{port}"
+        self.model = httpx.get(f"{self.base}/v1/models").json()["data"][0]["id"]
+        streamed_request(self.base, self.model, PROMPTS[0], 8)  # warm-up
+
+    def level(self, clients: int, per_client: int, max_tokens: int) -> dict:
+        return http_level(self.base, self.model, clients, per_client, max_tokens)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+# -- the engines driven directly -------------------------------------------------------------------
+
+def _timed_rounds(clients: int, per_client: int, run_round) -> dict:
+    """`per_client` rounds of `clients` prompts (client c's i-th request gets the prompt the HTTP
+    load gives it); `run_round(prompt indices)` returns the tokens generated."""
+    tokens, started = 0, time.perf_counter()
+    for i in range(per_client):
+        tokens += run_round([(c + i) % len(PROMPTS) for c in range(clients)])
+    wall = time.perf_counter() - started
+    return {"requests": clients * per_client, "generated_tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 2)}
+
+
+class OpenVINODirect:
+    """GenAI's ContinuousBatchingPipeline with the server's scheduler settings and threads."""
+
+    def __init__(self, artifact, prompt_ids: list[list[int]], threads: int):
+        import openvino_genai as genai
+
+        from edgequant.backends.openvino.batch import scheduler_config
+
+        self.prompt_ids = prompt_ids
+        self.pipeline = genai.ContinuousBatchingPipeline(str(artifact.path), scheduler_config(BATCH, BATCH * CTX), "CPU",
+                                                         {"INFERENCE_NUM_THREADS": threads})
+
+    def level(self, clients: int, per_client: int, max_tokens: int) -> dict:
+        import numpy as np
+        import openvino as ov
+
+        from edgequant.backends.openvino.runner import generation_config
+        from edgequant.runner import GenerateParams
+
+        config = generation_config(GenerateParams(max_tokens=max_tokens), max_tokens)
+
+        def run_round(indices: list[int]) -> int:
+            batch = [ov.Tensor(np.asarray([self.prompt_ids[i]], dtype=np.int64)) for i in indices]
+            return sum(len(r.m_generation_ids[0]) for r in self.pipeline.generate(batch, [config] * len(indices)))
+
+        return _timed_rounds(clients, per_client, run_round)
+
+    def close(self) -> None:
+        self.pipeline = None
+
+
+class GenaiDirect:
+    """onnxruntime-genai: each round's prompts in one generator, right-padded, each row counted up to its EOS."""
+
+    def __init__(self, artifact, prompt_ids: list[list[int]], threads: int, is_eos):
+        import onnxruntime_genai as og
+
+        config = og.Config(str(artifact.path))
+        config.clear_providers()
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.og, self.model, self.prompt_ids, self.is_eos = og, og.Model(config), prompt_ids, is_eos
+        self.pad = json.loads((artifact.path / "genai_config.json").read_text())["model"].get("pad_token_id", 0)
+
+    def level(self, clients: int, per_client: int, max_tokens: int) -> dict:
+        return _timed_rounds(clients, per_client, lambda indices: self._generate([self.prompt_ids[i] for i in indices], max_tokens))
+
+    def _generate(self, rows: list[list[int]], max_tokens: int) -> int:
+        import numpy as np
+
+        width = max(len(r) for r in rows)
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(batch_size=len(rows), max_length=width + max_tokens, do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        padded = np.full((len(rows), width), self.pad, dtype=np.int32)
+        for i, row in enumerate(rows):
+            padded[i, :len(row)] = row
+        generator.append_tokens(padded)
+        counts, open_rows = [0] * len(rows), set(range(len(rows)))
+        while open_rows and not generator.is_done():
+            generator.generate_next_token()
+            tokens = generator.get_next_tokens()
+            for i in list(open_rows):
+                counts[i] += 1
+                if self.is_eos(int(tokens[i])) or counts[i] >= max_tokens:
+                    open_rows.discard(i)
+        return sum(counts)
+
+    def close(self) -> None:
+        self.model = None
+
+
+class RunnerDirect:
+    """The runner's own `generate`, one request after another (the engines without a batched loop)."""
+
+    def __init__(self, artifact, threads: int):
+        from edgequant.registry import open_runner
+
+        self.runner = open_runner(artifact.path, n_ctx=CTX, need_logits=False, threads=threads)
+        self.prompt_ids = [self.runner.prompt_ids(p) for p in PROMPTS]
+
+    def level(self, clients: int, per_client: int, max_tokens: int) -> dict:
+        from edgequant.runner import GenerateParams
+
+        params = GenerateParams(max_tokens=max_tokens)
+        return _timed_rounds(clients, per_client, lambda indices: sum(
+            len(list(self.runner.generate(self.prompt_ids[i], params))) for i in indices))
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def reference_for(fmt: str, artifact, threads: int):
+    from edgequant.registry import open_runner
+
+    if fmt == "gguf":
+        port = free_port()
+        return HttpSide([sys.executable, "-m", "llama_cpp.server", "--model", str(artifact.model_path), "--port", str(port),
+                         "--host", "127.0.0.1", "--n_ctx", str(CTX), "--n_threads", str(threads)], port)
+    if fmt in ("openvino", "onnx"):
+        with open_runner(artifact.path, n_ctx=CTX, need_logits=False) as runner:  # its tokenizer: the server's prompt ids
+            prompt_ids, is_eos = [runner.prompt_ids(p) for p in PROMPTS], runner.is_eos
+        if fmt == "openvino":
+            return OpenVINODirect(artifact, prompt_ids, threads)
+        return GenaiDirect(artifact, prompt_ids, threads, is_eos)
+    return RunnerDirect(artifact, threads)
+
+
+REFERENCE_NAMES = {"gguf": "llama_cpp.server", "openvino": "ContinuousBatchingPipeline.generate",
+                   "onnx": "onnxruntime-genai generator per round", "mlx": "runner.generate, serial",
+                   "qnn": "runner.generate, serial"}
+
+
+# -- one format ------------------------------------------------------------------------------------
+
+def bench_format(fmt: str, threads: int, max_tokens: int, rounds: int) -> dict:
+    import edgequant
+
+    artifact = edgequant.convert(None, SPECS[fmt])
+    port = free_port()
+    ours = HttpSide([sys.executable, "-m", "edgequant", "serve", str(artifact.path), "--port", str(port), "--ctx", str(CTX),
+                     "--threads", str(threads), "--batch", str(BATCH), "--max-tokens-cap", str(max_tokens)], port)
+    reference = None
     try:
-        model = httpx.get(f"{base}/v1/models").json()["data"][0]["id"]
-        one_request(base, model, PROMPTS[0], 8)  # warm-up
-        return {"server": name, "levels": [run_level(base, model, c, n, max_tokens) for c, n in LEVELS.items()]}
+        reference = reference_for(fmt, artifact, threads)
+        reference.level(1, 1, 8)  # warm-up
+        runs = {(c, side): [] for c in LEVELS for side in ("server", "reference")}
+        for _ in range(rounds):
+            for clients, per_client in LEVELS.items():
+                runs[clients, "server"].append(_loaded(lambda: ours.level(clients, per_client, max_tokens)))
+                runs[clients, "reference"].append(_loaded(lambda: reference.level(clients, per_client, max_tokens)))
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        ours.close()
+        if reference is not None:
+            reference.close()
+    tps = {key: [r["tokens_per_s"] for r in rs] for key, rs in runs.items()}
+    return {
+        "spec": SPECS[fmt], "artifact": str(artifact.path), "reference": REFERENCE_NAMES[fmt],
+        "levels": {clients: {side: runs[clients, side] for side in ("server", "reference")} for clients in LEVELS},
+        "ratios": {
+            "server_4_over_1": _paired(tps[4, "server"], tps[1, "server"]),
+            "server_8_over_1": _paired(tps[8, "server"], tps[1, "server"]),
+            "server_over_reference_at_1": _paired(tps[1, "server"], tps[1, "reference"]),
+            "server_over_reference_at_4": _paired(tps[4, "server"], tps[4, "reference"]),
+            "server_over_reference_at_8": _paired(tps[8, "server"], tps[8, "reference"]),
+            "reference_4_over_1": _paired(tps[4, "reference"], tps[1, "reference"]),
+        },
+        "failed_requests": sum(r.get("failed", 0) for rs in runs.values() for r in rs),
+    }
+
+
+def _paired(top: list[float], bottom: list[float]) -> dict:
+    """The median of within-round ratios, with their range over the rounds."""
+    ratios = [a / b for a, b in zip(top, bottom)]
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+
+
+def _loaded(run) -> dict:
+    """A run with the 1-minute load average before and after it (2 cores: above 2, others share them)."""
+    before = os.getloadavg()[0]
+    result = run()
+    return {**result, "load_avg_1m_before": round(before, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", default=",".join(SPECS), help="comma-separated formats (default: all five)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=HERE / "results" / "serve.json")
     args = parser.parse_args()
 
@@ -102,30 +319,23 @@ def main() -> int:
     from edgequant.measurement.evaluation import machine_info
     from edgequant.runner import default_threads
 
-    artifact = edgequant.convert(None, "gguf:q4_k_m")
-    threads = str(default_threads())
-    port = free_port()
-    ours = bench_server("edgequant", [sys.executable, "-m", "edgequant", "serve", str(artifact.path), "--port", str(port),
-                                      "--ctx", "2048", "--threads", threads], port, args.max_tokens)
-    port = free_port()
-    theirs = bench_server("llama_cpp.server", [sys.executable, "-m", "llama_cpp.server", "--model", str(artifact.model_path),
-                                               "--port", str(port), "--host", "127.0.0.1", "--n_ctx", "2048",
-                                               "--n_threads", threads], port, args.max_tokens)
-    tps = {s["server"]: {lvl["clients"]: lvl["tokens_per_s"] for lvl in s["levels"]} for s in (ours, theirs)}
+    os.environ.setdefault("EDGEQUANT_QUIET", "1")
+    threads = default_threads()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    formats = {}
+    for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
+        formats[fmt] = bench_format(fmt, threads, args.max_tokens, args.rounds)
+        print(fmt, json.dumps(formats[fmt]["ratios"]), flush=True)
     report = {
-        "artifact": str(artifact.path), "machine": machine_info(), "max_tokens": args.max_tokens,
-        "results": [ours, theirs],
-        "ratios": {
-            "ours_over_llama_cpp_server_at_1_client": round(tps["edgequant"][1] / tps["llama_cpp.server"][1], 3),
-            "ours_4_clients_over_ours_1_client": round(tps["edgequant"][4] / tps["edgequant"][1], 3),
-            "ours_16_clients_over_ours_1_client": round(tps["edgequant"][16] / tps["edgequant"][1], 3),
-            "llama_cpp_server_4_over_1": round(tps["llama_cpp.server"][4] / tps["llama_cpp.server"][1], 3),
-        },
-        "failed_requests": {s["server"]: sum(lvl["failed"] for lvl in s["levels"]) for s in (ours, theirs)},
+        "date": started, "edgequant": edgequant.__version__, "machine": machine_info(),
+        "load_avg_before": load_before, "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        "settings": {"max_tokens": args.max_tokens, "greedy": True, "stream": True, "levels": LEVELS, "rounds": args.rounds,
+                     "server": f"edgequant serve --batch {BATCH} --ctx {CTX} --threads {threads}", "model": "default (SmolLM2-135M)"},
+        "formats": formats,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
-    print(json.dumps({"tokens_per_s": tps, "ratios": report["ratios"], "failed": report["failed_requests"]}, indent=1))
     return 0
 
 

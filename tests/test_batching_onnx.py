@@ -1,7 +1,7 @@
-"""Micro-batched serving of ONNX artifacts (backends/onnx/batch.py) on the real engine.
+"""Continuous batching of ONNX artifacts (backends/onnx/continuous.py) on the real engine.
 
-The worker is driven directly where the test is about tokens (no HTTP timing decides which
-requests share a micro-batch); the real server where it is about slots, cancellation and 429s.
+The worker and the decoder are driven directly where the test is about tokens (no HTTP timing
+decides which requests share a step); the real server where it is about slots, cancellation and 429s.
 """
 
 import asyncio
@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 import edgequant
+from edgequant.backends.onnx import continuous
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
 from edgequant.serving.metrics import Metrics
@@ -23,7 +24,7 @@ pytest.importorskip("uvicorn", reason="its extra is not installed")
 
 MODEL = "onnx-int8"
 CTX = 1024
-# Prompts of different lengths, so the micro-batch pads all but the longest.
+# Prompts of different lengths, so rows hold caches of different lengths in one call.
 PROMPTS = ["The history of", "Rivers flow into the sea because the water of every mountain", "A",
            "Once upon a time there was a small town where"]
 
@@ -33,15 +34,14 @@ def artifact(onnx_tiny):
     return edgequant.convert(onnx_tiny, "onnx:int8")
 
 
-def _served(artifact, jobs: list, batch: int) -> tuple[list[str], dict]:
+def _served(artifact, jobs: list, batch: int) -> list[str]:
     """The answers a worker of `batch` slots gives to `jobs` submitted at once (they queue while it
-    starts the first), and the micro-batches it launched by size. With batch 1 the worker runs one
-    request at a time on the runner's own `generate`: each job alone."""
+    starts the first). With batch 1 the worker runs one request at a time on the runner's own
+    `generate` (onnxruntime-genai): each job alone."""
     with open_runner(artifact.path, n_ctx=CTX, need_logits=False) as runner:
         jobs = [(runner.prompt_ids(text), params) for text, params in jobs]
         worker = ModelWorker(MODEL, runner, 8, Metrics(), batch=batch)  # it declares the metrics it records
-        launched = worker._decoder.launched if worker._decoder is not None else None
-        return asyncio.run(_answers(worker, jobs)), launched
+        return asyncio.run(_answers(worker, jobs))
 
 
 async def _answers(worker: ModelWorker, jobs: list) -> list[str]:
@@ -65,66 +65,76 @@ async def _text(job: Job) -> str:
             return "".join(parts)
 
 
-def test_concurrent_greedy_requests_share_a_micro_batch_and_answer_as_alone(artifact):
+def test_concurrent_greedy_requests_answer_as_alone_through_genai(artifact):
+    """Batched on the raw session, each answer equals the one onnxruntime-genai gives it alone."""
     jobs = [(text, GenerateParams(max_tokens=n)) for text, n in zip(PROMPTS, (24, 40, 16, 32))]  # rows end at different steps
-    alone, _ = _served(artifact, jobs, batch=1)
-    together, launched = _served(artifact, jobs, batch=4)
-    assert together == alone
-    assert launched == {4: 1}, launched  # one micro-batch held all four
+    assert _served(artifact, jobs, batch=4) == _served(artifact, jobs, batch=1)
 
 
-def test_a_sampled_request_runs_alone_and_repeats_its_answer(artifact):
-    """A seeded request is not batched with others (one generator draws one random stream)."""
+def _decode(decoder, starts: dict[int, tuple[list[int], GenerateParams, int]], steps: int = 10_000) -> dict[int, list[int]]:
+    """Drive `decoder`: start sequence s at step `starts[s][2]`, finish it once it has max_tokens."""
+    got: dict[int, list[int]] = {}
+    for step in range(steps):
+        for seq_id, (prompt, params, at) in starts.items():
+            if at == step:
+                decoder.start(seq_id, prompt, params)
+                got[seq_id] = []
+        for seq_id, token in decoder.step().items():
+            got[seq_id].append(token)
+            if len(got[seq_id]) == starts[seq_id][1].max_tokens:
+                decoder.finish(seq_id)
+        if len(got) == len(starts) and all(len(got[s]) == starts[s][1].max_tokens for s in starts):
+            return got
+    raise AssertionError(f"unfinished after {steps} steps: {got}")
+
+
+def test_sequences_join_and_leave_a_running_batch_and_answer_as_alone(artifact):
+    """Sequences start while others decode and finish at different steps (their rows move to keep
+    the batch contiguous); greedy and seeded-sampled tokens equal each sequence decoded alone."""
     sampled = GenerateParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=42)
-    jobs = [(PROMPTS[0], GenerateParams(max_tokens=20)), (PROMPTS[1], sampled), (PROMPTS[2], GenerateParams(max_tokens=20))]
-    alone, _ = _served(artifact, jobs, batch=1)
-    together, launched = _served(artifact, jobs, batch=4)
-    assert together == alone
-    assert launched == {2: 1, 1: 1}, launched
-
-
-def test_a_sequence_started_while_a_micro_batch_runs_waits_for_the_next_one(artifact):
-    """The decoder contract itself: rows join only between micro-batches; a finished row stops answering."""
     with open_runner(artifact.path, n_ctx=CTX, need_logits=False) as runner:
-        prompts = [runner.prompt_ids(text) for text in PROMPTS[:3]]
-        alone = [list(runner.generate(p, GenerateParams(max_tokens=8, stop_at_eos=False))) for p in prompts]
+        prompts = [runner.prompt_ids(text) for text in PROMPTS]
+        plan = {0: (prompts[0], GenerateParams(max_tokens=30), 0), 1: (prompts[1], sampled, 0),
+                1_000: (prompts[2], GenerateParams(max_tokens=6), 3), 7: (prompts[3], sampled, 9)}
         decoder = runner.batch_decoder(4, 4 * CTX)
-        decoder.start(0, prompts[0], GenerateParams(max_tokens=8))
-        decoder.start(1, prompts[1], GenerateParams(max_tokens=8))
-        got = {seq_id: [token] for seq_id, token in _next(decoder).items()}
-        decoder.start(2, prompts[2], GenerateParams(max_tokens=8))  # a micro-batch runs: it waits
-        while len(got[1]) < 8:
-            sampled = _next(decoder)
-            assert 2 not in sampled and (0 in sampled) == (len(got[0]) < 3), sampled
-            for seq_id, token in sampled.items():
-                got[seq_id].append(token)
-            if len(got[0]) == 3:
-                decoder.finish(0)  # stopped early: no more tokens for it
-        decoder.finish(1)
-        got[2] = [_next(decoder)[2] for _ in range(8)]  # the next micro-batch
+        together = _decode(decoder, plan)
+        alone = {seq_id: _decode(decoder, {seq_id: (prompt, params, 0)})[seq_id] for seq_id, (prompt, params, _) in plan.items()}
         decoder.close()
-        assert [got[0], got[1], got[2]] == [alone[0][:3], alone[1], alone[2]]
-        assert decoder.launched == {2: 1, 1: 1}
+    assert together == alone
 
 
-def test_a_row_at_the_end_of_the_models_context_gets_an_end_token(artifact):
-    """genai stops at its context length (1024 here); the row is then ended, never left hanging."""
+def test_a_long_prompt_prefills_a_chunk_per_step_while_others_decode(artifact, monkeypatch):
+    """With 8-token chunks, a 60-token prompt takes 8 steps; the running sequence gets a token in
+    each of them, and both answers equal their answers alone."""
+    monkeypatch.setattr(continuous, "PREFILL_CHUNK", 8)
     with open_runner(artifact.path, n_ctx=CTX, need_logits=False) as runner:
-        decoder = runner.batch_decoder(2, 4 * CTX)
-        decoder.start(0, (runner.tokenize("the ") * 1010)[:1010], GenerateParams(max_tokens=50))
-        tokens = [_next(decoder)[0] for _ in range(15)]
+        long_prompt = runner.prompt_ids(" ".join(PROMPTS) * 2)[:60]
+        short = runner.prompt_ids(PROMPTS[0])
+        decoder = runner.batch_decoder(2, 2 * CTX)
+        decoder.start(0, short, GenerateParams(max_tokens=20))
+        first = decoder.step()
+        decoder.start(1, long_prompt, GenerateParams(max_tokens=8))
+        steps = [decoder.step() for _ in range(8)]
+        assert all(0 in s for s in steps) and [1 in s for s in steps] == [False] * 7 + [True]
         decoder.close()
-    assert not any(runner.is_eos(t) for t in tokens[:14]) and runner.is_eos(tokens[14]), tokens
+        together = [first[0]] + [s[0] for s in steps]
+        alone_short = _decode(decoder, {0: (short, GenerateParams(max_tokens=9), 0)})[0]
+        alone_long = _decode(decoder, {1: (long_prompt, GenerateParams(max_tokens=1), 0)})[1]
+        decoder.close()
+    assert together == alone_short and steps[-1][1] == alone_long[0]
 
 
-def _next(decoder) -> dict[int, int]:
-    """The next step that samples anything (a decoder gathering rows answers nothing for ~20 ms)."""
-    for _ in range(1000):
-        if sampled := decoder.step():
-            return sampled
-    raise AssertionError("the decoder never launched a micro-batch")
-
-
+def test_a_sequence_at_the_end_of_the_context_gets_an_end_token(artifact):
+    """The server never asks for more than the context holds; a direct caller that does gets EOS."""
+    with open_runner(artifact.path, n_ctx=64, need_logits=False) as runner:
+        decoder = runner.batch_decoder(2, 128)
+        decoder.start(0, (runner.tokenize("the ") * 60)[:60], GenerateParams(max_tokens=50))
+        tokens = [decoder.step()[0] for _ in range(6)]  # the 5th is sampled from position 64's logits: no room to run it
+        decoder.start(1, runner.tokenize("the ") * 70, GenerateParams(max_tokens=5))  # a prompt past the context
+        refused = decoder.step()
+        decoder.close()
+    assert not any(runner.is_eos(t) for t in tokens[:5]) and runner.is_eos(tokens[5]), tokens
+    assert runner.is_eos(refused[1])
 # -- the real server ---------------------------------------------------------------------------
 
 GENERATED = f'edgequant_generated_tokens_total{{model="{MODEL}"}}'
@@ -156,7 +166,7 @@ def test_a_stream_cancelled_midway_frees_its_slot(server, artifact):
     assert scrape(server, CANCELLED) == cancelled + 1 and scrape(server, GENERATED) - before < LONG  # stopped midway
     after = _complete(server, PROMPTS[1], 12)
     assert after.status_code == 200
-    assert after.json()["choices"][0]["text"] == _served(artifact, [(PROMPTS[1], GenerateParams(max_tokens=12))], batch=1)[0][0]
+    assert after.json()["choices"][0]["text"] == _served(artifact, [(PROMPTS[1], GenerateParams(max_tokens=12))], batch=1)[0]
 
 
 def test_queue_overflow_answers_429(server):

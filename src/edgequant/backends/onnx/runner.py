@@ -1,10 +1,11 @@
 """ONNX runner: onnxruntime-genai generates (streaming, KV cache), a raw onnxruntime session
 scores (a window from an empty past, a slice of positions per run at a large vocabulary, each
-continuing from the last one's KV cache), and the artifact's Hugging Face tokenizer tokenizes,
-so ids match the source model's exactly.
+continuing from the last one's KV cache) and serves batches (continuous.py), and the artifact's
+Hugging Face tokenizer tokenizes, so ids match the source model's exactly.
 
-Both engines load lazily: the quality pass only needs the session, the speed probe and the
-server only the generator, and holding both would double the resident weights.
+Both engines load lazily: the quality pass and the batching server only need the session, the
+speed probe and a one-at-a-time server only the generator, and holding both would double the
+resident weights.
 """
 
 from __future__ import annotations
@@ -81,12 +82,15 @@ class OnnxRunner(HFTokenizerMixin, Runner):
             yield int(generator.get_next_tokens()[0])
 
     def batch_decoder(self, n_seq: int, n_ctx: int):
-        """Micro-batches of requests on this runner's genai model (see backends/onnx/batch.py)."""
-        from edgequant.backends.onnx.batch import GenaiLimits, MicroBatchDecoder
+        """Continuous batching on this runner's onnxruntime session (see backends/onnx/continuous.py);
+        None for a graph without GroupQueryAttention, whose cache cannot be shared in place."""
+        from edgequant.backends.onnx.continuous import ContinuousDecoder
+        from edgequant.backends.onnx.tools import op_types
 
-        config = json.loads((self._folder / "genai_config.json").read_text())["model"]
-        limits = GenaiLimits.from_config(config, end_token=min(self._eos_ids, default=None))
-        return MicroBatchDecoder(self._ensure_genai(), n_seq=n_seq, n_ctx=n_ctx, limits=limits)
+        if "GroupQueryAttention" not in op_types(self._model_path):
+            return None
+        return ContinuousDecoder(self._ensure_session(), n_seq=n_seq, n_ctx=n_ctx, seq_ctx=self.n_ctx,
+                                 end_token=min(self._eos_ids, default=None))
 
     def close(self) -> None:
         self._session = None

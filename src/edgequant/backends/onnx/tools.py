@@ -154,6 +154,13 @@ class Calibration:
     decode_steps: int = 4  # single-token steps run after each prefill, with the KV cache
 
 
+def op_types(model_path: Path) -> set[str]:
+    """The operator types of a graph's main body, read without its external weights."""
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(model_path), load_external_data=False).graph.node}
+
+
 def kv_feeds(session_inputs, batch: int = 1) -> dict:
     """Empty past key/values (past length 0) for every cache input the builder's graph declares."""
     import numpy as np
