@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -181,7 +182,7 @@ def _make_job(worker: ModelWorker, body, ids: list[int], config: ServeConfig) ->
     if max_tokens > config.max_tokens_cap:
         raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's cap of {config.max_tokens_cap}", param="max_tokens")
     params = GenerateParams(max_tokens=min(max_tokens, room), temperature=body.temperature, top_p=body.top_p,
-                            seed=body.seed if body.seed is not None else 0)
+                            seed=body.seed if body.seed is not None else secrets.randbits(31))  # no seed: a fresh draw, as OpenAI's API
     loop = asyncio.get_running_loop()
     return Job(ids, params, body.stop_list(), loop, asyncio.Queue())
 

@@ -57,14 +57,22 @@ class Job:
 
 
 class JobStream:
-    """Turns one job's sampled tokens into text deltas: stop strings, EOS, token budget, UTF-8."""
+    """Turns one job's sampled tokens into text deltas: stop strings, EOS, token budget, UTF-8.
+
+    Text is decoded incrementally: each token decodes only the few ids since the last complete
+    text, with the ids before them as context (a tokenizer may render a token differently at the
+    start of a text), so a long answer costs the same per token as a short one.
+    """
 
     def __init__(self, job: Job, runner: Runner):
         self.job, self.runner = job, runner
         self.ids: list[int] = []
+        self.text = ""  # the answer's complete text so far
         self.sent = ""  # text already emitted
         self.generated = 0
         self.holdback = max((len(s) for s in job.stop), default=1) - 1  # text that may start a stop string
+        self._context = 0  # ids[_context:_decoded] give the context for decoding ids[_decoded:]
+        self._decoded = 0
 
     def feed(self, token: int) -> bool:
         """Take one sampled token; True once the job is finished (its last delta emitted)."""
@@ -74,18 +82,27 @@ class JobStream:
         if self.runner.is_eos(token):
             return self.finish("stop")
         self.ids.append(token)
-        text = self.runner.detokenize(self.ids)
-        cut = _first_stop(text, self.job.stop)
+        pending = self._pending_text()
+        if not pending.endswith("\ufffd"):  # never split a UTF-8 character across deltas
+            self.text += pending
+            self._context, self._decoded = self._decoded, len(self.ids)
+        cut = _first_stop(self.text, self.job.stop)
         if cut is not None:
-            return self.finish("stop", text[:cut])
-        if not text.endswith("\ufffd"):  # never split a UTF-8 character across deltas
-            self._flush(text[: len(text) - self.holdback])
+            return self.finish("stop", self.text[:cut])
+        self._flush(self.text[: len(self.text) - self.holdback])
         if self.generated >= self.job.params.max_tokens:
             return self.finish("length")
         return False
 
+    def _pending_text(self) -> str:
+        """The text of the ids not yet in `text`, decoded after their context ids."""
+        if self._decoded == len(self.ids):
+            return ""
+        context = self.runner.detokenize(self.ids[self._context:self._decoded])
+        return self.runner.detokenize(self.ids[self._context:])[len(context):]
+
     def finish(self, reason: str, final_text: str | None = None) -> bool:
-        self._flush(final_text if final_text is not None else self.runner.detokenize(self.ids))
+        self._flush(final_text if final_text is not None else self.text + self._pending_text())
         self.job.completed = True
         self.job.emit(Delta(finish_reason=reason, prompt_tokens=len(self.job.prompt_ids), completion_tokens=self.generated))
         return True
