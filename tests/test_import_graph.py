@@ -26,11 +26,13 @@ LAYERS = {
              "edgequant.measurement.logprobs", "edgequant.measurement.intervals", "edgequant.measurement.metric_table",
              "edgequant.measurement.settings", "edgequant.reporting.charts", "edgequant.sources.tasks",
              "edgequant.measurement.task_scores",
-             "edgequant.sources", "edgequant.measurement", "edgequant.decisions", "edgequant.reporting"],
+             "edgequant.adaptation.data",
+             "edgequant.sources", "edgequant.measurement", "edgequant.decisions", "edgequant.reporting", "edgequant.adaptation"],
     "model": ["edgequant.spec", "edgequant.artifact", "edgequant.runner", "edgequant.backend",
               "edgequant.sources.source", "edgequant.sources.gguf_import", "edgequant.measurement.evaldata",
               "edgequant.measurement.taskdata", "edgequant.sources.vision", "edgequant.measurement.imagedata",
-              "edgequant.decisions.hardware", "edgequant.decisions.gates"],
+              "edgequant.decisions.hardware", "edgequant.decisions.gates", "edgequant.adaptation.adapter",
+              "edgequant.adaptation.merge", "edgequant.adaptation.scoring"],
     "formats": ["edgequant.backends"],
     "registry": ["edgequant.registry"],
     "verbs": ["edgequant.conversion", "edgequant.sources.inspection", "edgequant.sources.importance",
@@ -38,11 +40,11 @@ LAYERS = {
               "edgequant.measurement.measure", "edgequant.measurement.task_evaluation",
               "edgequant.measurement.benchmark", "edgequant.reporting.report", "edgequant.reporting.report_text",
               "edgequant.decisions.recommend", "edgequant.decisions.optimize", "edgequant.decisions.certificate",
-              "edgequant.decisions.recipe", "edgequant.serving"],
+              "edgequant.decisions.recipe", "edgequant.serving", "edgequant.adaptation.finetune"],
     "cli": ["edgequant.cli", "edgequant.__main__", "edgequant.commands"],
 }
 RANK = {name: i for i, name in enumerate(LAYERS)}
-FOLDERS = ("edgequant.sources", "edgequant.measurement", "edgequant.decisions", "edgequant.reporting")
+FOLDERS = ("edgequant.sources", "edgequant.measurement", "edgequant.decisions", "edgequant.reporting", "edgequant.adaptation")
 # What stays at the top of the package: the helpers and contracts every folder uses, and the
 # verbs that are one module each. Anything else belongs in a folder.
 TOP_LEVEL = {"edgequant", "edgequant.__main__", "edgequant.cli", "edgequant.errors", "edgequant.atomic", "edgequant.paths",

@@ -3,5 +3,5 @@ read from the config it builds, so each is stated once) and `run(args)` turns th
 of the Python API. Only light modules are imported here, so `edgequant --help` loads no engine."""
 
 # In the order `edgequant --help` lists them.
-VERBS = ("inspect", "hardware", "recommend", "optimize", "verify", "run", "convert", "imatrix", "evaluate", "bench",
+VERBS = ("inspect", "hardware", "recommend", "optimize", "verify", "run", "finetune", "convert", "imatrix", "evaluate", "bench",
          "results", "serve")

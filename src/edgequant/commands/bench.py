@@ -11,7 +11,7 @@ from edgequant.measurement.settings import DEFAULT_EVAL
 
 def add(sub) -> None:
     p = sub.add_parser("bench", help="convert and evaluate a model at many specs; store results; write a report")
-    p.add_argument("model", nargs="?", help=common.MODEL_HELP)
+    common.add_model_argument(p)
     p.add_argument("--to", metavar="SPEC[,SPEC...]", help="specs to compare (default: a representative set over every installed backend)")
     p.add_argument("--db", type=Path, help="results database (default: results.sqlite in the edgequant cache)")
     p.add_argument("--report", type=Path, help="write a self-contained HTML report here")

@@ -35,5 +35,17 @@ def eval_config(args, speed: bool = True) -> EvalConfig:
                       gen_tokens=args.gen_tokens, repeats=args.repeats, threads=args.threads)
 
 
+def add_model_argument(p) -> None:
+    """MODEL, and the LoRA adapter merged into it (every command that takes a MODEL takes one)."""
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    p.add_argument("--adapter", type=Path, metavar="FOLDER",
+                   help="a LoRA adapter in PEFT's format (e.g. from `edgequant finetune`), merged into MODEL first")
+
+
 def model_path(args) -> Path | None:
+    """MODEL's path; with --adapter, the cached folder of MODEL with the adapter merged."""
+    if getattr(args, "adapter", None) is not None:
+        from edgequant.adaptation.merge import adapted_model
+
+        return adapted_model(args.model, args.adapter)
     return Path(args.model) if args.model else None

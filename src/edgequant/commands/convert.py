@@ -10,7 +10,7 @@ from edgequant.commands import common
 
 def add(sub) -> None:
     p = sub.add_parser("convert", help="convert and quantize a model to one or more specs")
-    p.add_argument("model", nargs="?", help=common.MODEL_HELP)
+    common.add_model_argument(p)
     p.add_argument("--to", required=True, metavar="SPEC[,SPEC...]", help="e.g. gguf:q4_k_m or gguf:q8_0,gguf:q4_k_m")
     p.add_argument("-o", "--output", type=Path, help="artifact folder (a parent folder when several specs are given)")
     p.add_argument("--force", action="store_true", help="rebuild even when the artifact already exists, and convert even where the "

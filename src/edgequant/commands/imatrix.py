@@ -11,7 +11,7 @@ from edgequant.sources.importance import ImatrixConfig
 
 def add(sub) -> None:
     p = sub.add_parser("imatrix", help="compute an importance matrix (llama.cpp's imatrix format) over calibration text")
-    p.add_argument("model", nargs="?", help=common.MODEL_HELP)
+    common.add_model_argument(p)
     p.add_argument("--calib", type=Path, help="UTF-8 calibration text (default: the built-in calibration text, "
                                               "disjoint from the evaluation text)")
     p.add_argument("--tokens", type=int, default=ImatrixConfig.tokens,

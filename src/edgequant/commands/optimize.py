@@ -13,7 +13,7 @@ from edgequant.measurement.settings import DEFAULT_EVAL
 
 def add(sub) -> None:
     p = sub.add_parser("optimize", help="measure candidates for a target, pick the best passing every gate, certify it")
-    p.add_argument("model", nargs="?", help=common.MODEL_HELP)
+    common.add_model_argument(p)
     p.add_argument("--target", metavar="PROFILE", help="hardware profile (default: the one closest to this machine)")
     p.add_argument("--gate", action="append", default=[], metavar="EXPR",
                    help="e.g. kld<=0.05, ppl_increase<=5%%, ppl_change<=5%%, top1>=0.9, size<=120MB, peak_rss<=400MB, "

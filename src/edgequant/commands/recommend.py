@@ -11,7 +11,7 @@ from edgequant.errors import EdgequantError
 
 def add(sub) -> None:
     p = sub.add_parser("recommend", help="a format and precision for a target device and constraints, and why")
-    p.add_argument("model", nargs="?", help=common.MODEL_HELP)
+    common.add_model_argument(p)
     p.add_argument("--target", metavar="PROFILE", help="hardware profile (default: the one closest to this machine; "
                                                        "`edgequant hardware --profiles` lists them)")
     p.add_argument("--max-memory", metavar="SIZE", help="peak memory bound, e.g. 1GB or 400MB")

@@ -30,6 +30,7 @@ _FINGERPRINT_GLOBS = ("config.json", "*.safetensors", "tokenizer.json", "tokeniz
                       "modules.json", "sentence_bert_config.json", "*_Pooling/config.json")
 
 
+ADAPTER_RECORD = "edgequant-adapter.json"  # in a folder edgequant merged a LoRA adapter into (adaptation/merge.py)
 _GENERIC_FOLDER_NAMES = {"model", "models", "weights", "checkpoint", "hf"}
 
 
@@ -163,9 +164,16 @@ class Source:
             return self.config.get("architecture") or ("ONNX graph" if self.kind == "onnx" else self.config["module"])
         return (self.config.get("architectures") or [self.config.get("model_type", "unknown")])[0]
 
+    @cached_property
+    def adaptation(self) -> dict | None:
+        """For a folder with a LoRA adapter merged in: its base and its adapter."""
+        record = self.path / ADAPTER_RECORD
+        return json.loads(record.read_text()) if self.kind == "hf" and record.is_file() else None
+
     def to_json(self) -> dict:
-        return {"path": str(self.path), "kind": self.kind, "fingerprint": self.fingerprint, "name": self.name,
-                "task": self.task}
+        found = {"path": str(self.path), "kind": self.kind, "fingerprint": self.fingerprint, "name": self.name,
+                 "task": self.task}
+        return {**found, "adaptation": self.adaptation} if self.adaptation else found
 
 
 def load_source(path: str | Path | None = None) -> Source:

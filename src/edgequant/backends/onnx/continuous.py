@@ -98,6 +98,7 @@ class ContinuousDecoder:
         self._seq_ctx, self._end_token = seq_ctx, end_token
         self._capacity = 0
         self._buffers: dict[str, np.ndarray] = {}
+        self._bindings: dict[tuple[int, int], object] = {}  # by row range, over the current buffers
         self._rows: list[_Sequence] = []  # row i of the buffers; rows[:decoding] decode, rows[decoding] may prefill
         self._decoding = 0
         self._waiting: list[_Sequence] = []  # started, not yet given a row
@@ -125,28 +126,36 @@ class ContinuousDecoder:
 
     def close(self) -> None:
         self._rows, self._waiting, self._decoding = [], [], 0
-        self._buffers, self._capacity = {}, 0
+        self._buffers, self._capacity, self._bindings = {}, 0, {}
 
     # -- one call of the graph ---------------------------------------------------------------
 
     def _run(self, rows: slice, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Run the graph on buffer rows `rows`, their caches bound in place; the last position's logits per row."""
-        import onnxruntime as ort
-
-        binding = self._session.io_binding()
+        binding = self._binding(rows)
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", mask)
         if self._graph.has_position_ids:
             binding.bind_cpu_input("position_ids", positions)
-        binding.bind_output("logits")
-        for name in self._graph.extra_outputs:
+        for name in ["logits", *self._graph.extra_outputs]:  # rebound each run: a bound output keeps its last shape
             binding.bind_output(name)
-        for name in self._graph.cache_inputs:
-            value = ort.OrtValue.ortvalue_from_numpy(self._buffers[name][rows])  # a view: no copy
-            binding.bind_ortvalue_input(name, value)
-            binding.bind_ortvalue_output(present_name(name), value)
         self._session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()[:, -1, :]
+
+    def _binding(self, rows: slice):
+        """An IO binding with the caches of `rows` bound as past and present (views of the buffers,
+        no copy); kept per row range until the buffers grow, so a step binds only its small inputs."""
+        import onnxruntime as ort
+
+        key = (rows.start, rows.stop)
+        if key not in self._bindings:
+            binding = self._session.io_binding()
+            for name in self._graph.cache_inputs:
+                value = ort.OrtValue.ortvalue_from_numpy(self._buffers[name][rows])
+                binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_output(present_name(name), value)
+            self._bindings[key] = binding
+        return self._bindings[key]
 
     def _decode(self) -> dict[int, int]:
         sampled = {}
@@ -211,7 +220,7 @@ class ContinuousDecoder:
             if self._capacity:
                 grown[:, :, :self._capacity] = self._buffers[name]
             self._buffers[name] = grown
-        self._capacity = capacity
+        self._capacity, self._bindings = capacity, {}
 
     def _row_of(self, seq: _Sequence) -> int:
         return next(i for i, held in enumerate(self._rows) if held is seq)

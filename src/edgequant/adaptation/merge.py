@@ -1,0 +1,67 @@
+"""Merge a LoRA adapter into its base model's float weights: a new Hugging Face folder, cached.
+
+`W' = W + scale * B A` for every adapted Linear, computed in float32 and stored in the base's own
+dtype, every other file of the base copied as it is. The merged folder is an ordinary source:
+every format converts it unchanged, its artifacts are cached under its own fingerprint, and the
+evaluation's baseline (the artifact's source) is the adapted float model, so figures say what
+conversion and quantization did to the fine-tuned model.
+
+Merging before quantizing is deliberate: mlx-lm's `fuse` on a 4-bit base dequantizes, adds the
+update and quantizes again, which rounds the update twice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from edgequant.adaptation.adapter import WEIGHTS_FILE, Adapter, load_adapter
+from edgequant.atomic import atomic_dir
+from edgequant.errors import EdgequantError
+from edgequant.paths import cache_dir
+from edgequant.progress import step
+from edgequant.sources.source import ADAPTER_RECORD, Source, load_source
+
+
+def adapted_model(model: str | Path | None, adapter: str | Path) -> Path:
+    """The folder of `model` with `adapter` merged (built once, then reused): pass it wherever a MODEL goes."""
+    source = load_source(model)
+    if source.kind not in ("hf", "gguf"):
+        raise EdgequantError(f"{source.name} is an image classifier; LoRA adapters apply to language models and "
+                             "encoders from a Hugging Face folder or a GGUF file", "drop --adapter")
+    lora = load_adapter(adapter)
+    lora.check_base(source.tensors, source.name)
+    folder = cache_dir("adapted") / f"{source.fingerprint[:16]}-{lora.fingerprint[:16]}"
+    merged = folder / f"{source.name}-with-{lora.name}"  # no "+": transformers warns on names it cannot make a module of
+    if (merged / ADAPTER_RECORD).is_file():
+        return merged
+    with step(f"merging adapter {lora.name} into {source.name} (cached)"), atomic_dir(folder, replace=True) as tmp:
+        merge_into(source, lora, tmp / merged.name)
+    return merged
+
+
+def merge_into(source: Source, adapter: Adapter, out: Path) -> None:
+    """Write `source` with `adapter` merged to the new folder `out`."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True)
+    lora = load_file(adapter.path / WEIGHTS_FILE)
+    pending = {f"{pair.module}.weight": pair for pair in adapter.pairs}
+    for item in sorted(source.hf_dir.iterdir()):
+        if item.suffix == ".safetensors":
+            tensors = load_file(item)
+            for name in pending.keys() & tensors.keys():
+                pair = pending.pop(name)
+                update = lora[pair.b].to(torch.float32) @ lora[pair.a].to(torch.float32)
+                tensors[name] = (tensors[name].to(torch.float32) + pair.scale * update).to(tensors[name].dtype)
+            save_file(tensors, out / item.name, metadata={"format": "pt"})
+        elif item.is_dir():
+            shutil.copytree(item, out / item.name)
+        else:
+            shutil.copy2(item, out / item.name)
+    if pending:  # check_base saw these names in the headers: a shard changed under us
+        raise EdgequantError(f"{source.name} changed while merging: {sorted(pending)[0]} was not found", "run the command again")
+    record = {"base": source.to_json(), "adapter": adapter.to_json()}
+    (out / ADAPTER_RECORD).write_text(json.dumps(record, indent=2))
