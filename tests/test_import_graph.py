@@ -32,7 +32,7 @@ LAYERS = {
               "edgequant.sources.source", "edgequant.sources.gguf_import", "edgequant.measurement.evaldata",
               "edgequant.measurement.taskdata", "edgequant.sources.vision", "edgequant.measurement.imagedata",
               "edgequant.decisions.hardware", "edgequant.decisions.gates", "edgequant.adaptation.adapter",
-              "edgequant.adaptation.merge", "edgequant.adaptation.scoring"],
+              "edgequant.adaptation.merge"],
     "formats": ["edgequant.backends"],
     "registry": ["edgequant.registry"],
     "verbs": ["edgequant.conversion", "edgequant.sources.inspection", "edgequant.sources.importance",
@@ -40,7 +40,8 @@ LAYERS = {
               "edgequant.measurement.measure", "edgequant.measurement.task_evaluation",
               "edgequant.measurement.benchmark", "edgequant.reporting.report", "edgequant.reporting.report_text",
               "edgequant.decisions.recommend", "edgequant.decisions.optimize", "edgequant.decisions.certificate",
-              "edgequant.decisions.recipe", "edgequant.serving", "edgequant.adaptation.finetune"],
+              "edgequant.decisions.recipe", "edgequant.serving", "edgequant.adaptation.finetune",
+              "edgequant.adaptation.scoring"],
     "cli": ["edgequant.cli", "edgequant.__main__", "edgequant.commands"],
 }
 RANK = {name: i for i, name in enumerate(LAYERS)}

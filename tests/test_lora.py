@@ -77,6 +77,18 @@ def test_every_formats_float_artifact_of_the_merged_model_matches_it(onnx_tiny, 
     assert artifact.manifest["source"]["adaptation"]["adapter"]["path"] == str(adapter[0].resolve())
     metrics = edgequant.evaluate(artifact.path, config=QUICK)  # the baseline: the artifact's source, the merged model
     assert metrics["kld_mean"] < FLOAT_SPECS[spec] and metrics["top1_agreement"] >= 0.95, metrics
+    # The fine-tune's held-out examples, scored by the artifact's runner: a float artifact keeps the whole gain.
+    reference = metrics["finetune_reference"]
+    assert reference["adapted"] < reference["base"] and metrics["finetune_kept"] == pytest.approx(1.0, abs=0.02), metrics
+
+
+def test_a_quantized_artifact_reports_how_much_of_the_fine_tune_it_kept(onnx_tiny, adapter):
+    from edgequant.decisions.gates import parse_gate
+
+    artifact = edgequant.convert(adapted_model(onnx_tiny, adapter[0]), "gguf:q4_0")
+    metrics = edgequant.evaluate(artifact.path, config=QUICK)
+    assert metrics["finetune_loss"] > metrics["finetune_reference"]["adapted"] and metrics["finetune_kept"] < 1.0
+    assert parse_gate("finetune_kept>=90%").value == pytest.approx(0.9)
 
 
 def test_an_adapter_for_another_base_is_refused_with_the_reason(tiny_model, adapter):

@@ -94,6 +94,10 @@ def _evaluate(target, baseline, config: EvalConfig | None, reuse: bool) -> tuple
     scores, arithmetic = _quality(resolved, source, windows, reference, threads)
     metrics = {"target": resolved.label, "baseline": str(source.path), **quality_figures(scores),
                **({"arithmetic": arithmetic} if arithmetic else {}), "size_bytes": resolved.size_bytes}
+    if source.adaptation:  # a fine-tuned model: did the adaptation survive conversion?
+        from edgequant.adaptation.scoring import finetune_figures
+
+        metrics.update(finetune_figures(source, resolved.path, threads))
     if source.is_default_model:  # its quality figures always travel with why they flatter low bits
         from edgequant.sources.source import DEFAULT_MODEL_CAVEAT
 

@@ -78,6 +78,11 @@ TABLE: tuple[Metric, ...] = (
     Metric("probe_accuracy", "probe acc", QUALITY, "higher", "{:.1%}", gate="accuracy", interval=True,
            column="probe_accuracy", interval_column="probe_accuracy",
            what="polarity accuracy of a cross-validated linear probe on the embeddings"),
+    # A model with a LoRA adapter `finetune` trained merged in: the fine-tune's own held-out examples.
+    Metric("finetune_loss", "fine-tune loss", QUALITY, "lower", "{:.4f}", gate="finetune_loss",
+           what="loss on the fine-tune's held-out examples"),
+    Metric("finetune_kept", "fine-tune kept", QUALITY, "higher", "{:.1%}", gate="finetune_kept", gate_units={"": 1, "%": 0.01},
+           what="share of the fine-tune's held-out loss reduction kept (1 = the adapted float model's)"),
     Metric("decode_tps", "decode tok/s", SPEED, "higher", "{:.1f}", "tokens/s", spread="decode_tps_range", column="decode_tps",
            what="decode speed (median of the timed repeats)"),
     Metric("prefill_tps", "prefill tok/s", SPEED, "higher", "{:.1f}", "tokens/s", column="prefill_tps", in_report=False,
