@@ -150,6 +150,7 @@ class ContinuousDecoder:
         key = (rows.start, rows.stop)
         if key not in self._bindings:
             binding = self._session.io_binding()
+            binding.bind_output("logits")  # first: `_run` reads the first output (rebinding keeps the place)
             for name in self._graph.cache_inputs:
                 value = ort.OrtValue.ortvalue_from_numpy(self._buffers[name][rows])
                 binding.bind_ortvalue_input(name, value)
