@@ -5,9 +5,10 @@
    batch and steps on `mlx[cpu]` for the engine comparison (`--no-mlx` skips it).
 2. The adapter is merged into the float source (`--adapter`), and the merged model is converted
    to each spec.
-3. Every model scores the fine-tune's held-out examples (never trained on) through its runner:
-   the base model, the adapted float model (PyTorch), and each merged artifact. The share of the
-   fine-tune's loss reduction an artifact keeps is (base - artifact) / (base - adapted float).
+3. Every model scores the fine-tune's held-out examples (never trained on) through its runner, as
+   `eval` does (`adaptation.scoring.finetune_figures`): the base model, the adapted float model
+   (PyTorch), and each merged artifact. The share of the fine-tune's loss reduction an artifact
+   keeps is (base - artifact) / (base - adapted float).
 
 Writes bench/results/lora.json: the training record of both engines, the held-out loss per
 model, the share kept, sizes, date, load and settings. Target: every 8-bit artifact keeps at least
@@ -22,6 +23,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -58,15 +60,16 @@ def mlx_training(hf_dir: Path, config, scratch: Path) -> dict:
             return item
 
     dataset = CacheDataset(Examples([(e.ids, e.learned_from) for e in examples]))
+    probe = CacheDataset(Examples([(e.ids, e.learned_from) for e in examples[:config.batch]]))  # its validation: one batch
     started = time.perf_counter()
-    train(model=model, optimizer=optim.AdamW(learning_rate=config.learning_rate), train_dataset=dataset, val_dataset=dataset,
+    train(model=model, optimizer=optim.AdamW(learning_rate=config.learning_rate), train_dataset=dataset, val_dataset=probe,
           args=TrainingArgs(batch_size=config.batch, iters=config.steps, val_batches=1, steps_per_eval=10 ** 6,
                             steps_per_report=10 ** 6, adapter_file=str(scratch / "mlx-adapters.safetensors"),
                             max_seq_length=config.max_tokens))
     seconds = time.perf_counter() - started
     tokens = config.steps * config.batch * sum(len(e.ids) for e in examples) / len(examples)  # the mean example length
     return {"engine": "mlx-lm (mlx[cpu])", "steps": config.steps, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1), "note": "includes mx.compile warm-up and one validation pass"}
+            "tokens_per_s": round(tokens / seconds, 1), "note": "includes mx.compile warm-up and two validation passes of one batch"}
 
 
 def main() -> int:
@@ -74,47 +77,40 @@ def main() -> int:
     parser.add_argument("--specs", default=",".join(SPECS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--no-mlx", action="store_true", help="skip the mlx-lm training comparison")
+    parser.add_argument("--mlx-steps", type=int, default=8, help="mlx-lm training steps (its speed only: it is slow here)")
+    parser.add_argument("--threads", type=int, help="PyTorch training threads (default: all cores)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "lora.json")
     args = parser.parse_args()
 
     import edgequant
-    from edgequant.adaptation.scoring import held_out_examples, kept_share, runner_loss
+    from edgequant.adaptation.scoring import finetune_figures
     from edgequant.measurement.evaluation import machine_info
-    from edgequant.registry import open_runner
+    from edgequant.runner import default_threads
 
     os.environ.setdefault("EDGEQUANT_QUIET", "1")
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     load_before = [round(x, 2) for x in os.getloadavg()]
     scratch = Path(tempfile.mkdtemp(prefix="edgequant-lora-"))
-    config = edgequant.FinetuneConfig(scratch / "zen-lora", steps=args.steps)
+    config = edgequant.FinetuneConfig(scratch / "zen-lora", steps=args.steps, threads=args.threads)
     training = {"torch": edgequant.finetune(config)}
-    source = edgequant.load_source(None)
     if not args.no_mlx:
-        training["mlx"] = mlx_training(source.hf_dir, config, scratch)
-    merged = edgequant.adapted_model(None, config.output)
-    examples = held_out_examples(source.hf_dir, config.data)
-
-    def loss_of(path) -> float:
-        with open_runner(path, n_ctx=512) as runner:
-            return round(runner_loss(runner, examples), 4)
-
-    base, adapted = loss_of(None), loss_of(merged)
-    rows = []
+        training["mlx"] = mlx_training(edgequant.load_source(None).hf_dir, replace(config, steps=args.mlx_steps), scratch)
+    merged = edgequant.load_source(edgequant.adapted_model(None, config.output))
+    rows, reference = [], None
     for spec in [s.strip() for s in args.specs.split(",") if s.strip()]:
-        artifact = edgequant.convert(merged, spec)
-        loss = loss_of(artifact.path)
-        share = kept_share(base, adapted, loss)
-        rows.append({"spec": spec, "size_mb": round(artifact.size_bytes / 1e6, 1), "held_out_loss": loss,
-                     "kept_share": round(share, 3) if share is not None else None,
-                     "target": ">= 0.90" if spec in EIGHT_BIT else "reported"})
+        artifact = edgequant.convert(merged.path, spec)
+        figures = finetune_figures(merged, artifact.path, default_threads())  # the runner of the artifact, as eval scores it
+        reference = figures["finetune_reference"]
+        rows.append({"spec": spec, "size_mb": round(artifact.size_bytes / 1e6, 1), "held_out_loss": figures["finetune_loss"],
+                     "kept_share": figures["finetune_kept"], "target": ">= 0.90" if spec in EIGHT_BIT else "reported"})
         print(json.dumps(rows[-1]), flush=True)
     report = {
         "date": started, "edgequant": edgequant.__version__, "machine": machine_info(),
         "load_avg_before": load_before, "load_avg_after": [round(x, 2) for x in os.getloadavg()],
-        "settings": {"data": config.data, "steps": config.steps, "rank": config.rank, "alpha": config.alpha,
-                     "learning_rate": config.learning_rate, "batch": config.batch, "held_out_examples": len(examples)},
+        "settings": {"training_threads": args.threads or "all cores", "data": config.data, "steps": config.steps,
+                     "rank": config.rank, "alpha": config.alpha, "learning_rate": config.learning_rate, "batch": config.batch},
         "training": training,
-        "held_out_loss": {"base": base, "adapted_float": adapted},
+        "held_out_loss": {"base": reference["base"], "adapted_float": reference["adapted"], "examples": reference["examples"]},
         "artifacts": rows,
         "eight_bit_all_keep_90pct": all(r["kept_share"] is not None and r["kept_share"] >= 0.9 for r in rows if r["spec"] in EIGHT_BIT),
         "four_bit_below_90pct": [r["spec"] for r in rows if r["spec"] not in EIGHT_BIT and (r["kept_share"] or 0) < 0.9],

@@ -8,7 +8,9 @@ these prompts about 6, 26, 61 and 64 tokens). Per level: total generated tokens/
 token p50/p95, request latency p50/p95/p99, failures.
 
 The reference, per format, run on the same prompt ids with the same settings and threads:
-- gguf: `python -m llama_cpp.server` on the same file, through the same streamed HTTP load;
+- gguf: `python -m llama_cpp.server` on the same file, through the same streamed HTTP load, with
+  `--interrupt_requests False` (by default it ends a running stream when another request
+  arrives); it sends no usage figure in a stream, so its tokens are counted as text chunks;
 - openvino: OpenVINO GenAI's `ContinuousBatchingPipeline` in this process, the clients' prompts of
   each round in one `generate` call;
 - onnx: onnxruntime-genai in this process, the clients' prompts of each round in one generator;
@@ -241,7 +243,8 @@ def reference_for(fmt: str, artifact, threads: int):
     if fmt == "gguf":
         port = free_port()
         return HttpSide([sys.executable, "-m", "llama_cpp.server", "--model", str(artifact.model_path), "--port", str(port),
-                         "--host", "127.0.0.1", "--n_ctx", str(CTX), "--n_threads", str(threads)], port)
+                         "--host", "127.0.0.1", "--n_ctx", str(CTX), "--n_threads", str(threads),
+                         "--interrupt_requests", "False"], port)  # its default ends a running stream when a request arrives
     if fmt in ("openvino", "onnx"):
         with open_runner(artifact.path, n_ctx=CTX, need_logits=False) as runner:  # its tokenizer: the server's prompt ids
             prompt_ids, is_eos = [runner.prompt_ids(p) for p in PROMPTS], runner.is_eos
@@ -313,6 +316,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=HERE / "results" / "serve.json")
+    parser.add_argument("--merge", action="store_true", help="replace only the formats run in an existing --output")
     args = parser.parse_args()
 
     import edgequant
@@ -325,8 +329,13 @@ def main() -> int:
     load_before = [round(x, 2) for x in os.getloadavg()]
     formats = {}
     for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
-        formats[fmt] = bench_format(fmt, threads, args.max_tokens, args.rounds)
+        formats[fmt] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "load_avg_before": [round(x, 2) for x in os.getloadavg()],
+                        **bench_format(fmt, threads, args.max_tokens, args.rounds)}
         print(fmt, json.dumps(formats[fmt]["ratios"]), flush=True)
+    if args.merge and args.output.is_file():  # formats measured by an earlier run keep their own date and load
+        earlier = json.loads(args.output.read_text())
+        formats = {**{f: {**v, "date": v.get("date", earlier["date"])} for f, v in earlier["formats"].items()}, **formats}
     report = {
         "date": started, "edgequant": edgequant.__version__, "machine": machine_info(),
         "load_avg_before": load_before, "load_avg_after": [round(x, 2) for x in os.getloadavg()],
