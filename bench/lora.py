@@ -74,6 +74,8 @@ def mlx_training(hf_dir: Path, config, scratch: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="base model (default: the embedded default model); e.g. the float "
+                        "stand-in bench/dithered_model.py writes")
     parser.add_argument("--specs", default=",".join(SPECS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--no-mlx", action="store_true", help="skip the mlx-lm training comparison")
@@ -91,11 +93,11 @@ def main() -> int:
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     load_before = [round(x, 2) for x in os.getloadavg()]
     scratch = Path(tempfile.mkdtemp(prefix="edgequant-lora-"))
-    config = edgequant.FinetuneConfig(scratch / "zen-lora", steps=args.steps, threads=args.threads)
+    config = edgequant.FinetuneConfig(scratch / "zen-lora", args.model, steps=args.steps, threads=args.threads)
     training = {"torch": edgequant.finetune(config)}
     if not args.no_mlx:
-        training["mlx"] = mlx_training(edgequant.load_source(None).hf_dir, replace(config, steps=args.mlx_steps), scratch)
-    merged = edgequant.load_source(edgequant.adapted_model(None, config.output))
+        training["mlx"] = mlx_training(edgequant.load_source(args.model).hf_dir, replace(config, steps=args.mlx_steps), scratch)
+    merged = edgequant.load_source(edgequant.adapted_model(args.model, config.output))
     rows, reference = [], None
     for spec in [s.strip() for s in args.specs.split(",") if s.strip()]:
         artifact = edgequant.convert(merged.path, spec)
@@ -107,6 +109,7 @@ def main() -> int:
     report = {
         "date": started, "edgequant": edgequant.__version__, "machine": machine_info(),
         "load_avg_before": load_before, "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        "model": str(edgequant.load_source(args.model).path),
         "settings": {"training_threads": args.threads or "all cores", "data": config.data, "steps": config.steps,
                      "rank": config.rank, "alpha": config.alpha, "learning_rate": config.learning_rate, "batch": config.batch},
         "training": training,
