@@ -190,8 +190,9 @@ def _make_job(worker: ModelWorker, body, ids: list[int], config: ServeConfig) ->
 async def _next(job: Job, deadline: float) -> Delta:
     remaining = deadline - time.monotonic()
     try:
-        return await asyncio.wait_for(job.out.get(), timeout=max(remaining, 0.001))
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(max(remaining, 0.001)):  # no task per token, as wait_for makes
+            return await job.out.get()
+    except TimeoutError:
         job.cancelled.set()
         raise ApiError(504, "the request timed out", "timeout_error", code="timeout") from None
 
