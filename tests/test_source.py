@@ -37,6 +37,22 @@ def test_folder_that_is_not_a_model(tmp_path):
         edgequant.load_source(tmp_path)
 
 
+def test_a_pickle_checkpoint_is_refused_with_how_to_convert_it(tiny_model, tmp_path):
+    """A folder whose weights are pytorch_model.bin, or a .pt file, is never unpickled: the error
+    says why and gives the one-line conversion to safetensors."""
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    with pytest.raises(EdgequantError, match="pytorch_model.bin is a pickle checkpoint") as refused:
+        edgequant.load_source(folder)
+    assert "safe_serialization=True" in refused.value.fix and str(folder) in refused.value.fix
+    checkpoint = tmp_path / "weights.pt"
+    checkpoint.write_bytes(b"\x80\x04not loaded")
+    with pytest.raises(EdgequantError, match="weights.pt is a pickle checkpoint") as refused:
+        edgequant.load_source(checkpoint)
+    assert "weights_only=True" in refused.value.fix
+
+
 def test_truncated_safetensors(tiny_model, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)

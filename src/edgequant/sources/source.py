@@ -204,6 +204,8 @@ def load_source(path: str | Path | None = None) -> Source:
         if not is_imported(fingerprint):  # an imported file was checked then; a changed file gets a new fingerprint
             check_gguf(path)
         return Source(path, "gguf", fingerprint)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _pickle_refusal(str(path), None)
     raise EdgequantError(
         f"{path} is not a model edgequant reads",
         "pass a Hugging Face folder (config.json and *.safetensors), a .gguf file, an image classifier's .json "
@@ -211,9 +213,28 @@ def load_source(path: str | Path | None = None) -> Source:
     )
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # PyTorch checkpoints: pickle, which runs code when loaded
+
+
+def _pickle_refusal(what: str, folder: Path | None) -> EdgequantError:
+    """Refuse a pickle checkpoint; `folder`: the Hugging Face folder it sits in, else None (a bare file)."""
+    if folder is not None:
+        fix = (f"convert it once where you trust the file: python -c \"from transformers import AutoModel as M; "
+               f"M.from_pretrained('{folder}').save_pretrained('{folder}-safetensors', safe_serialization=True)\" "
+               "(AutoModelForCausalLM for a language model), then pass the new folder")
+    else:
+        fix = ("where you trust the file, load its state dict with torch.load(path, weights_only=True), save it with "
+               "safetensors.torch.save_file into a folder beside the model's config.json, and pass that folder")
+    return EdgequantError(f"{what} is a pickle checkpoint: loading one can run any code it carries, so edgequant reads "
+                          "only safetensors", fix)
+
+
 def _check_hf_folder(path: Path) -> str:
     config_path = path / "config.json"
     weights = sorted(path.glob("*.safetensors"))
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if config_path.is_file() and not weights and pickles:
+        raise _pickle_refusal(f"{path}'s weights file {pickles[0]}", path)
     if not config_path.is_file() or not weights:
         missing = "config.json" if not config_path.is_file() else "*.safetensors weights"
         raise EdgequantError(
