@@ -22,7 +22,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # helpers sit below its verbs (measurement's intervals are a base helper, its evaluation a verb).
 LAYERS = {
     "base": ["edgequant", "edgequant.errors", "edgequant.atomic", "edgequant.paths", "edgequant.progress",
-             "edgequant.fingerprint", "edgequant.sources.safetensors_info", "edgequant.sources.auto_tokenizer",
+             "edgequant.fingerprint", "edgequant.sources.safetensors_info",
+             "edgequant.sources.gguf_header", "edgequant.sources.auto_tokenizer",
              "edgequant.measurement.logprobs", "edgequant.measurement.intervals", "edgequant.measurement.metric_table",
              "edgequant.measurement.settings", "edgequant.reporting.charts", "edgequant.sources.tasks",
              "edgequant.measurement.task_scores",

@@ -34,16 +34,19 @@ _CHECK_CHARS = 20000  # characters of each text the tokenizer must split as llam
 
 def check_gguf(path: Path):
     """Open a GGUF file's metadata and make sure all tensor data is present."""
-    fix = f"re-create or re-download {path.name}; it is truncated or not a GGUF file"
-    with path.open("rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise EdgequantError(f"{path} is not a GGUF file (bad magic)", fix)
     from gguf import GGUFReader
 
+    from edgequant.sources.gguf_header import HeaderProblem, check_header
+
+    fix = f"re-create or re-download {path.name}; it is truncated or not a GGUF file"
+    try:
+        check_header(path)  # counts and lengths bounded by the file before the reader believes them
+    except HeaderProblem as problem:
+        raise EdgequantError(f"{path} is not a GGUF file, or a corrupt or truncated one: {problem}", fix) from None
     try:
         reader = GGUFReader(path)
-    except Exception as exc:  # the reader raises many types on corrupt input
-        raise EdgequantError(f"{path} is a corrupt GGUF file ({type(exc).__name__}: {exc})", fix) from None
+    except Exception as exc:  # the reader raises many types on corrupt input; its text is not for the user
+        raise EdgequantError(f"{path} is a corrupt GGUF file (the gguf reader failed with {type(exc).__name__})", fix) from None
     size = path.stat().st_size
     for tensor in reader.tensors:
         if tensor.data_offset + tensor.n_bytes > size:

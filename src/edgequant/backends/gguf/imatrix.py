@@ -65,6 +65,9 @@ def read_imatrix(path: Path) -> ImportanceMatrix:
 def _read_gguf(path: Path) -> ImportanceMatrix:
     from gguf import GGUFReader
 
+    from edgequant.sources.gguf_header import check_header
+
+    check_header(path)  # a HeaderProblem is a ValueError: refused below with its words
     reader = GGUFReader(path)
     fields = reader.fields
     kind = _field_value(fields.get("general.type"))
