@@ -6,6 +6,7 @@ stays instant. `EdgequantError` becomes a two-line message and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from importlib import import_module
@@ -38,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgequant: error: {exc.problem}", file=sys.stderr)
         if exc.fix:
             print(f"  fix: {exc.fix}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"edgequant: error: the disk is full{where}", file=sys.stderr)
+        print("  fix: free space, or write elsewhere (-o PATH, or EDGEQUANT_HOME for the cache); "
+              "nothing half-written was kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgequant: interrupted", file=sys.stderr)

@@ -70,10 +70,28 @@ def run_convert(config: ConvertConfig) -> Artifact:
     started = time.perf_counter()
     with step(f"converting {source.name} to {config.spec}"), atomic_dir(out, replace=True) as tmp:
         convert_hook = backend.convert if source.task == TEXT_GENERATION else backend.convert_task
-        info = convert_hook(source, config.spec, tmp)
+        try:
+            info = convert_hook(source, config.spec, tmp)
+        except Exception:
+            _refuse_if_disk_full(tmp, out)  # an engine that ran out of space says so in its own words, or not at all
+            raise
         manifest = _manifest(source, config.spec, backend, info, tmp, time.perf_counter() - started, inputs)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return open_artifact(out)
+
+
+DISK_FULL_BYTES = 64 * 2**20  # a conversion that failed with less free space than this most likely ran out of it
+
+
+def _refuse_if_disk_full(tmp: Path, out: Path) -> None:
+    """Raise the disk-full error when the folder being written has (almost) no space left."""
+    import shutil
+
+    free = shutil.disk_usage(tmp).free
+    if free < DISK_FULL_BYTES:
+        raise EdgequantError(f"the disk holding {out.parent} filled up during the conversion ({free / 2**20:.1f} MiB left)",
+                             "free space, or write elsewhere (-o PATH, or EDGEQUANT_HOME for the cache); "
+                             "nothing half-written was kept") from None
 
 
 def check_task(backend, source, spec: Spec) -> None:
