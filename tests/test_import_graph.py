@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # serving, backends); layers order them by what may import what. A folder spans layers where its
 # helpers sit below its verbs (measurement's intervals are a base helper, its evaluation a verb).
 LAYERS = {
-    "base": ["edgequant", "edgequant.errors", "edgequant.atomic", "edgequant.paths", "edgequant.progress",
+    "base": ["edgequant", "edgequant.errors", "edgequant.atomic", "edgequant.locks", "edgequant.paths", "edgequant.progress",
              "edgequant.fingerprint", "edgequant.sources.safetensors_info",
              "edgequant.sources.gguf_header", "edgequant.sources.auto_tokenizer",
              "edgequant.measurement.logprobs", "edgequant.measurement.intervals", "edgequant.measurement.metric_table",
@@ -49,7 +49,8 @@ RANK = {name: i for i, name in enumerate(LAYERS)}
 FOLDERS = ("edgequant.sources", "edgequant.measurement", "edgequant.decisions", "edgequant.reporting", "edgequant.adaptation")
 # What stays at the top of the package: the helpers and contracts every folder uses, and the
 # verbs that are one module each. Anything else belongs in a folder.
-TOP_LEVEL = {"edgequant", "edgequant.__main__", "edgequant.cli", "edgequant.errors", "edgequant.atomic", "edgequant.paths",
+TOP_LEVEL = {"edgequant", "edgequant.__main__", "edgequant.cli", "edgequant.errors", "edgequant.atomic",
+             "edgequant.locks", "edgequant.paths",
              "edgequant.progress", "edgequant.fingerprint", "edgequant.spec", "edgequant.artifact", "edgequant.runner",
              "edgequant.backend", "edgequant.registry", "edgequant.conversion"}
 

@@ -14,6 +14,7 @@ from edgequant.artifact import MANIFEST, SCHEMA_VERSION, Artifact, folder_size, 
 from edgequant.atomic import atomic_dir, ensure_writable_parent
 from edgequant.errors import EdgequantError
 from edgequant.fingerprint import file_sha256
+from edgequant.locks import building
 from edgequant.paths import cache_dir
 from edgequant.progress import note, step
 from edgequant.registry import BASELINE_FORMAT, backends, get_backend, parse_spec
@@ -48,6 +49,12 @@ def run_convert(config: ConvertConfig) -> Artifact:
     source = load_source(config.model)
     out = (config.output or default_artifact_dir(source.fingerprint, config.spec)).expanduser().resolve()
     ensure_writable_parent(out)
+    with building(out, f"converting {source.name} to {config.spec} in {out}"):
+        return _convert_held(config, backend, source, out)
+
+
+def _convert_held(config: ConvertConfig, backend, source, out: Path) -> Artifact:
+    """The conversion, once this process holds `out`'s lock: reuse what is there, else build it."""
     existing = _existing(out)
     inputs = {str(path): file_sha256(path) for path in backend.input_files(config.spec)}
     same_target = existing is not None and existing.source_fingerprint == source.fingerprint and existing.spec == config.spec

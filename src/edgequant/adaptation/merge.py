@@ -19,6 +19,7 @@ from pathlib import Path
 from edgequant.adaptation.adapter import WEIGHTS_FILE, Adapter, load_adapter
 from edgequant.atomic import atomic_dir
 from edgequant.errors import EdgequantError
+from edgequant.locks import building
 from edgequant.paths import cache_dir
 from edgequant.progress import step
 from edgequant.sources.source import ADAPTER_RECORD, Source, load_source
@@ -36,8 +37,10 @@ def adapted_model(model: str | Path | None, adapter: str | Path) -> Path:
     merged = folder / f"{source.name}-with-{lora.name}"  # no "+": transformers warns on names it cannot make a module of
     if (merged / ADAPTER_RECORD).is_file():
         return merged
-    with step(f"merging adapter {lora.name} into {source.name} (cached)"), atomic_dir(folder, replace=True) as tmp:
-        merge_into(source, lora, tmp / merged.name)
+    with building(folder, f"merging adapter {lora.name} into {source.name}"):
+        if not (merged / ADAPTER_RECORD).is_file():  # merged by the process this one waited for
+            with step(f"merging adapter {lora.name} into {source.name} (cached)"), atomic_dir(folder, replace=True) as tmp:
+                merge_into(source, lora, tmp / merged.name)
     return merged
 
 

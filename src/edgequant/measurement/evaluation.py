@@ -20,6 +20,7 @@ import numpy as np
 
 from edgequant.atomic import write_text_atomic
 from edgequant.errors import EdgequantError
+from edgequant.locks import building
 from edgequant.measurement.intervals import TokenScores, bootstrap
 from edgequant.measurement.intervals import method as interval_method
 from edgequant.measurement.logprobs import first_difference, kl_divergence, log_softmax
@@ -269,6 +270,13 @@ def _reference_logprobs(source, windows: Windows, threads: int) -> Path:
     path = cache_dir("reference") / f"{source.fingerprint[:16]}-{windows.key}-f32.npy"
     if path.is_file():
         return path
+    with building(path, "computing the same PyTorch baseline"):
+        if not path.is_file():  # computed by the process this one waited for
+            _compute_reference(source, windows, threads, path)
+    return path
+
+
+def _compute_reference(source, windows: Windows, threads: int, path: Path) -> None:
     n_windows, ctx = windows.ids.shape
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
     with step(f"computing the PyTorch baseline on {n_windows} windows of {ctx} tokens (cached)"):
@@ -284,7 +292,6 @@ def _reference_logprobs(source, windows: Windows, threads: int) -> Path:
             out.flush()
             del out
     tmp.rename(path)
-    return path
 
 
 def _quality(target: Target, source, windows: Windows, reference: Path, threads: int) -> tuple[TokenScores, str | None]:

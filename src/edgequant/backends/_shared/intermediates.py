@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgequant.atomic import atomic_dir
+from edgequant.locks import building
 from edgequant.paths import cache_dir
 from edgequant.progress import step
 
@@ -17,6 +18,8 @@ def cached_intermediate(source, kind: str, marker: str, build: Callable[[Path], 
     folder = cache_dir("intermediates") / f"{source.fingerprint[:16]}-{kind}"
     if (folder / marker).is_file():
         return folder
-    with step(f"{what} (cached)"), atomic_dir(folder, replace=True) as tmp:
-        build(tmp)
+    with building(folder, what):
+        if not (folder / marker).is_file():  # another process may have built it while this one waited
+            with step(f"{what} (cached)"), atomic_dir(folder, replace=True) as tmp:
+                build(tmp)
     return folder
