@@ -18,7 +18,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from edgequant.paths import cache_dir
 from edgequant.progress import note
@@ -43,6 +43,16 @@ def building(target: Path, what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_once(target: Path, done: Path, what: str, build: Callable[[], None]) -> None:
+    """Run `build` unless `done` (the file that marks `target` finished) exists, holding `target`'s
+    lock, and look for `done` again once the lock is held: a process that waited usually finds it."""
+    if done.exists():
+        return
+    with building(target, what):
+        if not done.exists():
+            build()
 
 
 def _holder(path: Path) -> str:

@@ -67,19 +67,17 @@ class Adapter:
     def check_base(self, tensors: list[TensorInfo], model_name: str) -> None:
         """Refuse an adapter whose layers the base does not have in the shapes it was trained on."""
         shapes = {t.name: t.shape for t in tensors}
+        fix = ("pass the model the adapter was trained on (its adapter_config.json names it: "
+               f"{self.config.get('base_model_name_or_path') or 'not recorded'})")
         for pair in self.pairs:
             weight = shapes.get(f"{pair.module}.weight")
             if weight is None:
                 raise EdgequantError(f"adapter {self.name} adapts {pair.module}, which {model_name} does not have: "
-                                     "it was trained for a different base model",
-                                     "pass the model the adapter was trained on (its adapter_config.json names it: "
-                                     f"{self.config.get('base_model_name_or_path') or 'not recorded'})")
+                                     "it was trained for a different base model", fix)
             if tuple(weight) != (pair.out_features, pair.in_features):
                 raise EdgequantError(f"adapter {self.name} expects {pair.module} of shape {pair.out_features} x "
                                      f"{pair.in_features}; {model_name} has {' x '.join(map(str, weight))}: it was "
-                                     "trained for a different base model",
-                                     "pass the model the adapter was trained on (its adapter_config.json names it: "
-                                     f"{self.config.get('base_model_name_or_path') or 'not recorded'})")
+                                     "trained for a different base model", fix)
 
 
 def load_adapter(path: str | Path) -> Adapter:

@@ -19,7 +19,7 @@ from pathlib import Path
 from edgequant.adaptation.adapter import WEIGHTS_FILE, Adapter, load_adapter
 from edgequant.atomic import atomic_dir
 from edgequant.errors import EdgequantError
-from edgequant.locks import building
+from edgequant.locks import build_once
 from edgequant.paths import cache_dir
 from edgequant.progress import step
 from edgequant.sources.source import ADAPTER_RECORD, Source, load_source
@@ -35,12 +35,13 @@ def adapted_model(model: str | Path | None, adapter: str | Path) -> Path:
     lora.check_base(source.tensors, source.name)
     folder = cache_dir("adapted") / f"{source.fingerprint[:16]}-{lora.fingerprint[:16]}"
     merged = folder / f"{source.name}-with-{lora.name}"  # no "+": transformers warns on names it cannot make a module of
-    if (merged / ADAPTER_RECORD).is_file():
-        return merged
-    with building(folder, f"merging adapter {lora.name} into {source.name}"):
-        if not (merged / ADAPTER_RECORD).is_file():  # merged by the process this one waited for
-            with step(f"merging adapter {lora.name} into {source.name} (cached)"), atomic_dir(folder, replace=True) as tmp:
-                merge_into(source, lora, tmp / merged.name)
+    what = f"merging adapter {lora.name} into {source.name}"
+
+    def merge_in_place() -> None:
+        with step(f"{what} (cached)"), atomic_dir(folder, replace=True) as tmp:
+            merge_into(source, lora, tmp / merged.name)
+
+    build_once(folder, merged / ADAPTER_RECORD, what, merge_in_place)
     return merged
 
 

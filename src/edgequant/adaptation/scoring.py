@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from edgequant.adaptation import data as datasets
 from edgequant.adaptation.finetune import RECORD
+from edgequant.atomic import write_text_atomic
+from edgequant.measurement.logprobs import log_softmax
 from edgequant.progress import note
 
 REFERENCE_FILE = "finetune-reference.json"  # in a merged folder: the base's and the adapted float model's losses
@@ -36,13 +37,10 @@ def runner_loss(runner, examples: list[datasets.Example]) -> float:
     """Mean loss per learned token of `examples` under `runner` (each example scored alone)."""
     total, count = 0.0, 0
     for example in examples:
-        logits = np.asarray(runner.logits(example.ids), dtype=np.float64)
         first = max(example.learned_from, 1)  # the first token has no prediction
-        rows = logits[first - 1:len(example.ids) - 1]
+        log_probs = log_softmax(runner.logits(example.ids)[first - 1:len(example.ids) - 1])
         targets = np.asarray(example.ids[first:])
-        shifted = rows - rows.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        total -= float(log_probs[np.arange(len(targets)), targets].sum())
+        total -= float(log_probs[np.arange(len(targets)), targets].sum(dtype=np.float64))
         count += len(targets)
     return total / count
 
@@ -85,7 +83,5 @@ def _reference_losses(source, data: str, examples: list, loss_of) -> dict:
     if key not in known:
         known[key] = {"base": round(loss_of(source.adaptation["base"]["path"]), 4), "adapted": round(loss_of(source.path), 4),
                       "data": data, "examples": len(examples)}
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=2))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(known, indent=2))
     return known[key]

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgequant.atomic import write_text_atomic
 from edgequant.errors import EdgequantError
-from edgequant.locks import building
+from edgequant.locks import build_once
 from edgequant.measurement.intervals import TokenScores, bootstrap
 from edgequant.measurement.intervals import method as interval_method
 from edgequant.measurement.logprobs import first_difference, kl_divergence, log_softmax
@@ -268,11 +268,7 @@ def _reference_logprobs(source, windows: Windows, threads: int) -> Path:
     memory holds one window's (ctx x vocab), not all of them (4 windows at a 262k vocabulary are
     2.1 GB)."""
     path = cache_dir("reference") / f"{source.fingerprint[:16]}-{windows.key}-f32.npy"
-    if path.is_file():
-        return path
-    with building(path, "computing the same PyTorch baseline"):
-        if not path.is_file():  # computed by the process this one waited for
-            _compute_reference(source, windows, threads, path)
+    build_once(path, path, "computing the same PyTorch baseline", lambda: _compute_reference(source, windows, threads, path))
     return path
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgequant.atomic import atomic_dir
-from edgequant.locks import building
+from edgequant.locks import build_once
 from edgequant.paths import cache_dir
 from edgequant.progress import step
 
@@ -16,10 +16,10 @@ def cached_intermediate(source, kind: str, marker: str, build: Callable[[Path], 
     """The folder `intermediates/<fingerprint>-<kind>`: when `marker` (a file in it) is missing,
     `build(tmp)` fills a temporary folder that is then renamed into place."""
     folder = cache_dir("intermediates") / f"{source.fingerprint[:16]}-{kind}"
-    if (folder / marker).is_file():
-        return folder
-    with building(folder, what):
-        if not (folder / marker).is_file():  # another process may have built it while this one waited
-            with step(f"{what} (cached)"), atomic_dir(folder, replace=True) as tmp:
-                build(tmp)
+
+    def build_in_place() -> None:
+        with step(f"{what} (cached)"), atomic_dir(folder, replace=True) as tmp:
+            build(tmp)
+
+    build_once(folder, folder / marker, what, build_in_place)
     return folder
