@@ -25,6 +25,7 @@ _API = {
     "evaluate_with_scores": "edgequant.measurement.evaluation",
     "EvalConfig": "edgequant.measurement.settings",
     "adapted_model": "edgequant.adaptation.merge",
+    "safetensors_copy": "edgequant.sources.pickled",
     "finetune": "edgequant.adaptation.finetune",
     "FinetuneConfig": "edgequant.adaptation.finetune",
     "parse_spec": "edgequant.registry",

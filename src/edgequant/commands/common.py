@@ -36,16 +36,26 @@ def eval_config(args, speed: bool = True) -> EvalConfig:
 
 
 def add_model_argument(p) -> None:
-    """MODEL, and the LoRA adapter merged into it (every command that takes a MODEL takes one)."""
+    """MODEL, the LoRA adapter merged into it, and whether its pickle weights may be read (every
+    command that takes a MODEL takes both)."""
     p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--adapter", type=Path, metavar="FOLDER",
                    help="a LoRA adapter in PEFT's format (e.g. from `edgequant finetune`), merged into MODEL first")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read a Hugging Face folder's pickle weights (pytorch_model.bin) with torch's weights_only=True "
+                        "loader, converting them once to safetensors in the cache (default: refuse pickles)")
 
 
 def model_path(args) -> Path | None:
-    """MODEL's path; with --adapter, the cached folder of MODEL with the adapter merged."""
+    """MODEL's path; with --trust-pickle, a pickle folder's cached safetensors copy; with --adapter,
+    the cached folder of that model with the adapter merged."""
+    model = Path(args.model) if args.model else None
+    if model is not None and getattr(args, "trust_pickle", False):
+        from edgequant.sources.pickled import safetensors_copy
+
+        model = safetensors_copy(model)
     if getattr(args, "adapter", None) is not None:
         from edgequant.adaptation.merge import adapted_model
 
-        return adapted_model(args.model, args.adapter)
-    return Path(args.model) if args.model else None
+        return adapted_model(model, args.adapter)
+    return model

@@ -219,9 +219,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # PyTorch checkpoint
 def _pickle_refusal(what: str, folder: Path | None) -> EdgequantError:
     """Refuse a pickle checkpoint; `folder`: the Hugging Face folder it sits in, else None (a bare file)."""
     if folder is not None:
-        fix = (f"convert it once where you trust the file: python -c \"from transformers import AutoModel as M; "
-               f"M.from_pretrained('{folder}').save_pretrained('{folder}-safetensors', safe_serialization=True)\" "
-               "(AutoModelForCausalLM for a language model), then pass the new folder")
+        fix = ("pass --trust-pickle to read it with torch's weights_only=True loader (tensors only, no code) into a "
+               "safetensors copy cached once; or convert it yourself where you trust the file: python -c \"from "
+               f"transformers import AutoModel as M; M.from_pretrained('{folder}').save_pretrained('{folder}-safetensors', "
+               "safe_serialization=True)\" (AutoModelForCausalLM for a language model), then pass the new folder")
     else:
         fix = ("where you trust the file, load its state dict with torch.load(path, weights_only=True), save it with "
                "safetensors.torch.save_file into a folder beside the model's config.json, and pass that folder")
