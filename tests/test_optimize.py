@@ -124,12 +124,12 @@ def test_impossible_gates_exit_non_zero_and_name_the_closest_candidate_and_its_m
     assert "kld<=0.000001: missed by" in result["closest"]["missed"]
 
 
-def test_a_saved_recipe_reproduces_the_run_config(run, tmp_path):
+def test_a_saved_recipe_reproduces_the_run_config(run):
     from edgequant.decisions.recipe import load_recipe, optimize_config, save_recipe
 
-    _, config, result = run
-    save_recipe(config, tmp_path / "r.yaml", result["profile"]["name"])
-    again = optimize_config(load_recipe(tmp_path / "r.yaml"))
+    folder, config, result = run  # the recipe beside the run's output and db, where it may write them
+    save_recipe(config, folder / "r.yaml", result["profile"]["name"])
+    again = optimize_config(load_recipe(folder / "r.yaml"))
     assert again == config
 
 

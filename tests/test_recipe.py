@@ -101,3 +101,68 @@ def _wait_for_an_evaluated_artifact(home: Path, process: subprocess.Popen, timeo
         time.sleep(0.02)
     process.kill()
     pytest.fail("no artifact was evaluated in time")
+
+
+def _shared(tmp_path: Path, text: str) -> Path:
+    """A recipe in its own folder, with tmp_path/outside beside it: a place it must not write."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "outside").mkdir()
+    return _write(tmp_path / "shared", text)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("text, field", [
+    ("output: {outside}/out\n", "output"),
+    ("output: ../escape\n", "output"),
+    ("output: .\n", "output"),  # the recipe's folder itself: the winner would land beside the recipe
+    ("db: ../x.sqlite\n", "db"),
+    ("output: link/out\n", "output"),  # shared/link -> outside
+    ("db: link/x.sqlite\n", "db"),
+])
+def test_a_recipe_that_would_write_outside_its_folder_is_refused(tmp_path, cli, text, field):
+    recipe = _shared(tmp_path, text.format(outside=tmp_path / "outside"))
+    (recipe.parent / "link").symlink_to(tmp_path / "outside")
+    done = cli("run", str(recipe), "--dry-run")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"line 1: {field}: " in done.stderr and "the recipe's folder" in done.stderr and str(recipe.parent) in done.stderr
+    assert {"output": "-o PATH", "db": "--db PATH"}[field] in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside", "shared"] and not any((tmp_path / "outside").iterdir())
+
+
+@pytest.mark.unit
+def test_a_recipe_may_write_into_a_subfolder_of_its_own(tmp_path):
+    config = optimize_config(load_recipe(_shared(tmp_path, "output: sub/out\ndb: sub/results.sqlite\n")))
+    assert config.output == tmp_path / "shared" / "sub" / "out" and config.db == tmp_path / "shared" / "sub" / "results.sqlite"
+
+
+def test_places_chosen_on_the_command_line_replace_a_recipes_and_show_in_the_plan(tmp_path, cli, tiny_model):
+    recipe = _shared(tmp_path, f"source: {tiny_model}\nspecs: [gguf:q8_0]\noutput: ../escape\ndb: ../x.sqlite\n")
+    out, db = tmp_path / "outside" / "out", tmp_path / "outside" / "x.sqlite"
+    done = cli("run", str(recipe), "--dry-run", "--json", "-o", str(out), "--db", str(db))
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert (found["output"], found["db"]) == (str(out), str(db))
+    assert [c["spec"] for c in found["candidates"]] == ["gguf:q8_0"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("inside", [True, False])
+def test_a_saved_recipe_keeps_only_the_places_inside_its_folder(tmp_path, monkeypatch, capsys, inside):
+    from edgequant.decisions.optimize import OptimizeConfig
+    from edgequant.decisions.recipe import save_recipe
+
+    monkeypatch.setenv("EDGEQUANT_QUIET", "0")
+    recipe = _shared(tmp_path.resolve(), "")
+    where = recipe.parent if inside else recipe.parent.parent / "outside"
+    config = OptimizeConfig(target="x86-cpu", gates=("kld<=0.1",), output=where / "out", db=where / "results.sqlite")
+    save_recipe(config, recipe, "x86-cpu")
+    saved = load_recipe(recipe)
+    note = capsys.readouterr().err
+    if inside:
+        assert (saved.data["output"], saved.data["db"]) == ("out", "results.sqlite") and not note
+        assert optimize_config(saved) == config
+    else:
+        assert "output" not in saved.data and "db" not in saved.data
+        assert "leaves out output" in note and f"edgequant run {recipe} -o PATH" in note and "--db PATH" in note
+        assert optimize_config(saved).output == recipe.parent / "edgequant-optimized"
+        assert optimize_config(saved, output=config.output, db=config.db) == config

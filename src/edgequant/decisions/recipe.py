@@ -9,6 +9,10 @@
     output: optimized          # the winner and its certificate
     db: results.sqlite         # left out: the cache's results database
 
+`output` and `db` are written, so they must lie inside the recipe's folder: a recipe is a file
+people share, and running someone else's must not write anywhere else. The person running it
+chooses other places on the command line (`edgequant run RECIPE -o PATH --db PATH`).
+
 Every key and type is checked, and every spec, gate, profile and file resolved, before the first
 conversion; an error names the line and the field. A run is resumable because each step's
 result is kept where it is made: artifacts are renamed into place only when complete, and each
@@ -31,6 +35,8 @@ _SEARCH_KEYS = {"objective": str, "budget": int, "neighbours": bool}
 SCHEMA: dict[str, Any] = {"version": int, "source": str, "target": str, "specs": [str], "search": _SEARCH_KEYS,
                           "gates": [str], "eval": _EVAL_KEYS, "output": str, "db": str}
 VERSION = 1
+DEFAULT_OUTPUT = "edgequant-optimized"
+_CHOOSE = {"output": "-o PATH", "db": "--db PATH"}  # the `run` flags that place a written path
 _TYPE_WORDS = {int: "a whole number", str: "text", bool: "true or false", float: "a number"}
 
 
@@ -163,8 +169,26 @@ def recipe_path(recipe: Recipe, value: str) -> Path:
     return path if path.is_absolute() else (recipe.path.parent / path).resolve()
 
 
-def optimize_config(recipe: Recipe):
-    """The OptimizeConfig the recipe describes."""
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` lies within `folder` (not the folder itself), after `..` and symlinks."""
+    return folder.resolve() in Path(path).expanduser().resolve().parents
+
+
+def _written_path(recipe: Recipe, field: str, value: str) -> Path:
+    """Where the recipe writes `field`, refused outside the recipe's folder."""
+    folder = recipe.path.parent.resolve()
+    path = (folder / Path(value).expanduser()).resolve()
+    if not _inside(path, folder):
+        where = "is the recipe's folder itself" if path == folder else f"is outside the recipe's folder {folder}"
+        raise recipe.error(field, f"{path} {where}; a recipe writes only inside its folder",
+                           "write a path inside the recipe's folder, or choose the place on the command line: "
+                           f"edgequant run {recipe.path} {_CHOOSE[field]}")
+    return path
+
+
+def optimize_config(recipe: Recipe, output: Path | None = None, db: Path | None = None):
+    """The OptimizeConfig the recipe describes; `output` and `db`, when given, replace the recipe's
+    (a place chosen by the person running it is trusted, so it may be anywhere)."""
     from edgequant.decisions.optimize import DEFAULT_BUDGET, OptimizeConfig
     from edgequant.measurement.settings import DEFAULT_EVAL, EvalConfig
 
@@ -179,14 +203,15 @@ def optimize_config(recipe: Recipe):
     except EdgequantError as exc:
         raise recipe.error("eval", exc.problem, exc.fix) from None
     source = data.get("source", "default")
+    output = output or _written_path(recipe, "output", data.get("output", DEFAULT_OUTPUT))
+    db = db or (_written_path(recipe, "db", data["db"]) if "db" in data else None)
     return OptimizeConfig(
         model=None if source == "default" else recipe_path(recipe, source), target=data.get("target"),
         gates=tuple(data.get("gates", ())), objective=search.get("objective", "size"),
         budget=search.get("budget", DEFAULT_BUDGET),
         specs=tuple(data["specs"]) if "specs" in data else None,
         search=search.get("neighbours", "specs" not in data), eval=eval_config,
-        output=recipe_path(recipe, data.get("output", "edgequant-optimized")),
-        db=recipe_path(recipe, data["db"]) if "db" in data else None)
+        output=output, db=db)
 
 
 def check_recipe_path(path: Path) -> None:
@@ -196,8 +221,9 @@ def check_recipe_path(path: Path) -> None:
 
 
 def save_recipe(config, path: Path, profile: str) -> None:
-    """Write the recipe that reproduces an optimize run (the profile it used, paths absolute,
-    gates spelled out)."""
+    """Write the recipe that reproduces an optimize run (the profile it used, inputs absolute,
+    gates spelled out). Output and db are written relative to the recipe's folder; one outside it
+    is left out, as a recipe may not write there."""
     from dataclasses import asdict
 
     import yaml
@@ -214,9 +240,25 @@ def save_recipe(config, path: Path, profile: str) -> None:
     data["search"] = {"objective": config.objective, "budget": config.budget, "neighbours": config.search}
     data["gates"] = list(config.gates or DEFAULT_GATES)
     data["eval"] = {k: (str(Path(v).resolve()) if k == "data" else v) for k, v in asdict(config.eval).items() if v is not None}
-    if config.output:
-        data["output"] = str(Path(config.output).expanduser().resolve())
-    if config.db:
-        data["db"] = str(Path(config.db).expanduser().resolve())
+    data.update(_written_fields(config, Path(path).expanduser().resolve().parent, path))
     header = "# edgequant recipe: `edgequant run THIS_FILE` reproduces the optimize run that wrote it\n"
     write_text_atomic(Path(path).expanduser(), header + yaml.safe_dump(data, sort_keys=False))
+
+
+def _written_fields(config, folder: Path, path: Path) -> dict[str, str]:
+    """The recipe's `output` and `db`, relative to its folder (posix, as recipes are shared); a
+    place outside the folder is left out with a note, as running the recipe would refuse it."""
+    from edgequant.progress import note
+
+    fallback = {"output": str(folder / DEFAULT_OUTPUT), "db": "the cache's results database"}
+    found = {}
+    for field, value in (("output", config.output), ("db", config.db)):
+        if value is None:
+            continue
+        place = Path(value).expanduser().resolve()
+        if _inside(place, folder):
+            found[field] = place.relative_to(folder).as_posix()
+        else:
+            note(f"the recipe leaves out {field}: {place} is outside its folder {folder}, where a recipe may not write; "
+                 f"running it uses {fallback[field]}, or choose the place: edgequant run {path} {_CHOOSE[field]}")
+    return found
