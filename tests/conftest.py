@@ -24,6 +24,7 @@ def edgequant_home(tmp_path_factory) -> Path:
     os.environ["EDGEQUANT_HOME"] = str(home)
     os.environ["EDGEQUANT_QUIET"] = "1"
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["EDGEQUANT_DEBUG"] = "1"  # a bug's traceback in a test's output, not in a crash log
     return home
 
 

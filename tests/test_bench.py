@@ -4,6 +4,7 @@ import json
 import shutil
 import sqlite3
 import subprocess
+from dataclasses import replace
 
 import pytest
 
@@ -82,7 +83,7 @@ def bench_runs(tiny_model, tmp_path_factory, uninstalled_backend):
     config = BenchConfig(tiny_model, SPECS + ("uninstalled:int8",), folder / "results.sqlite", folder / "report.html",
                          folder / "report.md", folder / "report.json", eval=QUICK)
     first = run_bench(config)
-    second = run_bench(config)
+    second = run_bench(replace(config, resume=True, report_html=None, report_markdown=None, report_json=None))
     return folder, config, first, second
 
 
@@ -118,6 +119,16 @@ def test_second_run_adds_rows_and_reuses_artifacts(bench_runs):
         if r["artifact_fingerprint"]:
             fingerprints.setdefault(r["spec"], set()).add(r["artifact_fingerprint"])
     assert all(len(v) == 1 for v in fingerprints.values())  # the same files, not rebuilt
+
+
+def test_a_resumed_run_reuses_the_stored_evaluations_and_says_so(bench_runs):
+    _, _, first, second = bench_runs
+    before = {r.spec: r.metrics for r in first.rows if r.status == "ok"}
+    resumed = {r.spec: r for r in second.rows if r.status == "ok"}
+    assert set(resumed) == set(before) and not any(m.get("cached") for m in before.values())
+    for spec, row in resumed.items():
+        assert row.metrics["cached"] and row.metrics["perplexity"] == before[spec]["perplexity"]
+        assert any("reused (--resume)" in n for n in row.notes)
 
 
 def test_reports_are_written(bench_runs):

@@ -1,6 +1,9 @@
 """The real command line, end to end, and its handling of bad input."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +78,16 @@ def test_corrupt_gguf_on_the_command_line(cli, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
     assert_clean_failure(cli("inspect", str(bad)), "GGUF")
+
+
+def test_an_unexpected_exception_gives_a_short_error_and_a_crash_log(tmp_path):
+    """A bug (here: a verb that divides by zero) never shows the user a traceback or its internal
+    text: one error line, a crash log holding the traceback, exit 70."""
+    code = ("import edgequant.commands.hardware as verb; from edgequant.cli import main\n"
+            "verb.run = lambda args: 1 / 0\nraise SystemExit(main(['hardware']))")
+    env = {k: v for k, v in os.environ.items() if k != "EDGEQUANT_DEBUG"} | {"EDGEQUANT_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 70 and "Traceback" not in done.stderr and "division by zero" not in done.stderr
+    assert "unexpected ZeroDivisionError" in done.stderr and "fix: report it with" in done.stderr
+    log = next((tmp_path / "logs").glob("crash-*.log")).read_text()
+    assert "ZeroDivisionError: division by zero" in log and "Traceback" in log

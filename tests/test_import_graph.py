@@ -21,7 +21,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # serving, backends); layers order them by what may import what. A folder spans layers where its
 # helpers sit below its verbs (measurement's intervals are a base helper, its evaluation a verb).
 LAYERS = {
-    "base": ["edgequant", "edgequant.errors", "edgequant.atomic", "edgequant.locks", "edgequant.paths", "edgequant.progress",
+    "base": ["edgequant", "edgequant.errors", "edgequant.atomic", "edgequant.locks", "edgequant.paths", "edgequant.scratch",
+             "edgequant.children", "edgequant.progress",
              "edgequant.fingerprint", "edgequant.sources.safetensors_info",
              "edgequant.sources.gguf_header", "edgequant.sources.auto_tokenizer",
              "edgequant.measurement.logprobs", "edgequant.measurement.intervals", "edgequant.measurement.metric_table",
@@ -30,7 +31,7 @@ LAYERS = {
              "edgequant.adaptation.data",
              "edgequant.sources", "edgequant.measurement", "edgequant.decisions", "edgequant.reporting", "edgequant.adaptation"],
     "model": ["edgequant.spec", "edgequant.artifact", "edgequant.runner", "edgequant.backend",
-              "edgequant.sources.source", "edgequant.sources.gguf_import", "edgequant.measurement.evaldata",
+              "edgequant.sources.source", "edgequant.sources.gguf_import", "edgequant.sources.pickled", "edgequant.measurement.evaldata",
               "edgequant.measurement.taskdata", "edgequant.sources.vision", "edgequant.measurement.imagedata",
               "edgequant.decisions.hardware", "edgequant.decisions.gates", "edgequant.adaptation.adapter",
               "edgequant.adaptation.merge"],
@@ -50,7 +51,7 @@ FOLDERS = ("edgequant.sources", "edgequant.measurement", "edgequant.decisions", 
 # What stays at the top of the package: the helpers and contracts every folder uses, and the
 # verbs that are one module each. Anything else belongs in a folder.
 TOP_LEVEL = {"edgequant", "edgequant.__main__", "edgequant.cli", "edgequant.errors", "edgequant.atomic",
-             "edgequant.locks", "edgequant.paths",
+             "edgequant.locks", "edgequant.paths", "edgequant.scratch", "edgequant.children",
              "edgequant.progress", "edgequant.fingerprint", "edgequant.spec", "edgequant.artifact", "edgequant.runner",
              "edgequant.backend", "edgequant.registry", "edgequant.conversion"}
 

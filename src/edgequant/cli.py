@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from importlib import import_module
 
@@ -31,9 +32,13 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edgequant.scratch import begin_command
+
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    signal.signal(signal.SIGTERM, _terminated)  # `kill PID` cleans up as Ctrl-C does
     try:
+        begin_command()
         return args.run(args)
     except EdgequantError as exc:
         print(f"edgequant: error: {exc.problem}", file=sys.stderr)
@@ -51,6 +56,43 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgequant: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("edgequant: terminated", file=sys.stderr)
+        return 143
+    except Exception as exc:  # not a user's mistake: a bug of ours or an engine's
+        if os.environ.get("EDGEQUANT_DEBUG"):
+            raise
+        log = _crash_log(args)
+        print(f"edgequant: error: `{args.command}` stopped on an unexpected {type(exc).__name__} inside edgequant or an "
+              "engine it runs: a bug, not a problem with what you asked", file=sys.stderr)
+        print(f"  fix: report it with {log}, which holds the traceback (EDGEQUANT_DEBUG=1 prints it here)", file=sys.stderr)
+        return 70  # EX_SOFTWARE
     except BrokenPipeError:  # the reader went away (`| head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _crash_log(args) -> str:
+    """Write the traceback being handled, with the command and versions, to the cache's logs;
+    returns where, or says it could not."""
+    import time
+    import traceback
+
+    from edgequant.paths import cache_dir
+
+    try:
+        path = cache_dir("logs") / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text(f"edgequant {_version()}, Python {sys.version.split()[0]}\ncommand: {' '.join(sys.argv)}\n\n"
+                        + traceback.format_exc())
+    except OSError:
+        traceback.print_exc()
+        return "the traceback above"
+    return str(path)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, so every `finally` (temporary folders, locks) runs."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated()

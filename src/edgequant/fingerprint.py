@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from edgequant.atomic import write_text_atomic
 from edgequant.paths import cache_dir
 
 
@@ -27,9 +27,7 @@ def sha256_of_files(paths: list[Path]) -> dict[Path, str]:
             memo[key], added = fresh_sha256(path), True
         found[path] = memo[key]
     if added:
-        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
+        write_text_atomic(memo_path, json.dumps(memo))
     return found
 
 

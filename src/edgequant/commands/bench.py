@@ -20,6 +20,8 @@ def add(sub) -> None:
     p.add_argument("--strict", action="store_true", help="stop at the first failing or unavailable spec")
     p.add_argument("--keep-going", action="store_true", help="exit 0 even when some specs failed (default: exit 1)")
     p.add_argument("--force", action="store_true", help="rebuild artifacts even when cached, and convert past the memory estimate")
+    p.add_argument("--resume", action="store_true", help="reuse evaluations stored earlier of the same artifacts and settings "
+                   "(a killed run goes on where it stopped; reused speed figures are from then)")
     common.add_eval_options(p, DEFAULT_EVAL)
     p.set_defaults(run=run)
 
@@ -29,7 +31,7 @@ def run(args) -> int:
     from edgequant.reporting.report import build_report, render_markdown
 
     config = BenchConfig(common.model_path(args), args.to, args.db, args.report, args.markdown, args.json,
-                         args.strict, args.force, common.eval_config(args))
+                         args.strict, args.force, common.eval_config(args), args.resume)
     result = run_bench(config)
     print(render_markdown(build_report(result)))
     failed = [row.spec for row in result.rows if row.status == "failed"]

@@ -35,6 +35,9 @@ class BenchConfig:
     strict: bool = False
     force: bool = False
     eval: EvalConfig = DEFAULT_EVAL
+    # Reuse an evaluation stored earlier of the same artifact bytes with the same settings, text
+    # and baseline: a run that was killed goes on where it stopped.
+    resume: bool = False
 
 
 @dataclass
@@ -127,9 +130,14 @@ def _evaluate_baseline(config: BenchConfig, source) -> BenchRow:
 
 
 def _bench_one(config: BenchConfig, source, spec: Spec) -> BenchRow:
-    found = measure(source, spec, config.eval, force=config.force, strict=config.strict)
+    found = measure(source, spec, config.eval, force=config.force, reuse=config.resume, strict=config.strict)
+    notes = list(found.notes)
+    if found.metrics and found.metrics.get("cached"):
+        load = found.metrics.get("machine", {}).get("load_avg_1m")
+        notes.append(f"{found.spec}: figures reused (--resume) from an earlier evaluation of the same artifact and "
+                     f"settings; its speed was measured then, at a load average of {load}.")
     return BenchRow(found.spec, found.status, found.metrics, found.error, None if found.artifact is None else str(found.artifact),
-                    found.seconds, notes=found.notes)
+                    found.seconds, notes=notes)
 
 
 def _store(db, run_id: int, source, row: BenchRow) -> None:

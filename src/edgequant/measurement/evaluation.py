@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgequant.atomic import write_text_atomic
+from edgequant.atomic import temp_sibling, write_text_atomic
 from edgequant.errors import EdgequantError
 from edgequant.locks import build_once
 from edgequant.measurement.intervals import TokenScores, bootstrap
@@ -274,7 +274,7 @@ def _reference_logprobs(source, windows: Windows, threads: int) -> Path:
 
 def _compute_reference(source, windows: Windows, threads: int, path: Path) -> None:
     n_windows, ctx = windows.ids.shape
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    tmp = temp_sibling(path)
     with step(f"computing the PyTorch baseline on {n_windows} windows of {ctx} tokens (cached)"):
         with open_runner(source.path, n_ctx=ctx, threads=threads) as runner:
             out = None
@@ -379,7 +379,6 @@ def _check_tokenizer(runner, windows: Windows) -> None:
 
 
 def machine_info() -> dict:
-    import os
 
     import psutil
 

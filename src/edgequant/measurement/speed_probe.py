@@ -150,14 +150,14 @@ def _peak_rss_mb() -> float:
 
 def run_in_child(request: SpeedRequest | TaskSpeedRequest) -> dict:
     import os
-    import subprocess
 
+    from edgequant import children
     from edgequant.errors import EdgequantError
 
     env = {**os.environ, "EDGEQUANT_QUIET": "1"}
     payload = {"kind": type(request).__name__, **asdict(request)}
-    result = subprocess.run([sys.executable, "-m", "edgequant.measurement.speed_probe"], input=json.dumps(payload),
-                            capture_output=True, text=True, env=env)
+    result = children.run([sys.executable, "-m", "edgequant.measurement.speed_probe"], input=json.dumps(payload),
+                          capture_output=True, text=True, env=env)
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
         raise EdgequantError(f"the speed probe failed:\n{result.stderr.strip()[-800:]}", "see the error above")

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from edgequant.atomic import temp_sibling
 from edgequant.errors import EdgequantError
 from edgequant.paths import cache_dir
 from edgequant.progress import step, track
@@ -94,8 +94,9 @@ def _reference_outputs(source, data, threads: int) -> np.ndarray:
         with step(f"computing the float baseline on {len(rows)} inputs (cached)"):
             with open_task_runner(source.path, threads=threads) as runner:
                 outputs = _run_all(runner, rows, "baseline")
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, outputs.astype(np.float32))
+        tmp = temp_sibling(path)
+        with open(tmp, "wb") as fh:  # a file object: np.save would add .npy to the name
+            np.save(fh, outputs.astype(np.float32))
         tmp.rename(path)
     return np.load(path)
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgequant.atomic import ensure_writable_parent
+from edgequant.atomic import ensure_writable_parent, temp_sibling
 from edgequant.errors import EdgequantError
 from edgequant.measurement.evaldata import read_text_file
 from edgequant.progress import step
@@ -37,7 +37,7 @@ def compute_imatrix(config: ImatrixConfig) -> dict:
     writer.check_source(source)
     text = read_text_file(config.calibration) if config.calibration else None
     dataset = str(config.calibration) if config.calibration else "edgequant calibration text"
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = temp_sibling(out)
     started = time.perf_counter()
     try:
         with step(f"computing the importance matrix of {source.name}"):

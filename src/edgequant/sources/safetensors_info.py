@@ -43,16 +43,14 @@ def read_header(path: Path) -> list[TensorInfo]:
             header = json.loads(fh.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise EdgequantError(f"{path} has a corrupt safetensors header", fix) from None
+    if not isinstance(header, dict):
+        raise EdgequantError(f"{path} has a corrupt safetensors header (not a mapping of tensors)", fix)
     tensors, data_end = [], 0
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise EdgequantError(f"{path}: tensor {name!r} has a corrupt header entry", fix) from None
-        info = TensorInfo(name, dtype, shape)
-        if end - start != info.numel * _DTYPE_BYTES.get(dtype, 0) and dtype in _DTYPE_BYTES:
+        info, (start, end) = _tensor_entry(path, name, entry, fix)
+        if end - start != info.numel * _DTYPE_BYTES.get(info.dtype, 0) and info.dtype in _DTYPE_BYTES:
             raise EdgequantError(f"{path}: tensor {name!r} has inconsistent offsets", fix)
         data_end = max(data_end, end)
         tensors.append(info)
@@ -62,6 +60,22 @@ def read_header(path: Path) -> list[TensorInfo]:
             fix,
         )
     return tensors
+
+
+def _tensor_entry(path: Path, name: str, entry, fix: str) -> tuple[TensorInfo, tuple[int, int]]:
+    """One tensor's declaration, every field of the type and range the format allows."""
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    try:
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (KeyError, TypeError):
+        dtype = shape = offsets = None
+    if (not isinstance(dtype, str) or not isinstance(shape, list) or not all(whole(d) for d in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2 or not all(whole(o) for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise EdgequantError(f"{path}: tensor {name!r} has a corrupt header entry", fix)
+    return TensorInfo(name, dtype, tuple(shape)), (offsets[0], offsets[1])
 
 
 def folder_tensors(folder: Path) -> list[TensorInfo]:

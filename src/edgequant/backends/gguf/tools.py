@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from edgequant import children
 from edgequant.atomic import atomic_dir
 from edgequant.errors import EdgequantError
 from edgequant.paths import cache_dir
@@ -54,7 +55,7 @@ def converter_dir() -> Path:
 def _download_sdist(ver: str, into: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
            "-d", str(into), f"llama-cpp-python=={ver}"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = children.run(cmd, capture_output=True, text=True)
     found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
     if result.returncode != 0 or not found:
         raise EdgequantError(
@@ -86,7 +87,7 @@ def run_converter(hf_dir: Path, outfile: Path, outtype: str, log_path: Path) -> 
     tool = converter_dir()
     cmd = [sys.executable, str(tool / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(outfile), "--outtype", outtype]
     with log_path.open("w") as log:
-        result = subprocess.run(cmd, cwd=tool, stdout=log, stderr=subprocess.STDOUT)
+        result = children.run(cmd, cwd=tool, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode == 0 and outfile.is_file():
         return
     text = log_path.read_text(errors="replace")
@@ -146,7 +147,7 @@ def supported_architectures() -> list[str]:
     tool = converter_dir()
     memo = tool / "supported-architectures.txt"
     if not memo.is_file():
-        result = subprocess.run([sys.executable, str(tool / "convert_hf_to_gguf.py"), "--print-supported-models"],
+        result = children.run([sys.executable, str(tool / "convert_hf_to_gguf.py"), "--print-supported-models"],
                                 cwd=tool, capture_output=True, text=True)
         names = sorted(set(re.findall(r"^\s*-\s*(\w+)\s*$", result.stdout + result.stderr, re.M)))
         memo.write_text("\n".join(names))

@@ -25,6 +25,8 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+from edgequant import children
+
 _OPENBLAS_GEMM = "scipy_cblas_sgemm64_"  # numpy's OpenBLAS: symbols prefixed, 64-bit integers
 
 # cblas_sgemm with the standard 32-bit interface, forwarded to numpy's 64-bit-integer OpenBLAS.
@@ -87,6 +89,7 @@ def _numpy_openblas() -> Path | None:
 
 def _built_shim(openblas: Path) -> Path:
     """The compiled forwarding library for `openblas`, built on first use."""
+    from edgequant.atomic import temp_sibling
     from edgequant.paths import cache_dir
 
     source = _SOURCE % {"target": _OPENBLAS_GEMM}
@@ -97,11 +100,11 @@ def _built_shim(openblas: Path) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler")
-    work = shim.with_name(f".{shim.name}.{os.getpid()}")
-    c_file = work.with_suffix(".c")
+    work = temp_sibling(shim)
+    c_file = work.with_name(work.name + ".c")
     c_file.write_text(source)
     try:
-        subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(c_file), "-o", str(work), f"-L{openblas.parent}",
+        children.run([compiler, "-O2", "-shared", "-fPIC", str(c_file), "-o", str(work), f"-L{openblas.parent}",
                         f"-l:{openblas.name}", f"-Wl,-rpath,{openblas.parent}"],
                        check=True, capture_output=True, timeout=120)
         os.replace(work, shim)  # another process may have built it meanwhile: either copy works

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from edgequant import children
 from edgequant.errors import EdgequantError
 from edgequant.progress import engine_warnings_hidden
 
@@ -97,7 +98,7 @@ def run_builder(request: BuildRequest, log_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     try:
         with open(log_path, "w") as log:
-            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            done = children.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     if done.returncode != 0 or not (request.out_dir / MODEL_FILE).is_file():
