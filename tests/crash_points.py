@@ -6,11 +6,13 @@ to learn how long it takes and what it produces. Then, in a second cache, it is 
 with SIGKILL at a random moment of that duration, again and again (each run resumes what the last
 one finished), and after every kill the invariants are checked:
   - every artifact folder is whole (manifest, model file, the size the manifest records);
-  - every results store passes SQLite's integrity check and opens as ours;
+  - every results store passes SQLite's integrity check and is in WAL mode;
   - every cached JSON file parses and every cached .npy loads;
   - the job's own output is absent or complete.
-Finally one uninterrupted run must succeed, leave no temporary file or folder anywhere in the cache
-or the output folder, and produce what the uninterrupted first run produced.
+A run that finishes before its kill starts the next from an empty cache, so kills keep meeting real
+work instead of a cache that already holds everything. Finally one uninterrupted run must succeed,
+leave no temporary file or folder anywhere in the cache or the output folder, and produce what the
+uninterrupted first run produced.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -231,7 +234,12 @@ def trials(job: Job, model: Path, work: Path, kills: int, seed: int) -> dict:
     duration = run_whole(job, model, clean_home, clean_out)
     expected = job.result(clean_out)
     home, out = work / "home", work / "out"
-    runs = [kill_at(job, model, home, out, rng.uniform(0.05, 1.0) * duration) for _ in range(kills)]
+    runs = []
+    for _ in range(kills):
+        runs.append(kill_at(job, model, home, out, rng.uniform(0.05, 1.0) * duration))
+        if not runs[-1]["killed"]:  # it finished: start again from nothing, so the next kill meets real work
+            shutil.rmtree(home, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
     run_whole(job, model, home, out)
     return {"job": job.name, "uninterrupted_s": round(duration, 1), "kills": runs,
             "after_final_run": {"leftovers": leftovers(home, out), "violations": violations(home, out),

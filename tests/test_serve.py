@@ -143,8 +143,9 @@ def test_sigterm_shuts_down_cleanly(artifact):
             proc.send_signal(signal.SIGTERM)  # mid-request: the request still ends properly
             events = [line for line in response.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
-        # uvicorn finishes the graceful shutdown, then re-raises the signal: killed by SIGTERM, not crashed
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        # uvicorn finishes the graceful shutdown, then re-raises the signal, which edgequant's own
+        # handler turns into exit 143 once every `finally` has run: terminated, not crashed
+        assert proc.wait(timeout=30) in (0, 128 + signal.SIGTERM)
         assert "Traceback" not in proc.stdout.read()
 
 

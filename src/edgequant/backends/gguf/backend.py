@@ -99,6 +99,9 @@ class GGUFBackend(Backend):
                       minimum=1.0, maximum=16.0, applies_to=("auto",)),
         "size": Option("size", str, "", "size budget of gguf:auto as a file size, e.g. 120MB or 0.1GiB (MB = 10^6 bytes)",
                        applies_to=("auto",)),
+        "lora": Option("lora", str, "merged", "with --adapter: merged into the float weights before converting, or "
+                       "separate (the base model converted, the adapter beside it as adapter.gguf, applied by llama.cpp)",
+                       choices=("merged", "separate")),
     }
 
     def check_source(self, source) -> None:
@@ -158,6 +161,14 @@ class GGUFBackend(Backend):
         return window_ignored(source.config, "llama.cpp runs Mistral with full attention")
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        if self.option_values(spec).lora == "separate":
+            from edgequant.backends.gguf.lora import convert_separate
+
+            return convert_separate(source, spec, out_dir, self._convert_model, "f32" if spec.precision in _FLOAT else "f16")
+        return self._convert_model(source, spec, out_dir)
+
+    def _convert_model(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        """`source` to `spec`'s precision (every option but `lora`) as model.gguf in `out_dir`."""
         from edgequant.backends.gguf import tools as gguf_tools
         from edgequant.backends.gguf.auto import build_mix
         from edgequant.backends.gguf.collect import load_importance
@@ -187,11 +198,13 @@ class GGUFBackend(Backend):
         info["timings"] = {"intermediate_s": round(converted - started, 3), "quantize_s": round(time.perf_counter() - converted, 3)}
         return info
 
-
     def convert_task(self, source, spec, out_dir: Path) -> dict[str, Any]:
         from edgequant.backends.gguf.encoder import convert_encoder
 
         opt, ftype = self.option_values(spec), _TABLE[spec.precision][1]
+        if opt.lora == "separate":
+            raise EdgequantError(f"?lora=separate applies to text-generation models; {source.name} is a {source.task} model",
+                                 "drop ?lora=separate: the adapter is then merged into the float weights")
         return convert_encoder(source, spec, out_dir, lambda src, dst: _quantize_fixed(src, dst, ftype, opt, None))
 
     def open_task(self, artifact, *, threads: int):
@@ -200,9 +213,11 @@ class GGUFBackend(Backend):
         return LlamaEncoderRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), threads=threads)
 
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
+        from edgequant.backends.gguf.lora import adapter_file
         from edgequant.backends.gguf.runner import LlamaRunner
 
-        return LlamaRunner(artifact.model_path, name=str(artifact.spec), n_ctx=n_ctx, logits_all=need_logits, threads=threads)
+        return LlamaRunner(artifact.model_path, name=str(artifact.spec), n_ctx=n_ctx, logits_all=need_logits, threads=threads,
+                           adapter=adapter_file(artifact))
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         return _estimated_bytes(precision, tensors, tied_embeddings)

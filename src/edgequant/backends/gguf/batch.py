@@ -22,7 +22,7 @@ class _Sequence:
 
 
 class BatchDecoder:
-    def __init__(self, model, *, n_seq: int, n_ctx: int, threads: int):
+    def __init__(self, model, *, n_seq: int, n_ctx: int, threads: int, lora=None):
         import llama_cpp
 
         self._ll = llama_cpp
@@ -33,6 +33,8 @@ class BatchDecoder:
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create a batched context")
+        if lora is not None:
+            lora.apply(self._ctx)
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._seqs: dict[int, _Sequence] = {}

@@ -7,20 +7,23 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from edgequant.backends.gguf.lora import AdapterFile, LoadedAdapter
 from edgequant.errors import EdgequantError
 from edgequant.runner import GenerateParams, Runner
 
 
 class LlamaRunner(Runner):
-    def __init__(self, model_path: Path, *, name: str, n_ctx: int, logits_all: bool, threads: int):
+    def __init__(self, model_path: Path, *, name: str, n_ctx: int, logits_all: bool, threads: int,
+                 adapter: AdapterFile | None = None):
         """`logits_all`: this runner will score every position (`logits`), through a context of
-        its own that decodes a slice of rows at a time (see scoring.py)."""
+        its own that decodes a slice of rows at a time (see scoring.py). `adapter`: a LoRA adapter
+        llama.cpp applies to every context of this model (see lora.py)."""
         import llama_cpp
 
         from edgequant.backends.gguf.tools import QuantizeLog, silence_llama_logs
 
         self.name, self.n_ctx, self._threads = name, n_ctx, threads
-        self._scorer = None
+        self._scorer = self._lora = None
         self._llama_cpp = llama_cpp
         with QuantizeLog() as log:
             try:
@@ -28,16 +31,27 @@ class LlamaRunner(Runner):
                     model_path=str(model_path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=False,
                     n_threads=threads, n_threads_batch=threads, verbose=False,
                 )
-                if logits_all:
-                    from edgequant.backends.gguf.scoring import LogitScorer
-
-                    self._scorer = LogitScorer(self._llm._model.model, n_ctx=n_ctx, threads=threads)
             except ValueError:
                 tail = "\n".join(log.text().strip().splitlines()[-3:])
                 raise EdgequantError(f"llama.cpp could not load {model_path}:\n{tail}", "re-create the artifact with --force") from None
+        try:
+            self._open_contexts(adapter, logits_all)
+        except BaseException:
+            self.close()
+            raise
         silence_llama_logs()
         self._vocab = self._llm._model.vocab
         self.bos_id = next(iter(self._llm.tokenize(b"", add_bos=True)), None)  # the GGUF's add_bos_token decides
+
+    def _open_contexts(self, adapter: AdapterFile | None, logits_all: bool) -> None:
+        """The adapter on the generation context, and the scoring context (with the adapter too)."""
+        if adapter is not None:
+            self._lora = LoadedAdapter(self._llm.model, adapter)
+            self._lora.apply(self._llm.ctx)
+        if logits_all:
+            from edgequant.backends.gguf.scoring import LogitScorer
+
+            self._scorer = LogitScorer(self._llm.model, n_ctx=self.n_ctx, threads=self._threads, lora=self._lora)
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
@@ -76,12 +90,16 @@ class LlamaRunner(Runner):
         """A decoder that advances several sequences per llama.cpp call, sharing this model's weights."""
         from edgequant.backends.gguf.batch import BatchDecoder
 
-        return BatchDecoder(self._llm._model.model, n_seq=n_seq, n_ctx=n_ctx, threads=self._threads)
+        return BatchDecoder(self._llm.model, n_seq=n_seq, n_ctx=n_ctx, threads=self._threads, lora=self._lora)
 
     def close(self) -> None:
+        """Contexts first, then the adapter, then the model (the server closes its batch decoder before)."""
         if getattr(self, "_scorer", None) is not None:
             self._scorer.close()
             self._scorer = None
+        if getattr(self, "_lora", None) is not None:
+            self._lora.free()
+            self._lora = None
         if getattr(self, "_llm", None) is not None:
             self._llm.close()
             self._llm = None

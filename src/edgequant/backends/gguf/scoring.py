@@ -17,7 +17,7 @@ from edgequant.backends._shared.slices import rows_per_slice
 
 
 class LogitScorer:
-    def __init__(self, model, *, n_ctx: int, threads: int):
+    def __init__(self, model, *, n_ctx: int, threads: int, lora=None):
         import llama_cpp
 
         self._ll = llama_cpp
@@ -30,6 +30,8 @@ class LogitScorer:
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create a scoring context")
+        if lora is not None:
+            lora.apply(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.rows, 0, 1)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_ctx = n_ctx

@@ -2,7 +2,8 @@
 
 The converter is not part of the installed llama-cpp-python package; it ships in that package's
 source distribution. We fetch the sdist of the installed version with pip once, unpack only the
-converter, its `conversion/` package and its own gguf-py, and run it as a subprocess.
+model and LoRA converters, their `conversion/` package and their own gguf-py, and run them as
+subprocesses.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from edgequant.atomic import atomic_dir
 from edgequant.errors import EdgequantError
 from edgequant.paths import cache_dir
 
-_CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+_CONVERTERS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py")
+_CONVERTER_MEMBERS = (*_CONVERTERS, "conversion/", "gguf-py/")
 INSTALL_FIX = "install the gguf extra: `pip install 'edgequant[gguf]'` (or run `make setup`)"
 
 
@@ -38,10 +40,10 @@ def llama_cpp_version() -> str:
 
 
 def converter_dir() -> Path:
-    """The unpacked reference converter matching the installed llama-cpp-python, fetched once."""
+    """The unpacked reference converters matching the installed llama-cpp-python, fetched once."""
     ver = llama_cpp_version()
-    target = cache_dir("tools") / f"llama.cpp-converter-{ver}"
-    if (target / "convert_hf_to_gguf.py").is_file():
+    target = cache_dir("tools") / f"llama.cpp-converters-{ver}"  # renamed when _CONVERTER_MEMBERS grows
+    if all((target / name).is_file() for name in _CONVERTERS):
         return target
     from edgequant.progress import step
 
@@ -78,8 +80,9 @@ def _unpack_converter(sdist: Path, out: Path) -> None:
             if relative.startswith(_CONVERTER_MEMBERS) and (member.isfile() or member.isdir()):
                 member.name = relative
                 tar.extract(member, out, filter="data")
-    if not (out / "convert_hf_to_gguf.py").is_file():
-        raise EdgequantError(f"{sdist.name} holds no convert_hf_to_gguf.py", "report this llama-cpp-python version as unsupported")
+    for name in _CONVERTERS:
+        if not (out / name).is_file():
+            raise EdgequantError(f"{sdist.name} holds no {name}", "report this llama-cpp-python version as unsupported")
 
 
 def run_converter(hf_dir: Path, outfile: Path, outtype: str, log_path: Path) -> None:
@@ -91,7 +94,7 @@ def run_converter(hf_dir: Path, outfile: Path, outtype: str, log_path: Path) -> 
     if result.returncode == 0 and outfile.is_file():
         return
     text = log_path.read_text(errors="replace")
-    kept = _keep_log(log_path)  # the temp folder holding it is removed with the failed conversion
+    kept = keep_log(log_path)  # the temp folder holding it is removed with the failed conversion
     unsupported = re.search(r"Architecture '?([\w.]+)'? not supported|Model (\w+) is not supported", text)
     if unsupported:
         arch = unsupported.group(1) or unsupported.group(2)
@@ -110,7 +113,8 @@ def run_converter(hf_dir: Path, outfile: Path, outtype: str, log_path: Path) -> 
     raise EdgequantError(f"llama.cpp's converter failed on {hf_dir}:\n{tail}", f"see the full log at {kept}")
 
 
-def _keep_log(log_path: Path) -> Path:
+def keep_log(log_path: Path) -> Path:
+    """A copy of a failed tool's log in the cache's logs folder (its temporary folder goes)."""
     kept = cache_dir("logs") / f"convert-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     shutil.copyfile(log_path, kept)
     return kept

@@ -72,6 +72,8 @@ class MLXBackend(Backend):
                              applies_to=_QUANTIZED),
         "grid": Option("grid", str, DEFAULT_GRID, "group grid: min/max of the weights, or mx.quantize's rounding",
                        choices=("minmax", "mlx"), applies_to=_QUANTIZED),
+        "lora": Option("lora", str, "merged", "a LoRA adapter (--adapter) merged into the weights, or the base model "
+                       "plus the adapter in mlx-lm's format, applied when the model loads", choices=("merged", "separate")),
     }
 
     def speed_is_representative(self) -> bool:
@@ -99,6 +101,23 @@ class MLXBackend(Backend):
         return window_ignored(config, f"mlx-lm's {model_type} model attends over the whole context")
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        """`?lora=separate`: the base model the source's adapter was merged into, converted as
+        always, plus the adapter in mlx-lm's format (lora.py); the artifact's source stays the
+        merged folder, so evaluation compares it with the adapted float model."""
+        if self.option_values(spec).lora == "merged":
+            return self._convert_model(source, spec, out_dir)
+        from edgequant.backends.mlx.engine import load_model
+        from edgequant.backends.mlx.lora import base_and_adapter, write_adapter
+
+        base, adapter = base_and_adapter(source)
+        check_architecture(base)
+        info = self._convert_model(base, spec, out_dir)
+        started = time.perf_counter()
+        info["adapter"] = write_adapter(adapter, load_model(out_dir, info["mlx_model_type"]), out_dir)
+        info["timings"]["adapter_s"] = round(time.perf_counter() - started, 3)
+        return info
+
+    def _convert_model(self, source, spec, out_dir: Path) -> dict[str, Any]:
         from edgequant.backends._shared.hf_tokenizer import write_tokenizer_json
 
         plan = quant_plan(spec, self.option_values(spec))
@@ -120,7 +139,9 @@ class MLXBackend(Backend):
 
         details = artifact.manifest.get("details") or {}
         model_type = details.get("mlx_model_type") or json.loads((artifact.path / "config.json").read_text())["model_type"]
-        return MLXRunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, model_type=model_type, threads=threads)
+        adapter = details.get("adapter")
+        return MLXRunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, model_type=model_type, threads=threads,
+                         adapter=artifact.path / adapter["file"] if adapter else None)
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         """Default group size; embeddings and output layer at DEFAULT_EMBED_BITS; 1-D in float16."""

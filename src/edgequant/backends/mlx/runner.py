@@ -38,7 +38,10 @@ DEQUANTIZE_FROM_TOKENS = 16
 
 
 class MLXRunner(HFTokenizerMixin, Runner):
-    def __init__(self, folder: Path, *, name: str, n_ctx: int, model_type: str, threads: int = 1):
+    def __init__(self, folder: Path, *, name: str, n_ctx: int, model_type: str, threads: int = 1,
+                 adapter: Path | None = None):
+        """`adapter`: an mlx-lm adapters.safetensors applied to the model as it loads (lora.py); the
+        batch decoder then decodes the same adapted model."""
         self._blas = None if is_apple_silicon() else use_openblas()  # what the import hook set up (blas.py)
         import mlx.core as mx
 
@@ -47,6 +50,10 @@ class MLXRunner(HFTokenizerMixin, Runner):
         self._mx = mx
         self._model_type = model_type
         self._model = load_model(folder, model_type)
+        if adapter is not None:
+            from edgequant.backends.mlx.lora import apply_adapter
+
+            apply_adapter(self._model, adapter)
         self._load_hf_tokenizer(folder)
         if not is_apple_silicon():
             _compute_in_float32(self._model)

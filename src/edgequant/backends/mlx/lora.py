@@ -1,0 +1,176 @@
+"""`?lora=separate` for MLX: the base model's artifact plus the LoRA adapter in mlx-lm's own format,
+applied when the runner loads the model.
+
+The artifact holds `adapters/adapters.safetensors` and `adapters/adapter_config.json` as mlx-lm's
+trainer writes them, so `mlx_lm.tuner.utils.load_adapters` (and `mlx_lm.generate --adapter-path`)
+read them. From PEFT's format: PEFT's `lora_A` (rank x in) becomes `lora_a` = A^T (in x rank), its
+`lora_B` (out x rank) becomes `lora_b` = B^T (rank x out), names lose PEFT's `base_model.model.`
+prefix and are the MLX model's module paths, and `scale` is the absolute factor on the update
+(lora_alpha / r, or / sqrt(r) with rsLoRA). mlx-lm's config holds one rank and one scale, so a
+module with its own alpha (PEFT's alpha_pattern) has its factor folded into its `lora_b`, and a
+module of a lower rank (rank_pattern) is padded with zero rows and columns: both exact.
+
+The runner does not import mlx_lm (which imports torch, see engine.py), so it applies the adapter
+with `LoraLinear` below: y = base(x) + scale * (x @ lora_a) @ lora_b around each adapted linear
+layer, quantized or not, which is what mlx-lm's own LoRA layer computes. Only projections inside
+the transformer blocks are taken: the runner scores the output layer block by block, which an
+adapted output layer would bypass.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from edgequant.errors import EdgequantError
+
+FOLDER = "adapters"
+WEIGHTS = "adapters.safetensors"
+CONFIG = "adapter_config.json"
+_IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")  # a module inside a transformer block, by its Hugging Face name
+MERGED_FIX = "use ?lora=merged (the default), which converts the model with the adapter merged into its float weights"
+
+
+def base_and_adapter(source):
+    """The base model and the PEFT adapter that `source` (a folder edgequant merged them into) was
+    made of, both checked unchanged since the merge."""
+    from edgequant.adaptation.adapter import load_adapter
+    from edgequant.sources.source import load_source
+
+    record = source.adaptation
+    if record is None:
+        raise EdgequantError(f"?lora=separate needs --adapter FOLDER: {source.name} has no LoRA adapter merged in",
+                             "pass --adapter FOLDER (a PEFT LoRA adapter) with the model, or drop ?lora=separate")
+    base = _unchanged(source, "base model", record["base"], load_source)
+    adapter = _unchanged(source, "adapter", record["adapter"], load_adapter)
+    outside = [pair.module for pair in adapter.pairs if not _IN_BLOCK.search(pair.module)]
+    if outside:  # refused before converting; write_adapter checks the MLX model's own blocks
+        raise _outside_blocks(adapter.name, outside[0])
+    return base, adapter
+
+
+def _unchanged(source, what: str, recorded: dict, load):
+    """`load(path)` of the base model or adapter `recorded` in the merge record, refused if it moved or changed."""
+    again = "pass the model and --adapter again, so that they are merged anew"
+    if not Path(recorded["path"]).exists():
+        raise EdgequantError(f"the {what} {source.name} was merged from is no longer at {recorded['path']}", again)
+    found = load(recorded["path"])
+    if found.fingerprint != recorded["fingerprint"]:
+        raise EdgequantError(f"the {what} {source.name} was merged from ({recorded['path']}) has changed since the merge", again)
+    return found
+
+
+def write_adapter(adapter, model, out_dir: Path) -> dict:
+    """Write `adapter` (PEFT) for `model` (the base artifact's MLX model) in mlx-lm's format under
+    `out_dir`; returns the manifest's record of it."""
+    import mlx.core as mx
+
+    from edgequant.adaptation.adapter import WEIGHTS_FILE, scale_of
+
+    modules, blocks = dict(model.named_modules()), _block_paths(model)
+    peft = mx.load(str(adapter.path / WEIGHTS_FILE))
+    scale = scale_of(adapter.config, "", adapter.rank)  # the adapter's own lora_alpha / r; patterns folded in below
+    rank = max(pair.rank for pair in adapter.pairs)
+    weights, keys = {}, set()
+    for pair in adapter.pairs:
+        keys.add(_key_in_block(pair.module, blocks, adapter.name))
+        _check_layer(modules.get(pair.module), pair, adapter.name)
+        lora_a = peft[pair.a].astype(mx.float32).T
+        lora_b = peft[pair.b].astype(mx.float32).T * (pair.scale / scale)
+        weights[f"{pair.module}.lora_a"] = _pad(lora_a, 1, rank)
+        weights[f"{pair.module}.lora_b"] = _pad(lora_b, 0, rank)
+    folder = out_dir / FOLDER
+    folder.mkdir()
+    mx.save_safetensors(str(folder / WEIGHTS), weights, metadata={"format": "mlx"})
+    config = {"fine_tune_type": "lora", "num_layers": len(model.layers),
+              "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": sorted(keys)},
+              "peft_adapter": adapter.to_json()}
+    (folder / CONFIG).write_text(json.dumps(config, indent=2))
+    return {"file": f"{FOLDER}/{WEIGHTS}", "format": "mlx-lm", "scale": scale, "fingerprint": adapter.fingerprint,
+            "rank": rank}
+
+
+def _block_paths(model) -> list[str]:
+    """The module paths of the model's transformer blocks (mlx-lm's `model.layers`)."""
+    ids = {id(block) for block in model.layers}
+    return [path for path, module in model.named_modules() if id(module) in ids]
+
+
+def _key_in_block(module: str, blocks: list[str], name: str) -> str:
+    """`module`'s path inside its transformer block (mlx-lm's `keys` are those)."""
+    for block in blocks:
+        if module.startswith(block + "."):
+            return module.removeprefix(block + ".")
+    raise _outside_blocks(name, module)
+
+
+def _outside_blocks(name: str, module: str) -> EdgequantError:
+    return EdgequantError(f"adapter {name} adapts {module}, outside the transformer blocks; ?lora=separate on MLX applies "
+                          "adapters to the blocks' projections only", MERGED_FIX)
+
+
+def _check_layer(layer, pair, name: str) -> None:
+    import mlx.nn as nn
+
+    if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
+        what = "no such layer" if layer is None else f"a {type(layer).__name__}, not a linear layer"
+        raise EdgequantError(f"adapter {name} adapts {pair.module}, and mlx-lm's model of this base has {what}", MERGED_FIX)
+    out_features, packed = layer.weight.shape
+    in_features = packed * 32 // layer.bits if isinstance(layer, nn.QuantizedLinear) else packed
+    if (out_features, in_features) != (pair.out_features, pair.in_features):
+        raise EdgequantError(f"adapter {name} expects {pair.module} of {pair.out_features} x {pair.in_features}; mlx-lm's "
+                             f"model has {out_features} x {in_features}", MERGED_FIX)
+
+
+def _pad(array, axis: int, rank: int):
+    """`array` with zeros appended along its rank axis up to `rank` (a lower-rank module): exact."""
+    import mlx.core as mx
+
+    missing = rank - array.shape[axis]
+    if not missing:
+        return array
+    widths = [(0, 0), (0, 0)]
+    widths[axis] = (0, missing)
+    return mx.pad(array, widths)
+
+
+def apply_adapter(model, weights_file: Path) -> int:
+    """Wrap each linear layer of `model` that `weights_file` (mlx-lm's adapters.safetensors, its
+    adapter_config.json beside it) adapts; returns how many were wrapped."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    scale = float(json.loads((weights_file.parent / CONFIG).read_text())["lora_parameters"]["scale"])
+    weights = mx.load(str(weights_file))
+    modules = dict(model.named_modules())
+    wrapped = []
+    for path in sorted({name.rsplit(".", 1)[0] for name in weights}):
+        if path not in modules or f"{path}.lora_a" not in weights or f"{path}.lora_b" not in weights:
+            raise EdgequantError(f"{weights_file} adapts {path}, which the model has not (or lacks lora_a / lora_b)",
+                                 "convert the artifact again")
+        wrapped.append((path, lora_linear_class()(modules[path], weights[f"{path}.lora_a"], weights[f"{path}.lora_b"], scale)))
+    model.update_modules(tree_unflatten(wrapped))
+    mx.eval(model.parameters())
+    return len(wrapped)
+
+
+@lru_cache(maxsize=1)
+def lora_linear_class():
+    """`LoraLinear` (made at first use: mlx is imported only where a model is loaded)."""
+    import mlx.nn as nn
+
+    class LoraLinear(nn.Module):
+        """A linear layer (float or quantized) plus its low-rank update; parameter names as mlx-lm's
+        LoRA layer has them (`linear`, `lora_a`, `lora_b`)."""
+
+        def __init__(self, linear, lora_a, lora_b, scale: float):
+            super().__init__()
+            self.linear, self.lora_a, self.lora_b, self.scale = linear, lora_a, lora_b, scale
+
+        def __call__(self, x):
+            update = (x @ self.lora_a) @ self.lora_b  # in the adapter's float32
+            return self.linear(x) + (self.scale * update).astype(x.dtype)
+
+    return LoraLinear

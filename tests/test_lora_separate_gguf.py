@@ -1,0 +1,177 @@
+"""`gguf:PREC?lora=separate`: the base model converted, the LoRA adapter beside it as adapter.gguf,
+applied by llama.cpp to every context the GGUF runner creates (generation, scoring, the server's
+batch decoder).
+
+The adapter is random and non-zero, written in PEFT's layout straight from tensors (no training),
+so its effect is large: the checks tell base + adapter from the base alone. llama.cpp applying it
+at run time and edgequant merging it into the float weights are two implementations of the same
+`W + (alpha / r) B A`: on f32 they must agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+
+import numpy as np
+import pytest
+
+import edgequant
+from edgequant.adaptation.merge import adapted_model
+from edgequant.errors import EdgequantError
+from edgequant.measurement.settings import EvalConfig
+from edgequant.registry import open_runner
+from edgequant.runner import GenerateParams
+
+QUICK = EvalConfig(ctx=64, windows=2, speed=False)
+IDS = [1, 45, 300, 17, 99, 250, 3, 480, 12, 77, 301, 5, 260, 33, 140, 8]
+GREEDY = GenerateParams(max_tokens=12, temperature=0.0, stop_at_eos=False)
+# The tiny Llama's projections and their (out, in) shapes (tests/tiny_model.py).
+MODULES = {"self_attn.q_proj": (256, 256), "self_attn.k_proj": (128, 256), "self_attn.v_proj": (128, 256),
+           "self_attn.o_proj": (256, 256), "mlp.gate_proj": (512, 256), "mlp.up_proj": (512, 256),
+           "mlp.down_proj": (256, 512)}
+
+
+def write_random_adapter(out, base, *, rank=4, alpha=8, seed=0, **config):
+    """A PEFT LoRA folder for the tiny Llama with random non-zero A and B on every projection."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(2):
+        for module, (rows, cols) in MODULES.items():
+            name = f"base_model.model.model.layers.{layer}.{module}"
+            tensors[f"{name}.lora_A.weight"] = rng.normal(0, 0.05, (rank, cols)).astype(np.float32)
+            tensors[f"{name}.lora_B.weight"] = rng.normal(0, 0.05, (rows, rank)).astype(np.float32)
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    settings = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "base_model_name_or_path": str(base),
+                "target_modules": sorted({m.split(".")[1] for m in MODULES}), "task_type": "CAUSAL_LM", **config}
+    (out / "adapter_config.json").write_text(json.dumps(settings))
+    return out
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model, tmp_path_factory):
+    """The tiny Llama with a random adapter merged in (what `--adapter` hands every command)."""
+    return adapted_model(tiny_model, write_random_adapter(tmp_path_factory.mktemp("lora") / "adapter", tiny_model))
+
+
+@pytest.fixture(scope="module")
+def f32_pair(merged):
+    return edgequant.convert(merged, "gguf:f32?lora=separate"), edgequant.convert(merged, "gguf:f32")
+
+
+def _logits(artifact) -> np.ndarray:
+    with open_runner(artifact.path, n_ctx=64, need_logits=True) as runner:
+        return runner.logits(IDS)
+
+
+def _exact_logits(artifact) -> np.ndarray:
+    """Logits through a context with a float32 KV cache and no flash attention: no f16 rounding
+    of K and V, which moves logits by up to ~1e-3 between two ways of computing the same K."""
+    import llama_cpp
+
+    from edgequant.backends.gguf.lora import LoadedAdapter, adapter_file
+    from edgequant.backends.gguf.tools import silence_llama_logs
+
+    silence_llama_logs()
+    model = llama_cpp.llama_model_load_from_file(str(artifact.model_path).encode(), llama_cpp.llama_model_default_params())
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = 64
+    params.type_k = params.type_v = 0  # GGML_TYPE_F32
+    params.flash_attn_type = 0  # disabled
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    lora = LoadedAdapter(model, adapter_file(artifact)) if adapter_file(artifact) else None
+    batch = llama_cpp.llama_batch_init(len(IDS), 0, 1)
+    try:
+        if lora:
+            lora.apply(ctx)
+        for j, token in enumerate(IDS):
+            batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.logits[j] = token, j, 1, True
+            batch.seq_id[j][0] = 0
+        batch.n_tokens = len(IDS)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(IDS), 512)).copy()
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        if lora:
+            lora.free()
+        llama_cpp.llama_model_free(model)
+
+
+def test_base_plus_adapter_matches_the_merged_model(f32_pair, merged, tiny_gguf_f32):
+    separate, merged_f32 = f32_pair
+    assert (separate.path / "adapter.gguf").is_file() and separate.path != merged_f32.path
+    assert filecmp.cmp(separate.model_path, tiny_gguf_f32.model_path, shallow=False)  # the base, converted as gguf:f32 is
+    lora = separate.manifest["details"]["lora"]
+    assert lora["file"] == "adapter.gguf" and lora["type"] == "f32" and lora["scale"] == 1.0 and lora["factor"] == 2.0
+    assert separate.manifest["source"]["path"] == str(merged)  # evaluation's baseline: the adapted float model
+    exact = np.abs(_exact_logits(separate) - _exact_logits(merged_f32)).max()
+    assert exact < 1e-4, exact  # measured 5e-6: the adapter's scale is applied once, exactly
+    got, want, base = _logits(separate), _logits(merged_f32), _logits(tiny_gguf_f32)
+    assert np.abs(got - want).max() < 3e-3, np.abs(got - want).max()  # the runner's f16 KV cache: measured 8.5e-4
+    assert np.abs(base - want).max() > 0.1  # the adapter matters
+    for artifact in (separate, merged_f32):
+        metrics = edgequant.evaluate(artifact.path, config=QUICK)
+        assert metrics["kld_mean"] < 1e-4 and metrics["top1_agreement"] >= 0.95, (artifact.spec, metrics)  # measured 3e-7
+
+
+def test_the_batch_decoder_of_the_server_applies_the_adapter(f32_pair, tiny_gguf_f32):
+    prompts = [IDS[2:9], IDS[10:]]  # greedy steps won by 0.05 and 0.1 or more: no near-tie the f16 KV cache could flip
+
+    def batched(artifact) -> list[list[int]]:
+        with open_runner(artifact.path, n_ctx=64, need_logits=False) as runner:
+            decoder = runner.batch_decoder(2, 128)
+            try:
+                for seq_id, prompt in enumerate(prompts):
+                    decoder.start(seq_id, prompt, GREEDY)
+                steps = [decoder.step() for _ in range(GREEDY.max_tokens)]
+            finally:
+                decoder.close()
+            alone = list(runner.generate(prompts[0], GREEDY))
+        assert alone == [step[0] for step in steps]  # the generation context has the adapter too
+        return [[step[seq_id] for step in steps] for seq_id in range(len(prompts))]
+
+    separate, merged_f32 = f32_pair
+    assert batched(separate) == batched(merged_f32) != batched(tiny_gguf_f32)
+
+
+def test_a_quantized_base_with_its_adapter_converts_and_generates(merged):
+    artifact = edgequant.convert(merged, "gguf:q8_0?lora=separate")
+    assert {"model.gguf", "adapter.gguf"} <= {p.name for p in artifact.path.iterdir()}
+    assert artifact.manifest["details"]["lora"]["type"] == "f16"
+    assert set(artifact.manifest["details"]["tensor_types"].values()) >= {"q8_0"}
+    with open_runner(artifact.path, n_ctx=64, need_logits=False) as runner:
+        tokens = list(runner.generate(IDS[:6], GREEDY))
+        assert len(tokens) == GREEDY.max_tokens and runner.detokenize(tokens)
+    metrics = edgequant.evaluate(artifact.path, config=QUICK)
+    assert metrics["kld_mean"] < 0.01, metrics
+
+
+def test_rslora_and_per_module_alpha_are_applied_as_peft_applies_them(tiny_model, tmp_path):
+    adapter = write_random_adapter(tmp_path / "rslora", tiny_model, seed=1, use_rslora=True, alpha_pattern={"down_proj": 2})
+    merged = adapted_model(tiny_model, adapter)
+    separate = edgequant.convert(merged, "gguf:f32?lora=separate")
+    assert separate.manifest["details"]["lora"]["rescaled"] is True
+    got, want = _exact_logits(separate), _exact_logits(edgequant.convert(merged, "gguf:f32"))
+    assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()  # rsLoRA at r = 4: twice the plain alpha / r
+
+
+def test_an_adapter_for_another_base_is_refused_when_loaded(f32_pair, onnx_tiny):
+    from edgequant.backends.gguf.lora import AdapterFile
+    from edgequant.backends.gguf.runner import LlamaRunner
+
+    other = edgequant.convert(onnx_tiny, "gguf:f32")  # its MLP is 768 wide, the adapter's base 512
+    with pytest.raises(EdgequantError, match="llama.cpp refused the LoRA adapter") as refused:
+        LlamaRunner(other.model_path, name="other", n_ctx=64, logits_all=True, threads=1,
+                    adapter=AdapterFile(f32_pair[0].path / "adapter.gguf"))
+    assert "ffn" in refused.value.problem
+
+
+def test_separate_without_an_adapter_is_refused(cli, tiny_model):
+    with pytest.raises(EdgequantError, match="has no adapter merged into it"):
+        edgequant.convert(tiny_model, "gguf:q8_0?lora=separate")
+    done = cli("convert", str(tiny_model), "--to", "gguf:q8_0?lora=separate")
+    assert done.returncode == 2 and "--adapter" in done.stderr and "Traceback" not in done.stderr, done.stderr
