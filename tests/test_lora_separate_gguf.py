@@ -105,7 +105,7 @@ def test_base_plus_adapter_matches_the_merged_model(f32_pair, merged, tiny_gguf_
     separate, merged_f32 = f32_pair
     assert (separate.path / "adapter.gguf").is_file() and separate.path != merged_f32.path
     assert filecmp.cmp(separate.model_path, tiny_gguf_f32.model_path, shallow=False)  # the base, converted as gguf:f32 is
-    lora = separate.manifest["details"]["lora"]
+    lora = separate.manifest["details"]["adapter"]
     assert lora["file"] == "adapter.gguf" and lora["type"] == "f32" and lora["scale"] == 1.0 and lora["factor"] == 2.0
     assert separate.manifest["source"]["path"] == str(merged)  # evaluation's baseline: the adapted float model
     exact = np.abs(_exact_logits(separate) - _exact_logits(merged_f32)).max()
@@ -141,7 +141,7 @@ def test_the_batch_decoder_of_the_server_applies_the_adapter(f32_pair, tiny_gguf
 def test_a_quantized_base_with_its_adapter_converts_and_generates(merged):
     artifact = edgequant.convert(merged, "gguf:q8_0?lora=separate")
     assert {"model.gguf", "adapter.gguf"} <= {p.name for p in artifact.path.iterdir()}
-    assert artifact.manifest["details"]["lora"]["type"] == "f16"
+    assert artifact.manifest["details"]["adapter"]["type"] == "f16"
     assert set(artifact.manifest["details"]["tensor_types"].values()) >= {"q8_0"}
     with open_runner(artifact.path, n_ctx=64, need_logits=False) as runner:
         tokens = list(runner.generate(IDS[:6], GREEDY))
@@ -154,7 +154,7 @@ def test_rslora_and_per_module_alpha_are_applied_as_peft_applies_them(tiny_model
     adapter = write_random_adapter(tmp_path / "rslora", tiny_model, seed=1, use_rslora=True, alpha_pattern={"down_proj": 2})
     merged = adapted_model(tiny_model, adapter)
     separate = edgequant.convert(merged, "gguf:f32?lora=separate")
-    assert separate.manifest["details"]["lora"]["rescaled"] is True
+    assert separate.manifest["details"]["adapter"]["rescaled"] is True
     got, want = _exact_logits(separate), _exact_logits(edgequant.convert(merged, "gguf:f32"))
     assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()  # rsLoRA at r = 4: twice the plain alpha / r
 

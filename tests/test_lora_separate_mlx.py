@@ -140,7 +140,7 @@ def test_an_adapter_changed_since_the_merge_is_refused(tiny_model, adapter, tmp_
     (copy / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 12}))  # not the cached merge of `adapter`
     merged = adapted_model(tiny_model, copy)
     (copy / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 32}))
-    with pytest.raises(EdgequantError, match="has changed since the merge") as refused:
+    with pytest.raises(EdgequantError, match="has changed since .* was merged from it") as refused:
         edgequant.convert(merged, "mlx:4bit?lora=separate", output=tmp_path / "out")
     assert "--adapter" in refused.value.fix and not (tmp_path / "out").exists()
 

@@ -69,3 +69,24 @@ def merge_into(source: Source, adapter: Adapter, out: Path) -> None:
         raise EdgequantError(f"{source.name} changed while merging: {sorted(pending)[0]} was not found", "run the command again")
     record = {"base": source.to_json(), "adapter": adapter.to_json()}
     (out / ADAPTER_RECORD).write_text(json.dumps(record, indent=2))
+
+
+def merged_parts(source: Source) -> tuple[Source, Adapter]:
+    """The base model and the adapter `adapted_model` merged into `source`, both unchanged since:
+    what a format that keeps the adapter beside its base (`?lora=separate`) converts."""
+    record = source.adaptation
+    if record is None:
+        raise EdgequantError(f"?lora=separate keeps a LoRA adapter beside its base model, and {source.name} has no "
+                             "adapter merged into it", "pass the adapter with --adapter FOLDER (MODEL is then its base "
+                             "model), or drop ?lora=separate")
+    base_path, adapter_path = Path(record["base"]["path"]), Path(record["adapter"]["path"])
+    for what, path in (("base model", base_path), ("adapter", adapter_path)):
+        if not path.exists():
+            raise EdgequantError(f"the {what} {path} that {source.name} was merged from is gone",
+                                 "restore it, or run again with --adapter on the model and adapter you have")
+    base, adapter = load_source(base_path), load_adapter(adapter_path)
+    for what, now, then in (("base model", base, record["base"]), ("adapter", adapter, record["adapter"])):
+        if now.fingerprint != then["fingerprint"]:
+            raise EdgequantError(f"the {what} {now.path} has changed since {source.name} was merged from it",
+                                 "run again with --adapter (the merge is then redone for the files as they are now)")
+    return base, adapter

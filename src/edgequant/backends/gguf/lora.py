@@ -34,42 +34,20 @@ from edgequant.errors import EdgequantError
 ADAPTER_FILE = "adapter.gguf"
 RUNTIME_SCALE = 1.0  # llama.cpp applies the file's alpha / r itself
 _REFUSED = "failed to apply lora adapter:"  # llama.cpp's log line when an adapter does not fit the model
-_NO_ADAPTER_FIX = ("pass the adapter with --adapter ADAPTER_FOLDER (MODEL is then its base model), "
-                   "or drop ?lora=separate")
 
 
 def convert_separate(source, spec, out_dir: Path, convert_base: Callable, adapter_type: str) -> dict[str, Any]:
     """Write the adapter of the merged folder `source` (first: it takes seconds, and may be refused),
     then convert its base model with `convert_base`."""
-    base, adapter = adapted_parts(source)
+    from edgequant.adaptation.merge import merged_parts
+
+    base, adapter = merged_parts(source)
     started = time.perf_counter()
     lora = write_adapter(base, adapter, out_dir / ADAPTER_FILE, adapter_type)
     seconds = round(time.perf_counter() - started, 3)
     info = convert_base(base, spec, out_dir)
-    info["lora"], info["timings"]["adapter_s"] = lora, seconds
+    info["adapter"], info["timings"]["adapter_s"] = lora, seconds
     return info
-
-
-def adapted_parts(source):
-    """The base model and the adapter `--adapter` merged into `source`, both unchanged since the merge."""
-    from edgequant.adaptation.adapter import load_adapter
-    from edgequant.sources.source import load_source
-
-    record = source.adaptation
-    if record is None:
-        raise EdgequantError(f"?lora=separate keeps a LoRA adapter beside its base model, and {source.name} "
-                             "has no adapter merged into it", _NO_ADAPTER_FIX)
-    base_path, adapter_path = Path(record["base"]["path"]), Path(record["adapter"]["path"])
-    for what, path in (("base model", base_path), ("adapter", adapter_path)):
-        if not path.exists():
-            raise EdgequantError(f"the {what} {path} that {source.name} was merged from is gone",
-                                 "restore it, or run again with --adapter on the model and adapter you have")
-    base, adapter = load_source(base_path), load_adapter(adapter_path)
-    for what, now, then in (("base model", base, record["base"]), ("adapter", adapter, record["adapter"])):
-        if now.fingerprint != then["fingerprint"]:
-            raise EdgequantError(f"the {what} {now.path} has changed since {source.name} was merged from it",
-                                 "run again with --adapter (the merge is then redone for the files as they are now)")
-    return base, adapter
 
 
 def write_adapter(base, adapter, outfile: Path, outtype: str) -> dict[str, Any]:
@@ -141,7 +119,7 @@ class AdapterFile:
 
 def adapter_file(artifact) -> AdapterFile | None:
     """The adapter a `?lora=separate` artifact applies at run time, or None."""
-    lora = artifact.manifest.get("details", {}).get("lora")
+    lora = artifact.manifest.get("details", {}).get("adapter")
     return AdapterFile(artifact.path / lora["file"], float(lora["scale"])) if lora else None
 
 

@@ -34,32 +34,15 @@ MERGED_FIX = "use ?lora=merged (the default), which converts the model with the 
 
 
 def base_and_adapter(source):
-    """The base model and the PEFT adapter that `source` (a folder edgequant merged them into) was
-    made of, both checked unchanged since the merge."""
-    from edgequant.adaptation.adapter import load_adapter
-    from edgequant.sources.source import load_source
+    """The base model and the PEFT adapter merged into `source`, unchanged since the merge, and
+    adapting only layers inside the transformer blocks."""
+    from edgequant.adaptation.merge import merged_parts
 
-    record = source.adaptation
-    if record is None:
-        raise EdgequantError(f"?lora=separate needs --adapter FOLDER: {source.name} has no LoRA adapter merged in",
-                             "pass --adapter FOLDER (a PEFT LoRA adapter) with the model, or drop ?lora=separate")
-    base = _unchanged(source, "base model", record["base"], load_source)
-    adapter = _unchanged(source, "adapter", record["adapter"], load_adapter)
+    base, adapter = merged_parts(source)
     outside = [pair.module for pair in adapter.pairs if not _IN_BLOCK.search(pair.module)]
     if outside:  # refused before converting; write_adapter checks the MLX model's own blocks
         raise _outside_blocks(adapter.name, outside[0])
     return base, adapter
-
-
-def _unchanged(source, what: str, recorded: dict, load):
-    """`load(path)` of the base model or adapter `recorded` in the merge record, refused if it moved or changed."""
-    again = "pass the model and --adapter again, so that they are merged anew"
-    if not Path(recorded["path"]).exists():
-        raise EdgequantError(f"the {what} {source.name} was merged from is no longer at {recorded['path']}", again)
-    found = load(recorded["path"])
-    if found.fingerprint != recorded["fingerprint"]:
-        raise EdgequantError(f"the {what} {source.name} was merged from ({recorded['path']}) has changed since the merge", again)
-    return found
 
 
 def write_adapter(adapter, model, out_dir: Path) -> dict:
