@@ -90,6 +90,9 @@ class OnnxBackend(Backend):
                              applies_to=_STATIC),
         "smooth": Option("smooth", float, 0.5, "int8-static: SmoothQuant migration strength alpha, activation outliers "
                          "moved into the weights before calibration (0: off)", minimum=0.0, maximum=1.0, applies_to=_STATIC),
+        "lora": Option("lora", str, "merged", "with --adapter: merged into the float weights before converting, or separate "
+                       "(the base model's graph with float LoRA branches, the adapter beside it as adapter.onnx_adapter, "
+                       "applied by onnxruntime per run and by onnxruntime-genai per generator)", choices=("merged", "separate")),
     }
 
     def neighbours(self, spec) -> list[str]:
@@ -111,6 +114,11 @@ class OnnxBackend(Backend):
             # hqq is asymmetric by construction; the builder's k_quant with sym=1 was measured to export
             # wrong zero points (ppl x5 on the default model), so both are refused rather than run.
             raise EdgequantError(f"sym=1 in {spec} is supported with algo=rtn only", "drop sym=1, or add algo=rtn")
+        if opt.lora == "separate" and spec.precision in _STATIC:
+            raise EdgequantError(f"{spec}: int8-static calibrates its activation ranges (and SmoothQuant folds its scales) "
+                                 "on the base model's graph, which a separate adapter changes at run time",
+                                 "use onnx:int8?lora=separate, or drop ?lora=separate (the adapter is then merged "
+                                 "before calibrating)")
 
     def check_source(self, source) -> None:
         from edgequant.backends.onnx.tools import check_supported
@@ -125,14 +133,34 @@ class OnnxBackend(Backend):
                                              "window at once with full attention")
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        """`?lora=separate`: the base model the source's adapter was merged into, exported with the
+        adapter's branches, whose weights then move to adapter.onnx_adapter (lora.py); the
+        artifact's source stays the merged folder, so evaluation compares it with the adapted float model."""
+        if self.option_values(spec).lora == "merged":
+            return self._convert_model(source, spec, out_dir)
+        from edgequant.backends.onnx.lora import ADAPTER_FILE, base_and_adapter, split_adapter
+        from edgequant.backends.onnx.tools import MODEL_FILE
+
+        base, adapter = base_and_adapter(source)
+        info = self._convert_model(base, spec, out_dir, adapter)
+        started = time.perf_counter()
+        info["adapter"] = split_adapter(out_dir / MODEL_FILE, adapter, out_dir / ADAPTER_FILE)
+        info["timings"]["adapter_s"] = round(time.perf_counter() - started, 3)
+        return info
+
+    def _convert_model(self, source, spec, out_dir: Path, adapter=None) -> dict[str, Any]:
+        """`source` to `spec`'s precision; with `adapter` (PEFT), its LoRA branches in the graph, kept float."""
         from edgequant.backends.onnx import tools as onnx_tools
         from edgequant.backends.onnx.hqq import quantize_hqq
+        from edgequant.backends.onnx.lora import BRANCH_PARTS
 
         started = time.perf_counter()
         opt = self.option_values(spec)
+        lora = (("adapter_path", str(adapter.path)),) if adapter else ()
+        keep_float = BRANCH_PARTS if adapter else ()
         if spec.precision in ("fp32", "fp16", "int4"):
             request = onnx_tools.BuildRequest(source.hf_dir, out_dir, _BUILDER_PRECISION[spec.precision],
-                                              int4_extra(spec.precision, opt, source.config))
+                                              int4_extra(spec.precision, opt, source.config, bool(adapter)) + lora)
             onnx_tools.run_builder(request, out_dir / "build.log")
             info = {"model_file": onnx_tools.MODEL_FILE, "builder_options": _loggable(request.extra),
                     "timings": {"build_s": round(time.perf_counter() - started, 3)}}
@@ -140,14 +168,18 @@ class OnnxBackend(Backend):
                 onnx_tools.drop_shape_annotations(out_dir / onnx_tools.MODEL_FILE)
                 info["post_processing"] = "shape annotations dropped (the builder mislabels repeat_kv for CPU fp16)"
             if spec.precision == "int4" and opt.algo == "hqq":
-                folded = quantize_hqq(out_dir / onnx_tools.MODEL_FILE, opt.block, opt.accuracy_level)
-                info["post_quantization"] = (f"HQQ int4, block {opt.block}, on every decoder-layer MatMul; "
+                folded = quantize_hqq(out_dir / onnx_tools.MODEL_FILE, opt.block, opt.accuracy_level, keep_float)
+                info["post_quantization"] = (f"HQQ int4, block {opt.block}, on every decoder-layer MatMul"
+                                             f"{' (LoRA branches kept float)' if adapter else ''}; "
                                              f"float zero points folded into a block-sum correction on {folded}")
                 info["timings"]["total_quantize_s"] = round(time.perf_counter() - started, 3)
             return info
-        return _convert_int8(source, spec.precision, opt, out_dir, started)
+        return _convert_int8(source, spec.precision, opt, out_dir, started, lora)
 
     def convert_task(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        if self.option_values(spec).lora == "separate":
+            raise EdgequantError(f"?lora=separate applies to text-generation models; {source.name} is a {source.task} model",
+                                 "drop ?lora=separate: the adapter is then merged into the float weights")
         if source.task == IMAGE_CLASSIFICATION:
             from edgequant.backends.onnx.vision import convert_vision
 
@@ -166,18 +198,22 @@ class OnnxBackend(Backend):
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.onnx.runner import OnnxRunner
 
-        return OnnxRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), n_ctx=n_ctx, threads=threads)
+        adapter = (artifact.manifest.get("details") or {}).get("adapter")
+        return OnnxRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), n_ctx=n_ctx, threads=threads,
+                          adapter=artifact.path / adapter["file"] if adapter else None)
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         return _estimated_bytes(precision, tensors, tied_embeddings)
 
 
-def int4_extra(precision: str, opt: dict[str, Any], config: dict) -> tuple[tuple[str, str], ...]:
+def int4_extra(precision: str, opt: dict[str, Any], config: dict, lora: bool = False) -> tuple[tuple[str, str], ...]:
     """The builder's --extra_options for an int4 spec (empty for the float precisions).
 
     With algo=hqq the builder quantizes only the LM head (8 bit, shared with a tied embedding):
     the decoder-layer MatMuls are excluded and left float for `quantize_hqq` afterwards, because
     the builder has no HQQ option and HQQ's float zero points measured far better (see module doc).
+    With `lora` the LoRA branches' MatMuls are excluded too: their weights are the adapter's,
+    replaced at run time, and stay float.
     """
     if precision != "int4":
         return ()
@@ -191,10 +227,12 @@ def int4_extra(precision: str, opt: dict[str, Any], config: dict) -> tuple[tuple
         algo = opt.algo
     extra = [("int4_block_size", str(opt.block)), ("int4_is_symmetric", "true" if opt.sym else "false"),
              ("int4_accuracy_level", str(opt.accuracy_level)), ("int4_algo_config", algo)]
-    if opt.algo == "hqq":
-        from edgequant.backends.onnx.tools import layer_matmul_names
+    from edgequant.backends.onnx.lora import branch_matmul_names
+    from edgequant.backends.onnx.tools import layer_matmul_names
 
-        extra.append(("int4_nodes_to_exclude", ",".join(layer_matmul_names(config))))
+    excluded = (layer_matmul_names(config) if opt.algo == "hqq" else []) + (branch_matmul_names(config) if lora else [])
+    if excluded:
+        extra.append(("int4_nodes_to_exclude", ",".join(excluded)))
     return tuple(extra)
 
 
@@ -202,24 +240,29 @@ def _loggable(extra) -> dict[str, str]:
     """Builder options for the manifest, with the long node-exclusion list summarised."""
     out = dict(extra)
     if "int4_nodes_to_exclude" in out:
-        out["int4_nodes_to_exclude"] = f"{out['int4_nodes_to_exclude'].count(',') + 1} decoder-layer MatMuls"
+        out["int4_nodes_to_exclude"] = f"{out['int4_nodes_to_exclude'].count(',') + 1} MatMuls, by node name"
     return out
 
 
-def _convert_int8(source, precision: str, opt: dict[str, Any], out_dir: Path, started: float) -> dict[str, Any]:
+def _convert_int8(source, precision: str, opt: dict[str, Any], out_dir: Path, started: float,
+                  lora: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
     """Export fp32 with the builder into a scratch folder, quantize into the artifact, copy the
-    genai config and tokenizer next to it; the scratch fp32 model never reaches the artifact."""
+    genai config and tokenizer next to it; the scratch fp32 model never reaches the artifact.
+    `lora`: the builder's adapter option; its branches' MatMuls stay float (int8 only; validate
+    refuses int8-static with a separate adapter)."""
     from edgequant.backends._shared.calibration import calibration_windows
     from edgequant.backends.onnx import tools as onnx_tools
     from edgequant.backends.onnx.int8 import quantize_per_token_int8
 
     scratch = out_dir / ".fp32"
-    onnx_tools.run_builder(onnx_tools.BuildRequest(source.hf_dir, scratch, "fp32"), out_dir / "build.log")
+    onnx_tools.run_builder(onnx_tools.BuildRequest(source.hf_dir, scratch, "fp32", lora), out_dir / "build.log")
     built = time.perf_counter()
     info: dict[str, Any] = {"model_file": onnx_tools.MODEL_FILE}
     fp32_model, target = scratch / onnx_tools.MODEL_FILE, out_dir / onnx_tools.MODEL_FILE
     if precision == "int8":
-        count = quantize_per_token_int8(fp32_model, target)
+        from edgequant.backends.onnx.lora import BRANCH_PARTS
+
+        count = quantize_per_token_int8(fp32_model, target, BRANCH_PARTS if lora else ())
         info["post_quantization"] = f"int8 weights per channel, int8 activations per token, {count} MatMuls"
     else:
         calib = onnx_tools.Calibration(samples=opt.samples, tokens=opt.calib_tokens)

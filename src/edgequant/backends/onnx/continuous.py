@@ -22,6 +22,9 @@ How it uses the graph (the builder's decoder with GroupQueryAttention, every ONN
 - The buffer's capacity grows with the longest sequence (in steps of `GROW_TOKENS`), up to the
   server's context, so memory is n_seq times the longest sequence held, not n_seq contexts.
 
+Inputs that never change between calls (a `?lora=separate` artifact's adapter tensors, which
+onnxruntime's run options do not reach in `run_with_iobinding`) are bound once per binding.
+
 Sampling is ours (`sample_token`, one generator seeded per request), so a seeded request repeats
 its answer whatever shares its steps, and sampled requests batch like greedy ones.
 
@@ -88,14 +91,15 @@ def present_name(cache_input: str) -> str:
 class ContinuousDecoder:
     """The Runner contract's batch decoder (start, step, finish, close) over one onnxruntime session."""
 
-    def __init__(self, session, *, n_seq: int, n_ctx: int, seq_ctx: int, end_token: int | None):
+    def __init__(self, session, *, n_seq: int, n_ctx: int, seq_ctx: int, end_token: int | None, constants: dict | None = None):
         """`seq_ctx`: tokens one sequence may hold (the runner's context); `end_token`: the id
-        handed to a sequence that runs out of room, so the worker ends it."""
+        handed to a sequence that runs out of room, so the worker ends it; `constants`: OrtValues
+        by input name bound unchanged on every call (a LoRA adapter's tensors)."""
         if n_seq < 1:
             raise ValueError(f"a batch decoder needs n_seq >= 1, not {n_seq}")
         self.n_seq, self.n_ctx = n_seq, min(n_ctx, n_seq * seq_ctx)
         self._session, self._graph = session, _Graph.of(session)
-        self._seq_ctx, self._end_token = seq_ctx, end_token
+        self._seq_ctx, self._end_token, self._constants = seq_ctx, end_token, constants or {}
         self._capacity = 0
         self._buffers: dict[str, np.ndarray] = {}
         self._bindings: dict[tuple[int, int], object] = {}  # by row range, over the current buffers
@@ -151,6 +155,8 @@ class ContinuousDecoder:
         if key not in self._bindings:
             binding = self._session.io_binding()
             binding.bind_output("logits")  # first: `_run` reads the first output (rebinding keeps the place)
+            for name, value in self._constants.items():
+                binding.bind_ortvalue_input(name, value)
             for name in self._graph.cache_inputs:
                 value = ort.OrtValue.ortvalue_from_numpy(self._buffers[name][rows])
                 binding.bind_ortvalue_input(name, value)

@@ -24,9 +24,10 @@ from edgequant.progress import engine_warnings_hidden
 _DEFAULT_ZERO_POINT = 8.0  # MatMulNBits' implied zero point for 4-bit weights without a zero_points input
 
 
-def quantize_hqq(model_path: Path, block: int, accuracy_level: int) -> int:
+def quantize_hqq(model_path: Path, block: int, accuracy_level: int, keep_float: tuple[str, ...] = ()) -> int:
     """Rewrite every float MatMul left in the model (the LM head is already MatMulNBits) as HQQ
-    int4 MatMulNBits (data-free, half-quadratic fit), then fold the float zero points out.
+    int4 MatMulNBits (data-free, half-quadratic fit), then fold the float zero points out; MatMuls
+    whose node name contains a `keep_float` part (LoRA branches) stay float.
     Rewrites model.onnx and its data file in place; returns how many MatMuls were folded."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
@@ -34,7 +35,9 @@ def quantize_hqq(model_path: Path, block: int, accuracy_level: int) -> int:
     from edgequant.backends.onnx.tools import DATA_SUFFIX, save_model
 
     model = onnx.load(str(model_path))
-    quantizer = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=block, bits=4))
+    excluded = [node.name for node in model.graph.node if any(part in node.name for part in keep_float)]
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=excluded,
+                                     algo_config=HQQWeightOnlyQuantConfig(block_size=block, bits=4))
     with engine_warnings_hidden():  # e.g. torch.from_numpy on read-only weights: harmless, HQQ copies them
         quantizer.process()
     model = quantizer.model.model

@@ -6,6 +6,9 @@ Hugging Face tokenizer tokenizes, so ids match the source model's exactly.
 Both engines load lazily: the quality pass and the batching server only need the session, the
 speed probe and a one-at-a-time server only the generator, and holding both would double the
 resident weights.
+
+A `?lora=separate` artifact's adapter (lora.py) is applied by every path: run options on the
+scorer's runs, its tensors bound as inputs in the batch decoder, og.Adapters on each generator.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from edgequant.runner import GenerateParams, Runner
 
 
 class OnnxRunner(HFTokenizerMixin, Runner):
-    def __init__(self, folder: Path, model_file: str, *, name: str, n_ctx: int, threads: int):
+    def __init__(self, folder: Path, model_file: str, *, name: str, n_ctx: int, threads: int, adapter: Path | None = None):
+        """`adapter`: the adapter.onnx_adapter of a `?lora=separate` artifact, applied to every run."""
         self.name, self.n_ctx = name, n_ctx
         self._folder, self._model_path, self._threads = folder, folder / model_file, threads
         self._load_hf_tokenizer(folder)
         self._session = None
         self._genai = None
+        self._adapter_path, self._adapter = adapter, None
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         return next(self._slices(ids, len(ids)))
@@ -44,6 +49,7 @@ class OnnxRunner(HFTokenizerMixin, Runner):
         if len(ids) > self.n_ctx:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
         session = self._ensure_session()
+        options = self._adapter.run_options if self._adapter else None
         names = {i.name for i in session.get_inputs()}
         outputs = [o.name for o in session.get_outputs()]
         past = kv_feeds(session.get_inputs())
@@ -51,7 +57,7 @@ class OnnxRunner(HFTokenizerMixin, Runner):
             chunk = list(ids[start:start + rows])
             feeds = {"input_ids": np.asarray([chunk], np.int64), "attention_mask": np.ones((1, start + len(chunk)), np.int64),
                      "position_ids": np.arange(start, start + len(chunk), dtype=np.int64)[None], **past}
-            found = dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in names})))
+            found = dict(zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in names}, options)))
             past = {name.replace("present", "past_key_values", 1): value for name, value in found.items()
                     if name.startswith("present")}
             yield np.asarray(found.pop("logits")[0], dtype=np.float32)
@@ -76,6 +82,8 @@ class OnnxRunner(HFTokenizerMixin, Runner):
         gen_params = og.GeneratorParams(model)
         gen_params.set_search_options(**search)
         generator = og.Generator(model, gen_params)
+        if self._adapter_path is not None:
+            self._loaded_adapter().activate(model, generator)
         generator.append_tokens(list(prompt_ids))
         while not generator.is_done():
             generator.generate_next_token()
@@ -89,10 +97,12 @@ class OnnxRunner(HFTokenizerMixin, Runner):
 
         if "GroupQueryAttention" not in op_types(self._model_path):
             return None
-        return ContinuousDecoder(self._ensure_session(), n_seq=n_seq, n_ctx=n_ctx, seq_ctx=self.n_ctx,
-                                 end_token=min(self._eos_ids, default=None))
+        session = self._ensure_session()
+        return ContinuousDecoder(session, n_seq=n_seq, n_ctx=n_ctx, seq_ctx=self.n_ctx, end_token=min(self._eos_ids, default=None),
+                                 constants=self._adapter.values if self._adapter else None)
 
     def close(self) -> None:
+        self._adapter = None  # before the genai model its og.Adapters belong to
         self._session = None
         self._genai = None
 
@@ -101,7 +111,16 @@ class OnnxRunner(HFTokenizerMixin, Runner):
             from edgequant.backends._shared.ort import cpu_session
 
             self._session = cpu_session(self._model_path, self._threads)
+            if self._adapter_path is not None:
+                self._loaded_adapter().check(self._session)
         return self._session
+
+    def _loaded_adapter(self):
+        if self._adapter is None:
+            from edgequant.backends.onnx.lora import LoadedAdapter
+
+            self._adapter = LoadedAdapter(self._adapter_path)
+        return self._adapter
 
     def _ensure_genai(self):
         if self._genai is None:
