@@ -38,6 +38,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("gates: kld<=0.1\n", "line 1: gates must be a list of text"),
     ("source: no/such/folder\n", "line 1: source: no such file or folder"),
     ("- source: default\n", "a recipe is a mapping of keys"),
+    ('source: "model\\0x"\n', "NUL character"),  # found by bench/hardening.py's fuzzing
     ("eval: {{ctx: 64}}\n", "line 1: eval: a key must be a plain word"),
     ("eval: {ctx: 8}\n", "eval: eval context 8 is too short"),
 ])

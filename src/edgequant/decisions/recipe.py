@@ -157,8 +157,13 @@ def _check_meaning(recipe: Recipe) -> None:
         raise recipe.error("search.objective", exc.problem, exc.fix) from None
     if data.get("search", {}).get("budget", 1) < 1:
         raise recipe.error("search.budget", "must be at least 1", "give the most evaluations to spend, e.g. 20")
+    paths = {"source": data.get("source"), "eval.data": data.get("eval", {}).get("data"), "output": data.get("output"),
+             "db": data.get("db")}
+    for field, value in paths.items():
+        if value is not None and "\0" in value:  # found by fuzzing: the OS refuses it with a bare ValueError
+            raise recipe.error(field, "holds a NUL character, which no file name can", "write a plain path")
     for field in ("source", "eval.data"):
-        value = data.get("source") if field == "source" else data.get("eval", {}).get("data")
+        value = paths[field]
         if value not in (None, "default") and not recipe_path(recipe, value).exists():
             raise recipe.error(field, f"no such file or folder: {recipe_path(recipe, value)}",
                                "paths are relative to the recipe's folder")
