@@ -175,3 +175,13 @@ def test_separate_without_an_adapter_is_refused(cli, tiny_model):
         edgequant.convert(tiny_model, "gguf:q8_0?lora=separate")
     done = cli("convert", str(tiny_model), "--to", "gguf:q8_0?lora=separate")
     assert done.returncode == 2 and "--adapter" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_merge_keeps_the_adapter_so_its_first_folder_may_go(tiny_model, tmp_path):
+    import shutil
+
+    adapter = write_random_adapter(tmp_path / "adapter", tiny_model, rank=2)
+    merged = adapted_model(tiny_model, adapter)
+    shutil.rmtree(adapter)  # e.g. a download folder cleaned up after `convert --adapter`
+    artifact = edgequant.convert(merged, "gguf:q8_0?lora=separate", output=tmp_path / "out")
+    assert (artifact.path / "adapter.gguf").is_file()

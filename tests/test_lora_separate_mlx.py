@@ -133,13 +133,17 @@ def test_separate_without_an_adapter_is_refused(cli, tiny_model, tmp_path):
 
 
 def test_an_adapter_changed_since_the_merge_is_refused(tiny_model, adapter, tmp_path):
+    """The merge keeps the adapter it merged (edgequant-adapter/); that copy edited afterwards no
+    longer matches the merged weights, and is refused."""
     import shutil
+
+    from edgequant.adaptation.merge import ADAPTER_COPY
 
     copy = shutil.copytree(adapter, tmp_path / "adapter")
     config = json.loads((copy / "adapter_config.json").read_text())
     (copy / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 12}))  # not the cached merge of `adapter`
     merged = adapted_model(tiny_model, copy)
-    (copy / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 32}))
+    (merged / ADAPTER_COPY / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 32}))
     with pytest.raises(EdgequantError, match="has changed since .* was merged from it") as refused:
         edgequant.convert(merged, "mlx:4bit?lora=separate", output=tmp_path / "out")
     assert "--adapter" in refused.value.fix and not (tmp_path / "out").exists()

@@ -16,13 +16,15 @@ import json
 import shutil
 from pathlib import Path
 
-from edgequant.adaptation.adapter import WEIGHTS_FILE, Adapter, load_adapter
+from edgequant.adaptation.adapter import CONFIG_FILE, WEIGHTS_FILE, Adapter, load_adapter
 from edgequant.atomic import atomic_dir
 from edgequant.errors import EdgequantError
 from edgequant.locks import build_once
 from edgequant.paths import cache_dir
 from edgequant.progress import step
 from edgequant.sources.source import ADAPTER_RECORD, Source, load_source
+
+ADAPTER_COPY = "edgequant-adapter"  # in a merged folder: the adapter's own files, as merged
 
 
 def adapted_model(model: str | Path | None, adapter: str | Path) -> Path:
@@ -67,6 +69,10 @@ def merge_into(source: Source, adapter: Adapter, out: Path) -> None:
             shutil.copy2(item, out / item.name)
     if pending:  # check_base saw these names in the headers: a shard changed under us
         raise EdgequantError(f"{source.name} changed while merging: {sorted(pending)[0]} was not found", "run the command again")
+    kept = out / ADAPTER_COPY  # the adapter travels with the merge: `?lora=separate` never needs its first path again
+    kept.mkdir()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copy2(adapter.path / name, kept / name)
     record = {"base": source.to_json(), "adapter": adapter.to_json()}
     (out / ADAPTER_RECORD).write_text(json.dumps(record, indent=2))
 
@@ -79,7 +85,8 @@ def merged_parts(source: Source) -> tuple[Source, Adapter]:
         raise EdgequantError(f"?lora=separate keeps a LoRA adapter beside its base model, and {source.name} has no "
                              "adapter merged into it", "pass the adapter with --adapter FOLDER (MODEL is then its base "
                              "model), or drop ?lora=separate")
-    base_path, adapter_path = Path(record["base"]["path"]), Path(record["adapter"]["path"])
+    kept = source.path / ADAPTER_COPY  # merges made before the copy was kept name only the first path
+    base_path, adapter_path = Path(record["base"]["path"]), kept if kept.is_dir() else Path(record["adapter"]["path"])
     for what, path in (("base model", base_path), ("adapter", adapter_path)):
         if not path.exists():
             raise EdgequantError(f"the {what} {path} that {source.name} was merged from is gone",
