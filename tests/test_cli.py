@@ -91,3 +91,14 @@ def test_an_unexpected_exception_gives_a_short_error_and_a_crash_log(tmp_path):
     assert "unexpected ZeroDivisionError" in done.stderr and "fix: report it with" in done.stderr
     log = next((tmp_path / "logs").glob("crash-*.log")).read_text()
     assert "ZeroDivisionError: division by zero" in log and "Traceback" in log
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
+    """`edgequant ... | head`: the pipe closes under a verb still printing; exit 0, nothing on stderr.
+    (BrokenPipeError is an OSError: the disk-full handler must not swallow it first.)"""
+    code = ("import edgequant.commands.hardware as verb; from edgequant.cli import main\n"
+            "verb.run = lambda args: [print('x' * 1000) for _ in range(10000)] and 0\nraise SystemExit(main(['hardware']))")
+    env = {k: v for k, v in os.environ.items() if k != "EDGEQUANT_DEBUG"} | {"EDGEQUANT_HOME": str(tmp_path)}
+    reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    reader.stdout.close()
+    assert reader.wait(timeout=120) == 0 and reader.stderr.read() == b""

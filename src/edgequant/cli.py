@@ -13,7 +13,7 @@ import sys
 from importlib import import_module
 
 from edgequant.commands import VERBS
-from edgequant.errors import EdgequantError
+from edgequant.errors import DISK_FULL_FIX, EdgequantError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,31 +45,27 @@ def main(argv: list[str] | None = None) -> int:
         if exc.fix:
             print(f"  fix: {exc.fix}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        where = f" writing {exc.filename}" if exc.filename else ""
-        print(f"edgequant: error: the disk is full{where}", file=sys.stderr)
-        print("  fix: free space, or write elsewhere (-o PATH, or EDGEQUANT_HOME for the cache); "
-              "nothing half-written was kept", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("edgequant: interrupted", file=sys.stderr)
         return 130
     except _Terminated:
         print("edgequant: terminated", file=sys.stderr)
         return 143
-    except Exception as exc:  # not a user's mistake: a bug of ours or an engine's
+    except BrokenPipeError:  # the reader went away (`| head`): not an error of ours; before OSError, its base
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(f"edgequant: error: the disk is full{where}\n  fix: {DISK_FULL_FIX}", file=sys.stderr)
+            return 2
         if os.environ.get("EDGEQUANT_DEBUG"):
             raise
-        log = _crash_log(args)
+        log = _crash_log(args)  # not a user's mistake: a bug of ours or an engine's
         print(f"edgequant: error: `{args.command}` stopped on an unexpected {type(exc).__name__} inside edgequant or an "
               "engine it runs: a bug, not a problem with what you asked", file=sys.stderr)
         print(f"  fix: report it with {log}, which holds the traceback (EDGEQUANT_DEBUG=1 prints it here)", file=sys.stderr)
         return 70  # EX_SOFTWARE
-    except BrokenPipeError:  # the reader went away (`| head`): not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 def _crash_log(args) -> str:

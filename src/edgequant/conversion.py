@@ -12,7 +12,7 @@ from pathlib import Path
 from edgequant import __version__
 from edgequant.artifact import MANIFEST, SCHEMA_VERSION, Artifact, folder_size, is_artifact, open_artifact
 from edgequant.atomic import atomic_dir, ensure_writable_parent
-from edgequant.errors import EdgequantError
+from edgequant.errors import DISK_FULL_FIX, EdgequantError
 from edgequant.fingerprint import file_sha256
 from edgequant.locks import building
 from edgequant.paths import cache_dir
@@ -97,8 +97,7 @@ def _refuse_if_disk_full(tmp: Path, out: Path) -> None:
     free = shutil.disk_usage(tmp).free
     if free < DISK_FULL_BYTES:
         raise EdgequantError(f"the disk holding {out.parent} filled up during the conversion ({free / 2**20:.1f} MiB left)",
-                             "free space, or write elsewhere (-o PATH, or EDGEQUANT_HOME for the cache); "
-                             "nothing half-written was kept") from None
+                             DISK_FULL_FIX) from None
 
 
 def check_task(backend, source, spec: Spec) -> None:

@@ -2,8 +2,11 @@
 
 Every error a user can cause (a wrong path, an unknown spec, a corrupt file) is raised as an
 `EdgequantError` carrying the problem and the fix. The CLI prints those two lines and exits
-non-zero; anything else is a bug and keeps its traceback.
+non-zero; anything else is a bug: one line, and its traceback in a crash log.
 """
+
+DISK_FULL_FIX = ("free space, or write elsewhere (-o PATH, or EDGEQUANT_HOME for the cache); "
+                 "nothing half-written was kept")
 
 
 class EdgequantError(Exception):

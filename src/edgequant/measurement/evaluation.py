@@ -379,7 +379,6 @@ def _check_tokenizer(runner, windows: Windows) -> None:
 
 
 def machine_info() -> dict:
-
     import psutil
 
     cpu = platform.processor() or platform.machine()
