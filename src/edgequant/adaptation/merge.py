@@ -13,6 +13,7 @@ update and quantizes again, which rounds the update twice.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from edgequant.progress import step
 from edgequant.sources.source import ADAPTER_RECORD, Source, load_source
 
 ADAPTER_COPY = "edgequant-adapter"  # in a merged folder: the adapter's own files, as merged
+MERGED_FIX = "use ?lora=merged (the default), which converts the model with the adapter merged into its float weights"
+_IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")  # a module inside a transformer block, by its Hugging Face name
 
 
 def adapted_model(model: str | Path | None, adapter: str | Path) -> Path:
@@ -77,9 +80,11 @@ def merge_into(source: Source, adapter: Adapter, out: Path) -> None:
     (out / ADAPTER_RECORD).write_text(json.dumps(record, indent=2))
 
 
-def merged_parts(source: Source) -> tuple[Source, Adapter]:
+def merged_parts(source: Source, blocks_only: str | None = None) -> tuple[Source, Adapter]:
     """The base model and the adapter `adapted_model` merged into `source`, both unchanged since:
-    what a format that keeps the adapter beside its base (`?lora=separate`) converts."""
+    what a format that keeps the adapter beside its base (`?lora=separate`) converts. With
+    `blocks_only` (the format's name), an adapter on a layer outside the transformer blocks (the
+    LM head, the embedding) is refused: that format applies adapters to the blocks only."""
     record = source.adaptation
     if record is None:
         raise EdgequantError(f"?lora=separate keeps a LoRA adapter beside its base model, and {source.name} has no "
@@ -96,4 +101,12 @@ def merged_parts(source: Source) -> tuple[Source, Adapter]:
         if now.fingerprint != then["fingerprint"]:
             raise EdgequantError(f"the {what} {now.path} has changed since {source.name} was merged from it",
                                  "run again with --adapter (the merge is then redone for the files as they are now)")
+    outside = [pair.module for pair in adapter.pairs if blocks_only and not _IN_BLOCK.search(pair.module)]
+    if outside:
+        raise outside_blocks(adapter.name, outside[0], blocks_only)
     return base, adapter
+
+
+def outside_blocks(adapter_name: str, module: str, fmt: str) -> EdgequantError:
+    return EdgequantError(f"adapter {adapter_name} adapts {module}, outside the transformer blocks; ?lora=separate on "
+                          f"{fmt} applies adapters to the blocks' projections only", MERGED_FIX)

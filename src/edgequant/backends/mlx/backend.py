@@ -106,10 +106,11 @@ class MLXBackend(Backend):
         merged folder, so evaluation compares it with the adapted float model."""
         if self.option_values(spec).lora == "merged":
             return self._convert_model(source, spec, out_dir)
+        from edgequant.adaptation.merge import merged_parts
         from edgequant.backends.mlx.engine import load_model
-        from edgequant.backends.mlx.lora import base_and_adapter, write_adapter
+        from edgequant.backends.mlx.lora import write_adapter
 
-        base, adapter = base_and_adapter(source)
+        base, adapter = merged_parts(source, blocks_only="MLX")
         check_architecture(base)
         info = self._convert_model(base, spec, out_dir)
         started = time.perf_counter()

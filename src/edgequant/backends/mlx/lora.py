@@ -20,29 +20,15 @@ adapted output layer would bypass.
 from __future__ import annotations
 
 import json
-import re
 from functools import lru_cache
 from pathlib import Path
 
+from edgequant.adaptation.merge import MERGED_FIX, outside_blocks
 from edgequant.errors import EdgequantError
 
 FOLDER = "adapters"
 WEIGHTS = "adapters.safetensors"
 CONFIG = "adapter_config.json"
-_IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")  # a module inside a transformer block, by its Hugging Face name
-MERGED_FIX = "use ?lora=merged (the default), which converts the model with the adapter merged into its float weights"
-
-
-def base_and_adapter(source):
-    """The base model and the PEFT adapter merged into `source`, unchanged since the merge, and
-    adapting only layers inside the transformer blocks."""
-    from edgequant.adaptation.merge import merged_parts
-
-    base, adapter = merged_parts(source)
-    outside = [pair.module for pair in adapter.pairs if not _IN_BLOCK.search(pair.module)]
-    if outside:  # refused before converting; write_adapter checks the MLX model's own blocks
-        raise _outside_blocks(adapter.name, outside[0])
-    return base, adapter
 
 
 def write_adapter(adapter, model, out_dir: Path) -> dict:
@@ -86,12 +72,7 @@ def _key_in_block(module: str, blocks: list[str], name: str) -> str:
     for block in blocks:
         if module.startswith(block + "."):
             return module.removeprefix(block + ".")
-    raise _outside_blocks(name, module)
-
-
-def _outside_blocks(name: str, module: str) -> EdgequantError:
-    return EdgequantError(f"adapter {name} adapts {module}, outside the transformer blocks; ?lora=separate on MLX applies "
-                          "adapters to the blocks' projections only", MERGED_FIX)
+    raise outside_blocks(name, module, "MLX")
 
 
 def _check_layer(layer, pair, name: str) -> None:

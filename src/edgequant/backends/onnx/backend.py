@@ -138,10 +138,11 @@ class OnnxBackend(Backend):
         artifact's source stays the merged folder, so evaluation compares it with the adapted float model."""
         if self.option_values(spec).lora == "merged":
             return self._convert_model(source, spec, out_dir)
-        from edgequant.backends.onnx.lora import ADAPTER_FILE, base_and_adapter, split_adapter
+        from edgequant.adaptation.merge import merged_parts
+        from edgequant.backends.onnx.lora import ADAPTER_FILE, split_adapter
         from edgequant.backends.onnx.tools import MODEL_FILE
 
-        base, adapter = base_and_adapter(source)
+        base, adapter = merged_parts(source, blocks_only="ONNX")  # the builder gives an LM head or embedding no branch
         info = self._convert_model(base, spec, out_dir, adapter)
         started = time.perf_counter()
         info["adapter"] = split_adapter(out_dir / MODEL_FILE, adapter, out_dir / ADAPTER_FILE)

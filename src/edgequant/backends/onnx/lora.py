@@ -18,37 +18,22 @@ adapter against the adapted float model.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from edgequant.adaptation.merge import MERGED_FIX
 from edgequant.errors import EdgequantError
 
 ADAPTER_FILE = "adapter.onnx_adapter"
 FORMAT = "onnx_adapter"
 BRANCH_PARTS = ("/lora_A/MatMul", "/lora_B/MatMul")  # the builder's branch node names end so: .../q_proj/lora_A/MatMul
-_PROJECTIONS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
-_IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")  # a module inside a transformer block, by its Hugging Face name
-MERGED_FIX = "use ?lora=merged (the default), which converts the model with the adapter merged into its float weights"
-
-
-def base_and_adapter(source):
-    """The base model and the PEFT adapter merged into `source`, unchanged since the merge, and
-    adapting only projections inside the transformer blocks (the builder gives an adapted LM head
-    or embedding no branch: the adapter would be dropped silently)."""
-    from edgequant.adaptation.merge import merged_parts
-
-    base, adapter = merged_parts(source)
-    outside = [pair.module for pair in adapter.pairs if not _IN_BLOCK.search(pair.module)]
-    if outside:
-        raise EdgequantError(f"adapter {adapter.name} adapts {outside[0]}, outside the transformer blocks; ?lora=separate "
-                             "on ONNX applies adapters to the blocks' projections only", MERGED_FIX)
-    return base, adapter
 
 
 def branch_matmul_names(config: dict) -> list[str]:
-    """The builder's node names of every LoRA branch MatMul it may create (unused names are harmless)."""
-    layers = int(config.get("num_hidden_layers", 0))
-    return [f"/model/layers.{i}/{part}{end}" for i in range(layers) for part in _PROJECTIONS for end in BRANCH_PARTS]
+    """The builder's node names of every LoRA branch MatMul it may create, beside each decoder-layer
+    projection (unused names are harmless)."""
+    from edgequant.backends.onnx.tools import layer_matmul_names
+
+    return [name.removesuffix("/MatMul") + end for name in layer_matmul_names(config) for end in BRANCH_PARTS]
 
 
 def split_adapter(model_path: Path, adapter, out_file: Path) -> dict:
