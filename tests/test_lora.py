@@ -114,3 +114,24 @@ def test_the_builtin_data_set_is_the_zen_of_python():
     train, held = split(read_records("zen"))
     assert len(train) == 16 and len(held) == 3
     assert np.all([r["messages"][1]["content"] in lines for r in train + held])
+
+
+def test_optimize_picks_the_smallest_candidate_that_keeps_the_fine_tune(onnx_tiny, adapter, tmp_path):
+    """The fine-tune's own gate, end to end: `optimize --adapter` on the merged model refuses the
+    candidates that lost the fine-tune and certifies the smallest one that kept it."""
+    from edgequant.decisions.optimize import OptimizeConfig, optimize
+
+    # On this fine-tune q8_0 keeps 100.5% and q4_0 95.5% (3 held-out examples: q2_k's figure, 125%,
+    # is noise), so a 98% bar refuses the smaller candidate.
+    config = OptimizeConfig(adapted_model(onnx_tiny, adapter[0]), gates=("finetune_kept>=98%",), objective="size",
+                            specs="gguf:q8_0,gguf:q4_0", search=False, eval=QUICK,
+                            output=tmp_path / "out", db=tmp_path / "results.sqlite")
+    result = optimize(config)
+    measured = {c["spec"]: c for c in result["candidates"] if c["status"] == "measured"}
+    kept = {spec: c["figures"]["finetune_kept"] for spec, c in measured.items()}
+    assert set(kept) == {"gguf:q8_0", "gguf:q4_0"} and kept["gguf:q4_0"] < 0.98 <= kept["gguf:q8_0"], kept
+    refused = measured["gguf:q4_0"]
+    assert not refused["passes"] and [v["gate"] for v in refused["verdicts"] if v["verdict"] != "pass"] == ["finetune_kept>=98%"], refused
+    assert result["winner"] == "gguf:q8_0"
+    certificate = json.loads((tmp_path / "out" / "certificate.json").read_text())
+    assert certificate["spec"] == "gguf:q8_0" and "finetune_kept>=98%" in json.dumps(certificate["gates"])
