@@ -83,6 +83,9 @@ class OpenVINOBackend(Backend):
                            "(0: off, plain quantize)", minimum=0.0, maximum=1.0, applies_to=("int8",)),
         "dyn_quant": Option("dyn_quant", int, -1, "dynamic activation quantization group size (-1: the plugin's, 0: off)",
                             minimum=-1, maximum=4096),
+        "lora": Option("lora", str, "merged", "with --adapter: merged into the float weights before converting, or separate "
+                       "(the base model's IR, the adapter beside it as adapter.safetensors, applied by OpenVINO GenAI and "
+                       "by the scorer)", choices=("merged", "separate")),
     }
 
     def neighbours(self, spec) -> list[str]:
@@ -106,6 +109,24 @@ class OpenVINOBackend(Backend):
         check_architecture(source)
 
     def convert(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        """`?lora=separate`: the base model the source's adapter was merged into, converted as
+        always, plus the adapter in OpenVINO GenAI's form (lora.py), checked to reach every module
+        it adapts in the IR; the artifact's source stays the merged folder, so evaluation compares
+        it with the adapted float model."""
+        if self.option_values(spec).lora == "merged":
+            return self._convert_model(source, spec, out_dir)
+        from edgequant.adaptation.merge import merged_parts
+        from edgequant.backends.openvino.lora import ADAPTER_FILE, write_adapter
+
+        base, adapter = merged_parts(source, blocks_only="OpenVINO")
+        info = self._convert_model(base, spec, out_dir)
+        started = time.perf_counter()
+        info["adapter"] = write_adapter(adapter, out_dir / ADAPTER_FILE)
+        info["adapter"]["branches"] = _check_adapter(out_dir)
+        info["timings"]["adapter_s"] = round(time.perf_counter() - started, 3)
+        return info
+
+    def _convert_model(self, source, spec, out_dir: Path) -> dict[str, Any]:
         from edgequant.backends.openvino import tools
 
         if "max_drop" in spec.options:
@@ -132,6 +153,9 @@ class OpenVINOBackend(Backend):
         }
 
     def convert_task(self, source, spec, out_dir: Path) -> dict[str, Any]:
+        if self.option_values(spec).lora == "separate":
+            raise EdgequantError(f"?lora=separate applies to text-generation models; {source.name} is a {source.task} model",
+                                 "drop ?lora=separate: the adapter is then merged into the float weights")
         if source.task == IMAGE_CLASSIFICATION:
             from edgequant.backends.openvino.vision import convert_vision
 
@@ -153,8 +177,10 @@ class OpenVINOBackend(Backend):
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.openvino.runner import OpenVINORunner
 
+        adapter = (artifact.manifest.get("details") or {}).get("adapter")
         return OpenVINORunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, threads=threads,
-                              runtime=runtime_properties(self.option_values(artifact.spec)))
+                              runtime=runtime_properties(self.option_values(artifact.spec)),
+                              adapter=artifact.path / adapter["file"] if adapter else None)
 
     def compress_settings(self, spec):
         """The NNCF settings a spec asks for (None for the float precisions)."""
@@ -194,6 +220,17 @@ def runtime_properties(opts) -> dict:
     chosen = {"INFERENCE_PRECISION_HINT": opts.infer, "KV_CACHE_PRECISION": opts.kv_cache,
               "DYNAMIC_QUANTIZATION_GROUP_SIZE": opts.dyn_quant}
     return {k: v for k, v in chosen.items() if v not in ("auto", -1)}
+
+
+def _check_adapter(out_dir: Path) -> int:
+    """How many MatMuls of the artifact's IR the adapter reaches; every module it adapts must be one
+    (lora.add_branches refuses otherwise, before GenAI would silently leave a module unadapted)."""
+    import openvino as ov
+
+    from edgequant.backends.openvino.lora import ADAPTER_FILE, add_branches, read_adapter
+    from edgequant.backends.openvino.tools import MODEL_XML
+
+    return add_branches(ov.Core().read_model(str(out_dir / MODEL_XML)), read_adapter(out_dir / ADAPTER_FILE))
 
 
 def _calibration(source, spec, settings) -> list[dict]:

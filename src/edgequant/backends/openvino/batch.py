@@ -26,6 +26,14 @@ split-fuse stays on, so a long prompt is prefilled in chunks while running reque
 tokens. The pipeline allocates the whole cache at its first step: for SmolLM2-135M at the
 server's defaults (--batch 4, --ctx 2048: 8,448 token slots) that is 186 MiB of f16 KV.
 
+A `?lora=separate` artifact's adapter (lora.py) is given to the pipeline as GenAI's adapters, but
+only the pipeline's `generate` applies them: `add_request` and `step` never call its adapter
+controller, so without more the server would decode the base model, silently. The decoder therefore
+runs one `generate` of a single token first, with the adapters in its GenerationConfig; that sets the
+adapter's tensors as LoRA states of the pipeline's infer request, where they stay (the pipeline
+never resets its states, and GenAI's controller keeps a state once set until the adapters change).
+The tests check the decoder's tokens against the merged model's.
+
 Measured on the tiny test Llama (2 cores, int8): greedy text from 4 requests decoded together is
 token-for-token the text of each decoded alone and of `LLMPipeline.generate`, and a seeded sampled
 request draws the same tokens with or without company (the sampler seeds per request). Reading
@@ -63,13 +71,17 @@ class _Request:
 
 class OpenVINOBatchDecoder:
     def __init__(self, folder: Path, *, n_seq: int, n_ctx: int, properties: dict, eos_id: int | None,
-                 generation_config: Callable[[GenerateParams, int], object]):
-        """`generation_config(params, budget)`: GenAI's settings for one request, the runner's own."""
+                 generation_config: Callable[[GenerateParams, int], object], adapters=None):
+        """`generation_config(params, budget)`: GenAI's settings for one request, the runner's own.
+        `adapters`: GenAI's AdapterConfig of a `?lora=separate` artifact, applied to every request."""
         if n_seq < 1 or n_ctx < 1:
             raise ValueError(f"a batch decoder needs n_seq >= 1 and n_ctx >= 1, not {n_seq} and {n_ctx}")
         self.n_seq, self.n_ctx = n_seq, n_ctx
         self._eos_id, self._generation_config = eos_id, generation_config
-        self._pipeline = _pipeline(folder, scheduler_config(n_seq, n_ctx), properties)
+        self._pipeline = _pipeline(folder, scheduler_config(n_seq, n_ctx), {**properties, "adapters": adapters} if adapters
+                                   else properties)
+        if adapters:
+            self._apply_adapters(adapters)
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
 
@@ -102,6 +114,15 @@ class OpenVINOBatchDecoder:
         if self._pipeline is not None and self._pipeline.has_non_finished_requests():
             self._pipeline.step()  # lets it drop the cancelled requests and return their blocks
         self._pipeline = None
+
+    def _apply_adapters(self, adapters) -> None:
+        """One `generate` of one token with `adapters`: what makes the pipeline set them (see the module docstring)."""
+        import numpy as np
+        import openvino as ov
+
+        config = self._generation_config(GenerateParams(max_tokens=1, temperature=0.0, stop_at_eos=False), 1)
+        config.adapters = adapters
+        self._pipeline.generate([ov.Tensor(np.asarray([[self._eos_id or 0]], dtype=np.int64))], [config])
 
     def _collect(self, request: _Request) -> None:
         import openvino_genai as genai

@@ -2,6 +2,10 @@
 
 Each engine object is built on first use, so the speed probe (generate only) loads one copy of the
 weights and the quality pass (logits only) another, never both.
+
+A `?lora=separate` artifact's adapter (lora.py) is applied by every path: GenAI's adapters on the
+LLMPipeline (and on each call's GenerationConfig) and on the batch decoder's pipeline, and the
+same file's tensors as branches added to the raw IR before the scorer compiles it.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ _DONE = object()
 
 
 class OpenVINORunner(HFTokenizerMixin, Runner):
-    def __init__(self, folder: Path, *, name: str, n_ctx: int, threads: int, runtime: dict | None = None):
+    def __init__(self, folder: Path, *, name: str, n_ctx: int, threads: int, runtime: dict | None = None,
+                 adapter: Path | None = None):
+        """`adapter`: the adapter.safetensors of a `?lora=separate` artifact, applied by every path."""
         import openvino as ov
 
         self.name, self.n_ctx = name, n_ctx
         self._folder, self._threads = folder, threads
+        self._adapter_path, self._adapters = adapter, None  # the path, and GenAI's AdapterConfig made from it
         self._properties = {"INFERENCE_NUM_THREADS": threads}
         self._properties.update(runtime or {})  # what the spec sets; the rest stays the plugin's default
         self._core = ov.Core()
@@ -88,7 +95,7 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
 
         eos = min(self._eos_ids) if self._eos_ids else None  # any of them makes is_eos end the request
         decoder = OpenVINOBatchDecoder(self._folder, n_seq=n_seq, n_ctx=n_ctx, properties=self._properties, eos_id=eos,
-                                      generation_config=generation_config)
+                                      generation_config=generation_config, adapters=self._genai_adapters())
         self._decoders.append(decoder)
         return decoder
 
@@ -96,13 +103,26 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
         for decoder in self._decoders:
             decoder.close()
         self._decoders.clear()
-        self._request = self._pipeline = None
+        self._request = self._pipeline = self._adapters = None
 
     def _logits_request(self):
         if self._request is None:
-            compiled = self._core.compile_model(str(self._folder / "openvino_model.xml"), "CPU", self._properties)
-            self._request = compiled.create_infer_request()
+            model = str(self._folder / "openvino_model.xml")
+            if self._adapter_path is not None:
+                from edgequant.backends.openvino.lora import add_branches, read_adapter
+
+                model = self._core.read_model(model)
+                add_branches(model, read_adapter(self._adapter_path))
+            self._request = self._core.compile_model(model, "CPU", self._properties).create_infer_request()
         return self._request
+
+    def _genai_adapters(self):
+        """GenAI's AdapterConfig of the artifact's adapter (None without one), made once."""
+        if self._adapters is None and self._adapter_path is not None:
+            from edgequant.backends.openvino.lora import genai_adapters
+
+            self._adapters = genai_adapters(self._adapter_path)
+        return self._adapters
 
     def _generate_into(self, prompt: list[int], params: GenerateParams, budget: int, out: queue.Queue) -> None:
         """Runs in a worker thread: LLMPipeline's streamer pushes each token as it is sampled."""
@@ -121,7 +141,10 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
         try:
             ids = np.asarray([prompt], dtype=np.int64)
             inputs = genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
-            self._llm_pipeline().generate(inputs, generation_config(params, budget), Streamer())
+            config = generation_config(params, budget)
+            if self._adapter_path is not None:
+                config.adapters = self._genai_adapters()  # unset, the pipeline would keep the last adapters used
+            self._llm_pipeline().generate(inputs, config, Streamer())
         except BaseException as exc:  # surfaced to the caller's thread by generate()
             out.put(exc)
         finally:
@@ -131,7 +154,8 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
         if self._pipeline is None:
             import openvino_genai as genai
 
-            self._pipeline = genai.LLMPipeline(str(self._folder), "CPU", **self._properties)
+            adapters = {"adapters": self._genai_adapters()} if self._adapter_path is not None else {}
+            self._pipeline = genai.LLMPipeline(str(self._folder), "CPU", **self._properties, **adapters)
         return self._pipeline
 
 
