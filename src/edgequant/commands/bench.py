@@ -23,6 +23,7 @@ def add(sub) -> None:
     p.add_argument("--resume", action="store_true", help="reuse evaluations stored earlier of the same artifacts and settings "
                    "(a killed run goes on where it stopped; reused speed figures are from then)")
     common.add_eval_options(p, DEFAULT_EVAL)
+    common.add_ray_options(p)
     p.set_defaults(run=run)
 
 
@@ -31,7 +32,7 @@ def run(args) -> int:
     from edgequant.reporting.report import build_report, render_markdown
 
     config = BenchConfig(common.model_path(args), args.to, args.db, args.report, args.markdown, args.json,
-                         args.strict, args.force, common.eval_config(args), args.resume)
+                         args.strict, args.force, common.eval_config(args), args.resume, common.ray_config(args))
     result = run_bench(config)
     print(render_markdown(build_report(result)))
     failed = [row.spec for row in result.rows if row.status == "failed"]

@@ -59,3 +59,21 @@ def model_path(args) -> Path | None:
 
         return adapted_model(model, args.adapter)
     return model
+
+
+def add_ray_options(p) -> None:
+    """`--ray ADDRESS` (bench, optimize, run): each (source, spec) measurement as a Ray task."""
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="measure each spec as a task on a Ray cluster: `local` (a Ray head on this machine, bound to "
+                        "127.0.0.1), `auto`, HOST:PORT or ray://HOST:PORT (default: $EDGEQUANT_RAY_ADDRESS, else no Ray; "
+                        "needs pip install 'edgequant[ray]')")
+    p.add_argument("--ray-whole-node", action="store_true",
+                   help="under --ray, each task asks for every CPU of a node, so no speed figure is measured beside another "
+                        "task (default: tasks share nodes, and rows whose task overlapped another are flagged)")
+
+
+def ray_config(args):
+    """The Ray settings the options (or $EDGEQUANT_RAY_ADDRESS) ask for; None: no Ray."""
+    from edgequant.measurement.ray_grid import ray_config as config
+
+    return config(args.ray, whole_node=args.ray_whole_node)

@@ -29,6 +29,7 @@ def add(sub) -> None:
     p.add_argument("--save-recipe", type=Path, metavar="FILE", help="also write a recipe (YAML) that reproduces this run")
     p.add_argument("--db", type=Path, help="results database (default: the cache's)")
     common.add_eval_options(p, DEFAULT_EVAL)
+    common.add_ray_options(p)
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     p.set_defaults(run=run)
 
@@ -39,7 +40,7 @@ def run(args) -> int:
 
     config = OptimizeConfig(common.model_path(args), args.target, tuple(args.gate), args.objective,
                             args.budget, search=not args.no_search, eval=common.eval_config(args),
-                            output=args.output, db=args.db)
+                            output=args.output, db=args.db, ray=common.ray_config(args))
     if args.save_recipe:
         from edgequant.decisions.recipe import check_recipe_path
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+
+from edgequant.commands import common
 
 
 def add(sub) -> None:
@@ -13,6 +16,7 @@ def add(sub) -> None:
                    "recipe's (which must lie inside the recipe's folder; this may be anywhere)")
     p.add_argument("--db", type=Path, help="results database, instead of the recipe's (anywhere, as -o)")
     p.add_argument("--dry-run", action="store_true", help="check the recipe and print the plan and its estimated time")
+    common.add_ray_options(p)
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     p.set_defaults(run=run)
 
@@ -23,6 +27,7 @@ def run(args) -> int:
     from edgequant.reporting.report_text import format_optimize, format_plan
 
     config = optimize_config(load_recipe(args.recipe), output=args.output, db=args.db)
+    config = dataclasses.replace(config, ray=common.ray_config(args))  # where it runs is not the recipe's to say
     if args.dry_run:
         # the plan also says where the run would write, so a shared recipe can be checked first
         found = {**plan(config), "output": str(config.output), "db": str(config.db) if config.db else None}

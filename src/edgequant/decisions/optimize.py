@@ -15,6 +15,10 @@
    candidate best by the objective. Figures that came from the cache are measured again in this
    run before the winner is certified.
 
+With `ray` (`--ray ADDRESS`), the candidates are measured as Ray tasks at once, and each round of
+the closed loop's neighbours likewise (a round depends on the last one's figures, so rounds stay
+in order); the baseline and the winner's re-measurement run on the driver.
+
 When the target is not this kind of machine, speed gates are skipped and memory is estimated from
 the artifact size: the output says which figures are such stand-ins and why.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +38,7 @@ from edgequant.measurement import metric_table
 from edgequant.measurement.benchmark import tool_versions
 from edgequant.measurement.measure import eval_config_for, measure, store
 from edgequant.measurement.metric_table import Metric
+from edgequant.measurement.ray_grid import RayConfig
 from edgequant.measurement.settings import DEFAULT_EVAL, EvalConfig
 from edgequant.progress import note
 from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec, parse_specs
@@ -63,6 +69,7 @@ class OptimizeConfig:
     eval: EvalConfig = DEFAULT_EVAL
     output: Path | None = None  # where the winner, its certificate and report go
     db: Path | None = None
+    ray: RayConfig | None = None  # measure candidates as tasks on this Ray cluster (measurement/ray_grid.py)
 
     def __post_init__(self):
         objective_metric(self.objective)  # refuses an unknown one
@@ -101,6 +108,7 @@ class Context:
     run_id: int
     evaluations: int = 0
     task: str = TEXT_GENERATION
+    grid: object | None = None  # a ray_grid.Grid: candidates are measured as Ray tasks
 
 
 def optimize(config: OptimizeConfig) -> dict:
@@ -126,21 +134,20 @@ def optimize(config: OptimizeConfig) -> dict:
     if not here:
         path.append(f"{profile.name} is not this machine: quality is measured here for real; speed gates are skipped and "
                     f"peak memory is estimated as artifact size + {RUNTIME_OVERHEAD_MB:.0f} MB (stand-ins)")
-    db = ResultsDB.open(config.db)
-    settings = {"verb": "optimize", "target": profile.name, "gates": [g.text for g in gates], "objective": config.objective}
-    run_id = db.start_run(source.name, source.fingerprint, machine_info(), settings, tool_versions())
-    try:
+    with ExitStack() as held:
+        grid = held.enter_context(_cluster(config.ray))  # a bad Ray address fails here, before any work
+        db = ResultsDB.open(config.db)
+        held.callback(db.close)
+        settings = {"verb": "optimize", "target": profile.name, "gates": [g.text for g in gates], "objective": config.objective}
+        run_id = db.start_run(source.name, source.fingerprint, machine_info(), settings, tool_versions())
         note("measuring the fp32 baseline's speed and memory in this run")
         baseline = evaluate(source.path, config=config.eval)
         store(db, run_id, source, BASELINE_SPEC, "ok", baseline, artifact=source.path, baseline=True)
-        ctx = Context(config, source, gates, here, baseline, db, run_id, task=source.task)
-        for candidate in candidates:
-            _measure(ctx, candidate)
+        ctx = Context(config, source, gates, here, baseline, db, run_id, task=source.task, grid=grid)
+        _measure_all(ctx, candidates)
         if config.search:
             _closed_loop(ctx, candidates)
         winner = _certified_winner(ctx, candidates)
-    finally:
-        db.close()
     result = _result(ctx, profile, candidates, winner, path, time.perf_counter() - started)
     if winner is not None and config.output is not None:
         from edgequant.decisions.certificate import write_certificate
@@ -252,28 +259,69 @@ def _check_something_runs(candidates: list[Candidate], profile) -> None:
                              "; ".join(f"{fmt}: {hint}" for fmt, hint in missing.items()))
 
 
+def _cluster(config: RayConfig | None):
+    if config is None:
+        return nullcontext()
+    from edgequant.measurement.ray_grid import Grid
+
+    return Grid(config)
+
+
 def _measure(ctx: Context, candidate: Candidate) -> None:
     """Convert and evaluate one candidate (both cached), unless its engine is missing, it cannot
     fit a size gate, or the budget of evaluations is spent."""
+    if not _ready(ctx, candidate):
+        return
+    note(f"[{ctx.evaluations + 1}/{ctx.config.budget}] {candidate.spec} ({candidate.origin})")
+    _take(ctx, candidate, measure(ctx.source, parse_spec(candidate.spec), ctx.config.eval, reuse=True,
+                                  max_bytes=_size_bound(ctx.gates)))
+
+
+def _measure_all(ctx: Context, candidates: list[Candidate]) -> None:
+    """`_measure` each candidate: one after another here, or all at once as Ray tasks (the budget
+    counts each one sent as an evaluation until its figures come back)."""
+    if ctx.grid is None:
+        for candidate in candidates:
+            _measure(ctx, candidate)
+        return
+    from edgequant.measurement.ray_grid import Job
+
+    ready: list[Candidate] = []
+    for candidate in candidates:
+        if _ready(ctx, candidate, reserved=len(ready)):
+            ready.append(candidate)
+    if not ready:
+        return
+    note(f"measuring {len(ready)} candidates as Ray tasks: {', '.join(c.spec for c in ready)}")
+    jobs = [Job(ctx.source, parse_spec(c.spec), _size_bound(ctx.gates)) for c in ready]
+    for candidate, found in zip(ready, ctx.grid.measure(jobs, ctx.config.eval, reuse=True)):
+        _take(ctx, candidate, found)
+
+
+def _ready(ctx: Context, candidate: Candidate, reserved: int = 0) -> bool:
+    """Whether the candidate is to be measured; if not, its status and reason say why."""
     spec = parse_spec(candidate.spec)
     backend = get_backend(spec.format)
     if backend.missing_engine():
         candidate.status, candidate.reason = "not installed", f"{backend.missing_engine()} (deployable, not measurable here)"
-        return
+        return False
     too_big = _over_size_gate(ctx.gates, backend.estimated_bytes(spec.precision, ctx.source.tensors, ctx.source.tied_embeddings),
                               SIZE_ESTIMATE_SLACK)
     if too_big:
         candidate.status, candidate.reason = "not built", f"expected size is over {too_big}"
-        return
-    shortfall = _cannot_build_here(ctx, backend, spec)
+        return False
+    shortfall = None if ctx.grid is not None else _cannot_build_here(ctx, backend, spec)  # Ray places by memory itself
     if shortfall:
         candidate.status, candidate.reason = "not built", shortfall
-        return
-    if ctx.evaluations >= ctx.config.budget:
+        return False
+    if ctx.evaluations + reserved >= ctx.config.budget:
         candidate.status, candidate.reason = "not built", f"the budget of {ctx.config.budget} evaluations was spent"
-        return
-    note(f"[{ctx.evaluations + 1}/{ctx.config.budget}] {candidate.spec} ({candidate.origin})")
-    found = measure(ctx.source, spec, ctx.config.eval, reuse=True, max_bytes=_size_bound(ctx.gates))
+        return False
+    return True
+
+
+def _take(ctx: Context, candidate: Candidate, found) -> None:
+    """A candidate's measurement (`measure`'s result) into its status, figures and verdicts."""
     candidate.artifact = None if found.artifact is None else str(found.artifact)
     if found.status == "too big":
         candidate.status = "too big"
@@ -390,6 +438,9 @@ def _closed_loop(ctx: Context, candidates: list[Candidate]) -> None:
         parents = [c for c in best if spec_key(c.spec) not in expanded and c.better_than_parent is not False]
         if not parents:
             return
+        if ctx.grid is not None:
+            _expand_together(ctx, parents, candidates, known, expanded)
+            continue
         for parent in parents:
             expanded.add(spec_key(parent.spec))
             spec = parse_spec(parent.spec)
@@ -400,8 +451,30 @@ def _closed_loop(ctx: Context, candidates: list[Candidate]) -> None:
                 neighbour = Candidate(text, f"neighbour of {parent.spec}")
                 candidates.append(neighbour)
                 _measure(ctx, neighbour)
-                if neighbour.status in ("measured", "too big"):
-                    neighbour.better_than_parent = ranked(ctx.config.objective, [parent, neighbour], ctx.task)[0] is neighbour
+                _judge(ctx, parent, neighbour)
+
+
+def _judge(ctx: Context, parent: Candidate, neighbour: Candidate) -> None:
+    if neighbour.status in ("measured", "too big"):
+        neighbour.better_than_parent = ranked(ctx.config.objective, [parent, neighbour], ctx.task)[0] is neighbour
+
+
+def _expand_together(ctx: Context, parents: list[Candidate], candidates: list[Candidate], known: set, expanded: set) -> None:
+    """One round of the closed loop on Ray: every parent's neighbours, as far as the budget goes,
+    measured at once."""
+    batch: list[tuple[Candidate, Candidate]] = []
+    for parent in parents:
+        expanded.add(spec_key(parent.spec))
+        spec = parse_spec(parent.spec)
+        for text in get_backend(spec.format).neighbours(spec):
+            if spec_key(text) in known or ctx.evaluations + len(batch) >= ctx.config.budget:
+                continue
+            known.add(spec_key(text))
+            batch.append((parent, Candidate(text, f"neighbour of {parent.spec}")))
+    candidates.extend(neighbour for _, neighbour in batch)
+    _measure_all(ctx, [neighbour for _, neighbour in batch])
+    for parent, neighbour in batch:
+        _judge(ctx, parent, neighbour)
 
 
 def _certified_winner(ctx: Context, candidates: list[Candidate]) -> Candidate | None:

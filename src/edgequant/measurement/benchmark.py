@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edgequant.errors import EdgequantError
 from edgequant.measurement.measure import SHORT_PROBE, measure, store
+from edgequant.measurement.ray_grid import RayConfig
 from edgequant.measurement.settings import DEFAULT_EVAL, EvalConfig
 from edgequant.progress import note
 from edgequant.registry import BASELINE_SPEC, backends, bench_specs, get_backend, parse_specs
@@ -38,6 +39,8 @@ class BenchConfig:
     # Reuse an evaluation stored earlier of the same artifact bytes with the same settings, text
     # and baseline: a run that was killed goes on where it stopped.
     resume: bool = False
+    # Run each spec as a task on this Ray cluster (measurement/ray_grid.py); None: one at a time here.
+    ray: RayConfig | None = None
 
 
 @dataclass
@@ -76,14 +79,32 @@ def run_bench(config: BenchConfig) -> BenchResult:
     for path in (config.report_html, config.report_markdown, config.report_json):
         if path is not None:
             _check_writable(path)
-    db = ResultsDB.open(config.db)
-    machine = machine_info()
-    settings = {"eval": _eval_settings(config.eval), "specs": [str(s) for s, _ in specs],
-                "eval_is_bench_default": config.eval == DEFAULT_EVAL, "short_probe": SHORT_PROBE}
-    run_id = db.start_run(source.name, source.fingerprint, machine, settings, tool_versions())
-    started = time.perf_counter()
-    baseline = _evaluate_baseline(config, source)
-    _store(db, run_id, source, baseline)
+    with _cluster(config) as grid:  # a bad Ray address fails here, before any work
+        db = ResultsDB.open(config.db)
+        machine = machine_info()
+        settings = {"eval": _eval_settings(config.eval), "specs": [str(s) for s, _ in specs],
+                    "eval_is_bench_default": config.eval == DEFAULT_EVAL, "short_probe": SHORT_PROBE,
+                    **({"ray": _ray_settings(config.ray)} if config.ray else {})}
+        run_id = db.start_run(source.name, source.fingerprint, machine, settings, tool_versions())
+        started = time.perf_counter()
+        baseline = _evaluate_baseline(config, source)
+        _store(db, run_id, source, baseline)
+        if grid is None:
+            rows = _bench_here(config, source, specs, db, run_id, started)
+        else:
+            rows = _bench_on_ray(grid, config, source, specs)
+            for row in rows:  # the driver alone writes the store, in the order of the specs
+                _store(db, run_id, source, row)
+        db.close()
+    result = BenchResult(run_id, db.path, source.name, source.fingerprint, baseline, rows, settings, machine,
+                         DEFAULT_MODEL_CAVEAT if source.is_default_model else None, time.perf_counter() - started)
+    _write_reports(config, result)
+    return result
+
+
+def _bench_here(config: BenchConfig, source, specs: list[tuple[Spec, str | None]], db, run_id: int,
+                started: float) -> list[BenchRow]:
+    """One spec after another on this machine, each row stored as it is measured."""
     rows = []
     specs_started = time.perf_counter()  # the time-left estimate leaves the baseline out
     weights = [0.0 if skip else get_backend(spec.format).bench_seconds for spec, skip in specs]
@@ -93,11 +114,41 @@ def run_bench(config: BenchConfig) -> BenchResult:
         rows.append(row)
         _store(db, run_id, source, row)
         note(f"{row.spec}: {row.status}" + (f" ({row.error})" if row.error else ""))
-    db.close()
-    result = BenchResult(run_id, db.path, source.name, source.fingerprint, baseline, rows, settings, machine,
-                         DEFAULT_MODEL_CAVEAT if source.is_default_model else None, time.perf_counter() - started)
-    _write_reports(config, result)
-    return result
+    return rows
+
+
+def _bench_on_ray(grid, config: BenchConfig, source, specs: list[tuple[Spec, str | None]]) -> list[BenchRow]:
+    """Every spec as a Ray task at once; the rows in the order of the specs."""
+    from edgequant.measurement.ray_grid import Job
+
+    todo = [spec for spec, skip in specs if not skip]
+    note(f"{len(todo)} specs as Ray tasks")
+    done = []
+
+    def progress(index: int, found) -> None:
+        done.append(index)
+        note(f"[{len(done)}/{len(todo)}] {found.spec}: {found.status} ({found.seconds:.0f} s)"
+             + (f" ({found.error})" if found.error else ""))
+
+    measured = iter(grid.measure([Job(source, spec) for spec in todo], config.eval, force=config.force, reuse=config.resume,
+                                 strict=config.strict, on_done=progress))
+    return [BenchRow(str(spec), "skipped", error=skip) if skip else _row_of(next(measured)) for spec, skip in specs]
+
+
+def _cluster(config: BenchConfig):
+    from contextlib import nullcontext
+
+    if config.ray is None:
+        return nullcontext()
+    from edgequant.measurement.ray_grid import Grid
+
+    return Grid(config.ray)
+
+
+def _ray_settings(config: RayConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(config)
 
 
 def _plan(config: BenchConfig, source) -> list[tuple[Spec, str | None]]:
@@ -130,7 +181,10 @@ def _evaluate_baseline(config: BenchConfig, source) -> BenchRow:
 
 
 def _bench_one(config: BenchConfig, source, spec: Spec) -> BenchRow:
-    found = measure(source, spec, config.eval, force=config.force, reuse=config.resume, strict=config.strict)
+    return _row_of(measure(source, spec, config.eval, force=config.force, reuse=config.resume, strict=config.strict))
+
+
+def _row_of(found) -> BenchRow:
     notes = list(found.notes)
     if found.metrics and found.metrics.get("cached"):
         load = found.metrics.get("machine", {}).get("load_avg_1m")

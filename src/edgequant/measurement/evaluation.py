@@ -59,12 +59,13 @@ class Windows:
 
 
 def evaluate(target: str | Path | None = None, baseline: str | Path | None = None, config: EvalConfig | None = None,
-             reuse: bool = False) -> dict:
+             reuse: bool = False, record: bool = True) -> dict:
     """Evaluate an artifact (or a source model) against its baseline; returns the metrics. With
     `reuse`, an evaluation of the same artifact bytes with the same settings, text and baseline,
     found in the results store, is returned as it is (its "cached" key says so) instead of being
-    measured again."""
-    return _evaluate(target, baseline, config, reuse)[0]
+    measured again. With `record` false the results store is not touched (a Ray worker's
+    evaluation: the driver records it with `record_evaluation`)."""
+    return _evaluate(target, baseline, config, reuse, record)[0]
 
 
 def evaluate_with_scores(target: str | Path | None = None, baseline: str | Path | None = None,
@@ -74,7 +75,7 @@ def evaluate_with_scores(target: str | Path | None = None, baseline: str | Path 
     return _evaluate(target, baseline, config, reuse=False)
 
 
-def _evaluate(target, baseline, config: EvalConfig | None, reuse: bool) -> tuple[dict, TokenScores | None]:
+def _evaluate(target, baseline, config: EvalConfig | None, reuse: bool, record: bool = True) -> tuple[dict, TokenScores | None]:
     from edgequant.runner import default_threads
     from edgequant.sources.source import load_source
 
@@ -89,7 +90,7 @@ def _evaluate(target, baseline, config: EvalConfig | None, reuse: bool) -> tuple
         note(f"cached evaluation: {resolved.label} was measured with these settings, text and baseline before")
         return {**found, "cached": True}, None
     if source.task != TEXT_GENERATION:
-        return _finish(resolved, evaluate_task(resolved, source, config, threads), settings), None
+        return _finish(resolved, evaluate_task(resolved, source, config, threads), settings, record), None
     windows = _make_windows(source, config, text, data_name)
     reference = _reference_logprobs(source, windows, threads)
     scores, arithmetic = _quality(resolved, source, windows, reference, threads)
@@ -111,16 +112,24 @@ def _evaluate(target, baseline, config: EvalConfig | None, reuse: bool) -> tuple
             request = SpeedRequest(str(resolved.path) if resolved.path else None, prompts, config.gen_tokens,
                                    config.repeats, threads, config.prompt_tokens + config.gen_tokens + 8)
             metrics.update(run_in_child(request))
-    return _finish(resolved, metrics, settings), scores
+    return _finish(resolved, metrics, settings, record), scores
 
 
-def _finish(resolved: Target, metrics: dict, settings: dict) -> dict:
+def _finish(resolved: Target, metrics: dict, settings: dict, record: bool = True) -> dict:
     """The settings and machine added to the figures, and an artifact's evaluation stored."""
     metrics["settings"] = settings
     metrics["machine"] = machine_info()
     if resolved.artifact is not None:
-        metrics["evaluation_key"] = _store(resolved.artifact, metrics)
+        metrics["evaluation_key"] = _store(resolved.artifact, metrics) if record else evaluation_key(metrics)
     return metrics
+
+
+def record_evaluation(artifact: str | Path, metrics: dict) -> str:
+    """Store an evaluation of the artifact at `artifact` made elsewhere (`evaluate(record=False)`
+    in a Ray worker), as `evaluate` would have; returns the settings' key."""
+    from edgequant.artifact import open_artifact
+
+    return _store(open_artifact(artifact), metrics)
 
 
 def stored_evaluation(target: str | Path, config: EvalConfig) -> dict | None:

@@ -39,10 +39,11 @@ def eval_config_for(config: EvalConfig, spec: Spec) -> EvalConfig:
 
 
 def measure(source, spec: Spec, config: EvalConfig, *, force: bool = False, reuse: bool = False,
-            strict: bool = False, max_bytes: int | None = None) -> Measured:
+            strict: bool = False, max_bytes: int | None = None, record: bool = True) -> Measured:
     """Convert and evaluate `spec` of `source`. With `reuse`, a stored evaluation of the same bytes
     and settings is returned instead of measuring again; with `max_bytes`, an artifact bigger than
-    that is not evaluated. Failures become a "failed" row unless `strict`."""
+    that is not evaluated; with `record` false, the results store is not written (a Ray worker).
+    Failures become a "failed" row unless `strict`."""
     from edgequant.conversion import convert
     from edgequant.measurement.evaluation import evaluate
 
@@ -53,7 +54,7 @@ def measure(source, spec: Spec, config: EvalConfig, *, force: bool = False, reus
         if max_bytes is not None and artifact.size_bytes > max_bytes:
             return Measured(str(spec), "too big", artifact=artifact.path, size_bytes=artifact.size_bytes,
                             seconds=time.perf_counter() - started)
-        metrics = evaluate(artifact.path, config=eval_config_for(config, spec), reuse=reuse)
+        metrics = evaluate(artifact.path, config=eval_config_for(config, spec), reuse=reuse, record=record)
     except Exception as exc:  # an engine's own failure must not end the other specs' runs
         if strict:
             raise
