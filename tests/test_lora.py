@@ -135,3 +135,19 @@ def test_optimize_picks_the_smallest_candidate_that_keeps_the_fine_tune(onnx_tin
     assert result["winner"] == "gguf:q8_0"
     certificate = json.loads((tmp_path / "out" / "certificate.json").read_text())
     assert certificate["spec"] == "gguf:q8_0" and "finetune_kept>=98%" in json.dumps(certificate["gates"])
+
+
+def test_optimize_tries_the_adapter_kept_separate_as_a_neighbour(onnx_tiny, adapter, tmp_path):
+    """For an adapted model the closed loop also measures each best candidate with `?lora=separate`:
+    the base artifact plus the adapter, which a quantization grid cannot round away."""
+    from edgequant.artifact import open_artifact
+    from edgequant.decisions.optimize import OptimizeConfig, optimize
+
+    config = OptimizeConfig(adapted_model(onnx_tiny, adapter[0]), gates=("finetune_kept>=50%",), specs="gguf:q4_0",
+                            budget=3, eval=QUICK, db=tmp_path / "results.sqlite")
+    result = optimize(config)
+    tried = {c["spec"]: c for c in result["candidates"]}
+    separate = tried["gguf:q4_0?lora=separate"]
+    assert separate["origin"] == "neighbour of gguf:q4_0" and separate["status"] == "measured", separate
+    assert open_artifact(separate["artifact"]).manifest["details"]["adapter"]["mode"] == "separate"
+    assert 0.5 < separate["figures"]["finetune_kept"] < 1.5, separate["figures"]

@@ -9,8 +9,9 @@
    artifact's content and the settings); the fp32 baseline's speed and memory are measured in
    this run, for `speedup` and `memory_reduction`.
 4. Closed loop: the neighbours of the best two candidates (`Backend.neighbours`: another group
-   size, an importance matrix, sensitive layers at 8 bit) are measured while the budget of
-   evaluations lasts; each neighbour says whether it measured better than its parent.
+   size, an importance matrix, sensitive layers at 8 bit; for a model with a LoRA adapter merged
+   in, the adapter kept separate) are measured while the budget of evaluations lasts; each
+   neighbour says whether it measured better than its parent.
 5. The Pareto front over KLD, size, peak memory and decode speed; the winner is the passing
    candidate best by the objective. Figures that came from the cache are measured again in this
    run before the winner is certified.
@@ -443,8 +444,7 @@ def _closed_loop(ctx: Context, candidates: list[Candidate]) -> None:
             continue
         for parent in parents:
             expanded.add(spec_key(parent.spec))
-            spec = parse_spec(parent.spec)
-            for text in get_backend(spec.format).neighbours(spec):
+            for text in _neighbours(ctx, parent.spec):
                 if spec_key(text) in known or ctx.evaluations >= ctx.config.budget:
                     continue
                 known.add(spec_key(text))
@@ -452,6 +452,22 @@ def _closed_loop(ctx: Context, candidates: list[Candidate]) -> None:
                 candidates.append(neighbour)
                 _measure(ctx, neighbour)
                 _judge(ctx, parent, neighbour)
+
+
+def _neighbours(ctx: Context, spec_text: str) -> list[str]:
+    """The backend's neighbours of a spec and, for a model with a LoRA adapter merged in, the same
+    spec with the adapter kept beside the base artifact (`?lora=separate`) where the format offers
+    it: quantizing the merged weights can round a fine-tune away, a separate adapter never meets
+    the base's grid (docs/lora.md)."""
+    spec = parse_spec(spec_text)
+    backend = get_backend(spec.format)
+    found = list(backend.neighbours(spec))
+    if ctx.source.adaptation and "lora" in backend.options and backend.option_values(spec).lora == "merged":
+        try:
+            found.append(str(parse_spec(str(spec.with_options(lora="separate")))))
+        except EdgequantError:  # a precision that cannot keep it separate (e.g. calibrated on the merged graph)
+            pass
+    return found
 
 
 def _judge(ctx: Context, parent: Candidate, neighbour: Candidate) -> None:
@@ -465,8 +481,7 @@ def _expand_together(ctx: Context, parents: list[Candidate], candidates: list[Ca
     batch: list[tuple[Candidate, Candidate]] = []
     for parent in parents:
         expanded.add(spec_key(parent.spec))
-        spec = parse_spec(parent.spec)
-        for text in get_backend(spec.format).neighbours(spec):
+        for text in _neighbours(ctx, parent.spec):
             if spec_key(text) in known or ctx.evaluations + len(batch) >= ctx.config.budget:
                 continue
             known.add(spec_key(text))
