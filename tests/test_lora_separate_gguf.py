@@ -11,7 +11,6 @@ at run time and edgequant merging it into the float weights are two implementati
 from __future__ import annotations
 
 import filecmp
-import json
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from edgequant.errors import EdgequantError
 from edgequant.measurement.settings import EvalConfig
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
+from lora_adapters import write_random_adapter as random_adapter
 
 QUICK = EvalConfig(ctx=64, windows=2, speed=False)
 IDS = [1, 45, 300, 17, 99, 250, 3, 480, 12, 77, 301, 5, 260, 33, 140, 8]
@@ -32,23 +32,9 @@ MODULES = {"self_attn.q_proj": (256, 256), "self_attn.k_proj": (128, 256), "self
            "mlp.down_proj": (256, 512)}
 
 
-def write_random_adapter(out, base, *, rank=4, alpha=8, seed=0, **config):
+def write_random_adapter(out, base, **options):
     """A PEFT LoRA folder for the tiny Llama with random non-zero A and B on every projection."""
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for layer in range(2):
-        for module, (rows, cols) in MODULES.items():
-            name = f"base_model.model.model.layers.{layer}.{module}"
-            tensors[f"{name}.lora_A.weight"] = rng.normal(0, 0.05, (rank, cols)).astype(np.float32)
-            tensors[f"{name}.lora_B.weight"] = rng.normal(0, 0.05, (rows, rank)).astype(np.float32)
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    settings = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "base_model_name_or_path": str(base),
-                "target_modules": sorted({m.split(".")[1] for m in MODULES}), "task_type": "CAUSAL_LM", **config}
-    (out / "adapter_config.json").write_text(json.dumps(settings))
-    return out
+    return random_adapter(out, base, MODULES, **options)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ two must agree to float rounding.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -19,6 +17,7 @@ import edgequant
 from edgequant.adaptation.merge import adapted_model
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
+from lora_adapters import write_random_adapter as random_adapter
 
 IDS = [1, 45, 300, 17, 99, 250, 3, 480, 12, 77, 301, 5, 260, 33, 140, 8]
 GREEDY = GenerateParams(max_tokens=10, temperature=0.0, stop_at_eos=False)
@@ -32,22 +31,7 @@ RANKS = {"v_proj": 2}  # rank_pattern: v_proj at a lower rank than r = 4
 def write_random_adapter(out, base):
     """A PEFT LoRA folder for the ONNX tiny model: random non-zero A and B on every projection,
     alpha 8 at rank 4 (down_proj at alpha 16, v_proj at rank 2)."""
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for layer in range(2):
-        for module, (rows, cols) in MODULES.items():
-            name, rank = f"base_model.model.model.layers.{layer}.{module}", RANKS.get(module.split(".")[1], 4)
-            tensors[f"{name}.lora_A.weight"] = rng.normal(0, 0.05, (rank, cols)).astype(np.float32)
-            tensors[f"{name}.lora_B.weight"] = rng.normal(0, 0.05, (rows, rank)).astype(np.float32)
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    settings = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "alpha_pattern": {"down_proj": 16}, "rank_pattern": RANKS,
-                "base_model_name_or_path": str(base), "target_modules": sorted({m.split(".")[1] for m in MODULES}),
-                "task_type": "CAUSAL_LM"}
-    (out / "adapter_config.json").write_text(json.dumps(settings))
-    return out
+    return random_adapter(out, base, MODULES, rank_pattern=RANKS, alpha_pattern={"down_proj": 16})
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ implementations of the same `W + s B A`: on fp32 they must agree to float roundi
 from __future__ import annotations
 
 import filecmp
-import json
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from edgequant.errors import EdgequantError
 from edgequant.measurement.settings import EvalConfig
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
+from lora_adapters import write_random_adapter as random_adapter
 
 pytest.importorskip("openvino_genai", reason="its extra is not installed")
 pytest.importorskip("nncf", reason="its extra is not installed")
@@ -39,23 +39,7 @@ RANKS = {"v_proj": 2}  # rank_pattern: v_proj at a lower rank than r = 4
 def write_random_adapter(out, base, modules=MODULES):
     """A PEFT LoRA folder for the tiny Llama: random non-zero A and B on every projection, alpha 8 at
     rank 4 (down_proj at alpha 16, v_proj at rank 2)."""
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(0)
-    tensors = {}
-    for layer in range(2):
-        for module, (rows, cols) in modules.items():
-            name = f"base_model.model.{module}" if module == "lm_head" else f"base_model.model.model.layers.{layer}.{module}"
-            rank = RANKS.get(module.rsplit(".", 1)[-1], 4)
-            tensors[f"{name}.lora_A.weight"] = rng.normal(0, 0.05, (rank, cols)).astype(np.float32)
-            tensors[f"{name}.lora_B.weight"] = rng.normal(0, 0.05, (rows, rank)).astype(np.float32)
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    settings = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "alpha_pattern": {"down_proj": 16}, "rank_pattern": RANKS,
-                "base_model_name_or_path": str(base), "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
-                "task_type": "CAUSAL_LM"}
-    (out / "adapter_config.json").write_text(json.dumps(settings))
-    return out
+    return random_adapter(out, base, modules, rank_pattern=RANKS, alpha_pattern={"down_proj": 16})
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import edgequant
+from cpu_int8 import SATURATING_INT8
 from edgequant.errors import EdgequantError
 from edgequant.measurement.settings import EvalConfig
 
@@ -88,10 +89,13 @@ def test_w8a8_has_8_bit_activations_and_keeps_the_classes(tmp_path):
     metrics = edgequant.evaluate(artifact.path, config=NO_SPEED)
     # Measured 2026-12-04: top-1 0.881, KLD 0.013 (onnx:int8-static, same ranges without the bias
     # correction: 0.807 and 0.050); the floors sit a little below.
-    assert metrics["top1_agreement"] >= 0.84 and metrics["kld_mean"] <= 0.02, metrics
+    # Without VNNI the CPU execution provider's u8s8 kernels saturate (2026-12-05: top-1 0.608, KLD
+    # 0.379), and the HTP simulator, which does not, then differs from the CPU by as much (KLD 0.328).
+    assert metrics["top1_agreement"] >= (0.5 if SATURATING_INT8 else 0.84), metrics
+    assert metrics["kld_mean"] <= (0.5 if SATURATING_INT8 else 0.02), metrics
     if _htp():  # every Conv at 8 bits in and out: the whole graph loads with CPU fallback off
         check = details["htp_logits"]
-        assert "error" not in check and check["kld_htp_vs_cpu"] < 0.02, check
+        assert "error" not in check and check["kld_htp_vs_cpu"] < (0.5 if SATURATING_INT8 else 0.02), check
 
 
 def test_options_and_precisions_that_do_not_apply_are_refused(tmp_path):

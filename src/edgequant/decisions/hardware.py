@@ -77,7 +77,7 @@ def detect() -> Machine:
     """This machine's facts, read without importing any engine."""
     import psutil
 
-    vendor, model, flags = _cpu()
+    vendor, model, flags = read_cpu()
     return Machine(os=platform.system(), machine=platform.machine().lower(), cpu_vendor=vendor, cpu_model=model,
                    cores=os.cpu_count() or 1, ram_gb=round(psutil.virtual_memory().total / 2**30, 1),
                    isa=[f for f in ISA_FLAGS if f in flags], devices=_devices())
@@ -118,7 +118,7 @@ def _match(rules: dict, machine: Machine) -> tuple[list[str], list[str]]:
     return matched, missed
 
 
-def _cpu() -> tuple[str, str, set[str]]:
+def read_cpu() -> tuple[str, str, set[str]]:
     """(vendor, model name, instruction-set flags)."""
     info = Path("/proc/cpuinfo")
     if info.is_file():
