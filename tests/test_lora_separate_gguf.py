@@ -21,15 +21,13 @@ from edgequant.errors import EdgequantError
 from edgequant.measurement.settings import EvalConfig
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
+from lora_adapters import decode_together, projections
 from lora_adapters import write_random_adapter as random_adapter
 
 QUICK = EvalConfig(ctx=64, windows=2, speed=False)
 IDS = [1, 45, 300, 17, 99, 250, 3, 480, 12, 77, 301, 5, 260, 33, 140, 8]
 GREEDY = GenerateParams(max_tokens=12, temperature=0.0, stop_at_eos=False)
-# The tiny Llama's projections and their (out, in) shapes (tests/tiny_model.py).
-MODULES = {"self_attn.q_proj": (256, 256), "self_attn.k_proj": (128, 256), "self_attn.v_proj": (128, 256),
-           "self_attn.o_proj": (256, 256), "mlp.gate_proj": (512, 256), "mlp.up_proj": (512, 256),
-           "mlp.down_proj": (256, 512)}
+MODULES = projections(512)  # the tiny Llama's (tests/conftest.py)
 
 
 def write_random_adapter(out, base, **options):
@@ -109,16 +107,10 @@ def test_the_batch_decoder_of_the_server_applies_the_adapter(f32_pair, tiny_gguf
 
     def batched(artifact) -> list[list[int]]:
         with open_runner(artifact.path, n_ctx=64, need_logits=False) as runner:
-            decoder = runner.batch_decoder(2, 128)
-            try:
-                for seq_id, prompt in enumerate(prompts):
-                    decoder.start(seq_id, prompt, GREEDY)
-                steps = [decoder.step() for _ in range(GREEDY.max_tokens)]
-            finally:
-                decoder.close()
+            together = decode_together(runner, prompts, GREEDY)
             alone = list(runner.generate(prompts[0], GREEDY))
-        assert alone == [step[0] for step in steps]  # the generation context has the adapter too
-        return [[step[seq_id] for step in steps] for seq_id in range(len(prompts))]
+        assert alone == together[0]  # the generation context has the adapter too
+        return together
 
     separate, merged_f32 = f32_pair
     assert batched(separate) == batched(merged_f32) != batched(tiny_gguf_f32)

@@ -17,14 +17,12 @@ import edgequant
 from edgequant.adaptation.merge import adapted_model
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
+from lora_adapters import projections
 from lora_adapters import write_random_adapter as random_adapter
 
 IDS = [1, 45, 300, 17, 99, 250, 3, 480, 12, 77, 301, 5, 260, 33, 140, 8]
 GREEDY = GenerateParams(max_tokens=10, temperature=0.0, stop_at_eos=False)
-# The ONNX tiny model's projections and their (out, in) shapes (tests/conftest.py, onnx_tiny).
-MODULES = {"self_attn.q_proj": (256, 256), "self_attn.k_proj": (128, 256), "self_attn.v_proj": (128, 256),
-           "self_attn.o_proj": (256, 256), "mlp.gate_proj": (768, 256), "mlp.up_proj": (768, 256),
-           "mlp.down_proj": (256, 768)}
+MODULES = projections(768)  # the ONNX tiny model's (tests/conftest.py)
 RANKS = {"v_proj": 2}  # rank_pattern: v_proj at a lower rank than r = 4
 
 

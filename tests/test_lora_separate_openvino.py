@@ -21,6 +21,7 @@ from edgequant.errors import EdgequantError
 from edgequant.measurement.settings import EvalConfig
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
+from lora_adapters import decode_together, projections
 from lora_adapters import write_random_adapter as random_adapter
 
 pytest.importorskip("openvino_genai", reason="its extra is not installed")
@@ -29,10 +30,7 @@ pytest.importorskip("nncf", reason="its extra is not installed")
 QUICK = EvalConfig(ctx=64, windows=2, speed=False)
 IDS = [1, 45, 300, 17, 99, 250, 3, 480, 12, 77, 301, 5, 260, 33, 140, 8]
 GREEDY = GenerateParams(max_tokens=10, temperature=0.0, stop_at_eos=False)
-# The tiny Llama's projections and their (out, in) shapes (tests/tiny_model.py).
-MODULES = {"self_attn.q_proj": (256, 256), "self_attn.k_proj": (128, 256), "self_attn.v_proj": (128, 256),
-           "self_attn.o_proj": (256, 256), "mlp.gate_proj": (512, 256), "mlp.up_proj": (512, 256),
-           "mlp.down_proj": (256, 512)}
+MODULES = projections(512)  # the tiny Llama's (tests/conftest.py)
 RANKS = {"v_proj": 2}  # rank_pattern: v_proj at a lower rank than r = 4
 
 
@@ -65,14 +63,8 @@ def _generated(artifact) -> tuple[list[int], list[list[int]]]:
     prompts = [IDS[:6], IDS[8:]]
     with open_runner(artifact.path, n_ctx=64, need_logits=False) as runner:
         alone = list(runner.generate(prompts[0], GREEDY))
-        decoder = runner.batch_decoder(2, 128)  # GenAI's ContinuousBatchingPipeline
-        try:
-            for seq_id, prompt in enumerate(prompts):
-                decoder.start(seq_id, prompt, GREEDY)
-            steps = [decoder.step() for _ in range(GREEDY.max_tokens)]
-        finally:
-            decoder.close()
-    return alone, [[step[seq_id] for step in steps] for seq_id in range(len(prompts))]
+        together = decode_together(runner, prompts, GREEDY)  # GenAI's ContinuousBatchingPipeline
+    return alone, together
 
 
 def test_fp32_base_plus_adapter_scores_as_the_merged_model(fp32, merged):
