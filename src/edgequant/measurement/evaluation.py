@@ -390,21 +390,12 @@ def _check_tokenizer(runner, windows: Windows) -> None:
 def machine_info() -> dict:
     import psutil
 
-    from edgequant.decisions.hardware import read_cpu
+    from edgequant.decisions.hardware import int8_dot_product, read_cpu
 
     _, cpu, flags = read_cpu()
     found = {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
              "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
              "load_avg_1m": round(os.getloadavg()[0], 2)}
-    if "avx2" in flags:
-        found["int8_dot_product"] = int8_dot_product(flags)
+    if dot_product := int8_dot_product(flags):
+        found["int8_dot_product"] = dot_product
     return found
-
-
-def int8_dot_product(flags: set[str]) -> str:
-    """How an x86 CPU multiplies int8: with VNNI the u8 x s8 products are summed exactly in 32 bits;
-    without it, onnxruntime's u8s8 kernels (and OpenVINO's) sum pairs of products in 16 bits first,
-    which saturates on large activations and weights. On a 2-core AMD EPYC without VNNI the default
-    model's onnx:int8 lost 6.5% perplexity (under 3% on the machines the tests ran on before); the
-    same graph with uint8 weights (u8u8, no pairing) lost 1.8% (2026-12-05)."""
-    return "vnni" if {"avx512_vnni", "avx_vnni"} & flags else "avx2, no vnni: u8s8 int8 kernels may saturate"
