@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from edgequant.measurement import metric_table
 from edgequant.measurement.benchmark import tool_versions
 from edgequant.measurement.measure import eval_config_for, measure, store
 from edgequant.measurement.metric_table import Metric
-from edgequant.measurement.ray_grid import RayConfig
+from edgequant.measurement.ray_grid import RayConfig, cluster
 from edgequant.measurement.settings import DEFAULT_EVAL, EvalConfig
 from edgequant.progress import note
 from edgequant.registry import BASELINE_SPEC, get_backend, parse_spec, parse_specs
@@ -136,7 +136,7 @@ def optimize(config: OptimizeConfig) -> dict:
         path.append(f"{profile.name} is not this machine: quality is measured here for real; speed gates are skipped and "
                     f"peak memory is estimated as artifact size + {RUNTIME_OVERHEAD_MB:.0f} MB (stand-ins)")
     with ExitStack() as held:
-        grid = held.enter_context(_cluster(config.ray))  # a bad Ray address fails here, before any work
+        grid = held.enter_context(cluster(config.ray))  # a bad Ray address fails here, before any work
         db = ResultsDB.open(config.db)
         held.callback(db.close)
         settings = {"verb": "optimize", "target": profile.name, "gates": [g.text for g in gates], "objective": config.objective}
@@ -258,14 +258,6 @@ def _check_something_runs(candidates: list[Candidate], profile) -> None:
     if missing and len(missing) == len({parse_spec(c.spec).format for c in candidates}):
         raise EdgequantError(f"none of {profile.name}'s formats can be measured here: {', '.join(missing)} not installed",
                              "; ".join(f"{fmt}: {hint}" for fmt, hint in missing.items()))
-
-
-def _cluster(config: RayConfig | None):
-    if config is None:
-        return nullcontext()
-    from edgequant.measurement.ray_grid import Grid
-
-    return Grid(config)
 
 
 def _measure(ctx: Context, candidate: Candidate) -> None:

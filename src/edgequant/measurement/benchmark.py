@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edgequant.errors import EdgequantError
 from edgequant.measurement.measure import SHORT_PROBE, measure, store
-from edgequant.measurement.ray_grid import RayConfig
+from edgequant.measurement.ray_grid import RayConfig, cluster
 from edgequant.measurement.settings import DEFAULT_EVAL, EvalConfig
 from edgequant.progress import note
 from edgequant.registry import BASELINE_SPEC, backends, bench_specs, get_backend, parse_specs
@@ -79,7 +79,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
     for path in (config.report_html, config.report_markdown, config.report_json):
         if path is not None:
             _check_writable(path)
-    with _cluster(config) as grid:  # a bad Ray address fails here, before any work
+    with cluster(config.ray) as grid:  # a bad Ray address fails here, before any work
         db = ResultsDB.open(config.db)
         machine = machine_info()
         settings = {"eval": _eval_settings(config.eval), "specs": [str(s) for s, _ in specs],
@@ -133,16 +133,6 @@ def _bench_on_ray(grid, config: BenchConfig, source, specs: list[tuple[Spec, str
     measured = iter(grid.measure([Job(source, spec) for spec in todo], config.eval, force=config.force, reuse=config.resume,
                                  strict=config.strict, on_done=progress))
     return [BenchRow(str(spec), "skipped", error=skip) if skip else _row_of(next(measured)) for spec, skip in specs]
-
-
-def _cluster(config: BenchConfig):
-    from contextlib import nullcontext
-
-    if config.ray is None:
-        return nullcontext()
-    from edgequant.measurement.ray_grid import Grid
-
-    return Grid(config.ray)
 
 
 def _ray_settings(config: RayConfig) -> dict:

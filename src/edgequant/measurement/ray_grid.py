@@ -104,6 +104,14 @@ def memory_request(source, spec) -> int:
     return max(conversion, int(EVAL_PEAK[0] * 4 * parameters + EVAL_PEAK[1] * 1e9))
 
 
+def cluster(config: RayConfig | None):
+    """The Ray cluster a run measures on, as a context manager yielding its `Grid`; without Ray one
+    that yields None, so a verb writes `with cluster(config.ray) as grid:` either way."""
+    from contextlib import nullcontext
+
+    return nullcontext() if config is None else Grid(config)
+
+
 class Grid:
     """A Ray cluster held for one run: `with Grid(config) as grid: grid.measure(jobs, eval_config)`.
     Entering connects (or starts the local head); leaving disconnects (and stops it)."""
