@@ -163,3 +163,64 @@ def test_the_merge_keeps_the_adapter_so_its_first_folder_may_go(tiny_model, tmp_
     shutil.rmtree(adapter)  # e.g. a download folder cleaned up after `convert --adapter`
     artifact = edgequant.convert(merged, "gguf:q8_0?lora=separate", output=tmp_path / "out")
     assert (artifact.path / "adapter.gguf").is_file()
+
+
+# -- one base, an adapter per request (`serve NAME=ARTIFACT ...`) --------------------------------------
+
+PROMPTS = ["Once upon a time", "The capital of"]
+
+
+@pytest.fixture(scope="module")
+def two_tasks(tiny_model, f32_pair, tiny_gguf_f32, tmp_path_factory):
+    """Two adapters' separate artifacts on one base, and the base itself: three names, one model.gguf."""
+    other = adapted_model(tiny_model, write_random_adapter(tmp_path_factory.mktemp("lora2") / "adapter", tiny_model, seed=3))
+    return {"task_a": f32_pair[0], "task_b": edgequant.convert(other, "gguf:f32?lora=separate"), "base": tiny_gguf_f32}
+
+
+def _alone(artifact, prompt: str) -> str:
+    """The greedy answer of the artifact's own runner, by itself (what the server must give)."""
+    with open_runner(artifact.path, n_ctx=128, need_logits=False) as runner:
+        tokens = runner.generate(runner.prompt_ids(prompt), GenerateParams(max_tokens=12))
+        return runner.detokenize([t for t in tokens if not runner.is_eos(t)])
+
+
+def test_one_loaded_base_decodes_each_request_with_its_own_adapter(two_tasks):
+    """Requests naming three artifacts of one base, batched together: each gets its artifact's answer."""
+    import asyncio
+
+    from edgequant.registry import open_shared_runner, serving_groups
+    from edgequant.serving.metrics import Metrics
+    from edgequant.serving.scheduling import ModelWorker
+    from serve_helpers import submit_all
+
+    paths = [a.path for a in two_tasks.values()]
+    assert serving_groups(paths + [None]) == [[0, 1, 2], [3]]  # None: the default model, not an artifact
+    want = {name: [_alone(a, p) for p in PROMPTS] for name, a in two_tasks.items()}
+    assert len({tuple(texts) for texts in want.values()}) == 3  # each adapter changes the answers
+    runner = open_shared_runner(dict(zip(two_tasks, paths)), n_ctx=128)
+    worker = ModelWorker("shared", runner, 16, Metrics(), batch=6, adapters=tuple(two_tasks))
+    try:
+        requests = [(name, prompt) for prompt in PROMPTS for name in two_tasks]
+        params = [GenerateParams(max_tokens=12, adapter=name) for name, _ in requests]
+        got = asyncio.run(submit_all(worker, [prompt for _, prompt in requests], params))
+    finally:
+        worker.stop()
+    assert [c.text for c in got] == [want[name][PROMPTS.index(prompt)] for name, prompt in requests]
+    assert max(c.first for c in got) < min(c.last for c in got), "the requests did not overlap: nothing was batched"
+
+
+def test_serve_names_each_artifact_and_loads_their_base_once(two_tasks, cli):
+    import httpx
+
+    from serve_helpers import running_server, scrape
+
+    args = [f"{name}={artifact.path}" for name, artifact in two_tasks.items()]
+    with running_server(*args, "--batch", "4", "--ctx", "128") as (base, proc):
+        assert sorted(m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]) == sorted(two_tasks)
+        for name, artifact in two_tasks.items():
+            body = {"model": name, "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}
+            answer = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
+            assert answer["model"] == name and answer["choices"][0]["text"] == _alone(artifact, PROMPTS[0])
+        assert scrape(base, 'edgequant_batch_slots{model="task_a+task_b+base"}') == 4  # one worker for the three
+    done = cli("serve", str(two_tasks["task_a"].path), str(two_tasks["task_b"].path))  # both folders: gguf-f32-loraseparate
+    assert done.returncode == 2 and "NAME=FOLDER" in done.stderr and "Traceback" not in done.stderr, done.stderr

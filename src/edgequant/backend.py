@@ -83,6 +83,20 @@ class Backend:
 
         return tuple(self.precisions) if task == TEXT_GENERATION else self.task_precisions.get(task, ())
 
+    # -- one base, many adapters (optional) ---------------------------------------------------
+
+    def adapter_base(self, artifact: "Artifact") -> str | None:
+        """Where this format's runtime switches LoRA adapters per request: the identity of the base
+        model `artifact`'s runner loads, whatever adapter it applies, so artifacts with the same one
+        can share one loaded base (`open_shared`); None where the runtime cannot switch."""
+        return None
+
+    def open_shared(self, artifacts: dict[str, "Artifact"], *, n_ctx: int, threads: int) -> "Runner":
+        """One generation runner over the base that `artifacts` (served name -> artifact, one
+        `adapter_base`) share, loaded once; a request decodes with the adapter of the artifact it
+        names in `GenerateParams.adapter` (none for a plain base artifact)."""
+        raise NotImplementedError
+
     # -- defaults a backend may override --------------------------------------------------------
 
     def validate(self, spec: "Spec") -> None:

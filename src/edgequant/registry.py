@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from edgequant.backend import Backend
 from edgequant.errors import EdgequantError
@@ -123,6 +123,34 @@ def open_runner(path: str | Path | None, *, n_ctx: int = 2048, need_logits: bool
     from edgequant.sources.source import load_source
 
     return get_backend(BASELINE_FORMAT).open_source(load_source(path), n_ctx=n_ctx, threads=threads)
+
+
+def serving_groups(paths: Sequence[Path | None]) -> list[list[int]]:
+    """The indices of `paths` grouped by the base model their runners would load, where the
+    format's runtime switches LoRA adapters per request (`Backend.adapter_base`): one loaded base
+    serves a group. Every other path is a group of its own; groups in order of first appearance."""
+    from edgequant.artifact import is_artifact, open_artifact
+
+    artifacts = {i: open_artifact(p) for i, p in enumerate(paths) if p is not None and is_artifact(Path(p))}
+    formats = [a.spec.format for a in artifacts.values() if a.task == TEXT_GENERATION]
+    groups: dict[object, list[int]] = {}
+    for i in range(len(paths)):
+        artifact, base = artifacts.get(i), None
+        if artifact is not None and artifact.task == TEXT_GENERATION and formats.count(artifact.spec.format) > 1:
+            base = get_backend(artifact.spec.format).adapter_base(artifact)  # may hash the model: only when it may pay
+        groups.setdefault(base or i, []).append(i)
+    return list(groups.values())
+
+
+def open_shared_runner(paths: dict[str, Path], *, n_ctx: int = 2048, threads: int = 0) -> "Runner":
+    """One runner for artifacts of one `serving_groups` group (served name -> folder): their base
+    loaded once, each one's adapter applied to the requests that name it."""
+    from edgequant.artifact import open_artifact
+    from edgequant.runner import default_threads
+
+    artifacts = {name: open_artifact(path) for name, path in paths.items()}
+    backend = get_backend(next(iter(artifacts.values())).spec.format)
+    return backend.open_shared(artifacts, n_ctx=n_ctx, threads=threads or default_threads())
 
 
 def open_task_runner(path: str | Path | None, *, threads: int = 0) -> "TaskRunner":

@@ -21,6 +21,9 @@ class GenerateParams:
     top_k: int = 0  # 0 means no top-k cut
     seed: int = 0
     stop_at_eos: bool = True  # speed benchmarks turn this off to decode a fixed number of tokens
+    # Which LoRA adapter of a runner opened over several artifacts (`Backend.open_shared`) this
+    # request decodes with, by the artifact's served name; None: the runner's own (its artifact's).
+    adapter: str | None = None
 
 
 class _Loaded:

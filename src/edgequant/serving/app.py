@@ -13,7 +13,6 @@ import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -32,10 +31,6 @@ from edgequant.serving.scheduling import Delta, Job, ModelWorker, QueueFull, dec
 from edgequant.serving.schemas import ChatRequest, CompletionRequest
 
 
-def model_name(path: Path | None) -> str:
-    return "default" if path is None else Path(path).resolve().name
-
-
 def create_app(config: ServeConfig, workers: dict[str, ModelWorker] | None = None):
     """Build the app. Workers (loaded runners) are created at start-up unless given."""
     metrics = _make_metrics()
@@ -45,20 +40,20 @@ def create_app(config: ServeConfig, workers: dict[str, ModelWorker] | None = Non
     async def lifespan(app):
         state.update(workers or _load_workers(config, metrics))
         yield
-        for worker in state.values():
+        for worker in _loaded(state):
             await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="edgequant", version="1", lifespan=lifespan,
                   description="OpenAI-compatible completions, chat and embeddings over edgequant artifacts.")
     app.state.metrics, app.state.workers = metrics, state
     metrics.gauge("edgequant_in_flight_requests", "Requests running or queued, per model",
-                  lambda: {(("model", n),): w.in_flight for n, w in state.items()})
+                  lambda: {(("model", w.name),): w.in_flight for w in _loaded(state)})
     metrics.gauge("edgequant_queue_depth", "Requests waiting in the queue, per model",
-                  lambda: {(("model", n),): w.queue_depth for n, w in state.items()})
+                  lambda: {(("model", w.name),): w.queue_depth for w in _loaded(state)})
     metrics.gauge("edgequant_batch_slots", "Requests a model decodes together (1: one at a time)",
-                  lambda: {(("model", n),): w.slots for n, w in state.items() if hasattr(w, "slots")})
+                  lambda: {(("model", w.name),): w.slots for w in _loaded(state) if hasattr(w, "slots")})
     metrics.gauge("edgequant_cache_use_ratio", "Share of the model's cache reserved by running requests (prompt plus budget)",
-                  lambda: {(("model", n),): round(w.cache_use, 4) for n, w in state.items() if hasattr(w, "cache_use")})
+                  lambda: {(("model", w.name),): round(w.cache_use, 4) for w in _loaded(state) if hasattr(w, "cache_use")})
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -111,13 +106,13 @@ def create_app(config: ServeConfig, workers: dict[str, ModelWorker] | None = Non
         try:
             worker.submit(job)
         except QueueFull:
-            raise ApiError(429, f"model {worker.name} is busy: its queue of {config.max_queue} is full; retry later",
+            raise ApiError(429, f"model {body.model} is busy: its queue of {config.max_queue} is full; retry later",
                            "rate_limit_error", code="queue_full") from None
-        maker = _ChunkMaker(worker.name, chat)
+        maker = _ChunkMaker(body.model, chat)
         if body.stream:
-            return StreamingResponse(_stream(job, maker, config, metrics, worker.name), media_type="text/event-stream")
+            return StreamingResponse(_stream(job, maker, config, metrics, body.model), media_type="text/event-stream")
         text, last = await _collect(job, config)
-        _record(metrics, worker.name, job, last)
+        _record(metrics, body.model, job, last)
         return maker.full(text, last)
 
     app.add_middleware(_Guard, config=config, metrics=metrics)
@@ -158,6 +153,11 @@ def _single(prompts: list[str]) -> str:
     return prompts[0]
 
 
+def _loaded(state: dict) -> list:
+    """Each worker once: artifacts sharing one loaded base are several names for one worker."""
+    return list({id(w): w for w in state.values()}.values())
+
+
 def _worker(state: dict, name: str, kind: type = ModelWorker):
     """The worker serving `name`, of the kind the endpoint needs (a generator or an encoder)."""
     worker = state.get(name)
@@ -182,7 +182,8 @@ def _make_job(worker: ModelWorker, body, ids: list[int], config: ServeConfig) ->
     if max_tokens > config.max_tokens_cap:
         raise ApiError(400, f"max_tokens {max_tokens} exceeds this server's cap of {config.max_tokens_cap}", param="max_tokens")
     params = GenerateParams(max_tokens=min(max_tokens, room), temperature=body.temperature, top_p=body.top_p,
-                            seed=body.seed if body.seed is not None else secrets.randbits(31))  # no seed: a fresh draw, as OpenAI's API
+                            seed=body.seed if body.seed is not None else secrets.randbits(31),  # no seed: a fresh draw, as OpenAI's API
+                            adapter=body.model if body.model in worker.adapters else None)
     loop = asyncio.get_running_loop()
     return Job(ids, params, body.stop_list(), loop, asyncio.Queue())
 
@@ -297,22 +298,29 @@ def _make_metrics() -> Metrics:
 
 
 def _load_workers(config: ServeConfig, metrics: Metrics) -> dict:
-    from edgequant.registry import model_task, open_runner, open_task_runner
+    """A worker per model, or per base model where artifacts share one (`registry.serving_groups`):
+    that worker answers each of their names, decoding with the adapter the name stands for."""
+    from edgequant.registry import model_task, open_runner, open_shared_runner, open_task_runner, serving_groups
     from edgequant.sources.tasks import SENTENCE_EMBEDDING, TEXT_GENERATION
 
     workers = {}
-    for path in config.models:
-        name, task = model_name(path), model_task(path)
+    served = config.served_names()
+    for group in serving_groups(config.models):
+        names = {served[i]: config.models[i] for i in group}
+        name, path = "+".join(names), config.models[group[0]]
+        task = model_task(path)
         if task == TEXT_GENERATION:
-            runner = open_runner(path, n_ctx=config.n_ctx, need_logits=False, threads=config.threads)
-            workers[name] = ModelWorker(name, runner, config.max_queue, metrics, batch=config.batch,
-                                        batch_ctx=config.cache_tokens)
-            note(workers[name].describe())
+            runner = (open_runner(path, n_ctx=config.n_ctx, need_logits=False, threads=config.threads) if len(group) == 1
+                      else open_shared_runner(names, n_ctx=config.n_ctx, threads=config.threads))
+            worker = ModelWorker(name, runner, config.max_queue, metrics, batch=config.batch, batch_ctx=config.cache_tokens,
+                                 adapters=tuple(names) if len(group) > 1 else ())
+            note(worker.describe())
         elif task == SENTENCE_EMBEDDING:
-            workers[name] = EmbeddingWorker(name, open_task_runner(path, threads=config.threads), config.max_queue)
+            worker = EmbeddingWorker(name, open_task_runner(path, threads=config.threads), config.max_queue)
         else:
             raise EdgequantError(f"{path} is a {task} model; the server answers completions, chat and embeddings",
                                  "serve a causal LM or a sentence encoder; run an image classifier with `edgequant eval`")
+        workers.update(dict.fromkeys(names, worker))
     return workers
 
 

@@ -21,3 +21,9 @@ class ServeConfig:
     threads: int = 0
     batch: int = 4  # requests in flight together through the engine's batch decoder; 1 = one at a time
     cache_tokens: int = 0  # tokens the batch's cache holds in all (prompt plus budget of every running request); 0: batch x ctx
+    names: tuple[str | None, ...] = ()  # the name each model is served as (a request's "model"); None: its folder's
+
+    def served_names(self) -> list[str]:
+        """Each model's name in requests: the one given, else its folder's, or "default"."""
+        given = self.names or (None,) * len(self.models)
+        return [name or ("default" if path is None else Path(path).resolve().name) for name, path in zip(given, self.models)]

@@ -129,8 +129,11 @@ def declare_worker_metrics(metrics) -> None:
 
 
 class ModelWorker:
-    def __init__(self, name: str, runner: Runner, max_queue: int, metrics, batch: int = 1, batch_ctx: int = 0):
-        self.name, self.runner, self.metrics = name, runner, metrics
+    def __init__(self, name: str, runner: Runner, max_queue: int, metrics, batch: int = 1, batch_ctx: int = 0,
+                 adapters: tuple[str, ...] = ()):
+        """`adapters`: for a runner over a base several artifacts share, their served names, each
+        standing for its adapter (a request's `GenerateParams.adapter`)."""
+        self.name, self.runner, self.metrics, self.adapters = name, runner, metrics, adapters
         declare_worker_metrics(metrics)
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._running = 0
@@ -163,7 +166,8 @@ class ModelWorker:
         """One line for the server's start-up: how many requests run together in how much cache."""
         how = (f"{self.slots} requests decoded together ({type(self._decoder).__module__})"
                if self._decoder is not None else "one request at a time (this engine has no batch decoder)")
-        return f"{self.name}: {how}, cache of {self.cache_tokens} tokens, queue of {self._jobs.maxsize}"
+        shared = f", one base for the adapters of {', '.join(self.adapters)}" if self.adapters else ""
+        return f"{self.name}: {how}, cache of {self.cache_tokens} tokens, queue of {self._jobs.maxsize}{shared}"
 
     @property
     def in_flight(self) -> int:

@@ -219,6 +219,21 @@ class GGUFBackend(Backend):
         return LlamaRunner(artifact.model_path, name=str(artifact.spec), n_ctx=n_ctx, logits_all=need_logits, threads=threads,
                            adapter=adapter_file(artifact))
 
+    def adapter_base(self, artifact) -> str | None:
+        """The base model file's content: a `?lora=separate` artifact's model.gguf is the plain
+        artifact's, byte for byte, so both share one loaded model."""
+        from edgequant.fingerprint import file_sha256
+
+        return f"gguf:{file_sha256(artifact.model_path)}"
+
+    def open_shared(self, artifacts, *, n_ctx: int, threads: int):
+        from edgequant.backends.gguf.lora import adapter_file
+        from edgequant.backends.gguf.runner import LlamaRunner
+
+        first = next(iter(artifacts.values()))
+        return LlamaRunner(first.model_path, name="+".join(artifacts), n_ctx=n_ctx, logits_all=False, threads=threads,
+                           adapters={name: adapter_file(a) for name, a in artifacts.items()})
+
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         return _estimated_bytes(precision, tensors, tied_embeddings)
 

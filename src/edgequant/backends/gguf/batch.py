@@ -4,13 +4,18 @@ The server uses this for GGUF artifacts: each request owns a sequence id in a sh
 every step puts the pending tokens of all active sequences (a whole prompt for a new one, the
 last sampled token for the others) into one batch, so the weights are read once per step for
 all of them instead of once per request.
+
+A base shared by several `?lora=separate` artifacts decodes each request with its own adapter.
+llama.cpp applies one adapter set per context, so a step decodes one batch per adapter among the
+active sequences (llama-server does the same): one call when they all use the same one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
+from edgequant.backends.gguf.lora import set_adapter
 from edgequant.runner import GenerateParams
 
 
@@ -18,11 +23,13 @@ from edgequant.runner import GenerateParams
 class _Sequence:
     sampler: object
     pending: list[int]
+    adapter: object  # the LoadedAdapter its tokens decode with, or None
     pos: int = 0
 
 
 class BatchDecoder:
-    def __init__(self, model, *, n_seq: int, n_ctx: int, threads: int, lora=None):
+    def __init__(self, model, *, n_seq: int, n_ctx: int, threads: int, adapter: Callable[[str | None], object]):
+        """`adapter`: the LoadedAdapter (or None) a request's `GenerateParams.adapter` names."""
         import llama_cpp
 
         self._ll = llama_cpp
@@ -33,20 +40,32 @@ class BatchDecoder:
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create a batched context")
-        if lora is not None:
-            lora.apply(self._ctx)
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._seqs: dict[int, _Sequence] = {}
+        self._adapter = adapter
         self.n_seq, self.n_ctx = n_seq, n_ctx
 
     def start(self, seq_id: int, prompt_ids: Sequence[int], params: GenerateParams) -> None:
-        self._seqs[seq_id] = _Sequence(self._sampler(params), list(prompt_ids))
+        adapter = self._adapter(params.adapter)
+        self._seqs[seq_id] = _Sequence(self._sampler(params), list(prompt_ids), adapter)
 
     def step(self) -> dict[int, int]:
         """Decode every active sequence by one token; returns {sequence id: sampled token}."""
-        ll, batch, n, rows = self._ll, self._batch, 0, []
+        by_adapter: dict[int, list[int]] = {}
         for seq_id, seq in self._seqs.items():
+            by_adapter.setdefault(id(seq.adapter), []).append(seq_id)
+        sampled = {}
+        for seq_ids in by_adapter.values():
+            set_adapter(self._ctx, self._seqs[seq_ids[0]].adapter)
+            sampled.update(self._decode(seq_ids))
+        return sampled
+
+    def _decode(self, seq_ids: list[int]) -> dict[int, int]:
+        """One llama_decode of these sequences' pending tokens; their sampled tokens."""
+        ll, batch, n, rows = self._ll, self._batch, 0, []
+        for seq_id in seq_ids:
+            seq = self._seqs[seq_id]
             for j, token in enumerate(seq.pending):
                 batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, seq.pos + j, 1
                 batch.seq_id[n][0] = seq_id

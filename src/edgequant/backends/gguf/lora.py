@@ -148,11 +148,20 @@ class LoadedAdapter:
 
     def apply(self, ctx) -> None:
         """Make `ctx` compute with the adapter (contexts hold their own adapter set)."""
-        rc = self._ll.llama_set_adapters_lora(ctx, self._adapters, 1, self._scales)
-        if rc != 0:
-            raise RuntimeError(f"llama_set_adapters_lora failed with code {rc}")
+        set_adapter(ctx, self)
 
     def free(self) -> None:
         if self._pointer:
             self._ll.llama_adapter_lora_free(self._pointer)
             self._pointer = None
+
+
+def set_adapter(ctx, adapter: LoadedAdapter | None) -> None:
+    """Make `ctx` compute with `adapter`, or with the base alone. llama.cpp ignores a set equal to
+    the context's current one; a different one costs a re-plan of its graph, not its KV cache."""
+    import llama_cpp
+
+    given = (adapter._adapters, 1, adapter._scales) if adapter is not None else (None, 0, None)
+    rc = llama_cpp.llama_set_adapters_lora(ctx, *given)
+    if rc != 0:
+        raise RuntimeError(f"llama_set_adapters_lora failed with code {rc}")

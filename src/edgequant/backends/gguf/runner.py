@@ -7,23 +7,26 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgequant.backends.gguf.lora import AdapterFile, LoadedAdapter
+from edgequant.backends.gguf.lora import AdapterFile, LoadedAdapter, set_adapter
 from edgequant.errors import EdgequantError
 from edgequant.runner import GenerateParams, Runner
 
 
 class LlamaRunner(Runner):
     def __init__(self, model_path: Path, *, name: str, n_ctx: int, logits_all: bool, threads: int,
-                 adapter: AdapterFile | None = None):
+                 adapter: AdapterFile | None = None, adapters: dict[str, AdapterFile | None] | None = None):
         """`logits_all`: this runner will score every position (`logits`), through a context of
         its own that decodes a slice of rows at a time (see scoring.py). `adapter`: a LoRA adapter
-        llama.cpp applies to every context of this model (see lora.py)."""
+        llama.cpp applies to every context of this model (see lora.py). `adapters`: for a base
+        shared by several artifacts, each one's adapter (None: the base alone) by served name, the
+        one a request names applied to its tokens (`GenerateParams.adapter`)."""
         import llama_cpp
 
         from edgequant.backends.gguf.tools import QuantizeLog, silence_llama_logs
 
         self.name, self.n_ctx, self._threads = name, n_ctx, threads
-        self._scorer = self._lora = None
+        self._scorer = None
+        self._loras: dict[str | None, LoadedAdapter | None] = {None: None}  # None: the artifact's own
         self._llama_cpp = llama_cpp
         with QuantizeLog() as log:
             try:
@@ -35,7 +38,8 @@ class LlamaRunner(Runner):
                 tail = "\n".join(log.text().strip().splitlines()[-3:])
                 raise EdgequantError(f"llama.cpp could not load {model_path}:\n{tail}", "re-create the artifact with --force") from None
         try:
-            self._open_contexts(adapter, logits_all)
+            self._load_adapters(adapter, adapters or {})
+            self._open_contexts(logits_all)
         except BaseException:
             self.close()
             raise
@@ -43,15 +47,26 @@ class LlamaRunner(Runner):
         self._vocab = self._llm._model.vocab
         self.bos_id = next(iter(self._llm.tokenize(b"", add_bos=True)), None)  # the GGUF's add_bos_token decides
 
-    def _open_contexts(self, adapter: AdapterFile | None, logits_all: bool) -> None:
-        """The adapter on the generation context, and the scoring context (with the adapter too)."""
-        if adapter is not None:
-            self._lora = LoadedAdapter(self._llm.model, adapter)
-            self._lora.apply(self._llm.ctx)
+    def _load_adapters(self, own: AdapterFile | None, named: dict[str, AdapterFile | None]) -> None:
+        """Each adapter file loaded once, however many names share it."""
+        loaded: dict[AdapterFile, LoadedAdapter] = {}
+        for name, file in [(None, own), *named.items()]:
+            if file is not None and file not in loaded:
+                loaded[file] = LoadedAdapter(self._llm.model, file)
+            self._loras[name] = loaded[file] if file is not None else None
+
+    def _open_contexts(self, logits_all: bool) -> None:
+        """The own adapter on the generation context, and the scoring context (with it too)."""
+        set_adapter(self._llm.ctx, self._loras[None])
         if logits_all:
             from edgequant.backends.gguf.scoring import LogitScorer
 
-            self._scorer = LogitScorer(self._llm.model, n_ctx=self.n_ctx, threads=self._threads, lora=self._lora)
+            self._scorer = LogitScorer(self._llm.model, n_ctx=self.n_ctx, threads=self._threads, lora=self._loras[None])
+
+    def _adapter(self, name: str | None) -> LoadedAdapter | None:
+        if name not in self._loras:
+            raise ValueError(f"{self.name} has no adapter named {name!r}")
+        return self._loras[name]
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
@@ -75,6 +90,7 @@ class LlamaRunner(Runner):
 
     def _stream(self, prompt_ids: Sequence[int], params: GenerateParams) -> Iterator[int]:
         llm = self._llm
+        set_adapter(llm.ctx, self._adapter(params.adapter))
         llm.reset()  # no prefix reuse between calls: every request pays its own prefill
         llm.set_seed(params.seed)
         yield from llm.generate(list(prompt_ids), temp=params.temperature, top_p=params.top_p, top_k=params.top_k,
@@ -90,16 +106,16 @@ class LlamaRunner(Runner):
         """A decoder that advances several sequences per llama.cpp call, sharing this model's weights."""
         from edgequant.backends.gguf.batch import BatchDecoder
 
-        return BatchDecoder(self._llm.model, n_seq=n_seq, n_ctx=n_ctx, threads=self._threads, lora=self._lora)
+        return BatchDecoder(self._llm.model, n_seq=n_seq, n_ctx=n_ctx, threads=self._threads, adapter=self._adapter)
 
     def close(self) -> None:
         """Contexts first, then the adapter, then the model (the server closes its batch decoder before)."""
         if getattr(self, "_scorer", None) is not None:
             self._scorer.close()
             self._scorer = None
-        if getattr(self, "_lora", None) is not None:
-            self._lora.free()
-            self._lora = None
+        for lora in {id(a): a for a in getattr(self, "_loras", {}).values() if a is not None}.values():
+            lora.free()
+        self._loras = {None: None}
         if getattr(self, "_llm", None) is not None:
             self._llm.close()
             self._llm = None
