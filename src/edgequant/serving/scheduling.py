@@ -4,7 +4,9 @@ A runner is not thread-safe and the CPU is the bottleneck, so each model has one
 Requests wait in a bounded queue and are refused at once when it is full. When the runner offers
 a batch decoder (every built-in format: each engine's own batched path, or QNN's fair
 interleaving), the worker advances up to `batch` requests together, one `step` for all of them;
-otherwise, or with `batch` 1, it runs one request at a time. Either way text deltas go back
+otherwise, or with `batch` 1, it runs one request at a time. A worker over a base several
+artifacts share gives each request its artifact's adapter; a decoder that cannot mix adapters in
+one step gets requests of one adapter at a time, in queue order. Either way text deltas go back
 to the asyncio side through `loop.call_soon_threadsafe`, and a cancel flag is checked between
 tokens, so a client that disconnects or times out stops its generation within one step.
 
@@ -280,6 +282,8 @@ class ModelWorker:
                 continue
             if active and self._reserved(active) + len(job.prompt_ids) + job.params.max_tokens > self._decoder.n_ctx:
                 break  # wait for a running request to finish and free cache
+            if active and not self._joins_adapter(active, job):
+                break  # the engine decodes one adapter per step: this request starts when the running ones end
             waiting.popleft()
             slot = free_slots.pop()
             self._started(job)
@@ -295,6 +299,12 @@ class ModelWorker:
             active[slot] = JobStream(job, self.runner)
         self._running, self._reserved_tokens = len(active), self._reserved(active)
         return True
+
+    def _joins_adapter(self, active: dict, job: Job) -> bool:
+        """Whether `job` may decode beside `active`: same adapter, or a decoder that mixes them."""
+        if getattr(self._decoder, "mixes_adapters", False):
+            return True
+        return job.params.adapter == next(iter(active.values())).job.params.adapter
 
     @staticmethod
     def _reserved(active: dict) -> int:

@@ -28,6 +28,8 @@ class _Sequence:
 
 
 class BatchDecoder:
+    mixes_adapters = True  # requests of different adapters share a step (one llama_decode each)
+
     def __init__(self, model, *, n_seq: int, n_ctx: int, threads: int, adapter: Callable[[str | None], object]):
         """`adapter`: the LoadedAdapter (or None) a request's `GenerateParams.adapter` names."""
         import llama_cpp

@@ -199,12 +199,33 @@ class OnnxBackend(Backend):
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.onnx.runner import OnnxRunner
 
-        adapter = (artifact.manifest.get("details") or {}).get("adapter")
         return OnnxRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), n_ctx=n_ctx, threads=threads,
-                          adapter=artifact.path / adapter["file"] if adapter else None)
+                          adapter=_adapter_file(artifact))
+
+    def adapter_base(self, artifact) -> str | None:
+        """The graph's content: `?lora=separate` artifacts converted from one base at one spec
+        share it (its LoRA inputs default to zero; each adapter file fills them)."""
+        from edgequant.backends.onnx.tools import DATA_SUFFIX
+        from edgequant.fingerprint import files_sha256
+
+        graph = [artifact.model_path, artifact.model_path.with_name(artifact.model_path.name + DATA_SUFFIX)]
+        return f"onnx:{files_sha256([p for p in graph if p.is_file()])}"
+
+    def open_shared(self, artifacts, *, n_ctx: int, threads: int):
+        from edgequant.backends.onnx.runner import OnnxRunner
+
+        first = next(iter(artifacts.values()))
+        return OnnxRunner(first.path, first.manifest["model_file"], name="+".join(artifacts), n_ctx=n_ctx, threads=threads,
+                          adapters={name: _adapter_file(a) for name, a in artifacts.items()})
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         return _estimated_bytes(precision, tensors, tied_embeddings)
+
+
+def _adapter_file(artifact) -> Path | None:
+    """A `?lora=separate` artifact's adapter.onnx_adapter, or None."""
+    adapter = (artifact.manifest.get("details") or {}).get("adapter")
+    return artifact.path / adapter["file"] if adapter else None
 
 
 def int4_extra(precision: str, opt: dict[str, Any], config: dict, lora: bool = False) -> tuple[tuple[str, str], ...]:

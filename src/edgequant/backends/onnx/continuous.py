@@ -23,7 +23,10 @@ How it uses the graph (the builder's decoder with GroupQueryAttention, every ONN
   server's context, so memory is n_seq times the longest sequence held, not n_seq contexts.
 
 Inputs that never change between calls (a `?lora=separate` artifact's adapter tensors, which
-onnxruntime's run options do not reach in `run_with_iobinding`) are bound once per binding.
+onnxruntime's run options do not reach in `run_with_iobinding`) are bound once per binding. They
+are one set per call, so a base serving several adapters decodes one adapter's requests at a
+time: a request for another starts once the running ones have ended (the server's scheduler
+waits for that, see `mixes_adapters`).
 
 Sampling is ours (`sample_token`, one generator seeded per request), so a seeded request repeats
 its answer whatever shares its steps, and sampled requests batch like greedy ones.
@@ -39,7 +42,7 @@ quantize activations per row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -91,15 +94,20 @@ def present_name(cache_input: str) -> str:
 class ContinuousDecoder:
     """The Runner contract's batch decoder (start, step, finish, close) over one onnxruntime session."""
 
-    def __init__(self, session, *, n_seq: int, n_ctx: int, seq_ctx: int, end_token: int | None, constants: dict | None = None):
+    mixes_adapters = False  # every sequence of a step runs with the same adapter tensors
+
+    def __init__(self, session, *, n_seq: int, n_ctx: int, seq_ctx: int, end_token: int | None,
+                 adapter: Callable[[str | None], dict] = lambda name: {}):
         """`seq_ctx`: tokens one sequence may hold (the runner's context); `end_token`: the id
-        handed to a sequence that runs out of room, so the worker ends it; `constants`: OrtValues
-        by input name bound unchanged on every call (a LoRA adapter's tensors)."""
+        handed to a sequence that runs out of room, so the worker ends it; `adapter`: the OrtValues
+        by input name a request's `GenerateParams.adapter` binds on every call (a LoRA adapter's
+        tensors; none for the base)."""
         if n_seq < 1:
             raise ValueError(f"a batch decoder needs n_seq >= 1, not {n_seq}")
         self.n_seq, self.n_ctx = n_seq, min(n_ctx, n_seq * seq_ctx)
         self._session, self._graph = session, _Graph.of(session)
-        self._seq_ctx, self._end_token, self._constants = seq_ctx, end_token, constants or {}
+        self._seq_ctx, self._end_token = seq_ctx, end_token
+        self._adapter, self._adapter_name, self._constants = adapter, None, adapter(None)
         self._capacity = 0
         self._buffers: dict[str, np.ndarray] = {}
         self._bindings: dict[tuple[int, int], object] = {}  # by row range, over the current buffers
@@ -110,6 +118,10 @@ class ContinuousDecoder:
     # -- the contract ------------------------------------------------------------------------
 
     def start(self, seq_id: int, prompt_ids: Sequence[int], params: GenerateParams) -> None:
+        if params.adapter != self._adapter_name:
+            if self._rows or self._waiting:
+                raise ValueError(f"adapter {params.adapter!r} requested while sequences of {self._adapter_name!r} run")
+            self._adapter_name, self._constants, self._bindings = params.adapter, self._adapter(params.adapter), {}
         self._waiting.append(_Sequence(seq_id, params, np.random.default_rng(params.seed), list(prompt_ids)))
 
     def step(self) -> dict[int, int]:

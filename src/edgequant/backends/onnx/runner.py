@@ -9,6 +9,8 @@ resident weights.
 
 A `?lora=separate` artifact's adapter (lora.py) is applied by every path: run options on the
 scorer's runs, its tensors bound as inputs in the batch decoder, og.Adapters on each generator.
+A runner over a graph several such artifacts share holds each one's adapter and applies the one
+a request names.
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ from edgequant.runner import GenerateParams, Runner
 
 
 class OnnxRunner(HFTokenizerMixin, Runner):
-    def __init__(self, folder: Path, model_file: str, *, name: str, n_ctx: int, threads: int, adapter: Path | None = None):
-        """`adapter`: the adapter.onnx_adapter of a `?lora=separate` artifact, applied to every run."""
+    def __init__(self, folder: Path, model_file: str, *, name: str, n_ctx: int, threads: int, adapter: Path | None = None,
+                 adapters: dict[str, Path | None] | None = None):
+        """`adapter`: the adapter.onnx_adapter of a `?lora=separate` artifact, applied to every run;
+        `adapters`: for a graph several artifacts share, each one's adapter file (None: the base
+        alone) by served name, the one a request names applied (`GenerateParams.adapter`)."""
         self.name, self.n_ctx = name, n_ctx
         self._folder, self._model_path, self._threads = folder, folder / model_file, threads
         self._load_hf_tokenizer(folder)
         self._session = None
         self._genai = None
-        self._adapter_path, self._adapter = adapter, None
+        self._adapter_paths: dict[str | None, Path | None] = {None: adapter, **(adapters or {})}
+        self._adapters: dict[Path, object] = {}  # LoadedAdapter by file, loaded when first applied
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         return next(self._slices(ids, len(ids)))
@@ -49,7 +55,8 @@ class OnnxRunner(HFTokenizerMixin, Runner):
         if len(ids) > self.n_ctx:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.n_ctx}")
         session = self._ensure_session()
-        options = self._adapter.run_options if self._adapter else None
+        own = self._loaded_adapter(None)
+        options = own.run_options if own else None
         names = {i.name for i in session.get_inputs()}
         outputs = [o.name for o in session.get_outputs()]
         past = kv_feeds(session.get_inputs())
@@ -82,8 +89,9 @@ class OnnxRunner(HFTokenizerMixin, Runner):
         gen_params = og.GeneratorParams(model)
         gen_params.set_search_options(**search)
         generator = og.Generator(model, gen_params)
-        if self._adapter_path is not None:
-            self._loaded_adapter().activate(model, generator)
+        adapter = self._loaded_adapter(params.adapter)
+        if adapter is not None:
+            adapter.activate(model, generator)
         generator.append_tokens(list(prompt_ids))
         while not generator.is_done():
             generator.generate_next_token()
@@ -99,10 +107,10 @@ class OnnxRunner(HFTokenizerMixin, Runner):
             return None
         session = self._ensure_session()
         return ContinuousDecoder(session, n_seq=n_seq, n_ctx=n_ctx, seq_ctx=self.n_ctx, end_token=min(self._eos_ids, default=None),
-                                 constants=self._adapter.values if self._adapter else None)
+                                 adapter=lambda name: getattr(self._loaded_adapter(name), "values", {}))
 
     def close(self) -> None:
-        self._adapter = None  # before the genai model its og.Adapters belong to
+        self._adapters = {}  # before the genai model their og.Adapters belong to
         self._session = None
         self._genai = None
 
@@ -111,16 +119,25 @@ class OnnxRunner(HFTokenizerMixin, Runner):
             from edgequant.backends._shared.ort import cpu_session
 
             self._session = cpu_session(self._model_path, self._threads)
-            if self._adapter_path is not None:
-                self._loaded_adapter().check(self._session)
+            for adapter in self._adapters.values():
+                adapter.check(self._session)
         return self._session
 
-    def _loaded_adapter(self):
-        if self._adapter is None:
+    def _loaded_adapter(self, name: str | None):
+        """The adapter a request's `GenerateParams.adapter` names, read at its first use and
+        checked against the graph; None for the base alone."""
+        if name not in self._adapter_paths:
+            raise ValueError(f"{self.name} has no adapter named {name!r}")
+        path = self._adapter_paths[name]
+        if path is None:
+            return None
+        if path not in self._adapters:
             from edgequant.backends.onnx.lora import LoadedAdapter
 
-            self._adapter = LoadedAdapter(self._adapter_path)
-        return self._adapter
+            self._adapters[path] = LoadedAdapter(path)
+            if self._session is not None:
+                self._adapters[path].check(self._session)
+        return self._adapters[path]
 
     def _ensure_genai(self):
         if self._genai is None:
