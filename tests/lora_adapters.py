@@ -51,3 +51,35 @@ def decode_together(runner, prompts: list[list[int]], params) -> list[list[int]]
     finally:
         decoder.close()
     return [[step[seq_id] for step in steps] for seq_id in range(len(prompts))]
+
+
+def assert_served_with_their_adapters(tasks: dict, prompts: list[str], batches=(1, 4)) -> None:
+    """`tasks` (served name -> artifact) share one base (`registry.serving_groups` puts them in one
+    group), and a worker over that one loaded base answers requests naming each, queued in
+    alternation, with the text each artifact gives served by itself: one request at a time and with
+    `batches` requests decoded together."""
+    import asyncio
+
+    from edgequant.registry import open_runner, open_shared_runner, serving_groups
+    from edgequant.runner import GenerateParams
+    from edgequant.serving.metrics import Metrics
+    from edgequant.serving.scheduling import ModelWorker
+    from serve_helpers import submit_all
+
+    assert serving_groups([a.path for a in tasks.values()]) == [list(range(len(tasks)))]
+
+    def answers(worker, requests) -> list[str]:
+        try:
+            return [c.text for c in asyncio.run(submit_all(worker, [p for _, p in requests],
+                                                           [GenerateParams(max_tokens=10, adapter=n) for n, _ in requests]))]
+        finally:
+            worker.stop()
+
+    want = {name: answers(ModelWorker(name, open_runner(a.path, n_ctx=128, need_logits=False), 16, Metrics()),
+                          [(None, p) for p in prompts]) for name, a in tasks.items()}
+    assert len({tuple(texts) for texts in want.values()}) == len(tasks)  # each adapter changes the answers
+    requests = [(name, prompt) for prompt in prompts for name in tasks]  # alternating adapters in the queue
+    for batch in batches:
+        runner = open_shared_runner({name: a.path for name, a in tasks.items()}, n_ctx=128)
+        got = answers(ModelWorker("shared", runner, 16, Metrics(), batch=batch, adapters=tuple(tasks)), requests)
+        assert got == [want[name][prompts.index(prompt)] for name, prompt in requests], batch

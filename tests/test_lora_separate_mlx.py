@@ -17,6 +17,7 @@ import edgequant
 from edgequant.adaptation.merge import adapted_model
 from edgequant.errors import EdgequantError
 from edgequant.registry import open_runner
+from lora_adapters import assert_served_with_their_adapters
 
 pytest.importorskip("mlx.core", reason="its extra is not installed")
 pytest.importorskip("mlx_lm", reason="its extra is not installed")
@@ -25,13 +26,13 @@ pytest.importorskip("peft", reason="the torch extra (peft) is not installed")
 IDS = [1, 45, 300, 17, 99, 250, 3, 480, 12, 7]  # under 16 tokens: every product on MLX's own kernels
 
 
-def peft_adapter(model, out, targets=("q_proj", "v_proj", "down_proj"), **options):
+def peft_adapter(model, out, targets=("q_proj", "v_proj", "down_proj"), seed: int = 0, **options):
     """A random PEFT adapter (A and B both non-zero) of rank 4, alpha 8, saved to `out`."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False, lora_dropout=0.0, **options)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model), config)
     with torch.no_grad():
@@ -154,3 +155,14 @@ def test_an_adapted_output_layer_is_refused_before_converting(tiny_model, tmp_pa
     with pytest.raises(EdgequantError, match="lm_head, outside the transformer blocks") as refused:
         edgequant.convert(merged, "mlx:4bit?lora=separate", output=tmp_path / "out")
     assert "lora=merged" in refused.value.fix and not (tmp_path / "out").exists()
+
+
+def test_one_base_serves_each_artifacts_adapter_one_adapter_at_a_time(tiny_model, merged, tmp_path_factory):
+    """Two adapters' 4-bit separate artifacts and the plain 4-bit base: one set of weights, loaded
+    once. The model computes with one adapter at a time, switched between requests, so the worker
+    admits one adapter's requests at a time; each gets its own artifact's answer."""
+    other = adapted_model(tiny_model, peft_adapter(tiny_model, tmp_path_factory.mktemp("lora2") / "adapter", seed=3))
+    assert_served_with_their_adapters({"task_a": edgequant.convert(merged, "mlx:4bit?lora=separate"),
+                                       "task_b": edgequant.convert(other, "mlx:4bit?lora=separate"),
+                                       "base": edgequant.convert(tiny_model, "mlx:4bit")},
+                                      ["Once upon a time", "The capital of"])

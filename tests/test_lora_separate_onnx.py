@@ -17,7 +17,7 @@ import edgequant
 from edgequant.adaptation.merge import adapted_model
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
-from lora_adapters import projections
+from lora_adapters import assert_served_with_their_adapters, projections
 from lora_adapters import write_random_adapter as random_adapter
 
 IDS = [1, 45, 300, 17, 99, 250, 3, 480, 12, 77, 301, 5, 260, 33, 140, 8]
@@ -103,36 +103,8 @@ def test_one_graph_serves_each_artifacts_adapter_one_adapter_at_a_time(merged, o
     """Two adapters of one configuration on one base: their int4 graphs are the same bytes, so the
     server loads it once. The batch decoder binds one adapter's tensors per step, so the worker
     admits one adapter's requests at a time; each request still gets its own artifact's answer."""
-    import asyncio
-
-    from edgequant.registry import open_shared_runner, serving_groups
-    from edgequant.serving.metrics import Metrics
-    from edgequant.serving.scheduling import ModelWorker
-    from serve_helpers import submit_all
-
     other = adapted_model(onnx_tiny, random_adapter(tmp_path_factory.mktemp("lora2") / "adapter", onnx_tiny, MODULES,
                                                     rank_pattern=RANKS, alpha_pattern={"down_proj": 16}, seed=3))
-    tasks = {"task_a": edgequant.convert(merged, "onnx:int4?lora=separate"),
-             "task_b": edgequant.convert(other, "onnx:int4?lora=separate")}
-    assert serving_groups([a.path for a in tasks.values()]) == [[0, 1]]
-    prompts, params = ["Once upon a time", "The capital of"], GenerateParams(max_tokens=10)
-
-    def alone(artifact) -> list[str]:  # the artifact served by itself, one request at a time
-        worker = ModelWorker("alone", open_runner(artifact.path, n_ctx=128, need_logits=False), 16, Metrics())
-        try:
-            return [c.text for c in asyncio.run(submit_all(worker, prompts, [params] * len(prompts)))]
-        finally:
-            worker.stop()
-
-    want = {name: alone(a) for name, a in tasks.items()}
-    assert want["task_a"] != want["task_b"]  # the adapters matter
-    requests = [(name, prompt) for prompt in prompts for name in tasks]  # alternating adapters in the queue
-    for batch in (1, 4):  # onnxruntime-genai per generator; the continuous decoder, one adapter at a time
-        runner = open_shared_runner({name: a.path for name, a in tasks.items()}, n_ctx=128)
-        worker = ModelWorker("shared", runner, 16, Metrics(), batch=batch, adapters=tuple(tasks))
-        try:
-            got = asyncio.run(submit_all(worker, [p for _, p in requests],
-                                         [GenerateParams(max_tokens=10, adapter=name) for name, _ in requests]))
-        finally:
-            worker.stop()
-        assert [c.text for c in got] == [want[name][prompts.index(prompt)] for name, prompt in requests], batch
+    assert_served_with_their_adapters({"task_a": edgequant.convert(merged, "onnx:int4?lora=separate"),
+                                       "task_b": edgequant.convert(other, "onnx:int4?lora=separate")},
+                                      ["Once upon a time", "The capital of"])

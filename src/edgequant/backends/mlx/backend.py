@@ -138,11 +138,22 @@ class MLXBackend(Backend):
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.mlx.runner import MLXRunner
 
-        details = artifact.manifest.get("details") or {}
-        model_type = details.get("mlx_model_type") or json.loads((artifact.path / "config.json").read_text())["model_type"]
-        adapter = details.get("adapter")
-        return MLXRunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, model_type=model_type, threads=threads,
-                         adapter=artifact.path / adapter["file"] if adapter else None)
+        return MLXRunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, model_type=_model_type(artifact),
+                         threads=threads, adapter=_adapter_file(artifact))
+
+    def adapter_base(self, artifact) -> str | None:
+        """The weights and the config mlx-lm builds the model from: the same for a `?lora=separate`
+        artifact and the plain one of its base."""
+        from edgequant.fingerprint import files_sha256
+
+        return f"mlx:{files_sha256(sorted(artifact.path.glob('model*.safetensors')) + [artifact.path / 'config.json'])}"
+
+    def open_shared(self, artifacts, *, n_ctx: int, threads: int):
+        from edgequant.backends.mlx.runner import MLXRunner
+
+        first = next(iter(artifacts.values()))
+        return MLXRunner(first.path, name="+".join(artifacts), n_ctx=n_ctx, model_type=_model_type(first), threads=threads,
+                         adapters={name: _adapter_file(a) for name, a in artifacts.items()})
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         """Default group size; embeddings and output layer at DEFAULT_EMBED_BITS; 1-D in float16."""
@@ -154,6 +165,18 @@ class MLXBackend(Backend):
             total += t.numel * (16.0 if len(t.shape) < 2 else max(edge, base) if is_edge else base)
         return int(total / 8)
 
+
+
+def _model_type(artifact) -> str:
+    """The mlx-lm model definition the artifact's weights load into."""
+    details = artifact.manifest.get("details") or {}
+    return details.get("mlx_model_type") or json.loads((artifact.path / "config.json").read_text())["model_type"]
+
+
+def _adapter_file(artifact) -> Path | None:
+    """A `?lora=separate` artifact's adapters/adapters.safetensors, or None."""
+    adapter = (artifact.manifest.get("details") or {}).get("adapter")
+    return artifact.path / adapter["file"] if adapter else None
 
 def supported_model_types() -> list[str]:
     import mlx_lm.models

@@ -60,14 +60,18 @@ class _Solo:
 
 
 class MLXBatchDecoder:
+    mixes_adapters = False  # the model computes with one adapter at a time
+
     def __init__(self, model, *, n_seq: int, n_ctx: int, stop_tokens: set[int],
-                 solo: Callable[[Sequence[int], GenerateParams], Iterator[int]]):
-        """`solo(prompt_ids, params)`: the runner's own unbounded token stream, for sampled requests."""
+                 solo: Callable[[Sequence[int], GenerateParams], Iterator[int]],
+                 adapter: Callable[[str | None], None] = lambda name: None):
+        """`solo(prompt_ids, params)`: the runner's own unbounded token stream, for sampled requests;
+        `adapter(name)`: makes a request's adapter the model's, called only while no sequence runs."""
         if n_seq < 1:
             raise ValueError(f"a batch decoder needs n_seq >= 1, not {n_seq}")
         self.n_seq, self.n_ctx = n_seq, n_ctx
         self._stop = set(stop_tokens)
-        self._solo = solo
+        self._solo, self._adapter, self._adapter_name = solo, adapter, None
         self._generator = _generate_module().BatchGenerator(
             _PlainCacheModel(model), stop_tokens=self._stop, completion_batch_size=n_seq, prefill_batch_size=1)
         self._uids: dict[int, int] = {}  # seq_id -> the generator's uid
@@ -77,6 +81,11 @@ class MLXBatchDecoder:
 
     def start(self, seq_id: int, prompt_ids: Sequence[int], params: GenerateParams) -> None:
         self.finish(seq_id)  # a slot reused before it was finished starts clean
+        if params.adapter != self._adapter_name:
+            if self._uids or self._solos:
+                raise ValueError(f"adapter {params.adapter!r} requested while sequences of {self._adapter_name!r} run")
+            self._adapter(params.adapter)
+            self._adapter_name = params.adapter
         if params.temperature > 0:
             self._solos[seq_id] = _Solo(self._solo(list(prompt_ids), params))
             return

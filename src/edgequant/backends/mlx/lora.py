@@ -12,7 +12,9 @@ module of a lower rank (rank_pattern) is padded with zero rows and columns: both
 
 The runner does not import mlx_lm (which imports torch, see engine.py), so it applies the adapter
 with `LoraLinear` below: y = base(x) + scale * (x @ lora_a) @ lora_b around each adapted linear
-layer, quantized or not, which is what mlx-lm's own LoRA layer computes. Only projections inside
+layer, quantized or not, which is what mlx-lm's own LoRA layer computes. A runner over a base that
+several artifacts share wraps every layer any of their adapters adapts and switches the active
+adapter between requests. Only projections inside
 the transformer blocks are taken: the runner scores the output layer block by block, which an
 adapted output layer would bypass.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from edgequant.adaptation.merge import MERGED_FIX, outside_blocks
 from edgequant.errors import EdgequantError
@@ -100,24 +103,41 @@ def _pad(array, axis: int, rank: int):
     return mx.pad(array, widths)
 
 
-def apply_adapter(model, weights_file: Path) -> int:
-    """Wrap each linear layer of `model` that `weights_file` (mlx-lm's adapters.safetensors, its
-    adapter_config.json beside it) adapts; returns how many were wrapped."""
+def apply_adapters(model, files: dict[str | None, Path | None]) -> Callable[[str | None], None]:
+    """Wrap each linear layer of `model` that any of `files` (mlx-lm's adapters.safetensors, its
+    adapter_config.json beside it; None: the base alone) adapts, and make the adapter of key None
+    active. Returns the function that makes another key's adapter the active one: a runner over a
+    base several artifacts share switches between requests (never within a forward pass)."""
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    scale = float(json.loads((weights_file.parent / CONFIG).read_text())["lora_parameters"]["scale"])
-    weights = mx.load(str(weights_file))
+    adapters = {key: _read_adapter(file) for key, file in files.items() if file is not None}
     modules = dict(model.named_modules())
-    wrapped = []
-    for path in sorted({name.rsplit(".", 1)[0] for name in weights}):
-        if path not in modules or f"{path}.lora_a" not in weights or f"{path}.lora_b" not in weights:
-            raise EdgequantError(f"{weights_file} adapts {path}, which the model has not (or lacks lora_a / lora_b)",
-                                 "convert the artifact again")
-        wrapped.append((path, lora_linear_class()(modules[path], weights[f"{path}.lora_a"], weights[f"{path}.lora_b"], scale)))
-    model.update_modules(tree_unflatten(wrapped))
-    mx.eval(model.parameters())
-    return len(wrapped)
+    paths = sorted({name.rsplit(".", 1)[0] for _, weights in adapters.values() for name in weights})
+    for file, (_, weights) in zip([f for f in files.values() if f is not None], adapters.values()):
+        for path in paths:
+            if path not in modules or (f"{path}.lora_a" in weights) != (f"{path}.lora_b" in weights):
+                raise EdgequantError(f"{file} adapts {path}, which the model has not (or lacks lora_a / lora_b)",
+                                     "convert the artifact again")
+    layers = {path: lora_linear_class()(modules[path]) for path in paths}
+    model.update_modules(tree_unflatten(list(layers.items())))
+
+    def activate(key: str | None) -> None:
+        scale, weights = adapters.get(key, (0.0, {}))
+        for path, layer in layers.items():
+            layer.set_update(weights.get(f"{path}.lora_a"), weights.get(f"{path}.lora_b"), scale)
+
+    activate(None)
+    mx.eval(model.parameters(), [w for _, weights in adapters.values() for w in weights.values()])
+    return activate
+
+
+def _read_adapter(weights_file: Path) -> tuple[float, dict]:
+    """An mlx-lm adapter's scale and its lora_a / lora_b arrays by parameter name."""
+    import mlx.core as mx
+
+    scale = float(json.loads((weights_file.parent / CONFIG).read_text())["lora_parameters"]["scale"])
+    return scale, mx.load(str(weights_file))
 
 
 @lru_cache(maxsize=1)
@@ -126,14 +146,21 @@ def lora_linear_class():
     import mlx.nn as nn
 
     class LoraLinear(nn.Module):
-        """A linear layer (float or quantized) plus its low-rank update; parameter names as mlx-lm's
-        LoRA layer has them (`linear`, `lora_a`, `lora_b`)."""
+        """A linear layer (float or quantized) plus the active adapter's low-rank update, if any;
+        parameter names as mlx-lm's LoRA layer has them (`linear`, `lora_a`, `lora_b`)."""
 
-        def __init__(self, linear, lora_a, lora_b, scale: float):
+        def __init__(self, linear):
             super().__init__()
-            self.linear, self.lora_a, self.lora_b, self.scale = linear, lora_a, lora_b, scale
+            self.linear, self.scale = linear, 0.0
+
+        def set_update(self, lora_a, lora_b, scale: float) -> None:
+            """The update this layer adds from now on; none when `lora_a` is None."""
+            self.scale = scale if lora_a is not None else 0.0
+            self.lora_a, self.lora_b = (lora_a, lora_b) if lora_a is not None else (None, None)
 
         def __call__(self, x):
+            if self.lora_a is None:
+                return self.linear(x)
             update = (x @ self.lora_a) @ self.lora_b  # in the adapter's float32
             return self.linear(x) + (self.scale * update).astype(x.dtype)
 

@@ -39,9 +39,11 @@ DEQUANTIZE_FROM_TOKENS = 16
 
 class MLXRunner(HFTokenizerMixin, Runner):
     def __init__(self, folder: Path, *, name: str, n_ctx: int, model_type: str, threads: int = 1,
-                 adapter: Path | None = None):
+                 adapter: Path | None = None, adapters: dict[str, Path | None] | None = None):
         """`adapter`: an mlx-lm adapters.safetensors applied to the model as it loads (lora.py); the
-        batch decoder then decodes the same adapted model."""
+        batch decoder then decodes the same adapted model. `adapters`: for a base several artifacts
+        share, each one's adapter (None: the base alone) by served name, the one a request names
+        made active for it (`GenerateParams.adapter`)."""
         self._blas = None if is_apple_silicon() else use_openblas()  # what the import hook set up (blas.py)
         import mlx.core as mx
 
@@ -50,10 +52,12 @@ class MLXRunner(HFTokenizerMixin, Runner):
         self._mx = mx
         self._model_type = model_type
         self._model = load_model(folder, model_type)
-        if adapter is not None:
-            from edgequant.backends.mlx.lora import apply_adapter
+        self._adapter_names = {None, *(adapters or {})}
+        self._activate = lambda name: None
+        if adapter is not None or adapters:
+            from edgequant.backends.mlx.lora import apply_adapters
 
-            apply_adapter(self._model, adapter)
+            self._activate = apply_adapters(self._model, {None: adapter, **(adapters or {})})
         self._load_hf_tokenizer(folder)
         if not is_apple_silicon():
             _compute_in_float32(self._model)
@@ -147,6 +151,7 @@ class MLXRunner(HFTokenizerMixin, Runner):
         """A KV-cached decode loop on the calling thread's default stream (MLX streams belong to
         the thread that made them, and the server decodes in a worker thread)."""
         mx = self._mx
+        self.use_adapter(params.adapter)
         rng = np.random.default_rng(params.seed)
         cache = model_module("cache").make_prompt_cache(self._model)
         inputs = mx.array([list(prompt_ids)])
@@ -163,7 +168,14 @@ class MLXRunner(HFTokenizerMixin, Runner):
 
         if not batchable(self._model):
             return None
-        return MLXBatchDecoder(self._model, n_seq=n_seq, n_ctx=n_ctx, stop_tokens=self._eos_ids, solo=self._stream)
+        return MLXBatchDecoder(self._model, n_seq=n_seq, n_ctx=n_ctx, stop_tokens=self._eos_ids, solo=self._stream,
+                               adapter=self.use_adapter)
+
+    def use_adapter(self, name: str | None) -> None:
+        """Make the adapter a request names the model's (between requests, never within one)."""
+        if name not in self._adapter_names:
+            raise ValueError(f"{self.name} has no adapter named {name!r}")
+        self._activate(name)
 
     def close(self) -> None:
         self._model = None
