@@ -21,7 +21,7 @@ from edgequant.errors import EdgequantError
 from edgequant.measurement.settings import EvalConfig
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
-from lora_adapters import decode_together, projections
+from lora_adapters import assert_served_with_their_adapters, decode_together, projections
 from lora_adapters import write_random_adapter as random_adapter
 
 pytest.importorskip("openvino_genai", reason="its extra is not installed")
@@ -34,10 +34,10 @@ MODULES = projections(512)  # the tiny Llama's (tests/conftest.py)
 RANKS = {"v_proj": 2}  # rank_pattern: v_proj at a lower rank than r = 4
 
 
-def write_random_adapter(out, base, modules=MODULES):
+def write_random_adapter(out, base, modules=MODULES, seed: int = 0):
     """A PEFT LoRA folder for the tiny Llama: random non-zero A and B on every projection, alpha 8 at
     rank 4 (down_proj at alpha 16, v_proj at rank 2)."""
-    return random_adapter(out, base, modules, rank_pattern=RANKS, alpha_pattern={"down_proj": 16})
+    return random_adapter(out, base, modules, rank_pattern=RANKS, alpha_pattern={"down_proj": 16}, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +144,15 @@ def _one_projection():
     up = ops.matmul(x, ops.constant(np.ones((16, 8), np.float32)), False, True)
     up.set_friendly_name("__module.model.layers.0.mlp.up_proj/aten::linear/MatMul")
     return ov.Model([ops.result(up)], [x])
+
+
+def test_one_ir_serves_each_artifacts_adapter_one_adapter_at_a_time(tiny_model, merged, tmp_path_factory):
+    """Two adapters' int8 separate artifacts and the plain int8 base: one IR, loaded once. GenAI's
+    pipelines hold one adapter's LoRA states at a time, switched between requests (the decoder's
+    one-token `generate`, with an empty config for the base), so the worker admits one adapter's
+    requests at a time; each gets its own artifact's answer."""
+    other = adapted_model(tiny_model, write_random_adapter(tmp_path_factory.mktemp("lora2") / "adapter", tiny_model, seed=3))
+    assert_served_with_their_adapters({"task_a": edgequant.convert(merged, "openvino:int8?lora=separate"),
+                                       "task_b": edgequant.convert(other, "openvino:int8?lora=separate"),
+                                       "base": edgequant.convert(tiny_model, "openvino:int8")},
+                                      ["Once upon a time", "The capital of"])

@@ -177,10 +177,30 @@ class OpenVINOBackend(Backend):
     def open(self, artifact, *, n_ctx: int, need_logits: bool, threads: int):
         from edgequant.backends.openvino.runner import OpenVINORunner
 
-        adapter = (artifact.manifest.get("details") or {}).get("adapter")
         return OpenVINORunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, threads=threads,
-                              runtime=runtime_properties(self.option_values(artifact.spec)),
-                              adapter=artifact.path / adapter["file"] if adapter else None)
+                              runtime=runtime_properties(self.option_values(artifact.spec)), adapter=_adapter_file(artifact))
+
+    def adapter_base(self, artifact) -> str | None:
+        """The IR and the properties the plugin compiles it with. `openvino:PREC?lora=separate`
+        writes the base's weights byte for byte, and its graph but for the names OpenVINO numbers
+        as it builds nodes (`Convert_125005`), which are left out of the graph's identity."""
+        import hashlib
+        import re
+
+        from edgequant.fingerprint import file_sha256
+
+        xml = (artifact.path / "openvino_model.xml").read_text(encoding="utf-8")
+        graph = hashlib.sha256(re.sub(r' name="[^"]*_\d+"', "", xml).encode()).hexdigest()
+        runtime = sorted(runtime_properties(self.option_values(artifact.spec)).items())
+        return f"openvino:{file_sha256(artifact.path / 'openvino_model.bin')}:{graph}:{runtime}"
+
+    def open_shared(self, artifacts, *, n_ctx: int, threads: int):
+        from edgequant.backends.openvino.runner import OpenVINORunner
+
+        first = next(iter(artifacts.values()))
+        return OpenVINORunner(first.path, name="+".join(artifacts), n_ctx=n_ctx, threads=threads,
+                              runtime=runtime_properties(self.option_values(first.spec)),
+                              adapters={name: _adapter_file(a) for name, a in artifacts.items()})
 
     def compress_settings(self, spec):
         """The NNCF settings a spec asks for (None for the float precisions)."""
@@ -213,6 +233,12 @@ class OpenVINOBackend(Backend):
             total += t.numel * (16.0 if len(t.shape) < 2 else self.precisions["int8"].bpw if edge else int4_bpw)
         return int(total / 8)
 
+
+
+def _adapter_file(artifact) -> Path | None:
+    """A `?lora=separate` artifact's adapter.safetensors, or None."""
+    adapter = (artifact.manifest.get("details") or {}).get("adapter")
+    return artifact.path / adapter["file"] if adapter else None
 
 def runtime_properties(opts) -> dict:
     """CPU plugin properties the spec sets; what it leaves at auto keeps the plugin's default for

@@ -32,7 +32,10 @@ controller, so without more the server would decode the base model, silently. Th
 runs one `generate` of a single token first, with the adapters in its GenerationConfig; that sets the
 adapter's tensors as LoRA states of the pipeline's infer request, where they stay (the pipeline
 never resets its states, and GenAI's controller keeps a state once set until the adapters change).
-The tests check the decoder's tokens against the merged model's.
+The tests check the decoder's tokens against the merged model's. A base several artifacts share is
+built with all their adapters, and a request for another adapter (or none) runs such a `generate`
+with it once the running requests have ended: measured on the tiny Llama, switching between two
+adapters and the base gives each request the tokens its own artifact gives.
 
 Measured on the tiny test Llama (2 cores, int8): greedy text from 4 requests decoded together is
 token-for-token the text of each decoded alone and of `LLMPipeline.generate`, and a seeded sampled
@@ -70,18 +73,22 @@ class _Request:
 
 
 class OpenVINOBatchDecoder:
+    mixes_adapters = False  # the pipeline's LoRA states hold one adapter at a time
+
     def __init__(self, folder: Path, *, n_seq: int, n_ctx: int, properties: dict, eos_id: int | None,
                  generation_config: Callable[[GenerateParams, int], object], adapters=None):
         """`generation_config(params, budget)`: GenAI's settings for one request, the runner's own.
-        `adapters`: GenAI's AdapterConfig of a `?lora=separate` artifact, applied to every request."""
+        `adapters`: the runner's GenAIAdapters (lora.py), or None; a request gets the one it names,
+        switched while no other request runs."""
         if n_seq < 1 or n_ctx < 1:
             raise ValueError(f"a batch decoder needs n_seq >= 1 and n_ctx >= 1, not {n_seq} and {n_ctx}")
         self.n_seq, self.n_ctx = n_seq, n_ctx
         self._eos_id, self._generation_config = eos_id, generation_config
-        self._pipeline = _pipeline(folder, scheduler_config(n_seq, n_ctx), {**properties, "adapters": adapters} if adapters
-                                   else properties)
+        self._pipeline = _pipeline(folder, scheduler_config(n_seq, n_ctx),
+                                   {**properties, "adapters": adapters.every} if adapters else properties)
+        self._adapters, self._adapter_name = adapters, None
         if adapters:
-            self._apply_adapters(adapters)
+            self._apply_adapters(adapters.of(None))
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
 
@@ -90,6 +97,11 @@ class OpenVINOBatchDecoder:
         import openvino as ov
 
         self.finish(seq_id)  # a slot reused before it was finished starts clean
+        if params.adapter != self._adapter_name:
+            if self._requests or self._adapters is None:
+                raise ValueError(f"adapter {params.adapter!r} requested while sequences of {self._adapter_name!r} run")
+            self._apply_adapters(self._adapters.of(params.adapter))
+            self._adapter_name = params.adapter
         ids = ov.Tensor(np.asarray([list(prompt_ids)], dtype=np.int64))
         handle = self._pipeline.add_request(next(self._ids), ids, self._generation_config(params, params.max_tokens))
         self._requests[seq_id] = _Request(handle)
@@ -116,7 +128,8 @@ class OpenVINOBatchDecoder:
         self._pipeline = None
 
     def _apply_adapters(self, adapters) -> None:
-        """One `generate` of one token with `adapters`: what makes the pipeline set them (see the module docstring)."""
+        """One `generate` of one token with `adapters` (an AdapterConfig): what makes the pipeline
+        set them as its LoRA states, or clear them with an empty one (see the module docstring)."""
         import numpy as np
         import openvino as ov
 

@@ -14,7 +14,9 @@ added to its output. Every OpenVINO runner path applies the same file:
 - the server's batch decoder: `ContinuousBatchingPipeline` built with the adapters, which only its
   `generate` applies (`add_request`/`step` never call GenAI's adapter controller), so the decoder
   runs one `generate` of one token first; the adapter's tensors then stay in the pipeline's infer
-  request, whose LoRA states the pipeline never resets (batch.py);
+  request, whose LoRA states the pipeline never resets (batch.py). Another such `generate`, with
+  another adapter or none, switches them: a base several artifacts share serves each one's
+  requests that way, one adapter at a time;
 - the scorer (logits through the raw IR, which GenAI's machinery does not reach): `add_branches`
   builds the graph of GenAI's static mode on the `ov.Model` before it is compiled, the same
   MatMuls found by the same name rule, A and B as constants read from the same file.
@@ -131,8 +133,22 @@ def _constant(array, kind):
     return constant if kind == Type.f32 else ops.convert(constant, kind)
 
 
-def genai_adapters(path: Path):
-    """The `openvino_genai.AdapterConfig` applying the adapter file `path` at its alpha."""
-    import openvino_genai as genai
+class GenAIAdapters:
+    """GenAI's adapters for a runner: `every`, the AdapterConfig a pipeline is built with (all the
+    adapters any request may use), and `of(name)`, the one a request's GenerationConfig names
+    (an empty config for the base alone, which sets the pipeline's LoRA states to nothing)."""
 
-    return genai.AdapterConfig(genai.Adapter(str(path)), ALPHA)
+    def __init__(self, paths: dict[str | None, Path | None]):
+        import openvino_genai as genai
+
+        loaded = {path: genai.Adapter(str(path)) for path in set(paths.values()) if path is not None}
+        self.every = genai.AdapterConfig()
+        for adapter in loaded.values():
+            self.every.add(adapter, ALPHA)
+        self._by_name = {name: genai.AdapterConfig(loaded[path], ALPHA) if path is not None else genai.AdapterConfig()
+                         for name, path in paths.items()}
+
+    def of(self, name: str | None):
+        if name not in self._by_name:
+            raise ValueError(f"no adapter named {name!r}")
+        return self._by_name[name]

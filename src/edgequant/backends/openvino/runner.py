@@ -25,13 +25,17 @@ _DONE = object()
 
 class OpenVINORunner(HFTokenizerMixin, Runner):
     def __init__(self, folder: Path, *, name: str, n_ctx: int, threads: int, runtime: dict | None = None,
-                 adapter: Path | None = None):
-        """`adapter`: the adapter.safetensors of a `?lora=separate` artifact, applied by every path."""
+                 adapter: Path | None = None, adapters: dict[str, Path | None] | None = None):
+        """`adapter`: the adapter.safetensors of a `?lora=separate` artifact, applied by every path;
+        `adapters`: for an IR several artifacts share, each one's adapter (None: the base alone) by
+        served name, the one a request names applied to it (`GenerateParams.adapter`)."""
         import openvino as ov
 
         self.name, self.n_ctx = name, n_ctx
         self._folder, self._threads = folder, threads
-        self._adapter_path, self._adapters = adapter, None  # the path, and GenAI's AdapterConfig made from it
+        self._adapter_paths = {None: adapter, **(adapters or {})}
+        self._adapter_path = adapter  # the scorer's
+        self._adapters = None  # GenAIAdapters, made at first use where any path is given
         self._properties = {"INFERENCE_NUM_THREADS": threads}
         self._properties.update(runtime or {})  # what the spec sets; the rest stays the plugin's default
         self._core = ov.Core()
@@ -72,13 +76,20 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
         if budget == 0:
             return
         tokens: queue.Queue = queue.Queue()
-        worker = threading.Thread(target=self._generate_into, args=(list(prompt_ids), params, budget, tokens), daemon=True)
+        stop = threading.Event()
+        worker = threading.Thread(target=self._generate_into, args=(list(prompt_ids), params, budget, tokens, stop),
+                                  daemon=True)
         worker.start()
-        while (item := tokens.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        worker.join()
+        try:
+            while (item := tokens.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            # A caller that stops reading (its last token, a cancelled request) must not leave this
+            # generation running: the next call on the same pipeline would race it inside GenAI.
+            stop.set()
+            worker.join()
 
     def inference_precision(self) -> str:
         request = self._logits_request()
@@ -117,15 +128,17 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
         return self._request
 
     def _genai_adapters(self):
-        """GenAI's AdapterConfig of the artifact's adapter (None without one), made once."""
-        if self._adapters is None and self._adapter_path is not None:
-            from edgequant.backends.openvino.lora import genai_adapters
+        """GenAI's adapters of this runner (None without any), made once."""
+        if self._adapters is None and any(self._adapter_paths.values()):
+            from edgequant.backends.openvino.lora import GenAIAdapters
 
-            self._adapters = genai_adapters(self._adapter_path)
+            self._adapters = GenAIAdapters(self._adapter_paths)
         return self._adapters
 
-    def _generate_into(self, prompt: list[int], params: GenerateParams, budget: int, out: queue.Queue) -> None:
-        """Runs in a worker thread: LLMPipeline's streamer pushes each token as it is sampled."""
+    def _generate_into(self, prompt: list[int], params: GenerateParams, budget: int, out: queue.Queue,
+                       stop: threading.Event) -> None:
+        """Runs in a worker thread: LLMPipeline's streamer pushes each token as it is sampled, and
+        stops the generation at the next one once `stop` is set."""
         import openvino as ov
         import openvino_genai as genai
 
@@ -133,7 +146,7 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
             def write(self, token):
                 for t in token if isinstance(token, (list, tuple)) else [token]:
                     out.put(int(t))
-                return genai.StreamingStatus.RUNNING
+                return genai.StreamingStatus.STOP if stop.is_set() else genai.StreamingStatus.RUNNING
 
             def end(self):
                 pass
@@ -142,8 +155,8 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
             ids = np.asarray([prompt], dtype=np.int64)
             inputs = genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
             config = generation_config(params, budget)
-            if self._adapter_path is not None:
-                config.adapters = self._genai_adapters()  # unset, the pipeline would keep the last adapters used
+            if self._genai_adapters() is not None:
+                config.adapters = self._genai_adapters().of(params.adapter)  # unset, the pipeline keeps the last ones
             self._llm_pipeline().generate(inputs, config, Streamer())
         except BaseException as exc:  # surfaced to the caller's thread by generate()
             out.put(exc)
@@ -154,7 +167,7 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
         if self._pipeline is None:
             import openvino_genai as genai
 
-            adapters = {"adapters": self._genai_adapters()} if self._adapter_path is not None else {}
+            adapters = {"adapters": self._genai_adapters().every} if self._genai_adapters() is not None else {}
             self._pipeline = genai.LLMPipeline(str(self._folder), "CPU", **self._properties, **adapters)
         return self._pipeline
 
