@@ -35,6 +35,13 @@ class Artifact:
         return self.path / self.manifest["model_file"]
 
     @property
+    def adapter_path(self) -> Path | None:
+        """The LoRA adapter file a `?lora=separate` artifact's runtime applies (the manifest's
+        details.adapter), or None."""
+        adapter = (self.manifest.get("details") or {}).get("adapter")
+        return self.path / adapter["file"] if adapter else None
+
+    @property
     def source_fingerprint(self) -> str:
         return self.manifest["source"]["fingerprint"]
 

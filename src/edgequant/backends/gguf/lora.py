@@ -120,7 +120,7 @@ class AdapterFile:
 def adapter_file(artifact) -> AdapterFile | None:
     """The adapter a `?lora=separate` artifact applies at run time, or None."""
     lora = artifact.manifest.get("details", {}).get("adapter")
-    return AdapterFile(artifact.path / lora["file"], float(lora["scale"])) if lora else None
+    return AdapterFile(artifact.adapter_path, float(lora["scale"])) if lora else None
 
 
 class LoadedAdapter:

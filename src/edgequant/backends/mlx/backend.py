@@ -139,7 +139,7 @@ class MLXBackend(Backend):
         from edgequant.backends.mlx.runner import MLXRunner
 
         return MLXRunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, model_type=_model_type(artifact),
-                         threads=threads, adapter=_adapter_file(artifact))
+                         threads=threads, adapter=artifact.adapter_path)
 
     def adapter_base(self, artifact) -> str | None:
         """The weights and the config mlx-lm builds the model from: the same for a `?lora=separate`
@@ -153,7 +153,7 @@ class MLXBackend(Backend):
 
         first = next(iter(artifacts.values()))
         return MLXRunner(first.path, name="+".join(artifacts), n_ctx=n_ctx, model_type=_model_type(first), threads=threads,
-                         adapters={name: _adapter_file(a) for name, a in artifacts.items()})
+                         adapters={name: a.adapter_path for name, a in artifacts.items()})
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         """Default group size; embeddings and output layer at DEFAULT_EMBED_BITS; 1-D in float16."""
@@ -166,17 +166,11 @@ class MLXBackend(Backend):
         return int(total / 8)
 
 
-
 def _model_type(artifact) -> str:
     """The mlx-lm model definition the artifact's weights load into."""
     details = artifact.manifest.get("details") or {}
     return details.get("mlx_model_type") or json.loads((artifact.path / "config.json").read_text())["model_type"]
 
-
-def _adapter_file(artifact) -> Path | None:
-    """A `?lora=separate` artifact's adapters/adapters.safetensors, or None."""
-    adapter = (artifact.manifest.get("details") or {}).get("adapter")
-    return artifact.path / adapter["file"] if adapter else None
 
 def supported_model_types() -> list[str]:
     import mlx_lm.models

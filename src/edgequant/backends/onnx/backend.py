@@ -200,7 +200,7 @@ class OnnxBackend(Backend):
         from edgequant.backends.onnx.runner import OnnxRunner
 
         return OnnxRunner(artifact.path, artifact.manifest["model_file"], name=str(artifact.spec), n_ctx=n_ctx, threads=threads,
-                          adapter=_adapter_file(artifact))
+                          adapter=artifact.adapter_path)
 
     def adapter_base(self, artifact) -> str | None:
         """The graph's content: `?lora=separate` artifacts converted from one base at one spec
@@ -216,16 +216,10 @@ class OnnxBackend(Backend):
 
         first = next(iter(artifacts.values()))
         return OnnxRunner(first.path, first.manifest["model_file"], name="+".join(artifacts), n_ctx=n_ctx, threads=threads,
-                          adapters={name: _adapter_file(a) for name, a in artifacts.items()})
+                          adapters={name: a.adapter_path for name, a in artifacts.items()})
 
     def estimated_bytes(self, precision: str, tensors, tied_embeddings: bool = False) -> int:
         return _estimated_bytes(precision, tensors, tied_embeddings)
-
-
-def _adapter_file(artifact) -> Path | None:
-    """A `?lora=separate` artifact's adapter.onnx_adapter, or None."""
-    adapter = (artifact.manifest.get("details") or {}).get("adapter")
-    return artifact.path / adapter["file"] if adapter else None
 
 
 def int4_extra(precision: str, opt: dict[str, Any], config: dict, lora: bool = False) -> tuple[tuple[str, str], ...]:

@@ -178,7 +178,7 @@ class OpenVINOBackend(Backend):
         from edgequant.backends.openvino.runner import OpenVINORunner
 
         return OpenVINORunner(artifact.path, name=str(artifact.spec), n_ctx=n_ctx, threads=threads,
-                              runtime=runtime_properties(self.option_values(artifact.spec)), adapter=_adapter_file(artifact))
+                              runtime=runtime_properties(self.option_values(artifact.spec)), adapter=artifact.adapter_path)
 
     def adapter_base(self, artifact) -> str | None:
         """The IR and the properties the plugin compiles it with. `openvino:PREC?lora=separate`
@@ -200,7 +200,7 @@ class OpenVINOBackend(Backend):
         first = next(iter(artifacts.values()))
         return OpenVINORunner(first.path, name="+".join(artifacts), n_ctx=n_ctx, threads=threads,
                               runtime=runtime_properties(self.option_values(first.spec)),
-                              adapters={name: _adapter_file(a) for name, a in artifacts.items()})
+                              adapters={name: a.adapter_path for name, a in artifacts.items()})
 
     def compress_settings(self, spec):
         """The NNCF settings a spec asks for (None for the float precisions)."""
@@ -233,12 +233,6 @@ class OpenVINOBackend(Backend):
             total += t.numel * (16.0 if len(t.shape) < 2 else self.precisions["int8"].bpw if edge else int4_bpw)
         return int(total / 8)
 
-
-
-def _adapter_file(artifact) -> Path | None:
-    """A `?lora=separate` artifact's adapter.safetensors, or None."""
-    adapter = (artifact.manifest.get("details") or {}).get("adapter")
-    return artifact.path / adapter["file"] if adapter else None
 
 def runtime_properties(opts) -> dict:
     """CPU plugin properties the spec sets; what it leaves at auto keeps the plugin's default for
