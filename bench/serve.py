@@ -18,8 +18,9 @@ The reference, per format, run on the same prompt ids with the same settings and
   engine offers a batched LLM loop of its own to compare with), so the ratio is the server's
   overhead at 1 client and its batching gain above that.
 The in-process references give no time to first token. Every round runs each level on our
-server and then on the reference, back to back; ratios are medians of within-round ratios (load
-that comes and goes falls on both sides alike) with their min and max over the rounds.
+server and on the reference, back to back, the order alternating by round; ratios are medians of
+within-round ratios (load that comes and goes falls on both sides alike) with their min and max
+over the rounds.
 
 Writes bench/results/serve.json: per format and level, both sides' rounds, the ratios the issue
 asks for (>= 1.5x at 4 clients over 1; >= 0.95x the reference at 1 client), date, load, settings.
@@ -313,10 +314,13 @@ def bench_format(fmt: str, threads: int, max_tokens: int, rounds: int) -> dict:
         reference = reference_for(fmt, artifact, threads)
         reference.level(1, 1, 8)  # warm-up
         runs = {(c, side): [] for c in LEVELS for side in ("server", "reference")}
-        for _ in range(rounds):
+        sides = {"server": ours, "reference": reference}
+        for round_ in range(rounds):
             for clients, per_client in LEVELS.items():
-                runs[clients, "server"].append(_loaded(lambda: ours.level(clients, per_client, max_tokens)))
-                runs[clients, "reference"].append(_loaded(lambda: reference.level(clients, per_client, max_tokens)))
+                # back to back, the order alternating by round: neither side always runs first, or
+                # always right after the other's heaviest level
+                for side in ("server", "reference") if round_ % 2 == 0 else ("reference", "server"):
+                    runs[clients, side].append(_loaded(lambda: sides[side].level(clients, per_client, max_tokens)))
     finally:
         ours.close()
         if reference is not None:
