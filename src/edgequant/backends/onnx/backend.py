@@ -38,6 +38,7 @@ from edgequant.spec import Option, Precision
 _BUILDER_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int4": "int4", "int8": "fp32", "int8-static": "fp32"}
 _INT4 = ("int4",)
 _STATIC = ("int8-static",)
+_INT8 = ("int8",)
 
 
 class OnnxBackend(Backend):
@@ -90,6 +91,9 @@ class OnnxBackend(Backend):
                              applies_to=_STATIC),
         "smooth": Option("smooth", float, 0.5, "int8-static: SmoothQuant migration strength alpha, activation outliers "
                          "moved into the weights before calibration (0: off)", minimum=0.0, maximum=1.0, applies_to=_STATIC),
+        "weights": Option("weights", str, "s8", "int8: weight codes signed (s8: onnxruntime's u8 x s8 kernels, fastest "
+                          "with VNNI) or unsigned around zero point 128 (u8: u8 x u8 kernels, which do not saturate on x86 "
+                          "CPUs without VNNI)", choices=("s8", "u8"), applies_to=_INT8),
         "lora": Option("lora", str, "merged", "with --adapter: merged into the float weights before converting, or separate "
                        "(the base model's graph with float LoRA branches, the adapter beside it as adapter.onnx_adapter, "
                        "applied by onnxruntime per run and by onnxruntime-genai per generator)", choices=("merged", "separate")),
@@ -278,8 +282,9 @@ def _convert_int8(source, precision: str, opt: dict[str, Any], out_dir: Path, st
     if precision == "int8":
         from edgequant.backends.onnx.lora import BRANCH_PARTS
 
-        count = quantize_per_token_int8(fp32_model, target, BRANCH_PARTS if lora else ())
-        info["post_quantization"] = f"int8 weights per channel, int8 activations per token, {count} MatMuls"
+        count = quantize_per_token_int8(fp32_model, target, BRANCH_PARTS if lora else (), unsigned_weights=opt.weights == "u8")
+        info["post_quantization"] = (f"int8 weights per channel ({opt.weights} codes), int8 activations per token, "
+                                     f"{count} MatMuls")
     else:
         calib = onnx_tools.Calibration(samples=opt.samples, tokens=opt.calib_tokens)
         windows = calibration_windows(scratch, calib.samples, calib.tokens + calib.decode_steps,

@@ -41,7 +41,7 @@ def convert_encoder(source, spec, opt, out_dir: Path) -> dict:
         to_float16(fp32, target)
         info["post_processing"] = "onnxruntime float16 conversion, inputs and output kept in their types"
     elif spec.precision == "int8":
-        quantize_dynamic_int8(fp32, target)
+        quantize_dynamic_int8(fp32, target, unsigned=opt.weights == "u8")
         info["post_quantization"] = "onnxruntime quantize_dynamic: int8 weights per channel, activations per tensor at run time"
         info["limitations"] = ["activations are scaled per tensor over the whole batch, padding included, so a text's "
                                "embedding depends on the batch it runs in (all-MiniLM-L6-v2: cosine 0.991 between a text "
@@ -66,11 +66,13 @@ def to_float16(fp32: Path, target: Path) -> None:
         onnx.save(convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(target))
 
 
-def quantize_dynamic_int8(fp32: Path, target: Path) -> None:
+def quantize_dynamic_int8(fp32: Path, target: Path, unsigned: bool = False) -> None:
+    """onnxruntime's dynamic int8: weights per channel, int8 codes or (`unsigned`) uint8 ones."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with engine_warnings_hidden():
-        quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
+                         per_channel=True)
 
 
 def _quantize_static(fp32: Path, target: Path, feeds: list[dict], keep_float: str) -> int:

@@ -37,7 +37,7 @@ def convert_vision(source, spec, opt, out_dir: Path) -> dict:
         to_float16(fp32, target)
         info["post_processing"] = "onnxruntime float16 conversion, input and output kept float32"
     elif spec.precision == "int8":
-        quantize_dynamic_int8(fp32, target)
+        quantize_dynamic_int8(fp32, target, unsigned=opt.weights == "u8")
         info["post_quantization"] = "onnxruntime quantize_dynamic: int8 weights per channel, activations per tensor at run time"
         info["limitations"] = ["dynamic quantization of a convolutional network loses most of its agreement with the "
                                "float model (EfficientNet-Lite0: top-1 0.45, KLD 0.59); int8-static keeps it (0.88, 0.013)"]
