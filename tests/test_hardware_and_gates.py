@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from edgequant.decisions.gates import DEFAULT_GATES, check, derived_metrics, parse_gate, parse_gates, passes, source_check
-from edgequant.decisions.hardware import Machine, closest, detect, get_profile, profiles
+from edgequant.decisions.hardware import Machine, closest, detect, get_profile, int8_dot_product, profiles
 from edgequant.errors import EdgequantError
 from edgequant.registry import format_names, parse_spec
 
@@ -56,6 +56,10 @@ def test_this_machine_is_detected_and_matched():
     assert profile.name in profiles()
     done = subprocess.run([sys.executable, "-m", "edgequant", "hardware", "--json"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and json.loads(done.stdout)["profile"] == profile.name
+    assert json.loads(done.stdout)["int8_dot_product"] == int8_dot_product(set(found.isa))
+    text = subprocess.run([sys.executable, "-m", "edgequant", "hardware"], capture_output=True, text=True, timeout=60).stdout
+    if int8_dot_product(set(found.isa)) not in (None, "vnni"):
+        assert "?weights=u8" in text  # an x86 CPU without VNNI is told which int8 artifact to build
 
 
 def test_an_unknown_profile_lists_the_known_ones():

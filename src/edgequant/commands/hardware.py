@@ -13,7 +13,7 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from edgequant.decisions.hardware import closest, detect, profiles
+    from edgequant.decisions.hardware import closest, detect, int8_dot_product, profiles
     from edgequant.reporting.report_text import format_hardware, format_profiles
 
     if args.profiles:
@@ -22,6 +22,7 @@ def run(args) -> int:
         return 0
     machine = detect()
     profile, verdicts = closest(machine)
-    found = {"machine": machine.to_json(), "profile": profile.name, "verdicts": verdicts}
+    found = {"machine": machine.to_json(), "profile": profile.name, "verdicts": verdicts,
+             "int8_dot_product": int8_dot_product(set(machine.isa))}
     print(json.dumps(found, indent=2) if args.json else format_hardware(found, vars(profile)))
     return 0

@@ -80,6 +80,9 @@ def format_hardware(found: dict, profile: dict) -> str:
         f"cpu             {m['cpu_vendor']} {m['cpu_model']}, {m['cores']} cores",
         f"memory          {m['ram_gb']} GB",
         f"isa             {' '.join(m['isa']) or 'none of note'}",
+        *([f"int8 kernels    {found['int8_dot_product']}"
+           + ("; build onnx:int8 with ?weights=u8 for it" if found["int8_dot_product"] != "vnni" else "")]
+          if found.get("int8_dot_product") else []),
         f"accelerators    {devices}",
         "",
         f"closest profile {found['profile']}: {profile['title']}",
