@@ -7,7 +7,7 @@ all of them instead of once per request.
 
 A base shared by several `?lora=separate` artifacts decodes each request with its own adapter.
 llama.cpp applies one adapter set per context, so a step decodes one batch per adapter among the
-active sequences (llama-server does the same): one call when they all use the same one.
+active sequences: one call when they all use the same one.
 """
 
 from __future__ import annotations
