@@ -42,6 +42,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+from edgequant.backends._shared.adapter_switch import AdapterSwitch
 from edgequant.runner import GenerateParams
 
 
@@ -71,7 +72,7 @@ class MLXBatchDecoder:
             raise ValueError(f"a batch decoder needs n_seq >= 1, not {n_seq}")
         self.n_seq, self.n_ctx = n_seq, n_ctx
         self._stop = set(stop_tokens)
-        self._solo, self._adapter, self._adapter_name = solo, adapter, None
+        self._solo, self._adapter = solo, AdapterSwitch(adapter)
         self._generator = _generate_module().BatchGenerator(
             _PlainCacheModel(model), stop_tokens=self._stop, completion_batch_size=n_seq, prefill_batch_size=1)
         self._uids: dict[int, int] = {}  # seq_id -> the generator's uid
@@ -81,11 +82,7 @@ class MLXBatchDecoder:
 
     def start(self, seq_id: int, prompt_ids: Sequence[int], params: GenerateParams) -> None:
         self.finish(seq_id)  # a slot reused before it was finished starts clean
-        if params.adapter != self._adapter_name:
-            if self._uids or self._solos:
-                raise ValueError(f"adapter {params.adapter!r} requested while sequences of {self._adapter_name!r} run")
-            self._adapter(params.adapter)
-            self._adapter_name = params.adapter
+        self._adapter.select(params.adapter, running=bool(self._uids or self._solos))
         if params.temperature > 0:
             self._solos[seq_id] = _Solo(self._solo(list(prompt_ids), params))
             return

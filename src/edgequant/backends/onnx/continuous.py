@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from edgequant.backends._shared.adapter_switch import AdapterSwitch
 from edgequant.backends._shared.sampling import sample_token
 from edgequant.runner import GenerateParams
 
@@ -107,7 +108,8 @@ class ContinuousDecoder:
         self.n_seq, self.n_ctx = n_seq, min(n_ctx, n_seq * seq_ctx)
         self._session, self._graph = session, _Graph.of(session)
         self._seq_ctx, self._end_token = seq_ctx, end_token
-        self._adapter, self._adapter_name, self._constants = adapter, None, adapter(None)
+        self._constants = adapter(None)
+        self._adapter = AdapterSwitch(lambda name: self._bind_constants(adapter(name)))
         self._capacity = 0
         self._buffers: dict[str, np.ndarray] = {}
         self._bindings: dict[tuple[int, int], object] = {}  # by row range, over the current buffers
@@ -118,10 +120,7 @@ class ContinuousDecoder:
     # -- the contract ------------------------------------------------------------------------
 
     def start(self, seq_id: int, prompt_ids: Sequence[int], params: GenerateParams) -> None:
-        if params.adapter != self._adapter_name:
-            if self._rows or self._waiting:
-                raise ValueError(f"adapter {params.adapter!r} requested while sequences of {self._adapter_name!r} run")
-            self._adapter_name, self._constants, self._bindings = params.adapter, self._adapter(params.adapter), {}
+        self._adapter.select(params.adapter, running=bool(self._rows or self._waiting))
         self._waiting.append(_Sequence(seq_id, params, np.random.default_rng(params.seed), list(prompt_ids)))
 
     def step(self) -> dict[int, int]:
@@ -139,6 +138,10 @@ class ContinuousDecoder:
             if seq.seq_id == seq_id:
                 self._free_row(row)
                 return
+
+    def _bind_constants(self, constants: dict) -> None:
+        """Inputs bound unchanged on every call from now on; the bindings holding the old ones go."""
+        self._constants, self._bindings = constants, {}
 
     def close(self) -> None:
         self._rows, self._waiting, self._decoding = [], [], 0

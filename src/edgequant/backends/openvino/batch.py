@@ -58,11 +58,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from edgequant.backends._shared.adapter_switch import AdapterSwitch
 from edgequant.errors import EdgequantError
 from edgequant.runner import GenerateParams
 
 KV_BLOCK_TOKENS = 32  # the CPU plugin's paged-attention block (measured from the pipeline's cache usage)
 TOKENS_PER_STEP = 256  # prompt tokens one step may take (split-fuse chunks a longer prompt)
+
+
+def _adapters_of(adapters, name: str | None):
+    """The AdapterConfig a request names; a pipeline built without adapters has none to switch to."""
+    if adapters is None:
+        raise ValueError(f"adapter {name!r} requested from a pipeline built without adapters")
+    return adapters.of(name)
 
 
 @dataclass
@@ -86,7 +94,7 @@ class OpenVINOBatchDecoder:
         self._eos_id, self._generation_config = eos_id, generation_config
         self._pipeline = _pipeline(folder, scheduler_config(n_seq, n_ctx),
                                    {**properties, "adapters": adapters.every} if adapters else properties)
-        self._adapters, self._adapter_name = adapters, None
+        self._adapter = AdapterSwitch(lambda name: self._apply_adapters(_adapters_of(adapters, name)))
         if adapters:
             self._apply_adapters(adapters.of(None))
         self._requests: dict[int, _Request] = {}
@@ -97,11 +105,7 @@ class OpenVINOBatchDecoder:
         import openvino as ov
 
         self.finish(seq_id)  # a slot reused before it was finished starts clean
-        if params.adapter != self._adapter_name:
-            if self._requests or self._adapters is None:
-                raise ValueError(f"adapter {params.adapter!r} requested while sequences of {self._adapter_name!r} run")
-            self._apply_adapters(self._adapters.of(params.adapter))
-            self._adapter_name = params.adapter
+        self._adapter.select(params.adapter, running=bool(self._requests))
         ids = ov.Tensor(np.asarray([list(prompt_ids)], dtype=np.int64))
         handle = self._pipeline.add_request(next(self._ids), ids, self._generation_config(params, params.max_tokens))
         self._requests[seq_id] = _Request(handle)
