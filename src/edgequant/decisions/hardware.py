@@ -36,8 +36,9 @@ def int8_dot_product(flags: set[str]) -> str | None:
     """How an x86 CPU multiplies int8 (None off x86): with VNNI the u8 x s8 products are summed
     exactly in 32 bits; without it, onnxruntime's u8s8 kernels (and OpenVINO's) sum pairs of products
     in 16 bits first, which saturates on large activations and weights. On a 2-core AMD EPYC without
-    VNNI the default model's onnx:int8 lost 6.5% perplexity (under 3% on the machines the tests ran
-    on before); the same graph with uint8 weights (u8u8, no pairing) lost 1.8% (2026-12-05)."""
+    VNNI the default model's onnx:int8 lost 6.4% perplexity (under 3% on the machines the tests ran
+    on before); with uint8 weights (`?weights=u8`, u8 x u8 kernels, no pairing) 3.5% (2026-12-05,
+    4 windows of 512)."""
     if "avx2" not in flags:
         return None
     return "vnni" if {"avx512_vnni", "avx_vnni"} & flags else NO_VNNI

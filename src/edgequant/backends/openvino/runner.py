@@ -33,8 +33,7 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
 
         self.name, self.n_ctx = name, n_ctx
         self._folder, self._threads = folder, threads
-        self._adapter_paths = {None: adapter, **(adapters or {})}
-        self._adapter_path = adapter  # the scorer's
+        self._adapter_paths = {None: adapter, **(adapters or {})}  # None: the artifact's own, the scorer's
         self._adapters = None  # GenAIAdapters, made at first use where any path is given
         self._properties = {"INFERENCE_NUM_THREADS": threads}
         self._properties.update(runtime or {})  # what the spec sets; the rest stays the plugin's default
@@ -119,11 +118,11 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
     def _logits_request(self):
         if self._request is None:
             model = str(self._folder / "openvino_model.xml")
-            if self._adapter_path is not None:
+            if self._adapter_paths[None] is not None:
                 from edgequant.backends.openvino.lora import add_branches, read_adapter
 
                 model = self._core.read_model(model)
-                add_branches(model, read_adapter(self._adapter_path))
+                add_branches(model, read_adapter(self._adapter_paths[None]))
             self._request = self._core.compile_model(model, "CPU", self._properties).create_infer_request()
         return self._request
 
