@@ -207,6 +207,10 @@ class OpenVINODirect:
                                                          {"INFERENCE_NUM_THREADS": threads})
 
     def level(self, clients: int, per_client: int, max_tokens: int) -> dict:
+        return _timed_rounds(clients, per_client, lambda indices: self.run_round(indices, max_tokens))
+
+    def run_round(self, indices: list[int], max_tokens: int) -> int:
+        """The prompts `indices` in one `generate` call; the tokens generated."""
         import numpy as np
         import openvino as ov
 
@@ -214,12 +218,8 @@ class OpenVINODirect:
         from edgequant.runner import GenerateParams
 
         config = generation_config(GenerateParams(max_tokens=max_tokens), max_tokens)
-
-        def run_round(indices: list[int]) -> int:
-            batch = [ov.Tensor(np.asarray([self.prompt_ids[i]], dtype=np.int64)) for i in indices]
-            return sum(len(r.m_generation_ids[0]) for r in self.pipeline.generate(batch, [config] * len(indices)))
-
-        return _timed_rounds(clients, per_client, run_round)
+        batch = [ov.Tensor(np.asarray([self.prompt_ids[i]], dtype=np.int64)) for i in indices]
+        return sum(len(r.m_generation_ids[0]) for r in self.pipeline.generate(batch, [config] * len(indices)))
 
     def close(self) -> None:
         self.pipeline = None
@@ -238,11 +238,13 @@ class GenaiDirect:
         self.pad = json.loads((artifact.path / "genai_config.json").read_text())["model"].get("pad_token_id", 0)
 
     def level(self, clients: int, per_client: int, max_tokens: int) -> dict:
-        return _timed_rounds(clients, per_client, lambda indices: self._generate([self.prompt_ids[i] for i in indices], max_tokens))
+        return _timed_rounds(clients, per_client, lambda indices: self.run_round(indices, max_tokens))
 
-    def _generate(self, rows: list[list[int]], max_tokens: int) -> int:
+    def run_round(self, indices: list[int], max_tokens: int) -> int:
+        """The prompts `indices` in one generator; the tokens generated."""
         import numpy as np
 
+        rows = [self.prompt_ids[i] for i in indices]
         width = max(len(r) for r in rows)
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(batch_size=len(rows), max_length=width + max_tokens, do_sample=False)
@@ -328,9 +330,11 @@ def bench_format(fmt: str, threads: int, max_tokens: int, rounds: int) -> dict:
                 # always right after the other's heaviest level
                 order = ("server", "reference") if round_ % 2 == 0 else ("reference", "server")
                 for side in order:
+                    cpu = time.process_time()  # this process's: an in-process reference's threads spinning on
                     settled_s = settle()
                     run = _loaded(lambda: sides[side].level(clients, per_client, max_tokens))
-                    runs[clients, side].append({**run, "settled_s": settled_s, "ran_first": side == order[0]})
+                    runs[clients, side].append({**run, "settled_s": settled_s, "ran_first": side == order[0],
+                                                "cpu_s_this_process_while_settling": round(time.process_time() - cpu, 3)})
     finally:
         ours.close()
         if reference is not None:
