@@ -23,10 +23,11 @@ within-round ratios (load that comes and goes falls on both sides alike) with th
 over the rounds and a bootstrap 95% interval of the median.
 
 Before each side's level the bench waits for the CPU to go quiet (`settle`). onnxruntime's and
-OpenVINO's worker threads keep spinning for about 50 ms after a call returns: measured here, a
-genai reference level left its process burning 40-50 ms of CPU after it ended. Run back to back,
-whichever side came second shared the 2 cores with the first side's spinning threads; at 1 client
-that alone moved the ONNX ratio from 0.91 to 0.95 (20 rounds each way, 2026-12-05).
+OpenVINO's worker threads keep spinning for about 50 ms after a call returns (a genai reference
+level left its process burning 40-50 ms of CPU after it ended; each level records this process's
+CPU while settling): run back to back, whichever side came second shared the 2 cores with the
+first side's spinning threads. How much that moved the 1-client ratio is within the spread of
+rounds: 0.91 back to back and 0.95 settled in one 20-round comparison, 0.91 settled in another.
 
 Writes bench/results/serve.json: per format and level, both sides' rounds, the ratios the issue
 asks for (>= 1.5x at 4 clients over 1; >= 0.95x the reference at 1 client), date, load, settings.

@@ -1,15 +1,21 @@
-"""Where the server's 1-client gap goes: the same 6 streamed greedy requests (bench/serve.py's
-prompts, max_tokens 64) served five ways, paired per round, as a ratio to the engine driven alone.
+"""Where the server's 1-client gap goes: the same 6 greedy requests (bench/serve.py's prompts,
+max_tokens 64), one after another, served six ways, as a ratio to the engine driven in this process.
 
 - reference: the engine in this process (bench/serve.py's reference for the format);
-- decoder: the format's batch decoder alone in this process, one request at a time (ONNX, OpenVINO);
-- worker: the server's ModelWorker in this process, with an asyncio consumer, no HTTP;
-- http_raw: `edgequant serve`, bench/serve.py's raw-bytes client;
-- http_httpx: the same server, read with httpx parsing every event as it arrives (the earlier client).
+- reference_own_process: the same engine in a child process, a request per line over a pipe
+  (does a process of its own, as the server has, cost anything?);
+- worker_batched / worker_serial: the server's ModelWorker in this process with an asyncio
+  consumer, no HTTP: with the format's batch decoder (`--batch 8`), or the runner's own
+  `generate` one request at a time (`--batch 1`);
+- server_batched / server_serial: `edgequant serve --batch 8` / `--batch 1`, read by
+  bench/serve.py's raw-bytes streaming client.
 
-CPU seconds per side: this process (reference, decoder, worker, and the clients) and the server's.
+Every round runs each side once, in an order that rotates by round (and reverses every other
+round), after waiting for the CPU to go quiet (bench/serve.py's `settle`): the engines' threads
+spin for about 50 ms after a call, and a fixed order put that on the same side every round.
+Ratios are medians of within-round ratios, with min, max and a bootstrap 95% interval.
 
-    python bench/serve_gap.py --format onnx --rounds 5    # writes bench/results/serve_gap.json (merged by format)
+    python bench/serve_gap.py --format onnx --rounds 18   # writes bench/results/serve_gap.json (merged by format)
 """
 
 from __future__ import annotations
@@ -19,136 +25,145 @@ import asyncio
 import datetime
 import json
 import os
-import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
-
-import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import serve as bench_serve  # noqa: E402
 
-PER_LEVEL, MAX_TOKENS = 6, 64
+MAX_TOKENS = 64
+LEVEL = [0, 1, 2, 3, 0, 1]  # prompt indices: bench/serve.py's 1-client level
+SIDES = ("reference", "reference_own_process", "worker_batched", "worker_serial", "server_batched", "server_serial")
 
 
-def httpx_request(base: str, model: str, prompt: str) -> int:
-    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
-    usage = None
-    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=300) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: {"):
-                usage = json.loads(line[6:]).get("usage") or usage
-    return usage["completion_tokens"]
+def reference(fmt: str, threads: int):
+    import edgequant
+
+    artifact = edgequant.convert(None, bench_serve.SPECS[fmt])
+    return artifact, bench_serve.reference_for(fmt, artifact, threads)
+
+
+def child(fmt: str, threads: int) -> None:
+    """The reference in its own process: a JSON list of prompt indices per line in, tokens out."""
+    _, engine = reference(fmt, threads)
+    engine.run_round([0], 8)  # warm-up
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(engine.run_round(json.loads(line), MAX_TOKENS), flush=True)
 
 
 class Sides:
     def __init__(self, fmt: str, threads: int):
-        import edgequant
         from edgequant.registry import open_runner
         from edgequant.serving.metrics import Metrics
         from edgequant.serving.scheduling import ModelWorker
 
-        artifact = edgequant.convert(None, bench_serve.SPECS[fmt])
-        self.reference = bench_serve.reference_for(fmt, artifact, threads)
+        artifact, self.reference = reference(fmt, threads)
+        self.reference.run_round([0], 8)
+        self.child = subprocess.Popen([sys.executable, __file__, "--child", fmt, "--threads", str(threads)], text=True,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        if self.child.stdout.readline().strip() != "ready":
+            raise RuntimeError("the reference's child process did not start")
+        self.servers = {name: self._server(artifact, threads, batch) for name, batch in (("server_batched", 8), ("server_serial", 1))}
+        self.workers = {}
+        for name, batch in (("worker_batched", 8), ("worker_serial", 1)):
+            runner = open_runner(artifact.path, n_ctx=bench_serve.CTX, need_logits=False, threads=threads)
+            self.workers[name] = ModelWorker(name, runner, 16, Metrics(), batch=batch)
+        self.ids = [self.workers["worker_batched"].runner.prompt_ids(p) for p in bench_serve.PROMPTS]
+
+    @staticmethod
+    def _server(artifact, threads: int, batch: int):
         port = bench_serve.free_port()
-        self.server = bench_serve.HttpSide([sys.executable, "-m", "edgequant", "serve", str(artifact.path), "--port", str(port),
-                                            "--ctx", str(bench_serve.CTX), "--threads", str(threads), "--batch",
-                                            str(bench_serve.BATCH), "--max-tokens-cap", str(MAX_TOKENS)], port)
-        self.runner = open_runner(artifact.path, n_ctx=bench_serve.CTX, need_logits=False, threads=threads)
-        self.ids = [self.runner.prompt_ids(p) for p in bench_serve.PROMPTS]
-        self.decoder = self.runner.batch_decoder(bench_serve.BATCH, bench_serve.BATCH * bench_serve.CTX)
-        self.worker = ModelWorker("gap", self.runner, 16, Metrics(), batch=bench_serve.BATCH)
+        return bench_serve.HttpSide([sys.executable, "-m", "edgequant", "serve", str(artifact.path), "--port", str(port),
+                                     "--ctx", str(bench_serve.CTX), "--threads", str(threads), "--batch", str(batch),
+                                     "--max-tokens-cap", str(MAX_TOKENS)], port)
 
     def run(self, side: str) -> int:
-        """Tokens generated by one level of PER_LEVEL requests, one after another."""
-        prompts = [bench_serve.PROMPTS[i % len(bench_serve.PROMPTS)] for i in range(PER_LEVEL)]
+        """Tokens generated by the level's requests, one after another."""
         if side == "reference":
-            return self.reference.level(1, PER_LEVEL, MAX_TOKENS)["generated_tokens"]
-        if side == "decoder":
-            return sum(self._decode_alone(self.ids[i % len(self.ids)]) for i in range(PER_LEVEL))
-        if side == "worker":
-            return asyncio.run(self._through_worker())
-        if side == "http_raw":
-            return sum(bench_serve.streamed_request(self.server.base, self.server.model, p, MAX_TOKENS)["tokens"] for p in prompts)
-        return sum(httpx_request(self.server.base, self.server.model, p) for p in prompts)
+            return sum(self.reference.run_round([i], MAX_TOKENS) for i in LEVEL)
+        if side == "reference_own_process":
+            return sum(self._ask_child(i) for i in LEVEL)
+        if side in self.workers:
+            return asyncio.run(self._through_worker(self.workers[side]))
+        server = self.servers[side]
+        return sum(bench_serve.streamed_request(server.base, server.model, bench_serve.PROMPTS[i], MAX_TOKENS)["tokens"]
+                   for i in LEVEL)
 
-    def _decode_alone(self, ids: list[int]) -> int:
-        from edgequant.runner import GenerateParams
+    def _ask_child(self, index: int) -> int:
+        self.child.stdin.write(json.dumps([index]) + "\n")
+        self.child.stdin.flush()
+        return int(self.child.stdout.readline())
 
-        self.decoder.start(0, ids, GenerateParams(max_tokens=MAX_TOKENS, temperature=0.0))
-        tokens = 0
-        while True:
-            sampled = self.decoder.step()
-            if 0 in sampled:
-                tokens += 1
-                if self.runner.is_eos(sampled[0]) or tokens >= MAX_TOKENS:
-                    break
-        self.decoder.finish(0)
-        return tokens
-
-    async def _through_worker(self) -> int:
+    async def _through_worker(self, worker) -> int:
         from edgequant.runner import GenerateParams
         from edgequant.serving.scheduling import Job
 
         loop, tokens = asyncio.get_running_loop(), 0
-        for i in range(PER_LEVEL):
-            job = Job(self.ids[i % len(self.ids)], GenerateParams(max_tokens=MAX_TOKENS, temperature=0.0), [], loop, asyncio.Queue())
-            self.worker.submit(job)
+        for i in LEVEL:
+            job = Job(self.ids[i], GenerateParams(max_tokens=MAX_TOKENS, temperature=0.0), [], loop, asyncio.Queue())
+            worker.submit(job)
             while not (delta := await job.out.get()).finish_reason:
                 pass
             tokens += delta.completion_tokens
         return tokens
 
     def close(self) -> None:
-        self.worker.stop()
-        self.decoder.close()
-        self.server.close()
+        for worker in self.workers.values():
+            worker.stop()
+        for server in self.servers.values():
+            server.close()
+        self.child.kill()
         self.reference.close()
+
+
+def rotated(round_: int) -> list[str]:
+    order = list(SIDES[round_ % len(SIDES):] + SIDES[:round_ % len(SIDES)])
+    return order[::-1] if round_ % 2 else order
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", default="onnx", choices=("onnx", "openvino"))
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=18)
+    parser.add_argument("--threads", type=int, default=0, help="engine threads (default: edgequant's default)")
+    parser.add_argument("--child", choices=("onnx", "openvino"), help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=HERE / "results" / "serve_gap.json")
     args = parser.parse_args()
-
-    import psutil
 
     import edgequant
     from edgequant.measurement.evaluation import machine_info
     from edgequant.runner import default_threads
 
     os.environ.setdefault("EDGEQUANT_QUIET", "1")
-    sides = Sides(args.format, default_threads())
-    names = ("reference", "decoder", "worker", "http_raw", "http_httpx")
-    server, here = psutil.Process(sides.server.proc.pid), psutil.Process()
+    threads = args.threads or default_threads()
+    if args.child:
+        child(args.child, threads)
+        return 0
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    sides = Sides(args.format, threads)
     rounds = []
     try:
-        for name in names:  # warm-up
+        for name in SIDES:  # warm-up
             sides.run(name)
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             found = {}
-            for name in names:
-                cpu_here, cpu_server = sum(here.cpu_times()[:2]), sum(server.cpu_times()[:2])
-                load, started = os.getloadavg()[0], time.perf_counter()
+            for name in rotated(round_):
+                settled_s = bench_serve.settle()
+                began = time.perf_counter()
                 tokens = sides.run(name)
-                wall = time.perf_counter() - started
-                found[name] = {"tokens": tokens, "tokens_per_s": round(tokens / wall, 2), "load_avg_1m_before": round(load, 2),
-                               "cpu_s_this_process": round(sum(here.cpu_times()[:2]) - cpu_here, 3),
-                               "cpu_s_server": round(sum(server.cpu_times()[:2]) - cpu_server, 3)}
+                found[name] = {"tokens": tokens, "tokens_per_s": round(tokens / (time.perf_counter() - began), 2), "settled_s": settled_s}
             rounds.append(found)
-            print({n: found[n]["tokens_per_s"] for n in names}, flush=True)
+            print({n: found[n]["tokens_per_s"] for n in SIDES}, flush=True)
     finally:
         sides.close()
-    ratios = {n: [r[n]["tokens_per_s"] / r["reference"]["tokens_per_s"] for r in rounds] for n in names}
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "edgequant": edgequant.__version__,
-              "machine": machine_info(), "spec": bench_serve.SPECS[args.format], "requests_per_level": PER_LEVEL,
-              "max_tokens": MAX_TOKENS, "rounds": rounds,
-              "over_reference": {n: {"median": round(statistics.median(v), 3), "min": round(min(v), 3), "max": round(max(v), 3)}
-                                 for n, v in ratios.items()}}
+    tps = {n: [r[n]["tokens_per_s"] for r in rounds] for n in SIDES}
+    result = {"date": started, "edgequant": edgequant.__version__, "machine": machine_info(), "spec": bench_serve.SPECS[args.format],
+              "threads": threads, "level_prompts": LEVEL, "max_tokens": MAX_TOKENS, "rounds": rounds,
+              "over_reference": {n: bench_serve._paired(tps[n], tps["reference"]) for n in SIDES}}
     merged = json.loads(args.output.read_text()) if args.output.is_file() else {}
     merged[args.format] = result
     args.output.write_text(json.dumps(merged, indent=2))
