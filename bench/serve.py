@@ -342,7 +342,7 @@ def bench_format(fmt: str, threads: int, max_tokens: int, rounds: int) -> dict:
             reference.close()
     tps = {key: [r["tokens_per_s"] for r in rs] for key, rs in runs.items()}
     return {
-        "spec": SPECS[fmt], "artifact": str(artifact.path), "reference": REFERENCE_NAMES[fmt],
+        "spec": SPECS[fmt], "artifact": str(artifact.path), "reference": REFERENCE_NAMES[fmt], "rounds": rounds,
         "levels": {clients: {side: runs[clients, side] for side in ("server", "reference")} for clients in LEVELS},
         "ratios": {
             "server_4_over_1": _paired(tps[4, "server"], tps[1, "server"]),
