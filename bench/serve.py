@@ -165,6 +165,13 @@ def http_level(base: str, model: str, clients: int, per_client: int, max_tokens:
             "client_cpu_s": round(cpu, 3)}  # the load's own CPU time, taken from the 2 cores the server has
 
 
+def our_server(artifact, threads: int, batch: int, max_tokens: int) -> "HttpSide":
+    """`edgequant serve ARTIFACT` on a free port with the bench's context, threads, batch and token cap."""
+    port = free_port()
+    return HttpSide([sys.executable, "-m", "edgequant", "serve", str(artifact.path), "--port", str(port), "--ctx", str(CTX),
+                     "--threads", str(threads), "--batch", str(batch), "--max-tokens-cap", str(max_tokens)], port)
+
+
 class HttpSide:
     """A server under the streamed load: ours, or llama.cpp's own."""
 
@@ -316,9 +323,7 @@ def bench_format(fmt: str, threads: int, max_tokens: int, rounds: int) -> dict:
     import edgequant
 
     artifact = edgequant.convert(None, SPECS[fmt])
-    port = free_port()
-    ours = HttpSide([sys.executable, "-m", "edgequant", "serve", str(artifact.path), "--port", str(port), "--ctx", str(CTX),
-                     "--threads", str(threads), "--batch", str(BATCH), "--max-tokens-cap", str(max_tokens)], port)
+    ours = our_server(artifact, threads, BATCH, max_tokens)
     reference = None
     try:
         reference = reference_for(fmt, artifact, threads)

@@ -56,12 +56,13 @@ def random_adapter(out: Path, seed: int, rank: int = 8) -> Path:
     return out
 
 
-class Server:
+class Server(bench_serve.HttpSide):
+    """`edgequant serve NAME=FOLDER ...`, each served name warmed up."""
+
     def __init__(self, *models: str):
         port = bench_serve.free_port()
-        self.proc = bench_serve.start_server([sys.executable, "-m", "edgequant", "serve", *models, "--port", str(port),
-                                              "--batch", "4", "--ctx", "2048", "--max-tokens-cap", str(MAX_TOKENS)], port)
-        self.base = f"http://127.0.0.1:{port}"
+        super().__init__([sys.executable, "-m", "edgequant", "serve", *models, "--port", str(port),
+                          "--batch", "4", "--ctx", "2048", "--max-tokens-cap", str(MAX_TOKENS)], port)
         for name in [m.split("=")[0] for m in models]:
             bench_serve.streamed_request(self.base, name, bench_serve.PROMPTS[0], 8)  # warm-up, every adapter
 
@@ -82,10 +83,6 @@ class Server:
         with ThreadPoolExecutor(CLIENTS) as pool:
             tokens = sum(pool.map(client, range(CLIENTS)))
         return round(tokens / (time.perf_counter() - started), 2)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
 
 def main() -> int:
