@@ -1,4 +1,5 @@
-"""Start the real server in a child process on a free 127.0.0.1 port, and stop it; wait on its state."""
+"""Start the real server in a child process on a free 127.0.0.1 port, and stop it; wait on its state;
+drive a worker or a runner's batch decoder directly."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
 import httpx
+
+from edgequant.runner import GenerateParams
 
 
 def free_port() -> int:
@@ -122,3 +125,20 @@ def assert_batched_as_alone(batched, alone_worker, prompts: list[str], params: l
     assert [c.text for c in together] == [c.text for c in alone]
     assert all(c.text for c in together)
     assert max(c.first for c in together) < min(c.last for c in together), "the requests did not overlap: nothing was batched"
+
+
+def drive_decoder(decoder, starts: dict[int, tuple[list[int], GenerateParams, int]], steps: int = 10_000) -> dict[int, list[int]]:
+    """Drive `decoder`: start sequence s at step `starts[s][2]`, finish it once it has max_tokens."""
+    got: dict[int, list[int]] = {}
+    for step in range(steps):
+        for seq_id, (prompt, params, at) in starts.items():
+            if at == step:
+                decoder.start(seq_id, prompt, params)
+                got[seq_id] = []
+        for seq_id, token in decoder.step().items():
+            got[seq_id].append(token)
+            if len(got[seq_id]) == starts[seq_id][1].max_tokens:
+                decoder.finish(seq_id)
+        if len(got) == len(starts) and all(len(got[s]) == starts[s][1].max_tokens for s in starts):
+            return got
+    raise AssertionError(f"unfinished after {steps} steps: {got}")

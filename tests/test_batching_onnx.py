@@ -16,7 +16,7 @@ from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
 from edgequant.serving.metrics import Metrics
 from edgequant.serving.scheduling import Job, ModelWorker
-from serve_helpers import running_server, scrape, wait_until
+from serve_helpers import drive_decoder, running_server, scrape, wait_until
 
 pytest.importorskip("onnxruntime_genai", reason="its extra is not installed")
 pytest.importorskip("fastapi", reason="its extra is not installed")
@@ -71,23 +71,6 @@ def test_concurrent_greedy_requests_answer_as_alone_through_genai(artifact):
     assert _served(artifact, jobs, batch=4) == _served(artifact, jobs, batch=1)
 
 
-def _decode(decoder, starts: dict[int, tuple[list[int], GenerateParams, int]], steps: int = 10_000) -> dict[int, list[int]]:
-    """Drive `decoder`: start sequence s at step `starts[s][2]`, finish it once it has max_tokens."""
-    got: dict[int, list[int]] = {}
-    for step in range(steps):
-        for seq_id, (prompt, params, at) in starts.items():
-            if at == step:
-                decoder.start(seq_id, prompt, params)
-                got[seq_id] = []
-        for seq_id, token in decoder.step().items():
-            got[seq_id].append(token)
-            if len(got[seq_id]) == starts[seq_id][1].max_tokens:
-                decoder.finish(seq_id)
-        if len(got) == len(starts) and all(len(got[s]) == starts[s][1].max_tokens for s in starts):
-            return got
-    raise AssertionError(f"unfinished after {steps} steps: {got}")
-
-
 def test_sequences_join_and_leave_a_running_batch_and_answer_as_alone(artifact):
     """Sequences start while others decode and finish at different steps (their rows move to keep
     the batch contiguous); greedy and seeded-sampled tokens equal each sequence decoded alone."""
@@ -97,8 +80,8 @@ def test_sequences_join_and_leave_a_running_batch_and_answer_as_alone(artifact):
         plan = {0: (prompts[0], GenerateParams(max_tokens=30), 0), 1: (prompts[1], sampled, 0),
                 1_000: (prompts[2], GenerateParams(max_tokens=6), 3), 7: (prompts[3], sampled, 9)}
         decoder = runner.batch_decoder(4, 4 * CTX)
-        together = _decode(decoder, plan)
-        alone = {seq_id: _decode(decoder, {seq_id: (prompt, params, 0)})[seq_id] for seq_id, (prompt, params, _) in plan.items()}
+        together = drive_decoder(decoder, plan)
+        alone = {seq_id: drive_decoder(decoder, {seq_id: (prompt, params, 0)})[seq_id] for seq_id, (prompt, params, _) in plan.items()}
         decoder.close()
     assert together == alone
 
@@ -118,8 +101,8 @@ def test_a_long_prompt_prefills_a_chunk_per_step_while_others_decode(artifact, m
         assert all(0 in s for s in steps) and [1 in s for s in steps] == [False] * 7 + [True]
         decoder.close()
         together = [first[0]] + [s[0] for s in steps]
-        alone_short = _decode(decoder, {0: (short, GenerateParams(max_tokens=9), 0)})[0]
-        alone_long = _decode(decoder, {1: (long_prompt, GenerateParams(max_tokens=1), 0)})[1]
+        alone_short = drive_decoder(decoder, {0: (short, GenerateParams(max_tokens=9), 0)})[0]
+        alone_long = drive_decoder(decoder, {1: (long_prompt, GenerateParams(max_tokens=1), 0)})[1]
         decoder.close()
     assert together == alone_short and steps[-1][1] == alone_long[0]
 

@@ -106,7 +106,7 @@ class LlamaRunner(Runner):
         """A decoder that advances several sequences per llama.cpp call, sharing this model's weights."""
         from edgequant.backends.gguf.batch import BatchDecoder
 
-        return BatchDecoder(self._llm.model, n_seq=n_seq, n_ctx=n_ctx, threads=self._threads, adapter=self._adapter)
+        return BatchDecoder(self._llm.model, n_seq=n_seq, n_ctx=n_ctx, seq_ctx=self.n_ctx, threads=self._threads, adapter=self._adapter)
 
     def close(self) -> None:
         """Contexts first, then the adapter, then the model (the server closes its batch decoder before)."""
