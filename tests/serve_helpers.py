@@ -16,6 +16,11 @@ import httpx
 
 from edgequant.runner import GenerateParams
 
+# Prompts of different lengths (a word to a dozen), so sequences decoded together hold caches of
+# different lengths in one call.
+UNEVEN_PROMPTS = ["The history of", "Rivers flow into the sea because the water of every mountain", "A",
+                  "Once upon a time there was a small town where"]
+
 
 def free_port() -> int:
     with socket.socket() as sock:

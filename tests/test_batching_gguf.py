@@ -11,13 +11,12 @@ import pytest
 import edgequant
 from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
+from serve_helpers import UNEVEN_PROMPTS as PROMPTS
 from serve_helpers import drive_decoder
 
 pytest.importorskip("llama_cpp", reason="its extra is not installed")
 
 CTX = 256
-PROMPTS = ["The history of", "Rivers flow into the sea because the water of every mountain", "A",
-           "Once upon a time there was a small town where"]
 
 
 @pytest.fixture(scope="module")

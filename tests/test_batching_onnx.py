@@ -16,6 +16,7 @@ from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
 from edgequant.serving.metrics import Metrics
 from edgequant.serving.scheduling import Job, ModelWorker
+from serve_helpers import UNEVEN_PROMPTS as PROMPTS
 from serve_helpers import drive_decoder, running_server, scrape, wait_until
 
 pytest.importorskip("onnxruntime_genai", reason="its extra is not installed")
@@ -24,9 +25,6 @@ pytest.importorskip("uvicorn", reason="its extra is not installed")
 
 MODEL = "onnx-int8"
 CTX = 1024
-# Prompts of different lengths, so rows hold caches of different lengths in one call.
-PROMPTS = ["The history of", "Rivers flow into the sea because the water of every mountain", "A",
-           "Once upon a time there was a small town where"]
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,20 @@ last sampled token for the others) into one batch, so the weights are read once 
 all of them instead of once per request.
 
 Where each sequence's share of the cache holds a whole context (the server's default cache of
-batch x context tokens), every sequence gets a cache stream of its own (`kv_unified` off) and
-attention reads only its own cells. In one unified stream, each token attends over the cells of
-every running sequence, masked. llama.cpp computes several streams in one call only when the
-batch's sequence ids are consecutive and ascending, so the running sequences always hold streams
-0..k-1: a sequence that ends gives its stream to the last one (llama.cpp copies that stream's
-cache, tens of MB at most, once per ended request). Measured (llama-cpp-python 0.3.36, default
-model at gguf:q4_k_m, 2 cores, 2026-12-05): a step of 4 sequences took 21-23 ms in streams 0..3,
-27-29 ms in one unified stream, 35 ms in streams 0, 1, 3 for three and 50 ms in streams 0, 2, 4, 6.
-With a smaller cache (`--cache-tokens`) the stream is unified, so a long request may use the room
-the others leave.
+batch x context tokens), every sequence gets a cache stream of its own (`kv_unified` off):
+attention reads only its own cells, and its tokens equal its tokens decoded alone, bit for bit.
+With a smaller cache (`--cache-tokens`) one unified stream lets a long request use the room the
+others leave; then each token attends over every running sequence's cells (masked), in one
+product whose summation depends on the batch, so tokens agree with alone only up to rounding.
+
+llama.cpp runs several streams in one call fastest when the batch's sequence ids are consecutive
+and ascending, so the running sequences always hold streams 0..k-1: one that ends gives its
+stream to the last one (llama.cpp copies that stream's cache, tens of MB at most, once per ended
+request). Measured on the decoder alone (llama-cpp-python 0.3.36, default model at gguf:q4_k_m,
+2 cores, 2026-12-05), a step of 4 sequences took 21-23 ms in streams 0..3 and 27-29 ms in one
+unified stream; 3 sequences took 29 ms in streams 0..2 and 35 ms in streams 0, 1, 3; 4 in
+streams 0, 2, 4, 6 took 50 ms. Through the whole server the stream change was not
+distinguishable in tokens/s (4 clients: 0.96x [0.87, 1.08] of one unified stream, 8 rounds).
 
 A base shared by several `?lora=separate` artifacts decodes each request with its own adapter.
 llama.cpp applies one adapter set per context, so a step decodes one batch per adapter among the
@@ -120,7 +124,7 @@ class BatchDecoder:
         ll.llama_sampler_free(seq.sampler)
 
     def close(self) -> None:
-        for seq_id in list(self._seqs):
+        for seq_id in self._by_stream[::-1]:  # last stream first: no sequence moves
             self.finish(seq_id)
         if self._ctx:
             self._ll.llama_batch_free(self._batch)
