@@ -29,6 +29,13 @@ CPU while settling): run back to back, whichever side came second shared the 2 c
 first side's spinning threads. How much that moved the 1-client ratio is within the spread of
 rounds: 0.91 back to back and 0.95 settled in one 20-round comparison, 0.91 settled in another.
 
+Where a process's memory lands moves an engine's speed by several percent here (the same ONNX
+decoder in four sessions of one process: 1.02-1.08x genai's time per token; two runs of 15 rounds
+with fresh processes gave 0.91x and 0.97x at 1 client), and every round of one run shares one
+placement. `--pairs N` runs `--rounds` on each of N fresh pairs of sides (our server restarted,
+the reference built again); the ratios pool every round, and `by_pair` gives the two target
+ratios within each pair, so the spread between placements shows.
+
 Writes bench/results/serve.json: per format and level, both sides' rounds, the ratios the issue
 asks for (>= 1.5x at 4 clients over 1; >= 0.95x the reference at 1 client), date, load, settings.
 """
@@ -319,18 +326,48 @@ REFERENCE_NAMES = {"gguf": "llama_cpp.server", "openvino": "ContinuousBatchingPi
 
 # -- one format ------------------------------------------------------------------------------------
 
-def bench_format(fmt: str, threads: int, max_tokens: int, rounds: int) -> dict:
+def bench_format(fmt: str, threads: int, max_tokens: int, rounds: int, pairs: int = 1) -> dict:
+    """`rounds` rounds on each of `pairs` fresh pairs of sides (our server restarted, the reference
+    built again): where a process's memory lands moves its speed by several percent, and all the
+    rounds of one pair share that placement."""
     import edgequant
 
     artifact = edgequant.convert(None, SPECS[fmt])
+    runs = {(c, side): [] for c in LEVELS for side in ("server", "reference")}
+    for pair in range(pairs):
+        _run_pair(fmt, artifact, threads, max_tokens, range(pair * rounds, (pair + 1) * rounds), runs)
+    tps = {key: [r["tokens_per_s"] for r in rs] for key, rs in runs.items()}
+    by_pair = [slice(pair * rounds, (pair + 1) * rounds) for pair in range(pairs)]
+    return {
+        "spec": SPECS[fmt], "artifact": str(artifact.path), "reference": REFERENCE_NAMES[fmt],
+        "rounds": rounds * pairs, "pairs": pairs,
+        "levels": {clients: {side: runs[clients, side] for side in ("server", "reference")} for clients in LEVELS},
+        "ratios": {
+            "server_4_over_1": _paired(tps[4, "server"], tps[1, "server"]),
+            "server_8_over_1": _paired(tps[8, "server"], tps[1, "server"]),
+            "server_over_reference_at_1": _paired(tps[1, "server"], tps[1, "reference"]),
+            "server_over_reference_at_4": _paired(tps[4, "server"], tps[4, "reference"]),
+            "server_over_reference_at_8": _paired(tps[8, "server"], tps[8, "reference"]),
+            "reference_4_over_1": _paired(tps[4, "reference"], tps[1, "reference"]),
+        },
+        "by_pair": {  # the two target ratios within each pair of processes alone
+            "server_4_over_1": [_paired(tps[4, "server"][p], tps[1, "server"][p]) for p in by_pair],
+            "server_over_reference_at_1": [_paired(tps[1, "server"][p], tps[1, "reference"][p]) for p in by_pair],
+        },
+        "failed_requests": sum(r.get("failed", 0) for rs in runs.values() for r in rs),
+    }
+
+
+def _run_pair(fmt: str, artifact, threads: int, max_tokens: int, round_numbers: range, runs: dict) -> None:
+    """Start our server and the reference, run the rounds `round_numbers` on both, stop them;
+    appends each level's run to `runs[clients, side]`."""
     ours = our_server(artifact, threads, BATCH, max_tokens)
     reference = None
     try:
         reference = reference_for(fmt, artifact, threads)
         reference.level(1, 1, 8)  # warm-up
-        runs = {(c, side): [] for c in LEVELS for side in ("server", "reference")}
         sides = {"server": ours, "reference": reference}
-        for round_ in range(rounds):
+        for round_ in round_numbers:
             for clients, per_client in LEVELS.items():
                 # back to back, the order alternating by round: neither side always runs first, or
                 # always right after the other's heaviest level
@@ -345,20 +382,6 @@ def bench_format(fmt: str, threads: int, max_tokens: int, rounds: int) -> dict:
         ours.close()
         if reference is not None:
             reference.close()
-    tps = {key: [r["tokens_per_s"] for r in rs] for key, rs in runs.items()}
-    return {
-        "spec": SPECS[fmt], "artifact": str(artifact.path), "reference": REFERENCE_NAMES[fmt], "rounds": rounds,
-        "levels": {clients: {side: runs[clients, side] for side in ("server", "reference")} for clients in LEVELS},
-        "ratios": {
-            "server_4_over_1": _paired(tps[4, "server"], tps[1, "server"]),
-            "server_8_over_1": _paired(tps[8, "server"], tps[1, "server"]),
-            "server_over_reference_at_1": _paired(tps[1, "server"], tps[1, "reference"]),
-            "server_over_reference_at_4": _paired(tps[4, "server"], tps[4, "reference"]),
-            "server_over_reference_at_8": _paired(tps[8, "server"], tps[8, "reference"]),
-            "reference_4_over_1": _paired(tps[4, "reference"], tps[1, "reference"]),
-        },
-        "failed_requests": sum(r.get("failed", 0) for rs in runs.values() for r in rs),
-    }
 
 
 def _paired(top: list[float], bottom: list[float]) -> dict:
@@ -407,7 +430,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default=",".join(SPECS), help="comma-separated formats (default: all five)")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10, help="rounds per pair of processes")
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="fresh pairs of sides (server restarted, reference rebuilt), each running --rounds")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "serve.json")
     parser.add_argument("--merge", action="store_true", help="replace only the formats run in an existing --output")
     args = parser.parse_args()
@@ -424,7 +449,7 @@ def main() -> int:
     for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
         formats[fmt] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "load_avg_before": [round(x, 2) for x in os.getloadavg()],
-                        **bench_format(fmt, threads, args.max_tokens, args.rounds)}
+                        **bench_format(fmt, threads, args.max_tokens, args.rounds, args.pairs)}
         print(fmt, json.dumps(formats[fmt]["ratios"]), flush=True)
     if args.merge and args.output.is_file():  # formats measured by an earlier run keep their own date and load
         earlier = json.loads(args.output.read_text())
@@ -432,7 +457,8 @@ def main() -> int:
     report = {
         "date": started, "edgequant": edgequant.__version__, "machine": machine_info(),
         "load_avg_before": load_before, "load_avg_after": [round(x, 2) for x in os.getloadavg()],
-        "settings": {"max_tokens": args.max_tokens, "greedy": True, "stream": True, "levels": LEVELS, "rounds": args.rounds,
+        "settings": {"max_tokens": args.max_tokens, "greedy": True, "stream": True, "levels": LEVELS,
+                     "rounds_per_pair": args.rounds, "pairs": args.pairs,
                      "server": f"edgequant serve --batch {BATCH} --ctx {CTX} --threads {threads}", "model": "default (SmolLM2-135M)"},
         "formats": formats,
     }
