@@ -18,8 +18,9 @@ stream to the last one (llama.cpp copies that stream's cache, tens of MB at most
 request). Measured on the decoder alone (llama-cpp-python 0.3.36, default model at gguf:q4_k_m,
 2 cores, 2026-12-05), a step of 4 sequences took 21-23 ms in streams 0..3 and 27-29 ms in one
 unified stream; 3 sequences took 29 ms in streams 0..2 and 35 ms in streams 0, 1, 3; 4 in
-streams 0, 2, 4, 6 took 50 ms. Through the whole server the stream change was not
-distinguishable in tokens/s (4 clients: 0.96x [0.87, 1.08] of one unified stream, 8 rounds).
+streams 0, 2, 4, 6 took 50 ms. Through the whole server the change was not distinguishable in
+tokens/s (4 clients, four paired runs of 8 rounds: 0.96x-0.99x of one unified stream, each
+interval holding 1x): it is kept for the exact answers.
 
 A base shared by several `?lora=separate` artifacts decodes each request with its own adapter.
 llama.cpp applies one adapter set per context, so a step decodes one batch per adapter among the
