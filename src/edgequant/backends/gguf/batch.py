@@ -3,7 +3,8 @@
 The server uses this for GGUF artifacts: each request owns a sequence id in a shared KV cache;
 every step puts the pending tokens of all active sequences (a whole prompt for a new one, the
 last sampled token for the others) into one batch, so the weights are read once per step for
-all of them instead of once per request.
+all of them instead of once per request. (With a stream per sequence, below, a prompt joining
+running sequences is decoded on its own first but for its last token: see `_prefill_joining`.)
 
 Where each sequence's share of the cache holds a whole context (the server's default cache of
 batch x context tokens), every sequence gets a cache stream of its own (`kv_unified` off):
@@ -64,6 +65,7 @@ class BatchDecoder:
             raise RuntimeError("llama.cpp could not create a batched context")
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._per_stream = not params.kv_unified
         self._seqs: dict[int, _Sequence] = {}  # by the worker's sequence id
         self._by_stream: list[int] = []  # the worker's sequence id in each running stream
         self._adapter = adapter
@@ -87,6 +89,8 @@ class BatchDecoder:
 
     def _decode(self, seq_ids: list[int]) -> dict[int, int]:
         """One llama_decode of these sequences' pending tokens; their sampled tokens."""
+        if self._per_stream and len(seq_ids) > 1:
+            self._prefill_joining(seq_ids)
         ll, batch, n, rows = self._ll, self._batch, 0, []
         for seq_id in seq_ids:
             seq = self._seqs[seq_id]
@@ -109,6 +113,28 @@ class BatchDecoder:
             self._seqs[seq_id].pending = [token]
             sampled[seq_id] = token
         return sampled
+
+    def _prefill_joining(self, seq_ids: list[int]) -> None:
+        """Decode the prompts of sequences joining running ones, all but their last token.
+
+        With a stream per sequence, llama.cpp splits a batch whose streams bring unequal token
+        counts into several ubatches. A prompt decoded on its own first leaves one token per
+        stream for the shared step: a join of a 10-token prompt beside 3 running sequences took
+        about 60 ms in one call and about 50 ms in two (default model, 2 cores, 2026-12-05)."""
+        joining = [self._seqs[i] for i in seq_ids if len(self._seqs[i].pending) > 1]
+        if not joining:
+            return
+        ll, batch, n = self._ll, self._batch, 0
+        for seq in joining:
+            for token in seq.pending[:-1]:
+                batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, seq.pos, 1, False
+                batch.seq_id[n][0] = seq.stream
+                seq.pos, n = seq.pos + 1, n + 1
+            seq.pending = seq.pending[-1:]
+        batch.n_tokens = n
+        rc = ll.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
 
     def finish(self, seq_id: int) -> None:
         seq = self._seqs.pop(seq_id, None)
