@@ -4,7 +4,7 @@ The server uses this for GGUF artifacts: each request owns a sequence id in a sh
 every step puts the pending tokens of all active sequences (a whole prompt for a new one, the
 last sampled token for the others) into one batch, so the weights are read once per step for
 all of them instead of once per request. (With a stream per sequence, below, a prompt joining
-running sequences is decoded on its own first but for its last token: see `_prefill_joining`.)
+running sequences is decoded on its own first but for its last token: see `_decode`.)
 
 Where each sequence's share of the cache holds a whole context (the server's default cache of
 batch x context tokens), every sequence gets a cache stream of its own (`kv_unified` off):
@@ -88,53 +88,47 @@ class BatchDecoder:
         return sampled
 
     def _decode(self, seq_ids: list[int]) -> dict[int, int]:
-        """One llama_decode of these sequences' pending tokens; their sampled tokens."""
-        if self._per_stream and len(seq_ids) > 1:
-            self._prefill_joining(seq_ids)
-        ll, batch, n, rows = self._ll, self._batch, 0, []
-        for seq_id in seq_ids:
-            seq = self._seqs[seq_id]
-            for j, token in enumerate(seq.pending):
-                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, seq.pos + j, 1
-                batch.seq_id[n][0] = seq.stream
-                batch.logits[n] = j == len(seq.pending) - 1  # logits only where we sample
-                n += 1
-            rows.append((seq_id, n - 1))
-            seq.pos += len(seq.pending)
-        batch.n_tokens = n
-        if n == 0:
+        """These sequences' pending tokens decoded (one llama_decode, or two when prompts join
+        running streams); their sampled tokens."""
+        seqs = [self._seqs[seq_id] for seq_id in seq_ids]
+        joining = [seq for seq in seqs if len(seq.pending) > 1]
+        if self._per_stream and joining and len(seqs) > 1:
+            # llama.cpp splits a batch whose streams bring unequal token counts into several
+            # ubatches; a prompt decoded on its own first leaves one token per stream for the
+            # shared call. A 10-token prompt joining 3 running sequences took about 60 ms in one
+            # call, about 50 ms in two (default model, 2 cores, 2026-12-05).
+            self._run(joining, sample=False)
+        rows = self._run(seqs, sample=True)
+        if not rows:
             return {}
-        rc = ll.llama_decode(self._ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc}")
         sampled = {}
-        for seq_id, row in rows:
-            token = ll.llama_sampler_sample(self._seqs[seq_id].sampler, self._ctx, row)
-            self._seqs[seq_id].pending = [token]
-            sampled[seq_id] = token
+        for seq_id, seq, row in zip(seq_ids, seqs, rows):
+            seq.pending = [self._ll.llama_sampler_sample(seq.sampler, self._ctx, row)]
+            sampled[seq_id] = seq.pending[0]
         return sampled
 
-    def _prefill_joining(self, seq_ids: list[int]) -> None:
-        """Decode the prompts of sequences joining running ones, all but their last token.
-
-        With a stream per sequence, llama.cpp splits a batch whose streams bring unequal token
-        counts into several ubatches. A prompt decoded on its own first leaves one token per
-        stream for the shared step: a join of a 10-token prompt beside 3 running sequences took
-        about 60 ms in one call and about 50 ms in two (default model, 2 cores, 2026-12-05)."""
-        joining = [self._seqs[i] for i in seq_ids if len(self._seqs[i].pending) > 1]
-        if not joining:
-            return
-        ll, batch, n = self._ll, self._batch, 0
-        for seq in joining:
-            for token in seq.pending[:-1]:
-                batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, seq.pos, 1, False
+    def _run(self, seqs: list[_Sequence], *, sample: bool) -> list[int]:
+        """One llama_decode of the sequences' pending tokens, with logits at each one's last token
+        (`sample`), or of all but their last token, without logits. The batch row of each
+        sequence's last token; none when there was nothing to decode."""
+        batch, n, rows = self._batch, 0, []
+        for seq in seqs:
+            tokens = seq.pending if sample else seq.pending[:-1]
+            for j, token in enumerate(tokens):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, seq.pos + j, 1
                 batch.seq_id[n][0] = seq.stream
-                seq.pos, n = seq.pos + 1, n + 1
-            seq.pending = seq.pending[-1:]
+                batch.logits[n] = sample and j == len(tokens) - 1
+                n += 1
+            rows.append(n - 1)
+            seq.pos += len(tokens)
+            seq.pending = seq.pending[len(tokens):]
         batch.n_tokens = n
-        rc = ll.llama_decode(self._ctx, batch)
+        if n == 0:
+            return []
+        rc = self._ll.llama_decode(self._ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc}")
+        return rows
 
     def finish(self, seq_id: int) -> None:
         seq = self._seqs.pop(seq_id, None)
