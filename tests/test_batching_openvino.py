@@ -17,6 +17,7 @@ from edgequant.runner import GenerateParams
 from edgequant.serving.metrics import Metrics
 from edgequant.serving.scheduling import ModelWorker
 from serve_helpers import assert_batched_as_alone, running_server, scrape, submit_all, wait_until
+from tiny_model import copy_that_never_ends
 
 pytest.importorskip("openvino_genai", reason="its extra is not installed")
 pytest.importorskip("fastapi", reason="its extra is not installed")
@@ -90,25 +91,29 @@ def test_finish_takes_a_running_request_out_of_the_pipeline(artifact):
 MODEL = "openvino-int8"
 IN_FLIGHT = f'edgequant_in_flight_requests{{model="{MODEL}"}}'
 CANCELLED = f'edgequant_cancelled_requests_total{{model="{MODEL}"}}'
+GENERATED = f'edgequant_generated_tokens_total{{model="{MODEL}"}}'
 
 
 @pytest.fixture(scope="module")
-def server(artifact):
-    # ctx 4096: a request long enough (thousands of tokens, an O(n) detokenization each) that a
-    # client hangs up while it is still running, even on this tiny fast model
-    with running_server(str(artifact.path), "--batch", "4", "--max-queue", "2", "--ctx", "4096",
+def server(tiny_model, tmp_path_factory):
+    # A model that never ends at EOS greedily, and ctx 4096: a request long enough (thousands of
+    # tokens, an O(n) detokenization each) that a client hangs up while it is still running, even
+    # on this tiny fast model and whatever CPU runs it.
+    endless = edgequant.convert(copy_that_never_ends(tiny_model, tmp_path_factory.mktemp("endless") / "model"), "openvino:int8")
+    with running_server(str(endless.path), "--batch", "4", "--max-queue", "2", "--ctx", "4096",
                         "--max-tokens-cap", "4000") as (base, _proc):
         assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == MODEL
         yield base
 
 
 def test_a_stream_cut_off_midway_frees_its_slot(server):
+    cancelled, generated = scrape(server, CANCELLED), scrape(server, GENERATED)
     body = {"model": MODEL, "prompt": "Write a very long story:", "max_tokens": 4000, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as response:
         for _ in zip(range(5), response.iter_lines()):
             pass  # a few events, then hang up
     wait_until(lambda: scrape(server, IN_FLIGHT) == 0, 60, "the worker to drop the disconnected request")
-    assert scrape(server, CANCELLED) == 1
+    assert scrape(server, CANCELLED) == cancelled + 1 and scrape(server, GENERATED) - generated < 4000  # stopped midway
     after = httpx.post(f"{server}/v1/completions", timeout=60,
                        json={"model": MODEL, "prompt": "Still there", "max_tokens": 8, "temperature": 0})
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 8

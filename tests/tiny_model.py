@@ -46,3 +46,24 @@ def write_random_llama(model_dir: Path, seed: int, intermediate_size: int = 512)
             if param.dim() == 2:
                 param.normal_(0.0, 0.08)
     model.save_pretrained(model_dir, safe_serialization=True)
+
+
+def copy_that_never_ends(model_dir: Path, out: Path) -> Path:
+    """A copy of the tiny Llama at `model_dir` whose greedy answers never end at EOS.
+
+    EOS's row of the LM head is zeroed, so its logit is always 0 while 511 random logits compete:
+    greedy decoding picks it only if every other logit is negative. Tests that must cut a request
+    off while it runs use this, since where the random model's answers end varies with the CPU's
+    kernels."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    eos = json.loads((out / "config.json").read_text())["eos_token_id"]
+    weights_file = out / "model.safetensors"
+    weights = load_file(weights_file)
+    weights["lm_head.weight"][eos] = 0
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    return out
