@@ -18,6 +18,10 @@ The reference, per format, run on the same prompt ids with the same settings and
 - mlx, qnn: the runner's own `generate` in this process, one request after another (neither
   engine offers a batched LLM loop of its own to compare with), so the ratio is the server's
   overhead at 1 client and its batching gain above that.
+For GGUF, whose reference server does not batch, a third side: llama.cpp's own continuous
+batching driven directly in this process (`LlamaBatchedDirect`: closed loop, no HTTP, scheduled as
+llama-server schedules its slots), so the server's 4-over-1 can be read against what the engine
+alone makes of the same load (`engine_batched_4_over_1`, `server_over_engine_batched_at_*`).
 The in-process references give no time to first token. Every round runs each level on our
 server and on the reference, back to back, the order alternating by round; ratios are medians of
 within-round ratios (load that comes and goes falls on both sides alike) with their min and max
@@ -76,6 +80,7 @@ PROMPTS = [
 LEVELS = {1: 4, 4: 4, 8: 4}
 SPECS = {"gguf": "gguf:q4_k_m", "onnx": "onnx:int4", "openvino": "openvino:int8", "mlx": "mlx:4bit", "qnn": "qnn:w4a16"}
 BATCH, CTX = 8, 2048
+SIDES = ("server", "reference", "engine_batched")  # engine_batched: GGUF only (see engine_batched_for)
 
 
 # -- the streamed HTTP load ------------------------------------------------------------------------
@@ -308,6 +313,76 @@ class RunnerDirect:
         self.runner.close()
 
 
+class LlamaBatchedDirect:
+    """llama.cpp's own continuous batching, in this process, closed loop: what the engine alone
+    makes of this load, so a server's 4-over-1 can be read against the engine's.
+
+    Scheduled as llama-server schedules its slots: one cache shared by every sequence
+    (`kv_unified`), each step one `llama_decode` holding each running sequence's last token and the
+    whole prompt of any that joined, greedy sampling; a client's next request joins at the step
+    after its last one ended. No HTTP, no text: only llama.cpp's calls.
+    """
+
+    def __init__(self, artifact, prompt_ids: list[list[int]], threads: int):
+        import llama_cpp as ll
+
+        self.ll, self.prompt_ids = ll, prompt_ids
+        self.model = ll.llama_model_load_from_file(str(artifact.model_path).encode(), ll.llama_model_default_params())
+        params = ll.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = BATCH * CTX, BATCH * CTX, 512
+        params.n_seq_max, params.kv_unified, params.no_perf = BATCH, True, True
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = ll.llama_init_from_model(self.model, params)
+        self.memory = ll.llama_get_memory(self.ctx)
+        self.batch = ll.llama_batch_init(BATCH * CTX, 0, 1)
+        self.sampler = ll.llama_sampler_init_greedy()
+        self.vocab = ll.llama_model_get_vocab(self.model)
+
+    def level(self, clients: int, per_client: int, max_tokens: int) -> dict:
+        """Client c (sequence c) sends prompts c, c+1, ... in turn, as the HTTP load's clients do."""
+        queued = {c: [(c + i) % len(PROMPTS) for i in range(per_client)] for c in range(clients)}
+        running: dict[int, dict] = {}  # sequence id (= client) -> its pending tokens, position, count
+        tokens, started = 0, time.perf_counter()
+        for client in range(clients):
+            running[client] = {"pending": list(self.prompt_ids[queued[client].pop(0)]), "pos": 0, "count": 0}
+        while running:
+            rows = self._decode(running)
+            for seq, row in rows.items():
+                token, state = self.ll.llama_sampler_sample(self.sampler, self.ctx, row), running[seq]
+                tokens, state["count"] = tokens + 1, state["count"] + 1
+                if self.ll.llama_vocab_is_eog(self.vocab, token) or state["count"] >= max_tokens:
+                    self.ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
+                    del running[seq]
+                    if queued[seq]:
+                        running[seq] = {"pending": list(self.prompt_ids[queued[seq].pop(0)]), "pos": 0, "count": 0}
+                else:
+                    state["pending"] = [token]
+        wall = time.perf_counter() - started
+        return {"requests": clients * per_client, "generated_tokens": tokens, "wall_s": round(wall, 3),
+                "tokens_per_s": round(tokens / wall, 2)}
+
+    def _decode(self, running: dict[int, dict]) -> dict[int, int]:
+        """One llama_decode of every running sequence's pending tokens; the batch row of each one's last."""
+        batch, n, rows = self.batch, 0, {}
+        for seq, state in running.items():
+            for j, token in enumerate(state["pending"]):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, state["pos"] + j, 1
+                batch.seq_id[n][0], batch.logits[n] = seq, j == len(state["pending"]) - 1
+                n += 1
+            rows[seq] = n - 1
+            state["pos"] += len(state["pending"])
+        batch.n_tokens = n
+        if self.ll.llama_decode(self.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        return rows
+
+    def close(self) -> None:
+        self.ll.llama_sampler_free(self.sampler)
+        self.ll.llama_batch_free(self.batch)
+        self.ll.llama_free(self.ctx)
+        self.ll.llama_model_free(self.model)
+
+
 def reference_for(fmt: str, artifact, threads: int):
     from edgequant.registry import open_runner
 
@@ -330,6 +405,19 @@ REFERENCE_NAMES = {"gguf": "llama_cpp.server", "openvino": "ContinuousBatchingPi
                    "qnn": "runner.generate, serial"}
 
 
+def engine_batched_for(fmt: str, artifact, threads: int):
+    """The engine's own continuous batching driven directly, for a format whose reference server
+    does not batch (llama_cpp.server): the ceiling a server's 4-over-1 is read against. None elsewhere:
+    OpenVINO's and ONNX's references batch already, MLX's and QNN's engines offer no batched loop."""
+    if fmt != "gguf":
+        return None
+    from edgequant.registry import open_runner
+
+    with open_runner(artifact.path, n_ctx=CTX, need_logits=False) as runner:  # the server's prompt ids
+        prompt_ids = [runner.prompt_ids(p) for p in PROMPTS]
+    return LlamaBatchedDirect(artifact, prompt_ids, threads)
+
+
 # -- one format ------------------------------------------------------------------------------------
 
 def bench_format(fmt: str, threads: int, max_tokens: int, rounds: int, pairs: int = 1) -> dict:
@@ -339,15 +427,17 @@ def bench_format(fmt: str, threads: int, max_tokens: int, rounds: int, pairs: in
     import edgequant
 
     artifact = edgequant.convert(None, SPECS[fmt])
-    runs = {(c, side): [] for c in LEVELS for side in ("server", "reference")}
+    runs = {(c, side): [] for c in LEVELS for side in SIDES}
     for pair in range(pairs):
         _run_pair(fmt, artifact, threads, max_tokens, range(pair * rounds, (pair + 1) * rounds), runs)
+    runs = {key: rs for key, rs in runs.items() if rs}  # no engine_batched side for most formats
     tps = {key: [r["tokens_per_s"] for r in rs] for key, rs in runs.items()}
     by_pair = [slice(pair * rounds, (pair + 1) * rounds) for pair in range(pairs)]
+    sides = [side for side in SIDES if (1, side) in runs]
     return {
         "spec": SPECS[fmt], "artifact": str(artifact.path), "reference": REFERENCE_NAMES[fmt],
         "rounds": rounds * pairs, "pairs": pairs,
-        "levels": {clients: {side: runs[clients, side] for side in ("server", "reference")} for clients in LEVELS},
+        "levels": {clients: {side: runs[clients, side] for side in sides} for clients in LEVELS},
         "ratios": {
             "server_4_over_1": _paired(tps[4, "server"], tps[1, "server"]),
             "server_8_over_1": _paired(tps[8, "server"], tps[1, "server"]),
@@ -355,6 +445,10 @@ def bench_format(fmt: str, threads: int, max_tokens: int, rounds: int, pairs: in
             "server_over_reference_at_4": _paired(tps[4, "server"], tps[4, "reference"]),
             "server_over_reference_at_8": _paired(tps[8, "server"], tps[8, "reference"]),
             "reference_4_over_1": _paired(tps[4, "reference"], tps[1, "reference"]),
+            **({"engine_batched_4_over_1": _paired(tps[4, "engine_batched"], tps[1, "engine_batched"]),
+                "server_over_engine_batched_at_1": _paired(tps[1, "server"], tps[1, "engine_batched"]),
+                "server_over_engine_batched_at_4": _paired(tps[4, "server"], tps[4, "engine_batched"])}
+               if "engine_batched" in sides else {}),
         },
         "by_pair": {  # the two target ratios within each pair of processes alone
             "server_4_over_1": [_paired(tps[4, "server"][p], tps[1, "server"][p]) for p in by_pair],
@@ -365,19 +459,20 @@ def bench_format(fmt: str, threads: int, max_tokens: int, rounds: int, pairs: in
 
 
 def _run_pair(fmt: str, artifact, threads: int, max_tokens: int, round_numbers: range, runs: dict) -> None:
-    """Start our server and the reference, run the rounds `round_numbers` on both, stop them;
-    appends each level's run to `runs[clients, side]`."""
-    ours = our_server(artifact, threads, BATCH, max_tokens)
-    reference = None
+    """Start our server, the reference and (GGUF) the engine's batching, run the rounds
+    `round_numbers` on each, stop them; appends each level's run to `runs[clients, side]`."""
+    sides = {"server": our_server(artifact, threads, BATCH, max_tokens)}
     try:
-        reference = reference_for(fmt, artifact, threads)
-        reference.level(1, 1, 8)  # warm-up
-        sides = {"server": ours, "reference": reference}
+        sides["reference"] = reference_for(fmt, artifact, threads)
+        if (engine_batched := engine_batched_for(fmt, artifact, threads)) is not None:
+            sides["engine_batched"] = engine_batched
+        for side in list(sides)[1:]:
+            sides[side].level(1, 1, 8)  # warm-up
         for round_ in round_numbers:
             for clients, per_client in LEVELS.items():
-                # back to back, the order alternating by round: neither side always runs first, or
-                # always right after the other's heaviest level
-                order = ("server", "reference") if round_ % 2 == 0 else ("reference", "server")
+                # back to back, the order alternating by round: no side always runs first, or
+                # always right after another's heaviest level
+                order = list(sides) if round_ % 2 == 0 else list(sides)[::-1]
                 for side in order:
                     cpu = time.process_time()  # this process's: an in-process reference's threads spinning on
                     settled_s = settle()
@@ -385,9 +480,8 @@ def _run_pair(fmt: str, artifact, threads: int, max_tokens: int, round_numbers: 
                     runs[clients, side].append({**run, "settled_s": settled_s, "ran_first": side == order[0],
                                                 "cpu_s_this_process_while_settling": round(time.process_time() - cpu, 3)})
     finally:
-        ours.close()
-        if reference is not None:
-            reference.close()
+        for side in sides.values():
+            side.close()
 
 
 def _paired(top: list[float], bottom: list[float]) -> dict:
