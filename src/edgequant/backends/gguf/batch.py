@@ -8,10 +8,16 @@ running sequences is decoded on its own first but for its last token: see `_deco
 
 Where each sequence's share of the cache holds a whole context (the server's default cache of
 batch x context tokens), every sequence gets a cache stream of its own (`kv_unified` off):
-attention reads only its own cells, and its tokens equal its tokens decoded alone, bit for bit.
-With a smaller cache (`--cache-tokens`) one unified stream lets a long request use the room the
-others leave; then each token attends over every running sequence's cells (masked), in one
-product whose summation depends on the batch, so tokens agree with alone only up to rounding.
+attention reads only its own cells. With a smaller cache (`--cache-tokens`) one unified stream
+lets a long request use the room the others leave; then each token attends over every running
+sequence's cells (masked), in one product whose summation depends on the batch.
+
+Whether a sequence's tokens equal its tokens decoded alone also depends on the weights' types:
+llama.cpp multiplies one token with its vector kernels and several with its tiled or repacked
+ones. For q8_0 both give the same numbers, and with a stream per sequence the tokens are equal
+bit for bit (tests/test_batching_gguf.py). For q5_0 and repacked q4_K (most of the default model
+at q4_k_m) they round differently, so a greedy answer can part from its answer alone: on
+bench/serve.py's four prompts, at tokens 0, 11, 12 and 39 of 64 (2026-12-05).
 
 llama.cpp runs several streams in one call fastest when the batch's sequence ids are consecutive
 and ascending, so the running sequences always hold streams 0..k-1: one that ends gives its
@@ -21,7 +27,7 @@ request). Measured on the decoder alone (llama-cpp-python 0.3.36, default model 
 unified stream; 3 sequences took 29 ms in streams 0..2 and 35 ms in streams 0, 1, 3; 4 in
 streams 0, 2, 4, 6 took 50 ms. Through the whole server the change was not distinguishable in
 tokens/s (4 clients, four paired runs of 8 rounds: 0.96x-0.99x of one unified stream, each
-interval holding 1x): it is kept for the exact answers.
+interval holding 1x): it is kept for the exact answers where the weights' kernels allow them.
 
 A base shared by several `?lora=separate` artifacts decodes each request with its own adapter.
 llama.cpp applies one adapter set per context, so a step decodes one batch per adapter among the
