@@ -96,9 +96,9 @@ GENERATED = f'edgequant_generated_tokens_total{{model="{MODEL}"}}'
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    # A model that never ends at EOS greedily, and ctx 4096: a request long enough (thousands of
-    # tokens, an O(n) detokenization each) that a client hangs up while it is still running, even
-    # on this tiny fast model and whatever CPU runs it.
+    # A model that never ends at EOS greedily, and ctx 4096: a 4000-token request (about 3 s here)
+    # that a client hangs up on while it still runs, even on this tiny fast model and whatever CPU
+    # runs it. (The tiny model's own answer ended at EOS after 291 tokens, a quarter second.)
     endless = edgequant.convert(copy_that_never_ends(tiny_model, tmp_path_factory.mktemp("endless") / "model"), "openvino:int8")
     with running_server(str(endless.path), "--batch", "4", "--max-queue", "2", "--ctx", "4096",
                         "--max-tokens-cap", "4000") as (base, _proc):

@@ -51,8 +51,8 @@ def write_random_llama(model_dir: Path, seed: int, intermediate_size: int = 512)
 def copy_that_never_ends(model_dir: Path, out: Path) -> Path:
     """A copy of the tiny Llama at `model_dir` whose greedy answers never end at EOS.
 
-    EOS's row of the LM head is zeroed, so its logit is always 0 while 511 random logits compete:
-    greedy decoding picks it only if every other logit is negative. Tests that must cut a request
+    EOS's row of the LM head is zeroed, so its logit is always 0 beside VOCAB - 1 random ones:
+    greedy decoding would pick it only if every other logit were negative. Tests that must cut a request
     off while it runs use this, since where the random model's answers end varies with the CPU's
     kernels."""
     import json
