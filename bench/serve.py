@@ -344,7 +344,7 @@ class LlamaBatchedDirect:
         running: dict[int, dict] = {}  # sequence id (= client) -> its pending tokens, position, count
         tokens, started = 0, time.perf_counter()
         for client in range(clients):
-            running[client] = {"pending": list(self.prompt_ids[queued[client].pop(0)]), "pos": 0, "count": 0}
+            running[client] = self._request(queued[client].pop(0))
         while running:
             rows = self._decode(running)
             for seq, row in rows.items():
@@ -354,12 +354,16 @@ class LlamaBatchedDirect:
                     self.ll.llama_memory_seq_rm(self.memory, seq, -1, -1)
                     del running[seq]
                     if queued[seq]:
-                        running[seq] = {"pending": list(self.prompt_ids[queued[seq].pop(0)]), "pos": 0, "count": 0}
+                        running[seq] = self._request(queued[seq].pop(0))
                 else:
                     state["pending"] = [token]
         wall = time.perf_counter() - started
         return {"requests": clients * per_client, "generated_tokens": tokens, "wall_s": round(wall, 3),
                 "tokens_per_s": round(tokens / wall, 2)}
+
+    def _request(self, prompt: int) -> dict:
+        """A new request's state: its whole prompt pending, at position 0, no tokens yet."""
+        return {"pending": list(self.prompt_ids[prompt]), "pos": 0, "count": 0}
 
     def _decode(self, running: dict[int, dict]) -> dict[int, int]:
         """One llama_decode of every running sequence's pending tokens; the batch row of each one's last."""
@@ -384,7 +388,6 @@ class LlamaBatchedDirect:
 
 
 def reference_for(fmt: str, artifact, threads: int):
-    from edgequant.registry import open_runner
 
     if fmt == "gguf":
         port = free_port()
@@ -392,8 +395,7 @@ def reference_for(fmt: str, artifact, threads: int):
                          "--host", "127.0.0.1", "--n_ctx", str(CTX), "--n_threads", str(threads),
                          "--interrupt_requests", "False"], port)  # its default ends a running stream when a request arrives
     if fmt in ("openvino", "onnx"):
-        with open_runner(artifact.path, n_ctx=CTX, need_logits=False) as runner:  # its tokenizer: the server's prompt ids
-            prompt_ids, is_eos = [runner.prompt_ids(p) for p in PROMPTS], runner.is_eos
+        prompt_ids, is_eos = _server_prompt_ids(artifact)
         if fmt == "openvino":
             return OpenVINODirect(artifact, prompt_ids, threads)
         return GenaiDirect(artifact, prompt_ids, threads, is_eos)
@@ -411,11 +413,15 @@ def engine_batched_for(fmt: str, artifact, threads: int):
     OpenVINO's and ONNX's references batch already, MLX's and QNN's engines offer no batched loop."""
     if fmt != "gguf":
         return None
+    return LlamaBatchedDirect(artifact, _server_prompt_ids(artifact)[0], threads)
+
+
+def _server_prompt_ids(artifact):
+    """The ids the server gives PROMPTS (the artifact's own tokenizer), and its EOS test."""
     from edgequant.registry import open_runner
 
-    with open_runner(artifact.path, n_ctx=CTX, need_logits=False) as runner:  # the server's prompt ids
-        prompt_ids = [runner.prompt_ids(p) for p in PROMPTS]
-    return LlamaBatchedDirect(artifact, prompt_ids, threads)
+    with open_runner(artifact.path, n_ctx=CTX, need_logits=False) as runner:
+        return [runner.prompt_ids(p) for p in PROMPTS], runner.is_eos
 
 
 # -- one format ------------------------------------------------------------------------------------

@@ -42,8 +42,6 @@ from typing import Callable, Sequence
 from edgequant.backends.gguf.lora import set_adapter
 from edgequant.runner import GenerateParams
 
-_UNSET = object()  # no adapter set on the context yet: the first step sets one
-
 
 @dataclass
 class _Sequence:
@@ -77,7 +75,7 @@ class BatchDecoder:
         self._seqs: dict[int, _Sequence] = {}  # by the worker's sequence id
         self._by_stream: list[int] = []  # the worker's sequence id in each running stream
         self._adapter = adapter
-        self._ctx_adapter: object = _UNSET  # the adapter the context computes with now
+        self._ctx_adapter = None  # the adapter the context computes with: a new context has none
         self.n_seq, self.n_ctx = n_seq, n_ctx
 
     def start(self, seq_id: int, prompt_ids: Sequence[int], params: GenerateParams) -> None:
