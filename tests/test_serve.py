@@ -199,3 +199,49 @@ def test_cache_tokens_bound_the_batched_cache(artifact, cli):
         worker.stop()
     refused = cli("serve", str(artifact.path), "--ctx", "256", "--cache-tokens", "100")
     assert refused.returncode != 0 and "--cache-tokens 100 is less than one request's context" in refused.stderr
+
+
+def test_a_batched_worker_wakes_the_event_loop_once_per_step(artifact):
+    """Four requests decoded together: their deltas of one step reach the loop in one thread-safe
+    call (each call writes to the loop's wake-up pipe), and every delta still arrives, in order:
+    each text equals the request's text decoded alone."""
+    runner = open_runner(artifact.path, n_ctx=512, need_logits=False)
+    worker = ModelWorker(MODEL, runner, 8, Metrics(), batch=4)
+    loop = _CountingLoop()
+    try:
+        together = loop.run_until_complete(_answers(worker, _FOUR))
+        steps = metric_value(worker.metrics.render(), f'edgequant_batch_occupancy_count{{model="{MODEL}"}}')
+        wakeups = loop.wakeups
+        alone = [loop.run_until_complete(_answers(worker, [prompt]))[0] for prompt in _FOUR]
+    finally:
+        worker.stop()
+        loop.close()
+    assert together == alone and all(together)
+    assert steps > 0 and wakeups <= steps + 1, (wakeups, steps)  # + 1: the flush of the step that ended the last
+
+
+_FOUR = ["The history of", "Rivers flow", "A", "Once upon a time"]
+
+
+class _CountingLoop(asyncio.SelectorEventLoop):
+    wakeups = 0
+
+    def call_soon_threadsafe(self, *args, **kwargs):
+        self.wakeups += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
+async def _answers(worker: ModelWorker, prompts: list[str]) -> list[str]:
+    """Submit every prompt at once, greedy, 24 tokens each; each one's text, read delta by delta."""
+    loop = asyncio.get_running_loop()
+    jobs = [Job(worker.runner.prompt_ids(p), GenerateParams(max_tokens=24), [], loop, asyncio.Queue()) for p in prompts]
+    for job in jobs:
+        worker.submit(job)
+    texts = []
+    for job in jobs:
+        text = ""
+        while not (delta := await asyncio.wait_for(job.out.get(), timeout=60)).finish_reason:
+            text += delta.text
+        assert delta.error is None, delta.error
+        texts.append(text)
+    return texts

@@ -189,6 +189,8 @@ def _make_job(worker: ModelWorker, body, ids: list[int], config: ServeConfig) ->
 
 
 async def _next(job: Job, deadline: float) -> Delta:
+    if not job.out.empty():  # already here: no timer to arm
+        return job.out.get_nowait()
     remaining = deadline - time.monotonic()
     try:
         async with asyncio.timeout(max(remaining, 0.001)):  # no task per token, as wait_for makes
@@ -210,27 +212,40 @@ async def _collect(job: Job, config: ServeConfig) -> tuple[str, Delta]:
 
 
 async def _stream(job: Job, maker: "_ChunkMaker", config: ServeConfig, metrics: Metrics, model: str) -> AsyncIterator[str]:
-    deadline = time.monotonic() + config.request_timeout_s
+    """Server-sent events for one job. The deltas that are waiting go out in one write: a client
+    that fell behind, or a step's last text with its finish, costs one send, not one each."""
+    deadline, ended = time.monotonic() + config.request_timeout_s, False
     try:
         yield _sse(maker.first())
-        while True:
+        while not ended:
             try:
-                delta = await _next(job, deadline)
+                deltas = [await _next(job, deadline)]
             except ApiError as exc:
                 yield _sse(exc.body())
                 break
-            if delta.error:
-                yield _sse(ApiError(503, delta.error, "server_error").body())
-                break
-            if delta.text:
-                yield _sse(maker.chunk(delta.text))
-            if delta.finish_reason:
-                _record(metrics, model, job, delta)
-                yield _sse(maker.chunk("", delta.finish_reason, delta))
-                break
+            while not job.out.empty():
+                deltas.append(job.out.get_nowait())
+            events = []
+            for delta in deltas:
+                events += _events(delta, maker, metrics, model, job)
+                if ended := bool(delta.error or delta.finish_reason):
+                    break
+            if events:
+                yield "".join(events)
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()  # a client gone mid-stream stops its generation at the next token
+
+
+def _events(delta: Delta, maker: "_ChunkMaker", metrics: Metrics, model: str, job: Job) -> list[str]:
+    """The server-sent events of one delta: its text, its finish (recorded in the metrics), or its error."""
+    if delta.error:
+        return [_sse(ApiError(503, delta.error, "server_error").body())]
+    events = [_sse(maker.chunk(delta.text))] if delta.text else []
+    if delta.finish_reason:
+        _record(metrics, model, job, delta)
+        events.append(_sse(maker.chunk("", delta.finish_reason, delta)))
+    return events
 
 
 def _sse(payload: dict) -> str:
