@@ -45,7 +45,7 @@ from edgequant.runner import GenerateParams
 
 @dataclass
 class _Sequence:
-    sampler: object
+    sampler: object  # a llama.cpp sampler chain, or None for greedy (see `_greedy`)
     pending: list[int]
     adapter: object  # the LoadedAdapter its tokens decode with, or None
     stream: int  # its llama.cpp sequence id: its place among the running sequences
@@ -71,6 +71,7 @@ class BatchDecoder:
             raise RuntimeError("llama.cpp could not create a batched context")
         self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
         self._per_stream = not params.kv_unified
         self._seqs: dict[int, _Sequence] = {}  # by the worker's sequence id
         self._by_stream: list[int] = []  # the worker's sequence id in each running stream
@@ -115,9 +116,19 @@ class BatchDecoder:
         rows = self._run(seqs, sample=True)  # empty when nothing was pending: nothing sampled
         sampled = {}
         for seq_id, seq, row in zip(seq_ids, seqs, rows):
-            seq.pending = [self._ll.llama_sampler_sample(seq.sampler, self._ctx, row)]
-            sampled[seq_id] = seq.pending[0]
+            token = self._greedy(row) if seq.sampler is None else self._ll.llama_sampler_sample(seq.sampler, self._ctx, row)
+            seq.pending = [token]
+            sampled[seq_id] = token
         return sampled
+
+    def _greedy(self, row: int) -> int:
+        """The first token of highest logit in batch row `row`, as llama.cpp's greedy sampler picks.
+        llama.cpp's sampler copies the whole vocabulary into candidates first: 100 us a token
+        against 15 for this, at 49k tokens (default model, 2026-12-05); at 4 clients that is 2% of a step."""
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
+        return int(logits.argmax())
 
     def _run(self, seqs: list[_Sequence], *, sample: bool) -> list[int]:
         """One llama_decode of the sequences' pending tokens, with logits at each one's last token
@@ -154,7 +165,8 @@ class BatchDecoder:
             ll.llama_memory_seq_cp(self._memory, last.stream, seq.stream, -1, -1)
             ll.llama_memory_seq_rm(self._memory, last.stream, -1, -1)
             last.stream, self._by_stream[seq.stream] = seq.stream, last_id
-        ll.llama_sampler_free(seq.sampler)
+        if seq.sampler is not None:
+            ll.llama_sampler_free(seq.sampler)
 
     def close(self) -> None:
         for seq_id in self._by_stream[::-1]:  # last stream first: no sequence moves
@@ -165,11 +177,10 @@ class BatchDecoder:
             self._ctx = None
 
     def _sampler(self, params: GenerateParams):
+        if params.temperature <= 0:
+            return None  # greedy: `_greedy`
         ll = self._ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if params.temperature <= 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
-            return chain
         if params.top_k > 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(params.top_k))
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
