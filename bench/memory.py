@@ -36,7 +36,7 @@ _PEAK = textwrap.dedent("""
 ENGINE_SCRIPTS = {
     "gguf": """
         import llama_cpp
-        llm = llama_cpp.Llama(model_path=FOLDER + "/model.gguf", n_ctx=512, n_threads=THREADS, verbose=False)
+        llm = llama_cpp.Llama(model_path=FOLDER + "/model.gguf", n_ctx=512, n_threads=THREADS, flash_attn=True, verbose=False)
         for count, token in enumerate(llm.generate(PROMPT, temp=0.0), start=1):
             if count >= GEN:
                 break

@@ -204,17 +204,19 @@ def test_cache_tokens_bound_the_batched_cache(artifact, cli):
 def test_a_batched_worker_wakes_the_event_loop_once_per_step(artifact):
     """Four requests decoded together: their deltas of one step reach the loop in one thread-safe
     call (each call writes to the loop's wake-up pipe), and every delta still arrives, in order:
-    each text equals the request's text decoded alone."""
-    runner = open_runner(artifact.path, n_ctx=512, need_logits=False)
-    worker = ModelWorker(MODEL, runner, 8, Metrics(), batch=4)
+    each text equals the request's text served alone by a `--batch 1` worker (the runner's own
+    generation: same attention, same kernels for one token)."""
+    workers = [ModelWorker(MODEL, open_runner(artifact.path, n_ctx=512, need_logits=False), 8, Metrics(), batch=b)
+               for b in (4, 1)]
     loop = _CountingLoop()
     try:
-        together = loop.run_until_complete(_answers(worker, _FOUR))
-        steps = metric_value(worker.metrics.render(), f'edgequant_batch_occupancy_count{{model="{MODEL}"}}')
+        together = loop.run_until_complete(_answers(workers[0], _FOUR))
+        steps = metric_value(workers[0].metrics.render(), f'edgequant_batch_occupancy_count{{model="{MODEL}"}}')
         wakeups = loop.wakeups
-        alone = [loop.run_until_complete(_answers(worker, [prompt]))[0] for prompt in _FOUR]
+        alone = [loop.run_until_complete(_answers(workers[1], [prompt]))[0] for prompt in _FOUR]
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
         loop.close()
     assert together == alone and all(together)
     assert steps > 0 and wakeups <= steps + 1, (wakeups, steps)  # + 1: the flush of the step that ended the last
