@@ -165,9 +165,14 @@ def _pct(values: list[float], p: float) -> float | None:
     return round(values[min(len(values) - 1, int(p * len(values)))], 3) if values else None
 
 
+def client_prompts(client: int, per_client: int) -> list[int]:
+    """The prompts (indices into PROMPTS) client `client` sends, in order, on every side."""
+    return [(client + i) % len(PROMPTS) for i in range(per_client)]
+
+
 def http_level(base: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
     def client(index: int) -> list[dict]:
-        return [streamed_request(base, model, PROMPTS[(index + i) % len(PROMPTS)], max_tokens) for i in range(per_client)]
+        return [streamed_request(base, model, PROMPTS[p], max_tokens) for p in client_prompts(index, per_client)]
 
     started, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(clients) as pool:
@@ -212,9 +217,9 @@ class HttpSide:
 def _timed_rounds(clients: int, per_client: int, run_round) -> dict:
     """`per_client` rounds of `clients` prompts (client c's i-th request gets the prompt the HTTP
     load gives it); `run_round(prompt indices)` returns the tokens generated."""
-    tokens, started = 0, time.perf_counter()
+    plan, tokens, started = [client_prompts(c, per_client) for c in range(clients)], 0, time.perf_counter()
     for i in range(per_client):
-        tokens += run_round([(c + i) % len(PROMPTS) for c in range(clients)])
+        tokens += run_round([prompts[i] for prompts in plan])
     wall = time.perf_counter() - started
     return {"requests": clients * per_client, "generated_tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 2)}
@@ -340,7 +345,7 @@ class LlamaBatchedDirect:
 
     def level(self, clients: int, per_client: int, max_tokens: int) -> dict:
         """Client c (sequence c) sends prompts c, c+1, ... in turn, as the HTTP load's clients do."""
-        queued = {c: [(c + i) % len(PROMPTS) for i in range(per_client)] for c in range(clients)}
+        queued = {c: client_prompts(c, per_client) for c in range(clients)}
         running: dict[int, dict] = {}  # sequence id (= client) -> its pending tokens, position, count
         tokens, started = 0, time.perf_counter()
         for client in range(clients):
