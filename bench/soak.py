@@ -17,9 +17,11 @@ is compared with the client's own counts, and the server is stopped with SIGTERM
 
 What the comparison allows, and why:
 - edgequant_requests_total is counted by the server when a response's last body message goes out.
-  A stream the client drops never sends it, so for 200 on the generation paths the server may count
-  up to the number of dropped streams fewer than the client; every other (path, status) must match
-  (a request the client gave up on by timeout may still be counted by the server: allowed).
+  A stream the client drops never sends it and is counted under 499 instead (nginx's "client
+  closed request"), so for 200 on the generation paths the server may count up to the number of
+  dropped streams fewer than the client, 499 at most that many, and 200 and 499 together must
+  match the client's 200s; every other (path, status) must match (a request the client gave up on
+  by timeout may still be counted by the server: allowed).
 - edgequant_cancelled_requests_total counts a generation stopped before its last token. A dropped
   stream whose generation had already ended when its worker noticed is not a cancellation, so the
   server's count is at most the client's dropped streams plus the requests the server timed out
@@ -516,9 +518,18 @@ def compare(records: list[dict], parsed: dict, models: list[str]) -> dict:
         lo, hi = client, client + timeouts.get(path, 0)  # a request the client gave up on may still be counted
         if status == "200" and path in GEN_PATHS:
             lo = client - dropped.get(path, 0)  # a dropped stream never sends its last body message
+        if status == "499":  # ... and the server counts it here: the client saw its 200 start
+            lo, hi = 0, dropped.get(path, 0)
         good = lo <= server <= hi
         ok &= good
         rows.append({"path": path, "status": status, "client": client, "server": server, "allowed": [lo, hi], "ok": good})
+    for path in GEN_PATHS:  # every stream the client saw start is counted once: 200, or 499 if dropped
+        client = client_counts.get((path, "200"), 0)
+        server = int(server_counts.get((path, "200"), 0) + server_counts.get((path, "499"), 0))
+        good = client <= server <= client + timeouts.get(path, 0)
+        ok &= good
+        rows.append({"path": path, "status": "200+499", "client": client, "server": server,
+                     "allowed": [client, client + timeouts.get(path, 0)], "ok": good})
 
     in_stream_timeouts = sum(1 for r in records if r.get("stream_error") == "timeout_error")
     answered_504 = sum(1 for r in records if r["status"] == 504)  # the server's timeout stops the generation too
@@ -663,8 +674,10 @@ def main() -> int:
                                                   "note": None if rss_min2 else "the run is shorter than 2 minutes"},
         "metrics_consistent": {"ok": comparison["consistent"] and settled, "drain_settled": settled},
     }
-    # uvicorn re-raises the signal it caught once its graceful shutdown is done, so -SIGTERM is a clean exit too.
-    sigterm = {"ok": proc.returncode in (0, -signal.SIGTERM) and not killed, "returncode": proc.returncode, "exit_s": exit_s,
+    # uvicorn re-raises the signal it caught once its graceful shutdown is done, and edgequant's own
+    # handler turns it into exit 143 (128 + SIGTERM) once every `finally` has run: both are clean.
+    clean = proc.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+    sigterm = {"ok": clean and not killed, "returncode": proc.returncode, "exit_s": exit_s,
                "killed_after_60_s": killed}
     report = {
         "date": now_iso(),

@@ -6,6 +6,7 @@ its slot and that a burst past the queue's bound is refused with 429.
 """
 
 import asyncio
+import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -129,3 +130,15 @@ def test_a_burst_past_the_queue_gets_429_and_the_rest_complete(server):
     # 4 decoding + 2 queued (+1 the worker holds while the cache is full) fit; the rest are refused at once
     assert set(codes) == {200, 429} and codes.count(200) >= 4, codes
     wait_until(lambda: scrape(server, IN_FLIGHT) == 0, 60, "every accepted request to finish")
+
+
+def test_a_batched_server_stops_on_sigterm_without_crashing(artifact):
+    """OpenVINO's CPU plugin gave the thread that loaded it a signal stack that GenAI's pipeline
+    freed on unload; the server's main thread then died with SIGSEGV (-11) re-raising SIGTERM
+    after its graceful shutdown (backends/openvino/signal_stack.py)."""
+    with running_server(str(artifact.path), "--batch", "4", "--ctx", str(CTX)) as (base, proc):
+        answer = httpx.post(f"{base}/v1/completions", timeout=60,
+                            json={"model": MODEL, "prompt": "The history of", "max_tokens": 8, "temperature": 0})
+        assert answer.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) in (0, 128 + signal.SIGTERM)  # terminated, not crashed

@@ -401,9 +401,18 @@ async def _send_error(send, error: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+KEEP_ALIVE_S = 30
+
+
 def serve(config: ServeConfig) -> None:
     """Run the server until SIGINT/SIGTERM; in-flight requests get a grace period, then are cancelled."""
     import uvicorn
 
     app = create_app(config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=10)
+    # An idle kept-alive connection is closed after 30 s, not uvicorn's 5: httpx (the openai
+    # client's transport) also drops idle connections after 5 s, and with equal timeouts a client
+    # may reuse a connection the server is closing. A longer server timeout leaves the client to
+    # close first. (2 of 3103 soak requests failed at once with a connection error on 2026-12-06,
+    # the likely cause; a client reusing a connection after 4.95-5.04 s did not reproduce it.)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=10,
+                timeout_keep_alive=KEEP_ALIVE_S)

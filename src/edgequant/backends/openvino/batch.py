@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from edgequant.backends._shared.adapter_switch import AdapterSwitch
+from edgequant.backends.openvino.signal_stack import kept_signal_stack
 from edgequant.errors import EdgequantError
 from edgequant.runner import GenerateParams
 
@@ -129,7 +130,8 @@ class OpenVINOBatchDecoder:
             self.finish(seq_id)
         if self._pipeline is not None and self._pipeline.has_non_finished_requests():
             self._pipeline.step()  # lets it drop the cancelled requests and return their blocks
-        self._pipeline = None
+        with kept_signal_stack():  # its destructor may unload the CPU plugin
+            self._pipeline = None
 
     def _apply_adapters(self, adapters) -> None:
         """One `generate` of one token with `adapters` (an AdapterConfig): what makes the pipeline
@@ -187,7 +189,8 @@ def _pipeline(folder: Path, scheduler, properties: dict):
     import openvino_genai as genai
 
     try:
-        return genai.ContinuousBatchingPipeline(str(folder), scheduler, "CPU", properties)
+        with kept_signal_stack():  # it may load the CPU plugin
+            return genai.ContinuousBatchingPipeline(str(folder), scheduler, "CPU", properties)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise EdgequantError(f"OpenVINO GenAI cannot batch requests on {folder}: {reason}",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgequant.backends.openvino.signal_stack import kept_signal_stack
 from edgequant.runner import TaskRunner
 from edgequant.sources.tasks import SENTENCE_EMBEDDING
 
@@ -58,7 +59,8 @@ class OpenVINOEncoderRunner(TaskRunner):
 
         self.name = name
         self._tokenizer = EncoderTokenizer.of_artifact(folder)
-        self._model = ov.Core().compile_model(folder / model_file, "CPU", {"INFERENCE_NUM_THREADS": threads})
+        with kept_signal_stack():  # it may load the CPU plugin
+            self._model = ov.Core().compile_model(folder / model_file, "CPU", {"INFERENCE_NUM_THREADS": threads})
         self._request = self._model.create_infer_request()
 
     def token_count(self, batch) -> int:
@@ -69,4 +71,5 @@ class OpenVINOEncoderRunner(TaskRunner):
         return np.asarray(result[self._model.output(0)], dtype=np.float32)
 
     def close(self) -> None:
-        self._request = self._model = None
+        with kept_signal_stack():  # the last compiled model may unload the CPU plugin
+            self._request = self._model = None

@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from edgequant.backends._shared.hf_tokenizer import HFTokenizerMixin
+from edgequant.backends.openvino.signal_stack import kept_signal_stack
 from edgequant.runner import GenerateParams, Runner
 
 _DONE = object()
@@ -113,7 +114,8 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
         for decoder in self._decoders:
             decoder.close()
         self._decoders.clear()
-        self._request = self._pipeline = self._adapters = None
+        with kept_signal_stack():  # the pipeline's destructor may unload the CPU plugin
+            self._request = self._pipeline = self._adapters = None
 
     def _logits_request(self):
         if self._request is None:
@@ -123,7 +125,8 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
 
                 model = self._core.read_model(model)
                 add_branches(model, read_adapter(self._adapter_paths[None]))
-            self._request = self._core.compile_model(model, "CPU", self._properties).create_infer_request()
+            with kept_signal_stack():  # it may load the CPU plugin
+                self._request = self._core.compile_model(model, "CPU", self._properties).create_infer_request()
         return self._request
 
     def _genai_adapters(self):
@@ -167,7 +170,8 @@ class OpenVINORunner(HFTokenizerMixin, Runner):
             import openvino_genai as genai
 
             adapters = {"adapters": self._genai_adapters().every} if self._genai_adapters() is not None else {}
-            self._pipeline = genai.LLMPipeline(str(self._folder), "CPU", **self._properties, **adapters)
+            with kept_signal_stack():  # it may load the CPU plugin
+                self._pipeline = genai.LLMPipeline(str(self._folder), "CPU", **self._properties, **adapters)
         return self._pipeline
 
 
