@@ -393,7 +393,6 @@ class LlamaBatchedDirect:
 
 
 def reference_for(fmt: str, artifact, threads: int):
-
     if fmt == "gguf":
         port = free_port()
         return HttpSide([sys.executable, "-m", "llama_cpp.server", "--model", str(artifact.model_path), "--port", str(port),

@@ -14,7 +14,7 @@ from edgequant.registry import open_runner
 from edgequant.runner import GenerateParams
 from edgequant.serving.metrics import Metrics
 from edgequant.serving.scheduling import Job, ModelWorker
-from serve_helpers import metric_value, running_server
+from serve_helpers import metric_value, running_server, submit_all
 
 pytest.importorskip("fastapi", reason="its extra is not installed")
 pytest.importorskip("uvicorn", reason="its extra is not installed")
@@ -210,10 +210,10 @@ def test_a_batched_worker_wakes_the_event_loop_once_per_step(artifact):
                for b in (4, 1)]
     loop = _CountingLoop()
     try:
-        together = loop.run_until_complete(_answers(workers[0], _FOUR))
+        together = [c.text for c in loop.run_until_complete(submit_all(workers[0], _FOUR, [_GREEDY_24] * len(_FOUR)))]
         steps = metric_value(workers[0].metrics.render(), f'edgequant_batch_occupancy_count{{model="{MODEL}"}}')
         wakeups = loop.wakeups
-        alone = [loop.run_until_complete(_answers(workers[1], [prompt]))[0] for prompt in _FOUR]
+        alone = [loop.run_until_complete(submit_all(workers[1], [prompt], [_GREEDY_24]))[0].text for prompt in _FOUR]
     finally:
         for worker in workers:
             worker.stop()
@@ -223,6 +223,7 @@ def test_a_batched_worker_wakes_the_event_loop_once_per_step(artifact):
 
 
 _FOUR = ["The history of", "Rivers flow", "A", "Once upon a time"]
+_GREEDY_24 = GenerateParams(max_tokens=24)
 
 
 class _CountingLoop(asyncio.SelectorEventLoop):
@@ -231,19 +232,3 @@ class _CountingLoop(asyncio.SelectorEventLoop):
     def call_soon_threadsafe(self, *args, **kwargs):
         self.wakeups += 1
         return super().call_soon_threadsafe(*args, **kwargs)
-
-
-async def _answers(worker: ModelWorker, prompts: list[str]) -> list[str]:
-    """Submit every prompt at once, greedy, 24 tokens each; each one's text, read delta by delta."""
-    loop = asyncio.get_running_loop()
-    jobs = [Job(worker.runner.prompt_ids(p), GenerateParams(max_tokens=24), [], loop, asyncio.Queue()) for p in prompts]
-    for job in jobs:
-        worker.submit(job)
-    texts = []
-    for job in jobs:
-        text = ""
-        while not (delta := await asyncio.wait_for(job.out.get(), timeout=60)).finish_reason:
-            text += delta.text
-        assert delta.error is None, delta.error
-        texts.append(text)
-    return texts
